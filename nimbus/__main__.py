@@ -1,0 +1,57 @@
+"""All-in-one (`python -m nimbus`): the doorman and every worker in one process, on the embedded
+in-memory engine. Needs no Kafka, Redis, Java or Docker."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import trio
+import trio_asyncio
+from loguru import logger
+
+from nimbus import config, logs
+from nimbus.config import ConfigError, Settings
+from nimbus.engines import open_engine
+from nimbus.server import run_server, run_with_signals
+from nimbus.topics import ensure_topics
+from nimbus.workers import run_workers
+
+
+async def run_all(settings: Settings, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    async with open_engine(settings) as engine:
+        await ensure_topics(engine.log, settings)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_workers, settings, engine.log, engine.state)
+            port = await nursery.start(run_server, settings, engine.log, engine.state)
+            logger.info(
+                "Nimbus all-in-one ready on port {} ({} engine). Try: python -m nimbus.client "
+                "--client_id=a --start=1 --end=10 --target 127.0.0.1:{}",
+                port, settings.engine, port,
+            )
+            task_status.started(port)
+
+
+async def main_async(settings: Settings) -> None:
+    async with trio_asyncio.open_loop():
+        await run_with_signals(lambda task_status: run_all(settings, task_status=task_status))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m nimbus", description=__doc__)
+    parser.add_argument("--engine", choices=("memory", "real"), default=None, help="default: memory (NIMBUS_ENGINE is ignored unless given here)")
+    args = parser.parse_args(argv)
+    try:
+        settings = config.load(engine=args.engine or "memory")
+    except ConfigError as e:
+        print(f"nimbus: {e}", file=sys.stderr)
+        sys.exit(2)
+    logs.setup(settings, role="all-in-one")
+    try:
+        trio.run(main_async, settings)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

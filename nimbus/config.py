@@ -1,0 +1,173 @@
+"""Configuration from the environment (and a `.env` file), with the original's NIMBUS_* names.
+
+Every variable is listed in `VARIABLES` with its default and meaning; README's table is made from
+it. An invalid value raises `ConfigError` naming the variable; the entry points turn that into a
+message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            v = int(raw)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {raw!r}") from None
+        if not lo <= v <= hi:
+            raise ValueError(f"must be between {lo} and {hi}, got {v}")
+        return v
+
+    return parse
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        v = raw.strip().lower()
+        if v not in options:
+            raise ValueError(f"must be one of {', '.join(options)}, got {raw!r}")
+        return v
+
+    return parse
+
+
+def _nonempty(raw: str) -> str:
+    v = raw.strip()
+    if not v:
+        raise ValueError("must not be empty")
+    return v
+
+
+def _hostport(raw: str) -> str:
+    v = _nonempty(raw)
+    for part in v.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"expected host:port[,host:port...], got {raw!r}")
+    return v
+
+
+def _bool(raw: str) -> bool:
+    v = raw.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true/false, got {raw!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Var:
+    name: str
+    default: str
+    parse: Callable[[str], Any]
+    help: str
+
+
+_POD = f"events_results_{socket.gethostname()}_{os.getpid()}"
+
+VARIABLES: dict[str, Var] = {
+    v.name: v
+    for v in [
+        Var("NIMBUS_PORT", "50051", _int(0, 65535), "gRPC port of the server (0: any free port)"),
+        Var("NIMBUS_HOST", "0.0.0.0", _nonempty, "address the gRPC server binds"),
+        Var("NIMBUS_REDIS_ADDRESS", "localhost:6379", _hostport, "Redis host:port (engine=real)"),
+        Var("NIMBUS_KAFKA_BROKERS", "localhost:9092", _hostport, "Kafka bootstrap servers (engine=real)"),
+        Var(
+            "NIMBUS_REDIS_EVENTS_CHANNEL",
+            "",
+            str,
+            "this pod's results channel; must be unique per pod (default: events_results_<host>_<pid>)",
+        ),
+        Var("NIMBUS_KAFKA_EVENTS_TOPIC", "events-v1-topic", _nonempty, "events topic"),
+        Var("NIMBUS_KAFKA_RESULTS_TOPIC", "results-v1-topic", _nonempty, "results topic"),
+        Var("NIMBUS_KAFKA_DLQ_TOPIC", "dlq-v1-topic", _nonempty, "dead-letter (replay) topic"),
+        Var("NIMBUS_SHUTDOWN_TIMEOUT_SEC", "15", _int(0, 3600), "graceful shutdown limit, seconds"),
+        Var("NIMBUS_ENGINE", "real", _choice("real", "memory"), "real (Kafka+Redis) or memory (embedded)"),
+        Var("NIMBUS_KAFKA_PARTITIONS", "8", _int(1, 10_000), "partitions of topics Nimbus creates"),
+        Var("NIMBUS_LOG_LEVEL", "INFO", _choice("trace", "debug", "info", "success", "warning", "error"), "log level"),
+        Var("NIMBUS_LOG_FORMAT", "human", _choice("human", "json"), "log format"),
+        Var("NIMBUS_INSTANCE_ID", "", str, "instance id in traces and logs (default: host-pid)"),
+        Var("NIMBUS_DELIVERY_TIMEOUT_MS", "10000", _int(10, 3_600_000), "a live delivery not confirmed by the pod within this is diverted to the DLQ"),
+        Var("NIMBUS_STATUS_INTERVAL_MS", "1000", _int(10, 3_600_000), "status manager's periodic Triple Lag Check"),
+        Var("NIMBUS_STREAM_QUEUE", "10000", _int(1, 10_000_000), "results buffered per stream before the stream is cut as a slow reader"),
+        Var("NIMBUS_PRODUCER_LINGER_MS", "2", _int(0, 10_000), "Kafka producer linger"),
+        Var("NIMBUS_ROUTER_WINDOW", "20000", _int(1, 10_000_000), "results in flight per result router"),
+        Var("NIMBUS_REPLAY_WINDOW", "2000", _int(1, 10_000_000), "results in flight per replaying client"),
+        Var("NIMBUS_MAX_REPLAYS", "1000", _int(1, 1_000_000), "concurrent replays per worker"),
+        Var("NIMBUS_ALLINONE_DEMO", "false", _bool, "all-in-one: print a hint for the sample client at start"),
+    ]
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    port: int
+    host: str
+    redis_address: str
+    kafka_brokers: str
+    redis_events_channel: str
+    kafka_events_topic: str
+    kafka_results_topic: str
+    kafka_dlq_topic: str
+    shutdown_timeout_sec: int
+    engine: str
+    kafka_partitions: int
+    log_level: str
+    log_format: str
+    instance_id: str
+    delivery_timeout_ms: int
+    status_interval_ms: int
+    stream_queue: int
+    producer_linger_ms: int
+    router_window: int
+    replay_window: int
+    max_replays: int
+    allinone_demo: bool
+
+    @property
+    def pod_channel(self) -> str:
+        return self.redis_events_channel
+
+    @property
+    def topics(self) -> tuple[str, str, str]:
+        return (self.kafka_events_topic, self.kafka_results_topic, self.kafka_dlq_topic)
+
+
+def load(env: Mapping[str, str] | None = None, *, dotenv: bool = True, **overrides: Any) -> Settings:
+    """Settings from `env` (default: os.environ plus ./.env), then keyword overrides."""
+    if env is None:
+        if dotenv:
+            from dotenv import dotenv_values
+
+            file_values = {k: v for k, v in dotenv_values(".env").items() if v is not None}
+            env = {**file_values, **os.environ}
+        else:
+            env = dict(os.environ)
+    values: dict[str, Any] = {}
+    for var in VARIABLES.values():
+        raw = env.get(var.name, var.default)
+        try:
+            values[var.name.removeprefix("NIMBUS_").lower()] = var.parse(raw)
+        except ValueError as e:
+            raise ConfigError(f"invalid {var.name}: {e}") from None
+    if not values["redis_events_channel"]:
+        values["redis_events_channel"] = _POD
+    if not values["instance_id"]:
+        values["instance_id"] = f"{socket.gethostname()}-{os.getpid()}"
+    names = {f.name for f in fields(Settings)}
+    for k in overrides:
+        if k not in names:
+            raise TypeError(f"unknown setting {k}")
+    values.update(overrides)
+    return Settings(**values)

@@ -1,0 +1,39 @@
+"""Engines behind the ports: `memory` (embedded, the test fake) and `real` (Kafka + Redis)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from nimbus.config import Settings
+from nimbus.ports import Log, StateStore
+
+
+@dataclass
+class OpenEngine:
+    log: Log
+    state: StateStore
+
+
+@asynccontextmanager
+async def open_engine(settings: Settings) -> AsyncIterator[OpenEngine]:
+    """The engine the settings name. The real one needs a running trio_asyncio loop."""
+    if settings.engine == "memory":
+        from nimbus.engines.memory import MemoryEngine
+
+        mem = MemoryEngine()
+        yield OpenEngine(mem.log, mem.state)
+        return
+    from nimbus.engines.kafka import open_kafka_log
+    from nimbus.engines.redis import open_redis_state
+
+    async with (
+        open_kafka_log(
+            settings.kafka_brokers,
+            linger_ms=settings.producer_linger_ms,
+            client_id=settings.instance_id,
+        ) as log,
+        open_redis_state(settings.redis_address) as state,
+    ):
+        yield OpenEngine(log, state)

@@ -1,0 +1,613 @@
+"""The real log: Apache Kafka through kafka-python 3, made trio-native.
+
+kafka-python is a threaded library. This module owns the bridge and its rules:
+
+- Every blocking call (bootstrap, consumer poll/commit/close, admin requests, producer flush)
+  runs in `trio.to_thread.run_sync` with `abandon_on_cancel=False`, so a cancelled trio task
+  never leaves a kafka-python object in use by a thread nobody waits for. Those calls are kept
+  short (polls are sliced into <= 0.5 s pieces) so cancellation stays prompt.
+- A KafkaConsumer is used by one thread at a time: each consumer/reader serialises its calls
+  with a trio.Lock.
+- Produce acknowledgements arrive as future callbacks on the producer's sender thread. A batch
+  counts them down under a threading.Lock and wakes trio once, through the trio token, when the
+  last one lands (no thread hop per record).
+- kafka-python never creates topics here (`allow_auto_create_topics=False` everywhere, even if the
+  broker allows it); an unknown topic is `LogUnavailable`, as in the memory engine.
+- Every kafka-python exception becomes one of ours: `LogUnavailable`, `ProduceFailed`,
+  `CommitFailed`.
+
+Group semantics follow the memory engine (the reference): members split the partitions, and each
+`PollResult` reports the rebalance news since the previous poll, to be applied as "remove
+`revoked`, then add `assigned`" to the set reported so far. The cooperative-sticky assignor
+(KIP-429) is used so a rebalance only moves the partitions that change owner; a partition kept
+across a rebalance keeps its position. Commits are checked on the client against the current
+assignment (Kafka's broker would accept a commit for any partition from a current member).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import kafka.errors as kerr
+import trio
+from kafka import KafkaConsumer, KafkaProducer
+from kafka import TopicPartition as KafkaTP
+from kafka.admin import KafkaAdminClient, OffsetSpec
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka.structs import OffsetAndMetadata
+from loguru import logger
+
+from nimbus.engines.murmur2 import partition_for
+from nimbus.ports import (
+    CommitFailed,
+    EngineError,
+    LogProducer,
+    LogUnavailable,
+    PollResult,
+    ProduceFailed,
+    Record,
+    TopicPartition,
+    Written,
+)
+
+T = TypeVar("T")
+
+BOOTSTRAP_TIMEOUT_S = 15.0
+# Whole-call bound of send_batch. The producer's own delivery timeout is a little shorter, so a
+# stuck record normally fails with Kafka's reason before this generic one fires.
+SEND_TIMEOUT_S = 30.0
+_REQUEST_TIMEOUT_MS = 15_000
+_DELIVERY_TIMEOUT_MS = 28_000
+# How long one blocking kafka-python call may hold a worker thread (and delay a cancellation).
+_SLICE_S = 0.5
+_COMMIT_TIMEOUT_MS = 10_000
+_CLOSE_TIMEOUT_MS = 5_000
+_TOPIC_READY_TIMEOUT_MS = 15_000
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=False)
+
+
+def _tp(topic: str, partition: int) -> TopicPartition:
+    return TopicPartition(topic, partition)
+
+
+def _record(r: Any) -> Record:
+    return Record(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+
+
+def _flatten(raw: dict[Any, list[Any]]) -> list[Record]:
+    out: list[Record] = []
+    for ktp in sorted(raw, key=lambda t: (t.topic, t.partition)):
+        out.extend(_record(r) for r in raw[ktp])
+    return out
+
+
+@asynccontextmanager
+async def open_kafka_log(
+    brokers: str, *, linger_ms: int = 2, client_id: str = "nimbus"
+) -> AsyncIterator[KafkaLog]:
+    """Connect to the cluster; LogUnavailable if it does not answer within ~15 s."""
+    common: dict[str, Any] = {
+        "bootstrap_servers": brokers.split(","),
+        "client_id": client_id,
+        "bootstrap_timeout_ms": int(BOOTSTRAP_TIMEOUT_S * 1000),
+        "request_timeout_ms": _REQUEST_TIMEOUT_MS,
+    }
+
+    def make_producer() -> Any:
+        return KafkaProducer(
+            **common,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=linger_ms,
+            batch_size=256 * 1024,
+            max_block_ms=10_000,
+            delivery_timeout_ms=_DELIVERY_TIMEOUT_MS,
+            allow_auto_create_topics=False,
+        )
+
+    def make_admin() -> Any:
+        return KafkaAdminClient(**common)
+
+    admin: Any = None
+    producer: Any = None
+    try:
+        admin = await _in_thread(make_admin)
+        producer = await _in_thread(make_producer)
+    except (kerr.KafkaError, OSError, ValueError) as exc:
+        if admin is not None:
+            await _in_thread(admin.close)
+        raise LogUnavailable(
+            f"Kafka at {brokers} is not reachable (waited {BOOTSTRAP_TIMEOUT_S:.0f} s): {exc}"
+        ) from exc
+    log = KafkaLog(brokers, client_id, producer, admin)
+    try:
+        yield log
+    finally:
+        with trio.CancelScope(shield=True):
+            await log._close()
+
+
+class KafkaLog:
+    """The Log port over one Kafka cluster: a shared producer and admin client."""
+
+    def __init__(self, brokers: str, client_id: str, producer: Any, admin: Any) -> None:
+        self.brokers = brokers
+        self.client_id = client_id
+        self._admin = admin
+        self._counts: dict[str, int] = {}
+        self._producer = KafkaLogProducer(self, producer)
+        # Typed as the port: Log.producer is a plain (invariant) protocol attribute.
+        self.producer: LogProducer = self._producer
+
+    def __repr__(self) -> str:
+        return f"<KafkaLog {self.brokers} topics={sorted(self._counts)}>"
+
+    async def _close(self) -> None:
+        try:
+            await _in_thread(functools.partial(self._producer._producer.close, timeout=5))
+        except Exception as exc:  # closing must not mask the body's error
+            logger.warning("kafka producer close failed: {}", exc)
+        try:
+            await _in_thread(self._admin.close)
+        except Exception as exc:
+            logger.warning("kafka admin close failed: {}", exc)
+
+    # -- topics -----------------------------------------------------------------------------
+
+    def _describe(self, names: Sequence[str]) -> dict[str, int]:
+        """Partition counts of the existing, ready topics among `names` (worker thread)."""
+        found: dict[str, int] = {}
+        for t in self._admin.describe_topics(list(names)):
+            parts = t.get("partitions") or []
+            if t.get("error_code", 0) == 0 and parts:
+                found[t["name"]] = len(parts)
+        return found
+
+    async def partition_count(self, topic: str) -> int:
+        """The topic's partition count (cached); LogUnavailable if the topic does not exist."""
+        n = self._counts.get(topic)
+        if n is not None:
+            return n
+        try:
+            found = await _in_thread(self._describe, [topic])
+        except kerr.KafkaError as exc:
+            raise LogUnavailable(f"Kafka at {self.brokers}: describe {topic!r}: {exc}") from exc
+        if topic not in found:
+            raise LogUnavailable(f"unknown topic {topic!r}")
+        self._counts[topic] = found[topic]
+        return found[topic]
+
+    async def ensure_topics(self, names: Sequence[str], partitions: int) -> dict[str, int]:
+        def work() -> dict[str, int]:
+            existing = self._describe(names)
+            missing = [n for n in dict.fromkeys(names) if n not in existing]
+            if missing:
+                spec = {
+                    n: {"num_partitions": partitions, "replication_factor": -1} for n in missing
+                }
+                resp = self._admin.create_topics(spec, raise_errors=False)
+                for t in resp.get("topics", []):
+                    code = t.get("error_code", 0)
+                    if code not in (0, kerr.TopicAlreadyExistsError.errno):
+                        err = kerr.for_code(code)
+                        raise LogUnavailable(
+                            f"creating topic {t.get('name')!r}: {err.__name__} "
+                            f"{t.get('error_message') or ''}".rstrip()
+                        )
+            self._admin.wait_for_topics(list(names), timeout_ms=_TOPIC_READY_TIMEOUT_MS)
+            return self._describe(names)
+
+        try:
+            counts = await _in_thread(work)
+        except kerr.KafkaError as exc:
+            raise LogUnavailable(f"Kafka at {self.brokers}: ensure_topics {names}: {exc}") from exc
+        self._counts.update(counts)
+        return {n: counts[n] for n in names}
+
+    # -- offsets ------------------------------------------------------------------------------
+
+    async def _offsets(self, topic: str, spec: Any) -> dict[int, int]:
+        n = await self.partition_count(topic)
+        query = {KafkaTP(topic, p): spec for p in range(n)}
+        try:
+            res = await _in_thread(self._admin.list_partition_offsets, query)
+        except kerr.KafkaError as exc:
+            raise LogUnavailable(f"Kafka at {self.brokers}: offsets of {topic!r}: {exc}") from exc
+        return {ktp.partition: int(v.offset) for ktp, v in sorted(res.items())}
+
+    async def end_offsets(self, topic: str) -> dict[int, int]:
+        return await self._offsets(topic, OffsetSpec.LATEST)
+
+    async def begin_offsets(self, topic: str) -> dict[int, int]:
+        return await self._offsets(topic, OffsetSpec.EARLIEST)
+
+    async def committed(self, group: str, topic: str) -> dict[int, int]:
+        n = await self.partition_count(topic)
+        tps = [KafkaTP(topic, p) for p in range(n)]
+        try:
+            res = await _in_thread(self._admin.list_group_offsets, {group: tps})
+        except kerr.GroupIdNotFoundError:
+            return {}
+        except kerr.KafkaError as exc:
+            raise LogUnavailable(f"Kafka at {self.brokers}: committed {group!r}: {exc}") from exc
+        return {
+            ktp.partition: int(om.offset)
+            for ktp, om in sorted(res.get(group, {}).items())
+            if ktp.topic == topic and om is not None and om.offset >= 0
+        }
+
+    # -- consumers ----------------------------------------------------------------------------
+
+    def _consumer_config(self) -> dict[str, Any]:
+        return {
+            "bootstrap_servers": self.brokers.split(","),
+            "client_id": self.client_id,
+            "bootstrap_timeout_ms": int(BOOTSTRAP_TIMEOUT_S * 1000),
+            "request_timeout_ms": _REQUEST_TIMEOUT_MS,
+            "enable_auto_commit": False,
+            "allow_auto_create_topics": False,
+        }
+
+    @asynccontextmanager
+    async def consumer(
+        self, topic: str, group: str, *, max_poll_records: int = 500
+    ) -> AsyncIterator[KafkaGroupConsumer]:
+        await self.partition_count(topic)
+        listener = _RebalanceListener()
+
+        def make() -> Any:
+            c = KafkaConsumer(
+                **self._consumer_config(),
+                group_id=group,
+                auto_offset_reset="earliest",
+                max_poll_records=max_poll_records,
+                partition_assignment_strategy=(CooperativeStickyAssignor,),
+                session_timeout_ms=10_000,
+                heartbeat_interval_ms=1_000,
+            )
+            try:
+                c.subscribe([topic], listener=listener)
+            except BaseException:
+                c.close(autocommit=False, timeout_ms=_CLOSE_TIMEOUT_MS)
+                raise
+            return c
+
+        try:
+            raw = await _in_thread(make)
+        except kerr.KafkaError as exc:
+            raise LogUnavailable(f"Kafka at {self.brokers}: consumer of {topic!r}: {exc}") from exc
+        c = KafkaGroupConsumer(raw, listener, topic, group, max_poll_records)
+        try:
+            yield c
+        finally:
+            with trio.CancelScope(shield=True):
+                await c.aclose()
+
+    @asynccontextmanager
+    async def reader(self) -> AsyncIterator[KafkaReader]:
+        def make() -> Any:
+            # auto_offset_reset "none": an out-of-range fetch raises instead of silently jumping.
+            return KafkaConsumer(**self._consumer_config(), group_id=None, auto_offset_reset="none")
+
+        try:
+            raw = await _in_thread(make)
+        except kerr.KafkaError as exc:
+            raise LogUnavailable(f"Kafka at {self.brokers}: reader: {exc}") from exc
+        r = KafkaReader(self, raw)
+        try:
+            yield r
+        finally:
+            with trio.CancelScope(shield=True):
+                await r.aclose()
+
+
+class _BatchAcks:
+    """Counts a batch's produce futures down on the sender thread; wakes trio once at the end."""
+
+    __slots__ = ("results", "errors", "done", "_pending", "_lock", "_token")
+
+    def __init__(self, n: int, token: trio.lowlevel.TrioToken) -> None:
+        self.results: list[Written | None] = [None] * n
+        self.errors: list[tuple[int, BaseException]] = []
+        self.done = trio.Event()
+        self._pending = n
+        self._lock = threading.Lock()
+        self._token = token
+
+    def ok(self, i: int, md: Any) -> None:
+        self.results[i] = Written(md.partition, md.offset)
+        self._one()
+
+    def fail(self, i: int, exc: BaseException) -> None:
+        with self._lock:
+            self.errors.append((i, exc))
+        self._one()
+
+    def _one(self) -> None:
+        with self._lock:
+            self._pending -= 1
+            last = self._pending == 0
+        if last:
+            try:
+                self._token.run_sync_soon(self.done.set)
+            except trio.RunFinishedError:
+                pass
+
+
+class KafkaLogProducer:
+    def __init__(self, log: KafkaLog, producer: Any) -> None:
+        self._log = log
+        self._producer = producer
+
+    def partition_for(self, topic: str, key: bytes) -> int:
+        """Kafka's murmur2 partition; the topic's count must be known (ensure_topics or a send)."""
+        n = self._log._counts.get(topic)
+        if n is None:
+            raise LogUnavailable(f"partition count of topic {topic!r} unknown: ensure_topics first")
+        return partition_for(key, n)
+
+    def _send_all(self, topic: str, items: Sequence[tuple[bytes, bytes]], acks: _BatchAcks) -> int:
+        # The producer's own view of the partition count is the one its partitioner uses; keep
+        # ours equal so partition_for() names the partition records really land on.
+        n = len(self._producer.partitions_for(topic))
+        send = self._producer.send
+        for i, (key, value) in enumerate(items):
+            fut = send(topic, value=value, key=key)
+            fut.add_callback(acks.ok, i)
+            fut.add_errback(acks.fail, i)
+        return n
+
+    async def send_batch(self, topic: str, items: Sequence[tuple[bytes, bytes]]) -> list[Written]:
+        await self._log.partition_count(topic)  # LogUnavailable for an unknown topic
+        if not items:
+            return []
+        acks = _BatchAcks(len(items), trio.lowlevel.current_trio_token())
+        try:
+            n = await _in_thread(self._send_all, topic, items, acks)
+        except (kerr.KafkaError, ValueError, TypeError) as exc:
+            raise ProduceFailed(f"send to {topic!r} failed: {exc!r}") from exc
+        if self._log._counts.get(topic) != n:
+            logger.warning("topic {} now has {} partitions", topic, n)
+            self._log._counts[topic] = n
+        with trio.move_on_after(SEND_TIMEOUT_S):
+            await acks.done.wait()
+        if not acks.done.is_set():
+            raise ProduceFailed(
+                f"{len(items)} records to {topic!r} not acknowledged within {SEND_TIMEOUT_S:.0f} s"
+            )
+        if acks.errors:
+            i, first = min(acks.errors, key=lambda e: e[0])
+            raise ProduceFailed(
+                f"{len(acks.errors)} of {len(items)} records to {topic!r} failed; "
+                f"first (item {i}): {first!r}"
+            ) from first
+        return [w for w in acks.results if w is not None]
+
+
+class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Ordered rebalance events; kafka-python calls it on its IO thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: list[tuple[bool, frozenset[TopicPartition]]] = []
+
+    def _add(self, assigned: bool, tps: Iterable[Any]) -> None:
+        s = frozenset(_tp(t.topic, t.partition) for t in tps)
+        if s:
+            with self._lock:
+                self._events.append((assigned, s))
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self._add(False, revoked)
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self._add(True, assigned)
+
+    def on_partitions_lost(self, lost: Any) -> None:
+        self._add(False, lost)
+
+    def drain(self) -> list[tuple[bool, frozenset[TopicPartition]]]:
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+
+class KafkaGroupConsumer:
+    """A LogConsumer: one KafkaConsumer in a group, subscribed to one topic."""
+
+    def __init__(
+        self, raw: Any, listener: _RebalanceListener, topic: str, group: str, max_poll_records: int
+    ) -> None:
+        self._c = raw
+        self._listener = listener
+        self.topic = topic
+        self.group = group
+        self.max_poll_records = max_poll_records
+        self._lock = trio.Lock()
+        # What the caller has been told it owns, and what the consumer really owns now.
+        self._reported: set[TopicPartition] = set()
+        self._owned: set[TopicPartition] = set()
+        # Owned partitions that were revoked (and re-assigned) since the last report: their
+        # position was reset to the committed offset, so the caller must hear about it.
+        self._churned: set[TopicPartition] = set()
+        # Records a worker thread fetched for a poll that was cancelled while it ran (the
+        # consumer's position already moved past them): handed out by the next poll.
+        self._buffer: list[Record] = []
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<KafkaGroupConsumer {self.group}/{self.topic} owned={len(self._owned)}>"
+
+    def _apply_events(self) -> None:
+        for assigned, tps in self._listener.drain():
+            if assigned:
+                self._owned |= tps
+            else:
+                self._owned -= tps
+                self._churned |= tps & self._reported
+
+    def _news(self) -> tuple[set[TopicPartition], set[TopicPartition]]:
+        self._apply_events()
+        churn = self._churned & self._owned
+        revoked = (self._reported - self._owned) | churn
+        assigned = (self._owned - self._reported) | churn
+        self._reported = set(self._owned)
+        self._churned = set()
+        return revoked, assigned
+
+    def _poll_sync(self, max_records: int, timeout_ms: int) -> None:
+        raw = self._c.poll(timeout_ms=timeout_ms, max_records=max_records)
+        self._buffer.extend(_flatten(raw))
+
+    async def poll(self, max_records: int, timeout: float) -> PollResult:  # noqa: ASYNC109 (port)
+        if self.closed:
+            raise LogUnavailable("consumer is closed")
+        budget = max(1, min(max_records, self.max_poll_records))
+        deadline = trio.current_time() + max(timeout, 0.0)
+        async with self._lock:
+            while True:
+                if not self._buffer:
+                    left = deadline - trio.current_time()
+                    slice_ms = int(max(0.0, min(left, _SLICE_S)) * 1000)
+                    try:
+                        await _in_thread(self._poll_sync, budget, slice_ms)
+                    except kerr.KafkaError as exc:
+                        raise LogUnavailable(f"poll {self.group}/{self.topic}: {exc!r}") from exc
+                revoked, assigned = self._news()
+                # Records of partitions lost meanwhile belong to their new owner now.
+                records = [
+                    r for r in self._buffer[:budget] if _tp(r.topic, r.partition) in self._owned
+                ]
+                del self._buffer[:budget]
+                if records or revoked or assigned or trio.current_time() >= deadline:
+                    return PollResult(records, revoked, assigned)
+
+    def _commit_sync(self, offsets: dict[TopicPartition, int]) -> None:
+        owned = {_tp(t.topic, t.partition) for t in self._c.assignment()}
+        foreign = set(offsets) - owned
+        if foreign:
+            raise CommitFailed(
+                f"partitions not assigned to this member: {sorted(foreign, key=str)}"
+            )
+        payload = {
+            KafkaTP(tp.topic, tp.partition): OffsetAndMetadata(off, "", -1)
+            for tp, off in offsets.items()
+        }
+        self._c.commit(payload, timeout_ms=_COMMIT_TIMEOUT_MS)
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if self.closed:
+            raise CommitFailed("consumer is closed")
+        if not offsets:
+            return
+        async with self._lock:
+            try:
+                await _in_thread(self._commit_sync, offsets)
+            except EngineError:
+                raise
+            except kerr.KafkaError as exc:
+                raise CommitFailed(f"commit {self.group}/{self.topic}: {exc!r}") from exc
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        async with self._lock:
+            try:
+                # Leaves the group (LeaveGroup), so the others rebalance at once.
+                await _in_thread(
+                    functools.partial(self._c.close, autocommit=False, timeout_ms=_CLOSE_TIMEOUT_MS)
+                )
+            except Exception as exc:
+                logger.warning("closing consumer {}/{} failed: {}", self.group, self.topic, exc)
+
+
+class KafkaReader:
+    """A LogReader: one group-less KafkaConsumer, re-assigned/seeked only when needed."""
+
+    def __init__(self, log: KafkaLog, raw: Any) -> None:
+        self._log = log
+        self._c = raw
+        self._lock = trio.Lock()
+        self._assigned: Any = None  # the kafka TopicPartition assigned now
+        self._next: int | None = None  # the consumer's position, when we know it
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<KafkaReader at {self._assigned} next={self._next}>"
+
+    def _fetch_sync(self, ktp: Any, offset: int, max_records: int, timeout_ms: int) -> list[Record]:
+        c = self._c
+        if self._assigned != ktp:
+            c.assign([ktp])
+            self._assigned = ktp
+            self._next = None
+        if self._next != offset:
+            c.seek(ktp, offset)
+            self._next = offset
+        try:
+            raw = c.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except kerr.OffsetOutOfRangeError:
+            begin = c.beginning_offsets([ktp])[ktp]
+            if offset < begin:  # deleted by retention: continue from the oldest record kept
+                c.seek(ktp, begin)
+                self._next = begin
+                raw = c.poll(timeout_ms=timeout_ms, max_records=max_records)
+            else:  # beyond the end: nothing yet; look again on the next slice
+                self._next = None
+                time.sleep(timeout_ms / 1000)
+                return []
+        records = [_record(r) for r in raw.get(ktp, [])]
+        if records:
+            self._next = records[-1].offset + 1
+        return records
+
+    async def fetch(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        max_records: int,
+        timeout: float,  # noqa: ASYNC109 (the port's signature)
+    ) -> list[Record]:
+        if self.closed:
+            raise LogUnavailable("reader is closed")
+        n = await self._log.partition_count(topic)
+        if not 0 <= partition < n:
+            raise LogUnavailable(f"topic {topic!r} has no partition {partition}")
+        ktp = KafkaTP(topic, partition)
+        deadline = trio.current_time() + max(timeout, 0.0)
+        async with self._lock:
+            while True:
+                left = deadline - trio.current_time()
+                slice_ms = int(max(0.0, min(left, _SLICE_S)) * 1000)
+                try:
+                    records = await _in_thread(
+                        self._fetch_sync, ktp, max(offset, 0), max(1, max_records), slice_ms
+                    )
+                except kerr.KafkaError as exc:
+                    self._next = None
+                    raise LogUnavailable(f"fetch {topic}[{partition}]@{offset}: {exc!r}") from exc
+                if records or trio.current_time() >= deadline:
+                    return records
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        async with self._lock:
+            try:
+                await _in_thread(
+                    functools.partial(self._c.close, autocommit=False, timeout_ms=_CLOSE_TIMEOUT_MS)
+                )
+            except Exception as exc:
+                logger.warning("closing reader failed: {}", exc)

@@ -1,0 +1,423 @@
+"""The Redis state store: `nimbus.ports.StateStore` on redis.asyncio, used from trio.
+
+Use it inside `trio_asyncio.open_loop()`::
+
+    async with trio_asyncio.open_loop():
+        async with open_redis_state("127.0.0.1:6379") as state:
+            await state.connect("client-1", "pod-a")
+
+Every method makes exactly one crossing into asyncio (`trio_asyncio.aio_as_trio`, ~50 µs each,
+see ../shared/NOTES.md) and inside it one script call or one pipeline, whatever the batch size.
+The transitions are the Lua scripts of `nimbus.engines.redis_scripts`, which mirror
+`nimbus.lifecycle`; they run by EVALSHA, and a NOSCRIPT answer (Redis restarted and lost its
+script cache) reloads the script and runs it again: the only retry here. redis-py's own retries
+are switched off; every redis or socket error surfaces as `StateUnavailable`, naming the address.
+
+Keys live under `prefix` (see `redis_scripts` for the layout); pub/sub channels are namespaced
+too: the port's channel `x` is the Redis channel `{prefix}ch:x`.
+
+Pub/sub: each `subscribe()` opens its own connection. A reader task on the asyncio side pulls
+messages off it and hands them to trio with `MemorySendChannel.send_nowait` (legal: the asyncio
+loop runs inside the trio run, on the same thread), so a busy subscription costs no crossing per
+message. When the trio side falls behind and the buffer is full, the reader waits for room with
+one awaited crossing, which backpressures the socket; Redis may then cut the slow subscriber
+(client-output-buffer-limit pubsub), which the iterator reports as `StateUnavailable` after
+delivering what it had. Pub/sub is at-most-once: the caller re-subscribes and tolerates the gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar, cast
+
+import redis.asyncio as aioredis
+import trio
+import trio_asyncio
+from loguru import logger
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+
+from nimbus.engines import redis_scripts
+from nimbus.lifecycle import ClientRecord, ConnectResult, Route, RouteDecision, Status
+from nimbus.ports import AckItem, DlqWrite, StateUnavailable
+
+__all__ = ["RedisState", "open_redis_state"]
+
+T = TypeVar("T")
+
+CONNECT_TIMEOUT = 5.0  # seconds to reach Redis (TCP connect, and the PING at open)
+COMMAND_TIMEOUT = 10.0  # socket timeout of a command (a script over a big batch included)
+SUBSCRIBE_TIMEOUT = 5.0  # seconds for Redis to confirm a SUBSCRIBE
+SUBSCRIBER_BUFFER = 10_000  # messages buffered per subscription on the trio side
+_ALL_CLIENTS_CHUNK = 1000  # HMGETs per pipeline in all_clients()
+
+_FIELDS = ("status", "pod", "epoch", "acked", "routed_dlq", "dlq_written", "cursor")
+_ROUTES = {r.value.encode(): r for r in Route}
+_DROP = RouteDecision(Route.DROP)
+_DLQ = RouteDecision(Route.DLQ)
+
+
+def _client_name(prefix: str) -> str:
+    # CLIENT SETNAME accepts '!'..'~' only; the name shows the namespace in CLIENT LIST.
+    return re.sub(r"[^!-~]", "_", prefix.rstrip(":")) or "nimbus"
+
+
+def _make_client(address: str, prefix: str) -> aioredis.Redis:
+    options: dict[str, Any] = {
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "socket_timeout": COMMAND_TIMEOUT,
+        "retry": Retry(NoBackoff(), 0),  # retry nothing silently
+        "decode_responses": False,
+        "client_name": _client_name(prefix),
+    }
+    if "://" in address:
+        return aioredis.Redis.from_url(address, **options)
+    host, _, port = address.rpartition(":")
+    return aioredis.Redis(host=host or "127.0.0.1", port=int(port), **options)
+
+
+def _str(value: bytes | None, default: str = "") -> str:
+    return default if value is None else value.decode()
+
+
+def _int(value: bytes | int | None, default: int) -> int:
+    return default if value is None else int(value)
+
+
+def _record(client_id: str, values: Sequence[bytes | None]) -> ClientRecord | None:
+    """A ClientRecord from the hash fields in `_FIELDS` order; None if there is no record."""
+    status, pod, epoch, acked, routed_dlq, dlq_written, cursor = values
+    if status is None:
+        return None
+    return ClientRecord(
+        client_id=client_id,
+        status=Status(status.decode()),
+        pod=_str(pod),
+        epoch=_int(epoch, 0),
+        acked=_int(acked, 0),
+        routed_dlq=_int(routed_dlq, 0),
+        dlq_written=_int(dlq_written, 0),
+        cursor=_int(cursor, -1),
+    )
+
+
+class _Subscription:
+    """The async iterator `subscribe()` yields: payloads, then StateUnavailable if the link drops."""
+
+    def __init__(self, recv: trio.MemoryReceiveChannel[bytes], address: str, channel: str) -> None:
+        self._recv = recv
+        self._address = address
+        self._channel = channel
+        self.error: BaseException | None = None  # set by the reader before it closes the channel
+
+    def __aiter__(self) -> _Subscription:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._recv.receive()
+        except trio.EndOfChannel:
+            # The reader only stops on its own when the connection failed.
+            raise StateUnavailable(
+                f"redis at {self._address}: subscription to {self._channel!r} lost: {self.error!r}"
+            ) from self.error
+        except trio.ClosedResourceError:
+            raise StopAsyncIteration from None
+
+
+class RedisState:
+    """`StateStore` on Redis. Build it with `open_redis_state`."""
+
+    def __init__(self, address: str, prefix: str, loop: Any) -> None:
+        self.address = address
+        self.prefix = prefix
+        self.subscriber_buffer = SUBSCRIBER_BUFFER
+        self._loop = loop  # the trio_asyncio loop; any trio task of this run may use the store
+        self._redis: aioredis.Redis | None = None
+        self._shas = {name: redis_scripts.sha1(src) for name, src in redis_scripts.SCRIPTS.items()}
+        self._clients_key = f"{prefix}clients"
+        self._replaying_key = f"{prefix}replaying"
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @property
+    def _r(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise StateUnavailable(f"redis at {self.address}: the state store is closed")
+        return self._redis
+
+    async def _cross(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run the asyncio coroutine function `fn(*args)` from trio: one crossing."""
+        try:
+            return cast(T, await trio_asyncio.aio_as_trio(fn, loop=self._loop)(*args))
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(f"redis at {self.address}: {exc!r}") from exc
+
+    async def _evalsha(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        """(asyncio side) EVALSHA; on NOSCRIPT load the script and run it again, once."""
+        r = self._r
+        sha = self._shas[name]
+        try:
+            return await r.evalsha(sha, len(keys), *keys, *args)
+        except NoScriptError:
+            logger.info("redis at {}: script cache lost; reloading {}", self.address, name)
+            await r.script_load(redis_scripts.SCRIPTS[name])
+            return await r.evalsha(sha, len(keys), *keys, *args)
+
+    async def _script(self, name: str, args: Sequence[str | int], keys: Sequence[str] = ()) -> Any:
+        return await self._cross(self._evalsha, name, keys, args)
+
+    async def _open(self) -> None:
+        """(asyncio side) Create the client, check Redis answers, load the scripts."""
+        self._redis = r = _make_client(self.address, self.prefix)
+        try:
+            await asyncio.wait_for(r.ping(), CONNECT_TIMEOUT)
+            pipe = r.pipeline(transaction=False)
+            for source in redis_scripts.SCRIPTS.values():
+                pipe.script_load(source)
+            shas = await pipe.execute()
+        except BaseException:
+            self._redis = None
+            await r.aclose()
+            raise
+        loaded = {name: _str(sha) for name, sha in zip(redis_scripts.SCRIPTS, shas, strict=True)}
+        if loaded != self._shas:  # pragma: no cover - would mean Redis hashes scripts differently
+            raise RuntimeError(f"unexpected script SHAs from redis at {self.address}: {loaded}")
+
+    async def _close(self) -> None:
+        r, self._redis = self._redis, None
+        if r is not None:
+            await r.aclose()
+
+    def _key(self, client_id: str) -> str:
+        return f"{self.prefix}c:{client_id}"
+
+    def _channel(self, channel: str) -> str:
+        return f"{self.prefix}ch:{channel}"
+
+    # -- transitions (nimbus.lifecycle, via redis_scripts) ----------------------------------
+
+    async def connect(self, client_id: str, pod: str) -> ConnectResult:
+        epoch, status, previous_pod, previous_epoch = await self._script(
+            "connect", (self.prefix, client_id, pod)
+        )
+        return ConnectResult(
+            int(epoch), Status(status.decode()), previous_pod.decode(), int(previous_epoch)
+        )
+
+    async def disconnect(self, client_id: str, epoch: int) -> bool:
+        return bool(await self._script("disconnect", (self.prefix, client_id, epoch)))
+
+    async def route(self, items: Sequence[tuple[str, int]]) -> list[RouteDecision]:
+        if not items:
+            await trio.lowlevel.checkpoint()
+            return []
+        args: list[str | int] = [self.prefix]
+        for client_id, delivery_id in items:
+            args += (client_id, delivery_id)
+        flat = await self._script("route", args)
+        out = []
+        for i in range(0, len(flat), 3):
+            route = _ROUTES[flat[i]]
+            if route is Route.LIVE:
+                out.append(RouteDecision(route, flat[i + 1].decode(), int(flat[i + 2])))
+            else:
+                out.append(_DROP if route is Route.DROP else _DLQ)
+        return out
+
+    async def _pairs(self, name: str, items: Sequence[tuple[str, int]]) -> None:
+        if not items:
+            await trio.lowlevel.checkpoint()
+            return
+        args: list[str | int] = [self.prefix]
+        for client_id, n in items:
+            args += (client_id, n)
+        await self._script(name, args)
+
+    async def divert(self, items: Sequence[tuple[str, int]]) -> None:
+        await self._pairs("divert", items)
+
+    async def dlq_written(self, items: Sequence[DlqWrite]) -> None:
+        # lifecycle.dlq_written ignores the partition: a client's DLQ records share one partition.
+        if not items:
+            await trio.lowlevel.checkpoint()
+            return
+        args: list[str | int] = [self.prefix]
+        for w in items:
+            args += (w.client_id, w.delivery_id, w.offset)
+        await self._script("dlq_written", args)
+
+    async def ack(self, items: Sequence[AckItem]) -> None:
+        await self._pairs("ack", [(a.client_id, a.acked) for a in items])
+
+    async def advance_cursor(self, items: Sequence[tuple[str, int]]) -> None:
+        await self._pairs("advance_cursor", items)
+
+    async def try_flip(self, client_ids: Sequence[str]) -> list[bool]:
+        if not client_ids:
+            await trio.lowlevel.checkpoint()
+            return []
+        flat = await self._script("try_flip", [self.prefix, *client_ids])
+        return [bool(x) for x in flat]
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def get(self, client_id: str) -> ClientRecord | None:
+        async def read() -> list[bytes | None]:
+            # decode_responses=False: replies are bytes, whatever the stubs' union says
+            return cast(list[bytes | None], await self._r.hmget(self._key(client_id), _FIELDS))
+
+        return _record(client_id, await self._cross(read))
+
+    async def replaying(self) -> list[str]:
+        async def read() -> set[bytes]:
+            return cast(set[bytes], await self._r.smembers(self._replaying_key))
+
+        return sorted(m.decode() for m in await self._cross(read))
+
+    async def all_clients(self) -> list[ClientRecord]:
+        # One crossing: SMEMBERS, then the hashes by pipelined HMGETs (not one atomic snapshot:
+        # each record is consistent, the set of them is read across a few round trips).
+        async def read() -> list[ClientRecord]:
+            r = self._r
+            members = cast(set[bytes], await r.smembers(self._clients_key))
+            ids = sorted(m.decode() for m in members)
+            out: list[ClientRecord] = []
+            for start in range(0, len(ids), _ALL_CLIENTS_CHUNK):
+                chunk = ids[start : start + _ALL_CLIENTS_CHUNK]
+                pipe = r.pipeline(transaction=False)
+                for client_id in chunk:
+                    pipe.hmget(self._key(client_id), _FIELDS)
+                for client_id, values in zip(chunk, await pipe.execute(), strict=True):
+                    rec = _record(client_id, values)
+                    if rec is not None:
+                        out.append(rec)
+            return out
+
+        return await self._cross(read)
+
+    # -- leases ------------------------------------------------------------------------------
+
+    async def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
+        if ttl_ms < 1:
+            raise ValueError(f"lease ttl_ms must be >= 1, not {ttl_ms}")
+        key = f"{self.prefix}lease:{name}"
+        return bool(await self._script("acquire_lease", (owner, ttl_ms), (key,)))
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        await self._script("release_lease", (owner,), (f"{self.prefix}lease:{name}",))
+
+    # -- pub/sub -----------------------------------------------------------------------------
+
+    async def publish(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        if not messages:
+            await trio.lowlevel.checkpoint()
+            return
+
+        async def send() -> None:
+            pipe = self._r.pipeline(transaction=False)
+            for channel, payload in messages:
+                pipe.publish(self._channel(channel), payload)
+            await pipe.execute()
+
+        await self._cross(send)
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        send, recv = trio.open_memory_channel[bytes](self.subscriber_buffer)
+        sub = _Subscription(recv, self.address, channel)
+        try:
+            pubsub, reader = await self._cross(
+                self._start_subscription, self._channel(channel), send, sub
+            )
+        except BaseException:
+            send.close()
+            recv.close()
+            raise
+        try:
+            yield sub
+        finally:
+            recv.close()
+            with trio.move_on_after(CONNECT_TIMEOUT, shield=True):
+                try:
+                    await self._cross(self._stop_subscription, pubsub, reader)
+                except StateUnavailable as exc:
+                    logger.debug("closing subscription to {}: {!r}", channel, exc)
+
+    async def _start_subscription(
+        self, channel: str, send: trio.MemorySendChannel[bytes], sub: _Subscription
+    ) -> tuple[PubSub, asyncio.Task[None]]:
+        """(asyncio side) SUBSCRIBE on a fresh connection, wait for the confirmation, start the
+        reader task."""
+        pubsub = self._r.pubsub()
+        try:
+            await pubsub.subscribe(channel)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + SUBSCRIBE_TIMEOUT
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise TimeoutError(f"SUBSCRIBE {channel} not confirmed")
+                msg = await pubsub.get_message(timeout=remaining)
+                if msg is not None and msg["type"] == "subscribe":
+                    break
+            reader = loop.create_task(self._read_subscription(pubsub, send, sub))
+        except BaseException:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            raise
+        return pubsub, reader
+
+    async def _read_subscription(
+        self, pubsub: PubSub, send: trio.MemorySendChannel[bytes], sub: _Subscription
+    ) -> None:
+        """(asyncio task) Connection -> trio memory channel, without a crossing per message."""
+        wait_for_room = trio_asyncio.trio_as_aio(send.send, loop=self._loop)
+        try:
+            while True:
+                msg = await pubsub.get_message(timeout=None)
+                if msg is None or msg["type"] != "message":
+                    continue
+                try:
+                    send.send_nowait(msg["data"])
+                except trio.WouldBlock:
+                    await wait_for_room(msg["data"])
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the subscriber left
+        except Exception as exc:  # the connection failed: the iterator raises StateUnavailable
+            sub.error = exc
+        finally:
+            send.close()
+
+    async def _stop_subscription(self, pubsub: PubSub, reader: asyncio.Task[None]) -> None:
+        reader.cancel()
+        await asyncio.wait([reader])
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+@asynccontextmanager
+async def open_redis_state(address: str, *, prefix: str = "nimbus:") -> AsyncIterator[RedisState]:
+    """A `RedisState` on the Redis at `address` ("host:port" or a redis:// URL).
+
+    Must be used inside `trio_asyncio.open_loop()`. Raises StateUnavailable if Redis does not
+    answer within ~5 s.
+    """
+    loop = trio_asyncio.current_loop.get()
+    if loop is None:
+        raise RuntimeError("open_redis_state() must be used inside trio_asyncio.open_loop()")
+    state = RedisState(address, prefix, loop)
+    try:
+        await state._cross(state._open)
+    except StateUnavailable as exc:
+        raise StateUnavailable(f"cannot reach redis at {address}: {exc.__cause__!r}") from exc
+    try:
+        yield state
+    finally:
+        with trio.move_on_after(CONNECT_TIMEOUT, shield=True):
+            with contextlib.suppress(StateUnavailable):
+                await state._cross(state._close)

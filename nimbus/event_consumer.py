@@ -1,0 +1,96 @@
+"""The event consumer ("back-office worker"): events topic -> compute -> results topic.
+
+At least once: a batch's results are produced (and acknowledged by Kafka) before the batch's
+offsets are committed, so a crash re-processes the batch; the duplicate results carry the same
+delivery id (the event's offset + 1), which the router and the client library drop.
+"""
+
+from __future__ import annotations
+
+import trio
+from loguru import logger
+
+from nimbus import events, trace
+from nimbus.config import Settings
+from nimbus.ports import EngineError, Log, LogConsumer, Record, TopicPartition
+from nimbus.proto_gen.nimbus import ErrorCode, EventError, KafkaEventRequest, KafkaEventResponse
+from nimbus.stats import Counters
+
+GROUP = "nimbus-event-consumer"
+
+
+def process(rec: Record, instance: str) -> KafkaEventResponse | None:
+    """The result of one events-topic record, or None if the record is not an event."""
+    try:
+        req = KafkaEventRequest().parse(rec.value)
+    except Exception:
+        return None
+    if not req.client_id or (rec.key is not None and rec.key != req.client_id.encode()):
+        return None
+    resp = KafkaEventResponse(
+        event_name=req.event_name,
+        number=req.number,
+        client_id=req.client_id,
+        redis_channel=req.redis_channel,
+        kafka_offset=rec.offset,
+        delivery_id=rec.offset + 1,
+        seq=req.seq,
+    )
+    try:
+        resp.result = events.compute(req.event_name, req.number)
+    except events.EventFailed as e:
+        resp.error = EventError(e.code, e.message)
+    resp.log = trace.step(
+        req.log, "event-consumer", instance, "compute", event=req.event_name, partition=rec.partition, offset=rec.offset
+    )
+    return resp
+
+
+class EventConsumer:
+    def __init__(self, settings: Settings, log: Log, counters: Counters | None = None) -> None:
+        self.s = settings
+        self.log = log
+        self.counters = counters or Counters()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with self.log.consumer(self.s.kafka_events_topic, GROUP) as consumer:
+            task_status.started()
+            logger.info("event consumer up: group {}", GROUP)
+            while True:
+                try:
+                    batch = await consumer.poll(500, 0.5)
+                except EngineError as e:
+                    logger.warning("event consumer: poll failed: {}", e)
+                    await trio.sleep(0.5)
+                    continue
+                if batch.records:
+                    await self._handle(consumer, batch.records)
+
+    async def _handle(self, consumer: LogConsumer, records: list[Record]) -> None:
+        out: list[tuple[bytes, bytes]] = []
+        for rec in records:
+            resp = process(rec, self.s.instance_id)
+            if resp is None:
+                self.counters.inc("events.malformed")
+                logger.warning("event consumer: skipping malformed record {}:{}", rec.partition, rec.offset)
+                continue
+            if resp.error.code != ErrorCode.UNSPECIFIED:
+                self.counters.inc("events.failed")
+            out.append((resp.client_id.encode(), bytes(resp)))
+        while True:
+            try:
+                if out:
+                    await self.log.producer.send_batch(self.s.kafka_results_topic, out)
+                break
+            except EngineError as e:
+                # Nothing is committed until the results are written: retrying is safe.
+                logger.warning("event consumer: producing {} results failed: {}; retrying", len(out), e)
+                await trio.sleep(0.5)
+        self.counters.inc("events.processed", len(out))
+        offsets: dict[TopicPartition, int] = {}
+        for rec in records:
+            offsets[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
+        try:
+            await consumer.commit(offsets)
+        except EngineError as e:
+            logger.info("event consumer: commit failed ({}); the batch will be processed again", e)

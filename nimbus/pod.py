@@ -1,0 +1,331 @@
+"""The pod: the trio side of the doorman. Owns this pod's sessions (one per connected stream),
+the ingest of their events into the events topic, the delivery of results arriving on this pod's
+channel, and the delivery reports and acks going back.
+
+The gRPC handler (asyncio side, `nimbus.server`) talks to it without crossing loops per message:
+it calls the synchronous `submit`, `on_ack` and `on_written`, and reads each session's
+`outbox` (an asyncio.Queue this side fills with `put_nowait`). Only `open_session` and
+`close_session` are awaited across the bridge, once per stream.
+
+Delivery rules:
+- A delivery is written to a stream only if the stream's epoch is the delivery's epoch (the
+  client record's epoch when the router or replay decided): a result never reaches a stream that
+  replaced, or was replaced by, the one it was meant for.
+- "Delivered" means acked by the client (protocol 2), or written to the stream (the original's
+  clients, which cannot ack). Anything else is reported failed, so the sender diverts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import trio
+from loguru import logger
+
+from nimbus import events, trace
+from nimbus.config import Settings
+from nimbus.lifecycle import Status
+from nimbus.ports import AckItem, EngineError, Log, StateStore
+from nimbus.proto_gen.nimbus import (
+    DeliveryReport,
+    ErrorCode,
+    EventError,
+    EventRequest,
+    EventResponse,
+    KafkaEventRequest,
+    PodMessage,
+    ReportItem,
+    ResponseKind,
+)
+from nimbus.stats import Counters
+
+REPLAY_REQUESTS = "nimbus:replay-requests"
+STATUS_CHECKS = "nimbus:status-checks"
+
+
+class Close:
+    """Outbox sentinel: end the stream with this gRPC status (None: end it cleanly)."""
+
+    def __init__(self, status: str | None, message: str = "") -> None:
+        self.status = status
+        self.message = message
+
+
+@dataclass(eq=False)
+class Session:
+    client_id: str
+    protocol: int
+    outbox: asyncio.Queue[tuple[int, EventResponse] | Close]
+    id: int
+    epoch: int = 0
+    closed: bool = False
+    # Deliveries written (or queued) and not yet confirmed: (delivery_id, reply_to, token).
+    unconfirmed: list[tuple[int, str, int]] = field(default_factory=list)
+    acked: int = 0
+
+    def __repr__(self) -> str:
+        return f"<Session {self.client_id} epoch={self.epoch} p{self.protocol} unconfirmed={len(self.unconfirmed)}>"
+
+
+class Pod:
+    def __init__(self, settings: Settings, log: Log, state: StateStore, counters: Counters | None = None) -> None:
+        self.s = settings
+        self.log = log
+        self.state = state
+        self.channel = settings.pod_channel
+        self.counters = counters or Counters()
+        self.sessions: dict[str, Session] = {}
+        self._connecting: dict[str, list[tuple[str, object]]] = {}
+        self._ids = itertools.count(1)
+        send, recv = trio.open_memory_channel[tuple[Session, EventRequest]](10_000)
+        self._ingest_send, self._ingest_recv = send, recv
+        self._reports: dict[str, list[ReportItem]] = defaultdict(list)
+        self._acks: dict[str, int] = {}
+        self._flush = trio.Event()
+        self.accepting = True
+
+    def __repr__(self) -> str:
+        return f"<Pod {self.channel} sessions={len(self.sessions)}>"
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with self.state.subscribe(self.channel) as inbox, trio.open_nursery() as nursery:
+            nursery.start_soon(self._ingest)
+            nursery.start_soon(self._dispatch, inbox)
+            nursery.start_soon(self._reporter)
+            task_status.started()
+            logger.info("pod {} up", self.channel)
+
+    async def open_session(self, client_id: str, protocol: int) -> Session:
+        s = Session(client_id, protocol, asyncio.Queue(self.s.stream_queue), next(self._ids))
+        held = self._connecting.setdefault(client_id, [])
+        try:
+            res = await self.state.connect(client_id, self.channel)
+        except BaseException:
+            self._connecting.pop(client_id, None)
+            raise
+        s.epoch = res.epoch
+        old = self.sessions.get(client_id)
+        self.sessions[client_id] = s
+        self._connecting.pop(client_id, None)
+        if old is not None:
+            self._end(old, Close("ABORTED", "superseded by a newer stream for this client_id"))
+        elif res.previous_pod and res.previous_pod != self.channel:
+            kick = PodMessage(kicks=[{"client_id": client_id, "epoch": res.previous_epoch}])  # type: ignore[list-item]
+            await self.state.publish([(res.previous_pod, bytes(kick))])
+        if res.status is Status.REPLAYING:
+            await self.state.publish([(REPLAY_REQUESTS, client_id.encode())])
+        self.counters.inc("pod.connects")
+        logger.info("client {} connected (epoch {}, {})", client_id, s.epoch, res.status.value)
+        for reply_to, d in held:
+            self._deliver(reply_to, d)  # type: ignore[arg-type]
+        return s
+
+    async def close_session(self, s: Session) -> None:
+        """The stream ended (client left, error, superseded, shutdown)."""
+        s.closed = True
+        if self.sessions.get(s.client_id) is s:
+            del self.sessions[s.client_id]
+        self._fail_unconfirmed(s)
+        with trio.move_on_after(5) as cs:
+            cs.shield = True
+            try:
+                if await self.state.disconnect(s.client_id, s.epoch):
+                    logger.info("client {} disconnected (epoch {})", s.client_id, s.epoch)
+            except EngineError as e:
+                logger.warning("client {}: marking OFFLINE failed: {}", s.client_id, e)
+        self._flush.set()
+
+    def _end(self, s: Session, close: Close) -> None:
+        s.closed = True
+        self._fail_unconfirmed(s)
+        try:
+            s.outbox.put_nowait(close)
+        except asyncio.QueueFull:
+            # The writer is stuck on a slow client; make room for the close.
+            while not s.outbox.empty():
+                s.outbox.get_nowait()
+            s.outbox.put_nowait(close)
+
+    def close_all(self, message: str) -> None:
+        for s in list(self.sessions.values()):
+            self._end(s, Close("UNAVAILABLE", message))
+
+    # -- from the handler (synchronous, asyncio side) -----------------------------------------
+
+    def submit(self, s: Session, req: EventRequest) -> bool:
+        """Queue an event for the events topic; False if the ingest queue is full (await send)."""
+        try:
+            self._ingest_send.send_nowait((s, req))
+            return True
+        except trio.WouldBlock:
+            return False
+
+    async def submit_wait(self, s: Session, req: EventRequest) -> None:
+        await self._ingest_send.send((s, req))
+
+    def on_written(self, s: Session, delivery_id: int) -> None:
+        """The writer put a result on the wire. For clients that cannot ack, that is delivery."""
+        if s.protocol < 2:
+            self.on_ack(s, delivery_id)
+
+    def on_ack(self, s: Session, acked: int) -> None:
+        if acked <= s.acked:
+            return
+        s.acked = acked
+        self._acks[s.client_id] = max(self._acks.get(s.client_id, 0), acked)
+        keep = []
+        for d, reply_to, token in s.unconfirmed:
+            if d <= acked:
+                self._reports[reply_to].append(ReportItem(token, True, s.client_id, d))
+            else:
+                keep.append((d, reply_to, token))
+        s.unconfirmed = keep
+        self._flush.set()
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    async def _ingest(self) -> None:
+        """Events -> events topic, in batches; receipts or errors back to the streams."""
+        while True:
+            batch = [await self._ingest_recv.receive()]
+            while len(batch) < 1000:
+                try:
+                    batch.append(self._ingest_recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            accepted: list[tuple[Session, EventRequest]] = []
+            records: list[tuple[bytes, bytes]] = []
+            for s, req in batch:
+                if not events.is_known(req.event_name):
+                    self.counters.inc("pod.unknown_event")
+                    self._send(s, self._error(req, ErrorCode.UNKNOWN_EVENT, f"unknown event {req.event_name!r}"))
+                    continue
+                kreq = KafkaEventRequest(
+                    event_name=req.event_name,
+                    number=req.number,
+                    client_id=s.client_id,
+                    redis_channel=self.channel,
+                    epoch=s.epoch,
+                    seq=req.seq,
+                    log=trace.step(None, "server", self.s.instance_id, "ProcessEvent", epoch=s.epoch),
+                )
+                accepted.append((s, req))
+                records.append((s.client_id.encode(), bytes(kreq)))
+            if not records:
+                continue
+            try:
+                written = await self.log.producer.send_batch(self.s.kafka_events_topic, records)
+            except EngineError as e:
+                logger.error("producing {} events failed: {}", len(records), e)
+                self.counters.inc("pod.produce_failed", len(records))
+                for s, req in accepted:
+                    if s.protocol >= 2:
+                        self._send(s, self._error(req, ErrorCode.UNAVAILABLE, f"event not accepted: {e}"))
+                    elif not s.closed:
+                        # The original's client cannot be told per event: fail its stream, so it
+                        # knows to resend, instead of dropping the event silently (hole 9).
+                        self._end(s, Close("UNAVAILABLE", f"event not accepted: {e}"))
+                continue
+            self.counters.inc("pod.events", len(records))
+            for (s, req), w in zip(accepted, written, strict=True):
+                if s.protocol >= 2:
+                    self._send(s, EventResponse(kind=ResponseKind.RECEIPT, seq=req.seq, delivery_id=w.offset + 1))
+
+    @staticmethod
+    def _error(req: EventRequest, code: ErrorCode, message: str) -> EventResponse:
+        return EventResponse(
+            event_name=req.event_name,
+            number=req.number,
+            kind=ResponseKind.ERROR,
+            seq=req.seq,
+            error=EventError(code, message),
+        )
+
+    def _send(self, s: Session, resp: EventResponse, delivery_id: int = 0) -> bool:
+        """Queue for the stream's writer; `delivery_id` > 0 marks a result (see on_written)."""
+        if s.closed:
+            return False
+        try:
+            s.outbox.put_nowait((delivery_id, resp))
+            return True
+        except asyncio.QueueFull:
+            self.counters.inc("pod.slow_client")
+            logger.warning("client {}: outgoing queue full ({}); cutting the stream", s.client_id, s.outbox.maxsize)
+            self._end(s, Close("RESOURCE_EXHAUSTED", "client does not read its results fast enough"))
+            return False
+
+    async def _dispatch(self, inbox) -> None:  # type: ignore[no-untyped-def]
+        async for payload in inbox:
+            try:
+                msg = PodMessage().parse(payload)
+            except Exception:
+                self.counters.inc("pod.bad_message")
+                logger.warning("pod {}: malformed message on the channel", self.channel)
+                continue
+            for k in msg.kicks:
+                s = self.sessions.get(k.client_id)
+                if s is not None and s.epoch <= k.epoch:
+                    logger.info("client {}: stream epoch {} superseded by a stream on another pod", s.client_id, s.epoch)
+                    self._end(s, Close("ABORTED", "superseded by a newer stream for this client_id"))
+            for d in msg.deliveries:
+                self._deliver(msg.reply_to, d)
+
+    def _deliver(self, reply_to: str, d) -> None:  # type: ignore[no-untyped-def]
+        held = self._connecting.get(d.client_id)
+        if held is not None:
+            held.append((reply_to, d))  # a connect is in progress here: its epoch is coming
+            return
+        s = self.sessions.get(d.client_id)
+        if s is None or s.closed or s.epoch != d.epoch:
+            self._reports[reply_to].append(ReportItem(d.token, False, d.client_id, d.delivery_id))
+            self.counters.inc("pod.not_here")
+            self._flush.set()
+            return
+        if d.delivery_id <= s.acked:
+            self._reports[reply_to].append(ReportItem(d.token, True, d.client_id, d.delivery_id))
+            self._flush.set()
+            return
+        resp = d.response
+        resp.log = trace.step(resp.log, "server", self.s.instance_id, "deliver", epoch=s.epoch)
+        if s.protocol < 2:
+            # Only the original's fields: it never sees a message it cannot understand.
+            resp = EventResponse(event_name=resp.event_name, number=resp.number, result=resp.result, log=resp.log)
+        s.unconfirmed.append((d.delivery_id, reply_to, d.token))
+        self._send(s, resp, d.delivery_id)
+        self.counters.inc("pod.delivered")
+
+    def _fail_unconfirmed(self, s: Session) -> None:
+        for d, reply_to, token in s.unconfirmed:
+            self._reports[reply_to].append(ReportItem(token, False, s.client_id, d))
+        s.unconfirmed = []
+        self._flush.set()
+
+    async def _reporter(self) -> None:
+        """Acks to the state store first, then delivery reports: a report must never reach the
+        replay (which then asks for the flip to LIVE) before the ack it stands for is stored."""
+        while True:
+            await self._flush.wait()
+            self._flush = trio.Event()
+            acks, self._acks = self._acks, {}
+            reports, self._reports = self._reports, defaultdict(list)
+            try:
+                if acks:
+                    await self.state.ack([AckItem(c, a) for c, a in acks.items()])
+                if reports:
+                    await self.state.publish(
+                        [(ch, bytes(DeliveryReport(items))) for ch, items in reports.items()]
+                    )
+            except EngineError as e:
+                logger.warning("pod {}: writing acks/reports failed: {}; retrying", self.channel, e)
+                for c, a in acks.items():
+                    self._acks[c] = max(a, self._acks.get(c, 0))
+                for ch, items in reports.items():
+                    self._reports[ch][:0] = items
+                self._flush.set()
+                await trio.sleep(0.2)
+            await trio.sleep(0.002)  # gather a few ms of acks into one round trip

@@ -1,0 +1,299 @@
+"""The replay consumer ("mail carrier"): drains one reconnected client's DLQ backlog, in order.
+
+A replay is per client, not per partition: it reads the client's DLQ partition from the
+client's own cursor (stored in its record), so it never commits anything on behalf of another
+client (hole 2), and one client's backlog never holds up another's (isolation). Each replay is a
+pipeline of three stages joined by bounded trio memory channels:
+
+    fetch (DLQ records of this client, from the cursor)
+      -> publish (batches to the client's pod channel, at most `replay_window` unconfirmed)
+      -> ack (delivery reports; advance the cursor; at the end, ask for the flip to LIVE)
+
+A lease in the state store makes sure one worker replays a client at a time, whatever number of
+workers run. The replay ends when the client is no longer REPLAYING under the epoch it started
+with (flipped LIVE, disconnected, or reconnected: a new replay takes over from the cursor).
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from dataclasses import dataclass
+
+import trio
+from loguru import logger
+
+from nimbus.config import Settings
+from nimbus.lifecycle import Status
+from nimbus.pod import REPLAY_REQUESTS, STATUS_CHECKS
+from nimbus.ports import EngineError, Log, LogReader, StateStore, TopicPartition
+from nimbus.proto_gen.nimbus import DeliveryReport, KafkaEventResponse, ReportItem
+from nimbus.router import decode_result, pod_messages
+from nimbus.router_window import Entry
+from nimbus.stats import Counters
+
+LEASE_MS = 10_000
+
+
+@dataclass
+class _Item:
+    offset: int  # DLQ offset
+    result: KafkaEventResponse
+
+
+class ReplayPipeline:
+    """One client's replay. Created by `ReplayService` while it holds the client's lease."""
+
+    def __init__(self, service: ReplayService, client_id: str, epoch: int, pod: str, cursor: int, acked: int) -> None:
+        self.svc = service
+        self.client_id = client_id
+        self.epoch = epoch
+        self.pod = pod
+        self.cursor = cursor
+        self.acked = acked
+        self.partition = service.log.producer.partition_for(service.s.kafka_dlq_topic, client_id.encode())
+        self.reports_send, self.reports_recv = trio.open_memory_channel[ReportItem](10_000)
+        self.unconfirmed: dict[int, _Item] = {}  # token -> item
+        self.window = trio.Semaphore(service.s.replay_window)
+        self.fetched_to = cursor  # next DLQ offset the fetch stage will read
+        self.published_to = cursor  # every record below it is published (or not ours)
+        self.caught_up = trio.Event()
+        self.delivered = 0
+
+    def __repr__(self) -> str:
+        return f"<ReplayPipeline {self.client_id} epoch={self.epoch} cursor={self.cursor} unconfirmed={len(self.unconfirmed)}>"
+
+    async def run(self, reader: LogReader) -> None:
+        t0 = trio.current_time()
+        send, recv = trio.open_memory_channel[tuple[list[_Item], int]](4)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._fetch, reader, send)
+            nursery.start_soon(self._publish, recv)
+            nursery.start_soon(self._ack, nursery.cancel_scope)
+            nursery.start_soon(self._watch, nursery.cancel_scope)
+        logger.info(
+            "replay of {} (epoch {}) ended: {} results delivered in {:.3f}s",
+            self.client_id, self.epoch, self.delivered, trio.current_time() - t0,
+        )
+
+    async def _fetch(self, reader: LogReader, send: trio.MemorySendChannel[tuple[list[_Item], int]]) -> None:
+        topic = self.svc.s.kafka_dlq_topic
+        key = self.client_id.encode()
+        async with send:
+            while True:
+                if self.fetched_to < 0:
+                    await trio.sleep(0.02)  # no DLQ write recorded yet; _watch picks it up
+                    continue
+                records = await reader.fetch(topic, self.partition, self.fetched_to, 500, 0.1)
+                if not records:
+                    if not self.caught_up.is_set():
+                        self.caught_up.set()
+                        if self._drained():
+                            await self.svc.request_flip(self.client_id)
+                    continue
+                self.caught_up = trio.Event()
+                batch = []
+                for rec in records:
+                    if rec.key != key:
+                        continue
+                    r = decode_result(rec.value)
+                    if r is None or r.client_id != self.client_id or r.delivery_id <= self.acked:
+                        continue
+                    batch.append(_Item(rec.offset, r))
+                self.fetched_to = records[-1].offset + 1
+                await send.send((batch, self.fetched_to))
+
+    def _drained(self) -> bool:
+        return self.caught_up.is_set() and not self.unconfirmed and self.published_to == self.fetched_to
+
+    async def _publish(self, recv: trio.MemoryReceiveChannel[tuple[list[_Item], int]]) -> None:
+        async with recv:
+            async for batch, end in recv:
+                entries = []
+                for item in batch:
+                    await self.window.acquire()
+                    token = self.svc.new_token(self)
+                    self.unconfirmed[token] = item
+                    entries.append(
+                        Entry(TopicPartition("", 0), item.offset, self.client_id, item.result.delivery_id,
+                              item.result, token=token, pod=self.pod, epoch=self.epoch)
+                    )
+                if entries:
+                    await self.svc.state.publish(
+                        pod_messages(self.svc.reply_to, entries, self.svc.s.instance_id, "replay")
+                    )
+                self.published_to = end
+                if not batch:
+                    await self._advance()
+
+    async def _advance(self) -> None:
+        """Move the stored cursor to the lowest DLQ offset not yet confirmed: everything of this
+        client below it is delivered. Records fetched but not yet published keep it back."""
+        low = min((i.offset for i in self.unconfirmed.values()), default=self.published_to)
+        if low > self.cursor:
+            self.cursor = low
+            await self.svc.state.advance_cursor([(self.client_id, low)])
+
+    async def _ack(self, cancel: trio.CancelScope) -> None:
+        """Delivery reports for this replay: advance the cursor; ask for the flip when drained."""
+        async with self.reports_recv:
+            while True:
+                items = [await self.reports_recv.receive()]
+                while True:
+                    try:
+                        items.append(self.reports_recv.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                failed = False
+                for it in items:
+                    item = self.unconfirmed.pop(it.token, None)
+                    self.svc.forget_token(it.token)
+                    if item is None:
+                        continue
+                    self.window.release()
+                    if it.delivered:
+                        self.delivered += 1
+                        self.acked = max(self.acked, it.delivery_id)
+                    else:
+                        failed = True
+                if failed:
+                    logger.info("replay of {}: the stream (epoch {}) is gone; stopping", self.client_id, self.epoch)
+                    cancel.cancel()
+                    return
+                await self._advance()
+                if self._drained():
+                    await self.svc.request_flip(self.client_id)
+
+    async def _watch(self, cancel: trio.CancelScope) -> None:
+        """End when the client is no longer ours to replay; keep the lease."""
+        last_lease = trio.current_time()
+        while True:
+            await trio.sleep(0.2)
+            now = trio.current_time()
+            if now - last_lease > LEASE_MS / 3000:
+                last_lease = now
+                if not await self.svc.state.acquire_lease(self.svc.lease_name(self.client_id), self.svc.owner, LEASE_MS):
+                    logger.warning("replay of {}: lease lost; stopping", self.client_id)
+                    cancel.cancel()
+                    return
+            rec = await self.svc.state.get(self.client_id)
+            if rec is None or rec.status is not Status.REPLAYING or rec.epoch != self.epoch:
+                cancel.cancel()
+                return
+            if self.fetched_to < 0 <= rec.cursor:
+                # The first DLQ write for this client landed after the replay started.
+                self.cursor = self.fetched_to = self.published_to = rec.cursor
+            elif self._drained():
+                await self.svc.request_flip(self.client_id)  # safety net for a lost request
+
+
+class ReplayService:
+    """Starts a replay for every REPLAYING client this worker can lease."""
+
+    def __init__(self, settings: Settings, log: Log, state: StateStore, counters: Counters | None = None) -> None:
+        self.s = settings
+        self.log = log
+        self.state = state
+        self.counters = counters or Counters()
+        self.owner = f"{settings.instance_id}:{uuid.uuid4().hex[:8]}"
+        self.reply_to = f"nimbus:reports:replay:{self.owner}"
+        self.active: dict[str, ReplayPipeline] = {}
+        self._tokens = itertools.count(1)
+        self._by_token: dict[int, ReplayPipeline] = {}
+        self._limiter = trio.CapacityLimiter(settings.max_replays)
+        self._requests_send, self._requests_recv = trio.open_memory_channel[str](10_000)
+
+    def __repr__(self) -> str:
+        return f"<ReplayService {self.owner} active={len(self.active)}>"
+
+    @staticmethod
+    def lease_name(client_id: str) -> str:
+        return f"replay:{client_id}"
+
+    def new_token(self, p: ReplayPipeline) -> int:
+        t = next(self._tokens)
+        self._by_token[t] = p
+        return t
+
+    def forget_token(self, token: int) -> None:
+        self._by_token.pop(token, None)
+
+    async def request_flip(self, client_id: str) -> None:
+        await self.state.publish([(STATUS_CHECKS, client_id.encode())])
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with (
+            self.state.subscribe(REPLAY_REQUESTS) as requests,
+            self.state.subscribe(self.reply_to) as reports,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(self._read_requests, requests)
+            nursery.start_soon(self._read_reports, reports)
+            nursery.start_soon(self._scan)
+            task_status.started()
+            logger.info("replay consumer up ({})", self.owner)
+            async with self._requests_recv:
+                async for client_id in self._requests_recv:
+                    if client_id in self.active:
+                        continue
+                    try:
+                        got = await self.state.acquire_lease(self.lease_name(client_id), self.owner, LEASE_MS)
+                        rec = await self.state.get(client_id) if got else None
+                    except EngineError as e:
+                        logger.warning("replay: {}", e)
+                        continue
+                    if rec is None or rec.status is not Status.REPLAYING:
+                        if got:
+                            await self.state.release_lease(self.lease_name(client_id), self.owner)
+                        continue
+                    p = ReplayPipeline(self, client_id, rec.epoch, rec.pod, rec.cursor, rec.acked)
+                    self.active[client_id] = p
+                    nursery.start_soon(self._run_pipeline, p)
+
+    async def _run_pipeline(self, p: ReplayPipeline) -> None:
+        try:
+            async with self._limiter, self.log.reader() as reader:
+                logger.info("replay of {} (epoch {}) from DLQ offset {} on partition {}", p.client_id, p.epoch, p.cursor, p.partition)
+                await p.run(reader)
+        except EngineError as e:
+            logger.warning("replay of {} failed: {}; it will be retried", p.client_id, e)
+        finally:
+            for t in list(p.unconfirmed):
+                self.forget_token(t)
+            self.active.pop(p.client_id, None)
+            self.counters.inc("replay.delivered", p.delivered)
+            with trio.move_on_after(2) as cs:
+                cs.shield = True
+                try:
+                    await self.state.release_lease(self.lease_name(p.client_id), self.owner)
+                except EngineError:
+                    pass
+
+    async def _read_requests(self, requests) -> None:  # type: ignore[no-untyped-def]
+        async for payload in requests:
+            await self._requests_send.send(payload.decode())
+
+    async def _read_reports(self, reports) -> None:  # type: ignore[no-untyped-def]
+        async for payload in reports:
+            try:
+                report = DeliveryReport().parse(payload)
+            except Exception:
+                continue
+            for it in report.items:
+                p = self._by_token.get(it.token)
+                if p is not None:
+                    try:
+                        p.reports_send.send_nowait(it)
+                    except trio.WouldBlock:
+                        await p.reports_send.send(it)
+
+    async def _scan(self) -> None:
+        """Safety net: pick up REPLAYING clients whose request was lost (pub/sub is lossy)."""
+        while True:
+            await trio.sleep(self.s.status_interval_ms / 1000)
+            try:
+                for client_id in await self.state.replaying():
+                    if client_id not in self.active:
+                        await self._requests_send.send(client_id)
+            except EngineError as e:
+                logger.warning("replay scan: {}", e)

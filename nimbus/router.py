@@ -1,0 +1,249 @@
+"""The result router ("mail sorter"): results topic -> the client's pod channel, or the DLQ.
+
+The decisions live in `RouterWindow` (pure); this module is the thin driver around it: one task
+polls the results topic, one reads delivery reports from this router's reply channel, a ticker
+expires deliveries that no pod confirmed, and the driver loop applies them to the window and
+does the I/O it asks for, batched: one `route` script call per batch, one PUBLISH per pod per
+batch, one DLQ produce per batch, one commit per ~100 ms.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+
+import trio
+from loguru import logger
+
+from nimbus import trace
+from nimbus.config import Settings
+from nimbus.ports import (
+    CommitFailed,
+    DlqWrite,
+    EngineError,
+    Log,
+    LogConsumer,
+    PollResult,
+    StateStore,
+    TopicPartition,
+)
+from nimbus.proto_gen.nimbus import (
+    Delivery,
+    DeliveryReport,
+    EventResponse,
+    KafkaEventResponse,
+    PodMessage,
+    ResponseKind,
+)
+from nimbus.router_window import Entry, RouterWindow
+from nimbus.stats import Counters
+
+GROUP = "nimbus-result-router"
+
+
+@dataclass
+class _Tick:
+    pass
+
+
+def to_response(r: KafkaEventResponse) -> EventResponse:
+    return EventResponse(
+        event_name=r.event_name,
+        number=r.number,
+        result=r.result,
+        log=r.log,
+        delivery_id=r.delivery_id,
+        kind=ResponseKind.RESULT,
+        error=r.error,
+        seq=r.seq,
+    )
+
+
+def decode_result(value: bytes) -> KafkaEventResponse | None:
+    """A results/DLQ record, or None if it is not one we can route (logged by the caller)."""
+    try:
+        r = KafkaEventResponse().parse(value)
+    except Exception:
+        return None
+    if not r.client_id or r.delivery_id <= 0:
+        return None
+    return r
+
+
+def pod_messages(reply_to: str, entries: list[Entry], instance: str, method: str) -> list[tuple[str, bytes]]:
+    """One PodMessage per pod for a batch of entries (payload: KafkaEventResponse)."""
+    by_pod: dict[str, list[Delivery]] = defaultdict(list)
+    for e in entries:
+        r = e.payload
+        assert isinstance(r, KafkaEventResponse)
+        resp = to_response(r)
+        resp.log = trace.step(r.log, "result-router" if method == "route" else "replay", instance, method, pod=e.pod)
+        by_pod[e.pod].append(Delivery(e.client_id, e.epoch, e.delivery_id, e.token, resp))
+    return [(pod, bytes(PodMessage(reply_to=reply_to, deliveries=ds))) for pod, ds in by_pod.items()]
+
+
+class ResultRouter:
+    def __init__(self, settings: Settings, log: Log, state: StateStore, counters: Counters | None = None) -> None:
+        self.s = settings
+        self.log = log
+        self.state = state
+        self.window = RouterWindow(settings.delivery_timeout_ms / 1000)
+        self.reply_to = f"nimbus:reports:router:{settings.instance_id}:{uuid.uuid4().hex[:8]}"
+        self.counters = counters or Counters()
+        self._space = trio.Event()
+        self._last_commit = -math.inf
+        self._pending_commit: dict[TopicPartition, int] = {}
+
+    def __repr__(self) -> str:
+        return f"<ResultRouter {self.reply_to} {self.window!r}>"
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        send, recv = trio.open_memory_channel[PollResult | DeliveryReport | _Tick](64)
+        async with (
+            self.log.consumer(self.s.kafka_results_topic, GROUP) as consumer,
+            self.state.subscribe(self.reply_to) as reports,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(self._poller, consumer, send.clone())
+            nursery.start_soon(self._report_reader, reports, send.clone())
+            nursery.start_soon(self._ticker, send.clone())
+            send.close()
+            task_status.started()
+            logger.info("result router up: group {} reply channel {}", GROUP, self.reply_to)
+            try:
+                await self._drive(consumer, recv)
+            finally:
+                with trio.move_on_after(2) as cs:
+                    cs.shield = True
+                    await self._commit(consumer, force=True)
+
+    async def _poller(self, consumer: LogConsumer, send: trio.MemorySendChannel) -> None:
+        async with send:
+            while True:
+                while self.window.pending >= self.s.router_window:
+                    self._space = trio.Event()
+                    await self._space.wait()
+                try:
+                    result = await consumer.poll(500, 0.2)
+                except EngineError as e:
+                    logger.warning("result router: poll failed: {}", e)
+                    await trio.sleep(0.5)
+                    continue
+                if result.records or result.revoked or result.assigned:
+                    await send.send(result)
+
+    async def _report_reader(self, reports, send: trio.MemorySendChannel) -> None:
+        async with send:
+            async for payload in reports:
+                try:
+                    report = DeliveryReport().parse(payload)
+                except Exception:
+                    self.counters.inc("router.bad_report")
+                    continue
+                await send.send(report)
+
+    async def _ticker(self, send: trio.MemorySendChannel) -> None:
+        async with send:
+            while True:
+                await trio.sleep(0.05)
+                await send.send(_Tick())
+
+    async def _drive(self, consumer: LogConsumer, recv: trio.MemoryReceiveChannel) -> None:
+        async with recv:
+            while True:
+                items = [await recv.receive()]
+                while True:
+                    try:
+                        items.append(recv.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                for item in items:
+                    self._take(item)
+                self.window.expire(trio.current_time())
+                await self._act(consumer)
+                if self.window.pending < self.s.router_window:
+                    self._space.set()
+
+    def _take(self, item: PollResult | DeliveryReport | _Tick) -> None:
+        w = self.window
+        if isinstance(item, PollResult):
+            if item.revoked:
+                logger.info("result router: partitions revoked {}", sorted(tp.partition for tp in item.revoked))
+                w.revoke(item.revoked)
+            for rec in item.records:
+                tp = TopicPartition(rec.topic, rec.partition)
+                r = decode_result(rec.value)
+                if r is None:
+                    self.counters.inc("router.malformed")
+                    logger.warning("result router: skipping malformed record {}:{}", rec.partition, rec.offset)
+                    w.add_skipped(tp, rec.offset)
+                    continue
+                self.counters.inc("router.results")
+                w.add(tp, rec.offset, r.client_id, r.delivery_id, r)
+        elif isinstance(item, DeliveryReport):
+            for it in item.items:
+                w.report(it.token, it.delivered)
+                self.counters.inc("router.delivered" if it.delivered else "router.failed")
+
+    async def _act(self, consumer: LogConsumer) -> None:
+        w = self.window
+        try:
+            diverts = w.pending_diverts()
+            if diverts:
+                await self.state.divert([(e.client_id, e.delivery_id) for e in diverts])
+                w.diverted(diverts)
+                self.counters.inc("router.diverted", len(diverts))
+                logger.info("result router: diverted {} failed live deliveries to the DLQ", len(diverts))
+            decide = w.decidable()
+            if decide:
+                try:
+                    decisions = await self.state.route([(e.client_id, e.delivery_id) for e in decide])
+                except BaseException:
+                    w.undecide(decide)
+                    raise
+                w.apply(decide, decisions, trio.current_time())
+            live = w.take_publish()
+            if live:
+                await self.state.publish(pod_messages(self.reply_to, live, self.s.instance_id, "route"))
+                self.counters.inc("router.live", len(live))
+            writes = w.take_dlq_writes()
+            if writes:
+                await self._write_dlq(writes)
+        except EngineError as e:
+            logger.warning("result router: {}; retrying", e)
+            await trio.sleep(0.2)
+        await self._commit(consumer)
+
+    async def _write_dlq(self, writes: list[Entry]) -> None:
+        items = []
+        for e in writes:
+            r = e.payload
+            assert isinstance(r, KafkaEventResponse)
+            r.log = trace.step(r.log, "result-router", self.s.instance_id, "divert-to-dlq")
+            items.append((e.client_id.encode(), bytes(r)))
+        try:
+            written = await self.log.producer.send_batch(self.s.kafka_dlq_topic, items)
+            await self.state.dlq_written(
+                [DlqWrite(e.client_id, e.delivery_id, w.partition, w.offset) for e, w in zip(writes, written, strict=True)]
+            )
+        except BaseException:
+            self.window.dlq_failed(writes)
+            raise
+        self.window.dlq_done(writes)
+        self.counters.inc("router.dlq", len(writes))
+
+    async def _commit(self, consumer: LogConsumer, force: bool = False) -> None:
+        self._pending_commit.update(self.window.commits())
+        now = trio.current_time()
+        if not self._pending_commit or (not force and now - self._last_commit < 0.1):
+            return
+        offsets, self._pending_commit = self._pending_commit, {}
+        self._last_commit = now
+        try:
+            await consumer.commit(offsets)
+        except CommitFailed as e:
+            logger.info("result router: commit refused ({}); the partitions' new owner re-reads them", e)
+        except EngineError as e:
+            logger.warning("result router: commit failed: {}", e)

@@ -1,0 +1,60 @@
+"""The status manager ("postmaster"): the only component that flips a client REPLAYING -> LIVE.
+
+The flip is one atomic transition (`lifecycle.try_flip`) that succeeds only when everything ever
+routed towards the DLQ for that client is acknowledged by it — the per-client Triple Lag Check
+(see nimbus/lifecycle.py). It runs the moment a replay reports its backlog drained (a message on
+STATUS_CHECKS), and periodically for every REPLAYING client as a safety net. Because the check is
+per client and atomic with the router's decisions, other clients' traffic on the same partition
+cannot delay it (hole 6), and nothing can land in the DLQ behind a client that is already LIVE
+(hole 4).
+"""
+
+from __future__ import annotations
+
+import trio
+from loguru import logger
+
+from nimbus.config import Settings
+from nimbus.pod import STATUS_CHECKS
+from nimbus.ports import EngineError, StateStore
+from nimbus.stats import Counters
+
+
+class StatusManager:
+    def __init__(self, settings: Settings, state: StateStore, counters: Counters | None = None) -> None:
+        self.s = settings
+        self.state = state
+        self.counters = counters or Counters()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with self.state.subscribe(STATUS_CHECKS) as checks, trio.open_nursery() as nursery:
+            nursery.start_soon(self._periodic)
+            task_status.started()
+            logger.info("status manager up")
+            async for payload in checks:
+                await self.check([payload.decode()])
+
+    async def check(self, client_ids: list[str]) -> int:
+        try:
+            flipped = await self.state.try_flip(client_ids)
+        except EngineError as e:
+            logger.warning("status manager: {}", e)
+            return 0
+        n = 0
+        for cid, ok in zip(client_ids, flipped, strict=True):
+            if ok:
+                n += 1
+                logger.info("client {} is LIVE again (backlog acknowledged)", cid)
+        self.counters.inc("status.flips", n)
+        return n
+
+    async def _periodic(self) -> None:
+        while True:
+            await trio.sleep(self.s.status_interval_ms / 1000)
+            try:
+                replaying = await self.state.replaying()
+            except EngineError as e:
+                logger.warning("status manager: {}", e)
+                continue
+            for i in range(0, len(replaying), 500):
+                await self.check(replaying[i : i + 500])

@@ -1,0 +1,94 @@
+"""The workers (`python -m nimbus.workers`): event consumer, result router, replay consumer and
+status manager, all by default or a subset with --roles. Any number of copies may run: the
+consumers share work through Kafka consumer groups, replays through per-client leases, and the
+status manager's flip is an idempotent atomic check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import trio
+import trio_asyncio
+from loguru import logger
+
+from nimbus import config, logs
+from nimbus.config import ConfigError, Settings
+from nimbus.engines import open_engine
+from nimbus.event_consumer import EventConsumer
+from nimbus.ports import EngineError, Log, StateStore
+from nimbus.replay import ReplayService
+from nimbus.router import ResultRouter
+from nimbus.stats import Counters
+from nimbus.status_manager import StatusManager
+from nimbus.topics import ensure_topics
+
+ROLES = ("events", "results", "replay", "status")
+
+
+async def run_workers(
+    settings: Settings,
+    log: Log,
+    state: StateStore,
+    roles: tuple[str, ...] = ROLES,
+    counters: Counters | None = None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    counters = counters or Counters()
+    async with trio.open_nursery() as nursery:
+        try:
+            if "events" in roles:
+                await nursery.start(EventConsumer(settings, log, counters).run)
+            if "results" in roles:
+                await nursery.start(ResultRouter(settings, log, state, counters).run)
+            if "replay" in roles:
+                await nursery.start(ReplayService(settings, log, state, counters).run)
+            if "status" in roles:
+                await nursery.start(StatusManager(settings, state, counters).run)
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            logger.info("workers stopping; counters: {}", counters.summary())
+
+
+def parse_roles(raw: str) -> tuple[str, ...]:
+    roles = tuple(r.strip() for r in raw.split(",") if r.strip())
+    bad = [r for r in roles if r not in ROLES]
+    if bad or not roles:
+        raise argparse.ArgumentTypeError(f"unknown role(s) {bad}; choose from {', '.join(ROLES)}")
+    return roles
+
+
+async def main_async(settings: Settings, roles: tuple[str, ...]) -> None:
+    from nimbus.server import run_with_signals
+
+    async with trio_asyncio.open_loop(), open_engine(settings) as engine:
+        await ensure_topics(engine.log, settings)
+        await run_with_signals(
+            lambda task_status: run_workers(settings, engine.log, engine.state, roles, task_status=task_status)
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m nimbus.workers", description=__doc__)
+    parser.add_argument("--roles", type=parse_roles, default=ROLES, help=f"comma list of {', '.join(ROLES)} (default: all)")
+    args = parser.parse_args(argv)
+    try:
+        settings = config.load()
+    except ConfigError as e:
+        print(f"nimbus.workers: {e}", file=sys.stderr)
+        sys.exit(2)
+    logs.setup(settings, role="workers")
+    try:
+        trio.run(main_async, settings, args.roles)
+    except EngineError as e:
+        logger.error("{}", e)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

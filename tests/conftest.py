@@ -1,0 +1,52 @@
+"""Shared fixtures.
+
+Rules for every test here (after trio-websocket's suite): sockets on 127.0.0.1 with port 0,
+`autojump_clock` for anything timed that needs no real I/O, a `fail_after` around every test
+that does real I/O. Integration tests (marker `integration`) need the real Kafka and Redis that
+`scripts/services.sh up` starts; their addresses come from NIMBUS_TEST_KAFKA_BROKERS and
+NIMBUS_TEST_REDIS_ADDRESS. Without them the tests skip, except with CI set, where they fail:
+CI must never pass by skipping the real brokers.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+
+def _reachable(address: str) -> bool:
+    host, _, port = address.split(",")[0].rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _require(var: str) -> str:
+    address = os.environ.get(var, "")
+    if address and _reachable(address):
+        return address
+    why = f"{var} is not set" if not address else f"{var}={address} is not reachable"
+    if os.environ.get("CI"):
+        pytest.fail(f"integration test needs the real broker, but {why} (CI never skips these)")
+    pytest.skip(why)
+
+
+@pytest.fixture
+def kafka_brokers() -> str:
+    return _require("NIMBUS_TEST_KAFKA_BROKERS")
+
+
+@pytest.fixture
+def redis_address() -> str:
+    return _require("NIMBUS_TEST_REDIS_ADDRESS")
+
+
+@pytest.fixture
+def unique() -> str:
+    """A fresh suffix for topic, group, channel and client names, so tests never share state."""
+    return uuid.uuid4().hex[:10]
