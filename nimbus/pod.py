@@ -65,6 +65,7 @@ class Session:
     # Deliveries written (or queued) and not yet confirmed: (delivery_id, reply_to, token).
     unconfirmed: list[tuple[int, str, int]] = field(default_factory=list)
     acked: int = 0
+    last_queued: int = 0  # highest delivery id put in the outbox
 
     def __repr__(self) -> str:
         return f"<Session {self.client_id} epoch={self.epoch} p{self.protocol} unconfirmed={len(self.unconfirmed)}>"
@@ -281,7 +282,7 @@ class Pod:
             held.append((reply_to, d))  # a connect is in progress here: its epoch is coming
             return
         s = self.sessions.get(d.client_id)
-        if s is None or s.closed or s.epoch != d.epoch:
+        if s is None or s.closed or s.epoch != d.epoch or d.prev_delivery_id > s.last_queued:
             self._reports[reply_to].append(ReportItem(d.token, False, d.client_id, d.delivery_id))
             self.counters.inc("pod.not_here")
             self._flush.set()
@@ -296,6 +297,7 @@ class Pod:
             # Only the original's fields: it never sees a message it cannot understand.
             resp = EventResponse(event_name=resp.event_name, number=resp.number, result=resp.result, log=resp.log)
         s.unconfirmed.append((d.delivery_id, reply_to, d.token))
+        s.last_queued = max(s.last_queued, d.delivery_id)
         self._send(s, resp, d.delivery_id)
         self.counters.inc("pod.delivered")
 

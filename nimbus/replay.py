@@ -59,6 +59,7 @@ class ReplayPipeline:
         self.published_to = cursor  # every record below it is published (or not ours)
         self.caught_up = trio.Event()
         self.delivered = 0
+        self.last_published = (0, 0)  # (token, delivery id)
 
     def __repr__(self) -> str:
         return f"<ReplayPipeline {self.client_id} epoch={self.epoch} cursor={self.cursor} unconfirmed={len(self.unconfirmed)}>"
@@ -112,11 +113,15 @@ class ReplayPipeline:
                 entries = []
                 for item in batch:
                     await self.window.acquire()
+                    # The pod refuses a delivery whose unconfirmed predecessor it never got.
+                    prev_token, prev_id = self.last_published
+                    prev = prev_id if prev_token in self.unconfirmed else 0
                     token = self.svc.new_token(self)
                     self.unconfirmed[token] = item
+                    self.last_published = (token, item.result.delivery_id)
                     entries.append(
                         Entry(TopicPartition("", 0), item.offset, self.client_id, item.result.delivery_id,
-                              item.result, token=token, pod=self.pod, epoch=self.epoch)
+                              item.result, token=token, pod=self.pod, epoch=self.epoch, prev=prev)
                     )
                 if entries:
                     await self.svc.state.publish(

@@ -80,7 +80,7 @@ def pod_messages(reply_to: str, entries: list[Entry], instance: str, method: str
         assert isinstance(r, KafkaEventResponse)
         resp = to_response(r)
         resp.log = trace.step(r.log, "result-router" if method == "route" else "replay", instance, method, pod=e.pod)
-        by_pod[e.pod].append(Delivery(e.client_id, e.epoch, e.delivery_id, e.token, resp))
+        by_pod[e.pod].append(Delivery(e.client_id, e.epoch, e.delivery_id, e.token, resp, e.prev))
     return [(pod, bytes(PodMessage(reply_to=reply_to, deliveries=ds))) for pod, ds in by_pod.items()]
 
 

@@ -47,6 +47,7 @@ class Entry:
     pod: str = ""
     epoch: int = 0
     deadline: float = 0.0
+    prev: int = 0  # delivery id of the previous unconfirmed live entry of this client, or 0
 
     def __repr__(self) -> str:
         return f"<Entry {self.client_id}#{self.delivery_id} @{self.tp.partition}:{self.offset} {self.state.value}>"
@@ -155,6 +156,8 @@ class RouterWindow:
                 cl.wait_inflight = True
                 reverted.add(e.client_id)
             else:
+                before = [x for x in cl.queue if x.state is S.LIVE and x.offset < e.offset]
+                e.prev = before[-1].delivery_id if before else 0
                 e.state = S.LIVE
                 e.pod, e.epoch = d.pod, d.epoch
                 e.token = next(self._tokens)

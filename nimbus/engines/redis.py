@@ -186,7 +186,10 @@ class RedisState:
             self._redis = None
             await r.aclose()
             raise
-        loaded = {name: _str(sha) for name, sha in zip(redis_scripts.SCRIPTS, shas, strict=True)}
+        loaded = {
+            name: sha if isinstance(sha, str) else sha.decode()
+            for name, sha in zip(redis_scripts.SCRIPTS, shas, strict=True)
+        }
         if loaded != self._shas:  # pragma: no cover - would mean Redis hashes scripts differently
             raise RuntimeError(f"unexpected script SHAs from redis at {self.address}: {loaded}")
 

@@ -205,9 +205,6 @@ for i = 2, #ARGV, 3 do
   if r.acked >= r.dlq_written and offset > cursor then
     cursor = offset
   end
-  if cursor < 0 then
-    cursor = offset
-  end
   r.cursor = cursor
   if d > r.dlq_written then
     r.dlq_written = d

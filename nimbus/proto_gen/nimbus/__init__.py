@@ -140,6 +140,12 @@ class Delivery(betterproto.Message):
     delivery_id: int = betterproto.uint64_field(3)
     token: int = betterproto.uint64_field(4)
     response: "EventResponse" = betterproto.message_field(5)
+    prev_delivery_id: int = betterproto.uint64_field(6)
+    """
+    The sender's previous unconfirmed delivery to this client's stream, 0 if none: the pod
+     refuses this one unless it has that one, so a lost message never lets a later result
+     through (which the client's cumulative ack would then wrongly cover).
+    """
 
 
 @dataclass(eq=False, repr=False)

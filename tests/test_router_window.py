@@ -1,0 +1,274 @@
+"""The router's in-flight window, driven directly, plus a model test of the whole delivery path.
+
+The model test wires RouterWindow to the lifecycle table (the store), a simulated pod per
+client connection and a simulated replay, then lets hypothesis interleave connects, disconnects,
+reconnects, results, delivery reports, timeouts and replays. In every generated history each
+client must see every result, first deliveries in delivery-id order, and the commit must never
+pass an unresolved result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nimbus import lifecycle as L
+from nimbus.lifecycle import ClientRecord, Route, RouteDecision, Status
+from nimbus.ports import TopicPartition
+from nimbus.router_window import S, RouterWindow
+
+TP = TopicPartition("results", 0)
+
+
+def live(pod: str = "p", epoch: int = 1) -> RouteDecision:
+    return RouteDecision(Route.LIVE, pod, epoch)
+
+
+DLQ = RouteDecision(Route.DLQ)
+
+
+def test_commit_stops_at_the_first_unresolved_result() -> None:
+    w = RouterWindow(5.0)
+    a = w.add(TP, 0, "a", 1, None)
+    b = w.add(TP, 1, "b", 2, None)
+    w.apply(w.decidable(), [live(), live()], now=0)
+    [pa, pb] = w.take_publish()
+    w.report(pb.token, True)
+    assert w.commits() == {}  # b is done, a is not: nothing may be committed
+    w.report(pa.token, True)
+    assert w.commits() == {TP: 2}
+    assert a.state is S.DONE and b.state is S.DONE
+
+
+def test_failed_delivery_diverts_it_and_everything_after_it_in_order() -> None:
+    """Hole 1: a result whose stream is gone is diverted, never dropped."""
+    w = RouterWindow(5.0)
+    for off in range(3):
+        w.add(TP, off, "a", off + 1, None)
+    w.apply(w.decidable(), [live()] * 3, now=0)
+    e1, e2, e3 = w.take_publish()
+    w.report(e1.token, True)
+    w.report(e2.token, False)
+    assert [e.delivery_id for e in w.pending_diverts()] == [2, 3]
+    assert w.take_dlq_writes() == []  # the store has not been told yet
+    w.diverted(w.pending_diverts())
+    assert [e.delivery_id for e in w.take_dlq_writes()] == [2, 3]
+    w.report(e3.token, True)  # a late report for a diverted result changes nothing
+    assert e3.state is S.DLQ_WRITING
+
+
+def test_later_result_waits_for_earlier_live_ones_before_going_to_the_dlq() -> None:
+    w = RouterWindow(5.0)
+    w.add(TP, 0, "a", 1, None)
+    w.apply(w.decidable(), [live()], now=0)
+    [e1] = w.take_publish()
+    w.add(TP, 1, "a", 2, None)
+    assert [e.delivery_id for e in w.decidable()] == [2]
+    w.apply([x for x in [w._clients["a"].queue[1]]], [DLQ], now=0)
+    assert w.take_dlq_writes() == []  # 1 is still in flight: it may yet be diverted ahead of 2
+    w.report(e1.token, False)
+    w.diverted(w.pending_diverts())
+    assert [e.delivery_id for e in w.take_dlq_writes()] == [1, 2]
+
+
+def test_live_to_a_new_stream_waits_for_the_old_stream_to_resolve() -> None:
+    w = RouterWindow(5.0)
+    w.add(TP, 0, "a", 1, None)
+    w.apply(w.decidable(), [live("p1", 1)], now=0)
+    [e1] = w.take_publish()
+    e2 = w.add(TP, 1, "a", 2, None)
+    w.apply(w.decidable(), [live("p2", 2)], now=0)
+    assert e2.state is S.UNDECIDED and w.take_publish() == []
+    assert w.decidable() == []  # no busy re-asking while the old stream's result is in flight
+    w.report(e1.token, True)
+    assert w.decidable() == [e2]
+
+
+def test_expiry_fails_deliveries_no_pod_confirmed() -> None:
+    w = RouterWindow(2.0)
+    w.add(TP, 0, "a", 1, None)
+    w.apply(w.decidable(), [live()], now=10)
+    w.take_publish()
+    assert w.expire(11.9) == 0
+    assert w.expire(12.0) == 1
+    assert [e.delivery_id for e in w.pending_diverts()] == [1]
+
+
+def test_revoked_partitions_are_forgotten() -> None:
+    w = RouterWindow(2.0)
+    w.add(TP, 0, "a", 1, None)
+    w.apply(w.decidable(), [live()], now=0)
+    [e] = w.take_publish()
+    w.revoke([TP])
+    assert w.pending == 0 and w.commits() == {}
+    w.report(e.token, True)  # late report after revocation: ignored
+    assert w.pending == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Model test
+
+
+@dataclass
+class Conn:
+    epoch: int
+    pod: str
+    alive: bool = True
+    last: int = 0  # highest delivery id this stream received
+
+
+@dataclass
+class Model:
+    w: RouterWindow = field(default_factory=lambda: RouterWindow(3.0))
+    store: dict[str, ClientRecord] = field(default_factory=dict)
+    conns: dict[str, Conn | None] = field(default_factory=dict)
+    dlq: dict[str, list[int]] = field(default_factory=dict)
+    seen: dict[str, list[int]] = field(default_factory=dict)  # first deliveries, in order
+    sent: dict[str, list[int]] = field(default_factory=dict)
+    replay_pos: dict[str, int] = field(default_factory=dict)
+    next_offset: int = 0
+    now: float = 0.0
+    committed: int = 0
+
+    def rec(self, c: str) -> ClientRecord:
+        return self.store.get(c) or L.new_record(c)
+
+    def receive(self, c: str, d: int) -> None:
+        s = self.seen.setdefault(c, [])
+        if d not in s:
+            s.append(d)
+        self.store[c] = L.ack(self.rec(c), d)
+
+    # operations ------------------------------------------------------------------------------
+    def connect(self, c: str) -> None:
+        old = self.conns.get(c)
+        if old is not None:
+            old.alive = False
+        rec, res = L.connect(self.rec(c), f"pod{len(self.store)}")
+        self.store[c] = rec
+        self.conns[c] = Conn(res.epoch, rec.pod)
+
+    def disconnect(self, c: str) -> None:
+        conn = self.conns.get(c)
+        if conn is not None:
+            conn.alive = False
+            self.store[c] = L.disconnect(self.rec(c), conn.epoch)[0]
+            self.conns[c] = None
+
+    def result(self, c: str) -> None:
+        d = self.next_offset + 1
+        self.w.add(TP, self.next_offset, c, d, None)
+        self.sent.setdefault(c, []).append(d)
+        self.next_offset += 1
+
+    def step_router(self, deliver: bool) -> None:
+        w = self.w
+        for e in w.pending_diverts():
+            self.store[e.client_id] = L.divert(self.rec(e.client_id), e.delivery_id)
+        w.diverted(w.pending_diverts())
+        dec = w.decidable()
+        decisions = []
+        for e in dec:
+            rec, d = L.route(self.rec(e.client_id), e.delivery_id)
+            self.store[e.client_id] = rec
+            decisions.append(d)
+        w.apply(dec, decisions, self.now)
+        for e in w.take_publish():
+            conn = self.conns.get(e.client_id)
+            ok = deliver and conn is not None and conn.alive and conn.epoch == e.epoch
+            if ok and conn is not None and e.prev > conn.last:
+                ok = False  # the pod refuses a delivery whose predecessor it never got
+                w.report(e.token, False)
+                continue
+            if ok and conn is not None:
+                conn.last = e.delivery_id
+                self.receive(e.client_id, e.delivery_id)
+                w.report(e.token, True)
+            elif conn is None or not conn.alive or conn.epoch != e.epoch:
+                w.report(e.token, False)
+            # else: the report is lost; the timeout takes care of it
+        writes = w.take_dlq_writes()
+        for e in writes:
+            self.dlq.setdefault(e.client_id, []).append(e.delivery_id)
+            self.store[e.client_id] = L.dlq_written(self.rec(e.client_id), e.delivery_id, 0)
+        w.dlq_done(writes)
+        for tp, off in w.commits().items():
+            assert off >= self.committed
+            self.committed = off
+
+    def tick(self) -> None:
+        self.now += 1.0
+        self.w.expire(self.now)
+
+    def replay(self, c: str) -> None:
+        rec = self.rec(c)
+        conn = self.conns.get(c)
+        if rec.status is not Status.REPLAYING or conn is None or not conn.alive:
+            return
+        for d in self.dlq.get(c, []):
+            if d > self.rec(c).acked:
+                self.receive(c, d)
+        self.store[c] = L.try_flip(self.rec(c))[0]
+
+    def check_invariants(self) -> None:
+        for c, s in self.seen.items():
+            assert s == sorted(s), f"{c} first-saw results out of order: {s}"
+        # Nothing below the committed offset is unresolved.
+        for q in self.w._partitions.values():
+            for e in q:
+                if e.offset < self.committed:
+                    assert e.state is S.DONE
+
+
+clients = st.sampled_from(["a", "b"])
+ops = st.one_of(
+    st.tuples(st.just("connect"), clients),
+    st.tuples(st.just("disconnect"), clients),
+    st.tuples(st.just("result"), clients),
+    st.tuples(st.just("result"), clients),
+    st.tuples(st.just("route"), st.booleans()),
+    st.tuples(st.just("route"), st.just(True)),
+    st.tuples(st.just("reconnect"), clients),
+    st.tuples(st.just("tick"), st.none()),
+    st.tuples(st.just("replay"), clients),
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(ops, max_size=60))
+def test_every_history_keeps_the_delivery_contract(history: list[tuple[str, object]]) -> None:
+    m = Model()
+    for op, arg in history:
+        if op == "connect":
+            m.connect(str(arg))
+        elif op == "reconnect":
+            m.connect(str(arg))  # a second stream while the first is up (newest wins)
+        elif op == "disconnect":
+            m.disconnect(str(arg))
+        elif op == "result":
+            m.result(str(arg))
+        elif op == "route":
+            m.step_router(bool(arg))
+        elif op == "tick":
+            m.tick()
+        elif op == "replay":
+            m.replay(str(arg))
+        m.check_invariants()
+    # Quiesce: everyone connects, the router drains, replays run, until nothing is pending.
+    for _ in range(20):
+        for c in ["a", "b", "c"]:
+            if m.conns.get(c) is None:
+                m.connect(c)
+        m.step_router(True)
+        m.tick()
+        m.tick()
+        m.tick()
+        for c in ["a", "b", "c"]:
+            m.replay(c)
+        m.check_invariants()
+    assert m.w.pending == 0
+    assert m.committed == m.next_offset
+    for c, sent in m.sent.items():
+        assert m.seen.get(c, []) == sent, f"{c}: sent {sent}, first deliveries {m.seen.get(c)}"

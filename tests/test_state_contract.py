@@ -1,0 +1,563 @@
+"""The StateStore contract, run against every engine: MemoryState always, RedisState with the
+real Redis (marker `integration`, NIMBUS_TEST_REDIS_ADDRESS).
+
+Concrete cases first (one per rule of `nimbus.lifecycle`), then leases and pub/sub, then a
+Hypothesis property: random operation sequences applied to the store give exactly the records
+(and results) of folding the lifecycle functions in Python. For Redis that is what proves the Lua
+in `nimbus/engines/redis_scripts.py` matches `nimbus/lifecycle.py`.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import pytest
+import trio
+import trio_asyncio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nimbus import lifecycle
+from nimbus.engines.memory import MemoryState
+from nimbus.engines.redis import RedisState, _client_name, open_redis_state
+from nimbus.lifecycle import ClientRecord, ConnectResult, Route, RouteDecision, Status
+from nimbus.ports import AckItem, DlqWrite, StateStore, StateUnavailable
+
+T = TypeVar("T")
+
+TIMEOUT = 15  # seconds, around every test that does I/O
+
+ENGINES = ["memory", pytest.param("redis", marks=pytest.mark.integration)]
+
+
+# -- fixtures ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """"memory", or the address of the real Redis."""
+    if request.param == "redis":
+        return str(request.getfixturevalue("redis_address"))
+    return "memory"
+
+
+async def _purge(state: RedisState) -> None:
+    """Delete every key under the state's prefix (test cleanup)."""
+
+    async def purge() -> None:
+        keys = [k async for k in state._r.scan_iter(match=f"{state.prefix}*", count=1000)]
+        if keys:
+            await state._r.delete(*keys)
+
+    await state._cross(purge)
+
+
+async def _raw(state: RedisState, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a redis.asyncio call on the state's own client (test-only access to Redis)."""
+
+    async def call() -> Any:
+        return await fn(state._r, *args)
+
+    return await state._cross(call)
+
+
+@asynccontextmanager
+async def _open_store(engine: str, prefix: str) -> AsyncIterator[StateStore]:
+    if engine == "memory":
+        yield MemoryState()
+        return
+    async with trio_asyncio.open_loop(), open_redis_state(engine, prefix=prefix) as state:
+        try:
+            yield state
+        finally:
+            with trio.move_on_after(5, shield=True):
+                await _purge(state)
+
+
+@pytest.fixture
+async def store(engine: str, unique: str) -> AsyncIterator[StateStore]:
+    async with _open_store(engine, f"nimbus-test:{unique}:") as s:
+        yield s
+
+
+@pytest.fixture
+async def redis_store(redis_address: str, unique: str) -> AsyncIterator[RedisState]:
+    async with (
+        trio_asyncio.open_loop(),
+        open_redis_state(redis_address, prefix=f"nimbus-test:{unique}:") as state,
+    ):
+        try:
+            yield state
+        finally:
+            with trio.move_on_after(5, shield=True):
+                await _purge(state)
+
+
+async def _rec(store: StateStore, client_id: str) -> ClientRecord:
+    rec = await store.get(client_id)
+    assert rec is not None
+    return rec
+
+
+# -- transitions -------------------------------------------------------------------------------
+
+
+async def test_connect_new_client_is_live_epoch_1(store: StateStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        assert await store.get("c1") is None
+        res = await store.connect("c1", "pod-a")
+        assert res == ConnectResult(epoch=1, status=Status.LIVE, previous_pod="", previous_epoch=0)
+        assert await store.get("c1") == ClientRecord("c1", Status.LIVE, "pod-a", epoch=1)
+        assert await store.all_clients() == [ClientRecord("c1", Status.LIVE, "pod-a", epoch=1)]
+        assert await store.replaying() == []
+
+
+async def test_reconnect_replaces_stream_and_replays_backlog(store: StateStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        await store.connect("c1", "pod-a")
+        # Reconnect without backlog: LIVE, the old stream (pod-a, epoch 1) is to be closed.
+        assert await store.connect("c1", "pod-b") == ConnectResult(2, Status.LIVE, "pod-a", 1)
+        # A live delivery fails: backlog.
+        await store.divert([("c1", 5)])
+        assert (await _rec(store, "c1")).status is Status.REPLAYING
+        res = await store.connect("c1", "pod-c")
+        assert res == ConnectResult(3, Status.REPLAYING, "pod-b", 2)
+        assert await store.get("c1") == ClientRecord(
+            "c1", Status.REPLAYING, "pod-c", epoch=3, routed_dlq=5
+        )
+        # Reconnect after a disconnect: no previous stream to close, backlog still there.
+        assert await store.disconnect("c1", 3)
+        assert await store.connect("c1", "pod-d") == ConnectResult(4, Status.REPLAYING, "", 3)
+        assert await store.replaying() == ["c1"]
+
+
+async def test_disconnect_only_for_the_current_epoch(store: StateStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        await store.connect("c1", "pod-a")
+        await store.connect("c1", "pod-b")  # epoch 2
+        before = await store.get("c1")
+        assert not await store.disconnect("c1", 1)  # stale stream: nothing changes
+        assert await store.get("c1") == before
+        assert not await store.disconnect("c1", 3)  # no such stream yet
+        assert await store.get("c1") == before
+        assert await store.disconnect("c1", 2)
+        assert await store.get("c1") == ClientRecord("c1", Status.OFFLINE, "", epoch=2)
+        assert not await store.disconnect("c1", 2)  # already offline
+        assert not await store.disconnect("never-seen", 0)  # offline by default
+
+
+async def test_route_drop_live_dlq(store: StateStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        # Offline client: DLQ, and routed_dlq is raised when the decision is made.
+        assert await store.route([("c1", 5)]) == [RouteDecision(Route.DLQ)]
+        assert (await _rec(store, "c1")).routed_dlq == 5
+        assert await store.route([("c1", 3)]) == [RouteDecision(Route.DLQ)]
+        assert (await _rec(store, "c1")).routed_dlq == 5  # max, not last
+        await store.ack([AckItem("c1", 3)])
+        # Already received: DROP, whatever the status.
+        assert await store.route([("c1", 2), ("c1", 3)]) == [RouteDecision(Route.DROP)] * 2
+        # Backlog (5 > 3): connect replays; REPLAYING routes to the DLQ.
+        res = await store.connect("c1", "pod-a")
+        assert res.status is Status.REPLAYING
+        assert await store.route([("c1", 6)]) == [RouteDecision(Route.DLQ)]
+        await store.ack([AckItem("c1", 6)])
+        assert await store.try_flip(["c1"]) == [True]
+        # LIVE: publish to the pod, fenced by the epoch; the record does not change.
+        before = await store.get("c1")
+        decisions = await store.route([("c1", 7), ("c2", 1), ("c1", 6), ("c1", 8)])
+        assert decisions == [
+            RouteDecision(Route.LIVE, "pod-a", 1),
+            RouteDecision(Route.DLQ),
+            RouteDecision(Route.DROP),
+            RouteDecision(Route.LIVE, "pod-a", 1),
+        ]
+        assert await store.get("c1") == before
+        assert (await _rec(store, "c2")).routed_dlq == 1
+        assert await store.route([]) == []
+
+
+async def test_divert_flips_live_to_replaying(store: StateStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        await store.connect("c1", "pod-a")
+        await store.ack([AckItem("c1", 4)])
+        await store.divert([("c1", 4)])  # already received: nothing
+        assert await store.get("c1") == ClientRecord("c1", Status.LIVE, "pod-a", 1, acked=4)
+        await store.divert([("c1", 9), ("c1", 7)])
+        assert await store.get("c1") == ClientRecord(
+            "c1", Status.REPLAYING, "pod-a", 1, acked=4, routed_dlq=9
+        )
+        assert await store.replaying() == ["c1"]
+        # Offline clients stay offline; their backlog grows.
+        await store.divert([("c2", 3)])
+        assert await store.get("c2") == ClientRecord("c2", Status.OFFLINE, routed_dlq=3)
+        await store.divert([])
+
+
+async def test_dlq_written_cursor_rules(store: StateStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        # First write: nothing older unacked, the cursor (-1) jumps to the offset.
+        await store.dlq_written([DlqWrite("c1", 1, partition=0, offset=10)])
+        rec = await _rec(store, "c1")
+        assert (rec.cursor, rec.dlq_written) == (10, 1)
+        # Delivery 1 is not acked: the cursor must stay where delivery 1 is.
+        await store.dlq_written([DlqWrite("c1", 2, 0, 11), DlqWrite("c1", 3, 0, 12)])
+        rec = await _rec(store, "c1")
+        assert (rec.cursor, rec.dlq_written) == (10, 3)
+        # Everything written is acked: the next write moves the cursor to it.
+        await store.ack([AckItem("c1", 3)])
+        await store.dlq_written([DlqWrite("c1", 4, 0, 20)])
+        rec = await _rec(store, "c1")
+        assert (rec.cursor, rec.dlq_written) == (20, 4)
+        # The cursor never goes back, and dlq_written is a max.
+        await store.ack([AckItem("c1", 4)])
+        await store.dlq_written([DlqWrite("c1", 2, 0, 15)])
+        rec = await _rec(store, "c1")
+        assert (rec.cursor, rec.dlq_written) == (20, 4)
+        await store.dlq_written([])
+
+
+async def test_ack_is_monotonic(store: StateStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        await store.ack([AckItem("c1", 5)])
+        await store.ack([AckItem("c1", 3)])
+        assert (await _rec(store, "c1")).acked == 5
+        await store.ack([AckItem("c1", 7), AckItem("c2", 2), AckItem("c1", 6)])
+        assert (await _rec(store, "c1")).acked == 7
+        assert await store.get("c2") == ClientRecord("c2", acked=2)
+        await store.ack([])
+
+
+async def test_advance_cursor_is_monotonic(store: StateStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        await store.advance_cursor([("c1", 8), ("c1", 5)])
+        assert (await _rec(store, "c1")).cursor == 8
+        await store.advance_cursor([("c1", 9)])
+        assert (await _rec(store, "c1")).cursor == 9
+        await store.advance_cursor([])
+
+
+async def test_try_flip_only_when_backlog_acked(store: StateStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        await store.connect("c1", "pod-a")
+        await store.divert([("c1", 5)])
+        await store.ack([AckItem("c1", 4)])
+        assert await store.try_flip(["c1"]) == [False]  # acked 4 < routed_dlq 5
+        assert (await _rec(store, "c1")).status is Status.REPLAYING
+        await store.ack([AckItem("c1", 5)])
+        assert await store.try_flip(["c1", "c1"]) == [True, False]
+        assert (await _rec(store, "c1")).status is Status.LIVE
+        assert await store.try_flip(["c1"]) == [False]  # LIVE already
+        await store.disconnect("c1", 1)
+        assert await store.try_flip(["c1"]) == [False]  # OFFLINE is not REPLAYING
+        assert await store.try_flip([]) == []
+
+
+async def test_replaying_follows_status(store: StateStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        await store.connect("c1", "pod-a")
+        await store.connect("c2", "pod-a")
+        assert await store.replaying() == []
+        await store.divert([("c1", 3), ("c2", 3)])
+        assert sorted(await store.replaying()) == ["c1", "c2"]
+        assert await store.disconnect("c2", 1)  # REPLAYING -> OFFLINE
+        assert await store.replaying() == ["c1"]
+        assert (await store.connect("c2", "pod-b")).status is Status.REPLAYING
+        assert sorted(await store.replaying()) == ["c1", "c2"]
+        await store.ack([AckItem("c1", 3)])
+        assert await store.try_flip(["c1", "c2"]) == [True, False]
+        assert await store.replaying() == ["c2"]
+        await store.ack([AckItem("c2", 3)])
+        assert (await store.connect("c2", "pod-c")).status is Status.LIVE  # REPLAYING -> LIVE
+        assert await store.replaying() == []
+        records = {r.client_id: r.status for r in await store.all_clients()}
+        assert records == {"c1": Status.LIVE, "c2": Status.LIVE}
+
+
+async def test_big_ids_are_exact(store: StateStore) -> None:
+    # Redis's Lua has doubles: ids up to 2**53 must survive exactly (no "1e+15" formatting).
+    big = 2**53 - 10
+    with trio.fail_after(TIMEOUT):
+        await store.divert([("c1", big + 3)])
+        await store.ack([AckItem("c1", big + 1)])
+        await store.dlq_written([DlqWrite("c1", big + 2, 0, big)])
+        await store.advance_cursor([("c1", big + 5)])
+        assert await store.get("c1") == ClientRecord(
+            "c1", routed_dlq=big + 3, acked=big + 1, dlq_written=big + 2, cursor=big + 5
+        )
+        assert await store.route([("c1", big + 1), ("c1", big + 9)]) == [
+            RouteDecision(Route.DROP),
+            RouteDecision(Route.DLQ),
+        ]
+        assert (await _rec(store, "c1")).routed_dlq == big + 9
+
+
+# -- leases ------------------------------------------------------------------------------------
+
+
+async def test_lease_is_exclusive_and_renewable(store: StateStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        assert await store.acquire_lease("replay-0", "pod-a", 10_000)
+        assert not await store.acquire_lease("replay-0", "pod-b", 10_000)
+        assert await store.acquire_lease("replay-0", "pod-a", 10_000)  # renew
+        assert await store.acquire_lease("replay-1", "pod-b", 10_000)  # another lease
+        await store.release_lease("replay-0", "pod-b")  # not the owner: nothing
+        assert not await store.acquire_lease("replay-0", "pod-b", 10_000)
+        await store.release_lease("replay-0", "pod-a")
+        assert await store.acquire_lease("replay-0", "pod-b", 10_000)
+        await store.release_lease("never-taken", "pod-a")
+
+
+async def test_lease_expires(store: StateStore) -> None:
+    with trio.fail_after(TIMEOUT):
+        assert await store.acquire_lease("replay-0", "pod-a", 300)
+        assert not await store.acquire_lease("replay-0", "pod-b", 300)
+        await trio.sleep(0.2)
+        assert await store.acquire_lease("replay-0", "pod-a", 300)  # renewal extends it
+        await trio.sleep(0.2)
+        assert not await store.acquire_lease("replay-0", "pod-b", 300)  # expired if not renewed
+        await trio.sleep(0.4)
+        assert await store.acquire_lease("replay-0", "pod-b", 300)
+
+
+# -- pub/sub -----------------------------------------------------------------------------------
+
+
+async def test_subscription_is_active_on_enter(store: StateStore, unique: str) -> None:
+    ch = f"pod-{unique}"
+    with trio.fail_after(TIMEOUT):
+        await store.publish([(ch, b"before anyone listens")])
+        async with store.subscribe(ch) as sub:
+            await store.publish([(ch, b"hello"), (f"other-{unique}", b"not for us")])
+            await store.publish([(ch, b"")])
+            assert await anext(sub) == b"hello"
+            assert await anext(sub) == b""
+        await store.publish([])
+
+
+async def test_publish_keeps_order_per_channel(store: StateStore, unique: str) -> None:
+    channels = [f"a-{unique}", f"b-{unique}"]
+    n = 3000
+    expected = {ch: [f"{ch}:{i}".encode() for i in range(n)] for ch in channels}
+    received: dict[str, list[bytes]] = {ch: [] for ch in channels}
+    with trio.fail_after(TIMEOUT):
+        async with store.subscribe(channels[0]) as sub_a, store.subscribe(channels[1]) as sub_b:
+            async with trio.open_nursery() as nursery:
+
+                async def collect(ch: str, sub: AsyncIterator[bytes]) -> None:
+                    async for payload in sub:
+                        received[ch].append(payload)
+                        if len(received[ch]) == n:
+                            return
+
+                nursery.start_soon(collect, channels[0], sub_a)
+                nursery.start_soon(collect, channels[1], sub_b)
+                for start in range(0, n, 500):
+                    batch = [
+                        (ch, expected[ch][i]) for i in range(start, start + 500) for ch in channels
+                    ]
+                    await store.publish(batch)
+    assert received == expected
+
+
+async def test_every_subscriber_gets_the_message(store: StateStore, unique: str) -> None:
+    ch = f"fan-{unique}"
+    with trio.fail_after(TIMEOUT):
+        async with store.subscribe(ch) as s1, store.subscribe(ch) as s2:
+            await store.publish([(ch, b"x")])
+            assert await anext(s1) == b"x"
+            assert await anext(s2) == b"x"
+        # A subscription that ended receives nothing more, and publishing to it is harmless.
+        await store.publish([(ch, b"y")])
+
+
+# -- Redis only --------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+async def test_redis_subscription_raises_when_connection_drops(
+    redis_store: RedisState, unique: str
+) -> None:
+    ch = f"drop-{unique}"
+    with trio.fail_after(TIMEOUT):
+        async with redis_store.subscribe(ch) as sub:
+            await redis_store.publish([(ch, b"before")])
+            assert await anext(sub) == b"before"
+            name = _client_name(redis_store.prefix)
+            clients = await _raw(redis_store, lambda r: r.client_list(_type="pubsub"))
+            ids = [c["id"] for c in clients if c["name"] == name]
+            assert len(ids) == 1
+            await _raw(redis_store, lambda r: r.client_kill_filter(_id=ids[0]))
+            with pytest.raises(StateUnavailable, match="subscription"):
+                await anext(sub)
+        # The store itself is fine; a new subscription works.
+        async with redis_store.subscribe(ch) as sub:
+            await redis_store.publish([(ch, b"after")])
+            assert await anext(sub) == b"after"
+
+
+@pytest.mark.integration
+async def test_redis_reloads_scripts_after_script_flush(redis_store: RedisState) -> None:
+    with trio.fail_after(TIMEOUT):
+        await redis_store.connect("c1", "pod-a")
+        await _raw(redis_store, lambda r: r.script_flush())  # as after a Redis restart
+        assert await redis_store.connect("c1", "pod-b") == ConnectResult(
+            2, Status.LIVE, "pod-a", 1
+        )
+        await _raw(redis_store, lambda r: r.script_flush())
+        assert await redis_store.acquire_lease("l", "me", 1000)
+
+
+@pytest.mark.integration
+async def test_redis_keeps_the_documented_layout(redis_store: RedisState) -> None:
+    p = redis_store.prefix
+    with trio.fail_after(TIMEOUT):
+        await redis_store.connect("c1", "pod-a")
+        await redis_store.divert([("c1", 2)])
+        fields = await _raw(redis_store, lambda r: r.hgetall(f"{p}c:c1"))
+        assert fields == {
+            b"status": b"REPLAYING",
+            b"pod": b"pod-a",
+            b"epoch": b"1",
+            b"acked": b"0",
+            b"routed_dlq": b"2",
+            b"dlq_written": b"0",
+            b"cursor": b"-1",
+        }
+        assert await _raw(redis_store, lambda r: r.smembers(f"{p}clients")) == {b"c1"}
+        assert await _raw(redis_store, lambda r: r.smembers(f"{p}replaying")) == {b"c1"}
+
+
+async def test_redis_unreachable_raises_state_unavailable() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    with trio.fail_after(TIMEOUT):
+        async with trio_asyncio.open_loop():
+            with pytest.raises(StateUnavailable, match=address):
+                async with open_redis_state(address):
+                    pass  # pragma: no cover
+
+
+@pytest.mark.slow
+async def test_redis_silent_server_times_out_in_about_5_s() -> None:
+    listener = trio.socket.socket()
+    with listener:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen(1)  # connections complete in the backlog; nobody ever answers
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        with trio.fail_after(TIMEOUT):
+            async with trio_asyncio.open_loop():
+                start = trio.current_time()
+                with pytest.raises(StateUnavailable, match=address):
+                    async with open_redis_state(address):
+                        pass  # pragma: no cover
+                assert 4 < trio.current_time() - start < 8
+
+
+# -- property: the store is the lifecycle fold -------------------------------------------------
+
+CLIENTS = ["a", "b", "c"]
+_client = st.sampled_from(CLIENTS)
+_n = st.integers(0, 12)  # delivery ids and offsets, added to a per-example base
+_pairs = st.lists(st.tuples(_client, _n), max_size=6)
+_op = st.one_of(
+    st.tuples(st.just("connect"), _client, st.sampled_from(["p1", "p2"])),
+    st.tuples(st.just("disconnect"), _client, st.integers(-1, 1)),  # relative to current epoch
+    st.tuples(st.just("route"), _pairs),
+    st.tuples(st.just("divert"), _pairs),
+    st.tuples(st.just("dlq_written"), st.lists(st.tuples(_client, _n, _n), max_size=4)),
+    st.tuples(st.just("ack"), _pairs),
+    st.tuples(st.just("advance_cursor"), _pairs),
+    st.tuples(st.just("try_flip"), st.lists(_client, max_size=4)),
+)
+_ops = st.lists(_op, max_size=40)
+_base = st.sampled_from([0, 1000, 2**53 - 100])  # the last one checks Lua's number handling
+
+
+class _Fold:
+    """The reference: lifecycle functions folded over a dict, a missing record = new_record."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, ClientRecord] = {}
+
+    def apply(self, client_id: str, fn: Callable[[ClientRecord], tuple[ClientRecord, T]]) -> T:
+        new, out = fn(self.records.get(client_id) or lifecycle.new_record(client_id))
+        self.records[client_id] = new
+        return out
+
+    def update(self, client_id: str, fn: Callable[[ClientRecord], ClientRecord]) -> None:
+        self.apply(client_id, lambda r: (fn(r), None))
+
+
+async def _run_against_fold(store: StateStore, ops: list[tuple[Any, ...]], base: int) -> None:
+    model = _Fold()
+    for op in ops:
+        kind = op[0]
+        if kind == "connect":
+            _, cid, pod = op
+            expected: Any = model.apply(cid, lambda r, pod=pod: lifecycle.connect(r, pod))
+            got: Any = await store.connect(cid, pod)
+        elif kind == "disconnect":
+            _, cid, rel = op
+            rec = model.records.get(cid)
+            epoch = max((rec.epoch if rec else 0) + rel, 0)
+            expected = model.apply(cid, lambda r, e=epoch: lifecycle.disconnect(r, e))
+            got = await store.disconnect(cid, epoch)
+        elif kind == "route":
+            items = [(cid, base + d) for cid, d in op[1]]
+            expected = [model.apply(c, lambda r, d=d: lifecycle.route(r, d)) for c, d in items]
+            got = await store.route(items)
+        elif kind == "divert":
+            items = [(cid, base + d) for cid, d in op[1]]
+            for c, d in items:
+                model.update(c, lambda r, d=d: lifecycle.divert(r, d))
+            expected, got = None, await store.divert(items)
+        elif kind == "dlq_written":
+            writes = [DlqWrite(cid, base + d, 0, base + off) for cid, d, off in op[1]]
+            for w in writes:
+                model.update(
+                    w.client_id, lambda r, w=w: lifecycle.dlq_written(r, w.delivery_id, w.offset)
+                )
+            expected, got = None, await store.dlq_written(writes)
+        elif kind == "ack":
+            acks = [AckItem(cid, base + a) for cid, a in op[1]]
+            for a in acks:
+                model.update(a.client_id, lambda r, a=a: lifecycle.ack(r, a.acked))
+            expected, got = None, await store.ack(acks)
+        elif kind == "advance_cursor":
+            items = [(cid, base + off) for cid, off in op[1]]
+            for c, off in items:
+                model.update(c, lambda r, off=off: lifecycle.advance_cursor(r, off))
+            expected, got = None, await store.advance_cursor(items)
+        else:
+            assert kind == "try_flip"
+            expected = [model.apply(c, lifecycle.try_flip) for c in op[1]]
+            got = await store.try_flip(op[1])
+        assert got == expected, op
+        assert {r.client_id: r for r in await store.all_clients()} == model.records, op
+        replaying = {c for c, r in model.records.items() if r.status is Status.REPLAYING}
+        assert sorted(await store.replaying()) == sorted(replaying), op
+    for cid in CLIENTS:
+        assert await store.get(cid) == model.records.get(cid)
+
+
+def test_store_is_the_lifecycle_fold(engine: str) -> None:
+    # A sync test (pytest-trio leaves it alone): each example is its own trio.run, and for Redis
+    # its own event loop, connection and key prefix.
+    @settings(max_examples=200 if engine == "memory" else 60, deadline=None)
+    @given(ops=_ops, base=_base)
+    def check(ops: list[tuple[Any, ...]], base: int) -> None:
+        async def main() -> None:
+            with trio.fail_after(TIMEOUT):
+                prefix = f"nimbus-test:{uuid.uuid4().hex[:10]}:"
+                async with _open_store(engine, prefix) as store:
+                    await _run_against_fold(store, ops, base)
+
+        trio.run(main)
+
+    check()
