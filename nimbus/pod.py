@@ -36,6 +36,7 @@ from nimbus.proto_gen.nimbus import (
     EventRequest,
     EventResponse,
     KafkaEventRequest,
+    Kick,
     PodMessage,
     ReportItem,
     ResponseKind,
@@ -116,7 +117,7 @@ class Pod:
         if old is not None:
             self._end(old, Close("ABORTED", "superseded by a newer stream for this client_id"))
         elif res.previous_pod and res.previous_pod != self.channel:
-            kick = PodMessage(kicks=[{"client_id": client_id, "epoch": res.previous_epoch}])  # type: ignore[list-item]
+            kick = PodMessage(kicks=[Kick(client_id, res.previous_epoch)])
             await self.state.publish([(res.previous_pod, bytes(kick))])
         if res.status is Status.REPLAYING:
             await self.state.publish([(REPLAY_REQUESTS, client_id.encode())])

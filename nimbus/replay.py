@@ -110,9 +110,14 @@ class ReplayPipeline:
     async def _publish(self, recv: trio.MemoryReceiveChannel[tuple[list[_Item], int]]) -> None:
         async with recv:
             async for batch, end in recv:
-                entries = []
+                entries: list[Entry] = []
                 for item in batch:
-                    await self.window.acquire()
+                    try:
+                        self.window.acquire_nowait()
+                    except trio.WouldBlock:
+                        await self._send(entries)  # publish what we hold before waiting
+                        entries = []
+                        await self.window.acquire()
                     # The pod refuses a delivery whose unconfirmed predecessor it never got.
                     prev_token, prev_id = self.last_published
                     prev = prev_id if prev_token in self.unconfirmed else 0
@@ -123,13 +128,14 @@ class ReplayPipeline:
                         Entry(TopicPartition("", 0), item.offset, self.client_id, item.result.delivery_id,
                               item.result, token=token, pod=self.pod, epoch=self.epoch, prev=prev)
                     )
-                if entries:
-                    await self.svc.state.publish(
-                        pod_messages(self.svc.reply_to, entries, self.svc.s.instance_id, "replay")
-                    )
+                await self._send(entries)
                 self.published_to = end
                 if not batch:
                     await self._advance()
+
+    async def _send(self, entries: list[Entry]) -> None:
+        if entries:
+            await self.svc.state.publish(pod_messages(self.svc.reply_to, entries, self.svc.s.instance_id, "replay"))
 
     async def _advance(self) -> None:
         """Move the stored cursor to the lowest DLQ offset not yet confirmed: everything of this

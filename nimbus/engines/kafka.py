@@ -231,10 +231,10 @@ class KafkaLog:
         return await self._offsets(topic, OffsetSpec.EARLIEST)
 
     async def committed(self, group: str, topic: str) -> dict[int, int]:
-        n = await self.partition_count(topic)
-        tps = [KafkaTP(topic, p) for p in range(n)]
+        # All of the group's offsets, filtered: like the memory engine, an unknown group or
+        # topic simply has no committed offsets.
         try:
-            res = await _in_thread(self._admin.list_group_offsets, {group: tps})
+            res = await _in_thread(self._admin.list_group_offsets, {group: None})
         except kerr.GroupIdNotFoundError:
             return {}
         except kerr.KafkaError as exc:
@@ -439,9 +439,6 @@ class KafkaGroupConsumer:
         # Owned partitions that were revoked (and re-assigned) since the last report: their
         # position was reset to the committed offset, so the caller must hear about it.
         self._churned: set[TopicPartition] = set()
-        # Records a worker thread fetched for a poll that was cancelled while it ran (the
-        # consumer's position already moved past them): handed out by the next poll.
-        self._buffer: list[Record] = []
         self.closed = False
 
     def __repr__(self) -> str:
@@ -464,9 +461,8 @@ class KafkaGroupConsumer:
         self._churned = set()
         return revoked, assigned
 
-    def _poll_sync(self, max_records: int, timeout_ms: int) -> None:
-        raw = self._c.poll(timeout_ms=timeout_ms, max_records=max_records)
-        self._buffer.extend(_flatten(raw))
+    def _poll_sync(self, max_records: int, timeout_ms: int) -> list[Record]:
+        return _flatten(self._c.poll(timeout_ms=timeout_ms, max_records=max_records))
 
     async def poll(self, max_records: int, timeout: float) -> PollResult:  # noqa: ASYNC109 (port)
         if self.closed:
@@ -475,19 +471,18 @@ class KafkaGroupConsumer:
         deadline = trio.current_time() + max(timeout, 0.0)
         async with self._lock:
             while True:
-                if not self._buffer:
-                    left = deadline - trio.current_time()
-                    slice_ms = int(max(0.0, min(left, _SLICE_S)) * 1000)
-                    try:
-                        await _in_thread(self._poll_sync, budget, slice_ms)
-                    except kerr.KafkaError as exc:
-                        raise LogUnavailable(f"poll {self.group}/{self.topic}: {exc!r}") from exc
+                left = deadline - trio.current_time()
+                slice_ms = int(max(0.0, min(left, _SLICE_S)) * 1000)
+                # Not abandoned on cancel: once kafka-python has handed records over (and moved
+                # its position past them), to_thread returns them and this method returns them
+                # before any checkpoint, so a cancelled poll never loses records.
+                try:
+                    fetched = await _in_thread(self._poll_sync, budget, slice_ms)
+                except kerr.KafkaError as exc:
+                    raise LogUnavailable(f"poll {self.group}/{self.topic}: {exc!r}") from exc
                 revoked, assigned = self._news()
                 # Records of partitions lost meanwhile belong to their new owner now.
-                records = [
-                    r for r in self._buffer[:budget] if _tp(r.topic, r.partition) in self._owned
-                ]
-                del self._buffer[:budget]
+                records = [r for r in fetched if _tp(r.topic, r.partition) in self._owned]
                 if records or revoked or assigned or trio.current_time() >= deadline:
                     return PollResult(records, revoked, assigned)
 

@@ -101,7 +101,14 @@ class MemoryConsumer:
             self.positions.pop(tp, None)
         for tp in added:
             self.positions[tp] = g.committed.get(tp, 0)
-        self._revoked |= revoked
+        # News is applied as "remove revoked, then add assigned": a partition assigned and taken
+        # away again before any poll reported it is no news at all (reporting it in both sets
+        # would read as "still owned").
+        for tp in revoked:
+            if tp in self._assigned:
+                self._assigned.discard(tp)
+            else:
+                self._revoked.add(tp)
         self._assigned |= added
         self.assignment = set(new)
 

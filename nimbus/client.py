@@ -1,0 +1,1552 @@
+"""The Nimbus client: a trio library (`open_client`) and the sample CLI (`python -m nimbus.client`).
+
+This module owns the client side of the wire protocol (protocols/nimbus.proto, docs/protocol.md):
+
+- `ClientLedger`: every piece of client bookkeeping, with no I/O (after h11): seq allocation, events
+  waiting for a receipt, what to resend after a reconnect, retries of events refused with
+  UNAVAILABLE, the delivery-id watermark that drops redeliveries, the delivery id -> seq map, and
+  the cumulative ack with its batching rule. Tests drive it directly.
+- `NimbusClient` / `open_client`: the I/O around the ledger. One gRPC stream at a time, reconnected
+  with jittered exponential backoff (optionally rotating through several pods), results handed to
+  the application exactly once and in delivery-id order.
+- `main`: the CLI, flag-compatible with the original Go client (`--client_id --start --end`).
+
+Protocol 2 (the default) is what makes the delivery contract visible to the application: the
+server sends RECEIPT/ERROR per event and a delivery id per result, the client acks cumulatively
+and drops redeliveries. Protocol 1 is the original client's behaviour: no extra metadata, no
+acks, results as they come.
+
+Delivery guarantees, as seen by the application (protocol 2):
+- Every event that `send()` accepted is retransmitted until it is receipted or refused for good
+  (UNKNOWN_EVENT, INVALID_ARGUMENT, ...); UNAVAILABLE refusals are retried with backoff. This is
+  at-least-once: if a stream dies after the server durably accepted an event but before its
+  RECEIPT reached us, the resend is a second event and the application sees a second result for
+  it (with a different delivery id, and `Result.seq` None on the one whose receipt was lost). A
+  server that remembers (client_id, seq) can suppress those, because a resend keeps its seq.
+- Each result is handed over once, in strictly increasing delivery-id order; anything at or below
+  the highest delivery id already received is a redelivery and is dropped (`stats.duplicates_dropped`).
+- The ack covers what the application has *taken* from `results()`/`receive()`, not what is
+  buffered inside the library: results buffered when the process dies are redelivered next time.
+
+Threading model: grpclib is asyncio, so the library runs inside trio-asyncio and every call must
+happen under `async with trio_asyncio.open_loop():` (the CLI opens it itself). Crossing between
+trio and asyncio costs ~50-70 us per awaited call, so the per-message paths never await across:
+the asyncio reader hands responses to trio with `MemorySendChannel.send_nowait()` (awaiting only
+when the channel is full), and trio hands requests to the asyncio writer through a plain deque plus
+`asyncio.Event.set()`, both synchronous (same thread).
+
+Backpressure: `send()` waits while `max_pending` events are unreceipted; results wait in a bounded
+buffer of `result_buffer`; when that is full the stream stops reading, and gRPC flow control pushes
+back on the server. Receipts travel on the same stream as results, so an application must read
+results concurrently with sending, or `send()` eventually blocks for good.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import heapq
+import math
+import os
+import random
+import signal
+import socket
+import sys
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, TextIO, TypeAlias
+
+import betterproto
+import h2.exceptions
+import trio
+import trio_asyncio
+from grpclib.client import Channel
+from grpclib.const import Cardinality, Status
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from loguru import logger
+
+from nimbus.proto_gen.nimbus import (
+    ErrorCode,
+    EventError,
+    EventRequest,
+    EventResponse,
+    LogEntry,
+    ResponseKind,
+)
+
+if TYPE_CHECKING:
+    from grpclib.client import Stream as GrpcStream
+
+__all__ = [
+    "ClientClosed",
+    "ClientLedger",
+    "ClientStats",
+    "Connected",
+    "ConnectionFailed",
+    "Disconnected",
+    "Gap",
+    "NimbusClient",
+    "NimbusError",
+    "Notice",
+    "OutgoingEvent",
+    "Receipted",
+    "Refused",
+    "Result",
+    "StreamEnd",
+    "StreamRefused",
+    "Superseded",
+    "backoff_delay",
+    "classify_stream_end",
+    "main",
+    "open_client",
+    "parse_target",
+]
+
+METHOD: Final = "/nimbus.NimbusService/ProcessEvent"
+DEFAULT_PORT: Final = 50051
+PROTOCOL_KEY: Final = "nimbus-protocol"
+INT32_MIN: Final = -(2**31)
+INT32_MAX: Final = 2**31 - 1
+
+# ---------------------------------------------------------------------------------------------
+# Public data types
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One result, as handed to the application.
+
+    `delivery_id` is 0 under protocol 1. `error` is set when the server could not compute the
+    result (e.g. OUT_OF_RANGE); `result` is then meaningless. `seq` is the value `send()` returned
+    for the event this result answers, when this client saw its RECEIPT (None for results of
+    events sent by an earlier process with the same client id, and under protocol 1).
+    """
+
+    delivery_id: int
+    event_name: str
+    number: int
+    result: int
+    error: EventError | None = None
+    log: LogEntry | None = None
+    seq: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(slots=True)
+class ClientStats:
+    """Counters of one client (all monotonic)."""
+
+    sent: int = 0  # events accepted by send()
+    receipted: int = 0  # RECEIPTs received (protocol 2)
+    results: int = 0  # results put in the results buffer (each delivery id once)
+    duplicates_dropped: int = 0  # redeliveries dropped (delivery id <= highest received)
+    reconnects: int = 0  # streams opened after the first one
+    errors: int = 0  # ERROR responses plus results carrying an error
+    refused: int = 0  # events refused for good (no result will come): a subset of errors
+    retries: int = 0  # events refused with UNAVAILABLE and scheduled for a retry
+    resent: int = 0  # events retransmitted on a new stream because their receipt never came
+    gaps: int = 0  # GAP responses (results aged out on the server)
+    skipped: int = 0  # receipted results overtaken by a higher delivery id (server broke order)
+    acks_sent: int = 0
+    unexpected: int = 0  # receipts/errors for unknown seqs, responses of unknown kind
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+# Notices: what `on_event` receives. Called synchronously from the client's own tasks: keep the
+# callback short and non-blocking; an exception raised by it tears the client down.
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    target: str
+    reconnect: bool  # False for the client's first stream
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    target: str
+    reason: str
+    will_reconnect: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Receipted:
+    seq: int
+    delivery_id: int
+    event_name: str
+    number: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    seq: int
+    event_name: str
+    number: int
+    code: ErrorCode
+    message: str
+    will_retry: bool  # UNAVAILABLE: the library resends it; otherwise no result will come
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Results `first`..`last` aged out on the server; `lost_seqs` are this client's events among them."""
+
+    first: int
+    last: int
+    lost_seqs: tuple[int, ...] = ()
+
+
+Notice = Connected | Disconnected | Receipted | Refused | Gap
+
+
+class NimbusError(Exception):
+    """Base of the errors this module raises."""
+
+
+class ClientClosed(NimbusError):
+    """The client was closed (`aclose()`), so it cannot send any more."""
+
+
+class ConnectionFailed(NimbusError):
+    """No stream could be opened (or one was lost with `reconnect=False`)."""
+
+    def __init__(self, errors: dict[str, str], *, lost: bool = False) -> None:
+        self.errors = dict(errors)
+        if lost:
+            what = "lost the stream to Nimbus at"
+        else:
+            what = "cannot reach Nimbus at"
+        if len(errors) == 1:
+            ((target, why),) = errors.items()
+            text = f"{what} {target}: {why}"
+        else:
+            text = f"{what} " + ", ".join(f"{t} ({why})" for t, why in errors.items())
+        super().__init__(text)
+
+
+class StreamRefused(NimbusError):
+    """The server ended the stream with a status that reconnecting cannot fix."""
+
+    def __init__(self, target: str, status: Status, message: str | None) -> None:
+        self.target = target
+        self.status = status
+        self.message = message or ""
+        super().__init__(
+            f"Nimbus at {target} refused the stream: {status.name}"
+            + (f": {self.message}" if self.message else "")
+        )
+
+
+class Superseded(StreamRefused):
+    """Another stream with the same client_id took over; this client must not reconnect."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_target(target: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port)."""
+    host, sep, port = target.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port, got {target!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rand: float) -> float:
+    """Delay before reconnect attempt `attempt` (0-based): exponential, capped, 'equal jitter'.
+
+    Half the delay is fixed so a flapping server is not hammered, half is random (`rand` in
+    [0, 1)) so a fleet of clients cut at the same instant does not come back in lockstep.
+    """
+    ceiling = min(cap, base * 2.0 ** min(attempt, 30))
+    return ceiling / 2 + ceiling / 2 * rand
+
+
+class StreamEnd(enum.Enum):
+    RECONNECT = "reconnect"
+    SUPERSEDED = "superseded"
+    REFUSED = "refused"
+
+
+# Statuses that say "this request is wrong", not "this server is unwell": retrying the same stream
+# elsewhere cannot succeed, so the client stops and reports.
+_FATAL_STATUSES: Final = frozenset(
+    {
+        Status.INVALID_ARGUMENT,
+        Status.UNAUTHENTICATED,
+        Status.PERMISSION_DENIED,
+        Status.UNIMPLEMENTED,
+        Status.NOT_FOUND,
+        Status.FAILED_PRECONDITION,
+    }
+)
+
+
+def classify_stream_end(status: Status | None, message: str | None) -> StreamEnd:
+    """What to do when a stream ended with gRPC `status` (None: transport failure or clean end)."""
+    if status is None or status is Status.OK:
+        return StreamEnd.RECONNECT
+    if status is Status.ABORTED and "supersed" in (message or "").lower():
+        return StreamEnd.SUPERSEDED
+    if status in _FATAL_STATUSES:
+        return StreamEnd.REFUSED
+    return StreamEnd.RECONNECT
+
+
+def describe_error(exc: BaseException | None) -> str:
+    """A short human reason for a failed or ended stream ('connection refused', ...)."""
+    if exc is None:
+        return "the server ended the stream"
+    if isinstance(exc, GRPCError):
+        return f"{exc.status.name}" + (f": {exc.message}" if exc.message else "")
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve host ({exc.strerror})"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    if isinstance(exc, StreamTerminatedError):
+        return f"stream terminated ({exc})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The ledger: all client bookkeeping, no I/O
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class OutgoingEvent:
+    """An event `send()` accepted and whose fate is not settled yet."""
+
+    seq: int  # the application's handle (what send() returned); the seq of its first transmission
+    wire_seq: int  # the seq on the wire: == seq, except after an UNAVAILABLE retry
+    event_name: str
+    number: int
+    transmissions: int = 0
+    in_flight: bool = False  # written (or queued) on the current stream, outcome unknown
+    retry_at: float | None = None  # refused with UNAVAILABLE: retransmit at this time
+    retries: int = 0
+
+
+class ClientLedger:
+    """Everything the client remembers between messages; every method is synchronous and pure.
+
+    The I/O layer calls `add()` for each event, `on_connected()`/`on_disconnected()` around each stream,
+    `on_receipt()`/`on_refused()`/`on_result()`/`on_gap()` for each response (protocol 2),
+    `on_written()` for each event written (protocol 1: there are no receipts, so "written to a
+    stream" is the end of the library's responsibility), and `consumed()` when the application
+    takes a result. Times (`now`) are supplied by the caller, so tests need no clock.
+
+    Seqs: one counter per client, starting at 1. An event keeps its seq when it is resent after a
+    reconnect (resends go first on the new stream, in ascending order, so seqs stay strictly
+    increasing per stream, and a server could recognise a resend). An event refused with
+    UNAVAILABLE was definitely not accepted; it is retransmitted with a fresh seq, because seqs
+    after it were probably used on the same stream already.
+
+    Acks (protocol 2): cumulative, covering what the application has taken; due when `ack_every`
+    results are unacked or `ack_interval` seconds after the first unacked one.
+    """
+
+    def __init__(
+        self,
+        protocol: int = 2,
+        *,
+        ack_every: int = 100,
+        ack_interval: float = 0.005,
+        retry_backoff: tuple[float, float] = (0.05, 2.0),
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        if protocol not in (1, 2):
+            raise ValueError(f"protocol must be 1 or 2, got {protocol!r}")
+        if ack_every < 1 or ack_interval < 0:
+            raise ValueError("ack_every must be >= 1 and ack_interval >= 0")
+        self.protocol = protocol
+        self.stats = ClientStats()
+        self._ack_every = ack_every
+        self._ack_interval = ack_interval
+        self._retry_backoff = retry_backoff
+        self._rand = rand
+        self._next_seq = 1
+        self._events: dict[int, OutgoingEvent] = {}  # by seq; insertion order == seq order
+        self._in_flight: dict[int, int] = {}  # wire seq -> seq, on the current stream
+        self._retrying = 0  # events with retry_at set
+        self._connected = False
+        # Receipted events whose result has not arrived: delivery id -> seq (+ a heap of the ids,
+        # so ids overtaken by a later result can be found without scanning).
+        self._expected: dict[int, int] = {}
+        self._expected_ids: list[int] = []
+        self.highest_received = 0  # dedupe watermark: every delivery id <= this was received
+        self.ack_position = 0  # highest delivery id the application has taken
+        self.ack_sent = 0  # highest ack handed to a stream
+        self._unacked = 0
+        self._first_unacked_at: float | None = None
+
+    # --- state ---------------------------------------------------------------------------
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connected
+
+    @property
+    def pending(self) -> int:
+        """Events accepted by `add()` and not settled (receipted, refused for good, or written in protocol 1)."""
+        return len(self._events)
+
+    def pending_events(self) -> list[OutgoingEvent]:
+        return list(self._events.values())
+
+    def _take_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    def _transmit(self, ev: OutgoingEvent) -> None:
+        ev.in_flight = True
+        ev.transmissions += 1
+        self._in_flight[ev.wire_seq] = ev.seq
+
+    # --- sending -------------------------------------------------------------------------
+
+    def add(self, event_name: str, number: int) -> OutgoingEvent:
+        """Accept a new event. If a stream is up it is transmitted now (`ev.in_flight`), else on connect."""
+        seq = self._take_seq()
+        ev = OutgoingEvent(seq=seq, wire_seq=seq, event_name=event_name, number=number)
+        self._events[seq] = ev
+        self.stats.sent += 1
+        if self._connected:
+            self._transmit(ev)
+        return ev
+
+    def on_connected(self) -> tuple[int | None, list[OutgoingEvent]]:
+        """A new stream is up: return (ack to send first or None, events to write, in wire order)."""
+        self._connected = True
+        ack = None
+        if self.protocol == 2 and self.ack_position > 0:
+            # The last ack may have died with the old stream; repeating it is free.
+            ack = self.take_ack()
+        resend = sorted(
+            (ev for ev in self._events.values() if ev.retry_at is None),
+            key=lambda ev: ev.wire_seq,
+        )
+        for ev in resend:
+            if ev.transmissions:
+                self.stats.resent += 1
+            self._transmit(ev)
+        # Refused with UNAVAILABLE: a new stream (maybe another pod) is worth an immediate retry.
+        retry = [ev for ev in self._events.values() if ev.retry_at is not None]
+        for ev in retry:
+            self._start_retry(ev)
+        return ack, resend + retry
+
+    def on_disconnected(self) -> None:
+        """The stream is gone: whatever was in flight on it will be resent on the next one."""
+        self._connected = False
+        for ev in self._events.values():
+            ev.in_flight = False
+        self._in_flight.clear()
+
+    def on_written(self, ev: OutgoingEvent) -> bool:
+        """Protocol 1: the event was written to the stream; forget it. True if it was pending."""
+        self._in_flight.pop(ev.wire_seq, None)
+        return self._events.pop(ev.seq, None) is not None
+
+    def _start_retry(self, ev: OutgoingEvent) -> None:
+        ev.retry_at = None
+        self._retrying -= 1
+        ev.wire_seq = self._take_seq()
+        self._transmit(ev)
+
+    def next_retry_at(self) -> float | None:
+        if not self._retrying:
+            return None
+        return min(ev.retry_at for ev in self._events.values() if ev.retry_at is not None)
+
+    def due_retries(self, now: float) -> list[OutgoingEvent]:
+        """Refused events whose retry time has come, with fresh seqs (empty when disconnected)."""
+        if not self._retrying or not self._connected:
+            return []
+        due = [ev for ev in self._events.values() if ev.retry_at is not None and ev.retry_at <= now]
+        for ev in due:
+            self._start_retry(ev)
+        return due
+
+    # --- responses -----------------------------------------------------------------------
+
+    def on_receipt(self, wire_seq: int, delivery_id: int) -> OutgoingEvent | None:
+        """RECEIPT: the event is durable and its result will carry `delivery_id`."""
+        seq = self._in_flight.pop(wire_seq, None)
+        if seq is None:
+            self.stats.unexpected += 1
+            return None
+        ev = self._events.pop(seq)
+        ev.in_flight = False
+        self.stats.receipted += 1
+        if delivery_id > self.highest_received:
+            self._expected[delivery_id] = seq
+            heapq.heappush(self._expected_ids, delivery_id)
+        return ev
+
+    def on_refused(
+        self, wire_seq: int, code: ErrorCode | int, now: float
+    ) -> tuple[OutgoingEvent, bool] | None:
+        """ERROR: returns (event, will_retry). UNAVAILABLE is retried after a backoff; anything else is final."""
+        seq = self._in_flight.pop(wire_seq, None)
+        if seq is None:
+            self.stats.unexpected += 1
+            return None
+        ev = self._events[seq]
+        ev.in_flight = False
+        self.stats.errors += 1
+        if code == ErrorCode.UNAVAILABLE:
+            base, cap = self._retry_backoff
+            ev.retry_at = now + backoff_delay(ev.retries, base, cap, self._rand())
+            ev.retries += 1
+            self._retrying += 1
+            self.stats.retries += 1
+            return ev, True
+        del self._events[seq]
+        self.stats.refused += 1
+        return ev, False
+
+    def on_result(self, delivery_id: int, *, failed: bool = False) -> tuple[bool, int | None]:
+        """RESULT: returns (hand it to the application?, seq of the event it answers or None)."""
+        if self.protocol == 1 or delivery_id == 0:
+            # Nothing to dedupe on: the original semantics, results as they come.
+            self._count_result(failed)
+            return True, None
+        if delivery_id <= self.highest_received:
+            self.stats.duplicates_dropped += 1
+            return False, None
+        self.highest_received = delivery_id
+        seq = self._expected.pop(delivery_id, None)
+        self._forget_expected_up_to(delivery_id)
+        self._count_result(failed)
+        return True, seq
+
+    def _count_result(self, failed: bool) -> None:
+        self.stats.results += 1
+        if failed:
+            self.stats.errors += 1
+
+    def _forget_expected_up_to(self, delivery_id: int) -> None:
+        # Receipted ids below a result we just accepted will be dropped as redeliveries if they
+        # ever come: the server broke the order promise. Count them rather than hide them.
+        ids = self._expected_ids
+        while ids and ids[0] <= delivery_id:
+            did = heapq.heappop(ids)
+            if self._expected.pop(did, None) is not None:
+                self.stats.skipped += 1
+
+    def on_gap(self, first: int, last: int) -> tuple[int, ...]:
+        """GAP: results first..last are gone. Returns the seqs of this client's events among them."""
+        self.stats.gaps += 1
+        lost: list[int] = []
+        ids = self._expected_ids
+        while ids and ids[0] <= last:
+            did = heapq.heappop(ids)
+            seq = self._expected.pop(did, None)
+            if seq is None:
+                continue
+            if did >= first:
+                lost.append(seq)
+            else:
+                self.stats.skipped += 1
+        self.highest_received = max(self.highest_received, last)
+        return tuple(lost)
+
+    # --- acks ----------------------------------------------------------------------------
+
+    def consumed(self, delivery_id: int, now: float) -> bool:
+        """The application took the result `delivery_id` (or passed a gap ending there).
+
+        Returns True when the ack timer should re-evaluate: an ack just became pending, or the
+        `ack_every` threshold was just reached.
+        """
+        if self.protocol == 1 or delivery_id <= self.ack_position:
+            return False
+        self.ack_position = delivery_id
+        self._unacked += 1
+        if self._first_unacked_at is None:
+            self._first_unacked_at = now
+            return True
+        return self._unacked == self._ack_every
+
+    def ack_deadline(self) -> float | None:
+        """When the next ack is due (-inf: now), or None if there is nothing to ack."""
+        if self.ack_position <= self.ack_sent:
+            return None
+        if self._unacked >= self._ack_every or self._first_unacked_at is None:
+            return -math.inf
+        return self._first_unacked_at + self._ack_interval
+
+    def take_ack(self) -> int:
+        """The ack value to send now; marks it sent."""
+        self.ack_sent = self.ack_position
+        self._unacked = 0
+        self._first_unacked_at = None
+        self.stats.acks_sent += 1
+        return self.ack_sent
+
+# ---------------------------------------------------------------------------------------------
+# I/O: one stream at a time, around the ledger
+# ---------------------------------------------------------------------------------------------
+
+
+class _Opened:
+    """Marker the asyncio side sends first on a stream, once the request headers are out."""
+
+
+_OPENED: Final = _Opened()
+_Inbound: TypeAlias = EventResponse | _Opened
+_Outbound: TypeAlias = tuple[EventRequest, OutgoingEvent | None]
+
+# What ends a stream without being a bug of ours: the client reconnects (or reports) on these.
+_STREAM_ERRORS: Final = (
+    GRPCError,
+    StreamTerminatedError,
+    ProtocolError,
+    h2.exceptions.H2Error,
+    OSError,  # includes ConnectionError, socket.gaierror, TimeoutError
+)
+
+
+class _Stream:
+    """One gRPC stream, shared by its trio side (the client) and its asyncio side (reader/writer).
+
+    The trio side fills `outbox` and calls `wake.set()`; the asyncio writer drains it. Both are
+    synchronous calls on the same thread, so no message crosses between the loops with an await.
+    """
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.outbox: deque[_Outbound] = deque()
+        self.wake = asyncio.Event()  # binds to the running asyncio loop on first wait()
+        self.queued_ack: EventRequest | None = None  # the ack waiting in the outbox, updated in place
+        self.open = False  # the trio side has seen the stream open (ledger connected to it)
+        self.opened_at: float | None = None
+        self.received = 0
+        self.half_close = False  # aclose(): write what is queued, then END_STREAM
+        self.ended = False  # our half is closed
+        self.cut_by_client = False  # disconnect()/switch(), not a failure
+        self.cancel_scope = trio.CancelScope()
+        self.gone = trio.Event()  # the gRPC call is over (responses may still be draining)
+        self.writer_done = trio.Event()
+
+    def push(self, request: EventRequest, event: OutgoingEvent | None) -> None:
+        self.outbox.append((request, event))
+        self.wake.set()
+
+
+class _Results:
+    """`async for result in client.results()`: ends when the client is closed, raises if it failed."""
+
+    def __init__(self, client: NimbusClient) -> None:
+        self._client = client
+
+    def __aiter__(self) -> _Results:
+        return self
+
+    async def __anext__(self) -> Result:
+        try:
+            return await self._client.receive()
+        except ClientClosed:
+            raise StopAsyncIteration from None
+
+
+class NimbusClient:
+    """A Nimbus client. Create it with `open_client()`, which runs its tasks and closes it."""
+
+    def __init__(
+        self,
+        targets: Sequence[str],
+        client_id: str,
+        *,
+        protocol: int = 2,
+        reconnect: bool = True,
+        backoff: tuple[float, float] = (0.05, 2.0),
+        rotate: bool = True,
+        on_event: Callable[[Notice], None] | None = None,
+        connect_timeout: float | None = 10.0,
+        max_pending: int = 1000,
+        result_buffer: int = 1000,
+        ack_every: int = 100,
+        ack_interval: float = 0.005,
+        dial_timeout: float = 5.0,
+        close_timeout: float = 2.0,
+        close_linger: float = 0.05,
+    ) -> None:
+        if isinstance(targets, str):
+            targets = [targets]
+        if not targets:
+            raise ValueError("at least one target (host:port) is required")
+        for t in targets:
+            parse_target(t)
+        if not client_id:
+            raise ValueError("client_id must not be empty")
+        if max_pending < 1 or result_buffer < 1:
+            raise ValueError("max_pending and result_buffer must be >= 1")
+        self.client_id = client_id
+        self.protocol = protocol
+        self._targets = list(dict.fromkeys(targets))
+        self._target_index = 0
+        self._reconnect = reconnect
+        self._backoff = backoff
+        self._rotate = rotate
+        self._on_event = on_event
+        self._connect_timeout = connect_timeout
+        self._max_pending = max_pending
+        self._dial_timeout = dial_timeout
+        self._close_timeout = close_timeout
+        self._close_linger = close_linger
+        self._ledger = ClientLedger(
+            protocol, ack_every=ack_every, ack_interval=ack_interval, retry_backoff=backoff
+        )
+        self.stats = self._ledger.stats
+        self._metadata = [("client_id", client_id)]
+        if protocol == 2:
+            self._metadata.append((PROTOCOL_KEY, "2"))
+        # Results (and gaps, so they reach the application in order) waiting for the application.
+        self._results_send, self._results_recv = trio.open_memory_channel[Result | Gap](result_buffer)
+        self._stream_buffer = 256  # responses between the asyncio reader and the trio side
+        self._stream: _Stream | None = None
+        self._ever_opened = False
+        self._first_open = trio.Event()
+        self._state_event = trio.Event()
+        self._ack_wake = trio.Event()
+        self._retry_wake = trio.Event()
+        self._kick = trio.Event()  # cuts a backoff sleep short (switch())
+        self._capacity_event = trio.Event()
+        self._capacity_waiters = 0
+        self._scope = trio.CancelScope()
+        self._closing = False
+        self._close_reason: NimbusError | None = None
+        self._finished = trio.Event()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "connected" if self.connected else "connecting"
+        return (
+            f"<NimbusClient {self.client_id!r} protocol={self.protocol} {state} target={self.target}"
+            f" pending={self._ledger.pending} highest={self._ledger.highest_received} stats={self.stats}>"
+        )
+
+    # --- public API ----------------------------------------------------------------------
+
+    @property
+    def target(self) -> str:
+        """The target of the current stream, or of the next attempt."""
+        return self._targets[self._target_index]
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(self._targets)
+
+    @property
+    def connected(self) -> bool:
+        return self._stream is not None and self._stream.open
+
+    @property
+    def closed(self) -> bool:
+        return self._close_reason is not None
+
+    @property
+    def close_reason(self) -> NimbusError | None:
+        return self._close_reason
+
+    @property
+    def pending(self) -> int:
+        """Events sent and not settled yet (no receipt, no final refusal)."""
+        return self._ledger.pending
+
+    @property
+    def highest_received(self) -> int:
+        return self._ledger.highest_received
+
+    async def send(self, event_name: str, number: int) -> int:
+        """Queue an event; returns its seq. Waits while `max_pending` events are unreceipted.
+
+        The event is (re)transmitted until the server receipts it or refuses it for good; see
+        the module docstring for the at-least-once caveat.
+        """
+        if not event_name:
+            raise ValueError("event_name must not be empty (an empty name is an ack)")
+        if not INT32_MIN <= number <= INT32_MAX:
+            raise ValueError(f"number {number} does not fit int32")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while self._ledger.pending >= self._max_pending:
+            self._raise_if_closed()
+            self._capacity_waiters += 1
+            try:
+                await self._capacity_event.wait()
+            finally:
+                self._capacity_waiters -= 1
+        self._raise_if_closed()
+        ev = self._ledger.add(event_name, number)
+        if ev.in_flight:
+            self._write_event(ev)
+        # Let the writer run: a sender that never yields would only fill the outbox.
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return ev.seq
+
+    def results(self) -> AsyncIterator[Result]:
+        """Iterate over results (exactly once each, delivery-id order). Ends when the client is
+        closed; raises the reason if the client failed (e.g. `Superseded`, `StreamRefused`)."""
+        return _Results(self)
+
+    async def receive(self) -> Result:
+        """The next result. Raises `ClientClosed` once closed and drained, or the failure reason."""
+        while True:
+            try:
+                item = await self._results_recv.receive()
+            except trio.EndOfChannel:
+                reason = self._close_reason
+                if reason is None or isinstance(reason, ClientClosed):
+                    raise ClientClosed("the client is closed") from None
+                raise reason from None
+            if isinstance(item, Gap):
+                self._consumed(item.last)
+                self._notify(item)
+                continue
+            if item.delivery_id:
+                self._consumed(item.delivery_id)
+            return item
+
+    async def wait_connected(self) -> None:
+        """Wait until a stream is open (raises if the client is closed)."""
+        while not self.connected:
+            self._raise_if_closed()
+            await self._state_event.wait()
+
+    async def disconnect(self) -> None:
+        """Cut the current stream (chaos/tests); the client reconnects at once, to the same target."""
+        stream = self._stream
+        if stream is None:
+            return
+        stream.cut_by_client = True
+        stream.cancel_scope.cancel()
+        await stream.gone.wait()
+
+    async def switch(self, target: str) -> None:
+        """Reconnect to `target` (added to the targets if new): cut the current stream, open one there."""
+        parse_target(target)
+        if target not in self._targets:
+            self._targets.append(target)
+        self._target_index = self._targets.index(target)
+        self._kick.set()
+        await self.disconnect()
+
+    async def aclose(self) -> None:
+        """Flush the ack, half-close, end the stream, stop every task. Idempotent."""
+        if self._closing:
+            with trio.CancelScope(shield=True), trio.move_on_after(self._close_timeout):
+                await self._finished.wait()
+            return
+        self._closing = True
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self._close_timeout):
+                await self._graceful_end()
+            if self._close_reason is None:
+                self._close_reason = ClientClosed("the client was closed")
+            self._scope.cancel()
+            self._changed()
+            with trio.move_on_after(self._close_timeout):
+                await self._finished.wait()
+
+    # --- internals: state --------------------------------------------------------------------
+
+    def _raise_if_closed(self) -> None:
+        if self._close_reason is not None:
+            if isinstance(self._close_reason, ClientClosed):
+                raise ClientClosed("the client is closed")
+            raise self._close_reason
+        if self._closing:
+            raise ClientClosed("the client is closing")
+
+    def _changed(self) -> None:
+        # Connection state changed: wake everything that waits on it.
+        self._state_event.set()
+        self._state_event = trio.Event()
+        self._ack_wake.set()
+        self._retry_wake.set()
+        self._capacity_event.set()
+        self._capacity_event = trio.Event()
+
+    def _fail(self, reason: NimbusError) -> None:
+        if self._close_reason is None:
+            self._close_reason = reason
+            logger.warning("nimbus client {}: {}", self.client_id, reason)
+        self._first_open.set()
+        self._changed()
+
+    def _notify(self, notice: Notice) -> None:
+        if self._on_event is not None:
+            self._on_event(notice)
+
+    def _capacity_freed(self) -> None:
+        if self._capacity_waiters:
+            self._capacity_event.set()
+            self._capacity_event = trio.Event()
+
+    def _consumed(self, delivery_id: int) -> None:
+        if self._ledger.consumed(delivery_id, trio.current_time()):
+            self._ack_wake.set()
+
+    def _request(self, ev: OutgoingEvent) -> EventRequest:
+        if self.protocol == 1:
+            return EventRequest(event_name=ev.event_name, number=ev.number)
+        return EventRequest(event_name=ev.event_name, number=ev.number, seq=ev.wire_seq)
+
+    def _write_event(self, ev: OutgoingEvent) -> None:
+        stream = self._stream
+        assert stream is not None and stream.open, "the ledger is connected only while a stream is open"
+        stream.push(self._request(ev), ev)
+
+    def _enqueue_ack(self, value: int) -> None:
+        stream = self._stream
+        assert stream is not None and stream.open
+        if stream.queued_ack is not None:
+            # Acks are cumulative: one waiting in the outbox can simply be raised.
+            stream.queued_ack.ack = value
+        else:
+            stream.queued_ack = EventRequest(ack=value)
+            stream.push(stream.queued_ack, None)
+
+    # --- internals: tasks --------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        """Every task of the client, under one cancel scope that aclose() cancels."""
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._ack_loop)
+                    nursery.start_soon(self._retry_loop)
+                    await self._supervise()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._results_send.close()
+            if self._close_reason is None:
+                self._close_reason = ClientClosed("the client was closed")
+            self._first_open.set()
+            self._changed()
+            self._finished.set()
+
+    async def _wait_first_stream(self) -> None:
+        await self._first_open.wait()
+        if not self._ever_opened and self._close_reason is not None:
+            raise self._close_reason
+
+    def _connect_deadline_passed(self, attempts: int, started: float) -> bool:
+        if self._connect_timeout is None:
+            return False
+        if self._connect_timeout <= 0:
+            return attempts >= len(self._targets)
+        return trio.current_time() - started >= self._connect_timeout
+
+    async def _supervise(self) -> None:
+        """Open streams one after the other until closed or refused; back off between failures."""
+        failures = 0
+        attempts = 0
+        started = trio.current_time()
+        errors: dict[str, str] = {}
+        while True:
+            stream = _Stream(self.target)
+            error = await self._run_stream(stream)
+            if self._closing:
+                return
+            was_open = stream.opened_at is not None
+            if stream.cut_by_client:
+                verdict, reason = StreamEnd.RECONNECT, "cut by the client"
+            else:
+                status = error.status if isinstance(error, GRPCError) else None
+                message = error.message if isinstance(error, GRPCError) else None
+                verdict, reason = classify_stream_end(status, message), describe_error(error)
+                if verdict is not StreamEnd.RECONNECT:
+                    assert status is not None
+                    cls = Superseded if verdict is StreamEnd.SUPERSEDED else StreamRefused
+                    self._notify(Disconnected(stream.target, reason, will_reconnect=False))
+                    self._fail(cls(stream.target, status, message))
+                    return
+            if not self._ever_opened:
+                attempts += 1
+                errors[stream.target] = reason
+                logger.debug("nimbus client {}: cannot open a stream to {}: {}", self.client_id, stream.target, reason)
+                if self._connect_deadline_passed(attempts, started):
+                    self._fail(ConnectionFailed(errors))
+                    return
+            elif not self._reconnect and not stream.cut_by_client:
+                self._notify(Disconnected(stream.target, reason, will_reconnect=False))
+                self._fail(ConnectionFailed({stream.target: reason}, lost=True))
+                return
+            if was_open:
+                logger.debug("nimbus client {}: stream to {} ended: {}", self.client_id, stream.target, reason)
+                self._notify(Disconnected(stream.target, reason, will_reconnect=True))
+            if stream.cut_by_client:
+                failures = 0
+                continue  # disconnect()/switch(): straight back, to the (possibly new) target
+            if was_open and stream.received:
+                failures = 0  # that stream worked; start the backoff over
+            if (self._rotate or not self._ever_opened) and len(self._targets) > 1:
+                self._target_index = (self._target_index + 1) % len(self._targets)
+            base, cap = self._backoff
+            delay = backoff_delay(failures, base, cap, random.random())
+            failures += 1
+            with trio.move_on_after(delay):
+                await self._kick.wait()
+            if self._kick.is_set():
+                self._kick = trio.Event()
+
+    async def _run_stream(self, stream: _Stream) -> BaseException | None:
+        """Run one stream to its end; apply every response it delivered before returning.
+
+        Returns the error that ended it (None: the server ended it with OK, or we cut it). The
+        ledger stays connected until the last response is applied, so a receipt that arrived
+        just before the cut still settles its event instead of causing a resend.
+        """
+        send_channel, receive_channel = trio.open_memory_channel[_Inbound](self._stream_buffer)
+        error: BaseException | None = None
+
+        async def pump() -> None:
+            nonlocal error
+            try:
+                with stream.cancel_scope:
+                    await trio_asyncio.aio_as_trio(self._aio_stream)(stream, send_channel)
+            except _STREAM_ERRORS as exc:
+                error = exc
+            finally:
+                stream.gone.set()
+                send_channel.close()
+
+        self._stream = stream
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump)
+                async with receive_channel:
+                    async for item in receive_channel:
+                        await self._apply(stream, item)
+        finally:
+            self._stream = None
+            if stream.open:
+                stream.open = False
+                self._ledger.on_disconnected()
+                self._changed()
+        return error
+
+    def _on_opened(self, stream: _Stream) -> None:
+        stream.open = True
+        stream.opened_at = trio.current_time()
+        first = not self._ever_opened
+        self._ever_opened = True
+        if not first:
+            self.stats.reconnects += 1
+        ack, events = self._ledger.on_connected()
+        if ack is not None:
+            self._enqueue_ack(ack)  # first on the wire: it tells the server what not to replay
+        for ev in events:
+            stream.push(self._request(ev), ev)
+        self._first_open.set()
+        self._changed()
+        logger.debug("nimbus client {}: stream open to {} (resending {})", self.client_id, stream.target, len(events))
+        self._notify(Connected(stream.target, reconnect=not first))
+
+    async def _apply(self, stream: _Stream, item: _Inbound) -> None:
+        """Apply one response of `stream` to the ledger; hand results to the application."""
+        if isinstance(item, _Opened):
+            self._on_opened(stream)
+            return
+        stream.received += 1
+        resp = item
+        kind = resp.kind
+        if self.protocol == 1 or kind == ResponseKind.RESULT:
+            failed = self.protocol == 2 and betterproto.serialized_on_wire(resp.error)
+            deliver, seq = self._ledger.on_result(resp.delivery_id if self.protocol == 2 else 0, failed=failed)
+            if deliver:
+                await self._results_send.send(
+                    Result(
+                        delivery_id=resp.delivery_id if self.protocol == 2 else 0,
+                        event_name=resp.event_name,
+                        number=resp.number,
+                        result=resp.result,
+                        error=resp.error if failed else None,
+                        log=resp.log if betterproto.serialized_on_wire(resp.log) else None,
+                        seq=seq,
+                    )
+                )
+        elif kind == ResponseKind.RECEIPT:
+            ev = self._ledger.on_receipt(resp.seq, resp.delivery_id)
+            if ev is not None:
+                self._capacity_freed()
+                if self._on_event is not None:
+                    self._notify(Receipted(ev.seq, resp.delivery_id, ev.event_name, ev.number))
+        elif kind == ResponseKind.ERROR:
+            outcome = self._ledger.on_refused(resp.seq, resp.error.code, trio.current_time())
+            if outcome is not None:
+                ev, retry = outcome
+                if retry:
+                    self._retry_wake.set()
+                else:
+                    self._capacity_freed()
+                if self._on_event is not None:
+                    code = resp.error.code
+                    self._notify(Refused(ev.seq, ev.event_name, ev.number, code, resp.error.message, retry))
+        elif kind == ResponseKind.GAP:
+            lost = self._ledger.on_gap(resp.gap_from, resp.gap_to)
+            await self._results_send.send(Gap(resp.gap_from, resp.gap_to, lost))
+        else:
+            self.stats.unexpected += 1
+
+    async def _ack_loop(self) -> None:
+        """Send the cumulative ack when due: `ack_every` results taken, or `ack_interval` after the first."""
+        if self.protocol == 1:
+            return
+        while True:
+            deadline = self._ledger.ack_deadline()
+            if deadline is None or not self._ledger.is_connected:
+                # Nothing to ack, or no stream: on_connected() repeats the ack on the next one.
+                await self._ack_wake.wait()
+                self._ack_wake = trio.Event()
+                continue
+            if trio.current_time() < deadline:
+                with trio.move_on_at(deadline):
+                    await self._ack_wake.wait()
+                if self._ack_wake.is_set():
+                    self._ack_wake = trio.Event()
+                continue
+            self._enqueue_ack(self._ledger.take_ack())
+
+    async def _retry_loop(self) -> None:
+        """Retransmit events refused with UNAVAILABLE once their backoff has passed."""
+        while True:
+            at = self._ledger.next_retry_at()
+            if at is None or not self._ledger.is_connected:
+                await self._retry_wake.wait()
+                self._retry_wake = trio.Event()
+                continue
+            if trio.current_time() < at:
+                with trio.move_on_at(at):
+                    await self._retry_wake.wait()
+                if self._retry_wake.is_set():
+                    self._retry_wake = trio.Event()
+                continue
+            for ev in self._ledger.due_retries(trio.current_time()):
+                self._write_event(ev)
+
+    async def _graceful_end(self) -> None:
+        """Flush the ack and half-close, so the server knows what this client has."""
+        stream = self._stream
+        if stream is None or not stream.open or stream.gone.is_set():
+            return
+        if self._ledger.ack_position > self._ledger.ack_sent:
+            self._enqueue_ack(self._ledger.take_ack())
+        stream.half_close = True
+        stream.wake.set()
+        await stream.writer_done.wait()
+        # grpclib drops data it has not read yet when its stream is reset, on either side: give
+        # the server's reader a moment to take the final ack before the reset that ends the call.
+        await trio.sleep(self._close_linger)
+
+    # --- internals: the asyncio side (runs inside trio-asyncio) ----------------------------
+
+    async def _aio_stream(self, stream: _Stream, responses: trio.MemorySendChannel[_Inbound]) -> None:
+        host, port = parse_target(stream.target)
+        channel = Channel(host, port)
+        try:
+            call = channel.request(
+                METHOD,
+                Cardinality.STREAM_STREAM,
+                EventRequest,
+                EventResponse,
+                metadata=self._metadata,
+            )
+            async with call:
+                async with asyncio.timeout(self._dial_timeout):
+                    await call.send_request()
+                await _hand_over(responses, _OPENED)
+                reader = asyncio.ensure_future(self._aio_reader(call, responses))
+                writer = asyncio.ensure_future(self._aio_writer(call, stream))
+                try:
+                    pending: set[asyncio.Future[None]] = {reader, writer}
+                    while reader in pending:
+                        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                        if writer in done:
+                            writer.result()  # raises if the writer failed; else we half-closed
+                    reader.result()
+                finally:
+                    reader.cancel()
+                    writer.cancel()
+                    await asyncio.gather(reader, writer, return_exceptions=True)
+                # The server ended its side. Its status is in the trailers, which grpclib only
+                # hands over once our side is ended too.
+                try:
+                    if not stream.ended:
+                        await call.end()
+                        stream.ended = True
+                except (h2.exceptions.H2Error, StreamTerminatedError, ProtocolError) as exc:
+                    # Already reset by the server: grpclib turns this into the trailers' status.
+                    raise StreamTerminatedError(f"stream closed by the server ({exc})") from exc
+                await call.recv_trailing_metadata()
+        finally:
+            channel.close()
+
+    @staticmethod
+    async def _aio_reader(
+        call: GrpcStream[EventRequest, EventResponse], responses: trio.MemorySendChannel[_Inbound]
+    ) -> None:
+        while True:
+            message = await call.recv_message()
+            if message is None:
+                return
+            await _hand_over(responses, message)
+
+    async def _aio_writer(self, call: GrpcStream[EventRequest, EventResponse], stream: _Stream) -> None:
+        outbox = stream.outbox
+        forget_written = self.protocol == 1
+        try:
+            while True:
+                while outbox:
+                    request, event = outbox.popleft()
+                    if request is stream.queued_ack:
+                        stream.queued_ack = None  # from now on a newer ack needs its own message
+                    await call.send_message(request)
+                    if forget_written and event is not None and self._ledger.on_written(event):
+                        self._capacity_freed()
+                if stream.half_close:
+                    await call.end()
+                    stream.ended = True
+                    return
+                stream.wake.clear()
+                await stream.wake.wait()
+        finally:
+            stream.writer_done.set()
+
+
+async def _hand_over(channel: trio.MemorySendChannel[_Inbound], item: _Inbound) -> None:
+    """asyncio -> trio without an awaited crossing unless the trio side is behind."""
+    try:
+        channel.send_nowait(item)
+    except trio.WouldBlock:
+        await trio_asyncio.trio_as_aio(channel.send)(item)
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    leaves: list[BaseException] = []
+
+    def walk(g: BaseExceptionGroup[BaseException]) -> None:
+        for e in g.exceptions:
+            if isinstance(e, BaseExceptionGroup):
+                walk(e)
+            else:
+                leaves.append(e)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else None
+
+
+@contextlib.asynccontextmanager
+async def open_client(
+    targets: Sequence[str],
+    client_id: str,
+    *,
+    protocol: int = 2,
+    reconnect: bool = True,
+    backoff: tuple[float, float] = (0.05, 2.0),
+    rotate: bool = True,
+    on_event: Callable[[Notice], None] | None = None,
+    connect_timeout: float | None = 10.0,
+    max_pending: int = 1000,
+    result_buffer: int = 1000,
+    ack_every: int = 100,
+    ack_interval: float = 0.005,
+    dial_timeout: float = 5.0,
+    close_timeout: float = 2.0,
+    close_linger: float = 0.05,
+) -> AsyncIterator[NimbusClient]:
+    """Connect to Nimbus and yield a `NimbusClient`; close it (flushing the ack) on exit.
+
+    Must run inside `async with trio_asyncio.open_loop():` (grpclib is asyncio).
+
+    - targets: "host:port" of one or more pods. The first stream goes to targets[0]; after a
+      failure the client moves to the next target (`rotate=False`: stays on the current one).
+    - Returns once the first stream is open. If no stream can be opened within
+      `connect_timeout` seconds (0: one attempt per target; None: keep trying), raises
+      `ConnectionFailed`. A server that accepts the connection and then refuses the stream
+      (INVALID_ARGUMENT, PERMISSION_DENIED, ...) surfaces as `StreamRefused` from `send()`,
+      `receive()` and `results()`; a newer stream with the same client_id as `Superseded`.
+    - reconnect: after an established stream is lost, open another (backoff: (first, max)
+      seconds, exponential, jittered). With False, the client fails with `ConnectionFailed`.
+    - on_event: called synchronously with `Connected`, `Disconnected`, `Receipted`, `Refused`
+      and `Gap` notices (a `Gap` when the application reaches it in the results).
+    - max_pending: unreceipted events before `send()` waits; result_buffer: results waiting
+      for the application before the stream stops reading.
+    - ack_every / ack_interval: an ack goes out after that many results, or that long after
+      the first unacked one, whichever comes first.
+    """
+    if trio_asyncio.current_loop.get() is None:
+        raise RuntimeError(
+            "open_client() must run inside `async with trio_asyncio.open_loop():` (grpclib runs on asyncio)"
+        )
+    client = NimbusClient(
+        targets,
+        client_id,
+        protocol=protocol,
+        reconnect=reconnect,
+        backoff=backoff,
+        rotate=rotate,
+        on_event=on_event,
+        connect_timeout=connect_timeout,
+        max_pending=max_pending,
+        result_buffer=result_buffer,
+        ack_every=ack_every,
+        ack_interval=ack_interval,
+        dial_timeout=dial_timeout,
+        close_timeout=close_timeout,
+        close_linger=close_linger,
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._run)
+            try:
+                await client._wait_first_stream()
+                yield client
+            finally:
+                await client.aclose()
+    except BaseExceptionGroup as group:
+        # A nursery wraps even a lone exception; callers want `except ConnectionFailed:` to work.
+        single = _single(group)
+        if single is None:
+            raise
+        raise single from None
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: python -m nimbus.client
+# ---------------------------------------------------------------------------------------------
+
+EXIT_OK: Final = 0
+EXIT_MISSING: Final = 1  # timed out (or results aged out) before every result arrived
+EXIT_USAGE: Final = 2
+EXIT_UNREACHABLE: Final = 3
+EXIT_REFUSED: Final = 4  # the server refused the stream (or superseded it)
+EXIT_INTERRUPTED: Final = 130
+
+
+def format_result(result: Result, *, protocol: int = 2, mine: bool = True) -> str:
+    """One line per result: `sq(3) = 9  (delivery 17)`."""
+    call = f"{result.event_name}({result.number})"
+    if result.error is not None:
+        text = f"{call} failed: {result.error.code.name}: {result.error.message}"
+    else:
+        text = f"{call} = {result.result}"
+    if protocol == 2:
+        text += f"  (delivery {result.delivery_id}" + ("" if mine else ", from an earlier session") + ")"
+    return text
+
+
+def format_trace(log: LogEntry | None) -> list[str]:
+    if log is None:
+        return []
+    lines = []
+    for s in log.steps:
+        meta = " ".join(f"{k}={v}" for k, v in sorted(s.metadata.items()))
+        line = f"    {s.timestamp.isoformat()}  {s.service_name}/{s.instance_id}  {s.method_name}"
+        if s.message:
+            line += f": {s.message}"
+        if meta:
+            line += f"  [{meta}]"
+        lines.append(line)
+    return lines
+
+
+def _default_target() -> str:
+    port = os.environ.get("NIMBUS_PORT", "").strip()
+    return f"127.0.0.1:{port if port.isdigit() and port != '0' else DEFAULT_PORT}"
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m nimbus.client",
+        description=(
+            "Send `sq` events for each number in --start..--end over one Nimbus stream and print "
+            "the results as they arrive. --start=0 --end=0 sends nothing and stands by for results "
+            "(Ctrl-C to stop)."
+        ),
+        epilog=(
+            "exit status: 0 every result arrived (results carrying an error included), "
+            "1 timed out or results were lost, 2 usage error, 3 server unreachable, "
+            "4 server refused the stream, 130 interrupted."
+        ),
+    )
+    parser.add_argument("--client_id", "--client-id", default="client_default", help="client id (metadata client_id)")
+    parser.add_argument("--start", type=int, default=1, help="first number (default 1)")
+    parser.add_argument("--end", type=int, default=10, help="last number, inclusive (default 10)")
+    parser.add_argument(
+        "--target",
+        "--addr",
+        action="append",
+        metavar="HOST:PORT",
+        help="a server pod; repeat for several (default 127.0.0.1:$NIMBUS_PORT, else 50051)",
+    )
+    parser.add_argument("--protocol", type=int, choices=(1, 2), default=2, help="1: the original's, 2: acks and receipts (default)")
+    parser.add_argument("--event", default="sq", help="event name (default sq)")
+    parser.add_argument("--trace", action="store_true", help="print each result's trace steps")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="SEC", help="give up after SEC seconds (default 30)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log connection events to stderr")
+    args = parser.parse_args(argv)
+    args.target = args.target or [_default_target()]
+    for t in args.target:
+        try:
+            parse_target(t)
+        except ValueError as e:
+            parser.error(str(e))
+    if not args.client_id:
+        parser.error("--client_id must not be empty")
+    if not (args.start == 0 and args.end == 0) and args.end < args.start:
+        parser.error("--end must be >= --start")
+    for n in (args.start, args.end):
+        if not INT32_MIN <= n <= INT32_MAX:
+            parser.error(f"{n} does not fit int32")
+    if args.timeout <= 0:
+        parser.error("--timeout must be > 0")
+    return args
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    if isinstance(exc, BaseExceptionGroup):
+        return _single(exc) or exc
+    return exc
+
+
+async def _cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    standby = args.start == 0 and args.end == 0
+    numbers = [] if standby else list(range(args.start, args.end + 1))
+    outstanding = set(numbers)  # numbers whose result (or final refusal) has not arrived
+    seq_number: dict[int, int] = {}
+    lost: list[int] = []
+    all_sent = False
+    finished = trio.Event()
+    interrupted = False
+
+    def settle(number: int) -> None:
+        outstanding.discard(number)
+        if all_sent and not outstanding:
+            finished.set()
+
+    def on_event(notice: Notice) -> None:
+        if isinstance(notice, Refused):
+            if notice.will_retry:
+                if args.verbose:
+                    print(f"{notice.event_name}({notice.number}) not accepted ({notice.code.name}), resending", file=err)
+                return
+            print(f"{notice.event_name}({notice.number}) refused: {notice.code.name}: {notice.message}", file=out, flush=True)
+            settle(notice.number)
+        elif isinstance(notice, Gap):
+            print(f"results {notice.first}..{notice.last} aged out on the server and are lost", file=out, flush=True)
+            for seq in notice.lost_seqs:
+                if seq in seq_number:
+                    lost.append(seq_number[seq])
+                    settle(seq_number[seq])
+        elif args.verbose and isinstance(notice, Connected | Disconnected):
+            print(f"[{notice}]", file=err, flush=True)
+
+    async def sender(client: NimbusClient) -> None:
+        nonlocal all_sent
+        for n in numbers:
+            seq_number[await client.send(args.event, n)] = n
+        all_sent = True
+        if not outstanding:  # everything may have settled before the last send() returned
+            finished.set()
+
+    async def printer(client: NimbusClient) -> None:
+        async for r in client.results():
+            # Protocol 2: a result without a seq answers an event of an earlier session.
+            mine = args.protocol == 1 or r.seq is not None
+            print(format_result(r, protocol=args.protocol, mine=mine), file=out, flush=True)
+            if args.trace:
+                for line in format_trace(r.log):
+                    print(line, file=out, flush=True)
+            if mine:
+                settle(r.number)
+
+    async def session(client: NimbusClient) -> None:
+        # Done is decided by `finished`, not by the results loop: the last event to settle may
+        # be a refusal (a notice), after which no result will ever come.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender, client)
+            nursery.start_soon(printer, client)
+            await finished.wait()  # standby: never set; Ctrl-C or a failure ends it
+            nursery.cancel_scope.cancel()
+
+    started = trio.current_time()
+    main_scope = trio.CancelScope()
+    timeout_scope = trio.CancelScope(deadline=math.inf if standby else started + args.timeout)
+
+    async def watch_sigint() -> None:
+        nonlocal interrupted
+        with trio.open_signal_receiver(signal.SIGINT) as signals:
+            async for _ in signals:
+                interrupted = True
+                main_scope.cancel()
+                return
+
+    async with trio.open_nursery() as top:
+        top.start_soon(watch_sigint)
+        try:
+            with main_scope, timeout_scope:
+                async with trio_asyncio.open_loop():
+                    async with open_client(
+                        args.target,
+                        args.client_id,
+                        protocol=args.protocol,
+                        connect_timeout=0,
+                        on_event=on_event,
+                    ) as client:
+                        await session(client)
+        except BaseException as exc:
+            leaf = _leaf(exc)
+            if isinstance(leaf, ConnectionFailed | StreamRefused):
+                print(str(leaf), file=err)
+                return EXIT_UNREACHABLE if isinstance(leaf, ConnectionFailed) else EXIT_REFUSED
+            raise
+        finally:
+            top.cancel_scope.cancel()
+
+    if interrupted:
+        return EXIT_OK if standby else EXIT_INTERRUPTED
+    if timeout_scope.cancelled_caught or outstanding or lost:
+        missing = sorted(outstanding | set(lost))
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        why = f"timed out after {args.timeout:g}s" if timeout_scope.cancelled_caught else "results were lost"
+        print(f"{why}: {len(missing)} of {len(numbers)} results missing ({args.event} {shown})", file=err)
+        return EXIT_MISSING
+    if numbers:
+        print(f"all {len(numbers)} results received in {trio.current_time() - started:.2f}s", file=err)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logger.remove()
+    if args.verbose:
+        logger.add(sys.stderr, level="DEBUG")
+    return trio.run(_cli, args, sys.stdout, sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
