@@ -829,6 +829,16 @@ class NimbusClient:
                 self._consumed(item.delivery_id)
             return item
 
+    async def wait_settled(self) -> None:
+        """Wait until every event sent so far is receipted (durable) or refused for good."""
+        while self._ledger.pending:
+            self._raise_if_closed()
+            self._capacity_waiters += 1
+            try:
+                await self._capacity_event.wait()
+            finally:
+                self._capacity_waiters -= 1
+
     async def wait_connected(self) -> None:
         """Wait until a stream is open (raises if the client is closed)."""
         while not self.connected:

@@ -19,6 +19,11 @@ from nimbus.stats import Counters
 GROUP = "nimbus-event-consumer"
 
 
+def group_for(settings: Settings) -> str:
+    """Per topic, so deployments (and tests) sharing a cluster never share a group."""
+    return f"{GROUP}.{settings.kafka_events_topic}"
+
+
 def process(rec: Record, instance: str) -> KafkaEventResponse | None:
     """The result of one events-topic record, or None if the record is not an event."""
     try:
@@ -53,9 +58,9 @@ class EventConsumer:
         self.counters = counters or Counters()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with self.log.consumer(self.s.kafka_events_topic, GROUP) as consumer:
+        async with self.log.consumer(self.s.kafka_events_topic, group_for(self.s)) as consumer:
             task_status.started()
-            logger.info("event consumer up: group {}", GROUP)
+            logger.info("event consumer up: group {}", group_for(self.s))
             while True:
                 try:
                     batch = await consumer.poll(500, 0.5)

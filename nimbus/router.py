@@ -43,6 +43,11 @@ from nimbus.stats import Counters
 GROUP = "nimbus-result-router"
 
 
+def group_for(settings: Settings) -> str:
+    """Per topic, so deployments (and tests) sharing a cluster never share a group."""
+    return f"{GROUP}.{settings.kafka_results_topic}"
+
+
 @dataclass
 class _Tick:
     pass
@@ -102,7 +107,7 @@ class ResultRouter:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         send, recv = trio.open_memory_channel[PollResult | DeliveryReport | _Tick](64)
         async with (
-            self.log.consumer(self.s.kafka_results_topic, GROUP) as consumer,
+            self.log.consumer(self.s.kafka_results_topic, group_for(self.s)) as consumer,
             self.state.subscribe(self.reply_to) as reports,
             trio.open_nursery() as nursery,
         ):

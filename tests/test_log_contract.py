@@ -540,3 +540,21 @@ async def test_kafka_oversized_record_is_produce_failed(kafka_brokers: str, uniq
             with pytest.raises(ProduceFailed):
                 await log.producer.send_batch(topic, [(b"k", b"x" * 2_000_000)])
             assert await log.end_offsets(topic) == {0: 0}
+
+
+async def test_kafka_unreachable_cluster_is_log_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No broker needed: a closed port must give our error, naming the address, promptly."""
+    import socket
+
+    from nimbus.engines import kafka as kafka_engine
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(kafka_engine, "BOOTSTRAP_TIMEOUT_S", 1.0)
+    with trio.fail_after(20):
+        with pytest.raises(LogUnavailable, match=address):
+            async with kafka_engine.open_kafka_log(address):
+                pass  # pragma: no cover
