@@ -90,6 +90,34 @@ def _flatten(raw: dict[Any, list[Any]]) -> list[Record]:
     return out
 
 
+async def _probe(brokers: str, timeout: float) -> None:
+    """Wait until some bootstrap address accepts a TCP connection, or raise LogUnavailable.
+
+    Done in trio before kafka-python bootstraps: cancellable, and a KafkaAdminClient whose
+    bootstrap fails leaks its socket (a ResourceWarning at garbage collection).
+    """
+    addresses: list[tuple[str, int]] = []
+    for item in brokers.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or "]" in port:  # no port given
+            host, port = item.strip(), "9092"
+        addresses.append((host.strip("[]") or "localhost", int(port or 9092)))
+    last: Exception | None = None
+    with trio.move_on_after(timeout):
+        while True:
+            for host, port_no in addresses:
+                try:
+                    with trio.fail_after(min(timeout, 3.0)):
+                        stream = await trio.open_tcp_stream(host, port_no)
+                except (OSError, trio.TooSlowError) as exc:
+                    last = exc
+                    continue
+                await stream.aclose()
+                return
+            await trio.sleep(0.25)
+    raise LogUnavailable(f"Kafka at {brokers} is not reachable (waited {timeout:.0f} s): {last!r}")
+
+
 @asynccontextmanager
 async def open_kafka_log(
     brokers: str, *, linger_ms: int = 2, client_id: str = "nimbus"
@@ -117,6 +145,7 @@ async def open_kafka_log(
     def make_admin() -> Any:
         return KafkaAdminClient(**common)
 
+    await _probe(brokers, BOOTSTRAP_TIMEOUT_S)
     admin: Any = None
     producer: Any = None
     try:

@@ -1,0 +1,69 @@
+"""Configuration: the original's NIMBUS_* names and defaults, validation, exit code 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nimbus import config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_are_the_originals() -> None:
+    s = config.load(env={}, dotenv=False)
+    assert s.port == 50051
+    assert s.redis_address == "localhost:6379"
+    assert s.kafka_brokers == "localhost:9092"
+    assert (s.kafka_events_topic, s.kafka_results_topic, s.kafka_dlq_topic) == (
+        "events-v1-topic", "results-v1-topic", "dlq-v1-topic",
+    )
+    assert s.shutdown_timeout_sec == 15
+    assert s.pod_channel.startswith("events_results_")
+
+
+def test_environment_overrides() -> None:
+    s = config.load(env={"NIMBUS_PORT": "6000", "NIMBUS_REDIS_EVENTS_CHANNEL": "pod-7", "NIMBUS_ENGINE": "memory"}, dotenv=False)
+    assert (s.port, s.pod_channel, s.engine) == (6000, "pod-7", "memory")
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "fragment"),
+    [
+        ("NIMBUS_PORT", "http", "expected an integer"),
+        ("NIMBUS_PORT", "70000", "between 0 and 65535"),
+        ("NIMBUS_KAFKA_BROKERS", "nohostport", "host:port"),
+        ("NIMBUS_ENGINE", "docker", "one of real, memory"),
+        ("NIMBUS_SHUTDOWN_TIMEOUT_SEC", "-1", "between"),
+    ],
+)
+def test_invalid_values_name_the_variable(var: str, value: str, fragment: str) -> None:
+    with pytest.raises(config.ConfigError) as e:
+        config.load(env={var: value}, dotenv=False)
+    assert var in str(e.value) and fragment in str(e.value)
+
+
+def test_dotenv_file_is_read_and_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / ".env").write_text('NIMBUS_PORT=7001\nNIMBUS_KAFKA_DLQ_TOPIC="dlq-x"\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NIMBUS_PORT", "7002")
+    s = config.load()
+    assert (s.port, s.kafka_dlq_topic) == (7002, "dlq-x")
+
+
+@pytest.mark.parametrize("module", ["nimbus", "nimbus.server", "nimbus.workers"])
+def test_processes_exit_2_on_bad_config(module: str) -> None:
+    env = {**os.environ, "NIMBUS_PORT": "not-a-port"}
+    p = subprocess.run([sys.executable, "-m", module], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 2, p.stderr
+    assert "NIMBUS_PORT" in p.stderr
+
+
+def test_readme_lists_every_variable() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = [v for v in config.VARIABLES if v not in readme]
+    assert not missing, f"README does not document {missing}"
