@@ -292,11 +292,15 @@ class ReplayService:
                 continue
             for it in report.items:
                 p = self._by_token.get(it.token)
-                if p is not None:
+                if p is None:
+                    continue  # late report for a replay that has ended
+                try:
                     try:
                         p.reports_send.send_nowait(it)
                     except trio.WouldBlock:
                         await p.reports_send.send(it)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.forget_token(it.token)
 
     async def _scan(self) -> None:
         """Safety net: pick up REPLAYING clients whose request was lost (pub/sub is lossy)."""

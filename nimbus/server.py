@@ -70,7 +70,14 @@ class NimbusService:
         reader = asyncio.ensure_future(self._reader(stream, session))
         writer = asyncio.ensure_future(self._writer(stream, session))
         try:
-            await writer  # ends on Close (superseded, slow, shutdown) or a broken stream
+            # The writer ends on Close (superseded, slow, shutdown) or a broken stream; the reader
+            # ends the stream only if it broke (a half-close keeps it open for results). A writer
+            # blocked on a client that stopped reading is freed by the reader seeing the reset.
+            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            if reader in done and not reader.exception() and not reader.result():
+                await writer
+            elif writer in done:
+                writer.result()
         finally:
             reader.cancel()
             writer.cancel()
@@ -78,7 +85,8 @@ class NimbusService:
                 await reader
             await asyncio.shield(trio_asyncio.trio_as_aio(self.pod.close_session)(session))
 
-    async def _reader(self, stream: Stream[EventRequest, EventResponse], s: Session) -> None:
+    async def _reader(self, stream: Stream[EventRequest, EventResponse], s: Session) -> bool:
+        """Feed the pod; True if the stream broke, False if the client half-closed."""
         pod = self.pod
         try:
             async for req in stream:
@@ -88,8 +96,8 @@ class NimbusService:
                     if not pod.submit(s, req):
                         await trio_asyncio.trio_as_aio(pod.submit_wait)(s, req)
         except (StreamTerminatedError, GRPCError, ConnectionError):
-            pass
-        # The client half-closed: keep the stream open for its results.
+            return True
+        return False
 
     async def _writer(self, stream: Stream[EventRequest, EventResponse], s: Session) -> None:
         pod = self.pod

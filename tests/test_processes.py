@@ -126,9 +126,10 @@ async def test_reconnect_on_the_other_pod_gets_all_1000_in_order(deployment: Dep
                 assert [r.delivery_id for r in got] == sorted(r.delivery_id for r in got)
                 host, port = deployment.env["NIMBUS_REDIS_ADDRESS"].rsplit(":", 1)
                 async with open_redis_state(f"{host}:{port}") as state:
-                    with trio.fail_after(10):
+                    with trio.move_on_after(10):
                         while (rec := await state.get(cid)) is None or rec.status is not Status.LIVE:
                             await trio.sleep(0.05)
+                    assert rec is not None and rec.status is Status.LIVE, (rec, max(r.delivery_id for r in got))
                     assert rec.pod == f"pod1-{unique}" and rec.epoch == 2
 
 
@@ -145,9 +146,12 @@ async def test_sigterm_drains_marks_offline_and_exits_0(deployment: Deployment, 
                 [r] = await collect(st, 1)
                 assert r.result == 16
                 proc.send_signal(signal.SIGTERM)
-                with pytest.raises((GRPCError, StreamTerminatedError)):
+                # The server ends the stream (UNAVAILABLE, or a reset if grpclib's close wins).
+                try:
                     while await st.recv() is not None:
                         pass
+                except (GRPCError, StreamTerminatedError):
+                    pass
             code = await trio.to_thread.run_sync(proc.wait, 15)
             assert code == 0
             async with open_redis_state(deployment.env["NIMBUS_REDIS_ADDRESS"]) as state:

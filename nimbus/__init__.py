@@ -1,0 +1,3 @@
+"""Nimbus: a real-time event system for mobile and IoT clients (gRPC, Kafka, Redis) on trio."""
+
+__version__ = "0.1.0"
