@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 import pytest
@@ -57,9 +58,12 @@ async def log(engine: tuple[str, str]) -> AsyncIterator[Log]:
         return
     from nimbus.engines.kafka import open_kafka_log
 
-    with trio.fail_after(30):
-        async with open_kafka_log(brokers, client_id="nimbus-contract") as k:
-            yield k
+    async with AsyncExitStack() as stack:
+        with trio.fail_after(30):  # the connect only: the fixture outlives this scope
+            k = await stack.enter_async_context(
+                open_kafka_log(brokers, client_id="nimbus-contract")
+            )
+        yield k
 
 
 def rng_keys(n: int, seed: int) -> list[bytes]:

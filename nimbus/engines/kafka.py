@@ -69,6 +69,7 @@ _SLICE_S = 0.5
 _COMMIT_TIMEOUT_MS = 10_000
 _CLOSE_TIMEOUT_MS = 5_000
 _TOPIC_READY_TIMEOUT_MS = 15_000
+_READER_FETCH_WAIT_MS = 50
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -325,7 +326,14 @@ class KafkaLog:
     async def reader(self) -> AsyncIterator[KafkaReader]:
         def make() -> Any:
             # auto_offset_reset "none": an out-of-range fetch raises instead of silently jumping.
-            return KafkaConsumer(**self._consumer_config(), group_id=None, auto_offset_reset="none")
+            # A short fetch_max_wait_ms: a fetch parked at a partition's end (long poll) delays
+            # the first fetch after a switch to another partition by up to that much.
+            return KafkaConsumer(
+                **self._consumer_config(),
+                group_id=None,
+                auto_offset_reset="none",
+                fetch_max_wait_ms=_READER_FETCH_WAIT_MS,
+            )
 
         try:
             raw = await _in_thread(make)
