@@ -65,6 +65,7 @@ import h2.exceptions
 import trio
 import trio_asyncio
 from grpclib.client import Channel
+from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from loguru import logger
@@ -250,6 +251,13 @@ class StreamRefused(NimbusError):
 class Superseded(StreamRefused):
     """Another stream with the same client_id took over; this client must not reconnect."""
 
+    def __init__(self, target: str, status: Status, message: str | None) -> None:
+        super().__init__(target, status, message)
+        self.args = (
+            f"another stream with this client_id took over at Nimbus {target}"
+            f" ({status.name}: {self.message or 'superseded'})",
+        )
+
 
 # ---------------------------------------------------------------------------------------------
 # Pure helpers
@@ -350,8 +358,9 @@ class OutgoingEvent:
 class ClientLedger:
     """Everything the client remembers between messages; every method is synchronous and pure.
 
-    The I/O layer calls `add()` for each event, `on_connected()`/`on_disconnected()` around each stream,
-    `on_receipt()`/`on_refused()`/`on_result()`/`on_gap()` for each response (protocol 2),
+    The I/O layer calls `add()` for each event, `on_connected()`/`on_disconnected()` around each
+    stream (with `on_stream_lost()` in between when the stream dies but its last responses are
+    still being applied), `on_receipt()`/`on_refused()`/`on_result()`/`on_gap()` for each response,
     `on_written()` for each event written (protocol 1: there are no receipts, so "written to a
     stream" is the end of the library's responsibility), and `consumed()` when the application
     takes a result. Times (`now`) are supplied by the caller, so tests need no clock.
@@ -389,7 +398,11 @@ class ClientLedger:
         self._events: dict[int, OutgoingEvent] = {}  # by seq; insertion order == seq order
         self._in_flight: dict[int, int] = {}  # wire seq -> seq, on the current stream
         self._retrying = 0  # events with retry_at set
+        # Connected: responses of the current stream are applied (receipts settle events).
+        # Writable: it can still carry requests. A stream that died is drained (still connected)
+        # before on_disconnected(); nothing new is written to it meanwhile.
         self._connected = False
+        self._writable = False
         # Receipted events whose result has not arrived: delivery id -> seq (+ a heap of the ids,
         # so ids overtaken by a later result can be found without scanning).
         self._expected: dict[int, int] = {}
@@ -405,6 +418,10 @@ class ClientLedger:
     @property
     def is_connected(self) -> bool:
         return self._connected
+
+    @property
+    def is_writable(self) -> bool:
+        return self._writable
 
     @property
     def pending(self) -> int:
@@ -432,13 +449,13 @@ class ClientLedger:
         ev = OutgoingEvent(seq=seq, wire_seq=seq, event_name=event_name, number=number)
         self._events[seq] = ev
         self.stats.sent += 1
-        if self._connected:
+        if self._writable:
             self._transmit(ev)
         return ev
 
     def on_connected(self) -> tuple[int | None, list[OutgoingEvent]]:
         """A new stream is up: return (ack to send first or None, events to write, in wire order)."""
-        self._connected = True
+        self._connected = self._writable = True
         ack = None
         if self.protocol == 2 and self.ack_position > 0:
             # The last ack may have died with the old stream; repeating it is free.
@@ -457,9 +474,13 @@ class ClientLedger:
             self._start_retry(ev)
         return ack, resend + retry
 
+    def on_stream_lost(self) -> None:
+        """The stream can carry nothing more; its responses already received are still to be applied."""
+        self._writable = False
+
     def on_disconnected(self) -> None:
-        """The stream is gone: whatever was in flight on it will be resent on the next one."""
-        self._connected = False
+        """The stream is gone and drained: whatever was in flight on it will be resent on the next one."""
+        self._connected = self._writable = False
         for ev in self._events.values():
             ev.in_flight = False
         self._in_flight.clear()
@@ -481,8 +502,8 @@ class ClientLedger:
         return min(ev.retry_at for ev in self._events.values() if ev.retry_at is not None)
 
     def due_retries(self, now: float) -> list[OutgoingEvent]:
-        """Refused events whose retry time has come, with fresh seqs (empty when disconnected)."""
-        if not self._retrying or not self._connected:
+        """Refused events whose retry time has come, with fresh seqs (empty when not writable)."""
+        if not self._retrying or not self._writable:
             return []
         due = [ev for ev in self._events.values() if ev.retry_at is not None and ev.retry_at <= now]
         for ev in due:
@@ -606,6 +627,7 @@ class ClientLedger:
         self.stats.acks_sent += 1
         return self.ack_sent
 
+
 # ---------------------------------------------------------------------------------------------
 # I/O: one stream at a time, around the ledger
 # ---------------------------------------------------------------------------------------------
@@ -640,7 +662,8 @@ class _Stream:
         self.target = target
         self.outbox: deque[_Outbound] = deque()
         self.wake = asyncio.Event()  # binds to the running asyncio loop on first wait()
-        self.queued_ack: EventRequest | None = None  # the ack waiting in the outbox, updated in place
+        # The ack waiting in the outbox, if any: a newer ack updates it in place.
+        self.queued_ack: EventRequest | None = None
         self.open = False  # the trio side has seen the stream open (ledger connected to it)
         self.opened_at: float | None = None
         self.received = 0
@@ -691,6 +714,7 @@ class NimbusClient:
         ack_every: int = 100,
         ack_interval: float = 0.005,
         dial_timeout: float = 5.0,
+        keepalive: float | None = 30.0,
         close_timeout: float = 2.0,
         close_linger: float = 0.05,
     ) -> None:
@@ -715,6 +739,17 @@ class NimbusClient:
         self._connect_timeout = connect_timeout
         self._max_pending = max_pending
         self._dial_timeout = dial_timeout
+        self._grpc_config: Configuration | None = None
+        if keepalive is not None:
+            # A link that died silently (NAT timeout, a phone losing signal) sends no FIN or RST:
+            # only an unanswered HTTP/2 PING reveals it. grpclib's defaults never ping from a
+            # client and allow one ping per 300 s without data, which a standby client never sends.
+            self._grpc_config = Configuration(
+                _keepalive_time=keepalive,
+                _keepalive_timeout=min(20.0, keepalive),
+                _http2_min_sent_ping_interval_without_data=keepalive,
+                _http2_max_pings_without_data=0,
+            )
         self._close_timeout = close_timeout
         self._close_linger = close_linger
         self._ledger = ClientLedger(
@@ -725,7 +760,9 @@ class NimbusClient:
         if protocol == 2:
             self._metadata.append((PROTOCOL_KEY, "2"))
         # Results (and gaps, so they reach the application in order) waiting for the application.
-        self._results_send, self._results_recv = trio.open_memory_channel[Result | Gap](result_buffer)
+        self._results_send, self._results_recv = trio.open_memory_channel[Result | Gap](
+            result_buffer
+        )
         self._stream_buffer = 256  # responses between the asyncio reader and the trio side
         self._stream: _Stream | None = None
         self._ever_opened = False
@@ -736,7 +773,10 @@ class NimbusClient:
         self._kick = trio.Event()  # cuts a backoff sleep short (switch())
         self._capacity_event = trio.Event()
         self._capacity_waiters = 0
-        self._scope = trio.CancelScope()
+        # The client's own tasks ignore cancellation from outside (a timeout or Ctrl-C around the
+        # `async with`): otherwise the stream would be cut while aclose() is still flushing the
+        # final ack. aclose(), which open_client() always runs, is what cancels this scope.
+        self._scope = trio.CancelScope(shield=True)
         self._closing = False
         self._close_reason: NimbusError | None = None
         self._finished = trio.Event()
@@ -761,7 +801,8 @@ class NimbusClient:
 
     @property
     def connected(self) -> bool:
-        return self._stream is not None and self._stream.open
+        stream = self._stream
+        return stream is not None and stream.open and not stream.gone.is_set()
 
     @property
     def closed(self) -> bool:
@@ -926,7 +967,9 @@ class NimbusClient:
 
     def _write_event(self, ev: OutgoingEvent) -> None:
         stream = self._stream
-        assert stream is not None and stream.open, "the ledger is connected only while a stream is open"
+        assert stream is not None and stream.open, (
+            "the ledger is writable only while a stream is open"
+        )
         stream.push(self._request(ev), ev)
 
     def _enqueue_ack(self, value: int) -> None:
@@ -977,6 +1020,9 @@ class NimbusClient:
         started = trio.current_time()
         errors: dict[str, str] = {}
         while True:
+            if self._kick.is_set():
+                # A switch() made while connected is served by this very attempt.
+                self._kick = trio.Event()
             stream = _Stream(self.target)
             error = await self._run_stream(stream)
             if self._closing:
@@ -997,7 +1043,12 @@ class NimbusClient:
             if not self._ever_opened:
                 attempts += 1
                 errors[stream.target] = reason
-                logger.debug("nimbus client {}: cannot open a stream to {}: {}", self.client_id, stream.target, reason)
+                logger.debug(
+                    "nimbus client {}: cannot open a stream to {}: {}",
+                    self.client_id,
+                    stream.target,
+                    reason,
+                )
                 if self._connect_deadline_passed(attempts, started):
                     self._fail(ConnectionFailed(errors))
                     return
@@ -1006,7 +1057,12 @@ class NimbusClient:
                 self._fail(ConnectionFailed({stream.target: reason}, lost=True))
                 return
             if was_open:
-                logger.debug("nimbus client {}: stream to {} ended: {}", self.client_id, stream.target, reason)
+                logger.debug(
+                    "nimbus client {}: stream to {} ended: {}",
+                    self.client_id,
+                    stream.target,
+                    reason,
+                )
                 self._notify(Disconnected(stream.target, reason, will_reconnect=True))
             if stream.cut_by_client:
                 failures = 0
@@ -1042,6 +1098,8 @@ class NimbusClient:
                 error = exc
             finally:
                 stream.gone.set()
+                if stream.open:
+                    self._ledger.on_stream_lost()
                 send_channel.close()
 
         self._stream = stream
@@ -1060,6 +1118,8 @@ class NimbusClient:
         return error
 
     def _on_opened(self, stream: _Stream) -> None:
+        if stream.gone.is_set():
+            return  # died right after opening: treat it as a failed attempt, transmit nothing
         stream.open = True
         stream.opened_at = trio.current_time()
         first = not self._ever_opened
@@ -1073,7 +1133,12 @@ class NimbusClient:
             stream.push(self._request(ev), ev)
         self._first_open.set()
         self._changed()
-        logger.debug("nimbus client {}: stream open to {} (resending {})", self.client_id, stream.target, len(events))
+        logger.debug(
+            "nimbus client {}: stream open to {} (resending {})",
+            self.client_id,
+            stream.target,
+            len(events),
+        )
         self._notify(Connected(stream.target, reconnect=not first))
 
     async def _apply(self, stream: _Stream, item: _Inbound) -> None:
@@ -1085,8 +1150,12 @@ class NimbusClient:
         resp = item
         kind = resp.kind
         if self.protocol == 1 or kind == ResponseKind.RESULT:
-            failed = self.protocol == 2 and betterproto.serialized_on_wire(resp.error)
-            deliver, seq = self._ledger.on_result(resp.delivery_id if self.protocol == 2 else 0, failed=failed)
+            # Protocol 1 has no kinds: everything is a result. Our server still sets `error` on
+            # one it could not compute (the original's client ignores the field); keep it.
+            failed = betterproto.serialized_on_wire(resp.error)
+            deliver, seq = self._ledger.on_result(
+                resp.delivery_id if self.protocol == 2 else 0, failed=failed
+            )
             if deliver:
                 await self._results_send.send(
                     Result(
@@ -1115,7 +1184,9 @@ class NimbusClient:
                     self._capacity_freed()
                 if self._on_event is not None:
                     code = resp.error.code
-                    self._notify(Refused(ev.seq, ev.event_name, ev.number, code, resp.error.message, retry))
+                    self._notify(
+                        Refused(ev.seq, ev.event_name, ev.number, code, resp.error.message, retry)
+                    )
         elif kind == ResponseKind.GAP:
             lost = self._ledger.on_gap(resp.gap_from, resp.gap_to)
             await self._results_send.send(Gap(resp.gap_from, resp.gap_to, lost))
@@ -1128,7 +1199,7 @@ class NimbusClient:
             return
         while True:
             deadline = self._ledger.ack_deadline()
-            if deadline is None or not self._ledger.is_connected:
+            if deadline is None or not self._ledger.is_writable:
                 # Nothing to ack, or no stream: on_connected() repeats the ack on the next one.
                 await self._ack_wake.wait()
                 self._ack_wake = trio.Event()
@@ -1145,7 +1216,7 @@ class NimbusClient:
         """Retransmit events refused with UNAVAILABLE once their backoff has passed."""
         while True:
             at = self._ledger.next_retry_at()
-            if at is None or not self._ledger.is_connected:
+            if at is None or not self._ledger.is_writable:
                 await self._retry_wake.wait()
                 self._retry_wake = trio.Event()
                 continue
@@ -1174,9 +1245,11 @@ class NimbusClient:
 
     # --- internals: the asyncio side (runs inside trio-asyncio) ----------------------------
 
-    async def _aio_stream(self, stream: _Stream, responses: trio.MemorySendChannel[_Inbound]) -> None:
+    async def _aio_stream(
+        self, stream: _Stream, responses: trio.MemorySendChannel[_Inbound]
+    ) -> None:
         host, port = parse_target(stream.target)
-        channel = Channel(host, port)
+        channel = Channel(host, port, config=self._grpc_config)
         try:
             call = channel.request(
                 METHOD,
@@ -1194,7 +1267,9 @@ class NimbusClient:
                 try:
                     pending: set[asyncio.Future[None]] = {reader, writer}
                     while reader in pending:
-                        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                        done, pending = await asyncio.wait(
+                            pending, return_when=asyncio.FIRST_COMPLETED
+                        )
                         if writer in done:
                             writer.result()  # raises if the writer failed; else we half-closed
                     reader.result()
@@ -1225,7 +1300,9 @@ class NimbusClient:
                 return
             await _hand_over(responses, message)
 
-    async def _aio_writer(self, call: GrpcStream[EventRequest, EventResponse], stream: _Stream) -> None:
+    async def _aio_writer(
+        self, call: GrpcStream[EventRequest, EventResponse], stream: _Stream
+    ) -> None:
         outbox = stream.outbox
         forget_written = self.protocol == 1
         try:
@@ -1285,6 +1362,7 @@ async def open_client(
     ack_every: int = 100,
     ack_interval: float = 0.005,
     dial_timeout: float = 5.0,
+    keepalive: float | None = 30.0,
     close_timeout: float = 2.0,
     close_linger: float = 0.05,
 ) -> AsyncIterator[NimbusClient]:
@@ -1307,6 +1385,10 @@ async def open_client(
       for the application before the stream stops reading.
     - ack_every / ack_interval: an ack goes out after that many results, or that long after
       the first unacked one, whichever comes first.
+    - dial_timeout: per connection attempt. keepalive: ping the server when the connection has
+      been quiet this many seconds; no answer within min(20, keepalive) s ends the stream (and
+      the client reconnects). None: no pings, a silently dead link goes unnoticed.
+    - close_timeout / close_linger: bound aclose(); wait after the final ack before ending.
     """
     if trio_asyncio.current_loop.get() is None:
         raise RuntimeError(
@@ -1326,6 +1408,7 @@ async def open_client(
         ack_every=ack_every,
         ack_interval=ack_interval,
         dial_timeout=dial_timeout,
+        keepalive=keepalive,
         close_timeout=close_timeout,
         close_linger=close_linger,
     )
@@ -1365,7 +1448,11 @@ def format_result(result: Result, *, protocol: int = 2, mine: bool = True) -> st
     else:
         text = f"{call} = {result.result}"
     if protocol == 2:
-        text += f"  (delivery {result.delivery_id}" + ("" if mine else ", from an earlier session") + ")"
+        text += (
+            f"  (delivery {result.delivery_id}"
+            + ("" if mine else ", from an earlier session")
+            + ")"
+        )
     return text
 
 
@@ -1393,7 +1480,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m nimbus.client",
         description=(
-            "Send `sq` events for each number in --start..--end over one Nimbus stream and print "
+            "Send an event (`sq` by default) for each number in --start..--end over one Nimbus "
+            "stream and print "
             "the results as they arrive. --start=0 --end=0 sends nothing and stands by for results "
             "(Ctrl-C to stop)."
         ),
@@ -1403,7 +1491,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "4 server refused the stream, 130 interrupted."
         ),
     )
-    parser.add_argument("--client_id", "--client-id", default="client_default", help="client id (metadata client_id)")
+    parser.add_argument(
+        "--client_id",
+        "--client-id",
+        default="client_default",
+        help="client id (metadata client_id)",
+    )
     parser.add_argument("--start", type=int, default=1, help="first number (default 1)")
     parser.add_argument("--end", type=int, default=10, help="last number, inclusive (default 10)")
     parser.add_argument(
@@ -1413,11 +1506,25 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="HOST:PORT",
         help="a server pod; repeat for several (default 127.0.0.1:$NIMBUS_PORT, else 50051)",
     )
-    parser.add_argument("--protocol", type=int, choices=(1, 2), default=2, help="1: the original's, 2: acks and receipts (default)")
+    parser.add_argument(
+        "--protocol",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="1: the original's, 2: acks and receipts (default)",
+    )
     parser.add_argument("--event", default="sq", help="event name (default sq)")
     parser.add_argument("--trace", action="store_true", help="print each result's trace steps")
-    parser.add_argument("--timeout", type=float, default=30.0, metavar="SEC", help="give up after SEC seconds (default 30)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log connection events to stderr")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SEC",
+        help="give up after SEC seconds (default 30)",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log connection events to stderr"
+    )
     args = parser.parse_args(argv)
     args.target = args.target or [_default_target()]
     for t in args.target:
@@ -1447,6 +1554,7 @@ async def _cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     standby = args.start == 0 and args.end == 0
     numbers = [] if standby else list(range(args.start, args.end + 1))
     outstanding = set(numbers)  # numbers whose result (or final refusal) has not arrived
+    unanswered = 0  # results carrying an error, and final refusals
     seq_number: dict[int, int] = {}
     lost: list[int] = []
     all_sent = False
@@ -1459,15 +1567,29 @@ async def _cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             finished.set()
 
     def on_event(notice: Notice) -> None:
+        nonlocal unanswered
         if isinstance(notice, Refused):
             if notice.will_retry:
                 if args.verbose:
-                    print(f"{notice.event_name}({notice.number}) not accepted ({notice.code.name}), resending", file=err)
+                    print(
+                        f"{notice.event_name}({notice.number}) not accepted ({notice.code.name}), resending",
+                        file=err,
+                    )
                 return
-            print(f"{notice.event_name}({notice.number}) refused: {notice.code.name}: {notice.message}", file=out, flush=True)
+            print(
+                f"{notice.event_name}({notice.number}) refused: {notice.code.name}: {notice.message}",
+                file=out,
+                flush=True,
+            )
+            if notice.number in outstanding:
+                unanswered += 1
             settle(notice.number)
         elif isinstance(notice, Gap):
-            print(f"results {notice.first}..{notice.last} aged out on the server and are lost", file=out, flush=True)
+            print(
+                f"results {notice.first}..{notice.last} aged out on the server and are lost",
+                file=out,
+                flush=True,
+            )
             for seq in notice.lost_seqs:
                 if seq in seq_number:
                     lost.append(seq_number[seq])
@@ -1480,10 +1602,12 @@ async def _cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         for n in numbers:
             seq_number[await client.send(args.event, n)] = n
         all_sent = True
-        if not outstanding:  # everything may have settled before the last send() returned
+        # Everything may have settled before the last send() returned.
+        if numbers and not outstanding:
             finished.set()
 
     async def printer(client: NimbusClient) -> None:
+        nonlocal unanswered
         async for r in client.results():
             # Protocol 2: a result without a seq answers an event of an earlier session.
             mine = args.protocol == 1 or r.seq is not None
@@ -1492,6 +1616,8 @@ async def _cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 for line in format_trace(r.log):
                     print(line, file=out, flush=True)
             if mine:
+                if r.error is not None and r.number in outstanding:
+                    unanswered += 1
                 settle(r.number)
 
     async def session(client: NimbusClient) -> None:
@@ -1542,11 +1668,21 @@ async def _cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if timeout_scope.cancelled_caught or outstanding or lost:
         missing = sorted(outstanding | set(lost))
         shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
-        why = f"timed out after {args.timeout:g}s" if timeout_scope.cancelled_caught else "results were lost"
-        print(f"{why}: {len(missing)} of {len(numbers)} results missing ({args.event} {shown})", file=err)
+        why = (
+            f"timed out after {args.timeout:g}s"
+            if timeout_scope.cancelled_caught
+            else "results were lost"
+        )
+        print(
+            f"{why}: {len(missing)} of {len(numbers)} results missing ({args.event} {shown})",
+            file=err,
+        )
         return EXIT_MISSING
     if numbers:
-        print(f"all {len(numbers)} results received in {trio.current_time() - started:.2f}s", file=err)
+        errors = f" ({unanswered} with an error)" if unanswered else ""
+        print(
+            f"all {len(numbers)} answered{errors} in {trio.current_time() - started:.2f}s", file=err
+        )
     return EXIT_OK
 
 

@@ -18,11 +18,15 @@ import asyncio
 import contextlib
 import os
 import random
+import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -34,11 +38,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nimbus.client import (
+    ClientClosed,
     ClientLedger,
     ConnectionFailed,
     Gap,
     NimbusClient,
     Notice,
+    OutgoingEvent,
     Refused,
     Result,
     StreamEnd,
@@ -62,7 +68,6 @@ from nimbus.proto_gen.nimbus import (
 
 REPO = Path(__file__).resolve().parents[1]
 METHOD = "/nimbus.NimbusService/ProcessEvent"
-FAST = {"backoff": (0.01, 0.05), "close_linger": 0.01}
 
 
 # =============================================================================================
@@ -70,8 +75,8 @@ FAST = {"backoff": (0.01, 0.05), "close_linger": 0.01}
 # =============================================================================================
 
 
-def connected_ledger(**kw: object) -> ClientLedger:
-    ledger = ClientLedger(**kw)  # type: ignore[arg-type]
+def connected_ledger(**kw: Any) -> ClientLedger:
+    ledger = ClientLedger(**kw)
     assert ledger.on_connected() == (None, [])
     return ledger
 
@@ -128,7 +133,8 @@ def test_overtaken_receipted_result_counts_as_skipped() -> None:
     a, b = ledger.add("sq", 1), ledger.add("sq", 2)
     ledger.on_receipt(a.wire_seq, 10)
     ledger.on_receipt(b.wire_seq, 11)
-    assert ledger.on_result(11) == (True, b.seq)  # the server skipped 10: it broke the order promise
+    # The server skipped 10: it broke the order promise.
+    assert ledger.on_result(11) == (True, b.seq)
     assert ledger.stats.skipped == 1
     assert ledger.on_result(10) == (False, None)
 
@@ -155,10 +161,28 @@ def test_unreceipted_events_are_resent_in_seq_order_after_reconnect() -> None:
     ack, out = ledger.on_connected()
     assert ack is None
     assert [e.number for e in out] == [1, 3, 5, 6]
-    assert [e.wire_seq for e in out] == [1, 3, 5, 6]  # a resend keeps its seq: a server may recognise it
+    assert [e.wire_seq for e in out] == [
+        1,
+        3,
+        5,
+        6,
+    ]  # a resend keeps its seq: a server may recognise it
     assert ledger.stats.resent == 3
     # Receipts of the old stream's seqs are not confused with the new ones.
     assert ledger.on_receipt(2, 99) is None
+
+
+def test_lost_stream_still_settles_receipts_but_carries_nothing_new() -> None:
+    ledger = connected_ledger()
+    a = ledger.add("sq", 1)
+    ledger.on_stream_lost()
+    b = ledger.add("sq", 2)
+    assert not b.in_flight  # not written to a dead stream
+    # A receipt that made it before the cut still counts.
+    assert ledger.on_receipt(a.wire_seq, 10) is a
+    ledger.on_disconnected()
+    _, out = ledger.on_connected()
+    assert out == [b] and ledger.stats.resent == 0
 
 
 def test_unavailable_refusal_retries_with_a_fresh_seq_after_backoff() -> None:
@@ -170,7 +194,8 @@ def test_unavailable_refusal_retries_with_a_fresh_seq_after_backoff() -> None:
     assert ledger.next_retry_at() == 10.5  # equal jitter with rand=0: half of 1 s
     assert ledger.due_retries(10.4) == []
     (again,) = ledger.due_retries(10.5)
-    assert again is a and a.seq == 1 and a.wire_seq == 3 > b.wire_seq  # strictly increasing on the stream
+    # A fresh seq keeps seqs strictly increasing on the stream.
+    assert again is a and a.seq == 1 and a.wire_seq == 3 > b.wire_seq
     assert ledger.next_retry_at() is None
     ledger.on_receipt(3, 77)
     assert ledger.on_result(77) == (True, 1)  # the application's handle is still the first seq
@@ -249,7 +274,9 @@ def test_stream_end_classification() -> None:
     assert classify_stream_end(None, None) is StreamEnd.RECONNECT
     assert classify_stream_end(Status.OK, None) is StreamEnd.RECONNECT
     assert classify_stream_end(Status.UNAVAILABLE, "draining") is StreamEnd.RECONNECT
-    assert classify_stream_end(Status.ABORTED, "superseded by a newer stream") is StreamEnd.SUPERSEDED
+    assert (
+        classify_stream_end(Status.ABORTED, "superseded by a newer stream") is StreamEnd.SUPERSEDED
+    )
     assert classify_stream_end(Status.ABORTED, "try again") is StreamEnd.RECONNECT
     assert classify_stream_end(Status.INVALID_ARGUMENT, "client_id missing") is StreamEnd.REFUSED
     assert classify_stream_end(Status.PERMISSION_DENIED, None) is StreamEnd.REFUSED
@@ -287,6 +314,7 @@ class ModelServer:
     offset: int = 0
     inbox: list[EventRequest] = field(default_factory=list)  # client -> server, in flight
     outbox: list[EventResponse] = field(default_factory=list)  # server -> client, in flight
+    seen: list[int] = field(default_factory=list)  # delivery ids of results the client received
 
     def accept(self, req: EventRequest, stride: int, refuse: bool) -> None:
         if not req.event_name:
@@ -295,7 +323,11 @@ class ModelServer:
             return
         if refuse:
             self.outbox.append(
-                EventResponse(kind=ResponseKind.ERROR, seq=req.seq, error=EventError(code=ErrorCode.UNAVAILABLE))
+                EventResponse(
+                    kind=ResponseKind.ERROR,
+                    seq=req.seq,
+                    error=EventError(code=ErrorCode.UNAVAILABLE),
+                )
             )
             return
         self.offset += stride
@@ -303,7 +335,9 @@ class ModelServer:
         self.log.append((did, req.seq))
         self.number_of[did] = req.number
         self.outbox.append(EventResponse(kind=ResponseKind.RECEIPT, seq=req.seq, delivery_id=did))
-        self.outbox.append(EventResponse(kind=ResponseKind.RESULT, delivery_id=did, number=req.number))
+        self.outbox.append(
+            EventResponse(kind=ResponseKind.RESULT, delivery_id=did, number=req.number)
+        )
 
     def new_stream(self) -> None:
         self.inbox.clear()
@@ -316,7 +350,22 @@ class ModelServer:
 
 OPS = st.lists(
     st.tuples(
-        st.sampled_from(["send", "serve", "serve", "deliver", "deliver", "deliver", "consume", "consume", "tick", "redeliver", "refuse", "drop"]),
+        st.sampled_from(
+            [
+                "send",
+                "serve",
+                "serve",
+                "deliver",
+                "deliver",
+                "deliver",
+                "consume",
+                "consume",
+                "tick",
+                "redeliver",
+                "refuse",
+                "drop",
+            ]
+        ),
         st.integers(1, 3),
     ),
     max_size=120,
@@ -325,7 +374,9 @@ OPS = st.lists(
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=OPS)
-def test_ledger_delivers_each_result_once_in_order_across_reconnects(ops: list[tuple[str, int]]) -> None:
+def test_ledger_delivers_each_result_once_in_order_across_reconnects(
+    ops: list[tuple[str, int]],
+) -> None:
     ledger = ClientLedger(ack_every=3, ack_interval=1.0, retry_backoff=(1.0, 4.0), rand=lambda: 0.5)
     server = ModelServer()
     now = 0.0
@@ -334,9 +385,11 @@ def test_ledger_delivers_each_result_once_in_order_across_reconnects(ops: list[t
     number_of_seq: dict[int, int] = {}
     next_number = 1
 
-    def transmit(evs: list) -> None:  # type: ignore[type-arg]
+    def transmit(evs: list[OutgoingEvent]) -> None:
         for ev in evs:
-            server.inbox.append(EventRequest(event_name=ev.event_name, number=ev.number, seq=ev.wire_seq))
+            server.inbox.append(
+                EventRequest(event_name=ev.event_name, number=ev.number, seq=ev.wire_seq)
+            )
 
     def step(op: str, arg: int) -> None:
         nonlocal now, next_number
@@ -350,6 +403,8 @@ def test_ledger_delivers_each_result_once_in_order_across_reconnects(ops: list[t
             server.accept(server.inbox.pop(0), stride=arg, refuse=op == "refuse")
         elif op == "deliver" and server.outbox:
             resp = server.outbox.pop(0)
+            if resp.kind == ResponseKind.RESULT:
+                server.seen.append(resp.delivery_id)
             if resp.kind == ResponseKind.RECEIPT:
                 ledger.on_receipt(resp.seq, resp.delivery_id)
             elif resp.kind == ResponseKind.ERROR:
@@ -358,10 +413,17 @@ def test_ledger_delivers_each_result_once_in_order_across_reconnects(ops: list[t
                 deliver, seq = ledger.on_result(resp.delivery_id)
                 if deliver:
                     buffered.append((resp.delivery_id, seq))
-        elif op == "redeliver" and server.log:
-            # A redelivery on the wire (e.g. a replay racing the live path).
-            did = server.log[min(arg, len(server.log)) - 1][0]
-            server.outbox.insert(0, EventResponse(kind=ResponseKind.RESULT, delivery_id=did, number=server.number_of[did]))
+        elif op == "redeliver" and server.seen:
+            # A duplicate on the wire of a result the client already received (e.g. a replay
+            # racing the live path). Never one it has not seen: putting a result ahead of a lower
+            # one still undelivered would break the order promise, which dedupe cannot repair.
+            did = server.seen[-min(arg, len(server.seen))]
+            server.outbox.insert(
+                0,
+                EventResponse(
+                    kind=ResponseKind.RESULT, delivery_id=did, number=server.number_of[did]
+                ),
+            )
         elif op == "consume" and buffered:
             did, seq = buffered.pop(0)
             taken.append(did)
@@ -384,7 +446,9 @@ def test_ledger_delivers_each_result_once_in_order_across_reconnects(ops: list[t
         transmit(ledger.due_retries(now))
         # Invariants at every step.
         assert taken == sorted(set(taken)), "handed over out of order or twice"
-        assert server.acked <= (taken[-1] if taken else 0), "acked something the application never took"
+        assert server.acked <= (taken[-1] if taken else 0), (
+            "acked something the application never took"
+        )
 
     for op, arg in ops:
         step(op, arg)
@@ -445,7 +509,8 @@ class FakeNimbus:
     Knobs: `drop_points` (total responses sent after which the TCP connection is aborted: the
     fault switch), `dedupe_seqs` (a resend with a known seq gets its original receipt, as a
     server remembering seqs would do), `unavailable` (refuse that many events with
-    UNAVAILABLE), `hold_results` (receipt, never answer), `refuse` (end every stream with a status).
+    UNAVAILABLE), `hold_results` (receipt, never answer), `refuse` (end every stream with a status),
+    `reading` (an asyncio.Event: clear it and the server stops reading requests).
     """
 
     def __init__(
@@ -467,13 +532,29 @@ class FakeNimbus:
         self.streams = 0
         self.metadata: list[dict[str, str]] = []
         self.requests: list[EventRequest] = []
+        self._stream_started = trio.Event()  # set from the asyncio side: a sync call, same thread
+        self.reading = asyncio.Event()  # clear() to stop reading requests (backpressure tests)
+        self.reading.set()
+
+    async def current_stream(self, client_id: str) -> _FakeConn:
+        """Wait until the server has registered a stream of `client_id` (trio side)."""
+        while (state := self.clients.get(client_id)) is None or state.current is None:
+            await self._stream_started.wait()
+            self._stream_started = trio.Event()
+        return state.current
 
     def __mapping__(self) -> dict[str, Handler]:
         # A raw handler rather than betterproto's base class: it needs `stream.metadata`.
-        return {METHOD: Handler(self._process_event, Cardinality.STREAM_STREAM, EventRequest, EventResponse)}
+        return {
+            METHOD: Handler(
+                self._process_event, Cardinality.STREAM_STREAM, EventRequest, EventResponse
+            )
+        }
 
     async def _process_event(self, stream: Stream[EventRequest, EventResponse]) -> None:
-        md = dict(stream.metadata or {})
+        md = {
+            k: v if isinstance(v, str) else v.decode() for k, v in (stream.metadata or {}).items()
+        }
         self.metadata.append(md)
         client_id = md.get("client_id", "")
         if not client_id:
@@ -493,6 +574,7 @@ class FakeNimbus:
                 if resp.delivery_id > state.acked:
                     conn.queue.put_nowait(resp)
         state.current = conn
+        self._stream_started.set()
         tasks = [
             asyncio.ensure_future(self._read(conn, state, v2)),
             asyncio.ensure_future(self._write(conn)),
@@ -519,27 +601,44 @@ class FakeNimbus:
 
     async def _read(self, conn: _FakeConn, state: _FakeClient, v2: bool) -> None:
         async for req in conn.stream:
+            await self.reading.wait()
             self.requests.append(req)
             if not v2:
-                conn.queue.put_nowait(EventResponse(event_name=req.event_name, number=req.number, result=req.number**2))
+                conn.queue.put_nowait(
+                    EventResponse(
+                        event_name=req.event_name, number=req.number, result=req.number**2
+                    )
+                )
                 continue
             if not req.event_name:
                 state.acked = max(state.acked, req.ack)
                 continue
             if self.dedupe_seqs and req.seq in state.seqs:
-                conn.queue.put_nowait(EventResponse(kind=ResponseKind.RECEIPT, seq=req.seq, delivery_id=state.seqs[req.seq]))
+                conn.queue.put_nowait(
+                    EventResponse(
+                        kind=ResponseKind.RECEIPT, seq=req.seq, delivery_id=state.seqs[req.seq]
+                    )
+                )
                 continue
             if self.unavailable > 0:
                 self.unavailable -= 1
-                conn.queue.put_nowait(self._error(req.seq, ErrorCode.UNAVAILABLE, "kafka produce failed"))
+                conn.queue.put_nowait(
+                    self._error(req.seq, ErrorCode.UNAVAILABLE, "kafka produce failed")
+                )
                 continue
             if req.event_name != "sq":
-                conn.queue.put_nowait(self._error(req.seq, ErrorCode.UNKNOWN_EVENT, f"unknown event {req.event_name!r}"))
+                conn.queue.put_nowait(
+                    self._error(
+                        req.seq, ErrorCode.UNKNOWN_EVENT, f"unknown event {req.event_name!r}"
+                    )
+                )
                 continue
             state.offset += random.randint(1, 3)
             did = state.offset
             state.seqs[req.seq] = did
-            conn.queue.put_nowait(EventResponse(kind=ResponseKind.RECEIPT, seq=req.seq, delivery_id=did))
+            conn.queue.put_nowait(
+                EventResponse(kind=ResponseKind.RECEIPT, seq=req.seq, delivery_id=did)
+            )
             if self.hold_results:
                 continue
             result = EventResponse(
@@ -547,10 +646,21 @@ class FakeNimbus:
                 delivery_id=did,
                 event_name=req.event_name,
                 number=req.number,
-                log=LogEntry(steps=[TraceStep(service_name="fake", instance_id="t", method_name="sq", message="computed")]),
+                log=LogEntry(
+                    steps=[
+                        TraceStep(
+                            service_name="fake",
+                            instance_id="t",
+                            method_name="sq",
+                            message="computed",
+                        )
+                    ]
+                ),
             )
             if abs(req.number) > 46340:
-                result.error = EventError(code=ErrorCode.OUT_OF_RANGE, message=f"sq({req.number}) does not fit int32")
+                result.error = EventError(
+                    code=ErrorCode.OUT_OF_RANGE, message=f"sq({req.number}) does not fit int32"
+                )
             else:
                 result.result = req.number**2
             state.log.append(result)
@@ -559,7 +669,9 @@ class FakeNimbus:
 
     @staticmethod
     def _error(seq: int, code: ErrorCode, message: str) -> EventResponse:
-        return EventResponse(kind=ResponseKind.ERROR, seq=seq, error=EventError(code=code, message=message))
+        return EventResponse(
+            kind=ResponseKind.ERROR, seq=seq, error=EventError(code=code, message=message)
+        )
 
     async def _write(self, conn: _FakeConn) -> None:
         while True:
@@ -590,11 +702,53 @@ async def serving(fake: FakeNimbus) -> AsyncIterator[str]:
         await trio_asyncio.aio_as_trio(server.wait_closed)()
 
 
+class FreezingProxy:
+    """A TCP proxy whose live connections can be frozen: from then on their bytes vanish in both
+    directions and nothing is closed, like a link that died silently (NAT timeout, lost signal)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = parse_target(upstream)
+        self.frozen_before = 0  # connections numbered below this are frozen
+        self.connections = 0
+
+    def freeze(self) -> None:
+        self.frozen_before = self.connections + 1
+
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(f"127.0.0.1:{listeners[0].socket.getsockname()[1]}")
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, down: trio.SocketStream) -> None:
+        self.connections += 1
+        number = self.connections
+        async with down, await trio.open_tcp_stream(*self.upstream) as up:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, down, up, number)
+                nursery.start_soon(self._pump, up, down, number)
+
+    async def _pump(self, src: trio.SocketStream, dst: trio.SocketStream, number: int) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async for chunk in src:
+                if number >= self.frozen_before:
+                    await dst.send_all(chunk)
+            await dst.send_eof()
+
+
 def free_port() -> int:
     """A port nothing listens on (bound, then released)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def fast_client(
+    targets: str | list[str], client_id: str, **kw: Any
+) -> AbstractAsyncContextManager[NimbusClient]:
+    """open_client with test-speed backoff and close linger."""
+    kw.setdefault("backoff", (0.01, 0.05))
+    kw.setdefault("close_linger", 0.01)
+    return open_client([targets] if isinstance(targets, str) else targets, client_id, **kw)
 
 
 async def collect(client: NimbusClient, count: int, into: list[Result]) -> None:
@@ -614,7 +768,7 @@ async def test_results_arrive_in_order_with_receipts_and_acks() -> None:
     notices: list[Notice] = []
     with trio.fail_after(20):
         async with trio_asyncio.open_loop(), serving(fake) as target:
-            async with open_client([target], "c-basic", on_event=notices.append, **FAST) as client:  # type: ignore[arg-type]
+            async with fast_client(target, "c-basic", on_event=notices.append) as client:
                 got: list[Result] = []
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(collect, client, 20, got)
@@ -635,11 +789,12 @@ async def test_results_arrive_in_order_with_receipts_and_acks() -> None:
 
 async def test_exactly_once_in_order_across_three_forced_disconnects() -> None:
     fake = FakeNimbus()
-    fake.drop_points = [60, 150, 260]  # responses sent (receipts, results, replays) before each drop
+    # Responses sent (receipts, results, replays) before each drop.
+    fake.drop_points = [60, 150, 260]
     got: list[Result] = []
     with trio.fail_after(30):
         async with trio_asyncio.open_loop(), serving(fake) as target:
-            async with open_client([target], "c-chaos", **FAST) as client:  # type: ignore[arg-type]
+            async with fast_client(target, "c-chaos") as client:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(collect, client, 200, got)
                     for n in range(1, 201):
@@ -662,13 +817,15 @@ async def test_without_server_dedupe_results_stay_unique_by_delivery_id() -> Non
     got: list[Result] = []
     with trio.fail_after(30):
         async with trio_asyncio.open_loop(), serving(fake) as target:
-            async with open_client([target], "c-nodedupe", **FAST) as client:  # type: ignore[arg-type]
+            async with fast_client(target, "c-nodedupe") as client:
                 async with trio.open_nursery() as nursery:
 
                     async def until_all_numbers() -> None:
                         async for r in client.results():
                             got.append(r)
-                            if {x.number for x in got} >= set(range(1, 151)) and client.pending == 0:
+                            if {x.number for x in got} >= set(
+                                range(1, 151)
+                            ) and client.pending == 0:
                                 await trio.sleep(0.2)  # let any duplicate result arrive too
                                 nursery.cancel_scope.cancel()
 
@@ -689,8 +846,8 @@ async def test_redeliveries_after_reconnect_are_dropped() -> None:
     got: list[Result] = []
     with trio.fail_after(20):
         async with trio_asyncio.open_loop(), serving(fake) as target:
-            async with open_client(
-                [target], "c-replay", ack_every=10_000, ack_interval=60.0, **FAST  # type: ignore[arg-type]
+            async with fast_client(
+                target, "c-replay", ack_every=10_000, ack_interval=60.0
             ) as client:
                 for n in range(1, 31):
                     await client.send("sq", n)
@@ -712,7 +869,7 @@ async def test_switch_moves_to_another_pod() -> None:
     with trio.fail_after(20):
         async with trio_asyncio.open_loop(), serving(fake) as a, serving(fake) as b:
             # Two "pods" sharing one backend state, as two Nimbus pods share Kafka and Redis.
-            async with open_client([a], "c-switch", **FAST) as client:  # type: ignore[arg-type]
+            async with fast_client(a, "c-switch") as client:
                 got: list[Result] = []
                 for n in range(1, 6):
                     await client.send("sq", n)
@@ -731,7 +888,7 @@ async def test_unavailable_refusals_are_retried_and_unknown_events_refused() -> 
     notices: list[Notice] = []
     with trio.fail_after(20):
         async with trio_asyncio.open_loop(), serving(fake) as target:
-            async with open_client([target], "c-retry", on_event=notices.append, **FAST) as client:  # type: ignore[arg-type]
+            async with fast_client(target, "c-retry", on_event=notices.append) as client:
                 for n in range(1, 6):
                     await client.send("sq", n)
                 bad = await client.send("cube", 2)
@@ -752,7 +909,7 @@ async def test_result_errors_reach_the_application() -> None:
     fake = FakeNimbus()
     with trio.fail_after(20):
         async with trio_asyncio.open_loop(), serving(fake) as target:
-            async with open_client([target], "c-range", **FAST) as client:  # type: ignore[arg-type]
+            async with fast_client(target, "c-range") as client:
                 await client.send("sq", 50_000)
                 r = await client.receive()
     assert not r.ok and r.error is not None and r.error.code == ErrorCode.OUT_OF_RANGE
@@ -763,8 +920,8 @@ async def test_second_stream_supersedes_the_first() -> None:
     fake = FakeNimbus()
     with trio.fail_after(20):
         async with trio_asyncio.open_loop(), serving(fake) as target:
-            async with open_client([target], "c-dup", **FAST) as first:  # type: ignore[arg-type]
-                async with open_client([target], "c-dup", **FAST) as second:  # type: ignore[arg-type]
+            async with fast_client(target, "c-dup") as first:
+                async with fast_client(target, "c-dup") as second:
                     with pytest.raises(Superseded):
                         await first.receive()
                     assert isinstance(first.close_reason, Superseded)
@@ -789,7 +946,7 @@ async def test_refused_stream_is_reported_not_retried() -> None:
     fake = FakeNimbus(refuse=(Status.PERMISSION_DENIED, "go away"))
     with trio.fail_after(10):
         async with trio_asyncio.open_loop(), serving(fake) as target:
-            async with open_client([target], "c-refused", **FAST) as client:  # type: ignore[arg-type]
+            async with fast_client(target, "c-refused") as client:
                 with pytest.raises(StreamRefused, match="PERMISSION_DENIED: go away"):
                     await client.receive()
     assert fake.streams == 0 and len(fake.metadata) == 1
@@ -800,7 +957,7 @@ async def test_rotates_to_the_next_target_when_one_is_down() -> None:
     with trio.fail_after(10):
         async with trio_asyncio.open_loop(), serving(fake) as target:
             down = f"127.0.0.1:{free_port()}"
-            async with open_client([down, target], "c-rotate", connect_timeout=5, **FAST) as client:  # type: ignore[arg-type]
+            async with fast_client([down, target], "c-rotate", connect_timeout=5) as client:
                 assert client.target == target
                 await client.send("sq", 4)
                 assert (await client.receive()).result == 16
@@ -810,7 +967,7 @@ async def test_protocol_1_is_the_original_behaviour() -> None:
     fake = FakeNimbus()
     with trio.fail_after(10):
         async with trio_asyncio.open_loop(), serving(fake) as target:
-            async with open_client([target], "c-v1", protocol=1, **FAST) as client:  # type: ignore[arg-type]
+            async with fast_client(target, "c-v1", protocol=1) as client:
                 for n in (3, 4):
                     await client.send("sq", n)
                 got: list[Result] = []
@@ -818,6 +975,91 @@ async def test_protocol_1_is_the_original_behaviour() -> None:
     assert [(r.number, r.result, r.delivery_id) for r in got] == [(3, 9, 0), (4, 16, 0)]
     assert "nimbus-protocol" not in fake.metadata[0]
     assert all(r.seq == 0 and r.ack == 0 for r in fake.requests)
+
+
+async def test_send_waits_while_max_pending_events_are_unreceipted() -> None:
+    fake = FakeNimbus()
+    fake.reading.clear()
+    with trio.fail_after(10):
+        async with trio_asyncio.open_loop(), serving(fake) as target:
+            async with fast_client(target, "c-pressure", max_pending=3) as client:
+                for n in range(1, 4):
+                    await client.send("sq", n)
+                with trio.move_on_after(0.2) as blocked:
+                    await client.send("sq", 4)
+                assert blocked.cancelled_caught and client.pending == 3
+                fake.reading.set()
+                await client.send("sq", 4)
+                got: list[Result] = []
+                await collect(client, 4, got)
+    assert [r.number for r in got] == [1, 2, 3, 4]
+
+
+async def test_closed_client_refuses_to_send_and_aclose_is_idempotent() -> None:
+    fake = FakeNimbus()
+    with trio.fail_after(10):
+        async with trio_asyncio.open_loop(), serving(fake) as target:
+            async with fast_client(target, "c-close") as client:
+                await client.send("sq", 2)
+                assert (await client.receive()).result == 4
+                await client.aclose()
+                await client.aclose()
+                assert client.closed and not client.connected
+                with pytest.raises(ClientClosed):
+                    await client.send("sq", 3)
+                assert [r async for r in client.results()] == []  # ends quietly once closed
+    assert fake.clients["c-close"].acked > 0
+
+
+async def test_cancellation_from_outside_still_flushes_the_final_ack() -> None:
+    # Acks are held back (60 s), so only the graceful close can deliver this one; a timeout or
+    # Ctrl-C around the `async with` must not cut the stream before it does.
+    fake = FakeNimbus()
+    with trio.fail_after(10):
+        async with trio_asyncio.open_loop(), serving(fake) as target:
+            with trio.CancelScope() as outer:
+                async with fast_client(
+                    target, "c-cancel", ack_every=10_000, ack_interval=60.0
+                ) as client:
+                    await client.send("sq", 3)
+                    r = await client.receive()
+                    outer.cancel()
+                    await trio.sleep_forever()
+    assert fake.clients["c-cancel"].acked == r.delivery_id
+
+
+async def test_keepalive_detects_a_silently_dead_link() -> None:
+    fake = FakeNimbus()
+    with trio.fail_after(15):
+        async with (
+            trio_asyncio.open_loop(),
+            serving(fake) as target,
+            trio.open_nursery() as nursery,
+        ):
+            proxy = FreezingProxy(target)
+            via = await nursery.start(proxy.serve)
+            async with fast_client(via, "c-silent", keepalive=0.2) as client:
+                await client.send("sq", 2)
+                assert (await client.receive()).result == 4
+                proxy.freeze()
+                await client.send("sq", 3)  # into the void: no error, no answer
+                r = await client.receive()  # after the unanswered ping ended the stream, resent
+                assert r.number == 3 and r.result == 9
+                assert client.stats.reconnects == 1 and proxy.connections == 2
+            nursery.cancel_scope.cancel()
+
+
+async def test_without_reconnect_a_lost_stream_fails_the_client() -> None:
+    fake = FakeNimbus()
+    fake.drop_points = [2]
+    with trio.fail_after(10):
+        async with trio_asyncio.open_loop(), serving(fake) as target:
+            async with fast_client(target, "c-once", reconnect=False) as client:
+                await client.send("sq", 5)
+                with pytest.raises(ConnectionFailed, match="lost the stream"):
+                    while True:
+                        await client.receive()
+    assert fake.streams == 1
 
 
 async def test_requires_a_trio_asyncio_loop() -> None:
@@ -832,12 +1074,15 @@ async def test_gap_is_told_in_order() -> None:
     notices: list[Notice] = []
     with trio.fail_after(10):
         async with trio_asyncio.open_loop(), serving(fake) as target:
-            async with open_client([target], "c-gap", on_event=notices.append, **FAST) as client:  # type: ignore[arg-type]
-                while (state := fake.clients.get("c-gap")) is None or state.current is None:
-                    await trio.sleep(0.005)  # the client's stream is open before the server's handler runs
-                conn = state.current
+            async with fast_client(target, "c-gap", on_event=notices.append) as client:
+                # The client's stream is open before the server's handler runs.
+                conn = await fake.current_stream("c-gap")
                 conn.queue.put_nowait(EventResponse(kind=ResponseKind.GAP, gap_from=1, gap_to=5))
-                conn.queue.put_nowait(EventResponse(kind=ResponseKind.RESULT, delivery_id=6, event_name="sq", number=2, result=4))
+                conn.queue.put_nowait(
+                    EventResponse(
+                        kind=ResponseKind.RESULT, delivery_id=6, event_name="sq", number=2, result=4
+                    )
+                )
                 r = await client.receive()
                 assert r.delivery_id == 6 and r.seq is None
                 assert [n for n in notices if isinstance(n, Gap)] == [Gap(1, 5, ())]
@@ -850,7 +1095,7 @@ async def test_gap_is_told_in_order() -> None:
 # =============================================================================================
 
 
-async def run_cli(*args: str) -> trio.CompletedProcess[bytes]:
+async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return await trio.run_process(
         [sys.executable, "-m", "nimbus.client", *args],
@@ -865,16 +1110,23 @@ async def run_cli(*args: str) -> trio.CompletedProcess[bytes]:
 async def test_cli_unreachable_server_exits_non_zero_with_a_clear_message() -> None:
     target = f"127.0.0.1:{free_port()}"
     with trio.fail_after(30):
-        proc = await run_cli("--target", target, "--client_id", "cli-down", "--start", "1", "--end", "3")
+        proc = await run_cli(
+            "--target", target, "--client_id", "cli-down", "--start", "1", "--end", "3"
+        )
     assert proc.returncode == 3
-    assert proc.stderr.decode().strip().splitlines()[-1] == f"cannot reach Nimbus at {target}: connection refused"
+    assert (
+        proc.stderr.decode().strip().splitlines()[-1]
+        == f"cannot reach Nimbus at {target}: connection refused"
+    )
 
 
 async def test_cli_prints_every_result_and_exits_zero() -> None:
     fake = FakeNimbus()
     with trio.fail_after(30):
         async with trio_asyncio.open_loop(), serving(fake) as target:
-            proc = await run_cli("--target", target, "--client_id", "cli-ok", "--start", "1", "--end", "5", "--trace")
+            proc = await run_cli(
+                "--target", target, "--client_id", "cli-ok", "--start", "1", "--end", "5", "--trace"
+            )
     out = proc.stdout.decode()
     assert proc.returncode == 0, proc.stderr.decode()
     lines = [line for line in out.splitlines() if not line.startswith("    ")]
@@ -883,13 +1135,61 @@ async def test_cli_prints_every_result_and_exits_zero() -> None:
     assert fake.clients["cli-ok"].acked > 0  # acked before exiting
 
 
+async def test_cli_standby_prints_replayed_results_until_ctrl_c() -> None:
+    # --start=0 --end=0 sends nothing; a result of an earlier session, never acked, is replayed.
+    fake = FakeNimbus()
+    left_over = EventResponse(
+        kind=ResponseKind.RESULT, delivery_id=5, event_name="sq", number=7, result=49
+    )
+    fake.clients["cli-standby"] = _FakeClient(log=[left_over], offset=5)
+    with trio.fail_after(30):
+        async with trio_asyncio.open_loop(), serving(fake) as target:
+            proc = await trio.lowlevel.open_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "nimbus.client",
+                    "--target",
+                    target,
+                    "--client_id",
+                    "cli-standby",
+                    "--start=0",
+                    "--end=0",
+                ],
+                cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                assert proc.stdout is not None
+                out = b""
+                while b"\n" not in out:
+                    chunk = await proc.stdout.receive_some()
+                    assert chunk, "the CLI exited before printing the replayed result"
+                    out += chunk
+                assert (
+                    out.decode().splitlines()[0]
+                    == "sq(7) = 49  (delivery 5, from an earlier session)"
+                )
+                proc.send_signal(signal.SIGINT)
+                assert await proc.wait() == 0
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+    assert fake.clients["cli-standby"].acked == 5
+
+
 async def test_cli_refused_and_timeout_exit_codes() -> None:
     with trio.fail_after(30):
         async with trio_asyncio.open_loop():
             async with serving(FakeNimbus(refuse=(Status.PERMISSION_DENIED, "not you"))) as target:
                 refused = await run_cli("--target", target, "--start", "1", "--end", "2")
             async with serving(FakeNimbus(hold_results=True)) as target:
-                slow = await run_cli("--target", target, "--start", "1", "--end", "4", "--timeout", "1")
+                slow = await run_cli(
+                    "--target", target, "--start", "1", "--end", "4", "--timeout", "1"
+                )
     assert refused.returncode == 4
     assert "PERMISSION_DENIED: not you" in refused.stderr.decode()
     assert slow.returncode == 1
