@@ -13,7 +13,7 @@ from loguru import logger
 from nimbus import events, trace
 from nimbus.config import Settings
 from nimbus.ports import EngineError, Log, LogConsumer, Record, TopicPartition
-from nimbus.proto_gen.nimbus import ErrorCode, EventError, KafkaEventRequest, KafkaEventResponse
+from nimbus.messages import KafkaEventRequest, KafkaEventResponse
 from nimbus.stats import Counters
 
 GROUP = "nimbus-event-consumer"
@@ -27,7 +27,7 @@ def group_for(settings: Settings) -> str:
 def process(rec: Record, instance: str) -> KafkaEventResponse | None:
     """The result of one events-topic record, or None if the record is not an event."""
     try:
-        req = KafkaEventRequest().parse(rec.value)
+        req = KafkaEventRequest.FromString(rec.value)
     except Exception:
         return None
     if not req.client_id or (rec.key is not None and rec.key != req.client_id.encode()):
@@ -44,10 +44,10 @@ def process(rec: Record, instance: str) -> KafkaEventResponse | None:
     try:
         resp.result = events.compute(req.event_name, req.number)
     except events.EventFailed as e:
-        resp.error = EventError(e.code, e.message)
-    resp.log = trace.step(
-        req.log, "event-consumer", instance, "compute", event=req.event_name, partition=rec.partition, offset=rec.offset
-    )
+        resp.error.code = e.code
+        resp.error.message = e.message
+    resp.log.CopyFrom(req.log)
+    trace.step(resp.log, "event-consumer", instance, "compute", event=req.event_name, partition=rec.partition, offset=rec.offset)
     return resp
 
 
@@ -79,9 +79,9 @@ class EventConsumer:
                 self.counters.inc("events.malformed")
                 logger.warning("event consumer: skipping malformed record {}:{}", rec.partition, rec.offset)
                 continue
-            if resp.error.code != ErrorCode.UNSPECIFIED:
+            if resp.HasField("error"):
                 self.counters.inc("events.failed")
-            out.append((resp.client_id.encode(), bytes(resp)))
+            out.append((resp.client_id.encode(), resp.SerializeToString()))
         while True:
             try:
                 if out:

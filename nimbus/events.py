@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from nimbus.proto_gen.nimbus import ErrorCode
+from nimbus import messages as m
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -24,7 +24,7 @@ HANDLERS: dict[str, Handler] = {}
 
 
 class EventFailed(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -45,15 +45,15 @@ def is_known(event_name: str) -> bool:
 def compute(event_name: str, number: int) -> int:
     fn = HANDLERS.get(event_name.lower())
     if fn is None:
-        raise EventFailed(ErrorCode.UNKNOWN_EVENT, f"unknown event {event_name!r}; known: {sorted(HANDLERS)}")
+        raise EventFailed(m.UNKNOWN_EVENT, f"unknown event {event_name!r}; known: {sorted(HANDLERS)}")
     try:
         result = fn(number)
     except EventFailed:
         raise
     except Exception as e:  # a handler bug must fail this event, not the consumer
-        raise EventFailed(ErrorCode.INTERNAL, f"{event_name} failed: {e!r}") from e
+        raise EventFailed(m.INTERNAL, f"{event_name} failed: {e!r}") from e
     if not INT32_MIN <= result <= INT32_MAX:
-        raise EventFailed(ErrorCode.OUT_OF_RANGE, f"{event_name}({number}) = {result} does not fit int32")
+        raise EventFailed(m.OUT_OF_RANGE, f"{event_name}({number}) = {result} does not fit int32")
     return result
 
 

@@ -29,17 +29,18 @@ from nimbus import events, trace
 from nimbus.config import Settings
 from nimbus.lifecycle import Status
 from nimbus.ports import AckItem, EngineError, Log, StateStore
-from nimbus.proto_gen.nimbus import (
+from nimbus.messages import (
+    ERROR,
+    RECEIPT,
+    UNAVAILABLE,
+    UNKNOWN_EVENT,
+    Delivery,
     DeliveryReport,
-    ErrorCode,
-    EventError,
     EventRequest,
     EventResponse,
     KafkaEventRequest,
-    Kick,
     PodMessage,
     ReportItem,
-    ResponseKind,
 )
 from nimbus.stats import Counters
 
@@ -80,7 +81,7 @@ class Pod:
         self.channel = settings.pod_channel
         self.counters = counters or Counters()
         self.sessions: dict[str, Session] = {}
-        self._connecting: dict[str, list[tuple[str, object]]] = {}
+        self._connecting: dict[str, list[tuple[str, Delivery]]] = {}
         self._ids = itertools.count(1)
         send, recv = trio.open_memory_channel[tuple[Session, EventRequest]](10_000)
         self._ingest_send, self._ingest_recv = send, recv
@@ -117,14 +118,15 @@ class Pod:
         if old is not None:
             self._end(old, Close("ABORTED", "superseded by a newer stream for this client_id"))
         elif res.previous_pod and res.previous_pod != self.channel:
-            kick = PodMessage(kicks=[Kick(client_id, res.previous_epoch)])
-            await self.state.publish([(res.previous_pod, bytes(kick))])
+            kick = PodMessage()
+            kick.kicks.add(client_id=client_id, epoch=res.previous_epoch)
+            await self.state.publish([(res.previous_pod, kick.SerializeToString())])
         if res.status is Status.REPLAYING:
             await self.state.publish([(REPLAY_REQUESTS, client_id.encode())])
         self.counters.inc("pod.connects")
         logger.info("client {} connected (epoch {}, {})", client_id, s.epoch, res.status.value)
         for reply_to, d in held:
-            self._deliver(reply_to, d)  # type: ignore[arg-type]
+            self._deliver(reply_to, d)
         return s
 
     async def close_session(self, s: Session) -> None:
@@ -183,7 +185,7 @@ class Pod:
         keep = []
         for d, reply_to, token in s.unconfirmed:
             if d <= acked:
-                self._reports[reply_to].append(ReportItem(token, True, s.client_id, d))
+                self._reports[reply_to].append(ReportItem(token=token, delivered=True, client_id=s.client_id, delivery_id=d))
             else:
                 keep.append((d, reply_to, token))
         s.unconfirmed = keep
@@ -205,7 +207,7 @@ class Pod:
             for s, req in batch:
                 if not events.is_known(req.event_name):
                     self.counters.inc("pod.unknown_event")
-                    self._send(s, self._error(req, ErrorCode.UNKNOWN_EVENT, f"unknown event {req.event_name!r}"))
+                    self._send(s, self._error(s, req, UNKNOWN_EVENT, f"unknown event {req.event_name!r}"))
                     continue
                 kreq = KafkaEventRequest(
                     event_name=req.event_name,
@@ -214,10 +216,10 @@ class Pod:
                     redis_channel=self.channel,
                     epoch=s.epoch,
                     seq=req.seq,
-                    log=trace.step(None, "server", self.s.instance_id, "ProcessEvent", epoch=s.epoch),
                 )
+                trace.step(kreq.log, "server", self.s.instance_id, "ProcessEvent", epoch=s.epoch)
                 accepted.append((s, req))
-                records.append((s.client_id.encode(), bytes(kreq)))
+                records.append((s.client_id.encode(), kreq.SerializeToString()))
             if not records:
                 continue
             try:
@@ -227,7 +229,7 @@ class Pod:
                 self.counters.inc("pod.produce_failed", len(records))
                 for s, req in accepted:
                     if s.protocol >= 2:
-                        self._send(s, self._error(req, ErrorCode.UNAVAILABLE, f"event not accepted: {e}"))
+                        self._send(s, self._error(s, req, UNAVAILABLE, f"event not accepted: {e}"))
                     elif not s.closed:
                         # The original's client cannot be told per event: fail its stream, so it
                         # knows to resend, instead of dropping the event silently (hole 9).
@@ -236,17 +238,18 @@ class Pod:
             self.counters.inc("pod.events", len(records))
             for (s, req), w in zip(accepted, written, strict=True):
                 if s.protocol >= 2:
-                    self._send(s, EventResponse(kind=ResponseKind.RECEIPT, seq=req.seq, delivery_id=w.offset + 1))
+                    self._send(s, EventResponse(kind=RECEIPT, seq=req.seq, delivery_id=w.offset + 1))
 
     @staticmethod
-    def _error(req: EventRequest, code: ErrorCode, message: str) -> EventResponse:
-        return EventResponse(
-            event_name=req.event_name,
-            number=req.number,
-            kind=ResponseKind.ERROR,
-            seq=req.seq,
-            error=EventError(code, message),
-        )
+    def _error(s: Session, req: EventRequest, code: int, message: str) -> EventResponse:
+        resp = EventResponse(event_name=req.event_name, number=req.number)
+        resp.error.code = code
+        resp.error.message = message
+        if s.protocol >= 2:
+            resp.kind = ERROR
+            resp.seq = req.seq
+        # The original's client sees what the original sent: event_name and number, result 0.
+        return resp
 
     def _send(self, s: Session, resp: EventResponse, delivery_id: int = 0) -> bool:
         """Queue for the stream's writer; `delivery_id` > 0 marks a result (see on_written)."""
@@ -264,7 +267,7 @@ class Pod:
     async def _dispatch(self, inbox) -> None:  # type: ignore[no-untyped-def]
         async for payload in inbox:
             try:
-                msg = PodMessage().parse(payload)
+                msg = PodMessage.FromString(payload)
             except Exception:
                 self.counters.inc("pod.bad_message")
                 logger.warning("pod {}: malformed message on the channel", self.channel)
@@ -277,26 +280,28 @@ class Pod:
             for d in msg.deliveries:
                 self._deliver(msg.reply_to, d)
 
-    def _deliver(self, reply_to: str, d) -> None:  # type: ignore[no-untyped-def]
+    def _deliver(self, reply_to: str, d: Delivery) -> None:
         held = self._connecting.get(d.client_id)
         if held is not None:
             held.append((reply_to, d))  # a connect is in progress here: its epoch is coming
             return
         s = self.sessions.get(d.client_id)
         if s is None or s.closed or s.epoch != d.epoch or d.prev_delivery_id > s.last_queued:
-            self._reports[reply_to].append(ReportItem(d.token, False, d.client_id, d.delivery_id))
+            self._reports[reply_to].append(ReportItem(token=d.token, delivered=False, client_id=d.client_id, delivery_id=d.delivery_id))
             self.counters.inc("pod.not_here")
             self._flush.set()
             return
         if d.delivery_id <= s.acked:
-            self._reports[reply_to].append(ReportItem(d.token, True, d.client_id, d.delivery_id))
+            self._reports[reply_to].append(ReportItem(token=d.token, delivered=True, client_id=d.client_id, delivery_id=d.delivery_id))
             self._flush.set()
             return
         resp = d.response
-        resp.log = trace.step(resp.log, "server", self.s.instance_id, "deliver", epoch=s.epoch)
+        trace.step(resp.log, "server", self.s.instance_id, "deliver", epoch=s.epoch)
         if s.protocol < 2:
             # Only the original's fields: it never sees a message it cannot understand.
-            resp = EventResponse(event_name=resp.event_name, number=resp.number, result=resp.result, log=resp.log)
+            old = resp
+            resp = EventResponse(event_name=old.event_name, number=old.number, result=old.result)
+            resp.log.CopyFrom(old.log)
         s.unconfirmed.append((d.delivery_id, reply_to, d.token))
         s.last_queued = max(s.last_queued, d.delivery_id)
         self._send(s, resp, d.delivery_id)
@@ -304,7 +309,7 @@ class Pod:
 
     def _fail_unconfirmed(self, s: Session) -> None:
         for d, reply_to, token in s.unconfirmed:
-            self._reports[reply_to].append(ReportItem(token, False, s.client_id, d))
+            self._reports[reply_to].append(ReportItem(token=token, delivered=False, client_id=s.client_id, delivery_id=d))
         s.unconfirmed = []
         self._flush.set()
 
@@ -321,7 +326,7 @@ class Pod:
                     await self.state.ack([AckItem(c, a) for c, a in acks.items()])
                 if reports:
                     await self.state.publish(
-                        [(ch, bytes(DeliveryReport(items))) for ch, items in reports.items()]
+                        [(ch, DeliveryReport(items=items).SerializeToString()) for ch, items in reports.items()]
                     )
             except EngineError as e:
                 logger.warning("pod {}: writing acks/reports failed: {}; retrying", self.channel, e)

@@ -27,7 +27,7 @@ from nimbus.config import Settings
 from nimbus.lifecycle import Status
 from nimbus.pod import REPLAY_REQUESTS, STATUS_CHECKS
 from nimbus.ports import EngineError, Log, LogReader, StateStore, TopicPartition
-from nimbus.proto_gen.nimbus import DeliveryReport, KafkaEventResponse, ReportItem
+from nimbus.messages import DeliveryReport, KafkaEventResponse, ReportItem
 from nimbus.router import decode_result, pod_messages
 from nimbus.router_window import Entry
 from nimbus.stats import Counters
@@ -287,7 +287,7 @@ class ReplayService:
     async def _read_reports(self, reports) -> None:  # type: ignore[no-untyped-def]
         async for payload in reports:
             try:
-                report = DeliveryReport().parse(payload)
+                report = DeliveryReport.FromString(payload)
             except Exception:
                 continue
             for it in report.items:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass
 
 import trio
@@ -29,14 +28,7 @@ from nimbus.ports import (
     StateStore,
     TopicPartition,
 )
-from nimbus.proto_gen.nimbus import (
-    Delivery,
-    DeliveryReport,
-    EventResponse,
-    KafkaEventResponse,
-    PodMessage,
-    ResponseKind,
-)
+from nimbus.messages import RESULT, DeliveryReport, EventResponse, KafkaEventResponse, PodMessage
 from nimbus.router_window import Entry, RouterWindow
 from nimbus.stats import Counters
 
@@ -54,22 +46,19 @@ class _Tick:
 
 
 def to_response(r: KafkaEventResponse) -> EventResponse:
-    return EventResponse(
-        event_name=r.event_name,
-        number=r.number,
-        result=r.result,
-        log=r.log,
-        delivery_id=r.delivery_id,
-        kind=ResponseKind.RESULT,
-        error=r.error,
-        seq=r.seq,
+    resp = EventResponse(
+        event_name=r.event_name, number=r.number, result=r.result, delivery_id=r.delivery_id, kind=RESULT, seq=r.seq
     )
+    resp.log.CopyFrom(r.log)
+    if r.HasField("error"):
+        resp.error.CopyFrom(r.error)
+    return resp
 
 
 def decode_result(value: bytes) -> KafkaEventResponse | None:
     """A results/DLQ record, or None if it is not one we can route (logged by the caller)."""
     try:
-        r = KafkaEventResponse().parse(value)
+        r = KafkaEventResponse.FromString(value)
     except Exception:
         return None
     if not r.client_id or r.delivery_id <= 0:
@@ -79,14 +68,20 @@ def decode_result(value: bytes) -> KafkaEventResponse | None:
 
 def pod_messages(reply_to: str, entries: list[Entry], instance: str, method: str) -> list[tuple[str, bytes]]:
     """One PodMessage per pod for a batch of entries (payload: KafkaEventResponse)."""
-    by_pod: dict[str, list[Delivery]] = defaultdict(list)
+    by_pod: dict[str, PodMessage] = {}
+    service = "result-router" if method == "route" else "replay"
     for e in entries:
         r = e.payload
         assert isinstance(r, KafkaEventResponse)
-        resp = to_response(r)
-        resp.log = trace.step(r.log, "result-router" if method == "route" else "replay", instance, method, pod=e.pod)
-        by_pod[e.pod].append(Delivery(e.client_id, e.epoch, e.delivery_id, e.token, resp, e.prev))
-    return [(pod, bytes(PodMessage(reply_to=reply_to, deliveries=ds))) for pod, ds in by_pod.items()]
+        msg = by_pod.get(e.pod)
+        if msg is None:
+            msg = by_pod[e.pod] = PodMessage(reply_to=reply_to)
+        d = msg.deliveries.add(
+            client_id=e.client_id, epoch=e.epoch, delivery_id=e.delivery_id, token=e.token, prev_delivery_id=e.prev
+        )
+        d.response.CopyFrom(to_response(r))
+        trace.step(d.response.log, service, instance, method, pod=e.pod)
+    return [(pod, msg.SerializeToString()) for pod, msg in by_pod.items()]
 
 
 class ResultRouter:
@@ -143,7 +138,7 @@ class ResultRouter:
         async with send:
             async for payload in reports:
                 try:
-                    report = DeliveryReport().parse(payload)
+                    report = DeliveryReport.FromString(payload)
                 except Exception:
                     self.counters.inc("router.bad_report")
                     continue
@@ -216,6 +211,7 @@ class ResultRouter:
             writes = w.take_dlq_writes()
             if writes:
                 await self._write_dlq(writes)
+            w.settle()
         except EngineError as e:
             logger.warning("result router: {}; retrying", e)
             await trio.sleep(0.2)
@@ -226,8 +222,8 @@ class ResultRouter:
         for e in writes:
             r = e.payload
             assert isinstance(r, KafkaEventResponse)
-            r.log = trace.step(r.log, "result-router", self.s.instance_id, "divert-to-dlq")
-            items.append((e.client_id.encode(), bytes(r)))
+            trace.step(r.log, "result-router", self.s.instance_id, "divert-to-dlq")
+            items.append((e.client_id.encode(), r.SerializeToString()))
         try:
             written = await self.log.producer.send_batch(self.s.kafka_dlq_topic, items)
             await self.state.dlq_written(

@@ -19,7 +19,7 @@ import enum
 import itertools
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nimbus.lifecycle import Route, RouteDecision
 from nimbus.ports import TopicPartition
@@ -53,12 +53,29 @@ class Entry:
         return f"<Entry {self.client_id}#{self.delivery_id} @{self.tp.partition}:{self.offset} {self.state.value}>"
 
 
-@dataclass
 class _Client:
-    queue: deque[Entry] = field(default_factory=deque)
-    # Set when a LIVE decision conflicted with results in flight to another stream: wait for
-    # those to resolve before asking again.
-    wait_inflight: bool = False
+    """A client's unresolved entries, in offset order, and how many are in each state.
+
+    Shape of `queue` (an invariant the transitions keep): resolved or in-flight entries
+    (LIVE, DIVERTING, DLQ_WAIT, DLQ_WRITING, DONE) first, then DECIDING, then UNDECIDED. LIVE never
+    follows a DLQ state: nothing is decided while a DLQ state is pending.
+    """
+
+    __slots__ = ("queue", "undecided", "counts", "wait_inflight", "live_key", "last_live_id")
+
+    def __init__(self) -> None:
+        self.queue: deque[Entry] = deque()
+        self.undecided: deque[Entry] = deque()
+        self.counts: dict[S, int] = dict.fromkeys(S, 0)
+        # Set when a LIVE decision conflicted with results in flight to another stream: wait for
+        # those to resolve before asking again.
+        self.wait_inflight = False
+        self.live_key: tuple[str, int] = ("", 0)
+        self.last_live_id = 0
+
+    def blocked(self) -> bool:
+        c = self.counts
+        return self.wait_inflight or bool(c[S.DECIDING] or c[S.DIVERTING] or c[S.DLQ_WAIT] or c[S.DLQ_WRITING])
 
 
 class RouterWindow:
@@ -69,7 +86,9 @@ class RouterWindow:
         self._by_token: dict[int, Entry] = {}
         self._tokens = itertools.count(1)
         self._to_publish: list[Entry] = []
-        self._committed: dict[TopicPartition, int] = {}
+        self._deadlines: deque[Entry] = deque()  # LIVE entries in publish order (deadlines rise)
+        self._diverting: list[Entry] = []
+        self._ready: dict[str, None] = {}  # clients that may have something to decide or write (ordered)
         self.pending = 0  # entries not DONE
 
     def __repr__(self) -> str:
@@ -78,12 +97,25 @@ class RouterWindow:
             f"inflight={len(self._by_token)}>"
         )
 
+    def _set(self, e: Entry, state: S) -> None:
+        cl = self._clients.get(e.client_id)
+        if cl is not None and e.state is not S.DONE:
+            cl.counts[e.state] -= 1
+            cl.counts[state] += 1
+        e.state = state
+
     # -- input -----------------------------------------------------------------------------
 
     def add(self, tp: TopicPartition, offset: int, client_id: str, delivery_id: int, payload: object) -> Entry:
         e = Entry(tp, offset, client_id, delivery_id, payload)
         self._partitions.setdefault(tp, deque()).append(e)
-        self._clients.setdefault(client_id, _Client()).queue.append(e)
+        cl = self._clients.get(client_id)
+        if cl is None:
+            cl = self._clients[client_id] = _Client()
+        cl.queue.append(e)
+        cl.undecided.append(e)
+        cl.counts[S.UNDECIDED] += 1
+        self._ready.setdefault(client_id, None)
         self.pending += 1
         return e
 
@@ -94,76 +126,83 @@ class RouterWindow:
 
     def revoke(self, tps: Iterable[TopicPartition]) -> None:
         """Partitions taken away: forget them; their new owner re-reads from the commit."""
-        for tp in tps:
+        gone = set(tps)
+        for tp in gone:
             for e in self._partitions.pop(tp, ()):
                 if e.state is not S.DONE:
                     self.pending -= 1
                     e.state = S.DONE
                 self._by_token.pop(e.token, None)
-            self._committed.pop(tp, None)
-        self._to_publish = [e for e in self._to_publish if e.state is S.LIVE]
-        for cid in [c for c, cl in self._clients.items() if self._prune(cl)]:
+        for cid in [c for c, cl in self._clients.items() if cl.queue and cl.queue[0].tp in gone]:
             del self._clients[cid]
+            self._ready.pop(cid, None)
+        self._to_publish = [e for e in self._to_publish if e.state is S.LIVE]
+        self._diverting = [e for e in self._diverting if e.state is S.DIVERTING]
 
     # -- deciding ----------------------------------------------------------------------------
-
-    @staticmethod
-    def _prune(cl: _Client) -> bool:
-        while cl.queue and cl.queue[0].state is S.DONE:
-            cl.queue.popleft()
-        return not cl.queue
 
     def decidable(self) -> list[Entry]:
         """Entries to ask the store about now, in order per client; they become DECIDING."""
         out: list[Entry] = []
-        for cl in self._clients.values():
-            if cl.wait_inflight:
+        for cid in list(self._ready):
+            cl = self._clients.get(cid)
+            if cl is None or cl.blocked() or not cl.undecided:
                 continue
-            started = False
-            for e in cl.queue:
-                if e.state is S.DONE or (e.state is S.LIVE and not started):
-                    continue
+            while cl.undecided:
+                e = cl.undecided.popleft()
                 if e.state is S.UNDECIDED:
-                    started = True
-                    e.state = S.DECIDING
+                    self._set(e, S.DECIDING)
                     out.append(e)
-                    continue
-                break
         return out
 
     def undecide(self, entries: Iterable[Entry]) -> None:
         """The store call failed: ask again later."""
+        self._revert([e for e in entries if e.state is S.DECIDING])
+
+    def _revert(self, entries: list[Entry]) -> None:
+        by_client: dict[str, list[Entry]] = {}
         for e in entries:
-            if e.state is S.DECIDING:
-                e.state = S.UNDECIDED
+            by_client.setdefault(e.client_id, []).append(e)
+        for cid, es in by_client.items():
+            cl = self._clients[cid]
+            for e in es:
+                self._set(e, S.UNDECIDED)
+            cl.undecided.extendleft(reversed(es))
+            self._ready.setdefault(cid, None)
 
     def apply(self, entries: list[Entry], decisions: list[RouteDecision], now: float) -> None:
-        reverted: set[str] = set()
+        reverted: list[Entry] = []
+        reverted_clients: set[str] = set()
         for e, d in zip(entries, decisions, strict=True):
             if e.state is not S.DECIDING:
                 continue  # revoked meanwhile
             cl = self._clients[e.client_id]
-            if e.client_id in reverted:
-                e.state = S.UNDECIDED  # decided after an entry that must be asked again
+            if e.client_id in reverted_clients:
+                reverted.append(e)  # decided after an entry that must be asked again
             elif d.route is Route.DROP:
                 self._resolve(e)
             elif d.route is Route.DLQ:
-                e.state = S.DLQ_WAIT
-            elif any(x.state is S.LIVE and (x.pod, x.epoch) != (d.pod, d.epoch) for x in cl.queue):
+                self._set(e, S.DLQ_WAIT)
+            elif cl.counts[S.LIVE] and cl.live_key != (d.pod, d.epoch):
                 # Live to a new stream while results are in flight to the old one: wait for
                 # those to resolve (a failure diverts them and the client replays first).
-                e.state = S.UNDECIDED
                 cl.wait_inflight = True
-                reverted.add(e.client_id)
+                reverted_clients.add(e.client_id)
+                reverted.append(e)
             else:
-                before = [x for x in cl.queue if x.state is S.LIVE and x.offset < e.offset]
-                e.prev = before[-1].delivery_id if before else 0
-                e.state = S.LIVE
+                e.prev = cl.last_live_id if cl.counts[S.LIVE] else 0
+                self._set(e, S.LIVE)
+                cl.live_key = (d.pod, d.epoch)
+                cl.last_live_id = e.delivery_id
                 e.pod, e.epoch = d.pod, d.epoch
                 e.token = next(self._tokens)
                 e.deadline = now + self.delivery_timeout
                 self._by_token[e.token] = e
+                self._deadlines.append(e)
                 self._to_publish.append(e)
+            self._ready.setdefault(e.client_id, None)
+        if reverted:
+            self._revert(reverted)
 
     def take_publish(self) -> list[Entry]:
         out, self._to_publish = [e for e in self._to_publish if e.state is S.LIVE], []
@@ -183,11 +222,13 @@ class RouterWindow:
 
     def expire(self, now: float) -> int:
         """Live deliveries past their deadline (a dead pod, a lost message) fail."""
-        expired = [e for e in self._by_token.values() if e.state is S.LIVE and e.deadline <= now]
-        for e in sorted(expired, key=lambda x: x.offset):
+        n = 0
+        while self._deadlines and (self._deadlines[0].state is not S.LIVE or self._deadlines[0].deadline <= now):
+            e = self._deadlines.popleft()
             if e.state is S.LIVE:
+                n += 1
                 self._fail(e)
-        return len(expired)
+        return n
 
     def _fail(self, e: Entry) -> None:
         """Divert `e` and every later live result of its client: they went to the same stream."""
@@ -195,39 +236,45 @@ class RouterWindow:
         for x in cl.queue:
             if x.state is S.LIVE and x.offset >= e.offset:
                 self._by_token.pop(x.token, None)
-                x.state = S.DIVERTING
-        if not any(x.state is S.LIVE for x in cl.queue):
+                self._set(x, S.DIVERTING)
+                self._diverting.append(x)
+        if not cl.counts[S.LIVE]:
             cl.wait_inflight = False
+        self._ready.setdefault(e.client_id, None)
 
     def pending_diverts(self) -> list[Entry]:
-        return [e for cl in self._clients.values() for e in cl.queue if e.state is S.DIVERTING]
+        return [e for e in self._diverting if e.state is S.DIVERTING]
 
     def diverted(self, entries: Iterable[Entry]) -> None:
         for e in entries:
             if e.state is S.DIVERTING:
-                e.state = S.DLQ_WAIT
+                self._set(e, S.DLQ_WAIT)
+                self._ready.setdefault(e.client_id, None)
+        self._diverting = [e for e in self._diverting if e.state is S.DIVERTING]
 
     # -- DLQ writes --------------------------------------------------------------------------
 
     def take_dlq_writes(self) -> list[Entry]:
-        """Per client, the run of DLQ_WAIT entries with nothing unresolved before them but
-        entries already being written; they become DLQ_WRITING. Order within a client kept."""
+        """Per client, its DLQ_WAIT entries once nothing before them can still go live or be
+        diverted (no LIVE, no DIVERTING); they become DLQ_WRITING, in offset order."""
         out: list[Entry] = []
-        for cl in self._clients.values():
+        for cid in list(self._ready):
+            cl = self._clients.get(cid)
+            if cl is None or not cl.counts[S.DLQ_WAIT] or cl.counts[S.LIVE] or cl.counts[S.DIVERTING]:
+                continue
             for e in cl.queue:
-                if e.state in (S.DONE, S.DLQ_WRITING):
-                    continue
                 if e.state is S.DLQ_WAIT:
-                    e.state = S.DLQ_WRITING
+                    self._set(e, S.DLQ_WRITING)
                     out.append(e)
-                    continue
-                break
+                elif e.state in (S.DECIDING, S.UNDECIDED):
+                    break
         return out
 
     def dlq_failed(self, entries: Iterable[Entry]) -> None:
         for e in entries:
             if e.state is S.DLQ_WRITING:
-                e.state = S.DLQ_WAIT
+                self._set(e, S.DLQ_WAIT)
+                self._ready.setdefault(e.client_id, None)
 
     def dlq_done(self, entries: Iterable[Entry]) -> None:
         for e in entries:
@@ -237,15 +284,27 @@ class RouterWindow:
     # -- resolution and commits ------------------------------------------------------------------
 
     def _resolve(self, e: Entry) -> None:
-        e.state = S.DONE
+        self._set(e, S.DONE)
         self.pending -= 1
         cl = self._clients.get(e.client_id)
         if cl is None:
             return
-        if not any(x.state is S.LIVE for x in cl.queue):
+        if not cl.counts[S.LIVE]:
             cl.wait_inflight = False
-        if self._prune(cl):
+        while cl.queue and cl.queue[0].state is S.DONE:
+            cl.queue.popleft()
+        if not cl.queue:
             del self._clients[e.client_id]
+            self._ready.pop(e.client_id, None)
+        else:
+            self._ready.setdefault(e.client_id, None)
+
+    def settle(self) -> None:
+        """Forget clients with nothing left to decide or write (keeps the scans short)."""
+        for cid in list(self._ready):
+            cl = self._clients.get(cid)
+            if cl is None or (not cl.undecided and not cl.counts[S.DLQ_WAIT]):
+                self._ready.pop(cid, None)
 
     def commits(self) -> dict[TopicPartition, int]:
         """The next offset to commit for each partition whose resolved prefix grew."""
@@ -256,10 +315,9 @@ class RouterWindow:
                 last = q.popleft().offset
             if last is not None:
                 out[tp] = last + 1
-                self._committed[tp] = last + 1
         return out
 
     def state_of(self, client_id: str) -> list[tuple[int, S]]:
         """(delivery_id, state) of a client's unresolved entries, for tests and the admin view."""
         cl = self._clients.get(client_id)
-        return [(e.delivery_id, e.state) for e in cl.queue] if cl else []
+        return [(e.delivery_id, e.state) for e in cl.queue if e.state is not S.DONE] if cl else []

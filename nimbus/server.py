@@ -31,8 +31,7 @@ from nimbus.config import ConfigError, Settings
 from nimbus.engines import open_engine
 from nimbus.pod import Close, Pod, Session
 from nimbus.ports import EngineError, Log, StateStore
-from nimbus.proto_gen import nimbus_pb2  # noqa: F401  (registers descriptors for reflection)
-from nimbus.proto_gen.nimbus import EventRequest, EventResponse
+from nimbus.messages import EventRequest, EventResponse  # also registers descriptors for reflection
 from nimbus.topics import ensure_topics
 
 SERVICE = "nimbus.NimbusService"

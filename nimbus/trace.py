@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import time
 
-from nimbus.proto_gen.nimbus import LogEntry, TraceStep
+from nimbus.messages import LogEntry
 
 
-def step(
-    log: LogEntry | None,
-    service: str,
-    instance: str,
-    method: str,
-    message: str = "",
-    **metadata: object,
-) -> LogEntry:
-    log = log if log is not None else LogEntry()
-    log.steps.append(
-        TraceStep(
-            timestamp=datetime.now(UTC),
-            service_name=service,
-            instance_id=instance,
-            method_name=method,
-            message=message,
-            metadata={k: str(v) for k, v in metadata.items()},
-        )
-    )
-    return log
+def step(log: LogEntry, service: str, instance: str, method: str, message: str = "", **metadata: object) -> None:
+    """Append one step to `log` (in place)."""
+    s = log.steps.add(service_name=service, instance_id=instance, method_name=method, message=message)
+    s.timestamp.FromNanoseconds(time.time_ns())  # GetCurrentTime() costs 10x more
+    for k, v in metadata.items():
+        s.metadata[k] = str(v)
