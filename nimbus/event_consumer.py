@@ -12,8 +12,8 @@ from loguru import logger
 
 from nimbus import events, trace
 from nimbus.config import Settings
-from nimbus.ports import EngineError, Log, LogConsumer, Record, TopicPartition
 from nimbus.messages import KafkaEventRequest, KafkaEventResponse
+from nimbus.ports import EngineError, Log, LogConsumer, Record, TopicPartition
 from nimbus.stats import Counters
 
 GROUP = "nimbus-event-consumer"

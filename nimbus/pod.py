@@ -28,7 +28,6 @@ from loguru import logger
 from nimbus import events, trace
 from nimbus.config import Settings
 from nimbus.lifecycle import Status
-from nimbus.ports import AckItem, EngineError, Log, StateStore
 from nimbus.messages import (
     ERROR,
     RECEIPT,
@@ -42,10 +41,12 @@ from nimbus.messages import (
     PodMessage,
     ReportItem,
 )
+from nimbus.ports import AckItem, EngineError, Log, StateStore
 from nimbus.stats import Counters
 
 REPLAY_REQUESTS = "nimbus:replay-requests"
-STATUS_CHECKS = "nimbus:status-checks"
+STATUS_CHECKS = "nimbus:status-checks"  # "client_id\tlast_ack_ns" from the replay
+FLIPS = "nimbus:flips"  # "client_id\tlast_ack_ns\tflip_ns" from the status manager
 
 
 class Close:

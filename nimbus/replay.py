@@ -17,6 +17,7 @@ with (flipped LIVE, disconnected, or reconnected: a new replay takes over from t
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -25,9 +26,9 @@ from loguru import logger
 
 from nimbus.config import Settings
 from nimbus.lifecycle import Status
+from nimbus.messages import DeliveryReport, KafkaEventResponse, ReportItem
 from nimbus.pod import REPLAY_REQUESTS, STATUS_CHECKS
 from nimbus.ports import EngineError, Log, LogReader, StateStore, TopicPartition
-from nimbus.messages import DeliveryReport, KafkaEventResponse, ReportItem
 from nimbus.router import decode_result, pod_messages
 from nimbus.router_window import Entry
 from nimbus.stats import Counters
@@ -60,6 +61,7 @@ class ReplayPipeline:
         self.caught_up = trio.Event()
         self.delivered = 0
         self.last_published = (0, 0)  # (token, delivery id)
+        self.last_ack_ns = 0
 
     def __repr__(self) -> str:
         return f"<ReplayPipeline {self.client_id} epoch={self.epoch} cursor={self.cursor} unconfirmed={len(self.unconfirmed)}>"
@@ -90,7 +92,7 @@ class ReplayPipeline:
                     if not self.caught_up.is_set():
                         self.caught_up.set()
                         if self._drained():
-                            await self.svc.request_flip(self.client_id)
+                            await self.svc.request_flip(self.client_id, self.last_ack_ns)
                     continue
                 self.caught_up = trio.Event()
                 batch = []
@@ -164,6 +166,7 @@ class ReplayPipeline:
                     self.window.release()
                     if it.delivered:
                         self.delivered += 1
+                        self.last_ack_ns = time.time_ns()
                         self.acked = max(self.acked, it.delivery_id)
                     else:
                         failed = True
@@ -173,7 +176,7 @@ class ReplayPipeline:
                     return
                 await self._advance()
                 if self._drained():
-                    await self.svc.request_flip(self.client_id)
+                    await self.svc.request_flip(self.client_id, self.last_ack_ns)
 
     async def _watch(self, cancel: trio.CancelScope) -> None:
         """End when the client is no longer ours to replay; keep the lease."""
@@ -195,7 +198,7 @@ class ReplayPipeline:
                 # The first DLQ write for this client landed after the replay started.
                 self.cursor = self.fetched_to = self.published_to = rec.cursor
             elif self._drained():
-                await self.svc.request_flip(self.client_id)  # safety net for a lost request
+                await self.svc.request_flip(self.client_id, self.last_ack_ns)  # safety net for a lost request
 
 
 class ReplayService:
@@ -229,8 +232,10 @@ class ReplayService:
     def forget_token(self, token: int) -> None:
         self._by_token.pop(token, None)
 
-    async def request_flip(self, client_id: str) -> None:
-        await self.state.publish([(STATUS_CHECKS, client_id.encode())])
+    async def request_flip(self, client_id: str, last_ack_ns: int = 0) -> None:
+        """Ask the status manager for the flip; `last_ack_ns` (wall clock) is when the last
+        confirmation of the backlog arrived here, so the flip's delay can be measured."""
+        await self.state.publish([(STATUS_CHECKS, f"{client_id}\t{last_ack_ns}".encode())])
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with (

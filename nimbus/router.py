@@ -18,6 +18,7 @@ from loguru import logger
 
 from nimbus import trace
 from nimbus.config import Settings
+from nimbus.messages import RESULT, DeliveryReport, EventResponse, KafkaEventResponse, PodMessage
 from nimbus.ports import (
     CommitFailed,
     DlqWrite,
@@ -28,7 +29,6 @@ from nimbus.ports import (
     StateStore,
     TopicPartition,
 )
-from nimbus.messages import RESULT, DeliveryReport, EventResponse, KafkaEventResponse, PodMessage
 from nimbus.router_window import Entry, RouterWindow
 from nimbus.stats import Counters
 

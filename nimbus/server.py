@@ -29,9 +29,9 @@ from loguru import logger
 from nimbus import logs
 from nimbus.config import ConfigError, Settings
 from nimbus.engines import open_engine
+from nimbus.messages import EventRequest, EventResponse  # also registers descriptors for reflection
 from nimbus.pod import Close, Pod, Session
 from nimbus.ports import EngineError, Log, StateStore
-from nimbus.messages import EventRequest, EventResponse  # also registers descriptors for reflection
 from nimbus.topics import ensure_topics
 
 SERVICE = "nimbus.NimbusService"

@@ -11,11 +11,13 @@ cannot delay it (hole 6), and nothing can land in the DLQ behind a client that i
 
 from __future__ import annotations
 
+import time
+
 import trio
 from loguru import logger
 
 from nimbus.config import Settings
-from nimbus.pod import STATUS_CHECKS
+from nimbus.pod import FLIPS, STATUS_CHECKS
 from nimbus.ports import EngineError, StateStore
 from nimbus.stats import Counters
 
@@ -32,21 +34,28 @@ class StatusManager:
             task_status.started()
             logger.info("status manager up")
             async for payload in checks:
-                await self.check([payload.decode()])
+                cid, _, ack_ns = payload.decode().partition("\t")
+                await self.check([cid], int(ack_ns or 0))
 
-    async def check(self, client_ids: list[str]) -> int:
+    async def check(self, client_ids: list[str], last_ack_ns: int = 0) -> int:
         try:
             flipped = await self.state.try_flip(client_ids)
         except EngineError as e:
             logger.warning("status manager: {}", e)
             return 0
-        n = 0
-        for cid, ok in zip(client_ids, flipped, strict=True):
-            if ok:
-                n += 1
-                logger.info("client {} is LIVE again (backlog acknowledged)", cid)
-        self.counters.inc("status.flips", n)
-        return n
+        now = time.time_ns()
+        done = [cid for cid, ok in zip(client_ids, flipped, strict=True) if ok]
+        for cid in done:
+            after = f", {(now - last_ack_ns) / 1e6:.1f} ms after the last ack" if last_ack_ns else ""
+            logger.info("client {} is LIVE again (backlog acknowledged{})", cid, after)
+        if done:
+            self.counters.inc("status.flips", len(done))
+            try:
+                # Observers (the chaos harness, the admin view) learn of flips here.
+                await self.state.publish([(FLIPS, f"{cid}\t{last_ack_ns}\t{now}".encode()) for cid in done])
+            except EngineError as e:
+                logger.warning("status manager: {}", e)
+        return len(done)
 
     async def _periodic(self) -> None:
         while True:
