@@ -202,7 +202,7 @@ for i = 2, #ARGV, 3 do
   local d = tonumber(ARGV[i + 1])
   local offset = tonumber(ARGV[i + 2])
   local cursor = r.cursor
-  if r.acked > r.dlq_written and offset > cursor then
+  if r.acked >= r.dlq_written and offset > cursor then
     cursor = offset
   end
   if cursor < 0 then
