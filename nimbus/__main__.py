@@ -4,16 +4,15 @@ in-memory engine. Needs no Kafka, Redis, Java or Docker."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 import trio
 import trio_asyncio
 from loguru import logger
 
-from nimbus import config, logs
-from nimbus.config import ConfigError, Settings
+from nimbus.config import Settings
 from nimbus.engines import open_engine
-from nimbus.server import run_server, run_with_signals
+from nimbus.entry import run_process, run_with_signals
+from nimbus.server import run_server
 from nimbus.topics import ensure_topics
 from nimbus.workers import run_workers
 
@@ -41,16 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nimbus", description=__doc__)
     parser.add_argument("--engine", choices=("memory", "real"), default=None, help="default: memory (NIMBUS_ENGINE is ignored unless given here)")
     args = parser.parse_args(argv)
-    try:
-        settings = config.load(engine=args.engine or "memory")
-    except ConfigError as e:
-        print(f"nimbus: {e}", file=sys.stderr)
-        sys.exit(2)
-    logs.setup(settings, role="all-in-one")
-    try:
-        trio.run(main_async, settings)
-    except KeyboardInterrupt:
-        pass
+    run_process("nimbus", "all-in-one", main_async, engine=args.engine or "memory")
 
 
 if __name__ == "__main__":

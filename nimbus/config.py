@@ -89,6 +89,7 @@ VARIABLES: dict[str, Var] = {
             str,
             "this pod's results channel; must be unique per pod (default: events_results_<host>_<pid>)",
         ),
+        Var("NIMBUS_REDIS_PREFIX", "nimbus:", _nonempty, "namespace of every Redis key and channel of this deployment"),
         Var("NIMBUS_KAFKA_EVENTS_TOPIC", "events-v1-topic", _nonempty, "events topic"),
         Var("NIMBUS_KAFKA_RESULTS_TOPIC", "results-v1-topic", _nonempty, "results topic"),
         Var("NIMBUS_KAFKA_DLQ_TOPIC", "dlq-v1-topic", _nonempty, "dead-letter (replay) topic"),
@@ -117,6 +118,7 @@ class Settings:
     redis_address: str
     kafka_brokers: str
     redis_events_channel: str
+    redis_prefix: str
     kafka_events_topic: str
     kafka_results_topic: str
     kafka_dlq_topic: str

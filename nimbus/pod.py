@@ -89,6 +89,7 @@ class Pod:
         self._reports: dict[str, list[ReportItem]] = defaultdict(list)
         self._acks: dict[str, int] = {}
         self._flush = trio.Event()
+        self._emptied = trio.Event()
         self.accepting = True
 
     def __repr__(self) -> str:
@@ -135,6 +136,9 @@ class Pod:
         s.closed = True
         if self.sessions.get(s.client_id) is s:
             del self.sessions[s.client_id]
+            if not self.sessions:
+                self._emptied.set()
+                self._emptied = trio.Event()
         self._fail_unconfirmed(s)
         with trio.move_on_after(5) as cs:
             cs.shield = True
@@ -155,6 +159,10 @@ class Pod:
             while not s.outbox.empty():
                 s.outbox.get_nowait()
             s.outbox.put_nowait(close)
+
+    async def wait_empty(self) -> None:
+        while self.sessions:
+            await self._emptied.wait()
 
     def close_all(self, message: str) -> None:
         for s in list(self.sessions.values()):

@@ -11,9 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import signal
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,9 +23,9 @@ from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server, Stream
 from loguru import logger
 
-from nimbus import logs
-from nimbus.config import ConfigError, Settings
+from nimbus.config import Settings
 from nimbus.engines import open_engine
+from nimbus.entry import run_process, run_with_signals
 from nimbus.messages import EventRequest, EventResponse  # also registers descriptors for reflection
 from nimbus.pod import Close, Pod, Session
 from nimbus.ports import EngineError, Log, StateStore
@@ -157,8 +154,7 @@ async def run_server(
                 pod.close_all("server shutting down")
                 with trio.move_on_after(settings.shutdown_timeout_sec) as cs:
                     cs.shield = True
-                    while pod.sessions:
-                        await trio.sleep(0.01)
+                    await pod.wait_empty()
                 nursery.cancel_scope.cancel()
 
 
@@ -169,48 +165,10 @@ async def main_async(settings: Settings) -> None:
             await run_with_signals(lambda task_status: run_server(settings, engine.log, engine.state, task_status=task_status))
 
 
-async def run_with_signals(start: Any) -> None:
-    """Run `start` (a nursery.start-able function) until it returns or SIGINT/SIGTERM: the first
-    signal cancels it, which drains gracefully (bounded by NIMBUS_SHUTDOWN_TIMEOUT_SEC); a second
-    signal exits at once."""
-    async with trio.open_nursery() as outer:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            scope = trio.CancelScope()
-
-            async def runner() -> None:
-                with scope:
-                    async with trio.open_nursery() as nursery:
-                        await nursery.start(start)
-                outer.cancel_scope.cancel()
-
-            outer.start_soon(runner)
-            async for sig in signals:
-                if not scope.cancel_called:
-                    logger.info("received {}: shutting down (again to exit at once)", signal.Signals(sig).name)
-                    scope.cancel()
-                else:
-                    logger.warning("second {}: exiting now", signal.Signals(sig).name)
-                    os._exit(130)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nimbus.server", description=__doc__)
     parser.parse_args(argv)
-    from nimbus import config
-
-    try:
-        settings = config.load()
-    except ConfigError as e:
-        print(f"nimbus.server: {e}", file=sys.stderr)
-        sys.exit(2)
-    logs.setup(settings, role="server")
-    try:
-        trio.run(main_async, settings)
-    except EngineError as e:
-        logger.error("{}", e)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        pass
+    run_process("nimbus.server", "server", main_async)
 
 
 if __name__ == "__main__":

@@ -7,17 +7,16 @@ status manager's flip is an idempotent atomic check.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import trio
 import trio_asyncio
 from loguru import logger
 
-from nimbus import config, logs
-from nimbus.config import ConfigError, Settings
+from nimbus.config import Settings
 from nimbus.engines import open_engine
+from nimbus.entry import run_process, run_with_signals
 from nimbus.event_consumer import EventConsumer
-from nimbus.ports import EngineError, Log, StateStore
+from nimbus.ports import Log, StateStore
 from nimbus.replay import ReplayService
 from nimbus.router import ResultRouter
 from nimbus.stats import Counters
@@ -62,8 +61,6 @@ def parse_roles(raw: str) -> tuple[str, ...]:
 
 
 async def main_async(settings: Settings, roles: tuple[str, ...]) -> None:
-    from nimbus.server import run_with_signals
-
     async with trio_asyncio.open_loop(), open_engine(settings) as engine:
         await ensure_topics(engine.log, settings)
         await run_with_signals(
@@ -75,19 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nimbus.workers", description=__doc__)
     parser.add_argument("--roles", type=parse_roles, default=ROLES, help=f"comma list of {', '.join(ROLES)} (default: all)")
     args = parser.parse_args(argv)
-    try:
-        settings = config.load()
-    except ConfigError as e:
-        print(f"nimbus.workers: {e}", file=sys.stderr)
-        sys.exit(2)
-    logs.setup(settings, role="workers")
-    try:
-        trio.run(main_async, settings, args.roles)
-    except EngineError as e:
-        logger.error("{}", e)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        pass
+    run_process("nimbus.workers", "workers", main_async, args.roles)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ def engine(request: pytest.FixtureRequest, unique: str) -> dict[str, Any]:
         "kafka_dlq_topic": f"dlq-{unique}",
         "kafka_partitions": 4,
         "redis_events_channel": f"pod-{unique}",
+        "redis_prefix": f"t-{unique}:",
     }
 
 

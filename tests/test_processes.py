@@ -56,6 +56,7 @@ def deployment(kafka_brokers: str, redis_address: str, unique: str, tmp_path: Pa
         "NIMBUS_KAFKA_RESULTS_TOPIC": f"results-{unique}",
         "NIMBUS_KAFKA_DLQ_TOPIC": f"dlq-{unique}",
         "NIMBUS_KAFKA_PARTITIONS": "4",
+        "NIMBUS_REDIS_PREFIX": f"t-{unique}:",
         "NIMBUS_HOST": "127.0.0.1",
         "NIMBUS_SHUTDOWN_TIMEOUT_SEC": "5",
         "NIMBUS_DELIVERY_TIMEOUT_MS": "3000",
@@ -125,7 +126,7 @@ async def test_reconnect_on_the_other_pod_gets_all_1000_in_order(deployment: Dep
                 assert all(r.result == r.number**2 for r in got)
                 assert [r.delivery_id for r in got] == sorted(r.delivery_id for r in got)
                 host, port = deployment.env["NIMBUS_REDIS_ADDRESS"].rsplit(":", 1)
-                async with open_redis_state(f"{host}:{port}") as state:
+                async with open_redis_state(f"{host}:{port}", prefix=deployment.env["NIMBUS_REDIS_PREFIX"]) as state:
                     with trio.move_on_after(10):
                         while (rec := await state.get(cid)) is None or rec.status is not Status.LIVE:
                             await trio.sleep(0.05)
@@ -154,7 +155,7 @@ async def test_sigterm_drains_marks_offline_and_exits_0(deployment: Deployment, 
                     pass
             code = await trio.to_thread.run_sync(proc.wait, 15)
             assert code == 0
-            async with open_redis_state(deployment.env["NIMBUS_REDIS_ADDRESS"]) as state:
+            async with open_redis_state(deployment.env["NIMBUS_REDIS_ADDRESS"], prefix=deployment.env["NIMBUS_REDIS_PREFIX"]) as state:
                 rec = await state.get(cid)
                 assert rec is not None and rec.status is Status.OFFLINE
             deployment.workers.send_signal(signal.SIGTERM)

@@ -34,6 +34,6 @@ async def open_engine(settings: Settings) -> AsyncIterator[OpenEngine]:
             linger_ms=settings.producer_linger_ms,
             client_id=settings.instance_id,
         ) as log,
-        open_redis_state(settings.redis_address) as state,
+        open_redis_state(settings.redis_address, prefix=settings.redis_prefix) as state,
     ):
         yield OpenEngine(log, state)
