@@ -178,7 +178,7 @@ DIVERT = (
 for i = 2, #ARGV, 2 do
   local r = load(ARGV[i])
   local d = tonumber(ARGV[i + 1])
-  if d >= r.acked then
+  if d > r.acked then
     if r.status == 'LIVE' then
       r.status = 'REPLAYING'
     end
