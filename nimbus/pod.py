@@ -31,7 +31,6 @@ from nimbus.lifecycle import Status
 from nimbus.messages import (
     ERROR,
     RECEIPT,
-    UNAVAILABLE,
     UNKNOWN_EVENT,
     Delivery,
     DeliveryReport,
@@ -214,6 +213,11 @@ class Pod:
             accepted: list[tuple[Session, EventRequest]] = []
             records: list[tuple[bytes, bytes]] = []
             for s, req in batch:
+                if s.closed:
+                    # Never receipted, so the client resends it on its next stream; producing it
+                    # now would put it behind (and beside) the resent copy.
+                    self.counters.inc("pod.dropped_unreceipted")
+                    continue
                 if not events.is_known(req.event_name):
                     self.counters.inc("pod.unknown_event")
                     self._send(s, self._error(s, req, UNKNOWN_EVENT, f"unknown event {req.event_name!r}"))
@@ -236,12 +240,12 @@ class Pod:
             except EngineError as e:
                 logger.error("producing {} events failed: {}", len(records), e)
                 self.counters.inc("pod.produce_failed", len(records))
-                for s, req in accepted:
-                    if s.protocol >= 2:
-                        self._send(s, self._error(s, req, UNAVAILABLE, f"event not accepted: {e}"))
-                    elif not s.closed:
-                        # The original's client cannot be told per event: fail its stream, so it
-                        # knows to resend, instead of dropping the event silently (hole 9).
+                for s, _ in accepted:
+                    if not s.closed:
+                        # Fail the stream rather than refuse this one event: events queued behind
+                        # it are dropped with the stream (see above), and the client resends
+                        # everything unreceipted, in order, on its next stream. A per-event
+                        # refusal would let later events overtake it. Never silent (hole 9).
                         self._end(s, Close("UNAVAILABLE", f"event not accepted: {e}"))
                 continue
             self.counters.inc("pod.events", len(records))

@@ -203,24 +203,25 @@ async def test_hole8_first_streams_end_does_not_mark_the_second_offline(engine: 
 
 async def test_hole9_failed_produce_is_reported_not_dropped(unique: str) -> None:
     """Original: failed Kafka produces (and unknown events, and int32 overflow) vanish silently.
-    Overflow and unknown events: tests/test_pipeline.py::test_receipts_errors_and_overflow."""
+    Here a failed produce fails the stream with UNAVAILABLE (both protocols), so the client
+    resends what was not receipted, in order. Overflow and unknown events:
+    tests/test_pipeline.py::test_receipts_errors_and_overflow."""
+    from grpclib.const import Status as GStatus
     from grpclib.exceptions import GRPCError, StreamTerminatedError
 
     with trio.fail_after(60):
         async with cluster({"engine": "memory"}) as c:
             producer = c.engine.log.producer
-            async with open_stream(c.ports[0], {"client_id": f"h9a-{unique}", **P2}) as st:
-                producer.fail_next = 1  # type: ignore[attr-defined]
-                await st.event("sq", 3, seq=1)
-                r = await st.recv()
-                assert r is not None and r.kind == ResponseKind.ERROR and r.seq == 1
-                assert r.error.code == ErrorCode.UNAVAILABLE
-                await st.event("sq", 3, seq=2)  # the resend goes through
-                [res] = await results(st, 1)
-                assert res.result == 9
-            async with open_stream(c.ports[0], {"client_id": f"h9b-{unique}"}) as st:
-                producer.fail_next = 1  # type: ignore[attr-defined]
-                await st.event("sq", 3)
-                with pytest.raises((GRPCError, StreamTerminatedError)):
-                    while await st.recv() is not None:
-                        pass
+            for md in ({"client_id": f"h9a-{unique}", **P2}, {"client_id": f"h9b-{unique}"}):
+                async with open_stream(c.ports[0], md) as st:
+                    producer.fail_next = 1  # type: ignore[attr-defined]
+                    await st.event("sq", 3, seq=1)
+                    with pytest.raises((GRPCError, StreamTerminatedError)) as e:
+                        while (r := await st.recv()) is not None:
+                            assert r.kind != ResponseKind.RECEIPT, "a failed event was receipted"
+                    if isinstance(e.value, GRPCError):
+                        assert e.value.status is GStatus.UNAVAILABLE
+                async with open_stream(c.ports[0], md) as st:
+                    await st.event("sq", 3, seq=1)  # the resend goes through
+                    [res] = await results(st, 1, ack="nimbus-protocol" in md)
+                    assert res.result == 9
