@@ -42,6 +42,7 @@ from nimbus.messages import (
 )
 from nimbus.ports import AckItem, EngineError, Log, StateStore
 from nimbus.stats import Counters
+from nimbus.subscriptions import listen
 
 REPLAY_REQUESTS = "nimbus:replay-requests"
 STATUS_CHECKS = "nimbus:status-checks"  # "client_id\tlast_ack_ns" from the replay
@@ -97,9 +98,9 @@ class Pod:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with self.state.subscribe(self.channel) as inbox, trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(listen, self.state, self.channel, self._on_message)
             nursery.start_soon(self._ingest)
-            nursery.start_soon(self._dispatch, inbox)
             nursery.start_soon(self._reporter)
             task_status.started()
             logger.info("pod {} up", self.channel)
@@ -277,21 +278,21 @@ class Pod:
             self._end(s, Close("RESOURCE_EXHAUSTED", "client does not read its results fast enough"))
             return False
 
-    async def _dispatch(self, inbox) -> None:  # type: ignore[no-untyped-def]
-        async for payload in inbox:
-            try:
-                msg = PodMessage.FromString(payload)
-            except Exception:
-                self.counters.inc("pod.bad_message")
-                logger.warning("pod {}: malformed message on the channel", self.channel)
-                continue
-            for k in msg.kicks:
-                s = self.sessions.get(k.client_id)
-                if s is not None and s.epoch <= k.epoch:
-                    logger.info("client {}: stream epoch {} superseded by a stream on another pod", s.client_id, s.epoch)
-                    self._end(s, Close("ABORTED", "superseded by a newer stream for this client_id"))
-            for d in msg.deliveries:
-                self._deliver(msg.reply_to, d)
+    async def _on_message(self, payload: bytes) -> None:
+        """A message on this pod's channel: kicks, then deliveries."""
+        try:
+            msg = PodMessage.FromString(payload)
+        except Exception:
+            self.counters.inc("pod.bad_message")
+            logger.warning("pod {}: malformed message on the channel", self.channel)
+            return
+        for k in msg.kicks:
+            s = self.sessions.get(k.client_id)
+            if s is not None and s.epoch <= k.epoch:
+                logger.info("client {}: stream epoch {} superseded by a stream on another pod", s.client_id, s.epoch)
+                self._end(s, Close("ABORTED", "superseded by a newer stream for this client_id"))
+        for d in msg.deliveries:
+            self._deliver(msg.reply_to, d)
 
     def _deliver(self, reply_to: str, d: Delivery) -> None:
         held = self._connecting.get(d.client_id)

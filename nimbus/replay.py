@@ -32,6 +32,7 @@ from nimbus.ports import EngineError, Log, LogReader, StateStore, TopicPartition
 from nimbus.router import decode_result, pod_messages
 from nimbus.router_window import Entry
 from nimbus.stats import Counters
+from nimbus.subscriptions import listen
 
 LEASE_MS = 10_000
 
@@ -238,13 +239,9 @@ class ReplayService:
         await self.state.publish([(STATUS_CHECKS, f"{client_id}\t{last_ack_ns}".encode())])
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with (
-            self.state.subscribe(REPLAY_REQUESTS) as requests,
-            self.state.subscribe(self.reply_to) as reports,
-            trio.open_nursery() as nursery,
-        ):
-            nursery.start_soon(self._read_requests, requests)
-            nursery.start_soon(self._read_reports, reports)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(listen, self.state, REPLAY_REQUESTS, self._on_request)
+            await nursery.start(listen, self.state, self.reply_to, self._on_report)
             nursery.start_soon(self._scan)
             task_status.started()
             logger.info("replay consumer up ({})", self.owner)
@@ -285,27 +282,25 @@ class ReplayService:
                 except EngineError:
                     pass
 
-    async def _read_requests(self, requests) -> None:  # type: ignore[no-untyped-def]
-        async for payload in requests:
-            await self._requests_send.send(payload.decode())
+    async def _on_request(self, payload: bytes) -> None:
+        await self._requests_send.send(payload.decode())
 
-    async def _read_reports(self, reports) -> None:  # type: ignore[no-untyped-def]
-        async for payload in reports:
+    async def _on_report(self, payload: bytes) -> None:
+        try:
+            report = DeliveryReport.FromString(payload)
+        except Exception:
+            return
+        for it in report.items:
+            p = self._by_token.get(it.token)
+            if p is None:
+                continue  # late report for a replay that has ended
             try:
-                report = DeliveryReport.FromString(payload)
-            except Exception:
-                continue
-            for it in report.items:
-                p = self._by_token.get(it.token)
-                if p is None:
-                    continue  # late report for a replay that has ended
                 try:
-                    try:
-                        p.reports_send.send_nowait(it)
-                    except trio.WouldBlock:
-                        await p.reports_send.send(it)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self.forget_token(it.token)
+                    p.reports_send.send_nowait(it)
+                except trio.WouldBlock:
+                    await p.reports_send.send(it)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.forget_token(it.token)
 
     async def _scan(self) -> None:
         """Safety net: pick up REPLAYING clients whose request was lost (pub/sub is lossy)."""

@@ -31,6 +31,7 @@ from nimbus.ports import (
 )
 from nimbus.router_window import Entry, RouterWindow
 from nimbus.stats import Counters
+from nimbus.subscriptions import listen
 
 GROUP = "nimbus-result-router"
 
@@ -103,11 +104,20 @@ class ResultRouter:
         send, recv = trio.open_memory_channel[PollResult | DeliveryReport | _Tick](64)
         async with (
             self.log.consumer(self.s.kafka_results_topic, group_for(self.s)) as consumer,
-            self.state.subscribe(self.reply_to) as reports,
             trio.open_nursery() as nursery,
         ):
+            reports = send.clone()
+
+            async def on_report(payload: bytes) -> None:
+                try:
+                    report = DeliveryReport.FromString(payload)
+                except Exception:
+                    self.counters.inc("router.bad_report")
+                    return
+                await reports.send(report)
+
+            await nursery.start(listen, self.state, self.reply_to, on_report)
             nursery.start_soon(self._poller, consumer, send.clone())
-            nursery.start_soon(self._report_reader, reports, send.clone())
             nursery.start_soon(self._ticker, send.clone())
             send.close()
             task_status.started()
@@ -133,16 +143,6 @@ class ResultRouter:
                     continue
                 if result.records or result.revoked or result.assigned:
                     await send.send(result)
-
-    async def _report_reader(self, reports, send: trio.MemorySendChannel) -> None:
-        async with send:
-            async for payload in reports:
-                try:
-                    report = DeliveryReport.FromString(payload)
-                except Exception:
-                    self.counters.inc("router.bad_report")
-                    continue
-                await send.send(report)
 
     async def _ticker(self, send: trio.MemorySendChannel) -> None:
         async with send:

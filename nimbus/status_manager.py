@@ -20,6 +20,7 @@ from nimbus.config import Settings
 from nimbus.pod import FLIPS, STATUS_CHECKS
 from nimbus.ports import EngineError, StateStore
 from nimbus.stats import Counters
+from nimbus.subscriptions import listen
 
 
 class StatusManager:
@@ -29,13 +30,15 @@ class StatusManager:
         self.counters = counters or Counters()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with self.state.subscribe(STATUS_CHECKS) as checks, trio.open_nursery() as nursery:
+        async def on_check(payload: bytes) -> None:
+            cid, _, ack_ns = payload.decode().partition("\t")
+            await self.check([cid], int(ack_ns or 0))
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(listen, self.state, STATUS_CHECKS, on_check)
             nursery.start_soon(self._periodic)
             task_status.started()
             logger.info("status manager up")
-            async for payload in checks:
-                cid, _, ack_ns = payload.decode().partition("\t")
-                await self.check([cid], int(ack_ns or 0))
 
     async def check(self, client_ids: list[str], last_ack_ns: int = 0) -> int:
         try:

@@ -225,3 +225,23 @@ async def test_hole9_failed_produce_is_reported_not_dropped(unique: str) -> None
                     await st.event("sq", 3, seq=1)  # the resend goes through
                     [res] = await results(st, 1, ack="nimbus-protocol" in md)
                     assert res.result == 9
+
+
+async def test_listeners_resubscribe_when_the_state_store_drops_them(unique: str) -> None:
+    """Redis drops pub/sub subscribers with their connection (restart, CLIENT KILL). Every
+    listener (pods, router, replay, status manager) must come back, not die."""
+    cid = f"resub-{unique}"
+    with trio.fail_after(60):
+        async with cluster({"engine": "memory"}, pods=2) as c:
+            state = c.engine.state
+            assert state.break_subscriptions() >= 6  # type: ignore[attr-defined]
+            await trio.sleep(0.5)  # listeners back off 0.1 s, then resubscribe
+            async with open_stream(c.ports[0], {"client_id": cid, **P2}) as st:
+                await st.event("sq", 12, seq=1)
+                [r] = await results(st, 1)
+                assert r.result == 144
+            await send_and_leave(c.ports[0], cid, range(2, 6))
+            async with open_stream(c.ports[1], {"client_id": cid, **P2}) as st:
+                got = await results(st, 4)
+                await wait_status(c, cid, Status.LIVE)
+            assert [r.number for r in got] == [2, 3, 4, 5]

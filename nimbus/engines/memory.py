@@ -31,6 +31,7 @@ from nimbus.ports import (
     PollResult,
     ProduceFailed,
     Record,
+    StateUnavailable,
     TopicPartition,
     Written,
 )
@@ -246,13 +247,12 @@ class MemoryState:
         self.channels: dict[str, set[trio.MemorySendChannel[bytes]]] = {}
         self.subscriber_buffer = subscriber_buffer
         self.dropped = 0
+        self._broken: set[trio.MemorySendChannel[bytes]] = set()
         # Test hook: while set, every call raises StateUnavailable-like errors from the caller's view.
         self.down = False
 
     def _check(self) -> None:
         if self.down:
-            from nimbus.ports import StateUnavailable
-
             raise StateUnavailable("in-memory state store marked down")
 
     def _apply(self, client_id: str, fn: Callable[[ClientRecord], tuple[ClientRecord, T]]) -> T:
@@ -353,17 +353,45 @@ class MemoryState:
                 except trio.BrokenResourceError:
                     self.channels[channel].discard(sub)
 
+    def break_subscriptions(self) -> int:
+        """Test hook: every current subscription fails, as Redis drops subscribers when their
+        connection goes; their iterators raise StateUnavailable. Returns how many broke."""
+        n = 0
+        for subs in self.channels.values():
+            for send in list(subs):
+                self._broken.add(send)
+                send.close()
+                n += 1
+            subs.clear()
+        return n
+
     @asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
         self._check()
         send, recv = trio.open_memory_channel[bytes](self.subscriber_buffer)
         self.channels.setdefault(channel, set()).add(send)
+
+        broken = self._broken
+
+        class Messages:
+            def __aiter__(self) -> Messages:
+                return self
+
+            async def __anext__(self) -> bytes:
+                try:
+                    return await recv.receive()
+                except trio.EndOfChannel:
+                    if send in broken:
+                        broken.discard(send)
+                        raise StateUnavailable(f"in-memory subscription to {channel!r} broken") from None
+                    raise StopAsyncIteration from None
+
         try:
             async with recv:
-                yield recv
+                yield Messages()
         finally:
-            self.channels[channel].discard(send)
-            await send.aclose()
+            self.channels.get(channel, set()).discard(send)
+            send.close()
 
 
 @dataclass

@@ -19,18 +19,23 @@ Like `MemoryState`, which stores the result of every transition it applies, a tr
 touches a client without a record creates the record (with its defaults and the transition's
 changes), even when the transition changes nothing else.
 
-Calling convention of the transition scripts: no KEYS; ARGV[1] is the key prefix, then the batch
-flattened (see each script). The scripts build key names from the prefix, so they are NOT
-Redis-Cluster-safe (Redis cannot route them by declared keys); Nimbus uses a single Redis node.
-The lease scripts take their key in KEYS[1].
+Calling convention of the transition scripts: no KEYS; ARGV[1] is the key prefix; connect and
+disconnect take their arguments in ARGV[2..], the batch scripts take the whole batch in ARGV[2]
+as one flattened JSON array (e.g. route: ["c1", 7, "c2", 9]), decoded by Redis's cjson. One
+string instead of one argument per value: redis-py packs every argument in Python, which cost
+more than the script itself on a 500-item batch (measured: see the report of the change). Replies
+are compact for the same reason (route: one JSON array of short strings; try_flip: one string).
+The scripts build key names from the prefix, so they are NOT Redis-Cluster-safe (Redis cannot
+route them by declared keys); Nimbus uses a single Redis node. The lease scripts take their key
+in KEYS[1].
 
 Within a batch, items are applied in order, each seeing the effect of the previous ones, and the
-whole batch is atomic (one script). Records are read once per script and written back once, and
-only if some transition changed them (or created them).
+whole batch is atomic (one script). Records are read once per script and written back once: only
+the fields that changed (all of them for a record the script created).
 
 Numbers: Redis's Lua is 5.1 with double-precision numbers, so delivery ids, offsets and epochs
-must stay below 2**53 (a Kafka offset does). They are written with string.format('%d'): Lua's
-tostring would switch to exponent notation and lose digits above 1e14.
+must stay below 2**53 (a Kafka offset does). They are written with string.format('%d') and
+returned inside strings: Lua's tostring, and cjson.encode, print 14 significant digits.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ import hashlib
 # that changed, keeping the `clients` and `replaying` sets in sync.
 _PRELUDE = r"""
 local prefix = ARGV[1]
+local FIELDS = {'status', 'pod', 'epoch', 'acked', 'routed_dlq', 'dlq_written', 'cursor'}
+local TEXT = {status = true, pod = true}
 local cache = {}
 local touched = {}
 
@@ -48,18 +55,15 @@ local function n2s(x)
   return string.format('%d', x)
 end
 
+-- The record of `cid` as a table (lifecycle.new_record's defaults if there is none), read once.
 local function load(cid)
   local r = cache[cid]
   if r then
     return r
   end
   local key = prefix .. 'c:' .. cid
-  local v = redis.call('HMGET', key, 'status', 'pod', 'epoch', 'acked', 'routed_dlq',
-                       'dlq_written', 'cursor')
+  local v = redis.call('HMGET', key, unpack(FIELDS))
   r = {
-    id = cid,
-    key = key,
-    new = not v[1],
     status = v[1] or 'OFFLINE',
     pod = v[2] or '',
     epoch = tonumber(v[3]) or 0,
@@ -68,28 +72,37 @@ local function load(cid)
     dlq_written = tonumber(v[6]) or 0,
     cursor = tonumber(v[7]) or -1,
   }
-  r.orig_status = r.status
-  r.dirty = r.new
+  local orig = {}
+  for _, f in ipairs(FIELDS) do
+    orig[f] = r[f]
+  end
   cache[cid] = r
-  touched[#touched + 1] = r
+  touched[#touched + 1] = {id = cid, key = key, new = not v[1], rec = r, orig = orig}
   return r
 end
 
+-- Write back what changed (every field of a new record), and keep the sets in sync.
 local function flush()
-  for _, r in ipairs(touched) do
-    if r.dirty then
-      redis.call('HSET', r.key, 'status', r.status, 'pod', r.pod, 'epoch', n2s(r.epoch),
-                 'acked', n2s(r.acked), 'routed_dlq', n2s(r.routed_dlq),
-                 'dlq_written', n2s(r.dlq_written), 'cursor', n2s(r.cursor))
-      if r.new then
-        redis.call('SADD', prefix .. 'clients', r.id)
+  for _, t in ipairs(touched) do
+    local r, orig = t.rec, t.orig
+    local args = {}
+    for _, f in ipairs(FIELDS) do
+      if t.new or r[f] ~= orig[f] then
+        args[#args + 1] = f
+        args[#args + 1] = TEXT[f] and r[f] or n2s(r[f])
       end
-      if r.status ~= r.orig_status then
-        if r.status == 'REPLAYING' then
-          redis.call('SADD', prefix .. 'replaying', r.id)
-        elseif r.orig_status == 'REPLAYING' then
-          redis.call('SREM', prefix .. 'replaying', r.id)
-        end
+    end
+    if #args > 0 then
+      redis.call('HSET', t.key, unpack(args))
+    end
+    if t.new then
+      redis.call('SADD', prefix .. 'clients', t.id)
+    end
+    if r.status ~= orig.status then
+      if r.status == 'REPLAYING' then
+        redis.call('SADD', prefix .. 'replaying', t.id)
+      elseif orig.status == 'REPLAYING' then
+        redis.call('SREM', prefix .. 'replaying', t.id)
       end
     end
   end
@@ -114,7 +127,6 @@ else
 end
 r.pod = ARGV[3]
 r.epoch = r.epoch + 1
-r.dirty = true
 flush()
 return {r.epoch, r.status, previous_pod, previous_epoch}
 """
@@ -130,7 +142,6 @@ local ok = 0
 if r.epoch == epoch and r.status ~= 'OFFLINE' then
   r.status = 'OFFLINE'
   r.pod = ''
-  r.dirty = true
   ok = 1
 end
 flush()
@@ -138,46 +149,41 @@ return ok
 """
 )
 
-# lifecycle.route. ARGV: prefix, then (client_id, delivery_id) pairs.
-# Returns {route, pod, epoch} triples, one per pair, in order.
+# lifecycle.route. ARGV: prefix, JSON [client_id, delivery_id, ...].
+# Returns a JSON array, one string per item, in order: "D" (DROP), "Q" (DLQ), or
+# "L{epoch}:{pod}" (LIVE).
 ROUTE = (
     _PRELUDE
     + r"""
+local items = cjson.decode(ARGV[2])
 local out = {}
-for i = 2, #ARGV, 2 do
-  local r = load(ARGV[i])
-  local d = tonumber(ARGV[i + 1])
-  local n = #out
+for i = 1, #items, 2 do
+  local r = load(items[i])
+  local d = items[i + 1]
   if d <= r.acked then
-    out[n + 1] = 'DROP'
-    out[n + 2] = ''
-    out[n + 3] = 0
+    out[#out + 1] = 'D'
   elseif r.status == 'LIVE' then
-    out[n + 1] = 'LIVE'
-    out[n + 2] = r.pod
-    out[n + 3] = r.epoch
+    out[#out + 1] = 'L' .. n2s(r.epoch) .. ':' .. r.pod
   else
     if d > r.routed_dlq then
       r.routed_dlq = d
     end
-    r.dirty = true
-    out[n + 1] = 'DLQ'
-    out[n + 2] = ''
-    out[n + 3] = 0
+    out[#out + 1] = 'Q'
   end
 end
 flush()
-return out
+return cjson.encode(out)
 """
 )
 
-# lifecycle.divert. ARGV: prefix, then (client_id, delivery_id) pairs.
+# lifecycle.divert. ARGV: prefix, JSON [client_id, delivery_id, ...].
 DIVERT = (
     _PRELUDE
     + r"""
-for i = 2, #ARGV, 2 do
-  local r = load(ARGV[i])
-  local d = tonumber(ARGV[i + 1])
+local items = cjson.decode(ARGV[2])
+for i = 1, #items, 2 do
+  local r = load(items[i])
+  local d = items[i + 1]
   if d > r.acked then
     if r.status == 'LIVE' then
       r.status = 'REPLAYING'
@@ -185,7 +191,6 @@ for i = 2, #ARGV, 2 do
     if d > r.routed_dlq then
       r.routed_dlq = d
     end
-    r.dirty = true
   end
 end
 flush()
@@ -193,14 +198,15 @@ return 0
 """
 )
 
-# lifecycle.dlq_written. ARGV: prefix, then (client_id, delivery_id, offset) triples.
+# lifecycle.dlq_written. ARGV: prefix, JSON [client_id, delivery_id, offset, ...].
 DLQ_WRITTEN = (
     _PRELUDE
     + r"""
-for i = 2, #ARGV, 3 do
-  local r = load(ARGV[i])
-  local d = tonumber(ARGV[i + 1])
-  local offset = tonumber(ARGV[i + 2])
+local items = cjson.decode(ARGV[2])
+for i = 1, #items, 3 do
+  local r = load(items[i])
+  local d = items[i + 1]
+  local offset = items[i + 2]
   local cursor = r.cursor
   if r.acked >= r.dlq_written and offset > cursor then
     cursor = offset
@@ -212,23 +218,22 @@ for i = 2, #ARGV, 3 do
   if d > r.dlq_written then
     r.dlq_written = d
   end
-  r.dirty = true
 end
 flush()
 return 0
 """
 )
 
-# lifecycle.ack. ARGV: prefix, then (client_id, acked) pairs.
+# lifecycle.ack. ARGV: prefix, JSON [client_id, acked, ...].
 ACK = (
     _PRELUDE
     + r"""
-for i = 2, #ARGV, 2 do
-  local r = load(ARGV[i])
-  local a = tonumber(ARGV[i + 1])
+local items = cjson.decode(ARGV[2])
+for i = 1, #items, 2 do
+  local r = load(items[i])
+  local a = items[i + 1]
   if a > r.acked then
     r.acked = a
-    r.dirty = true
   end
 end
 flush()
@@ -236,16 +241,16 @@ return 0
 """
 )
 
-# lifecycle.advance_cursor. ARGV: prefix, then (client_id, offset) pairs.
+# lifecycle.advance_cursor. ARGV: prefix, JSON [client_id, offset, ...].
 ADVANCE_CURSOR = (
     _PRELUDE
     + r"""
-for i = 2, #ARGV, 2 do
-  local r = load(ARGV[i])
-  local offset = tonumber(ARGV[i + 1])
+local items = cjson.decode(ARGV[2])
+for i = 1, #items, 2 do
+  local r = load(items[i])
+  local offset = items[i + 1]
   if offset > r.cursor then
     r.cursor = offset
-    r.dirty = true
   end
 end
 flush()
@@ -253,23 +258,24 @@ return 0
 """
 )
 
-# lifecycle.try_flip. ARGV: prefix, then client ids. Returns 1/0 per id, in order.
+# lifecycle.try_flip. ARGV: prefix, JSON [client_id, ...].
+# Returns one string, a "1" (flipped) or "0" per id, in order.
 TRY_FLIP = (
     _PRELUDE
     + r"""
+local items = cjson.decode(ARGV[2])
 local out = {}
-for i = 2, #ARGV do
-  local r = load(ARGV[i])
+for i = 1, #items do
+  local r = load(items[i])
   if r.status == 'REPLAYING' and not (r.routed_dlq > r.acked) then
     r.status = 'LIVE'
-    r.dirty = true
-    out[#out + 1] = 1
+    out[i] = '1'
   else
-    out[#out + 1] = 0
+    out[i] = '0'
   end
 end
 flush()
-return out
+return table.concat(out)
 """
 )
 
@@ -292,6 +298,15 @@ end
 return 0
 """
 
+# Publish many messages, in order, with one command (a pipeline of PUBLISH costs redis-py one
+# reply to parse per message). ARGV: channel, payload, channel, payload...
+PUBLISH = r"""
+for i = 1, #ARGV, 2 do
+  redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+end
+return 0
+"""
+
 SCRIPTS: dict[str, str] = {
     "connect": CONNECT,
     "disconnect": DISCONNECT,
@@ -303,6 +318,7 @@ SCRIPTS: dict[str, str] = {
     "try_flip": TRY_FLIP,
     "acquire_lease": ACQUIRE_LEASE,
     "release_lease": RELEASE_LEASE,
+    "publish": PUBLISH,
 }
 
 
