@@ -296,6 +296,22 @@ async def test_big_ids_are_exact(store: StateStore) -> None:
         assert (await _rec(store, "c1")).routed_dlq == big + 9
 
 
+async def test_any_client_id_and_pod_string(store: StateStore) -> None:
+    # Ids and pods travel as JSON through Lua's cjson and back: quotes, separators, non-ASCII.
+    cid, pod = 'ü/"c":1\\n\t', "pod:ß/\u2028x"
+    with trio.fail_after(TIMEOUT):
+        assert (await store.connect(cid, pod)).epoch == 1
+        assert await store.route([(cid, 1), (cid, 0)]) == [
+            RouteDecision(Route.LIVE, pod, 1),
+            RouteDecision(Route.DROP),
+        ]
+        await store.divert([(cid, 2)])
+        await store.ack([AckItem(cid, 2)])
+        assert await store.try_flip([cid]) == [True]
+        assert await store.get(cid) == ClientRecord(cid, Status.LIVE, pod, 1, acked=2, routed_dlq=2)
+        assert [r.client_id for r in await store.all_clients()] == [cid]
+
+
 # -- leases ------------------------------------------------------------------------------------
 
 

@@ -7,11 +7,14 @@ Use it inside `trio_asyncio.open_loop()`::
             await state.connect("client-1", "pod-a")
 
 Every method makes exactly one crossing into asyncio (`trio_asyncio.aio_as_trio`, ~50 µs each,
-see ../shared/NOTES.md) and inside it one script call or one pipeline, whatever the batch size.
-The transitions are the Lua scripts of `nimbus.engines.redis_scripts`, which mirror
-`nimbus.lifecycle`; they run by EVALSHA, and a NOSCRIPT answer (Redis restarted and lost its
-script cache) reloads the script and runs it again: the only retry here. redis-py's own retries
-are switched off; every redis or socket error surfaces as `StateUnavailable`, naming the address.
+see ../shared/NOTES.md) and inside it one script call whatever the batch size (publish: one per
+1000 messages; all_clients: SMEMBERS, then pipelined HMGETs). The transitions are the Lua scripts
+of `nimbus.engines.redis_scripts`, which mirror `nimbus.lifecycle`; a batch travels as one JSON
+argument and comes back as one compact reply, because redis-py packs every argument and parses
+every reply element in pure Python, which cost more than the script itself. Scripts run by
+EVALSHA, and a NOSCRIPT answer (Redis restarted and lost its script cache) reloads the script and
+runs it again: the only retry here. redis-py's own retries are switched off; every redis or
+socket error surfaces as `StateUnavailable`, naming the address.
 
 Keys live under `prefix` (see `redis_scripts` for the layout); pub/sub channels are namespaced
 too: the port's channel `x` is the Redis channel `{prefix}ch:x`.

@@ -22,9 +22,10 @@ changes), even when the transition changes nothing else.
 Calling convention of the transition scripts: no KEYS; ARGV[1] is the key prefix; connect and
 disconnect take their arguments in ARGV[2..], the batch scripts take the whole batch in ARGV[2]
 as one flattened JSON array (e.g. route: ["c1", 7, "c2", 9]), decoded by Redis's cjson. One
-string instead of one argument per value: redis-py packs every argument in Python, which cost
-more than the script itself on a 500-item batch (measured: see the report of the change). Replies
-are compact for the same reason (route: one JSON array of short strings; try_flip: one string).
+string instead of one argument per value: redis-py packs every argument and parses every reply
+element in pure Python, which cost more than the script itself (a 500-item route was ~3x slower
+with flattened ARGV and a reply of 1500 elements). Replies are compact for the same reason
+(route: one JSON array of short strings; try_flip: one string of "1"/"0").
 The scripts build key names from the prefix, so they are NOT Redis-Cluster-safe (Redis cannot
 route them by declared keys); Nimbus uses a single Redis node. The lease scripts take their key
 in KEYS[1].
@@ -34,8 +35,11 @@ whole batch is atomic (one script). Records are read once per script and written
 the fields that changed (all of them for a record the script created).
 
 Numbers: Redis's Lua is 5.1 with double-precision numbers, so delivery ids, offsets and epochs
-must stay below 2**53 (a Kafka offset does). They are written with string.format('%d') and
-returned inside strings: Lua's tostring, and cjson.encode, print 14 significant digits.
+must stay below 2**53 (a Kafka offset does). They are written to hashes and replies with
+string.format('%d'), never tostring or cjson.encode (14 significant digits); a number returned
+as a script's integer reply is exact.
+
+Besides the transitions: the two lease scripts, and PUBLISH of a batch of messages.
 """
 
 from __future__ import annotations
