@@ -1,0 +1,1646 @@
+"""Chaos harness for Nimbus: the delivery contract, checked while everything around it breaks.
+
+Runs a real deployment on the local Kafka and Redis (scripts/services.sh; started if they are not
+running): `--pods` doorman pods (`python -m nimbus.server`) and `--workers` worker processes
+(`python -m nimbus.workers`), on fresh topics, with short delivery/status timeouts. `--clients`
+protocol-2 clients (nimbus.client, one trio process) each send `sq` 1, 2, 3, ... at `--rate`
+events/s and check every result. Meanwhile a seeded schedule (`--seed`) of faults is played:
+
+    switch       a client drops its stream and reconnects to another pod    (client.switch)
+    cut          a client's stream is cut right after a send, mid-write      (client.disconnect)
+    pod_kill     a pod is SIGKILLed, restarted after a short delay
+    worker_kill  a worker process is SIGKILLed, restarted after a short delay
+    redis_cut    every Redis client connection of one type is cut   (CLIENT KILL TYPE normal|pubsub)
+    kafka_kill   the Kafka broker is SIGKILLed, restarted (scripts/kafka.sh kill9, start)
+    redis_kill   redis-server is SIGKILLed, restarted (scripts/redis.sh kill9, start; AOF)
+
+Rates are per minute over the whole run (Poisson); the broker kills are counts (`--kafka-kills`,
+`--redis-kills`) placed in separate slots of the first two thirds of the run. A pod or worker is
+killed only if another one of its kind is up. A process that exits on its own (e.g. it cannot
+reach Kafka while the broker is down) is restarted with a backoff and reported as a crash.
+
+After `--duration` seconds the chaos stops and the settle phase begins: the clients stop sending,
+Kafka, Redis and every process are brought up, every client reconnects, and the harness waits
+(at most `--settle-timeout` s from the end of the chaos) until every event is receipted and every
+receipted event's result has reached the application.
+
+The checker, per client and in total (the delivery contract of ../shared/DESIGN.md):
+
+    lost             a receipted delivery id whose result never reached the application.
+                     "in the middle" (a later id arrived: a definite violation, like Jepsen's
+                     queue checker) or "at the tail" (nothing later arrived before the timeout)
+    out of order     delivery ids not strictly increasing, or a number whose first result came
+                     after a higher number's first result. Exempt (reported as "reordered by
+                     resend"): events refused with UNAVAILABLE, or receipted on a later stream
+                     than the one they were sent on: both are receipted after later events, and
+                     the contract orders results by receipt
+    app duplicates   a result the application was handed twice (same delivery id, or the same
+                     number twice with both copies receipted): must be 0, the library dedupes
+    resend dups      the same number twice, one copy from an event whose receipt was lost and
+                     which the library resent (at-least-once for unreceipted events): allowed
+    wire dups        redeliveries the library dropped (stats.duplicates_dropped): allowed
+    unexpected       a result for a number never sent, a wrong value, an error, or a delivery id
+                     whose receipt named another number
+    not settled      events still unreceipted at the end (nothing was lost, but the system did
+                     not recover within the settle timeout)
+
+Also reported: the reconnect gap (the library's Disconnected -> Connected) and the harness's own
+loop lag: a CPU-starved harness (the client library decodes with betterproto) inflates every
+timing it reports and delays receipts, which makes resends and their duplicates more likely.
+
+Time to LIVE: the harness subscribes to the status manager's flips (`nimbus:flips`:
+"client_id, last_ack_ns, flip_ns") and reports the flip's delay after the replay saw the last
+backlog ack ("LIVE after last ack", target p99 <= 100 ms) and after the client's reconnect as
+the harness saw it (the library's Connected notice).
+
+Exit status: 0 if nothing was lost, reordered, shown twice or unexpected and every client
+settled; 1 otherwise; 2 usage/set-up error; 130 interrupted. Process logs, the fault timeline and
+the harness log go to the run folder (`--run-dir`, default artifacts/chaos-<timestamp>/);
+`--json PATH` writes the summary. Every child process is stopped on exit (Ctrl-C included);
+Kafka and Redis are left running. Traffic goes to 127.0.0.1 only.
+
+    python scripts/chaos.py --clients 50 --rate 1 --duration 300 --kafka-kills 2 --redis-kills 2 \\
+        --seed 7 --json artifacts/chaos.json
+
+Each run has its own topics, Redis namespace (NIMBUS_REDIS_PREFIX) and client ids (`--prefix`).
+Environment: NIMBUS_KAFKA_PORT / NIMBUS_REDIS_PORT (or --kafka-port / --redis-port) and
+NIMBUS_LOCAL_DIR select which local brokers scripts/services.sh manages, as for those scripts.
+Killing the brokers disturbs anything else using them: on a shared machine, point the harness at
+a private pair (e.g. NIMBUS_LOCAL_DIR=/tmp/chaos-brokers NIMBUS_KAFKA_PORT=39192
+NIMBUS_KAFKA_CONTROLLER_PORT=39193 NIMBUS_REDIS_PORT=36479).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import ctypes
+import json
+import logging
+import math
+import os
+import random
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio_asyncio
+from loguru import logger
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python scripts/chaos.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from nimbus.client import (  # noqa: E402
+    Connected,
+    Disconnected,
+    Gap,
+    NimbusClient,
+    NimbusError,
+    Notice,
+    Receipted,
+    Refused,
+    Result,
+    open_client,
+)
+from nimbus.engines.redis import open_redis_state  # noqa: E402
+from nimbus.pod import FLIPS  # noqa: E402
+from nimbus.ports import EngineError  # noqa: E402
+
+HOST = "127.0.0.1"
+SCRIPTS = ROOT / "scripts"
+CLIENT_ACTIONS = ("switch", "cut")
+PROC_ACTIONS = ("pod_kill", "worker_kill")
+POD_READY = "doorman listening"
+WORKER_READY = "status manager up"  # the last role run_workers starts
+
+try:  # children die with the harness even if it is SIGKILLed (Linux: PR_SET_PDEATHSIG)
+    _LIBC: Any = ctypes.CDLL(None, use_errno=True)
+    _LIBC.prctl  # noqa: B018 - probe
+except (OSError, AttributeError):
+    _LIBC = None
+
+
+def _die_with_parent() -> None:
+    if _LIBC is not None:
+        _LIBC.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
+def wall() -> str:
+    """Local wall-clock time as the Nimbus logs print it (HH:MM:SS.mmm)."""
+    return datetime.now().strftime("%H:%M:%S.%f")[:-3]
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted list (0.0 when empty)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def dist(values: list[float]) -> dict[str, float | int]:
+    v = sorted(values)
+    return {
+        "count": len(v),
+        "p50": round(percentile(v, 0.50), 3),
+        "p99": round(percentile(v, 0.99), 3),
+        "max": round(v[-1], 3) if v else 0.0,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_until(predicate: Callable[[], bool], period: float = 0.2) -> None:
+    """Poll `predicate` (state that many tasks change, several processes included)."""
+    while not predicate():  # noqa: ASYNC110 - no single event to wait on
+        await trio.sleep(period)
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: timeline, counters
+# ---------------------------------------------------------------------------------------------
+
+
+class Run:
+    """What the whole harness shares: the clock, the fault timeline, counters, the run folder."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.dir: Path = args.run_dir
+        self.t0 = trio.current_time()
+        self.timeline: list[dict[str, Any]] = []
+        self.counts: Counter[str] = Counter()
+        self.phase = "start"
+        self.lag: dict[str, list[float]] = {"trio": [], "asyncio": []}
+        self._timeline_file = (self.dir / "timeline.log").open("a", buffering=1)
+
+    def elapsed(self) -> float:
+        return trio.current_time() - self.t0
+
+    def event(self, what: str, *, show: bool = True, **info: Any) -> None:
+        entry = {"t": round(self.elapsed(), 3), "wall": wall(), "event": what, **info}
+        self.timeline.append(entry)
+        extra = " ".join(f"{k}={v}" for k, v in info.items())
+        line = f"[{entry['t']:8.2f}s {entry['wall']}] {what}{' ' + extra if extra else ''}"
+        self._timeline_file.write(line + "\n")
+        if show:
+            print(line, file=sys.stderr, flush=True)
+
+    def around(self, t: float, span: float) -> list[dict[str, Any]]:
+        return [e for e in self.timeline if abs(e["t"] - t) <= span]
+
+    def close(self) -> None:
+        self._timeline_file.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Child processes (pods, workers) and the brokers (through scripts/*.sh)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Proc:
+    name: str
+    kind: str  # "pod" | "worker"
+    module: str
+    env: dict[str, str]
+    log: Path
+    port: int = 0
+    popen: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restart_at: float = 0.0  # trio time: not (re)started before this
+    killed: bool = False  # the current/last exit was ours
+    ready: bool = False
+    starts: int = 0
+    kills: int = 0
+    crashes: list[dict[str, Any]] = field(default_factory=list)
+    streak: int = 0  # consecutive early exits (backoff)
+    _log_pos: int = 0
+    _tail: str = ""
+
+    @property
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def start(self, run: Run) -> None:
+        self.starts += 1
+        with self.log.open("ab") as out:
+            out.write(f"\n===== chaos: start #{self.starts} at {wall()} =====\n".encode())
+            out.flush()
+            self._log_pos = out.tell()
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", self.module],
+                env=self.env,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C in the terminal reaches the harness only
+                preexec_fn=_die_with_parent,
+            )
+        self.started_at = trio.current_time()
+        self.killed = False
+        self.ready = False
+        self._tail = ""
+        run.event("start", show=self.starts > 1, proc=self.name, pid=self.popen.pid, n=self.starts)
+
+    def check_ready(self) -> bool:
+        """Read the log written since the start: has the process announced it is up?"""
+        if self.ready or self.popen is None:
+            return self.ready
+        try:
+            with self.log.open("rb") as f:
+                f.seek(self._log_pos)
+                chunk = f.read()
+        except OSError:
+            return False
+        self._log_pos += len(chunk)
+        text = self._tail + chunk.decode(errors="replace")
+        marker = POD_READY if self.kind == "pod" else WORKER_READY
+        if marker in text:
+            self.ready = True
+        self._tail = text[-200:]
+        return self.ready
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.killed = True
+            self.popen.send_signal(sig)
+
+    def log_tail(self, lines: int = 8) -> list[str]:
+        try:
+            data = self.log.read_bytes()[-8000:].decode(errors="replace")
+        except OSError:
+            return []
+        return data.splitlines()[-lines:]
+
+
+class Fleet:
+    """The pods and workers: starts them, restarts what died (killed by us after a delay,
+    crashed with a backoff), stops them all at the end."""
+
+    def __init__(self, run: Run, procs: list[Proc]) -> None:
+        self.run = run
+        self.procs = procs
+        self.stopping = False
+
+    @property
+    def pods(self) -> list[Proc]:
+        return [p for p in self.procs if p.kind == "pod"]
+
+    @property
+    def workers(self) -> list[Proc]:
+        return [p for p in self.procs if p.kind == "worker"]
+
+    def up(self, kind: str) -> list[Proc]:
+        return [p for p in self.procs if p.kind == kind and p.alive and p.ready]
+
+    def all_ready(self) -> bool:
+        return all(p.alive and p.ready for p in self.procs)
+
+    async def supervise(self) -> None:
+        """Every 0.2 s: reap exits, start what is due, notice readiness. Runs until cancelled."""
+        while not self.stopping:
+            now = trio.current_time()
+            for p in self.procs:
+                if p.popen is not None and p.popen.poll() is not None:
+                    rc = p.popen.returncode
+                    uptime = now - p.started_at
+                    was_ready = p.ready or p.check_ready()
+                    p.ready = False
+                    p.popen = None
+                    if p.killed:
+                        p.streak = 0
+                    else:
+                        p.streak = p.streak + 1 if uptime < 20 else 1
+                        p.restart_at = now + min(5.0, 0.5 * 2 ** (p.streak - 1))
+                        # Exiting before it was up (e.g. Kafka down at start) is a start
+                        # failure; exiting after is a crash.
+                        what = "crash" if was_ready else "start_failure"
+                        crash: dict[str, Any] = {
+                            "t": round(self.run.elapsed(), 3),
+                            "wall": wall(),
+                            "what": what,
+                            "rc": rc,
+                            "uptime_s": round(uptime, 1),
+                            "log_tail": p.log_tail(6),
+                        }
+                        p.crashes.append(crash)
+                        self.run.counts["crashes" if was_ready else "start_failures"] += 1
+                        last = crash["log_tail"][-1] if crash["log_tail"] else ""
+                        self.run.event(
+                            "CRASHED" if was_ready else "failed to start",
+                            proc=p.name,
+                            rc=rc,
+                            uptime=f"{uptime:.1f}s",
+                            last=repr(last[:200]),
+                        )
+                if p.popen is None and now >= p.restart_at:
+                    p.start(self.run)
+                elif p.popen is not None and not p.ready and p.check_ready() and p.starts > 1:
+                    self.run.event("ready", show=False, proc=p.name)
+            await trio.sleep(0.2)
+
+    def kill(self, p: Proc, restart_after: float) -> None:
+        p.kill()
+        p.kills += 1
+        p.restart_at = trio.current_time() + restart_after
+
+    async def wait_ready(self, timeout: float) -> bool:
+        with trio.move_on_after(timeout):
+            while not self.all_ready():
+                for p in self.procs:
+                    p.check_ready()
+                await trio.sleep(0.2)
+            return True
+        return False
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM everything, SIGKILL what is left after `grace` seconds."""
+        self.stopping = True
+        for p in self.procs:
+            p.kill(signal.SIGTERM)
+        with trio.move_on_after(grace):
+            await wait_until(lambda: not any(p.alive for p in self.procs), 0.1)
+        self.kill_now()
+
+    def kill_now(self) -> None:
+        for p in self.procs:
+            if p.popen is not None:
+                p.kill()
+                try:
+                    p.popen.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+
+
+class Brokers:
+    """Kafka and Redis through scripts/kafka.sh, redis.sh, services.sh (same env as the user's)."""
+
+    def __init__(self, run: Run, env: dict[str, str], kafka_port: int, redis_port: int) -> None:
+        self.run = run
+        self.env = env
+        self.kafka_port = kafka_port
+        self.redis_port = redis_port
+        self.log = run.dir / "services.log"
+        self.kafka_down = False
+        self.redis_down = False
+        self.busy = 0  # kill-and-restart sequences in progress
+
+    async def script(self, *argv: str, timeout: float = 240) -> int:
+        with self.log.open("ab") as out:
+            out.write(f"\n===== chaos: {' '.join(argv)} at {wall()} =====\n".encode())
+            out.flush()
+            with trio.move_on_after(timeout):
+                proc = await trio.run_process(
+                    ["bash", str(SCRIPTS / argv[0]), *argv[1:]],
+                    env=self.env,
+                    cwd=ROOT,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    check=False,
+                )
+                return proc.returncode
+        return -1
+
+    async def ensure_up(self, timeout: float = 240) -> bool:
+        if await self.script("services.sh", "status", timeout=30) == 0:
+            return True
+        self.run.event("services.sh up")
+        ok = await self.script("services.sh", "up", timeout=timeout) == 0
+        if ok:
+            self.kafka_down = self.redis_down = False
+        return ok
+
+    async def cut_redis_connections(self, kind: str) -> str:
+        with trio.move_on_after(10):
+            proc = await trio.run_process(
+                [
+                    "redis-cli",
+                    "-h",
+                    HOST,
+                    "-p",
+                    str(self.redis_port),
+                    "CLIENT",
+                    "KILL",
+                    "TYPE",
+                    kind,
+                ],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            return (proc.stdout or proc.stderr).decode(errors="replace").strip()
+        return "timeout"
+
+    async def kill_and_restart(self, which: str, down_for: float) -> None:
+        """kill9, wait `down_for` s, start (retried): `which` is "kafka" or "redis"."""
+        self.busy += 1
+        try:
+            await self._kill_and_restart(which, down_for)
+        finally:
+            self.busy -= 1
+
+    async def _kill_and_restart(self, which: str, down_for: float) -> None:
+        script, port = (
+            ("kafka.sh", self.kafka_port) if which == "kafka" else ("redis.sh", self.redis_port)
+        )
+        if not port_open(port):
+            self.run.event(f"{which}_kill skipped: not up", port=port)
+            self.run.counts[f"{which}_kill_skipped"] += 1
+            return
+        self.run.event(f"{which} kill9")
+        setattr(self, f"{which}_down", True)
+        await self.script(script, "kill9", timeout=60)
+        if port_open(port):
+            # Not the broker scripts/*.sh manages (other NIMBUS_LOCAL_DIR?): say so loudly.
+            self.run.event(
+                f"{which} kill9 FAILED: port {port} still open (not managed by scripts/{script}?)"
+            )
+            self.run.counts[f"{which}_kill_failed"] += 1
+            setattr(self, f"{which}_down", False)
+            return
+        self.run.counts[f"{which}_kills"] += 1
+        await trio.sleep(down_for)
+        t = trio.current_time()
+        for attempt in range(1, 6):
+            rc = await self.script(script, "start", timeout=240)
+            if rc == 0:
+                break
+            self.run.event(f"{which} start failed", rc=rc, attempt=attempt)
+            await trio.sleep(2)
+        setattr(self, f"{which}_down", False)
+        self.run.event(f"{which} up", took=f"{trio.current_time() - t:.1f}s")
+
+
+# ---------------------------------------------------------------------------------------------
+# Clients
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Got:
+    """One result as the application received it."""
+
+    delivery_id: int
+    number: int
+    result: int
+    seq: int | None
+    error: str | None
+    t: float  # elapsed s
+
+
+@dataclass(eq=False)
+class ClientRun:
+    index: int
+    client_id: str
+    targets: list[str]
+    client: NimbusClient | None = None
+    next_number: int = 1  # numbers 1 .. next_number-1 were sent
+    receipts: dict[int, int] = field(default_factory=dict)  # delivery id -> number
+    receipt_t: dict[int, float] = field(default_factory=dict)  # delivery id -> elapsed s
+    results: list[Got] = field(default_factory=list)
+    delivered: set[int] = field(default_factory=set)  # delivery ids handed to the app
+    outstanding: set[int] = field(default_factory=set)  # receipted, no result yet
+    highest: int = 0  # highest delivery id handed to the app
+    retried: set[int] = field(default_factory=set)  # numbers refused with UNAVAILABLE
+    # Streams are numbered (generation: Connected notices so far). An event receipted on a later
+    # stream than the one it was sent on was resent: it may land after later events.
+    generation: int = 0
+    sent_gen: dict[int, int] = field(default_factory=dict)  # number -> stream it went out on
+    resent: set[int] = field(default_factory=set)  # numbers receipted on a later stream
+    refused: set[int] = field(default_factory=set)  # numbers refused for good
+    reconnect_ns: list[int] = field(default_factory=list)  # wall ns of Connected(reconnect)
+    # (connect ns, read ns, status) of the client's record read right after each reconnect:
+    # tells a reconnect that needs a replay (REPLAYING) from one that is LIVE at once.
+    record_checks: list[tuple[int, int, str]] = field(default_factory=list)
+    down_since: float | None = None  # elapsed s of the last Disconnected, until Connected
+    reconnect_gaps: list[float] = field(default_factory=list)  # s from Disconnected to Connected
+    history: list[str] = field(default_factory=list)  # connects/disconnects, for evidence
+    gaps: int = 0
+    cut_after_send: bool = False
+    failure: str | None = None
+    stats: dict[str, int] = field(default_factory=dict)
+    pending_at_end: int = 0
+    end_t: float = 0.0  # elapsed s when the client was closed
+    done: trio.Event = field(default_factory=trio.Event)
+
+    def settled(self) -> bool:
+        """Nothing left to wait for: connected, all receipted, every receipted result here
+        (ids below the highest delivered can no longer come: those are counted as lost)."""
+        c = self.client
+        if self.failure is not None:
+            return True
+        if c is None or not c.connected or c.pending:
+            return False
+        return all(d < self.highest for d in self.outstanding)
+
+
+class Clients:
+    def __init__(self, run: Run, runs: list[ClientRun]) -> None:
+        self.run = run
+        self.runs = runs
+        self.stop_sending = trio.Event()
+        self.close = trio.Event()
+        self.record_checks, self._record_checks_recv = trio.open_memory_channel[
+            tuple[ClientRun, int]
+        ](10_000)
+
+    async def check_records(self, redis_address: str, namespace: str) -> None:
+        """Read each reconnected client's record (REPLAYING or LIVE?) as soon as possible."""
+        recv = self._record_checks_recv
+        while True:
+            try:
+                async with open_redis_state(redis_address, prefix=namespace) as state:
+                    while True:
+                        r, connect_ns = await recv.receive()
+                        rec = await state.get(r.client_id)
+                        status = rec.status.value if rec is not None else "NONE"
+                        r.record_checks.append((connect_ns, time.time_ns(), status))
+            except (EngineError, OSError) as e:
+                logger.debug("record checker: {}", e)
+            await trio.sleep(0.5)
+
+    def totals(self) -> tuple[int, int, int]:
+        sent = sum(r.next_number - 1 for r in self.runs)
+        rcpt = sum(len(r.receipts) for r in self.runs)
+        res = sum(len(r.results) for r in self.runs)
+        return sent, rcpt, res
+
+    def reconnects(self) -> int:
+        return sum(
+            r.client.stats.reconnects if r.client else r.stats.get("reconnects", 0)
+            for r in self.runs
+        )
+
+    async def run_client(self, r: ClientRun, rng: random.Random) -> None:
+        args = self.run.args
+        elapsed = self.run.elapsed
+
+        def on_event(n: Notice) -> None:
+            if isinstance(n, Receipted):
+                if r.sent_gen.get(n.number, r.generation) != r.generation:
+                    r.resent.add(n.number)
+                r.receipts[n.delivery_id] = n.number
+                r.receipt_t[n.delivery_id] = elapsed()
+                if n.delivery_id not in r.delivered:
+                    r.outstanding.add(n.delivery_id)
+            elif isinstance(n, Refused):
+                (r.retried if n.will_retry else r.refused).add(n.number)
+            elif isinstance(n, Connected):
+                r.generation += 1
+                if n.reconnect:
+                    r.reconnect_ns.append(now_ns := time.time_ns())
+                    try:
+                        self.record_checks.send_nowait((r, now_ns))
+                    except trio.WouldBlock:
+                        pass  # the checker is far behind: this reconnect goes unclassified
+                if r.down_since is not None:
+                    r.reconnect_gaps.append(elapsed() - r.down_since)
+                    r.down_since = None
+                r.history.append(f"{elapsed():.2f}s {wall()} connected to {n.target}")
+                logger.debug("{} connected to {}", r.client_id, n.target)
+            elif isinstance(n, Disconnected):
+                r.down_since = elapsed()
+                r.history.append(
+                    f"{elapsed():.2f}s {wall()} disconnected from {n.target}: {n.reason}"
+                )
+                logger.debug("{} disconnected from {}: {}", r.client_id, n.target, n.reason)
+            elif isinstance(n, Gap):
+                r.gaps += 1
+
+        async def receive(c: NimbusClient) -> None:
+            async for res in c.results():
+                did = res.delivery_id
+                r.results.append(
+                    Got(did, res.number, res.result, res.seq, _error_text(res), elapsed())
+                )
+                r.delivered.add(did)
+                r.outstanding.discard(did)
+                r.highest = max(r.highest, did)
+
+        async def send(c: NimbusClient) -> None:
+            interval = 1.0 / args.rate
+            next_at = trio.current_time() + rng.uniform(0, interval)
+            while not self.stop_sending.is_set():
+                with trio.move_on_at(next_at):
+                    await self.stop_sending.wait()
+                if self.stop_sending.is_set():
+                    return
+                next_at += interval
+                # Sent while no stream is up, an event goes out on the next one.
+                r.sent_gen[r.next_number] = r.generation + (0 if c.connected else 1)
+                # max_pending is far above what a run leaves unreceipted: send() never waits.
+                await c.send("sq", r.next_number)
+                r.next_number += 1
+                if r.cut_after_send:
+                    r.cut_after_send = False
+                    await c.disconnect()
+                    self.run.counts["cuts_done"] += 1
+
+        try:
+            async with open_client(
+                r.targets,
+                r.client_id,
+                protocol=2,
+                on_event=on_event,
+                connect_timeout=None,
+                backoff=(0.05, 1.0),
+                max_pending=100_000,
+                result_buffer=10_000,
+            ) as c:
+                r.client = c
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(receive, c)
+                    await send(c)
+                    await self.close.wait()
+                    nursery.cancel_scope.cancel()
+        except Exception as exc:  # noqa: BLE001 - a client that dies is a finding, not the end of the run
+            leaf: BaseException = exc
+            while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+                leaf = leaf.exceptions[0]
+            if isinstance(leaf, NimbusError):
+                r.failure = f"{type(leaf).__name__}: {leaf}"
+            else:  # a bug (in the library or below it): keep the traceback
+                r.failure = f"client crashed: {type(leaf).__name__}: {leaf}"
+                where = traceback.format_exception(leaf)
+                r.history.append("".join(where[-6:]))
+                logger.opt(exception=exc).error("client {} crashed", r.client_id)
+            self.run.event("client FAILED", client=r.client_id, why=r.failure)
+        finally:
+            r.end_t = self.run.elapsed()
+            if r.client is not None:
+                r.stats = r.client.stats.as_dict()
+                r.pending_at_end = r.client.pending
+            r.done.set()
+
+
+def _error_text(res: Result) -> str | None:
+    if res.error is None:
+        return None
+    return f"{res.error.code.name}: {res.error.message}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Flips (time to LIVE)
+
+
+def _supports_redis_prefix() -> bool:
+    from nimbus import config
+
+    return "NIMBUS_REDIS_PREFIX" in config.VARIABLES
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Flip:
+    client_id: str
+    last_ack_ns: int
+    flip_ns: int
+
+
+def redis_prefix(args: argparse.Namespace) -> str:
+    return f"{args.prefix}:"
+
+
+async def watch_flips(run: Run, redis_address: str, prefix: str, flips: list[Flip]) -> None:
+    """Subscribe to the status manager's flips; resubscribe whenever Redis goes away."""
+    namespace = redis_prefix(run.args) if _supports_redis_prefix() else "nimbus:"
+    while True:
+        try:
+            async with (
+                open_redis_state(redis_address, prefix=namespace) as state,
+                state.subscribe(FLIPS) as sub,
+            ):
+                async for payload in sub:
+                    cid, last_ack, flip = payload.decode().split("\t")
+                    if cid.startswith(prefix):
+                        flips.append(Flip(cid, int(last_ack or 0), int(flip)))
+        except (EngineError, OSError, ValueError) as e:
+            run.counts["flip_watch_resubscribes"] += 1
+            logger.debug("flip watcher: {}", e)
+        await trio.sleep(0.5)
+
+
+async def probe_lag(run: Run) -> None:
+    """How far behind the harness's own loops are (trio timers, the asyncio loop the client
+    library runs on). A harness that lags (CPU starved) distorts every timing it reports."""
+    while True:
+        t = trio.current_time()
+        await trio.sleep(0.5)
+        run.lag["trio"].append(max(0.0, trio.current_time() - t - 0.5))
+        t = trio.current_time()
+        await trio_asyncio.aio_as_trio(asyncio.sleep)(0)
+        run.lag["asyncio"].append(trio.current_time() - t)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fault schedule
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Action:
+    at: float  # seconds after the chaos started
+    kind: str
+    target: int = 0
+    arg: float = 0.0  # restart delay / down time
+    variant: str = ""
+
+
+def make_schedule(args: argparse.Namespace) -> list[Action]:
+    """The whole fault plan, from the seed alone (one random stream per kind of fault)."""
+    out: list[Action] = []
+    d = args.duration
+    rates = {
+        "switch": (args.switch_rate, args.clients),
+        "cut": (args.cut_rate, args.clients),
+        "pod_kill": (args.pod_kill_rate, args.pods),
+        "worker_kill": (args.worker_kill_rate, args.workers),
+        "redis_cut": (args.redis_cut_rate, 1),
+    }
+    lo, hi = args.restart_delay
+    for kind, (per_min, targets) in rates.items():
+        if per_min <= 0:
+            continue
+        rng = random.Random(f"{args.seed}:{kind}")
+        t = 0.0
+        for i in range(100_000):
+            t += rng.expovariate(per_min / 60.0)
+            if t >= d - 2:
+                break
+            target, delay = rng.randrange(targets), round(rng.uniform(lo, hi), 3)
+            # Redis cuts alternate between the two connection types.
+            variant = ("normal", "pubsub")[i % 2] if kind == "redis_cut" else ""
+            out.append(Action(round(t, 3), kind, target, delay, variant))
+    # Broker kills: one per slot of [0.1 d, 0.66 d], slots shuffled between Kafka and Redis.
+    kinds = ["kafka_kill"] * args.kafka_kills + ["redis_kill"] * args.redis_kills
+    if kinds:
+        rng = random.Random(f"{args.seed}:brokers")
+        rng.shuffle(kinds)
+        start, span = 0.1 * d, 0.56 * d / len(kinds)
+        for i, kind in enumerate(kinds):
+            at = start + i * span + rng.uniform(0, span / 2)
+            out.append(Action(round(at, 3), kind, 0, round(rng.uniform(1.0, 3.0), 3)))
+    out.sort(key=lambda a: a.at)
+    return out
+
+
+async def play(
+    run: Run,
+    schedule: list[Action],
+    fleet: Fleet,
+    brokers: Brokers,
+    clients: Clients,
+    nursery: trio.Nursery,
+) -> None:
+    """Play the schedule. Actions that take time (switches, broker restarts) run in `nursery`,
+    which outlives the chaos window: a broker kill near the end still restarts the broker."""
+    started = trio.current_time()
+    for a in schedule:
+        await trio.sleep_until(started + a.at)
+        c = run.counts
+        if a.kind == "switch":
+            r = clients.runs[a.target]
+            cl = r.client
+            if cl is None or r.failure:
+                c["switch_skipped"] += 1
+                continue
+            elsewhere = [t for t in r.targets if t != cl.target]
+            nursery.start_soon(
+                cl.switch, elsewhere[a.target % len(elsewhere)] if elsewhere else cl.target
+            )
+            c["switches"] += 1
+        elif a.kind == "cut":
+            clients.runs[a.target].cut_after_send = True
+            c["cuts"] += 1
+        elif a.kind in PROC_ACTIONS:
+            kind = "pod" if a.kind == "pod_kill" else "worker"
+            group = fleet.pods if kind == "pod" else fleet.workers
+            proc = group[a.target]
+            peers = [q for q in fleet.up(kind) if q is not proc]
+            if not proc.alive or not peers:
+                c[f"{a.kind}_skipped"] += 1
+                continue
+            fleet.kill(proc, a.arg)
+            c[f"{kind}_kills"] += 1
+            run.event(
+                "SIGKILL",
+                proc=proc.name,
+                pid=proc.popen.pid if proc.popen else 0,
+                restart_in=f"{a.arg:.1f}s",
+            )
+        elif a.kind == "redis_cut":
+            if brokers.redis_down:
+                c["redis_cut_skipped"] += 1
+                continue
+            out = await brokers.cut_redis_connections(a.variant)
+            c[f"redis_cuts_{a.variant}"] += 1
+            run.event("redis CLIENT KILL", type=a.variant, killed=out)
+        elif a.kind == "kafka_kill":
+            nursery.start_soon(brokers.kill_and_restart, "kafka", a.arg)
+        elif a.kind == "redis_kill":
+            nursery.start_soon(brokers.kill_and_restart, "redis", a.arg)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checker
+# ---------------------------------------------------------------------------------------------
+
+
+def check_client(r: ClientRun) -> dict[str, Any]:
+    sent = r.next_number - 1
+    out_of_order: list[dict[str, Any]] = []
+    id_order: list[tuple[int, int]] = []
+    app_dups: list[dict[str, Any]] = []
+    unexpected: list[dict[str, Any]] = []
+    resend_dups = 0
+    reordered_by_resend = 0
+    first: dict[int, Got] = {}  # number -> first result
+    seen_ids: set[int] = set()
+    top_number = 0
+    prev_id = 0
+    for g in r.results:
+        if g.delivery_id <= prev_id:
+            id_order.append((prev_id, g.delivery_id))
+        prev_id = max(prev_id, g.delivery_id)
+        if g.delivery_id in seen_ids:
+            app_dups.append(
+                {"delivery_id": g.delivery_id, "number": g.number, "why": "same delivery id twice"}
+            )
+            continue
+        seen_ids.add(g.delivery_id)
+        why = None
+        if not 1 <= g.number <= sent:
+            why = "number never sent"
+        elif g.error is not None:
+            why = f"error {g.error}"
+        elif g.result != g.number * g.number:
+            why = f"wrong result {g.result}"
+        elif g.delivery_id in r.receipts and r.receipts[g.delivery_id] != g.number:
+            why = f"receipt for this delivery id named {r.receipts[g.delivery_id]}"
+        if why:
+            unexpected.append({"delivery_id": g.delivery_id, "number": g.number, "why": why})
+        if g.number in first:
+            if g.seq is None or first[g.number].seq is None:
+                resend_dups += 1  # one copy's receipt was lost and the event resent
+            else:
+                app_dups.append(
+                    {
+                        "delivery_id": g.delivery_id,
+                        "number": g.number,
+                        "first_delivery_id": first[g.number].delivery_id,
+                        "why": "same number twice, both receipted",
+                    }
+                )
+            continue
+        first[g.number] = g
+        if g.number < top_number and (g.number in r.retried or g.number in r.resent):
+            reordered_by_resend += 1  # refused or resent, so receipted after later events
+        elif g.number < top_number:
+            out_of_order.append(
+                {"delivery_id": g.delivery_id, "number": g.number, "after_number": top_number}
+            )
+        top_number = max(top_number, g.number)
+    lost = sorted(set(r.receipts) - r.delivered)
+    highest = max(r.delivered, default=0)
+    middle = [d for d in lost if d < highest]
+    tail = [d for d in lost if d > highest]
+    abandoned = 0
+    if r.failure:  # the client stopped receiving: its tail is not the server's doing
+        abandoned, tail = len(tail), []
+        lost = middle
+    # Never answered and never receipted (receipted ones are counted as lost above).
+    receipted = set(r.receipts.values())
+    unanswered = [
+        n
+        for n in range(1, sent + 1)
+        if n not in first and n not in receipted and n not in r.refused
+    ]
+    st = r.stats
+    return {
+        "client_id": r.client_id,
+        "sent": sent,
+        "receipted": len(r.receipts),
+        "results": len(r.results),
+        "lost": len(lost),
+        "lost_middle": len(middle),
+        "lost_tail": len(tail),
+        "abandoned_by_failed_client": abandoned,
+        "lost_ids": [
+            {
+                "delivery_id": d,
+                "number": r.receipts[d],
+                "receipted_at_s": round(r.receipt_t.get(d, -1), 2),
+            }
+            for d in lost[:20]
+        ],
+        "out_of_order": len(out_of_order) + len(id_order),
+        "out_of_order_examples": out_of_order[:10]
+        + [{"delivery_id_after": a, "delivery_id": b} for a, b in id_order[:5]],
+        "app_duplicates": len(app_dups),
+        "app_duplicate_examples": app_dups[:10],
+        "resend_duplicates": resend_dups,
+        "wire_duplicates": st.get("duplicates_dropped", 0),
+        "unexpected": len(unexpected),
+        "unexpected_examples": unexpected[:10],
+        "unanswered": len(unanswered),
+        "unanswered_numbers": unanswered[:20],
+        "pending_at_end": r.pending_at_end,
+        "retried": len(r.retried),
+        "reordered_by_resend": reordered_by_resend,
+        "refused": len(r.refused),
+        "reconnects": st.get("reconnects", 0),
+        "resent": st.get("resent", 0),
+        "skipped_by_library": st.get("skipped", 0),
+        "gaps": r.gaps,
+        "failure": r.failure,
+    }
+
+
+def live_stats(runs: list[ClientRun], flips: list[Flip]) -> dict[str, Any]:
+    after_ack = [(f.flip_ns - f.last_ack_ns) / 1e6 for f in flips if f.last_ack_ns > 0]
+    by_client: dict[str, list[int]] = {}
+    for f in flips:
+        by_client.setdefault(f.client_id, []).append(f.flip_ns)
+    # LIVE after reconnect: only for reconnects that needed a replay (the record read right
+    # after the reconnect said REPLAYING, or a flip came before that read), the first flip
+    # after the reconnect and before the next one. A flip after a later divert on the same
+    # stream is not a reconnect's doing.
+    after_reconnect: list[float] = []
+    direct_live = unflipped = 0
+    for r in runs:
+        fl = sorted(by_client.get(r.client_id, []))
+        starts = r.reconnect_ns
+        for connect_ns, read_ns, status in r.record_checks:
+            i = bisect.bisect_right(starts, connect_ns)
+            nxt = starts[i] if i < len(starts) else math.inf
+            j = bisect.bisect_left(fl, connect_ns)
+            flip = fl[j] if j < len(fl) and fl[j] < nxt else None
+            if status == "REPLAYING" or (flip is not None and flip <= read_ns):
+                if flip is None:
+                    unflipped += 1  # reconnected again (or the run ended) before LIVE
+                else:
+                    after_reconnect.append((flip - connect_ns) / 1e6)
+            elif status == "LIVE":
+                direct_live += 1
+    slowest = sorted((f for f in flips if f.last_ack_ns), key=lambda f: f.last_ack_ns - f.flip_ns)
+    return {
+        "flips": len(flips),
+        "flips_without_ack_time": sum(1 for f in flips if not f.last_ack_ns),
+        "slowest_after_last_ack": [
+            {
+                "client_id": f.client_id,
+                "ms": round((f.flip_ns - f.last_ack_ns) / 1e6, 1),
+                "flip_wall": datetime.fromtimestamp(f.flip_ns / 1e9).strftime("%H:%M:%S.%f")[:-3],
+            }
+            for f in slowest[:10]
+        ],
+        "after_last_ack_ms": dist(after_ack),
+        "after_reconnect_ms": dist(after_reconnect),
+        "reconnects": sum(len(r.reconnect_ns) for r in runs),
+        "reconnects_live_at_once": direct_live,
+        "reconnects_replaying_not_flipped": unflipped,
+        # Disconnected -> Connected as the library reports them (s); a client that never came
+        # back counts until the end.
+        "reconnect_gap_s": dist(
+            [g for r in runs for g in r.reconnect_gaps]
+            + [max(0.0, r.end_t - r.down_since) for r in runs if r.down_since is not None]
+        ),
+    }
+
+
+def grep_logs(paths: list[Path], needle: str, limit: int = 60) -> list[str]:
+    out: list[str] = []
+    for p in paths:
+        try:
+            with p.open("rb") as f:
+                for raw in f:
+                    if needle.encode() in raw:
+                        out.append(f"{p.name}: {raw.decode(errors='replace').rstrip()}")
+        except OSError:
+            continue
+    return out[-limit:]
+
+
+def evidence(run: Run, r: ClientRun, c: dict[str, Any], logs: list[Path]) -> dict[str, Any]:
+    times = [x["receipted_at_s"] for x in c["lost_ids"] if x["receipted_at_s"] >= 0]
+    faults: list[dict[str, Any]] = []
+    for t in times[:3]:
+        for e in run.around(t, 15):
+            if e not in faults:
+                faults.append(e)
+    return {
+        "client_id": r.client_id,
+        "lost_ids": c["lost_ids"],
+        "out_of_order": c["out_of_order_examples"],
+        "app_duplicates": c["app_duplicate_examples"],
+        "unexpected": c["unexpected_examples"],
+        "unanswered_numbers": c["unanswered_numbers"],
+        "failure": r.failure,
+        "faults_within_15s_of_lost_receipts": faults[:40],
+        "connections": r.history[-40:],
+        "log_lines": grep_logs(logs, r.client_id),
+    }
+
+
+def summarize(
+    run: Run,
+    fleet: Fleet,
+    clients: Clients,
+    flips: list[Flip],
+    settled: bool,
+    settle_s: float,
+    schedule: list[Action],
+) -> dict[str, Any]:
+    args = run.args
+    per_client = [check_client(r) for r in clients.runs]
+
+    def total(key: str) -> int:
+        return sum(int(c[key]) for c in per_client)
+
+    counts = run.counts
+    totals = {
+        k: total(k)
+        for k in (
+            "sent",
+            "receipted",
+            "results",
+            "lost",
+            "lost_middle",
+            "lost_tail",
+            "out_of_order",
+            "app_duplicates",
+            "resend_duplicates",
+            "reordered_by_resend",
+            "wire_duplicates",
+            "unexpected",
+            "unanswered",
+            "pending_at_end",
+            "retried",
+            "refused",
+            "reconnects",
+            "resent",
+            "skipped_by_library",
+            "gaps",
+        )
+    }
+    totals["failed_clients"] = sum(1 for c in per_client if c["failure"])
+    chaos: dict[str, Any] = {
+        "planned": dict(Counter(a.kind for a in schedule)),
+        "switches": counts["switches"],
+        "cuts": counts["cuts_done"],
+        "pod_kills": counts["pod_kills"],
+        "worker_kills": counts["worker_kills"],
+        "redis_cuts_normal": counts["redis_cuts_normal"],
+        "redis_cuts_pubsub": counts["redis_cuts_pubsub"],
+        "kafka_kills": counts["kafka_kills"],
+        "redis_kills": counts["redis_kills"],
+        "broker_kill_failures": counts["kafka_kill_failed"] + counts["redis_kill_failed"],
+        "skipped": {k: v for k, v in counts.items() if k.endswith("_skipped")},
+        "process_crashes": counts["crashes"],
+        "process_start_failures": counts["start_failures"],
+    }
+    chaos["kills"] = (
+        chaos["pod_kills"] + chaos["worker_kills"] + chaos["kafka_kills"] + chaos["redis_kills"]
+    )
+    procs = [
+        {
+            "name": p.name,
+            "starts": p.starts,
+            "kills": p.kills,
+            "crashes": len(p.crashes),
+            "crash_details": p.crashes[:10],
+            "log": str(p.log),
+        }
+        for p in fleet.procs
+    ]
+    violations = (
+        totals["lost"] + totals["out_of_order"] + totals["app_duplicates"] + totals["unexpected"]
+    )
+    ok = violations == 0 and totals["failed_clients"] == 0 and totals["unanswered"] == 0 and settled
+    logs = [p.log for p in fleet.procs]
+    bad = [
+        evidence(run, r, c, logs)
+        for r, c in zip(clients.runs, per_client, strict=True)
+        if c["lost"]
+        or c["out_of_order"]
+        or c["app_duplicates"]
+        or c["unexpected"]
+        or c["failure"]
+        or c["unanswered"]
+    ]
+    return {
+        "ok": ok,
+        "seed": args.seed,
+        "config": {
+            "clients": args.clients,
+            "rate_per_client": args.rate,
+            "duration_s": args.duration,
+            "settle_timeout_s": args.settle_timeout,
+            "pods": args.pods,
+            "workers": args.workers,
+            "partitions": args.partitions,
+            "delivery_timeout_ms": args.delivery_timeout_ms,
+            "status_interval_ms": args.status_interval_ms,
+            "rates_per_min": {
+                "switch": args.switch_rate,
+                "cut": args.cut_rate,
+                "pod_kill": args.pod_kill_rate,
+                "worker_kill": args.worker_kill_rate,
+                "redis_cut": args.redis_cut_rate,
+            },
+            "kafka_kills": args.kafka_kills,
+            "redis_kills": args.redis_kills,
+            "restart_delay_s": list(args.restart_delay),
+            "kafka_port": args.kafka_port,
+            "redis_port": args.redis_port,
+            "run_dir": str(run.dir),
+            "client_prefix": args.prefix,
+        },
+        "totals": totals,
+        "chaos": chaos,
+        "live": live_stats(clients.runs, flips),
+        "harness_lag_s": {k: dist(v) for k, v in run.lag.items()},
+        "settled": settled,
+        "settle_s": round(settle_s, 1),
+        "elapsed_s": round(run.elapsed(), 1),
+        "processes": procs,
+        "per_client": per_client,
+        "violations": bad[:20],
+    }
+
+
+def render(s: dict[str, Any]) -> str:
+    t, ch, lv, cfg = s["totals"], s["chaos"], s["live"], s["config"]
+    ack, rec, gap = lv["after_last_ack_ms"], lv["after_reconnect_ms"], lv["reconnect_gap_s"]
+    hl = s["harness_lag_s"]["asyncio"]
+    rows = [
+        ("events sent", t["sent"]),
+        ("events receipted", t["receipted"]),
+        ("results delivered (app)", t["results"]),
+        (
+            "LOST (receipted, no result)",
+            f"{t['lost']}  (middle {t['lost_middle']}, tail {t['lost_tail']})",
+        ),
+        ("OUT OF ORDER", t["out_of_order"]),
+        ("DUPLICATES seen by app", t["app_duplicates"]),
+        ("UNEXPECTED results", t["unexpected"]),
+        (
+            "not settled (unanswered)",
+            f"{t['unanswered']}  (unreceipted at end {t['pending_at_end']})",
+        ),
+        ("failed clients", t["failed_clients"]),
+        ("duplicates from resends (ok)", t["resend_duplicates"]),
+        ("reordered by resend/retry (ok)", t["reordered_by_resend"]),
+        ("duplicates on the wire (ok)", f"{t['wire_duplicates']}  (dropped by the library)"),
+        (
+            "events retried (UNAVAILABLE)",
+            f"{t['retried']}  (resent after a lost receipt: {t['resent']})",
+        ),
+        (
+            "client reconnects",
+            f"{t['reconnects']}  (switches {ch['switches']}, cuts mid-write {ch['cuts']})",
+        ),
+        (
+            "kills",
+            f"{ch['kills']}  (pods {ch['pod_kills']}, workers {ch['worker_kills']},"
+            f" kafka {ch['kafka_kills']}, redis {ch['redis_kills']})",
+        ),
+        (
+            "redis connection cuts",
+            f"normal {ch['redis_cuts_normal']}, pubsub {ch['redis_cuts_pubsub']}",
+        ),
+        (
+            "process exits (restarted)",
+            f"crashed {ch['process_crashes']}, failed to start {ch['process_start_failures']}",
+        ),
+        (
+            "flips to LIVE seen",
+            f"{lv['flips']}  ({lv['flips_without_ack_time']} without an ack time)",
+        ),
+        (
+            "LIVE after last ack",
+            f"p50 {ack['p50']:.1f} / p99 {ack['p99']:.1f} / max {ack['max']:.1f} ms  (n={ack['count']}, target p99 <= 100)",
+        ),
+        (
+            "client reconnect gap",
+            f"p50 {gap['p50']:.2f} / p99 {gap['p99']:.2f} / max {gap['max']:.2f} s  (n={gap['count']},"
+            " Disconnected -> Connected)",
+        ),
+        (
+            "LIVE after reconnect",
+            f"p50 {rec['p50']:.1f} / p99 {rec['p99']:.1f} / max {rec['max']:.1f} ms  (n={rec['count']}"
+            f" that needed a replay; {lv['reconnects_live_at_once']} LIVE at once,"
+            f" {lv['reconnects_replaying_not_flipped']} left before LIVE)",
+        ),
+        (
+            "harness loop lag (asyncio)",
+            f"p50 {hl['p50']:.3f} / p99 {hl['p99']:.3f} / max {hl['max']:.3f} s"
+            + ("  (the harness was starved: its timings are inflated)" if hl["p99"] > 0.5 else ""),
+        ),
+        ("settled", f"{s['settled']} in {s['settle_s']} s"),
+        ("elapsed", f"{s['elapsed_s']} s"),
+    ]
+    head = (
+        f"Nimbus chaos: {cfg['clients']} clients x {cfg['rate_per_client']:g} ev/s, {cfg['pods']} pods,"
+        f" {cfg['workers']} workers, {cfg['duration_s']:g} s chaos, seed {s['seed']}"
+    )
+    width = max(len(k) for k, _ in rows)
+    lines = [head, "-" * len(head)]
+    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    lines.append("")
+    lines.append(
+        f"  {'client':<28} {'sent':>6} {'rcpt':>6} {'res':>6} {'lost':>5} {'mid':>4} {'ooo':>4}"
+        f" {'dupA':>4} {'dupR':>4} {'dupW':>5} {'unex':>4} {'rcon':>5}"
+    )
+    for c in s["per_client"]:
+        lines.append(
+            f"  {c['client_id']:<28} {c['sent']:>6} {c['receipted']:>6} {c['results']:>6} {c['lost']:>5}"
+            f" {c['lost_middle']:>4} {c['out_of_order']:>4} {c['app_duplicates']:>4}"
+            f" {c['resend_duplicates']:>4} {c['wire_duplicates']:>5} {c['unexpected']:>4} {c['reconnects']:>5}"
+            + (f"  FAILED: {c['failure']}" if c["failure"] else "")
+        )
+    for v in s["violations"][:5]:
+        lines.append("")
+        lines.append(f"  violation at {v['client_id']}:")
+        for key in (
+            "lost_ids",
+            "out_of_order",
+            "app_duplicates",
+            "unexpected",
+            "unanswered_numbers",
+            "failure",
+        ):
+            if v[key]:
+                lines.append(f"    {key}: {json.dumps(v[key])[:600]}")
+    lines.append("")
+    lines.append(f"  run folder: {cfg['run_dir']}")
+    lines.append("RESULT: " + ("OK" if s["ok"] else "FAILED"))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+async def progress(run: Run, fleet: Fleet, clients: Clients, brokers: Brokers) -> None:
+    last = 0
+    while True:
+        await trio.sleep(run.args.progress)
+        sent, rcpt, res = clients.totals()
+        waiting = sum(len(r.outstanding) for r in clients.runs)
+        connected = sum(1 for r in clients.runs if r.client is not None and r.client.connected)
+        c = run.counts
+        print(
+            f"[{run.elapsed():7.1f}s {run.phase:>6}] sent {sent} rcpt {rcpt} res {res} (+{res - last})"
+            f" awaiting {waiting} | clients up {connected}/{len(clients.runs)} reconnects {clients.reconnects()}"
+            f" | pods {len(fleet.up('pod'))}/{len(fleet.pods)} workers {len(fleet.up('worker'))}/{len(fleet.workers)}"
+            f" kafka {'DOWN' if brokers.kafka_down else 'up'} redis {'DOWN' if brokers.redis_down else 'up'}"
+            f" | kills pod {c['pod_kills']} wrk {c['worker_kills']} kafka {c['kafka_kills']} redis {c['redis_kills']}"
+            f" cuts {c['cuts_done']} sw {c['switches']} rcut {c['redis_cuts_normal'] + c['redis_cuts_pubsub']}"
+            f" crashes {c['crashes']} (start failures {c['start_failures']})"
+            f" | harness lag {max(run.lag['asyncio'][-10:], default=0):.2f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+        last = res
+
+
+def build_fleet(run: Run, args: argparse.Namespace, kafka: str, redis: str) -> Fleet:
+    rid = args.prefix
+    base = {
+        **os.environ,
+        "NIMBUS_ENGINE": "real",
+        "NIMBUS_KAFKA_BROKERS": kafka,
+        "NIMBUS_REDIS_ADDRESS": redis,
+        "NIMBUS_KAFKA_EVENTS_TOPIC": f"{rid}-events",
+        "NIMBUS_KAFKA_RESULTS_TOPIC": f"{rid}-results",
+        "NIMBUS_KAFKA_DLQ_TOPIC": f"{rid}-dlq",
+        "NIMBUS_KAFKA_PARTITIONS": str(args.partitions),
+        # Own Redis namespace per run (keys and channels), so runs and tests never mix; older
+        # Nimbus versions ignore the variable and use "nimbus:" (the harness follows suit).
+        "NIMBUS_REDIS_PREFIX": redis_prefix(args),
+        "NIMBUS_HOST": HOST,
+        "NIMBUS_SHUTDOWN_TIMEOUT_SEC": str(args.shutdown_timeout),
+        "NIMBUS_DELIVERY_TIMEOUT_MS": str(args.delivery_timeout_ms),
+        "NIMBUS_STATUS_INTERVAL_MS": str(args.status_interval_ms),
+        "NIMBUS_LOG_LEVEL": args.log_level,
+        "NIMBUS_LOG_FORMAT": "human",
+        "PYTHONUNBUFFERED": "1",
+    }
+    procs = []
+    for i in range(args.pods):
+        port = free_port()
+        env = {
+            **base,
+            "NIMBUS_PORT": str(port),
+            "NIMBUS_REDIS_EVENTS_CHANNEL": f"{rid}-pod{i}",
+            "NIMBUS_INSTANCE_ID": f"pod{i}",
+        }
+        procs.append(Proc(f"pod{i}", "pod", "nimbus.server", env, run.dir / f"pod{i}.log", port))
+    for i in range(args.workers):
+        env = {**base, "NIMBUS_INSTANCE_ID": f"worker{i}"}
+        procs.append(
+            Proc(f"worker{i}", "worker", "nimbus.workers", env, run.dir / f"worker{i}.log")
+        )
+    return Fleet(run, procs)
+
+
+async def main_async(args: argparse.Namespace) -> tuple[dict[str, Any] | None, int]:
+    run = Run(args)
+    env = {
+        **os.environ,
+        "NIMBUS_KAFKA_PORT": str(args.kafka_port),
+        "NIMBUS_REDIS_PORT": str(args.redis_port),
+    }
+    brokers = Brokers(run, env, args.kafka_port, args.redis_port)
+    kafka, redis = f"{HOST}:{args.kafka_port}", f"{HOST}:{args.redis_port}"
+    fleet = build_fleet(run, args, kafka, redis)
+    pods = [f"{HOST}:{p.port}" for p in fleet.pods]
+    runs = [
+        ClientRun(i, f"{args.prefix}-c{i:03d}", pods[i % len(pods) :] + pods[: i % len(pods)])
+        for i in range(args.clients)
+    ]
+    clients = Clients(run, runs)
+    flips: list[Flip] = []
+    schedule = make_schedule(args)
+    (run.dir / "schedule.json").write_text(json.dumps([a.__dict__ for a in schedule], indent=1))
+    rng = random.Random(f"{args.seed}:clients")
+    state: dict[str, Any] = {
+        "interrupted": False,
+        "clients_started": False,
+        "settled": False,
+        "settle_s": 0.0,
+    }
+    run.event(
+        "run",
+        seed=args.seed,
+        prefix=args.prefix,
+        kafka=kafka,
+        redis=redis,
+        pods=",".join(pods),
+        dir=str(run.dir),
+        planned=dict(Counter(a.kind for a in schedule)),
+    )
+    # Everything is bounded by one deadline, on top of the per-phase limits.
+    limit = args.start_timeout + args.duration + args.settle_timeout + 600
+    main_scope = trio.CancelScope(deadline=trio.current_time() + limit)
+
+    async def on_signals() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+            async for sig in sigs:
+                if not state["interrupted"]:
+                    state["interrupted"] = True
+                    run.event(f"{signal.Signals(sig).name}: stopping (again to exit at once)")
+                    main_scope.cancel()
+                else:
+                    fleet.kill_now()
+                    os._exit(130)
+
+    async def settle(faults: trio.Nursery) -> None:
+        t = trio.current_time()
+        with trio.move_on_after(args.settle_timeout):
+            await wait_until(lambda: not brokers.busy)  # a broker restart in progress
+            await brokers.ensure_up()
+            await fleet.wait_ready(args.settle_timeout)
+            await wait_until(lambda: all(r.settled() for r in runs), 0.25)
+            state["settled"] = True
+        faults.cancel_scope.cancel()
+        state["settle_s"] = trio.current_time() - t
+
+    async def body() -> int:
+        if not await brokers.ensure_up():
+            run.event("cannot start Kafka/Redis with scripts/services.sh; see services.log")
+            return 2
+        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+            nursery.start_soon(fleet.supervise)
+            nursery.start_soon(progress, run, fleet, clients, brokers)
+            nursery.start_soon(watch_flips, run, redis, args.prefix, flips)
+            nursery.start_soon(probe_lag, run)
+            namespace = redis_prefix(args) if _supports_redis_prefix() else "nimbus:"
+            nursery.start_soon(clients.check_records, redis, namespace)
+            if not await fleet.wait_ready(args.start_timeout):
+                not_up = [p.name for p in fleet.procs if not p.ready]
+                run.event("processes not ready in time", procs=",".join(not_up))
+                nursery.cancel_scope.cancel()
+                return 2
+            run.event("all processes ready")
+            async with trio.open_nursery() as client_nursery:
+                state["clients_started"] = True
+                for r in runs:
+                    client_nursery.start_soon(clients.run_client, r, random.Random(rng.random()))
+                with trio.move_on_after(60):
+                    await wait_until(lambda: all(r.client or r.failure for r in runs), 0.1)
+                run.phase = "chaos"
+                run.event("chaos starts", duration=args.duration)
+                chaos_end = trio.current_time() + args.duration
+                async with trio.open_nursery() as faults:
+                    with trio.move_on_at(chaos_end):
+                        await play(run, schedule, fleet, brokers, clients, faults)
+                        await trio.sleep_until(chaos_end)
+                    clients.stop_sending.set()
+                    run.phase = "settle"
+                    run.event(
+                        "chaos over: stop sending, bring everything up, settle",
+                        timeout=args.settle_timeout,
+                    )
+                    await settle(faults)
+                run.event(
+                    "settled" if state["settled"] else "settle TIMED OUT",
+                    after=f"{state['settle_s']:.1f}s",
+                )
+                run.phase = "close"
+                clients.close.set()
+                with trio.move_on_after(15):
+                    for r in runs:
+                        await r.done.wait()
+                client_nursery.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+        return 0
+
+    code = 1
+    try:
+        async with trio.open_nursery() as top:
+            top.start_soon(on_signals)
+            try:
+                with main_scope:
+                    code = await body()
+                if main_scope.cancelled_caught and not state["interrupted"]:
+                    run.event(f"run limit of {limit:.0f}s reached")
+            finally:
+                top.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            run.phase = "stop"
+            await fleet.stop(grace=args.shutdown_timeout + 3)
+            # Leave Kafka and Redis running, whatever the chaos did to them.
+            with trio.move_on_after(300):
+                await brokers.ensure_up()
+            run.close()
+    summary = None
+    if state["clients_started"]:
+        summary = summarize(
+            run, fleet, clients, flips, state["settled"], state["settle_s"], schedule
+        )
+    if state["interrupted"]:
+        return summary, 130
+    if code:
+        return summary, code
+    return summary, 0 if summary and summary["ok"] else 1
+
+
+def _delays(raw: str) -> tuple[float, float]:
+    lo, _, hi = raw.partition(",")
+    a, b = float(lo), float(hi or lo)
+    if not 0 <= a <= b:
+        raise argparse.ArgumentTypeError("expected MIN,MAX seconds with 0 <= MIN <= MAX")
+    return a, b
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--clients", type=int, default=20, help="clients (default 20)")
+    p.add_argument("--rate", type=float, default=5.0, help="events/s per client (default 5)")
+    p.add_argument("--duration", type=float, default=90.0, help="seconds of chaos (default 90)")
+    p.add_argument(
+        "--settle-timeout", type=float, default=120.0, help="settle phase limit, s (default 120)"
+    )
+    p.add_argument(
+        "--start-timeout", type=float, default=120.0, help="processes up limit, s (default 120)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed of the fault schedule (default random)"
+    )
+    p.add_argument("--pods", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--partitions", type=int, default=4)
+    p.add_argument(
+        "--switch-rate", type=float, default=30.0, help="client switches per minute (default 30)"
+    )
+    p.add_argument(
+        "--cut-rate",
+        type=float,
+        default=20.0,
+        help="streams cut right after a send, per minute (20)",
+    )
+    p.add_argument(
+        "--pod-kill-rate", type=float, default=3.0, help="pod SIGKILLs per minute (default 3)"
+    )
+    p.add_argument(
+        "--worker-kill-rate", type=float, default=3.0, help="worker SIGKILLs per minute (default 3)"
+    )
+    p.add_argument(
+        "--redis-cut-rate",
+        type=float,
+        default=2.0,
+        help="CLIENT KILL TYPE normal|pubsub per minute (2)",
+    )
+    p.add_argument(
+        "--kafka-kills", type=int, default=1, help="Kafka broker kill9+restart count (default 1)"
+    )
+    p.add_argument(
+        "--redis-kills", type=int, default=1, help="redis-server kill9+restart count (default 1)"
+    )
+    p.add_argument(
+        "--restart-delay",
+        type=_delays,
+        default=(0.5, 3.0),
+        metavar="MIN,MAX",
+        help="pod/worker restart delay, s (0.5,3)",
+    )
+    p.add_argument("--delivery-timeout-ms", type=int, default=2000)
+    p.add_argument("--status-interval-ms", type=int, default=250)
+    p.add_argument(
+        "--shutdown-timeout", type=int, default=2, help="NIMBUS_SHUTDOWN_TIMEOUT_SEC (default 2)"
+    )
+    p.add_argument(
+        "--log-level", default="INFO", help="NIMBUS_LOG_LEVEL of the processes (default INFO)"
+    )
+    p.add_argument(
+        "--kafka-port", type=int, default=int(os.environ.get("NIMBUS_KAFKA_PORT") or 19092)
+    )
+    p.add_argument(
+        "--redis-port", type=int, default=int(os.environ.get("NIMBUS_REDIS_PORT") or 16379)
+    )
+    p.add_argument("--run-dir", type=Path, default=None, help="default artifacts/chaos-<timestamp>")
+    p.add_argument(
+        "--prefix", default=None, help="client id / topic / channel prefix (default chaos-<random>)"
+    )
+    p.add_argument(
+        "--progress", type=float, default=5.0, help="seconds between progress lines (default 5)"
+    )
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the summary as JSON to PATH")
+    p.add_argument("-v", "--verbose", action="store_true", help="client library logs to stderr")
+    args = p.parse_args(argv)
+    if (
+        args.clients < 1
+        or args.pods < 1
+        or args.workers < 1
+        or args.rate <= 0
+        or args.duration <= 0
+    ):
+        p.error("need >= 1 client, pod and worker, a rate > 0 and a duration > 0")
+    if args.seed is None:
+        args.seed = secrets.randbelow(1_000_000)
+    args.prefix = args.prefix or f"chaos-{secrets.token_hex(4)}"
+    if args.run_dir is None:
+        args.run_dir = (
+            ROOT / "artifacts" / f"chaos-{datetime.now():%Y%m%d-%H%M%S}-{args.prefix[-8:]}"
+        )
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logger.remove()
+    logger.add(args.run_dir / "harness.log", level="DEBUG")
+    aio_log = logging.getLogger("asyncio")
+    aio_log.addHandler(logging.FileHandler(args.run_dir / "harness-asyncio.log"))
+    aio_log.propagate = False
+    if args.verbose:
+        logger.add(sys.stderr, level="DEBUG")
+    summary, code = trio.run(main_async, args)
+    if summary is not None:
+        print(render(summary), flush=True)
+        (args.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

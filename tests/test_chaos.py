@@ -1,0 +1,94 @@
+"""The delivery contract under chaos, on the real Kafka and Redis: `scripts/chaos.py` with a short
+configuration (about two minutes including the settle phase).
+
+12 clients on 2 pods and 2 workers, while clients switch pods and have their streams cut right
+after a send, pods and workers are SIGKILLed and restarted, Redis client connections are cut, and
+the Kafka broker and redis-server are each SIGKILLed and restarted once. The harness exits 0 only
+if nothing receipted was lost, nothing was reordered or shown twice to the application, and
+nothing unexpected arrived; this test checks that and the JSON summary, and prints the summary.
+
+The seed is fixed so a failure can be replayed (`NIMBUS_CHAOS_SEED` overrides it). The brokers
+are the ones scripts/test.sh started (the `kafka_brokers`/`redis_address` fixtures): the harness
+kills and restarts them through scripts/kafka.sh and scripts/redis.sh, and leaves them running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parent.parent
+
+# The CI configuration (see the module docstring); rates are per minute.
+CI_ARGS = [
+    "--clients", "12",
+    "--rate", "5",
+    "--pods", "2",
+    "--workers", "2",
+    "--partitions", "4",
+    "--duration", "70",
+    "--settle-timeout", "90",
+    "--switch-rate", "30",
+    "--cut-rate", "20",
+    "--pod-kill-rate", "4",
+    "--worker-kill-rate", "4",
+    "--redis-cut-rate", "4",
+    "--kafka-kills", "1",
+    "--redis-kills", "1",
+    "--delivery-timeout-ms", "2000",
+    "--status-interval-ms", "250",
+    "--shutdown-timeout", "2",
+    "--progress", "10",
+]  # fmt: skip
+
+
+def _port(address: str) -> str:
+    return address.split(",")[0].rpartition(":")[2]
+
+
+def test_delivery_contract_holds_under_chaos(
+    kafka_brokers: str, redis_address: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed = os.environ.get("NIMBUS_CHAOS_SEED", "10")
+    run_dir = ROOT / "artifacts" / f"chaos-ci-{time.strftime('%Y%m%d-%H%M%S')}-{seed}"
+    summary_path = run_dir / "ci-summary.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "chaos.py"),
+        *CI_ARGS,
+        "--seed", seed,
+        "--kafka-port", _port(kafka_brokers),
+        "--redis-port", _port(redis_address),
+        "--run-dir", str(run_dir),
+        "--json", str(summary_path),
+    ]  # fmt: skip
+    started = time.monotonic()
+    proc = subprocess.run(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
+    )
+    took = time.monotonic() - started
+    output = proc.stdout
+    table = output[output.find("Nimbus chaos:") :] if "Nimbus chaos:" in output else output[-6000:]
+    with capsys.disabled():
+        print(f"\n{table}\n(chaos.py exit {proc.returncode} after {took:.0f} s; logs in {run_dir})")
+    assert summary_path.exists(), f"no summary written; chaos.py said:\n{output[-6000:]}"
+    s = json.loads(summary_path.read_text())
+    t, chaos = s["totals"], s["chaos"]
+    problems = {
+        k: t[k] for k in ("lost", "out_of_order", "app_duplicates", "unexpected", "failed_clients")
+    }
+    assert not any(problems.values()), (problems, s["violations"][:3])
+    assert s["settled"] and t["unanswered"] == 0, f"did not settle: {t}"
+    assert t["sent"] > 1000 and t["results"] >= t["receipted"] == t["sent"], t
+    assert chaos["kills"] > 0 and chaos["pod_kills"] > 0 and chaos["worker_kills"] > 0, chaos
+    assert chaos["kafka_kills"] == 1 and chaos["redis_kills"] == 1, chaos
+    assert chaos["redis_cuts_normal"] + chaos["redis_cuts_pubsub"] > 0, chaos
+    assert t["reconnects"] > 0 and chaos["switches"] > 0 and chaos["cuts"] > 0, (t, chaos)
+    assert proc.returncode == 0, output[-6000:]
