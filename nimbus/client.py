@@ -1260,7 +1260,12 @@ class NimbusClient:
             )
             async with call:
                 async with asyncio.timeout(self._dial_timeout):
-                    await call.send_request()
+                    try:
+                        await call.send_request()
+                    except AttributeError as exc:
+                        # grpclib race (its issue #110): the connection died between connecting
+                        # and opening the stream. A failed attempt, not a bug of ours.
+                        raise StreamTerminatedError(f"connection lost while opening: {exc}") from exc
                 await _hand_over(responses, _OPENED)
                 reader = asyncio.ensure_future(self._aio_reader(call, responses))
                 writer = asyncio.ensure_future(self._aio_writer(call, stream))

@@ -16,6 +16,7 @@ with (flipped LIVE, disconnected, or reconnected: a new replay takes over from t
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 import uuid
@@ -257,7 +258,8 @@ class ReplayService:
                         continue
                     if rec is None or rec.status is not Status.REPLAYING:
                         if got:
-                            await self.state.release_lease(self.lease_name(client_id), self.owner)
+                            with contextlib.suppress(EngineError):
+                                await self.state.release_lease(self.lease_name(client_id), self.owner)
                         continue
                     p = ReplayPipeline(self, client_id, rec.epoch, rec.pod, rec.cursor, rec.acked)
                     self.active[client_id] = p
@@ -268,8 +270,10 @@ class ReplayService:
             async with self._limiter, self.log.reader() as reader:
                 logger.info("replay of {} (epoch {}) from DLQ offset {} on partition {}", p.client_id, p.epoch, p.cursor, p.partition)
                 await p.run(reader)
-        except EngineError as e:
-            logger.warning("replay of {} failed: {}; it will be retried", p.client_id, e)
+        except* EngineError as group:
+            # The pipeline's nursery wraps its stages' errors in a group. The client is still
+            # REPLAYING; the next request or periodic scan starts a new replay from the cursor.
+            logger.warning("replay of {} failed: {}; it will be retried", p.client_id, group.exceptions[0])
         finally:
             for t in list(p.unconfirmed):
                 self.forget_token(t)

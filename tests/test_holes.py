@@ -245,3 +245,25 @@ async def test_listeners_resubscribe_when_the_state_store_drops_them(unique: str
                 got = await results(st, 4)
                 await wait_status(c, cid, Status.LIVE)
             assert [r.number for r in got] == [2, 3, 4, 5]
+
+
+async def test_a_replay_that_loses_the_state_store_is_retried_not_fatal(unique: str) -> None:
+    """A state-store error inside one replay ends that replay (the client stays REPLAYING and a
+    new replay resumes from its cursor); it must not take the worker down."""
+    cid = f"retry-{unique}"
+    with trio.fail_after(60):
+        async with cluster({"engine": "memory"}) as c:
+            state = c.engine.state
+            await send_and_leave(c.ports[0], cid, range(1, 301))
+            await wait_status(c, cid, Status.OFFLINE)
+            async with open_stream(c.ports[0], {"client_id": cid, **P2}) as st:
+                first = await results(st, 10)
+                state.down = True  # type: ignore[attr-defined]
+                await trio.sleep(0.3)
+                state.down = False  # type: ignore[attr-defined]
+                rest = await results(st, 290)
+                await wait_status(c, cid, Status.LIVE)
+            numbers = [r.number for r in first + rest]
+            assert sorted(set(numbers)) == list(range(1, 301))
+            firsts = list(dict.fromkeys(numbers))
+            assert firsts == sorted(firsts)
