@@ -142,11 +142,17 @@ class Pod:
         self._fail_unconfirmed(s)
         with trio.move_on_after(5) as cs:
             cs.shield = True
-            try:
-                if await self.state.disconnect(s.client_id, s.epoch):
-                    logger.info("client {} disconnected (epoch {})", s.client_id, s.epoch)
-            except EngineError as e:
-                logger.warning("client {}: marking OFFLINE failed: {}", s.client_id, e)
+            for attempt in range(3):
+                try:
+                    if await self.state.disconnect(s.client_id, s.epoch):
+                        logger.info("client {} disconnected (epoch {})", s.client_id, s.epoch)
+                    break
+                except EngineError as e:
+                    # A connection cut while shutting down (or a Redis blip): a new one usually
+                    # works. If all fail, the record stays LIVE on this pod and the router's
+                    # delivery timeout diverts its results: slower, nothing lost.
+                    logger.warning("client {}: marking OFFLINE failed ({}): {}", s.client_id, attempt + 1, e)
+                    await trio.sleep(0.05 * (attempt + 1))
         self._flush.set()
 
     def _end(self, s: Session, close: Close) -> None:
