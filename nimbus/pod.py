@@ -90,6 +90,7 @@ class Pod:
         self._acks: dict[str, int] = {}
         self._flush = trio.Event()
         self._emptied = trio.Event()
+        self._closing = 0  # close_session calls still marking their client OFFLINE
         self.accepting = True
 
     def __repr__(self) -> str:
@@ -134,26 +135,30 @@ class Pod:
     async def close_session(self, s: Session) -> None:
         """The stream ended (client left, error, superseded, shutdown)."""
         s.closed = True
-        if self.sessions.get(s.client_id) is s:
-            del self.sessions[s.client_id]
-            if not self.sessions:
+        self._closing += 1
+        try:
+            if self.sessions.get(s.client_id) is s:
+                del self.sessions[s.client_id]
+            self._fail_unconfirmed(s)
+            with trio.move_on_after(5) as cs:
+                cs.shield = True
+                for attempt in range(3):
+                    try:
+                        if await self.state.disconnect(s.client_id, s.epoch):
+                            logger.info("client {} disconnected (epoch {})", s.client_id, s.epoch)
+                        break
+                    except EngineError as e:
+                        # A Redis blip: a new connection usually works. If all fail, the record
+                        # stays LIVE on this pod and the router's delivery timeout diverts its
+                        # results: slower, nothing lost.
+                        logger.warning("client {}: marking OFFLINE failed ({}): {}", s.client_id, attempt + 1, e)
+                        await trio.sleep(0.05 * (attempt + 1))
+            self._flush.set()
+        finally:
+            self._closing -= 1
+            if not self.sessions and not self._closing:
                 self._emptied.set()
                 self._emptied = trio.Event()
-        self._fail_unconfirmed(s)
-        with trio.move_on_after(5) as cs:
-            cs.shield = True
-            for attempt in range(3):
-                try:
-                    if await self.state.disconnect(s.client_id, s.epoch):
-                        logger.info("client {} disconnected (epoch {})", s.client_id, s.epoch)
-                    break
-                except EngineError as e:
-                    # A connection cut while shutting down (or a Redis blip): a new one usually
-                    # works. If all fail, the record stays LIVE on this pod and the router's
-                    # delivery timeout diverts its results: slower, nothing lost.
-                    logger.warning("client {}: marking OFFLINE failed ({}): {}", s.client_id, attempt + 1, e)
-                    await trio.sleep(0.05 * (attempt + 1))
-        self._flush.set()
 
     def _end(self, s: Session, close: Close) -> None:
         s.closed = True
@@ -167,7 +172,9 @@ class Pod:
             s.outbox.put_nowait(close)
 
     async def wait_empty(self) -> None:
-        while self.sessions:
+        """Until no stream is open and every closed one is marked OFFLINE (shutdown waits for
+        this before the engine, and its Redis connections, go away)."""
+        while self.sessions or self._closing:
             await self._emptied.wait()
 
     def close_all(self, message: str) -> None:
