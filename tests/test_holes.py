@@ -267,3 +267,27 @@ async def test_a_replay_that_loses_the_state_store_is_retried_not_fatal(unique: 
             assert sorted(set(numbers)) == list(range(1, 301))
             firsts = list(dict.fromkeys(numbers))
             assert firsts == sorted(firsts)
+
+
+async def test_original_client_gets_results_in_order_across_a_reconnect(engine: dict[str, Any], unique: str) -> None:
+    """A client built from the original proto (no acks, no delivery ids) sends, drops before its
+    results exist, and comes back on the other pod: it gets every result, in order, from the
+    replay (for it, "delivered" means written to its stream)."""
+    cid = f"orig-move-{unique}"
+    with trio.fail_after(90):
+        async with cluster(engine, pods=2, roles=("replay", "status")) as c:
+            async with open_stream(c.ports[0], {"client_id": cid}) as st:
+                for n in range(1, 31):
+                    await st.event("sq", n)
+                await trio.sleep(0.3)  # the events reach Kafka; the stream then drops
+            await wait_status(c, cid, Status.OFFLINE)
+            from nimbus.event_consumer import EventConsumer
+            from nimbus.router import ResultRouter
+
+            c.nursery.start_soon(EventConsumer(c.settings, c.engine.log, c.counters).run)
+            c.nursery.start_soon(ResultRouter(c.settings, c.engine.log, c.engine.state, c.counters).run)
+            async with open_stream(c.ports[1], {"client_id": cid}) as st:
+                got = await results(st, 30, ack=False)
+                await wait_status(c, cid, Status.LIVE)
+            assert [(r.number, r.result) for r in got] == [(n, n * n) for n in range(1, 31)]
+            assert all(r.delivery_id == 0 for r in got)  # only the original's fields
