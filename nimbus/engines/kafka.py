@@ -303,6 +303,10 @@ class KafkaLog:
                 partition_assignment_strategy=(CooperativeStickyAssignor,),
                 session_timeout_ms=10_000,
                 heartbeat_interval_ms=1_000,
+                # A consumer whose first metadata predates a just-created topic gets no
+                # partitions until its next metadata refresh (default 5 min): seen in CI as a
+                # router that never received anything. Refresh every 5 s instead.
+                metadata_max_age_ms=5_000,
             )
             try:
                 c.subscribe([topic], listener=listener)
