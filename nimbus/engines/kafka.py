@@ -309,6 +309,12 @@ class KafkaLog:
                 metadata_max_age_ms=5_000,
             )
             try:
+                # Join only once this consumer's metadata has the topic's partitions; otherwise
+                # the assignor sees "no partition metadata" and hands out nothing.
+                for _ in range(50):
+                    if c.partitions_for_topic(topic):
+                        break
+                    time.sleep(0.2)
                 c.subscribe([topic], listener=listener)
             except BaseException:
                 c.close(autocommit=False, timeout_ms=_CLOSE_TIMEOUT_MS)
