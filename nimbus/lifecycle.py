@@ -128,7 +128,13 @@ def advance_cursor(rec: ClientRecord, offset: int) -> ClientRecord:
     return replace(rec, cursor=offset)
 
 
+def flip_ready(rec: ClientRecord) -> bool:
+    """The per-client Triple Lag Check: REPLAYING with every result sent towards the DLQ acked.
+    `ack` reports it so the status manager is asked at once (not when the replay next looks)."""
+    return rec.status is Status.REPLAYING and not rec.backlog
+
+
 def try_flip(rec: ClientRecord) -> tuple[ClientRecord, bool]:
-    if rec.status is Status.REPLAYING and not rec.backlog:
+    if flip_ready(rec):
         return replace(rec, status=Status.LIVE), True
     return rec, False

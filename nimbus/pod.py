@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -88,6 +89,7 @@ class Pod:
         self._ingest_send, self._ingest_recv = send, recv
         self._reports: dict[str, list[ReportItem]] = defaultdict(list)
         self._acks: dict[str, int] = {}
+        self._ack_ns: dict[str, int] = {}  # wall clock of each client's latest ack here
         self._flush = trio.Event()
         self._emptied = trio.Event()
         self._closing = 0  # close_session calls still marking their client OFFLINE
@@ -204,6 +206,7 @@ class Pod:
             return
         s.acked = acked
         self._acks[s.client_id] = max(self._acks.get(s.client_id, 0), acked)
+        self._ack_ns[s.client_id] = time.time_ns()
         keep = []
         for d, reply_to, token in s.unconfirmed:
             if d <= acked:
@@ -347,18 +350,27 @@ class Pod:
             await self._flush.wait()
             self._flush = trio.Event()
             acks, self._acks = self._acks, {}
+            ack_ns, self._ack_ns = self._ack_ns, {}
             reports, self._reports = self._reports, defaultdict(list)
             try:
+                messages: list[tuple[str, bytes]] = []
                 if acks:
-                    await self.state.ack([AckItem(c, a) for c, a in acks.items()])
-                if reports:
-                    await self.state.publish(
-                        [(ch, DeliveryReport(items=items).SerializeToString()) for ch, items in reports.items()]
-                    )
+                    ready = await self.state.ack([AckItem(c, a) for c, a in acks.items()])
+                    # A client whose backlog this ack completes: ask the status manager now,
+                    # with the time the ack arrived here (what "LIVE within 100 ms" counts from).
+                    messages += [
+                        (STATUS_CHECKS, f"{c}\t{ack_ns.get(c, 0)}".encode())
+                        for c, ok in zip(acks, ready, strict=True)
+                        if ok
+                    ]
+                messages += [(ch, DeliveryReport(items=items).SerializeToString()) for ch, items in reports.items()]
+                if messages:
+                    await self.state.publish(messages)
             except EngineError as e:
                 logger.warning("pod {}: writing acks/reports failed: {}; retrying", self.channel, e)
                 for c, a in acks.items():
                     self._acks[c] = max(a, self._acks.get(c, 0))
+                    self._ack_ns.setdefault(c, ack_ns.get(c, 0))
                 for ch, items in reports.items():
                     self._reports[ch][:0] = items
                 self._flush.set()

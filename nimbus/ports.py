@@ -163,7 +163,10 @@ class StateStore(Protocol):
 
     async def dlq_written(self, items: Sequence[DlqWrite]) -> None: ...
 
-    async def ack(self, items: Sequence[AckItem]) -> None: ...
+    async def ack(self, items: Sequence[AckItem]) -> list[bool]:
+        """Store cumulative acks; per item, whether the client is now ready for the flip to
+        LIVE (`lifecycle.flip_ready`), so the status manager can be asked at once."""
+        ...
 
     async def advance_cursor(self, items: Sequence[tuple[str, int]]) -> None:
         """Replay progress: (client_id, next DLQ offset to scan)."""

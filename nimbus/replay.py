@@ -35,7 +35,7 @@ from nimbus.router_window import Entry
 from nimbus.stats import Counters
 from nimbus.subscriptions import listen
 
-LEASE_MS = 10_000
+LEASE_MS = 4_000  # renewed every third of it; a killed worker's replays restart after this
 
 
 @dataclass

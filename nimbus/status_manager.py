@@ -2,8 +2,10 @@
 
 The flip is one atomic transition (`lifecycle.try_flip`) that succeeds only when everything ever
 routed towards the DLQ for that client is acknowledged by it — the per-client Triple Lag Check
-(see nimbus/lifecycle.py). It runs the moment a replay reports its backlog drained (a message on
-STATUS_CHECKS), and periodically for every REPLAYING client as a safety net. Because the check is
+(see nimbus/lifecycle.py). It runs the moment the check can pass — a pod whose stored ack
+completed a client's backlog asks for it (a message on STATUS_CHECKS, carrying when the ack
+arrived), and so does a replay that has drained — batching the requests that arrive together into
+one atomic round trip; and periodically for every REPLAYING client as a safety net. Because the check is
 per client and atomic with the router's decisions, other clients' traffic on the same partition
 cannot delay it (hole 6), and nothing can land in the DLQ behind a client that is already LIVE
 (hole 4).
@@ -30,32 +32,58 @@ class StatusManager:
         self.counters = counters or Counters()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        send, recv = trio.open_memory_channel[tuple[str, int]](10_000)
+
         async def on_check(payload: bytes) -> None:
             cid, _, ack_ns = payload.decode().partition("\t")
-            await self.check([cid], int(ack_ns or 0))
+            try:
+                send.send_nowait((cid, int(ack_ns or 0)))
+            except trio.WouldBlock:
+                self.counters.inc("status.checks_dropped")  # the periodic check covers it
 
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._checks, recv)
             await nursery.start(listen, self.state, STATUS_CHECKS, on_check)
             nursery.start_soon(self._periodic)
             task_status.started()
             logger.info("status manager up")
 
-    async def check(self, client_ids: list[str], last_ack_ns: int = 0) -> int:
+    async def _checks(self, recv: trio.MemoryReceiveChannel[tuple[str, int]]) -> None:
+        """Requests (from pods when an ack completes a backlog, from replays when drained),
+        answered in batches: all pending requests in one atomic round trip."""
+        async with recv:
+            while True:
+                batch: dict[str, int] = {}
+                cid, ack_ns = await recv.receive()
+                batch[cid] = ack_ns
+                while len(batch) < 500:
+                    try:
+                        cid, ack_ns = recv.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    batch[cid] = max(batch.get(cid, 0), ack_ns)
+                await self.check(list(batch), batch)
+
+    async def check(self, client_ids: list[str], last_ack_ns: dict[str, int] | None = None) -> int:
+        """Try the flip for `client_ids`; `last_ack_ns` (wall clock, per client, when known) is
+        when the ack that completed the backlog arrived, so the flip's delay can be measured."""
         try:
             flipped = await self.state.try_flip(client_ids)
         except EngineError as e:
             logger.warning("status manager: {}", e)
             return 0
         now = time.time_ns()
+        acks = last_ack_ns or {}
         done = [cid for cid, ok in zip(client_ids, flipped, strict=True) if ok]
         for cid in done:
-            after = f", {(now - last_ack_ns) / 1e6:.1f} ms after the last ack" if last_ack_ns else ""
+            ack_ns = acks.get(cid, 0)
+            after = f", {(now - ack_ns) / 1e6:.1f} ms after the last ack" if ack_ns else ""
             logger.info("client {} is LIVE again (backlog acknowledged{})", cid, after)
         if done:
             self.counters.inc("status.flips", len(done))
             try:
                 # Observers (the chaos harness, the admin view) learn of flips here.
-                await self.state.publish([(FLIPS, f"{cid}\t{last_ack_ns}\t{now}".encode()) for cid in done])
+                await self.state.publish([(FLIPS, f"{cid}\t{acks.get(cid, 0)}\t{now}".encode()) for cid in done])
             except EngineError as e:
                 logger.warning("status manager: {}", e)
         return len(done)

@@ -245,11 +245,14 @@ async def test_try_flip_only_when_backlog_acked(store: StateStore) -> None:
     with trio.fail_after(TIMEOUT):
         await store.connect("c1", "pod-a")
         await store.divert([("c1", 5)])
-        await store.ack([AckItem("c1", 4)])
+        assert await store.ack([AckItem("c1", 4)]) == [False]
         assert await store.try_flip(["c1"]) == [False]  # acked 4 < routed_dlq 5
         assert (await _rec(store, "c1")).status is Status.REPLAYING
-        await store.ack([AckItem("c1", 5)])
+        # The ack that completes the backlog says so (the pod then asks the status manager).
+        assert await store.ack([AckItem("c1", 5), AckItem("c2", 1)]) == [True, False]
+        assert (await _rec(store, "c1")).status is Status.REPLAYING  # ack alone never flips
         assert await store.try_flip(["c1", "c1"]) == [True, False]
+        assert await store.ack([AckItem("c1", 6)]) == [False]  # LIVE: nothing to flip
         assert (await _rec(store, "c1")).status is Status.LIVE
         assert await store.try_flip(["c1"]) == [False]  # LIVE already
         await store.disconnect("c1", 1)
@@ -587,10 +590,11 @@ async def _run_against_fold(store: StateStore, ops: list[tuple[Any, ...]], base:
             await store.dlq_written(writes)
             expected = got = None
         elif kind == "ack":
+            expected = []
             for c, a in items:
                 model.update(c, partial(lifecycle.ack, acked=a))
-            await store.ack([AckItem(c, a) for c, a in items])
-            expected = got = None
+                expected.append(lifecycle.flip_ready(model.records[c]))
+            got = await store.ack([AckItem(c, a) for c, a in items])
         elif kind == "advance_cursor":
             for c, off in items:
                 model.update(c, partial(lifecycle.advance_cursor, offset=off))

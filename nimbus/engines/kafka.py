@@ -301,7 +301,9 @@ class KafkaLog:
                 auto_offset_reset="earliest",
                 max_poll_records=max_poll_records,
                 partition_assignment_strategy=(CooperativeStickyAssignor,),
-                session_timeout_ms=10_000,
+                # A SIGKILLed member holds its partitions until this expires (the broker's
+                # group.min.session.timeout.ms is 6 s): results for its clients wait that long.
+                session_timeout_ms=6_000,
                 heartbeat_interval_ms=1_000,
                 # A consumer whose first metadata predates a just-created topic gets no
                 # partitions until its next metadata refresh (default 5 min): seen in CI as a

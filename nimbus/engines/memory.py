@@ -261,9 +261,10 @@ class MemoryState:
         self.records[client_id] = new
         return out
 
-    def _update(self, client_id: str, fn: Callable[[ClientRecord], ClientRecord]) -> None:
+    def _update(self, client_id: str, fn: Callable[[ClientRecord], ClientRecord]) -> ClientRecord:
         rec = self.records.get(client_id) or lifecycle.new_record(client_id)
-        self.records[client_id] = fn(rec)
+        self.records[client_id] = new = fn(rec)
+        return new
 
     async def connect(self, client_id: str, pod: str) -> ConnectResult:
         await trio.lowlevel.checkpoint()
@@ -292,11 +293,13 @@ class MemoryState:
         for w in items:
             self._update(w.client_id, lambda r, w=w: lifecycle.dlq_written(r, w.delivery_id, w.offset))
 
-    async def ack(self, items: Sequence[AckItem]) -> None:
+    async def ack(self, items: Sequence[AckItem]) -> list[bool]:
         await trio.lowlevel.checkpoint()
         self._check()
-        for a in items:
-            self._update(a.client_id, lambda r, a=a: lifecycle.ack(r, a.acked))
+        return [
+            lifecycle.flip_ready(self._update(a.client_id, lambda r, a=a: lifecycle.ack(r, a.acked)))
+            for a in items
+        ]
 
     async def advance_cursor(self, items: Sequence[tuple[str, int]]) -> None:
         await trio.lowlevel.checkpoint()

@@ -277,8 +277,15 @@ class RedisState:
             flat += (w.client_id, w.delivery_id, w.offset)
         await self._batch("dlq_written", flat)
 
-    async def ack(self, items: Sequence[AckItem]) -> None:
-        await self._pairs("ack", [(a.client_id, a.acked) for a in items])
+    async def ack(self, items: Sequence[AckItem]) -> list[bool]:
+        if not items:
+            await trio.lowlevel.checkpoint()
+            return []
+        flat: list[str | int] = []
+        for a in items:
+            flat += (a.client_id, a.acked)
+        flags: bytes = await self._batch("ack", flat)
+        return [f == 0x31 for f in flags]  # b"1" / b"0" per item
 
     async def advance_cursor(self, items: Sequence[tuple[str, int]]) -> None:
         await self._pairs("advance_cursor", items)

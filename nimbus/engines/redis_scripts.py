@@ -229,19 +229,27 @@ return 0
 )
 
 # lifecycle.ack. ARGV: prefix, JSON [client_id, acked, ...].
+# Returns one string, per item in order: "1" if the client is now ready for the flip
+# (lifecycle.flip_ready), else "0".
 ACK = (
     _PRELUDE
     + r"""
 local items = cjson.decode(ARGV[2])
+local out = {}
 for i = 1, #items, 2 do
   local r = load(items[i])
   local a = items[i + 1]
   if a > r.acked then
     r.acked = a
   end
+  if r.status == 'REPLAYING' and not (r.routed_dlq > r.acked) then
+    out[#out + 1] = '1'
+  else
+    out[#out + 1] = '0'
+  end
 end
 flush()
-return 0
+return table.concat(out)
 """
 )
 
