@@ -31,6 +31,7 @@ from nimbus.config import Settings
 from nimbus.lifecycle import Status
 from nimbus.messages import (
     ERROR,
+    GAP,
     RECEIPT,
     UNKNOWN_EVENT,
     Delivery,
@@ -62,7 +63,7 @@ class Close:
 class Session:
     client_id: str
     protocol: int
-    outbox: asyncio.Queue[tuple[int, EventResponse] | Close]
+    outbox: asyncio.Queue[tuple[int, EventResponse | None] | Close]  # None: confirm only
     id: int
     epoch: int = 0
     closed: bool = False
@@ -281,7 +282,7 @@ class Pod:
         # The original's client sees what the original sent: event_name and number, result 0.
         return resp
 
-    def _send(self, s: Session, resp: EventResponse, delivery_id: int = 0) -> bool:
+    def _send(self, s: Session, resp: EventResponse | None, delivery_id: int = 0) -> bool:
         """Queue for the stream's writer; `delivery_id` > 0 marks a result (see on_written)."""
         if s.closed:
             return False
@@ -327,14 +328,23 @@ class Pod:
             return
         resp = d.response
         trace.step(resp.log, "server", self.s.instance_id, "deliver", epoch=s.epoch)
-        if s.protocol < 2:
+        out: EventResponse | None = resp
+        if resp.kind == GAP and s.protocol < 2:
+            # The original's client cannot be told; nothing goes on the wire, and the writer
+            # confirms it in stream order like a result (so nothing queued before it is
+            # confirmed early).
+            logger.warning(
+                "client {} (original protocol): results {}..{} aged past retention and are gone",
+                s.client_id, resp.gap_from, resp.gap_to,
+            )
+            out = None
+        elif s.protocol < 2:
             # Only the original's fields: it never sees a message it cannot understand.
-            old = resp
-            resp = EventResponse(event_name=old.event_name, number=old.number, result=old.result)
-            resp.log.CopyFrom(old.log)
+            out = EventResponse(event_name=resp.event_name, number=resp.number, result=resp.result)
+            out.log.CopyFrom(resp.log)
         s.unconfirmed.append((d.delivery_id, reply_to, d.token))
         s.last_queued = max(s.last_queued, d.delivery_id)
-        self._send(s, resp, d.delivery_id)
+        self._send(s, out, d.delivery_id)
         self.counters.inc("pod.delivered")
 
     def _fail_unconfirmed(self, s: Session) -> None:

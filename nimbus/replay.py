@@ -27,7 +27,7 @@ from loguru import logger
 
 from nimbus.config import Settings
 from nimbus.lifecycle import Status
-from nimbus.messages import DeliveryReport, KafkaEventResponse, ReportItem
+from nimbus.messages import GAP, DeliveryReport, EventResponse, KafkaEventResponse, ReportItem
 from nimbus.pod import REPLAY_REQUESTS, STATUS_CHECKS
 from nimbus.ports import EngineError, Log, LogReader, StateStore, TopicPartition
 from nimbus.router import decode_result, pod_messages
@@ -41,7 +41,7 @@ LEASE_MS = 4_000  # renewed every third of it; a killed worker's replays restart
 @dataclass
 class _Item:
     offset: int  # DLQ offset
-    result: KafkaEventResponse
+    result: KafkaEventResponse | EventResponse  # a DLQ record, or a GAP notice (see _gap)
 
 
 class ReplayPipeline:
@@ -64,6 +64,7 @@ class ReplayPipeline:
         self.delivered = 0
         self.last_published = (0, 0)  # (token, delivery id)
         self.last_ack_ns = 0
+        self.gap_from = 0  # > 0: results from this delivery id on may have aged out (see _gap)
 
     def __repr__(self) -> str:
         return f"<ReplayPipeline {self.client_id} epoch={self.epoch} cursor={self.cursor} unconfirmed={len(self.unconfirmed)}>"
@@ -84,14 +85,29 @@ class ReplayPipeline:
     async def _fetch(self, reader: LogReader, send: trio.MemorySendChannel[tuple[list[_Item], int]]) -> None:
         topic = self.svc.s.kafka_dlq_topic
         key = self.client_id.encode()
+        check_start = True  # is part of what we are to read gone (retention)? See _gap.
         async with send:
             while True:
                 if self.fetched_to < 0:
                     await trio.sleep(0.02)  # no DLQ write recorded yet; _watch picks it up
                     continue
+                if check_start:
+                    check_start = False
+                    await self._check_retention()
                 records = await reader.fetch(topic, self.partition, self.fetched_to, 500, 0.1)
+                if records and records[0].offset > self.fetched_to:
+                    await self._check_retention()  # the reader skipped records: aged out?
                 if not records:
                     if not self.caught_up.is_set():
+                        if self.gap_from and await self._at_end():
+                            # Nothing of ours is left after the aged-out part: the GAP ends with
+                            # the last result ever written to the DLQ for this client.
+                            state = await self.svc.state.get(self.client_id)
+                            gap = self._gap(state.dlq_written if state is not None else 0)
+                            if gap is not None:
+                                await send.send(([gap], self.fetched_to))
+                                continue
+                        check_start = True  # a stall at the end may hide a deleted range too
                         self.caught_up.set()
                         if self._drained():
                             await self.svc.request_flip(self.client_id, self.last_ack_ns)
@@ -104,9 +120,46 @@ class ReplayPipeline:
                     r = decode_result(rec.value)
                     if r is None or r.client_id != self.client_id or r.delivery_id <= self.acked:
                         continue
+                    if self.gap_from:
+                        gap = self._gap(r.delivery_id - 1, rec.offset)
+                        if gap is not None:
+                            batch.append(gap)
                     batch.append(_Item(rec.offset, r))
                 self.fetched_to = records[-1].offset + 1
                 await send.send((batch, self.fetched_to))
+
+    async def _check_retention(self) -> None:
+        """If the DLQ partition now starts above where we read, the records in between aged out
+        (retention): results of this client after `acked` may be among them. The client is told
+        with a GAP before the next result of its that is still there (or, if none is, up to the
+        last one written to the DLQ), so it can ack past them and go LIVE."""
+        start = (await self.svc.log.begin_offsets(self.svc.s.kafka_dlq_topic)).get(self.partition, 0)
+        if self.fetched_to < start:
+            logger.warning(
+                "replay of {}: DLQ offsets {}..{} of partition {} aged past retention; results after"
+                " delivery id {} may be gone",
+                self.client_id, self.fetched_to, start - 1, self.partition, self.acked,
+            )
+            self.svc.counters.inc("replay.retention_gaps")
+            if not self.gap_from:
+                self.gap_from = self.acked + 1
+            self.fetched_to = max(self.fetched_to, start)
+
+    async def _at_end(self) -> bool:
+        """An empty fetch only says nothing came within its timeout; this says there is nothing."""
+        end = (await self.svc.log.end_offsets(self.svc.s.kafka_dlq_topic)).get(self.partition, 0)
+        return self.fetched_to >= end
+
+    def _gap(self, gap_to: int, offset: int | None = None) -> _Item | None:
+        """The GAP notice for gap_from..gap_to (None if that range is empty), as a delivery with
+        id gap_to: the client's cumulative ack of it covers the lost results."""
+        gap_from, self.gap_from = self.gap_from, 0
+        if gap_to < gap_from:
+            return None
+        logger.warning("replay of {}: telling the client results {}..{} are gone", self.client_id, gap_from, gap_to)
+        self.svc.counters.inc("replay.gap_notices")
+        resp = EventResponse(kind=GAP, delivery_id=gap_to, gap_from=gap_from, gap_to=gap_to)
+        return _Item(self.fetched_to if offset is None else offset, resp)
 
     def _drained(self) -> bool:
         return self.caught_up.is_set() and not self.unconfirmed and self.published_to == self.fetched_to

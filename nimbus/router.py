@@ -73,14 +73,14 @@ def pod_messages(reply_to: str, entries: list[Entry], instance: str, method: str
     service = "result-router" if method == "route" else "replay"
     for e in entries:
         r = e.payload
-        assert isinstance(r, KafkaEventResponse)
+        assert isinstance(r, KafkaEventResponse | EventResponse)  # EventResponse: a replay's GAP
         msg = by_pod.get(e.pod)
         if msg is None:
             msg = by_pod[e.pod] = PodMessage(reply_to=reply_to)
         d = msg.deliveries.add(
             client_id=e.client_id, epoch=e.epoch, delivery_id=e.delivery_id, token=e.token, prev_delivery_id=e.prev
         )
-        d.response.CopyFrom(to_response(r))
+        d.response.CopyFrom(r if isinstance(r, EventResponse) else to_response(r))
         trace.step(d.response.log, service, instance, method, pod=e.pod)
     return [(pod, msg.SerializeToString()) for pod, msg in by_pod.items()]
 

@@ -105,7 +105,8 @@ class NimbusService:
                         return
                     raise GRPCError(grpclib.const.Status[item.status], item.message)
                 delivery_id, resp = item
-                await stream.send_message(resp)
+                if resp is not None:  # None: a GAP the original's client cannot be told of
+                    await stream.send_message(resp)
                 if delivery_id:
                     pod.on_written(s, delivery_id)
         except (StreamTerminatedError, ConnectionError):

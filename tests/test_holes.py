@@ -14,7 +14,7 @@ import trio
 
 from nimbus.engines.murmur2 import partition_for
 from nimbus.lifecycle import Status
-from nimbus.proto_gen.nimbus import ErrorCode, ResponseKind
+from nimbus.proto_gen.nimbus import ResponseKind
 from tests.test_pipeline import P2, cluster, engine, results, wait_status  # noqa: F401 (fixture)
 from tests.wire import open_stream
 

@@ -128,7 +128,7 @@ async def test_reconnect_on_the_other_pod_gets_all_1000_in_order(deployment: Dep
                 host, port = deployment.env["NIMBUS_REDIS_ADDRESS"].rsplit(":", 1)
                 async with open_redis_state(f"{host}:{port}", prefix=deployment.env["NIMBUS_REDIS_PREFIX"]) as state:
                     with trio.move_on_after(10):
-                        while (rec := await state.get(cid)) is None or rec.status is not Status.LIVE:
+                        while (rec := await state.get(cid)) is None or rec.status is not Status.LIVE:  # noqa: ASYNC110 (polls Redis)
                             await trio.sleep(0.05)
                     assert rec is not None and rec.status is Status.LIVE, (rec, max(r.delivery_id for r in got))
                     assert rec.pod == f"pod1-{unique}" and rec.epoch == 2

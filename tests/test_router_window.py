@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from nimbus import lifecycle as L
 from nimbus.lifecycle import ClientRecord, Route, RouteDecision, Status
 from nimbus.ports import TopicPartition
-from nimbus.router_window import S, RouterWindow
+from nimbus.router_window import RouterWindow, S
 
 TP = TopicPartition("results", 0)
 
@@ -194,7 +194,7 @@ class Model:
             self.dlq.setdefault(e.client_id, []).append(e.delivery_id)
             self.store[e.client_id] = L.dlq_written(self.rec(e.client_id), e.delivery_id, 0)
         w.dlq_done(writes)
-        for tp, off in w.commits().items():
+        for off in w.commits().values():
             assert off >= self.committed
             self.committed = off
 

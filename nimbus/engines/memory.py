@@ -43,6 +43,11 @@ T = TypeVar("T")
 class _Topic:
     partitions: list[list[Record]]
     changed: trio.Event = field(default_factory=trio.Event)
+    # Log start offset per partition (records below it are gone, as after Kafka's retention).
+    starts: dict[int, int] = field(default_factory=dict)
+
+    def start(self, partition: int) -> int:
+        return self.starts.get(partition, 0)
 
     def notify(self) -> None:
         self.changed.set()
@@ -126,7 +131,7 @@ class MemoryConsumer:
                 for tp in sorted(self.assignment, key=lambda x: x.partition):
                     if budget <= 0:
                         break
-                    pos = self.positions[tp]
+                    pos = max(self.positions[tp], t.start(tp.partition))
                     chunk = t.partitions[tp.partition][pos : pos + budget]
                     if chunk:
                         result.records.extend(chunk)
@@ -161,7 +166,9 @@ class MemoryReader:
         with trio.move_on_after(timeout):
             while True:
                 await trio.lowlevel.checkpoint()
-                chunk = t.partitions[partition][max(offset, 0) : max(offset, 0) + max_records]
+                # Below the log start (retention): from the oldest record kept, as Kafka does.
+                offset = max(offset, t.start(partition))
+                chunk = t.partitions[partition][offset : offset + max_records]
                 if chunk:
                     return chunk
                 await t.changed.wait()
@@ -200,7 +207,14 @@ class MemoryLog:
 
     async def begin_offsets(self, topic: str) -> dict[int, int]:
         await trio.lowlevel.checkpoint()
-        return {p: 0 for p in range(len(self.topic(topic).partitions))}
+        t = self.topic(topic)
+        return {p: t.start(p) for p in range(len(t.partitions))}
+
+    def delete_records(self, topic: str, partition: int, before: int) -> None:
+        """Test hook: records of `partition` below offset `before` age out (Kafka's retention,
+        or its DeleteRecords request)."""
+        t = self.topic(topic)
+        t.starts[partition] = max(t.start(partition), min(before, len(t.partitions[partition])))
 
     async def committed(self, group: str, topic: str) -> dict[int, int]:
         await trio.lowlevel.checkpoint()
