@@ -18,11 +18,12 @@ acks, results as they come.
 
 Delivery guarantees, as seen by the application (protocol 2):
 - Every event that `send()` accepted is retransmitted until it is receipted or refused for good
-  (UNKNOWN_EVENT, INVALID_ARGUMENT, ...); UNAVAILABLE refusals are retried with backoff. This is
-  at-least-once: if a stream dies after the server durably accepted an event but before its
-  RECEIPT reached us, the resend is a second event and the application sees a second result for
-  it (with a different delivery id, and `Result.seq` None on the one whose receipt was lost). A
-  server that remembers (client_id, seq) can suppress those, because a resend keeps its seq.
+  (UNKNOWN_EVENT, INVALID_ARGUMENT, ...); UNAVAILABLE refusals are retried with backoff. On the
+  wire this is at-least-once: if a stream dies after the server durably accepted an event but
+  before its RECEIPT reached us, the resend is a second event and the server sends a second
+  result for it (another delivery id). A resend keeps its seq and every result carries the seq of
+  its event, so the library hands the application the first of them and drops the others
+  (`stats.resend_duplicates_dropped`), acking them in order as if taken.
 - Each result is handed over once, in strictly increasing delivery-id order; anything at or below
   the highest delivery id already received is a redelivery and is dropped (`stats.duplicates_dropped`).
 - The ack covers what the application has *taken* from `results()`/`receive()`, not what is
@@ -110,6 +111,7 @@ __all__ = [
 METHOD: Final = "/nimbus.NimbusService/ProcessEvent"
 DEFAULT_PORT: Final = 50051
 PROTOCOL_KEY: Final = "nimbus-protocol"
+RESENT_MEMORY: Final = 100_000  # resent events remembered for dropping their second results
 INT32_MIN: Final = -(2**31)
 INT32_MAX: Final = 2**31 - 1
 
@@ -149,6 +151,7 @@ class ClientStats:
     receipted: int = 0  # RECEIPTs received (protocol 2)
     results: int = 0  # results put in the results buffer (each delivery id once)
     duplicates_dropped: int = 0  # redeliveries dropped (delivery id <= highest received)
+    resend_duplicates_dropped: int = 0  # second results of a resent event (same seq), dropped
     reconnects: int = 0  # streams opened after the first one
     errors: int = 0  # ERROR responses plus results carrying an error
     refused: int = 0  # events refused for good (no result will come): a subset of errors
@@ -196,6 +199,13 @@ class Refused:
     code: ErrorCode
     message: str
     will_retry: bool  # UNAVAILABLE: the library resends it; otherwise no result will come
+
+
+@dataclass(frozen=True, slots=True)
+class _Skip:
+    """A result not for the application (a resent event's second result), consumed in order."""
+
+    delivery_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,6 +418,11 @@ class ClientLedger:
         self._expected: dict[int, int] = {}
         self._expected_ids: list[int] = []
         self.highest_received = 0  # dedupe watermark: every delivery id <= this was received
+        # Resent events (wire seq -> seq) and whether one of their results was handed over: the
+        # server may have accepted an event twice (receipt lost with its stream). Bounded.
+        self._resent: dict[int, int] = {}
+        self._resent_handed: set[int] = set()
+        self.last_resend_duplicate = 0
         self.ack_position = 0  # highest delivery id the application has taken
         self.ack_sent = 0  # highest ack handed to a stream
         self._unacked = 0
@@ -467,6 +482,11 @@ class ClientLedger:
         for ev in resend:
             if ev.transmissions:
                 self.stats.resent += 1
+                self._resent[ev.wire_seq] = ev.seq
+                if len(self._resent) > RESENT_MEMORY:
+                    oldest = next(iter(self._resent))
+                    del self._resent[oldest]
+                    self._resent_handed.discard(oldest)
             self._transmit(ev)
         # Refused with UNAVAILABLE: a new stream (maybe another pod) is worth an immediate retry.
         retry = [ev for ev in self._events.values() if ev.retry_at is not None]
@@ -548,8 +568,13 @@ class ClientLedger:
         self.stats.refused += 1
         return ev, False
 
-    def on_result(self, delivery_id: int, *, failed: bool = False) -> tuple[bool, int | None]:
-        """RESULT: returns (hand it to the application?, seq of the event it answers or None)."""
+    def on_result(
+        self, delivery_id: int, *, failed: bool = False, wire_seq: int = 0
+    ) -> tuple[bool, int | None]:
+        """RESULT: returns (hand it to the application?, seq of the event it answers or None).
+        Not handed over: a redelivery (nothing to do), or a second result of a resent event —
+        see `is_resend_duplicate`, which then must be consumed in order like a result."""
+        self.last_resend_duplicate = 0
         if self.protocol == 1 or delivery_id == 0:
             # Nothing to dedupe on: the original semantics, results as they come.
             self._count_result(failed)
@@ -560,8 +585,20 @@ class ClientLedger:
         self.highest_received = delivery_id
         seq = self._expected.pop(delivery_id, None)
         self._forget_expected_up_to(delivery_id)
+        if wire_seq in self._resent:
+            if wire_seq in self._resent_handed:
+                self.stats.resend_duplicates_dropped += 1
+                self.last_resend_duplicate = delivery_id
+                return False, seq
+            self._resent_handed.add(wire_seq)
+            seq = self._resent[wire_seq]  # also when this is the copy whose receipt was lost
         self._count_result(failed)
         return True, seq
+
+    def is_resend_duplicate(self, delivery_id: int) -> bool:
+        """Whether the result `on_result` just refused was a resend's second result (it has a
+        new delivery id, so the ack must pass it once the application reaches it)."""
+        return self.last_resend_duplicate == delivery_id
 
     def _count_result(self, failed: bool) -> None:
         self.stats.results += 1
@@ -760,7 +797,7 @@ class NimbusClient:
         if protocol == 2:
             self._metadata.append((PROTOCOL_KEY, "2"))
         # Results (and gaps, so they reach the application in order) waiting for the application.
-        self._results_send, self._results_recv = trio.open_memory_channel[Result | Gap](
+        self._results_send, self._results_recv = trio.open_memory_channel[Result | Gap | _Skip](
             result_buffer
         )
         self._stream_buffer = 256  # responses between the asyncio reader and the trio side
@@ -865,6 +902,9 @@ class NimbusClient:
             if isinstance(item, Gap):
                 self._consumed(item.last)
                 self._notify(item)
+                continue
+            if isinstance(item, _Skip):
+                self._consumed(item.delivery_id)
                 continue
             if item.delivery_id:
                 self._consumed(item.delivery_id)
@@ -1154,9 +1194,12 @@ class NimbusClient:
             # one it could not compute (the original's client ignores the field); keep it.
             failed = betterproto.serialized_on_wire(resp.error)
             deliver, seq = self._ledger.on_result(
-                resp.delivery_id if self.protocol == 2 else 0, failed=failed
+                resp.delivery_id if self.protocol == 2 else 0, failed=failed, wire_seq=resp.seq
             )
-            if deliver:
+            if not deliver and self._ledger.is_resend_duplicate(resp.delivery_id):
+                # Not for the application, but its ack must pass it in order.
+                await self._results_send.send(_Skip(resp.delivery_id))
+            elif deliver:
                 await self._results_send.send(
                     Result(
                         delivery_id=resp.delivery_id if self.protocol == 2 else 0,

@@ -172,6 +172,36 @@ def test_unreceipted_events_are_resent_in_seq_order_after_reconnect() -> None:
     assert ledger.on_receipt(2, 99) is None
 
 
+def test_a_resent_events_second_result_is_dropped_but_consumed() -> None:
+    ledger = connected_ledger()
+    a, b = ledger.add("sq", 1), ledger.add("sq", 2)
+    ledger.on_receipt(a.wire_seq, 10)
+    ledger.on_disconnected()  # b's receipt died with the stream: the server had accepted it (11)
+    _, out = ledger.on_connected()
+    assert out == [b]
+    ledger.on_receipt(b.wire_seq, 14)  # ... and accepts the resend too
+    assert ledger.on_result(10, wire_seq=a.wire_seq) == (True, a.seq)
+    assert ledger.on_result(11, wire_seq=b.wire_seq) == (True, b.seq)  # its first result
+    assert not ledger.is_resend_duplicate(11)
+    assert ledger.on_result(14, wire_seq=b.wire_seq) == (False, b.seq)  # its second: dropped
+    assert ledger.is_resend_duplicate(14)  # ... and to be consumed (acked) in order
+    assert ledger.stats.resend_duplicates_dropped == 1 and ledger.stats.results == 2
+    assert ledger.on_result(14, wire_seq=b.wire_seq) == (False, None)  # a redelivery of it
+    assert not ledger.is_resend_duplicate(14)
+    assert ledger.stats.duplicates_dropped == 1
+
+
+def test_a_resent_event_with_one_result_is_handed_over() -> None:
+    """The receipt died but the event did not reach Kafka: the resend's result is the only one."""
+    ledger = connected_ledger()
+    a = ledger.add("sq", 1)
+    ledger.on_disconnected()
+    ledger.on_connected()
+    ledger.on_receipt(a.wire_seq, 7)
+    assert ledger.on_result(7, wire_seq=a.wire_seq) == (True, a.seq)
+    assert ledger.stats.resend_duplicates_dropped == 0
+
+
 def test_lost_stream_still_settles_receipts_but_carries_nothing_new() -> None:
     ledger = connected_ledger()
     a = ledger.add("sq", 1)
@@ -644,6 +674,7 @@ class FakeNimbus:
             result = EventResponse(
                 kind=ResponseKind.RESULT,
                 delivery_id=did,
+                seq=req.seq,  # as the real server: the seq of the event answered
                 event_name=req.event_name,
                 number=req.number,
                 log=LogEntry(
@@ -808,10 +839,10 @@ async def test_exactly_once_in_order_across_three_forced_disconnects() -> None:
     assert ids == sorted(set(ids))
 
 
-async def test_without_server_dedupe_results_stay_unique_by_delivery_id() -> None:
+async def test_without_server_dedupe_each_event_is_handed_over_once() -> None:
     # The real server does not remember seqs: a resent event whose receipt was lost in the drop
-    # becomes a second event. The library still hands over each delivery id once, in order,
-    # and every number arrives; a number may appear twice only because it was resent.
+    # becomes a second event with a second result. The library hands over each delivery id once,
+    # in order, and drops a resent event's second result (same seq): every number exactly once.
     fake = FakeNimbus(dedupe_seqs=False)
     fake.drop_points = [41, 97, 201]
     got: list[Result] = []
@@ -820,23 +851,23 @@ async def test_without_server_dedupe_results_stay_unique_by_delivery_id() -> Non
             async with fast_client(target, "c-nodedupe") as client:
                 async with trio.open_nursery() as nursery:
 
-                    async def until_all_numbers() -> None:
+                    async def take_all() -> None:
                         async for r in client.results():
                             got.append(r)
-                            if {x.number for x in got} >= set(
-                                range(1, 151)
-                            ) and client.pending == 0:
-                                await trio.sleep(0.2)  # let any duplicate result arrive too
-                                nursery.cancel_scope.cancel()
 
-                    nursery.start_soon(until_all_numbers)
+                    nursery.start_soon(take_all)
                     for n in range(1, 151):
                         await client.send("sq", n)
+                    await client.wait_settled()
+                    while {x.number for x in got} < set(range(1, 151)):
+                        await trio.sleep(0.02)
+                    await trio.sleep(0.3)  # a duplicate would arrive meanwhile
+                    nursery.cancel_scope.cancel()
                 resent = client.stats.resent
     ids = [r.delivery_id for r in got]
     assert ids == sorted(set(ids))
-    assert {r.number for r in got} == set(range(1, 151))
-    assert len(got) - 150 <= resent
+    assert [r.number for r in got] == list(range(1, 151))
+    assert resent > 0 and client.stats.resend_duplicates_dropped <= resent
 
 
 async def test_redeliveries_after_reconnect_are_dropped() -> None:
