@@ -55,6 +55,7 @@ import os
 import random
 import signal
 import socket
+import ssl as _ssl
 import sys
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -754,6 +755,8 @@ class NimbusClient:
         keepalive: float | None = 30.0,
         close_timeout: float = 2.0,
         close_linger: float = 0.05,
+        token: str | None = None,
+        ssl: _ssl.SSLContext | bool | None = None,
     ) -> None:
         if isinstance(targets, str):
             targets = [targets]
@@ -796,6 +799,9 @@ class NimbusClient:
         self._metadata = [("client_id", client_id)]
         if protocol == 2:
             self._metadata.append((PROTOCOL_KEY, "2"))
+        if token:
+            self._metadata.append(("authorization", f"Bearer {token}"))
+        self._ssl = ssl
         # Results (and gaps, so they reach the application in order) waiting for the application.
         self._results_send, self._results_recv = trio.open_memory_channel[Result | Gap | _Skip](
             result_buffer
@@ -1292,7 +1298,7 @@ class NimbusClient:
         self, stream: _Stream, responses: trio.MemorySendChannel[_Inbound]
     ) -> None:
         host, port = parse_target(stream.target)
-        channel = Channel(host, port, config=self._grpc_config)
+        channel = Channel(host, port, config=self._grpc_config, ssl=self._ssl)
         try:
             call = channel.request(
                 METHOD,
@@ -1413,6 +1419,8 @@ async def open_client(
     keepalive: float | None = 30.0,
     close_timeout: float = 2.0,
     close_linger: float = 0.05,
+    token: str | None = None,
+    ssl: _ssl.SSLContext | bool | None = None,
 ) -> AsyncIterator[NimbusClient]:
     """Connect to Nimbus and yield a `NimbusClient`; close it (flushing the ack) on exit.
 
@@ -1437,6 +1445,8 @@ async def open_client(
       been quiet this many seconds; no answer within min(20, keepalive) s ends the stream (and
       the client reconnects). None: no pings, a silently dead link goes unnoticed.
     - close_timeout / close_linger: bound aclose(); wait after the final ack before ending.
+    - token: a JWT sent as `authorization: Bearer <token>` (servers with NIMBUS_AUTH=jwt).
+    - ssl: True (system CAs) or an `ssl.SSLContext` for a server with TLS; None: plaintext.
     """
     if trio_asyncio.current_loop.get() is None:
         raise RuntimeError(
@@ -1459,6 +1469,8 @@ async def open_client(
         keepalive=keepalive,
         close_timeout=close_timeout,
         close_linger=close_linger,
+        token=token,
+        ssl=ssl,
     )
     try:
         async with trio.open_nursery() as nursery:
@@ -1573,6 +1585,19 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log connection events to stderr"
     )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("NIMBUS_TOKEN") or None,
+        help="JWT for a server with auth on (default $NIMBUS_TOKEN; see python -m nimbus.token)",
+    )
+    parser.add_argument(
+        "--tls",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="CA_FILE",
+        help="connect with TLS, verifying the server with CA_FILE (alone: the system's CAs)",
+    )
     args = parser.parse_args(argv)
     args.target = args.target or [_default_target()]
     for t in args.target:
@@ -1590,6 +1615,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.timeout <= 0:
         parser.error("--timeout must be > 0")
     return args
+
+
+def _client_ssl(ca_file: str | None) -> _ssl.SSLContext | None:
+    """--tls [CA_FILE]: None (plaintext), or a context trusting CA_FILE (or the system's CAs)."""
+    if ca_file is None:
+        return None
+    ctx = _ssl.create_default_context(cafile=ca_file or None)
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -1700,6 +1734,8 @@ async def _cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                         protocol=args.protocol,
                         connect_timeout=0,
                         on_event=on_event,
+                        token=args.token,
+                        ssl=_client_ssl(args.tls),
                     ) as client:
                         await session(client)
         except BaseException as exc:

@@ -57,6 +57,12 @@ def _hostport(raw: str) -> str:
     return v
 
 
+def _algorithms(raw: str) -> str:
+    from nimbus.auth import parse_algorithms
+
+    return ",".join(parse_algorithms(raw))
+
+
 def _bool(raw: str) -> bool:
     v = raw.strip().lower()
     if v in ("1", "true", "yes", "on"):
@@ -107,6 +113,20 @@ VARIABLES: dict[str, Var] = {
         Var("NIMBUS_REPLAY_WINDOW", "2000", _int(1, 10_000_000), "results in flight per replaying client"),
         Var("NIMBUS_MAX_REPLAYS", "1000", _int(1, 1_000_000), "concurrent replays per worker"),
         Var("NIMBUS_ALLINONE_DEMO", "false", _bool, "all-in-one: print a hint for the sample client at start"),
+        Var("NIMBUS_AUTH", "off", _choice("off", "jwt"), "off: trust the client_id metadata (the original's behaviour); jwt: require `authorization: Bearer <jwt>` whose subject is the client id"),
+        Var("NIMBUS_AUTH_ALGORITHMS", "HS256", _algorithms, "token algorithms accepted (comma list of HS256/384/512, RS*, PS*, ES*)"),
+        Var("NIMBUS_AUTH_SECRET", "", str, "shared secret for HS* tokens"),
+        Var("NIMBUS_AUTH_PUBLIC_KEY_FILE", "", str, "PEM public key (or certificate) for RS*/PS*/ES* tokens"),
+        Var("NIMBUS_AUTH_ISSUER", "", str, "required `iss` of tokens (empty: not checked)"),
+        Var("NIMBUS_AUTH_AUDIENCE", "", str, "required `aud` of tokens (empty: not checked)"),
+        Var("NIMBUS_AUTH_LEEWAY_SEC", "5", _int(0, 3600), "clock skew allowed on `exp`/`nbf`/`iat`, seconds"),
+        Var("NIMBUS_TLS_CERT_FILE", "", str, "PEM certificate chain of the gRPC port; with the key, switches TLS on"),
+        Var("NIMBUS_TLS_KEY_FILE", "", str, "PEM private key of that certificate"),
+        Var("NIMBUS_TLS_CLIENT_CA_FILE", "", str, "CA bundle: when set, clients must present a certificate it signed (mutual TLS)"),
+        Var("NIMBUS_MAX_MESSAGE_BYTES", "1048576", _int(64, 64 * 1024 * 1024), "largest request message accepted; a larger one ends the stream with RESOURCE_EXHAUSTED"),
+        Var("NIMBUS_MAX_STREAMS", "10000", _int(1, 10_000_000), "open streams per server pod; more are refused with RESOURCE_EXHAUSTED"),
+        Var("NIMBUS_CLIENT_EVENT_RATE", "0", _int(0, 10_000_000), "events per second per client per pod (token bucket; 0: unlimited); over it an event is refused"),
+        Var("NIMBUS_CLIENT_EVENT_BURST", "0", _int(0, 10_000_000), "token bucket capacity (0: one second's worth of the rate)"),
     ]
 }
 
@@ -136,6 +156,20 @@ class Settings:
     replay_window: int
     max_replays: int
     allinone_demo: bool
+    auth: str
+    auth_algorithms: str
+    auth_secret: str
+    auth_public_key_file: str
+    auth_issuer: str
+    auth_audience: str
+    auth_leeway_sec: int
+    tls_cert_file: str
+    tls_key_file: str
+    tls_client_ca_file: str
+    max_message_bytes: int
+    max_streams: int
+    client_event_rate: int
+    client_event_burst: int
 
     @property
     def pod_channel(self) -> str:
@@ -172,4 +206,24 @@ def load(env: Mapping[str, str] | None = None, *, dotenv: bool = True, **overrid
         if k not in names:
             raise TypeError(f"unknown setting {k}")
     values.update(overrides)
-    return Settings(**values)
+    settings = Settings(**values)
+    _check_security(settings)
+    return settings
+
+
+def _check_security(s: Settings) -> None:
+    """Auth keys and TLS files must load now, not at the first stream (exit 2 at start)."""
+    from nimbus import auth, tls
+
+    if bool(s.tls_cert_file) != bool(s.tls_key_file):
+        raise ConfigError("invalid NIMBUS_TLS_CERT_FILE/NIMBUS_TLS_KEY_FILE: set both or neither")
+    if s.tls_client_ca_file and not s.tls_cert_file:
+        raise ConfigError("invalid NIMBUS_TLS_CLIENT_CA_FILE: needs NIMBUS_TLS_CERT_FILE and NIMBUS_TLS_KEY_FILE")
+    try:
+        tls.from_settings(s)
+    except ValueError as e:
+        raise ConfigError(f"invalid TLS settings: {e}") from None
+    try:
+        auth.Verifier.from_settings(s)
+    except ValueError as e:
+        raise ConfigError(f"invalid NIMBUS_AUTH settings: {e}") from None

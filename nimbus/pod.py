@@ -197,6 +197,17 @@ class Pod:
     async def submit_wait(self, s: Session, req: EventRequest) -> None:
         await self._ingest_send.send((s, req))
 
+    def refuse(self, s: Session, req: EventRequest, code: int, message: str) -> None:
+        """Refuse one event before it is queued (a limit): a per-event error."""
+        self._send(s, self._error(s, req, code, message))
+
+    def cut(self, s: Session, status: str, message: str) -> None:
+        """End a stream with a gRPC status from the handler's side (a limit); its unconfirmed
+        deliveries are reported failed, so they go to its backlog."""
+        if not s.closed:
+            logger.warning("client {}: ending the stream ({}: {})", s.client_id, status, message)
+            self._end(s, Close(status, message))
+
     def on_written(self, s: Session, delivery_id: int) -> None:
         """The writer put a result on the wire. For clients that cannot ack, that is delivery."""
         if s.protocol < 2:

@@ -4,6 +4,13 @@ grpclib serves `nimbus.NimbusService/ProcessEvent` inside trio-asyncio. The hand
 side) identifies the client from the `client_id` metadata, opens a session on the `Pod` (trio
 side), then runs a reader and a writer for the stream. The handler is registered by hand (not
 through betterproto's generated base) because the generated one hides `stream.metadata`.
+
+Before anything changes state, a stream is checked: its identity (`nimbus.auth`: with auth on,
+a bearer token whose subject is the client id), then the pod's stream limit. While it runs, each
+request's size is checked before its body is read (`NIMBUS_MAX_MESSAGE_BYTES`) and each event
+against the client's token bucket (`nimbus.limits`). The writer never blocks a stream's cut-off:
+it waits for HTTP/2 flow-control room before writing a message, so a client that stops reading
+is ended with a status (not a reset) as soon as its outgoing queue overflows.
 """
 
 from __future__ import annotations
@@ -11,6 +18,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
+import ssl
+import struct
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,10 +34,17 @@ from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server, Stream
 from loguru import logger
 
+from nimbus import tls
+from nimbus.auth import AuthError, Verifier
 from nimbus.config import Settings
 from nimbus.engines import open_engine
 from nimbus.entry import run_process, run_with_signals
-from nimbus.messages import EventRequest, EventResponse  # also registers descriptors for reflection
+from nimbus.limits import RateLimiter
+from nimbus.messages import (  # also registers descriptors for reflection
+    UNAVAILABLE,
+    EventRequest,
+    EventResponse,
+)
 from nimbus.pod import Close, Pod, Session
 from nimbus.ports import EngineError, Log, StateStore
 from nimbus.topics import ensure_topics
@@ -35,11 +53,59 @@ SERVICE = "nimbus.NimbusService"
 PROTOCOL_KEY = "nimbus-protocol"
 
 
+class MessageTooLarge(Exception):
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"request message of {size} bytes is over the limit of {limit} bytes")
+
+
+async def _requests(stream: Stream[EventRequest, EventResponse], max_bytes: int) -> AsyncIterator[EventRequest]:
+    """The stream's requests, like `async for req in stream`, but a message's declared length is
+    checked against `max_bytes` before its body is read (grpclib itself would buffer any size)."""
+    h2 = stream._stream  # noqa: SLF001 - grpclib.protocol.Stream; grpclib has no size limit
+    while True:
+        meta = await h2.recv_data(5)
+        if not meta:
+            return
+        compressed, size = struct.unpack(">?I", meta)
+        if size > max_bytes:
+            raise MessageTooLarge(size, max_bytes)
+        if compressed:
+            raise GRPCError(grpclib.const.Status.UNIMPLEMENTED, "compressed messages are not supported")
+        data = await h2.recv_data(size) if size else b""
+        if len(data) != size:
+            return  # the client ended the stream inside a message
+        yield EventRequest.FromString(data)
+
+
+def _writable(h2: Any, size: int) -> bool:
+    """Could `size` bytes of DATA go out now, without waiting for the client's flow control?"""
+    try:
+        return bool(h2.connection.write_ready.is_set() and h2._h2_connection.local_flow_control_window(h2.id) >= size)  # noqa: SLF001
+    except Exception:
+        return True  # a closed stream: let send_message report it
+
+
+def _pending_close(s: Session) -> Close:
+    """The Close the pod queued when it ended `s` (results queued before it are dropped: they
+    are unconfirmed, so the pod already reported them undelivered)."""
+    while not s.outbox.empty():
+        item = s.outbox.get_nowait()
+        if isinstance(item, Close):
+            return item
+    return Close("UNAVAILABLE", "stream closed")
+
+
 class NimbusService:
     """grpclib service object; one instance per server."""
 
     def __init__(self, pod: Pod) -> None:
         self.pod = pod
+        s = pod.s
+        self.verifier = Verifier.from_settings(s)
+        self.limiter = RateLimiter(s.client_event_rate, s.client_event_burst)
+        self.max_streams = s.max_streams
+        self.max_message_bytes = s.max_message_bytes
+        self._opening = 0  # streams past the checks whose session is being opened
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         return {
@@ -51,24 +117,42 @@ class NimbusService:
             )
         }
 
-    async def process_event(self, stream: Stream[EventRequest, EventResponse]) -> None:
-        md = stream.metadata or {}
+    def identify(self, md: Any) -> str:
+        """The stream's client id, or GRPCError (nothing has changed state yet)."""
+        if self.verifier is not None:
+            try:
+                return self.verifier.identify(md)
+            except AuthError as e:
+                self.pod.counters.inc(f"server.refused.{e.status.lower()}")
+                raise GRPCError(grpclib.const.Status[e.status], e.message) from None
         client_id = str(md.get("client_id", "")).strip()
         if not client_id:
             raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, "client_id not received or empty in metadata")
+        return client_id
+
+    async def process_event(self, stream: Stream[EventRequest, EventResponse]) -> None:
+        md = stream.metadata or {}
+        client_id = self.identify(md)
         if not self.pod.accepting:
             raise GRPCError(grpclib.const.Status.UNAVAILABLE, "server is shutting down")
+        if len(self.pod.sessions) + self._opening >= self.max_streams and client_id not in self.pod.sessions:
+            self.pod.counters.inc("server.refused.max_streams")
+            raise GRPCError(grpclib.const.Status.RESOURCE_EXHAUSTED, f"this server holds its maximum of {self.max_streams} streams")
         protocol = 2 if str(md.get(PROTOCOL_KEY, "")) == "2" else 1
+        self._opening += 1
         try:
             session = await trio_asyncio.trio_as_aio(self.pod.open_session)(client_id, protocol)
         except EngineError as e:
             raise GRPCError(grpclib.const.Status.UNAVAILABLE, f"state store unavailable: {e}") from None
+        finally:
+            self._opening -= 1
         reader = asyncio.ensure_future(self._reader(stream, session))
         writer = asyncio.ensure_future(self._writer(stream, session))
         try:
-            # The writer ends on Close (superseded, slow, shutdown) or a broken stream; the reader
-            # ends the stream only if it broke (a half-close keeps it open for results). A writer
-            # blocked on a client that stopped reading is freed by the reader seeing the reset.
+            # The writer ends on Close (superseded, slow, over a limit, shutdown) or a broken
+            # stream; the reader ends the stream only if it broke (a half-close, or a refusal it
+            # queued as a Close, keeps it open for the writer). A writer waiting for a client that
+            # stopped reading notices the Close itself (see _writer).
             done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
             if reader in done and not reader.exception() and not reader.result():
                 await writer
@@ -82,29 +166,52 @@ class NimbusService:
             await asyncio.shield(trio_asyncio.trio_as_aio(self.pod.close_session)(session))
 
     async def _reader(self, stream: Stream[EventRequest, EventResponse], s: Session) -> bool:
-        """Feed the pod; True if the stream broke, False if the client half-closed."""
+        """Feed the pod; True if the stream broke, False if the client half-closed or the stream
+        was cut (the writer then sends the Close's status)."""
         pod = self.pod
+        limiter = self.limiter
         try:
-            async for req in stream:
+            async for req in _requests(stream, self.max_message_bytes):
                 if req.ack:
                     pod.on_ack(s, req.ack)
                 if req.event_name or not req.ack:
+                    if limiter.enabled and not limiter.allow(s.client_id, time.monotonic()):
+                        pod.counters.inc("server.rate_limited")
+                        why = f"over the event rate limit ({limiter.rate:g}/s per client); retry later"
+                        if s.protocol >= 2:
+                            pod.refuse(s, req, UNAVAILABLE, why)  # per event: the client library retries it
+                            continue
+                        pod.cut(s, "RESOURCE_EXHAUSTED", why)  # the original's client has no per-event errors
+                        return False
                     if not pod.submit(s, req):
                         await trio_asyncio.trio_as_aio(pod.submit_wait)(s, req)
+        except MessageTooLarge as e:
+            pod.counters.inc("server.message_too_large")
+            logger.warning("client {}: {}; ending the stream", s.client_id, e)
+            pod.cut(s, "RESOURCE_EXHAUSTED", str(e))
+            return False
         except (StreamTerminatedError, GRPCError, ConnectionError):
             return True
         return False
 
     async def _writer(self, stream: Stream[EventRequest, EventResponse], s: Session) -> None:
         pod = self.pod
+        h2 = stream._stream  # noqa: SLF001 - for its flow-control window, see _writable
         try:
             while True:
                 item = await s.outbox.get()
+                if not isinstance(item, Close):
+                    delivery_id, resp = item
+                    size = 0 if resp is None else min(resp.ByteSize() + 5, 16384)  # 16 KiB: always reachable
+                    if size and not _writable(h2, size):
+                        # The client is not reading (fast enough). Wait for room without starting
+                        # the message, so that a cut can still end the stream with a status
+                        # (trailers are not flow-controlled; half a message would need a reset).
+                        item = await self._wait_writable(h2, size, s) or item
                 if isinstance(item, Close):
                     if item.status is None:
                         return
                     raise GRPCError(grpclib.const.Status[item.status], item.message)
-                delivery_id, resp = item
                 if resp is not None:  # None: a GAP the original's client cannot be told of
                     await stream.send_message(resp)
                 if delivery_id:
@@ -112,15 +219,41 @@ class NimbusService:
         except (StreamTerminatedError, ConnectionError):
             return
 
+    @staticmethod
+    async def _wait_writable(h2: Any, size: int, s: Session) -> Close | None:
+        """None once `size` bytes can be written; the pod's Close if it ends `s` meanwhile."""
+        while not _writable(h2, size):
+            if s.closed:
+                return _pending_close(s)
+            if not h2.connection.write_ready.is_set():
+                waiting = h2.connection.write_ready.wait()
+            else:
+                h2.window_updated.clear()
+                waiting = h2.window_updated.wait()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(waiting, 0.1)  # and look at s.closed again
+        return None
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
 
 @contextlib.asynccontextmanager
-async def serve_grpc(pod: Pod, host: str, port: int) -> AsyncIterator[tuple[Server, int]]:
+async def serve_grpc(
+    pod: Pod, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[tuple[Server, int]]:
     """Serve the Nimbus service, health and reflection; yields (server, bound port)."""
     service = NimbusService(pod)
     health = Health()
     services: list[Any] = ServerReflection.extend([service, health])
     server = Server(services)
-    await trio_asyncio.aio_as_trio(server.start)(host, port)
+    await trio_asyncio.aio_as_trio(server.start)(host, port, ssl=ssl_context)
     sockets = server._server.sockets if server._server else []  # noqa: SLF001
     bound = sockets[0].getsockname()[1] if sockets else port
     try:
@@ -141,10 +274,21 @@ async def run_server(
 ) -> None:
     """The doorman until cancelled; reports the bound port. Must run inside trio_asyncio."""
     pod = Pod(settings, log, state)
+    ssl_context = tls.from_settings(settings)
     async with trio.open_nursery() as nursery:
         await nursery.start(pod.run)
-        async with serve_grpc(pod, settings.host, settings.port) as (_, port):
-            logger.info("doorman listening on {}:{} (pod channel {})", settings.host, port, settings.pod_channel)
+        async with serve_grpc(pod, settings.host, settings.port, ssl_context) as (_, port):
+            logger.info(
+                "doorman listening on {}:{} (pod channel {}; auth {}, TLS {})",
+                settings.host, port, settings.pod_channel, settings.auth,
+                "off" if ssl_context is None else ("mutual" if settings.tls_client_ca_file else "on"),
+            )
+            if settings.auth == "off" and not is_loopback(settings.host):
+                logger.warning(
+                    "auth is off and the server listens on {} (beyond loopback): any client can "
+                    "connect as any client_id and receive its results; set NIMBUS_AUTH=jwt",
+                    settings.host,
+                )
             task_status.started(port)
             try:
                 await trio.sleep_forever()
