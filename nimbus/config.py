@@ -80,6 +80,8 @@ class Var:
     help: str
 
 
+INGEST_BATCH = 1000  # events the pod produces (and receipts) in one batch
+
 _POD = f"events_results_{socket.gethostname()}_{os.getpid()}"
 
 VARIABLES: dict[str, Var] = {
@@ -215,6 +217,13 @@ def _check_security(s: Settings) -> None:
     """Auth keys and TLS files must load now, not at the first stream (exit 2 at start)."""
     from nimbus import auth, tls
 
+    if s.stream_queue < s.replay_window + INGEST_BATCH:
+        # A replay sends up to a window of results at once and the pod receipts up to a batch of
+        # events at once: a smaller queue would cut every replaying client, again and again.
+        raise ConfigError(
+            f"invalid NIMBUS_STREAM_QUEUE: {s.stream_queue} is below NIMBUS_REPLAY_WINDOW + "
+            f"{INGEST_BATCH} ({s.replay_window + INGEST_BATCH}); a replay would cut its own stream"
+        )
     if bool(s.tls_cert_file) != bool(s.tls_key_file):
         raise ConfigError("invalid NIMBUS_TLS_CERT_FILE/NIMBUS_TLS_KEY_FILE: set both or neither")
     if s.tls_client_ca_file and not s.tls_cert_file:

@@ -27,7 +27,7 @@ import trio
 from loguru import logger
 
 from nimbus import events, trace
-from nimbus.config import Settings
+from nimbus.config import INGEST_BATCH, Settings
 from nimbus.lifecycle import Status
 from nimbus.messages import (
     ERROR,
@@ -234,7 +234,7 @@ class Pod:
         """Events -> events topic, in batches; receipts or errors back to the streams."""
         while True:
             batch = [await self._ingest_recv.receive()]
-            while len(batch) < 1000:
+            while len(batch) < INGEST_BATCH:
                 try:
                     batch.append(self._ingest_recv.receive_nowait())
                 except trio.WouldBlock:

@@ -235,6 +235,25 @@ class NimbusService:
         return None
 
 
+def exposure_warnings(s: Settings) -> list[str]:
+    """What an operator should hear at start about a server reachable beyond loopback."""
+    if is_loopback(s.host):
+        return []
+    out = []
+    if s.auth == "off":
+        out.append(
+            f"auth is off and the server listens on {s.host} (beyond loopback): any client can "
+            "connect as any client_id and receive its results; set NIMBUS_AUTH=jwt"
+        )
+    if not s.tls_cert_file:
+        out.append(
+            f"TLS is off and the server listens on {s.host} (beyond loopback): events, results"
+            + (" and tokens" if s.auth != "off" else "")
+            + " travel in clear text unless a proxy terminates TLS; set NIMBUS_TLS_CERT_FILE/KEY_FILE"
+        )
+    return out
+
+
 def is_loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True
@@ -283,12 +302,8 @@ async def run_server(
                 settings.host, port, settings.pod_channel, settings.auth,
                 "off" if ssl_context is None else ("mutual" if settings.tls_client_ca_file else "on"),
             )
-            if settings.auth == "off" and not is_loopback(settings.host):
-                logger.warning(
-                    "auth is off and the server listens on {} (beyond loopback): any client can "
-                    "connect as any client_id and receive its results; set NIMBUS_AUTH=jwt",
-                    settings.host,
-                )
+            for warning in exposure_warnings(settings):
+                logger.warning("{}", warning)
             task_status.started(port)
             try:
                 await trio.sleep_forever()

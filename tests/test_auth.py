@@ -312,3 +312,45 @@ async def test_library_client_sends_its_token(unique: str) -> None:
                 leaf = leaf.exceptions[0]
             assert isinstance(leaf, StreamRefused) and "UNAUTHENTICATED" in str(leaf), repr(e.value)
             assert trio_asyncio  # the cluster runs inside its loop
+
+
+def test_exposure_warnings_at_start() -> None:
+    from nimbus.server import exposure_warnings, is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("10.1.2.3")
+    assert not is_loopback("example.com")
+    local = config.load(env={"NIMBUS_HOST": "127.0.0.1"}, dotenv=False)
+    assert exposure_warnings(local) == []
+    exposed = config.load(env={"NIMBUS_HOST": "0.0.0.0"}, dotenv=False)
+    [auth_warning, tls_warning] = exposure_warnings(exposed)
+    assert "auth is off" in auth_warning and "0.0.0.0" in auth_warning
+    assert "TLS is off" in tls_warning
+    with_auth = config.load(env={"NIMBUS_HOST": "0.0.0.0", "NIMBUS_AUTH": "jwt", "NIMBUS_AUTH_SECRET": SECRET}, dotenv=False)
+    [tls_only] = exposure_warnings(with_auth)
+    assert "tokens travel in clear text" in tls_only
+
+
+async def test_the_server_logs_the_warning_when_it_starts_exposed(unique: str) -> None:
+    """The warning reaches the log at start (the server binds loopback here, and is told it
+    listens on all interfaces only through the check's input)."""
+    import trio_asyncio
+    from loguru import logger
+
+    from nimbus import server
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING")
+    try:
+        real = server.exposure_warnings
+        server.exposure_warnings = lambda s: real(config.load(env={"NIMBUS_HOST": "0.0.0.0"}, dotenv=False))  # type: ignore[assignment]
+        try:
+            with trio.fail_after(30):
+                async with cluster({"engine": "memory"}):
+                    pass
+        finally:
+            server.exposure_warnings = real
+    finally:
+        logger.remove(sink)
+    assert any("auth is off and the server listens on 0.0.0.0" in line for line in lines), lines
+    assert trio_asyncio
