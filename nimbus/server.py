@@ -53,9 +53,18 @@ SERVICE = "nimbus.NimbusService"
 PROTOCOL_KEY = "nimbus-protocol"
 
 
-class MessageTooLarge(Exception):
+class Refusal(Exception):
+    """A request the stream cannot go on after: the stream ends with this gRPC status."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class MessageTooLarge(Refusal):
     def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"request message of {size} bytes is over the limit of {limit} bytes")
+        super().__init__("RESOURCE_EXHAUSTED", f"request message of {size} bytes is over the limit of {limit} bytes")
 
 
 async def _requests(stream: Stream[EventRequest, EventResponse], max_bytes: int) -> AsyncIterator[EventRequest]:
@@ -70,7 +79,7 @@ async def _requests(stream: Stream[EventRequest, EventResponse], max_bytes: int)
         if size > max_bytes:
             raise MessageTooLarge(size, max_bytes)
         if compressed:
-            raise GRPCError(grpclib.const.Status.UNIMPLEMENTED, "compressed messages are not supported")
+            raise Refusal("UNIMPLEMENTED", "compressed messages are not supported")
         data = await h2.recv_data(size) if size else b""
         if len(data) != size:
             return  # the client ended the stream inside a message
@@ -185,10 +194,9 @@ class NimbusService:
                         return False
                     if not pod.submit(s, req):
                         await trio_asyncio.trio_as_aio(pod.submit_wait)(s, req)
-        except MessageTooLarge as e:
-            pod.counters.inc("server.message_too_large")
-            logger.warning("client {}: {}; ending the stream", s.client_id, e)
-            pod.cut(s, "RESOURCE_EXHAUSTED", str(e))
+        except Refusal as e:
+            pod.counters.inc("server.message_too_large" if isinstance(e, MessageTooLarge) else "server.refused_request")
+            pod.cut(s, e.status, e.message)
             return False
         except (StreamTerminatedError, GRPCError, ConnectionError):
             return True

@@ -186,7 +186,7 @@ def test_auth_module_constants() -> None:
 def grpcio_stream(
     port: int,
     metadata: list[tuple[str, str]],
-    stubs: tuple[ModuleType, ModuleType],
+    stub_mods: tuple[ModuleType, ModuleType],
     numbers: list[int],
     want: int,
     *,
@@ -199,7 +199,7 @@ def grpcio_stream(
 
     import grpc
 
-    pb2, grpc_mod = stubs
+    pb2, grpc_mod = stub_mods
     target = f"127.0.0.1:{port}"
     ch = grpc.secure_channel(target, credentials) if credentials is not None else grpc.insecure_channel(target)
     done = threading.Event()

@@ -15,7 +15,6 @@ import time
 from types import ModuleType
 from typing import Any
 
-import pytest
 import trio
 
 from nimbus.lifecycle import Status
@@ -177,12 +176,12 @@ async def test_max_streams_per_pod(unique: str, stubs: tuple[ModuleType, ModuleT
 # --- slow clients ------------------------------------------------------------------------------
 
 
-def non_reading_client(port: int, cid: str, stubs: tuple[ModuleType, ModuleType], n: int, cut: threading.Event) -> tuple[str, str, list[Any]]:
+def non_reading_client(port: int, cid: str, stub_mods: tuple[ModuleType, ModuleType], n: int, cut: threading.Event) -> tuple[str, str, list[Any]]:
     """Protocol 2 over grpcio: send 1..n, read nothing until `cut` is set, then read what the
     transport buffered and the status."""
     import grpc
 
-    pb2, grpc_mod = stubs
+    pb2, grpc_mod = stub_mods
     # No BDP probing: grpcio keeps its stream window at the default, so the server's writer
     # meets flow control after a known amount instead of a window grpcio grows as it likes.
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.http2.bdp_probe", 0)]) as ch:
