@@ -37,8 +37,14 @@ def hs(**kw: Any) -> Verifier:
 
 def keypair(kind: str) -> tuple[bytes, Any]:
     """(private PEM, public key object)."""
-    key: Any = rsa.generate_private_key(65537, 2048) if kind == "rsa" else ec.generate_private_key(ec.SECP256R1())
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    key: Any = (
+        rsa.generate_private_key(65537, 2048)
+        if kind == "rsa"
+        else ec.generate_private_key(ec.SECP256R1())
+    )
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     return pem, key.public_key()
 
 
@@ -65,12 +71,29 @@ def test_missing_malformed_expired_forged_tokens_are_unauthenticated() -> None:
         "not bearer": {"authorization": f"Basic {issue('alice', ttl_sec=60, key=SECRET)}"},
         "bearer without token": {"authorization": "Bearer "},
         "garbage": {"authorization": "Bearer not.a.jwt"},
-        "expired": {"authorization": f"Bearer {issue('alice', ttl_sec=60, key=SECRET, now=time.time() - 3600)}"},
+        "expired": {
+            "authorization": f"Bearer {issue('alice', ttl_sec=60, key=SECRET, now=time.time() - 3600)}"
+        },
         "forged": {"authorization": f"Bearer {issue('alice', ttl_sec=60, key=OTHER_SECRET)}"},
-        "alg none": {"authorization": "Bearer " + jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, None, algorithm="none")},
-        "no exp": {"authorization": "Bearer " + jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256")},
-        "no sub": {"authorization": "Bearer " + jwt.encode({"exp": int(time.time()) + 60}, SECRET, algorithm="HS256")},
-        "not yet valid": {"authorization": "Bearer " + jwt.encode({"sub": "alice", "exp": int(time.time()) + 600, "nbf": int(time.time()) + 300}, SECRET, algorithm="HS256")},
+        "alg none": {
+            "authorization": "Bearer "
+            + jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, None, algorithm="none")
+        },
+        "no exp": {
+            "authorization": "Bearer " + jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256")
+        },
+        "no sub": {
+            "authorization": "Bearer "
+            + jwt.encode({"exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
+        },
+        "not yet valid": {
+            "authorization": "Bearer "
+            + jwt.encode(
+                {"sub": "alice", "exp": int(time.time()) + 600, "nbf": int(time.time()) + 300},
+                SECRET,
+                algorithm="HS256",
+            )
+        },
     }
     for name, md in cases.items():
         err = refused(v, md)
@@ -120,17 +143,28 @@ def test_public_key_algorithms(kind: str, alg: str) -> None:
 def test_the_public_key_is_never_used_as_an_hmac_secret() -> None:
     """Algorithm confusion: an HS256 token 'signed' with the server's public key PEM."""
     private, public = keypair("rsa")
-    pub_pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pub_pem = public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     v = Verifier(("HS256", "RS256"), secret=SECRET, public_key=public)
     header = jwt.utils.base64url_encode(b'{"alg":"HS256","typ":"JWT"}')
     body = jwt.utils.base64url_encode(f'{{"sub":"alice","exp":{int(time.time()) + 60}}}'.encode())
     import hashlib
     import hmac
 
-    sig = jwt.utils.base64url_encode(hmac.new(pub_pem, header + b"." + body, hashlib.sha256).digest())
+    sig = jwt.utils.base64url_encode(
+        hmac.new(pub_pem, header + b"." + body, hashlib.sha256).digest()
+    )
     forged = (header + b"." + body + b"." + sig).decode()
     assert refused(v, {"authorization": f"Bearer {forged}"}).status == "UNAUTHENTICATED"
-    assert v.identify({"authorization": f"Bearer {issue('alice', ttl_sec=60, algorithm='RS256', key=private)}"}) == "alice"
+    assert (
+        v.identify(
+            {
+                "authorization": f"Bearer {issue('alice', ttl_sec=60, algorithm='RS256', key=private)}"
+            }
+        )
+        == "alice"
+    )
 
 
 def test_config_refuses_auth_without_keys_and_loads_key_files(tmp_path: Path) -> None:
@@ -142,17 +176,37 @@ def test_config_refuses_auth_without_keys_and_loads_key_files(tmp_path: Path) ->
         config.load(env={"NIMBUS_AUTH_ALGORITHMS": "none"}, dotenv=False)
     missing = tmp_path / "missing.pem"
     with pytest.raises(ConfigError, match="cannot read"):
-        config.load(env={"NIMBUS_AUTH": "jwt", "NIMBUS_AUTH_ALGORITHMS": "RS256", "NIMBUS_AUTH_PUBLIC_KEY_FILE": str(missing)}, dotenv=False)
+        config.load(
+            env={
+                "NIMBUS_AUTH": "jwt",
+                "NIMBUS_AUTH_ALGORITHMS": "RS256",
+                "NIMBUS_AUTH_PUBLIC_KEY_FILE": str(missing),
+            },
+            dotenv=False,
+        )
     _, public = keypair("ec")
     pub = tmp_path / "pub.pem"
-    pub.write_bytes(public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    s = config.load(env={"NIMBUS_AUTH": "jwt", "NIMBUS_AUTH_ALGORITHMS": "es256", "NIMBUS_AUTH_PUBLIC_KEY_FILE": str(pub)}, dotenv=False)
+    pub.write_bytes(
+        public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    s = config.load(
+        env={
+            "NIMBUS_AUTH": "jwt",
+            "NIMBUS_AUTH_ALGORITHMS": "es256",
+            "NIMBUS_AUTH_PUBLIC_KEY_FILE": str(pub),
+        },
+        dotenv=False,
+    )
     v = Verifier.from_settings(s)
     assert v is not None and v.algorithms == ("ES256",)
     assert Verifier.from_settings(config.load(env={}, dotenv=False)) is None
 
 
-def test_token_command_issues_tokens_the_server_accepts(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_token_command_issues_tokens_the_server_accepts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from nimbus import token
 
     monkeypatch.chdir(tmp_path)  # no stray .env
@@ -166,9 +220,17 @@ def test_token_command_issues_tokens_the_server_accepts(tmp_path: Path, capsys: 
     private, public = keypair("ec")
     key_file = tmp_path / "key.pem"
     key_file.write_bytes(private)
-    assert token.main(["--client-id", "bob", "--algorithm", "ES256", "--private-key-file", str(key_file)]) == 0
+    assert (
+        token.main(
+            ["--client-id", "bob", "--algorithm", "ES256", "--private-key-file", str(key_file)]
+        )
+        == 0
+    )
     tok = capsys.readouterr().out.strip()
-    assert Verifier(("ES256",), public_key=public).identify({"authorization": f"Bearer {tok}"}) == "bob"
+    assert (
+        Verifier(("ES256",), public_key=public).identify({"authorization": f"Bearer {tok}"})
+        == "bob"
+    )
 
     monkeypatch.delenv("NIMBUS_AUTH_SECRET")
     with pytest.raises(SystemExit) as e:
@@ -201,7 +263,11 @@ def grpcio_stream(
 
     pb2, grpc_mod = stub_mods
     target = f"127.0.0.1:{port}"
-    ch = grpc.secure_channel(target, credentials) if credentials is not None else grpc.insecure_channel(target)
+    ch = (
+        grpc.secure_channel(target, credentials)
+        if credentials is not None
+        else grpc.insecure_channel(target)
+    )
     done = threading.Event()
     with ch:
         stub = grpc_mod.NimbusServiceStub(ch)
@@ -232,7 +298,9 @@ def bearer(tok: str) -> tuple[str, str]:
     return ("authorization", f"Bearer {tok}")
 
 
-async def test_one_client_cannot_receive_anothers_results(engine: dict[str, Any], unique: str, stubs: tuple[ModuleType, ModuleType]) -> None:  # noqa: F811
+async def test_one_client_cannot_receive_anothers_results(
+    engine: dict[str, Any], unique: str, stubs: tuple[ModuleType, ModuleType]
+) -> None:  # noqa: F811
     alice, bob = f"alice-{unique}", f"bob-{unique}"
     tok_alice = issue(alice, ttl_sec=600, key=SECRET)
     tok_bob = issue(bob, ttl_sec=600, key=SECRET)
@@ -241,7 +309,9 @@ async def test_one_client_cannot_receive_anothers_results(engine: dict[str, Any]
             port = c.ports[0]
             # Alice sends 1..20, has them receipted (durable), leaves without reading results:
             # they are her backlog.
-            async with open_stream(port, {"authorization": f"Bearer {tok_alice}", "client_id": alice, **P2}) as st:
+            async with open_stream(
+                port, {"authorization": f"Bearer {tok_alice}", "client_id": alice, **P2}
+            ) as st:
                 for n in range(1, 21):
                     await st.event("sq", n, seq=n)
                 receipts = 0
@@ -256,22 +326,58 @@ async def test_one_client_cannot_receive_anothers_results(engine: dict[str, Any]
             p2 = ("nimbus-protocol", "2")
             attempts = {
                 "no token": ([("client_id", alice), p2], "UNAUTHENTICATED"),
-                "bob's token, alice's id": ([bearer(tok_bob), ("client_id", alice), p2], "PERMISSION_DENIED"),
-                "forged": ([bearer(issue(alice, ttl_sec=600, key=OTHER_SECRET)), ("client_id", alice), p2], "UNAUTHENTICATED"),
-                "forged, no client_id": ([bearer(issue(alice, ttl_sec=600, key=OTHER_SECRET)), p2], "UNAUTHENTICATED"),
-                "expired": ([bearer(issue(alice, ttl_sec=60, key=SECRET, now=time.time() - 3600)), ("client_id", alice), p2], "UNAUTHENTICATED"),
-                "unsigned": ([bearer(jwt.encode({"sub": alice, "exp": int(time.time()) + 60}, None, algorithm="none")), p2], "UNAUTHENTICATED"),
+                "bob's token, alice's id": (
+                    [bearer(tok_bob), ("client_id", alice), p2],
+                    "PERMISSION_DENIED",
+                ),
+                "forged": (
+                    [bearer(issue(alice, ttl_sec=600, key=OTHER_SECRET)), ("client_id", alice), p2],
+                    "UNAUTHENTICATED",
+                ),
+                "forged, no client_id": (
+                    [bearer(issue(alice, ttl_sec=600, key=OTHER_SECRET)), p2],
+                    "UNAUTHENTICATED",
+                ),
+                "expired": (
+                    [
+                        bearer(issue(alice, ttl_sec=60, key=SECRET, now=time.time() - 3600)),
+                        ("client_id", alice),
+                        p2,
+                    ],
+                    "UNAUTHENTICATED",
+                ),
+                "unsigned": (
+                    [
+                        bearer(
+                            jwt.encode(
+                                {"sub": alice, "exp": int(time.time()) + 60}, None, algorithm="none"
+                            )
+                        ),
+                        p2,
+                    ],
+                    "UNAUTHENTICATED",
+                ),
             }
             for name, (md, want) in attempts.items():
-                code, details, got = await trio.to_thread.run_sync(grpcio_stream, port, md, stubs, [7], 1)
+                code, details, got = await trio.to_thread.run_sync(
+                    grpcio_stream, port, md, stubs, [7], 1
+                )
                 assert (code, got) == (want, []), (name, code, details)
             # Nothing changed state: no connect (same epoch, still OFFLINE, no kick), nothing produced.
             assert await c.engine.state.get(alice) == before
-            assert sum((await c.engine.log.end_offsets(c.settings.kafka_events_topic)).values()) == produced
+            assert (
+                sum((await c.engine.log.end_offsets(c.settings.kafka_events_topic)).values())
+                == produced
+            )
 
             # Bob, with his own valid token, gets his own result and nothing of Alice's.
-            code, details, got = await trio.to_thread.run_sync(grpcio_stream, port, [bearer(tok_bob), p2], stubs, [1000], 1)
-            assert code == "OK" and [(r.number, r.result) for r in got] == [(1000, 1_000_000)], (code, details)
+            code, details, got = await trio.to_thread.run_sync(
+                grpcio_stream, port, [bearer(tok_bob), p2], stubs, [1000], 1
+            )
+            assert code == "OK" and [(r.number, r.result) for r in got] == [(1000, 1_000_000)], (
+                code,
+                details,
+            )
 
             # Alice comes back (her token alone identifies her) and gets all 20, in order.
             async with open_stream(port, {"authorization": f"Bearer {tok_alice}", **P2}) as st:
@@ -280,13 +386,22 @@ async def test_one_client_cannot_receive_anothers_results(engine: dict[str, Any]
             assert [r.result for r in got_alice] == [n * n for n in range(1, 21)]
 
 
-async def test_auth_off_the_original_client_still_works_and_tokens_are_ignored(unique: str, stubs: tuple[ModuleType, ModuleType]) -> None:  # noqa: F811
+async def test_auth_off_the_original_client_still_works_and_tokens_are_ignored(
+    unique: str, stubs: tuple[ModuleType, ModuleType]
+) -> None:  # noqa: F811
     with trio.fail_after(60):
         async with cluster({"engine": "memory"}) as c:
-            code, _, got = await trio.to_thread.run_sync(grpcio_stream, c.ports[0], [("client_id", f"orig-{unique}")], stubs, [1, 2, 3], 3)
+            code, _, got = await trio.to_thread.run_sync(
+                grpcio_stream, c.ports[0], [("client_id", f"orig-{unique}")], stubs, [1, 2, 3], 3
+            )
             assert code == "OK" and [r.result for r in got] == [1, 4, 9]
-            code, details, _ = await trio.to_thread.run_sync(grpcio_stream, c.ports[0], [bearer("whatever")], stubs, [1], 1)
-            assert (code, details) == ("INVALID_ARGUMENT", "client_id not received or empty in metadata")
+            code, details, _ = await trio.to_thread.run_sync(
+                grpcio_stream, c.ports[0], [bearer("whatever")], stubs, [1], 1
+            )
+            assert (code, details) == (
+                "INVALID_ARGUMENT",
+                "client_id not received or empty in metadata",
+            )
 
 
 async def test_library_client_sends_its_token(unique: str) -> None:
@@ -298,13 +413,17 @@ async def test_library_client_sends_its_token(unique: str) -> None:
     with trio.fail_after(60):
         async with cluster({"engine": "memory"}, auth="jwt", auth_secret=SECRET) as c:
             target = f"127.0.0.1:{c.ports[0]}"
-            async with open_client([target], cid, token=issue(cid, ttl_sec=60, key=SECRET)) as client:
+            async with open_client(
+                [target], cid, token=issue(cid, ttl_sec=60, key=SECRET)
+            ) as client:
                 for n in (3, 4):
                     await client.send("sq", n)
                 got = [await client.receive() for _ in range(2)]
                 assert [r.result for r in got] == [9, 16]
             with pytest.raises(BaseException) as e:  # noqa: B017,PT011 - refused inside the client's nursery
-                async with open_client([target], cid, token=issue(cid, ttl_sec=60, key=OTHER_SECRET), connect_timeout=5) as client:
+                async with open_client(
+                    [target], cid, token=issue(cid, ttl_sec=60, key=OTHER_SECRET), connect_timeout=5
+                ) as client:
                     await client.send("sq", 1)
                     await client.receive()
             leaf = e.value
@@ -326,7 +445,10 @@ def test_exposure_warnings_at_start() -> None:
     [auth_warning, tls_warning] = exposure_warnings(exposed)
     assert "auth is off" in auth_warning and "0.0.0.0" in auth_warning
     assert "TLS is off" in tls_warning
-    with_auth = config.load(env={"NIMBUS_HOST": "0.0.0.0", "NIMBUS_AUTH": "jwt", "NIMBUS_AUTH_SECRET": SECRET}, dotenv=False)
+    with_auth = config.load(
+        env={"NIMBUS_HOST": "0.0.0.0", "NIMBUS_AUTH": "jwt", "NIMBUS_AUTH_SECRET": SECRET},
+        dotenv=False,
+    )
     [tls_only] = exposure_warnings(with_auth)
     assert "tokens travel in clear text" in tls_only
 
@@ -343,7 +465,9 @@ async def test_the_server_logs_the_warning_when_it_starts_exposed(unique: str) -
     sink = logger.add(lambda m: lines.append(str(m)), level="WARNING")
     try:
         real = server.exposure_warnings
-        server.exposure_warnings = lambda s: real(config.load(env={"NIMBUS_HOST": "0.0.0.0"}, dotenv=False))  # type: ignore[assignment]
+        server.exposure_warnings = lambda s: real(
+            config.load(env={"NIMBUS_HOST": "0.0.0.0"}, dotenv=False)
+        )  # type: ignore[assignment]
         try:
             with trio.fail_after(30):
                 async with cluster({"engine": "memory"}):

@@ -67,7 +67,9 @@ def test_limiter_table_stays_bounded_by_active_clients() -> None:
 # --- limits end to end -------------------------------------------------------------------------
 
 
-async def test_event_rate_limit_protocol2_per_event_errors_then_retries_lose_nothing(unique: str) -> None:
+async def test_event_rate_limit_protocol2_per_event_errors_then_retries_lose_nothing(
+    unique: str,
+) -> None:
     cid = f"rate-{unique}"
     with trio.fail_after(60):
         async with cluster({"engine": "memory"}, client_event_rate=5, client_event_burst=5) as c:
@@ -88,7 +90,10 @@ async def test_event_rate_limit_protocol2_per_event_errors_then_retries_lose_not
                         got.append(r)
                         await st.ack(r.delivery_id)
             assert 5 <= len(receipts) < 20 and set(receipts) | set(errors) == set(range(1, 21))
-            assert all(e.code == ErrorCode.UNAVAILABLE and "rate limit" in e.message for e in errors.values())
+            assert all(
+                e.code == ErrorCode.UNAVAILABLE and "rate limit" in e.message
+                for e in errors.values()
+            )
             # Every receipted event has its result, in receipt order; refused ones have none.
             assert [r.number for r in got] == sorted(receipts)
     # The client library retries refused events after a backoff: every event gets its result.
@@ -104,15 +109,21 @@ async def test_event_rate_limit_protocol2_per_event_errors_then_retries_lose_not
             assert client.stats.retries > 0
 
 
-async def test_event_rate_limit_protocol1_ends_the_stream_with_resource_exhausted(unique: str, stubs: tuple[ModuleType, ModuleType]) -> None:  # noqa: F811
+async def test_event_rate_limit_protocol1_ends_the_stream_with_resource_exhausted(
+    unique: str, stubs: tuple[ModuleType, ModuleType]
+) -> None:  # noqa: F811
     cid = f"rate1-{unique}"
     with trio.fail_after(60):
         async with cluster({"engine": "memory"}, client_event_rate=5, client_event_burst=5) as c:
-            code, details, _ = await trio.to_thread.run_sync(grpcio_stream, c.ports[0], [("client_id", cid)], stubs, list(range(1, 21)), 20)
+            code, details, _ = await trio.to_thread.run_sync(
+                grpcio_stream, c.ports[0], [("client_id", cid)], stubs, list(range(1, 21)), 20
+            )
             assert code == "RESOURCE_EXHAUSTED" and "rate limit" in details, (code, details)
 
 
-async def test_oversized_message_is_refused_and_nothing_receipted_is_lost(unique: str, stubs: tuple[ModuleType, ModuleType]) -> None:  # noqa: F811
+async def test_oversized_message_is_refused_and_nothing_receipted_is_lost(
+    unique: str, stubs: tuple[ModuleType, ModuleType]
+) -> None:  # noqa: F811
     import grpc
 
     pb2, grpc_mod = stubs
@@ -130,7 +141,9 @@ async def test_oversized_message_is_refused_and_nothing_receipted_is_lost(unique
                 yield pb2.EventRequest(event_name="x" * 5000, number=8, seq=2)
                 time.sleep(10)
 
-            call = stub.ProcessEvent(requests(), metadata=[("client_id", cid), ("nimbus-protocol", "2")], timeout=20)
+            call = stub.ProcessEvent(
+                requests(), metadata=[("client_id", cid), ("nimbus-protocol", "2")], timeout=20
+            )
             try:
                 for r in call:
                     seen.append(r)
@@ -143,7 +156,10 @@ async def test_oversized_message_is_refused_and_nothing_receipted_is_lost(unique
     with trio.fail_after(60):
         async with cluster({"engine": "memory"}, max_message_bytes=1024) as c:
             code, details, seen = await trio.to_thread.run_sync(run, c.ports[0])
-            assert code == "RESOURCE_EXHAUSTED" and "over the limit of 1024 bytes" in details, (code, details)
+            assert code == "RESOURCE_EXHAUSTED" and "over the limit of 1024 bytes" in details, (
+                code,
+                details,
+            )
             assert any(r.kind == pb2.RECEIPT and r.seq == 1 for r in seen)
             await wait_status(c, cid, Status.OFFLINE)
             # The receipted event's result (acked or not before the cut) comes on the next stream.
@@ -157,26 +173,40 @@ async def test_max_streams_per_pod(unique: str, stubs: tuple[ModuleType, ModuleT
     with trio.fail_after(60):
         async with cluster({"engine": "memory"}, max_streams=2) as c:
             port = c.ports[0]
-            async with open_stream(port, {"client_id": a, **P2}) as sa, open_stream(port, {"client_id": b, **P2}) as sb:
+            async with (
+                open_stream(port, {"client_id": a, **P2}) as sa,
+                open_stream(port, {"client_id": b, **P2}) as sb,
+            ):
                 for s in (sa, sb):
                     await s.event("sq", 2, seq=1)
                     assert (await s.recv()).kind == ResponseKind.RECEIPT  # type: ignore[union-attr]
-                code, details, _ = await trio.to_thread.run_sync(grpcio_stream, port, [("client_id", x)], stubs, [3], 1)
-                assert code == "RESOURCE_EXHAUSTED" and "maximum of 2 streams" in details, (code, details)
+                code, details, _ = await trio.to_thread.run_sync(
+                    grpcio_stream, port, [("client_id", x)], stubs, [3], 1
+                )
+                assert code == "RESOURCE_EXHAUSTED" and "maximum of 2 streams" in details, (
+                    code,
+                    details,
+                )
                 assert await c.engine.state.get(x) is None  # refused before any state change
                 # A client already here may replace its own stream at the limit (and first gets
                 # the result its old stream left unacknowledged).
-                code, details, got = await trio.to_thread.run_sync(grpcio_stream, port, [("client_id", a), ("nimbus-protocol", "2")], stubs, [3], 2)
+                code, details, got = await trio.to_thread.run_sync(
+                    grpcio_stream, port, [("client_id", a), ("nimbus-protocol", "2")], stubs, [3], 2
+                )
                 assert code == "OK" and [r.result for r in got] == [4, 9], (code, details)
             await wait_status(c, b, Status.OFFLINE)
-            code, details, got = await trio.to_thread.run_sync(grpcio_stream, port, [("client_id", x)], stubs, [4], 1)
+            code, details, got = await trio.to_thread.run_sync(
+                grpcio_stream, port, [("client_id", x)], stubs, [4], 1
+            )
             assert code == "OK" and [r.result for r in got] == [16], (code, details)
 
 
 # --- slow clients ------------------------------------------------------------------------------
 
 
-def non_reading_client(port: int, cid: str, stub_mods: tuple[ModuleType, ModuleType], n: int, cut: threading.Event) -> tuple[str, str, list[Any]]:
+def non_reading_client(
+    port: int, cid: str, stub_mods: tuple[ModuleType, ModuleType], n: int, cut: threading.Event
+) -> tuple[str, str, list[Any]]:
     """Protocol 2 over grpcio: send 1..n, read nothing until `cut` is set, then read what the
     transport buffered and the status."""
     import grpc
@@ -192,7 +222,9 @@ def non_reading_client(port: int, cid: str, stub_mods: tuple[ModuleType, ModuleT
                 yield pb2.EventRequest(event_name="sq", number=i, seq=i)
             cut.wait(100)
 
-        call = stub.ProcessEvent(requests(), metadata=[("client_id", cid), ("nimbus-protocol", "2")], timeout=120)
+        call = stub.ProcessEvent(
+            requests(), metadata=[("client_id", cid), ("nimbus-protocol", "2")], timeout=120
+        )
         assert cut.wait(100), "the server never cut the stream"
         seen: list[Any] = []
         try:
@@ -203,7 +235,9 @@ def non_reading_client(port: int, cid: str, stub_mods: tuple[ModuleType, ModuleT
         return "OK", "", seen
 
 
-async def test_a_client_that_stops_reading_is_cut_and_later_gets_everything(engine: dict[str, Any], unique: str, stubs: tuple[ModuleType, ModuleType]) -> None:  # noqa: F811
+async def test_a_client_that_stops_reading_is_cut_and_later_gets_everything(
+    engine: dict[str, Any], unique: str, stubs: tuple[ModuleType, ModuleType]
+) -> None:  # noqa: F811
     cid = f"slow-{unique}"
     n = 5000
     with trio.fail_after(180):
@@ -213,7 +247,11 @@ async def test_a_client_that_stops_reading_is_cut_and_later_gets_everything(engi
                 outcome: list[tuple[str, str, list[Any]]] = []
 
                 async def client() -> None:
-                    outcome.append(await trio.to_thread.run_sync(non_reading_client, c.ports[0], cid, stubs, n, cut))
+                    outcome.append(
+                        await trio.to_thread.run_sync(
+                            non_reading_client, c.ports[0], cid, stubs, n, cut
+                        )
+                    )
 
                 nursery.start_soon(client)
                 # The pod cuts it (queue full) and marks it OFFLINE; its results go to the backlog.
@@ -223,7 +261,11 @@ async def test_a_client_that_stops_reading_is_cut_and_later_gets_everything(engi
                 finally:
                     cut.set()
             [(code, details, seen)] = outcome
-            assert code == "RESOURCE_EXHAUSTED" and "does not read" in details, (code, details, len(seen))
+            assert code == "RESOURCE_EXHAUSTED" and "does not read" in details, (
+                code,
+                details,
+                len(seen),
+            )
             pb2, _ = stubs
             first_results = [r for r in seen if r.kind == pb2.RESULT]
             assert len(first_results) < n  # it really was cut before getting everything
@@ -246,4 +288,6 @@ async def test_a_client_that_stops_reading_is_cut_and_later_gets_everything(engi
             assert ids == sorted(set(ids))
             # Results seen before the cut come again with the same delivery ids (the client
             # library drops them as duplicates).
-            assert {r.delivery_id: r.number for r in first_results}.items() <= {r.delivery_id: r.number for r in got}.items()
+            assert {r.delivery_id: r.number for r in first_results}.items() <= {
+                r.delivery_id: r.number for r in got
+            }.items()

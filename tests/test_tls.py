@@ -45,29 +45,54 @@ def creds(ca: trustme.CA, client_cert: Any = None) -> Any:
     )
 
 
-async def test_grpcio_over_tls(ca: trustme.CA, server_files: dict[str, str], unique: str, stubs: tuple[ModuleType, ModuleType]) -> None:  # noqa: F811
+async def test_grpcio_over_tls(
+    ca: trustme.CA, server_files: dict[str, str], unique: str, stubs: tuple[ModuleType, ModuleType]
+) -> None:  # noqa: F811
     files = {k: v for k, v in server_files.items() if k != "ca"}
     with trio.fail_after(60):
         async with cluster({"engine": "memory"}, **files) as c:
             port = c.ports[0]
             code, details, got = await trio.to_thread.run_sync(
-                lambda: grpcio_stream(port, [("client_id", f"tls-{unique}")], stubs, [1, 2, 3], 3, credentials=creds(ca))
+                lambda: grpcio_stream(
+                    port,
+                    [("client_id", f"tls-{unique}")],
+                    stubs,
+                    [1, 2, 3],
+                    3,
+                    credentials=creds(ca),
+                )
             )
             assert code == "OK" and [r.result for r in got] == [1, 4, 9], (code, details)
             # A client that does not trust our CA cannot connect; nor can a plaintext one.
             other = trustme.CA()
             code, _, got = await trio.to_thread.run_sync(
-                lambda: grpcio_stream(port, [("client_id", f"tls-{unique}")], stubs, [1], 1, credentials=creds(other), timeout=5)
+                lambda: grpcio_stream(
+                    port,
+                    [("client_id", f"tls-{unique}")],
+                    stubs,
+                    [1],
+                    1,
+                    credentials=creds(other),
+                    timeout=5,
+                )
             )
             assert code == "UNAVAILABLE" and got == []
             code, _, got = await trio.to_thread.run_sync(
-                lambda: grpcio_stream(port, [("client_id", f"tls-{unique}")], stubs, [1], 1, timeout=5)
+                lambda: grpcio_stream(
+                    port, [("client_id", f"tls-{unique}")], stubs, [1], 1, timeout=5
+                )
             )
             assert code == "UNAVAILABLE" and got == []
 
 
-async def test_mutual_tls_requires_a_client_certificate(ca: trustme.CA, server_files: dict[str, str], unique: str, stubs: tuple[ModuleType, ModuleType]) -> None:  # noqa: F811
-    files = {"tls_cert_file": server_files["tls_cert_file"], "tls_key_file": server_files["tls_key_file"], "tls_client_ca_file": server_files["ca"]}
+async def test_mutual_tls_requires_a_client_certificate(
+    ca: trustme.CA, server_files: dict[str, str], unique: str, stubs: tuple[ModuleType, ModuleType]
+) -> None:  # noqa: F811
+    files = {
+        "tls_cert_file": server_files["tls_cert_file"],
+        "tls_key_file": server_files["tls_key_file"],
+        "tls_client_ca_file": server_files["ca"],
+    }
     with trio.fail_after(60):
         async with cluster({"engine": "memory"}, auth="jwt", auth_secret=SECRET, **files) as c:
             port = c.ports[0]
@@ -77,23 +102,31 @@ async def test_mutual_tls_requires_a_client_certificate(ca: trustme.CA, server_f
             tok = issue(cid, ttl_sec=60, key=SECRET)
             client_cert = ca.issue_cert(f"{cid}@clients.example")
             code, details, got = await trio.to_thread.run_sync(
-                lambda: grpcio_stream(port, [bearer(tok)], stubs, [5], 1, credentials=creds(ca, client_cert))
+                lambda: grpcio_stream(
+                    port, [bearer(tok)], stubs, [5], 1, credentials=creds(ca, client_cert)
+                )
             )
             assert code == "OK" and [r.result for r in got] == [25], (code, details)
             # Without a client certificate the handshake fails.
             code, _, got = await trio.to_thread.run_sync(
-                lambda: grpcio_stream(port, [bearer(tok)], stubs, [5], 1, credentials=creds(ca), timeout=5)
+                lambda: grpcio_stream(
+                    port, [bearer(tok)], stubs, [5], 1, credentials=creds(ca), timeout=5
+                )
             )
             assert code == "UNAVAILABLE" and got == []
             # A certificate from another CA is refused too.
             stranger = trustme.CA().issue_cert("stranger@clients.example")
             code, _, got = await trio.to_thread.run_sync(
-                lambda: grpcio_stream(port, [bearer(tok)], stubs, [5], 1, credentials=creds(ca, stranger), timeout=5)
+                lambda: grpcio_stream(
+                    port, [bearer(tok)], stubs, [5], 1, credentials=creds(ca, stranger), timeout=5
+                )
             )
             assert code == "UNAVAILABLE" and got == []
 
 
-async def test_library_client_over_tls(ca: trustme.CA, server_files: dict[str, str], unique: str) -> None:
+async def test_library_client_over_tls(
+    ca: trustme.CA, server_files: dict[str, str], unique: str
+) -> None:
     import ssl
 
     from nimbus.client import open_client
@@ -103,7 +136,9 @@ async def test_library_client_over_tls(ca: trustme.CA, server_files: dict[str, s
     ctx.set_alpn_protocols(["h2"])
     with trio.fail_after(60):
         async with cluster({"engine": "memory"}, **files) as c:
-            async with open_client([f"127.0.0.1:{c.ports[0]}"], f"lib-tls-{unique}", ssl=ctx) as client:
+            async with open_client(
+                [f"127.0.0.1:{c.ports[0]}"], f"lib-tls-{unique}", ssl=ctx
+            ) as client:
                 await client.send("sq", 12)
                 r = await client.receive()
                 assert r.result == 144
@@ -117,6 +152,18 @@ def test_tls_settings_are_checked_at_start(server_files: dict[str, str], tmp_pat
     bad = tmp_path / "bad.pem"
     bad.write_text("not a certificate")
     with pytest.raises(ConfigError, match="cannot load certificate"):
-        config.load(env={"NIMBUS_TLS_CERT_FILE": str(bad), "NIMBUS_TLS_KEY_FILE": server_files["tls_key_file"]}, dotenv=False)
-    s = config.load(env={"NIMBUS_TLS_CERT_FILE": server_files["tls_cert_file"], "NIMBUS_TLS_KEY_FILE": server_files["tls_key_file"]}, dotenv=False)
+        config.load(
+            env={
+                "NIMBUS_TLS_CERT_FILE": str(bad),
+                "NIMBUS_TLS_KEY_FILE": server_files["tls_key_file"],
+            },
+            dotenv=False,
+        )
+    s = config.load(
+        env={
+            "NIMBUS_TLS_CERT_FILE": server_files["tls_cert_file"],
+            "NIMBUS_TLS_KEY_FILE": server_files["tls_key_file"],
+        },
+        dotenv=False,
+    )
     assert s.tls_cert_file == server_files["tls_cert_file"]
