@@ -116,7 +116,7 @@ class Verifier:
         """The subject of a valid token; AuthError(UNAUTHENTICATED) otherwise."""
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.InvalidTokenError:
+        except (jwt.InvalidTokenError, ValueError, TypeError):
             raise unauthenticated("malformed token") from None
         alg = header.get("alg")
         if alg not in self.algorithms:

@@ -17,6 +17,8 @@ import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nimbus import auth, config
 from nimbus.auth import AuthError, Verifier, issue
@@ -478,3 +480,18 @@ async def test_the_server_logs_the_warning_when_it_starts_exposed(unique: str) -
         logger.remove(sink)
     assert any("auth is off and the server listens on 0.0.0.0" in line for line in lines), lines
     assert trio_asyncio
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    header=st.one_of(
+        st.text(max_size=300), st.binary(max_size=200).map(lambda b: b.decode("latin-1"))
+    ),
+    client_id=st.text(max_size=20),
+)
+def test_any_authorization_value_is_refused_cleanly(header: str, client_id: str) -> None:
+    """Whatever a client puts in the metadata, the verifier answers with AuthError (a status),
+    never with another exception that would reach grpclib as an internal error."""
+    for value in (header, f"Bearer {header}", "Bearer " + header.replace(" ", ".")):
+        with pytest.raises(AuthError):
+            hs().identify({"authorization": value, "client_id": client_id})
