@@ -126,13 +126,14 @@ class NimbusService:
             )
         }
 
-    def identify(self, md: Any) -> str:
+    def identify(self, md: Any, peer: Any = None) -> str:
         """The stream's client id, or GRPCError (nothing has changed state yet)."""
         if self.verifier is not None:
             try:
                 return self.verifier.identify(md)
             except AuthError as e:
                 self.pod.counters.inc(f"server.refused.{e.status.lower()}")
+                logger.info("stream refused: {} ({}), client_id {!r}, peer {}", e.status, e.message, str(md.get("client_id", ""))[:100], peer)
                 raise GRPCError(grpclib.const.Status[e.status], e.message) from None
         client_id = str(md.get("client_id", "")).strip()
         if not client_id:
@@ -141,7 +142,7 @@ class NimbusService:
 
     async def process_event(self, stream: Stream[EventRequest, EventResponse]) -> None:
         md = stream.metadata or {}
-        client_id = self.identify(md)
+        client_id = self.identify(md, stream.peer.addr() if self.verifier is not None else None)
         if not self.pod.accepting:
             raise GRPCError(grpclib.const.Status.UNAVAILABLE, "server is shutting down")
         if len(self.pod.sessions) + self._opening >= self.max_streams and client_id not in self.pod.sessions:
