@@ -255,8 +255,8 @@ async def test_a_client_that_stops_reading_is_cut_and_later_gets_everything(
 
                 nursery.start_soon(client)
                 # The pod cuts it (queue full) and marks it OFFLINE; its results go to the backlog.
-                await wait_status(c, cid, Status.LIVE, timeout=60)
                 try:
+                    # (No record exists before the connect: OFFLINE can only mean the cut.)
                     await wait_status(c, cid, Status.OFFLINE, timeout=120)
                 finally:
                     cut.set()
@@ -291,3 +291,55 @@ async def test_a_client_that_stops_reading_is_cut_and_later_gets_everything(
             assert {r.delivery_id: r.number for r in first_results}.items() <= {
                 r.delivery_id: r.number for r in got
             }.items()
+
+
+async def test_a_non_reading_stream_that_is_superseded_ends_and_the_new_one_gets_everything(
+    unique: str, stubs: tuple[ModuleType, ModuleType]
+) -> None:  # noqa: F811
+    """The queue is big enough that the first stream is not cut; its writer is stuck on a full
+    window when a second stream for the same client arrives. The first must still end (ABORTED,
+    not hang) and the second gets every result, once, in order."""
+    cid = f"supersede-{unique}"
+    n = 3000
+    with trio.fail_after(180):
+        async with cluster({"engine": "memory"}, stream_queue=20_000) as c:
+            cut = threading.Event()
+            outcome: list[tuple[str, str, list[Any]]] = []
+            async with trio.open_nursery() as nursery:
+
+                async def client() -> None:
+                    outcome.append(
+                        await trio.to_thread.run_sync(
+                            non_reading_client, c.ports[0], cid, stubs, n, cut
+                        )
+                    )
+
+                nursery.start_soon(client)
+                try:
+                    with trio.fail_after(60):
+                        topic = c.settings.kafka_events_topic
+                        while True:
+                            if sum((await c.engine.log.end_offsets(topic)).values()) >= n:
+                                break  # every event produced
+                            await trio.sleep(0.05)
+                    rec = await c.engine.state.get(cid)
+                    assert (
+                        rec is not None and rec.status is Status.LIVE and rec.epoch == 1
+                    )  # not cut
+                    async with open_stream(c.ports[0], {"client_id": cid, **P2}) as st:
+                        await wait_status(c, cid, Status.LIVE)
+                        got = []
+                        while len(got) < n:
+                            r = await st.recv()
+                            assert r is not None, f"stream ended after {len(got)} of {n} results"
+                            if r.kind == ResponseKind.RESULT:
+                                got.append(r)
+                                if len(got) % 100 == 0:
+                                    await st.ack(r.delivery_id)
+                        rec = await c.engine.state.get(cid)
+                        assert rec is not None and rec.epoch == 2
+                finally:
+                    cut.set()
+            [(code, details, _)] = outcome
+            assert code == "ABORTED" and "superseded" in details, (code, details)
+            assert [r.number for r in got] == list(range(1, n + 1))
