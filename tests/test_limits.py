@@ -296,9 +296,10 @@ async def test_a_client_that_stops_reading_is_cut_and_later_gets_everything(
 async def test_a_non_reading_stream_that_is_superseded_ends_and_the_new_one_gets_everything(
     unique: str, stubs: tuple[ModuleType, ModuleType]
 ) -> None:  # noqa: F811
-    """The queue is big enough that the first stream is not cut; its writer is stuck on a full
-    window when a second stream for the same client arrives. The first must still end (ABORTED,
-    not hang) and the second gets every result, once, in order."""
+    """The queue is big enough that the first stream is not cut; its writer waits on a full
+    window when a second stream for the same client arrives. The first ends with ABORTED (grpcio
+    reports it once the client reads what came before it) and the second gets every result,
+    once, in order: the first's unacknowledged results went to the backlog."""
     cid = f"supersede-{unique}"
     n = 3000
     with trio.fail_after(180):
