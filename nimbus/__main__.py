@@ -14,6 +14,7 @@ from nimbus.engines import open_engine
 from nimbus.entry import run_process, run_with_signals
 from nimbus.server import run_server
 from nimbus.topics import ensure_topics
+from nimbus.web import run_web
 from nimbus.workers import run_workers
 
 
@@ -23,12 +24,22 @@ async def run_all(settings: Settings, *, task_status: trio.TaskStatus[int] = tri
         async with trio.open_nursery() as nursery:
             await nursery.start(run_workers, settings, engine.log, engine.state)
             port = await nursery.start(run_server, settings, engine.log, engine.state)
+            if settings.web_port:
+                await start_web(nursery, settings, engine.log, engine.state)
             logger.info(
                 "Nimbus all-in-one ready on port {} ({} engine). Try: python -m nimbus.client "
                 "--client_id=a --start=1 --end=10 --target 127.0.0.1:{}",
                 port, settings.engine, port,
             )
             task_status.started(port)
+
+
+async def start_web(nursery: trio.Nursery, settings: Settings, log: object, state: object) -> None:
+    """The live web view beside the all-in-one; a port already taken only costs the view."""
+    try:
+        await nursery.start(run_web, settings, log, state)
+    except OSError as e:
+        logger.warning("live web view not started on {}:{}: {}", settings.web_host, settings.web_port, e)
 
 
 async def main_async(settings: Settings) -> None:

@@ -114,6 +114,13 @@ VARIABLES: dict[str, Var] = {
         Var("NIMBUS_ROUTER_WINDOW", "20000", _int(1, 10_000_000), "results in flight per result router"),
         Var("NIMBUS_REPLAY_WINDOW", "2000", _int(1, 10_000_000), "results in flight per replaying client"),
         Var("NIMBUS_MAX_REPLAYS", "1000", _int(1, 1_000_000), "concurrent replays per worker"),
+        Var("NIMBUS_METRICS_PORT", "0", _int(0, 65535), "Prometheus metrics port of this process (GET /metrics); 0: off"),
+        Var("NIMBUS_METRICS_HOST", "127.0.0.1", _nonempty, "address the metrics endpoint binds (0.0.0.0 for a scraper on another host)"),
+        Var("NIMBUS_METRICS_INTERVAL_MS", "5000", _int(10, 3_600_000), "how often Kafka lag, clients by state and replay backlogs are sampled"),
+        Var("NIMBUS_WEB_PORT", "8080", _int(0, 65535), "port of the live web view (python -m nimbus.web, and the all-in-one); 0: off"),
+        Var("NIMBUS_WEB_HOST", "127.0.0.1", _nonempty, "address the live web view binds"),
+        Var("NIMBUS_WEB_REFRESH_MS", "1000", _int(50, 3_600_000), "how often the web view samples Kafka and the state store"),
+        Var("NIMBUS_WEB_SCRAPE", "", str, "web view: metrics endpoints (host:port,...) of the pods and workers to sum per-stage counters from"),
         Var("NIMBUS_ALLINONE_DEMO", "false", _bool, "all-in-one: print a hint for the sample client at start"),
         Var("NIMBUS_AUTH", "off", _choice("off", "jwt"), "off: trust the client_id metadata (the original's behaviour); jwt: require `authorization: Bearer <jwt>` whose subject is the client id"),
         Var("NIMBUS_AUTH_ALGORITHMS", "HS256", _algorithms, "token algorithms accepted (comma list of HS256/384/512, RS*, PS*, ES*)"),
@@ -157,6 +164,13 @@ class Settings:
     router_window: int
     replay_window: int
     max_replays: int
+    metrics_port: int
+    metrics_host: str
+    metrics_interval_ms: int
+    web_port: int
+    web_host: str
+    web_refresh_ms: int
+    web_scrape: str
     allinone_demo: bool
     auth: str
     auth_algorithms: str

@@ -12,7 +12,7 @@ from typing import Any
 import trio
 from loguru import logger
 
-from nimbus import config, logs
+from nimbus import config, logs, metrics
 from nimbus.config import ConfigError
 from nimbus.ports import EngineError
 
@@ -25,12 +25,21 @@ def run_process(prog: str, role: str, main_async: Callable[..., Awaitable[None]]
         sys.exit(2)
     logs.setup(settings, role=role)
     try:
-        trio.run(main_async, settings, *args)
+        trio.run(_with_metrics, main_async, settings, *args)
     except EngineError as e:
         logger.error("{}", e)
         sys.exit(1)
     except KeyboardInterrupt:
         pass
+
+
+async def _with_metrics(main_async: Callable[..., Awaitable[None]], settings: config.Settings, *args: Any) -> None:
+    """`main_async`, with the process's metrics endpoint beside it when NIMBUS_METRICS_PORT is set."""
+    async with trio.open_nursery() as nursery:
+        if settings.metrics_port:
+            await nursery.start(metrics.serve_metrics, settings.metrics_host, settings.metrics_port)
+        await main_async(settings, *args)
+        nursery.cancel_scope.cancel()
 
 
 async def run_with_signals(start: Any) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import trio
 from loguru import logger
 
-from nimbus import events, trace
+from nimbus import events, logs, metrics, trace
 from nimbus.config import INGEST_BATCH, Settings
 from nimbus.lifecycle import Status
 from nimbus.messages import (
@@ -302,7 +302,7 @@ class Pod:
             return True
         except asyncio.QueueFull:
             self.counters.inc("pod.slow_client")
-            logger.warning("client {}: outgoing queue full ({}); cutting the stream", s.client_id, s.outbox.maxsize)
+            logs.for_client(s.client_id, s.epoch).warning("client {}: outgoing queue full ({}); cutting the stream", s.client_id, s.outbox.maxsize)
             self._end(s, Close("RESOURCE_EXHAUSTED", "client does not read its results fast enough"))
             return False
 
@@ -317,7 +317,7 @@ class Pod:
         for k in msg.kicks:
             s = self.sessions.get(k.client_id)
             if s is not None and s.epoch <= k.epoch:
-                logger.info("client {}: stream epoch {} superseded by a stream on another pod", s.client_id, s.epoch)
+                logs.for_client(s.client_id, s.epoch).info("client {}: stream epoch {} superseded by a stream on another pod", s.client_id, s.epoch)
                 self._end(s, Close("ABORTED", "superseded by a newer stream for this client_id"))
         for d in msg.deliveries:
             self._deliver(msg.reply_to, d)
@@ -339,6 +339,7 @@ class Pod:
             return
         resp = d.response
         trace.step(resp.log, "server", self.s.instance_id, "deliver", epoch=s.epoch)
+        metrics.delivered(resp.log)
         out: EventResponse | None = resp
         if resp.kind == GAP and s.protocol < 2:
             # The original's client cannot be told; nothing goes on the wire, and the writer

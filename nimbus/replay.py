@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import trio
 from loguru import logger
 
+from nimbus import logs
 from nimbus.config import Settings
 from nimbus.lifecycle import Status
 from nimbus.messages import GAP, DeliveryReport, EventResponse, KafkaEventResponse, ReportItem
@@ -319,6 +320,7 @@ class ReplayService:
                     nursery.start_soon(self._run_pipeline, p)
 
     async def _run_pipeline(self, p: ReplayPipeline) -> None:
+        logs.bind_task(client_id=p.client_id, epoch=p.epoch)  # every line of this replay (its own task)
         try:
             async with self._limiter, self.log.reader() as reader:
                 logger.info("replay of {} (epoch {}) from DLQ offset {} on partition {}", p.client_id, p.epoch, p.cursor, p.partition)

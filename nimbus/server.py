@@ -34,7 +34,7 @@ from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server, Stream
 from loguru import logger
 
-from nimbus import tls
+from nimbus import logs, metrics, tls
 from nimbus.auth import AuthError, Verifier
 from nimbus.config import Settings
 from nimbus.engines import open_engine
@@ -145,6 +145,7 @@ class NimbusService:
         client_id = self.identify(md, stream.peer.addr() if self.verifier is not None else None)
         if not self.pod.accepting:
             raise GRPCError(grpclib.const.Status.UNAVAILABLE, "server is shutting down")
+        logs.bind_task(client_id=client_id, trace_id=logs.trace_id(md))  # on every line of this stream
         if len(self.pod.sessions) + self._opening >= self.max_streams and client_id not in self.pod.sessions:
             self.pod.counters.inc("server.refused.max_streams")
             raise GRPCError(grpclib.const.Status.RESOURCE_EXHAUSTED, f"this server holds its maximum of {self.max_streams} streams")
@@ -156,6 +157,7 @@ class NimbusService:
             raise GRPCError(grpclib.const.Status.UNAVAILABLE, f"state store unavailable: {e}") from None
         finally:
             self._opening -= 1
+        logs.bind_task(epoch=session.epoch)
         reader = asyncio.ensure_future(self._reader(stream, session))
         writer = asyncio.ensure_future(self._writer(stream, session))
         try:
@@ -301,7 +303,7 @@ async def run_server(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The doorman until cancelled; reports the bound port. Must run inside trio_asyncio."""
-    pod = Pod(settings, log, state)
+    pod = metrics.watched_obj(Pod(settings, log, state))
     ssl_context = tls.from_settings(settings)
     async with trio.open_nursery() as nursery:
         await nursery.start(pod.run)

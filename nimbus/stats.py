@@ -1,8 +1,11 @@
-"""Process-local counters: what each role did, for logs, the summary at shutdown, and tests."""
+"""Process-local counters: what each role did, for logs, the summary at shutdown, and tests.
+Every increment also goes to the Prometheus counter `nimbus_ops_total{op=name}`."""
 
 from __future__ import annotations
 
 from collections import Counter
+
+from nimbus import metrics
 
 
 class Counters:
@@ -11,6 +14,7 @@ class Counters:
 
     def inc(self, name: str, n: int = 1) -> None:
         self.values[name] += n
+        metrics.op(name, n)  # and the process-wide Prometheus counter nimbus_ops_total{op=name}
 
     def __getitem__(self, name: str) -> int:
         return self.values[name]

@@ -18,6 +18,7 @@ import time
 import trio
 from loguru import logger
 
+from nimbus import logs
 from nimbus.config import Settings
 from nimbus.pod import FLIPS, STATUS_CHECKS
 from nimbus.ports import EngineError, StateStore
@@ -78,7 +79,7 @@ class StatusManager:
         for cid in done:
             ack_ns = acks.get(cid, 0)
             after = f", {(now - ack_ns) / 1e6:.1f} ms after the last ack" if ack_ns else ""
-            logger.info("client {} is LIVE again (backlog acknowledged{})", cid, after)
+            logs.for_client(cid).info("client {} is LIVE again (backlog acknowledged{})", cid, after)
         if done:
             self.counters.inc("status.flips", len(done))
             try:

@@ -12,6 +12,7 @@ import trio
 import trio_asyncio
 from loguru import logger
 
+from nimbus import metrics
 from nimbus.config import Settings
 from nimbus.engines import open_engine
 from nimbus.entry import run_process, run_with_signals
@@ -41,11 +42,15 @@ async def run_workers(
             if "events" in roles:
                 await nursery.start(EventConsumer(settings, log, counters).run)
             if "results" in roles:
-                await nursery.start(ResultRouter(settings, log, state, counters).run)
+                await nursery.start(metrics.watched_obj(ResultRouter(settings, log, state, counters)).run)
             if "replay" in roles:
-                await nursery.start(ReplayService(settings, log, state, counters).run)
+                await nursery.start(metrics.watched_obj(ReplayService(settings, log, state, counters)).run)
             if "status" in roles:
                 await nursery.start(StatusManager(settings, state, counters).run)
+            sampler = metrics.Sampler(
+                log, state, settings.metrics_interval_ms / 1000, clients="status" in roles, dlq_topic=settings.kafka_dlq_topic
+            )
+            nursery.start_soon(sampler.run)
             task_status.started()
             await trio.sleep_forever()
         finally:

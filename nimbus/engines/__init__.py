@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from nimbus import metrics
 from nimbus.config import Settings
 from nimbus.ports import Log, StateStore
 
@@ -18,12 +19,13 @@ class OpenEngine:
 
 @asynccontextmanager
 async def open_engine(settings: Settings) -> AsyncIterator[OpenEngine]:
-    """The engine the settings name. The real one needs a running trio_asyncio loop."""
+    """The engine the settings name, its calls timed and counted (nimbus.metrics). The real one
+    needs a running trio_asyncio loop."""
     if settings.engine == "memory":
         from nimbus.engines.memory import MemoryEngine
 
         mem = MemoryEngine()
-        yield OpenEngine(mem.log, mem.state)
+        yield OpenEngine(*metrics.instrument(mem.log, mem.state))
         return
     from nimbus.engines.kafka import open_kafka_log
     from nimbus.engines.redis import open_redis_state
@@ -36,4 +38,4 @@ async def open_engine(settings: Settings) -> AsyncIterator[OpenEngine]:
         ) as log,
         open_redis_state(settings.redis_address, prefix=settings.redis_prefix) as state,
     ):
-        yield OpenEngine(log, state)
+        yield OpenEngine(*metrics.instrument(log, state))
