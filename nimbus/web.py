@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from nimbus import event_consumer, httpd, metrics, router
 from nimbus.config import Settings
 from nimbus.engines import open_engine
+from nimbus.engines.murmur2 import partition_for
 from nimbus.entry import run_process, run_with_signals
 from nimbus.lifecycle import Status
 
@@ -170,7 +171,7 @@ class WebView:
         replaying = [r for r in records if r.status is Status.REPLAYING]
         replays = []
         for r in sorted(replaying, key=lambda r: r.client_id)[:MAX_REPLAYS_SHOWN]:
-            part = self.log.producer.partition_for(s.kafka_dlq_topic, r.client_id.encode())
+            part = partition_for(r.client_id.encode(), len(dlq_ends)) if dlq_ends else 0
             end = dlq_ends.get(part, 0)
             replays.append(
                 {
