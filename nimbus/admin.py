@@ -48,13 +48,28 @@ def format_clients(records: list[ClientRecord]) -> str:
     for r in records:
         counts[r.status.value] += 1
     rows = [
-        [r.client_id, r.status.value, r.pod or "-", r.epoch, r.acked, r.routed_dlq, r.cursor, "yes" if r.backlog else "no"]
+        [
+            r.client_id,
+            r.status.value,
+            r.pod or "-",
+            r.epoch,
+            r.acked,
+            r.routed_dlq,
+            r.cursor,
+            "yes" if r.backlog else "no",
+        ]
         for r in sorted(records, key=lambda r: r.client_id)
     ]
     summary = f"{len(records)} clients: " + ", ".join(f"{k} {v}" for k, v in counts.items())
     if not rows:
         return summary
-    return table(rows, ["client", "status", "pod", "epoch", "acked", "routed_dlq", "cursor", "backlog"]) + "\n" + summary
+    return (
+        table(
+            rows, ["client", "status", "pod", "epoch", "acked", "routed_dlq", "cursor", "backlog"]
+        )
+        + "\n"
+        + summary
+    )
 
 
 def format_client(d: dict[str, Any]) -> str:
@@ -86,7 +101,10 @@ def format_client(d: dict[str, Any]) -> str:
 
 def format_lags(rows: list[dict[str, Any]]) -> str:
     return table(
-        [[r["topic"], r["partition"], r["group"] or "-", r["end"], r["committed"], r["lag"]] for r in rows],
+        [
+            [r["topic"], r["partition"], r["group"] or "-", r["end"], r["committed"], r["lag"]]
+            for r in rows
+        ],
         ["topic", "partition", "group", "end", "committed", "lag"],
     )
 
@@ -118,7 +136,11 @@ async def client(settings: Settings, log: Any, state: Any, client_id: str) -> di
                 for r in records:
                     if r.key == key:
                         res = decode_result(r.value)
-                        if res is not None and res.client_id == client_id and res.delivery_id > rec.acked:
+                        if (
+                            res is not None
+                            and res.client_id == client_id
+                            and res.delivery_id > rec.acked
+                        ):
                             waiting += 1
                 scanned += len(records)
                 offset = records[-1].offset + 1
@@ -138,7 +160,14 @@ async def lags(settings: Settings, log: Any) -> list[dict[str, Any]]:
         for p in sorted(ends):
             c = committed.get(p, 0) if group else None
             rows.append(
-                {"topic": topic, "partition": p, "group": group, "end": ends[p], "committed": c, "lag": ends[p] - c if c is not None else None}
+                {
+                    "topic": topic,
+                    "partition": p,
+                    "group": group,
+                    "end": ends[p],
+                    "committed": c,
+                    "lag": ends[p] - c if c is not None else None,
+                }
             )
     return rows
 
@@ -149,7 +178,10 @@ async def run(settings: Settings, args: argparse.Namespace, out: Any = None) -> 
     async with trio_asyncio.open_loop(), open_engine(settings) as engine:
         if args.command == "clients":
             recs = await clients(engine.state, args.state)
-            print(json.dumps([record_dict(r) for r in recs]) if args.json else format_clients(recs), file=out)
+            print(
+                json.dumps([record_dict(r) for r in recs]) if args.json else format_clients(recs),
+                file=out,
+            )
         elif args.command == "client":
             d = await client(settings, engine.log, engine.state, args.client_id)
             if d is None:
@@ -163,7 +195,11 @@ async def run(settings: Settings, args: argparse.Namespace, out: Any = None) -> 
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m nimbus.admin", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m nimbus.admin",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("clients", help="list clients and their state")
     c.add_argument("--state", choices=[s.value for s in Status], default=None)

@@ -24,22 +24,40 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_formatting() -> None:
     recs = [
-        ClientRecord("b", Status.REPLAYING, "pod-1", 3, acked=5, routed_dlq=9, dlq_written=9, cursor=12),
+        ClientRecord(
+            "b", Status.REPLAYING, "pod-1", 3, acked=5, routed_dlq=9, dlq_written=9, cursor=12
+        ),
         ClientRecord("a", Status.LIVE, "pod-2", 1, acked=4),
         ClientRecord("c"),
     ]
     text = admin.format_clients(recs)
     lines = text.splitlines()
-    assert lines[0].split() == ["client", "status", "pod", "epoch", "acked", "routed_dlq", "cursor", "backlog"]
+    assert lines[0].split() == [
+        "client",
+        "status",
+        "pod",
+        "epoch",
+        "acked",
+        "routed_dlq",
+        "cursor",
+        "backlog",
+    ]
     assert [ln.split()[0] for ln in lines[2:5]] == ["a", "b", "c"]
     assert lines[3].split() == ["b", "REPLAYING", "pod-1", "3", "5", "9", "12", "yes"]
     assert lines[-1] == "3 clients: OFFLINE 1, REPLAYING 1, LIVE 1"
     assert admin.format_clients([]) == "0 clients: OFFLINE 0, REPLAYING 0, LIVE 0"
-    d = admin.record_dict(recs[0]) | {"dlq_partition": 2, "dlq_end": 40, "waiting": 4, "waiting_truncated": False}
+    d = admin.record_dict(recs[0]) | {
+        "dlq_partition": 2,
+        "dlq_end": 40,
+        "waiting": 4,
+        "waiting_truncated": False,
+    }
     detail = admin.format_client(d)
     assert "REPLAYING" in detail and "results waiting in the DLQ" in detail
     assert detail.splitlines()[-1].split()[-1] == "4"
-    lag = admin.format_lags([{"topic": "t", "partition": 0, "group": "g", "end": 10, "committed": 7, "lag": 3}])
+    lag = admin.format_lags(
+        [{"topic": "t", "partition": 0, "group": "g", "end": 10, "committed": 7, "lag": 3}]
+    )
     assert lag.splitlines()[2].split() == ["t", "0", "g", "10", "7", "3"]
 
 
@@ -53,7 +71,11 @@ async def _client_with_backlog(c: Cluster, cid: str, n: int) -> None:
     with trio.move_on_after(90):
         while True:
             rec = await c.engine.state.get(cid)
-            if rec is not None and rec.status is Status.OFFLINE and rec.dlq_written >= rec.routed_dlq > rec.acked:
+            if (
+                rec is not None
+                and rec.status is Status.OFFLINE
+                and rec.dlq_written >= rec.routed_dlq > rec.acked
+            ):
                 lag = await admin.lags(c.settings, c.engine.log)
                 if all(r["lag"] == 0 for r in lag if r["group"]):
                     return
@@ -64,7 +86,10 @@ async def _client_with_backlog(c: Cluster, cid: str, n: int) -> None:
 async def test_queries_on_the_memory_engine(unique: str) -> None:
     cid, live = f"adm-{unique}", f"live-{unique}"
     with trio.fail_after(60):
-        async with trio_asyncio.open_loop(), open_cluster(delivery_timeout_ms=2000, status_interval_ms=200) as c:
+        async with (
+            trio_asyncio.open_loop(),
+            open_cluster(delivery_timeout_ms=2000, status_interval_ms=200) as c,
+        ):
             await _client_with_backlog(c, cid, 30)
             async with open_stream(c.ports[0], {"client_id": live, **P2}) as st:
                 await st.event("sq", 3, seq=1)
@@ -76,14 +101,21 @@ async def test_queries_on_the_memory_engine(unique: str) -> None:
             assert d is not None and d["status"] == "OFFLINE" and d["backlog"]
             # Delivery ids 1..30 (the client's partition was empty), 2 acked: 28 wait in the DLQ.
             assert d["acked"] == 2 and d["waiting"] == 28 and d["dlq_end"] >= 28
-            assert await admin.client(c.settings, c.engine.log, c.engine.state, f"nobody-{unique}") is None
+            assert (
+                await admin.client(c.settings, c.engine.log, c.engine.state, f"nobody-{unique}")
+                is None
+            )
             rows = await admin.lags(c.settings, c.engine.log)
             events = [r for r in rows if r["topic"] == c.settings.kafka_events_topic]
-            assert len(events) == c.settings.kafka_partitions and sum(r["end"] for r in events) == 31
+            assert (
+                len(events) == c.settings.kafka_partitions and sum(r["end"] for r in events) == 31
+            )
 
 
 @pytest.mark.integration
-async def test_the_command_on_real_brokers(kafka_brokers: str, redis_address: str, unique: str) -> None:
+async def test_the_command_on_real_brokers(
+    kafka_brokers: str, redis_address: str, unique: str
+) -> None:
     engine: dict[str, Any] = {
         "engine": "real",
         "kafka_brokers": kafka_brokers,
@@ -109,25 +141,37 @@ async def test_the_command_on_real_brokers(kafka_brokers: str, redis_address: st
 
     async def cmd(*args: str) -> tuple[int, str]:
         p = await trio.run_process(
-            [sys.executable, "-m", "nimbus.admin", *args], env=env, cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False
+            [sys.executable, "-m", "nimbus.admin", *args],
+            env=env,
+            cwd=ROOT,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
         )
         print(p.stderr.decode())
         return p.returncode, p.stdout.decode()
 
     with trio.fail_after(240):
-        async with trio_asyncio.open_loop(), open_cluster(delivery_timeout_ms=2000, status_interval_ms=200, **engine) as c:
+        async with (
+            trio_asyncio.open_loop(),
+            open_cluster(delivery_timeout_ms=2000, status_interval_ms=200, **engine) as c,
+        ):
             await _client_with_backlog(c, cid, 20)
             rec = await c.engine.state.get(cid)
             assert rec is not None
         code, out = await cmd("clients", "--json")
         assert code == 0
         [mine] = [r for r in json.loads(out) if r["client_id"] == cid]
-        assert mine["status"] == "OFFLINE" and mine["backlog"] is True and mine["acked"] == rec.acked
+        assert (
+            mine["status"] == "OFFLINE" and mine["backlog"] is True and mine["acked"] == rec.acked
+        )
         code, out = await cmd("client", cid)
         assert code == 0 and "OFFLINE" in out
         code, out = await cmd("client", cid, "--json")
         d = json.loads(out)
-        assert d["cursor"] == rec.cursor and d["waiting"] == 20 - 2  # ids 1..20 (fresh topic), 2 acked
+        assert (
+            d["cursor"] == rec.cursor and d["waiting"] == 20 - 2
+        )  # ids 1..20 (fresh topic), 2 acked
         code, _ = await cmd("client", f"nobody-{unique}")
         assert code == 1
         code, out = await cmd("lags", "--json")
