@@ -321,7 +321,7 @@ class _Producer(_Proxy):
         t0 = time.perf_counter()
         try:
             out = await self._target.send_batch(topic, items)
-        except BaseException as e:
+        except Exception as e:  # not Cancelled: a cancelled call is no error
             _failed("produce", e)
             raise
         _observe("produce", topic, t0, len(items))
@@ -340,7 +340,7 @@ class _Consumer(_Proxy):
     async def poll(self, max_records: int, timeout: float) -> Any:
         try:
             result = await self._target.poll(max_records, timeout)
-        except BaseException as e:
+        except Exception as e:  # not Cancelled: a cancelled call is no error
             _failed("poll", e)
             raise
         if result.records:
@@ -355,7 +355,7 @@ class _Consumer(_Proxy):
         t0 = time.perf_counter()
         try:
             await self._target.commit(offsets)
-        except BaseException as e:
+        except Exception as e:  # not Cancelled: a cancelled call is no error
             _failed("commit", e)
             raise
         _observe("commit", self._topic, t0, 0)
@@ -367,7 +367,7 @@ class _Reader(_Proxy):
     ) -> Any:
         try:
             records = await self._target.fetch(topic, partition, offset, max_records, timeout)
-        except BaseException as e:
+        except Exception as e:  # not Cancelled: a cancelled call is no error
             _failed("fetch", e)
             raise
         if records:
@@ -416,7 +416,7 @@ def _timed_state(target: Any, name: str) -> Callable[..., Any]:
         t0 = time.perf_counter()
         try:
             out = await fn(*args, **kw)
-        except BaseException as e:
+        except Exception as e:  # not Cancelled: a cancelled call is no error
             _failed(op_name, e)
             raise
         n = len(args[0]) if args and isinstance(args[0], list | tuple) else 1

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite, on a fresh machine: install (scripts/bootstrap.sh), start the real Kafka
-# and Redis (scripts/services.sh), run pytest against them, stop them again.
+# The whole test suite, on a fresh machine: install (scripts/bootstrap.sh, and Debian's chromium
+# for the web view's test: scripts/chromium.sh), start the real Kafka and Redis
+# (scripts/services.sh), run pytest against them, stop them again.
 #
 #   scripts/test.sh [pytest args...]
 #
@@ -10,6 +11,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/bootstrap.sh
+bash scripts/chromium.sh install  # the web view's browser test (Debian's chromium)
 started=0
 if ! bash scripts/services.sh status >/dev/null 2>&1; then
   bash scripts/services.sh up >/dev/null

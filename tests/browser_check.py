@@ -5,7 +5,7 @@ owns asyncio's loop policy) cannot host.
     python -m tests.browser_check URL SCREENSHOT PROFILE_DIR MIN_LIVE
 
 Waits until the page shows live numbers (>= MIN_LIVE clients LIVE, a non-zero ingest rate, a
-replay in progress), takes the screenshot, waits for later samples, and prints what it saw as
+replay in progress), waits for later samples, takes the screenshot, and prints what it saw as
 JSON on stdout. Exits non-zero (with the page's text) if the page never gets there.
 """
 
@@ -86,7 +86,6 @@ def main(url: str, screenshot: str, profile: str, min_live: int) -> int:
                 "ingest_rate1": num(cell("stages", "events ingested", 1)),
                 "live1": int(page.inner_text("[data-state=LIVE]")),
             }
-            page.screenshot(path=screenshot, full_page=True)
             page.wait_for_function(
                 f"() => parseInt(document.getElementById('sample').textContent) > {seen['sample1'] + 2}",
                 timeout=60_000,
@@ -101,6 +100,8 @@ def main(url: str, screenshot: str, profile: str, min_live: int) -> int:
                 lags=page.inner_text("#lags"),
                 updated=page.inner_text("#updated"),
             )
+            # Taken while the load still runs (the test stops it when this process has exited).
+            page.screenshot(path=screenshot, full_page=True)
             print(json.dumps(seen))
             return 0
         finally:
