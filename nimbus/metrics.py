@@ -46,7 +46,7 @@ from nimbus import httpd
 
 T = TypeVar("T")
 
-disable_created_metrics()  # no `_created` series: half the exposition, and nothing reads them
+disable_created_metrics()  # type: ignore[no-untyped-call]  # no `_created` series: half the exposition, and nothing reads them
 
 REGISTRY = CollectorRegistry()
 
@@ -176,7 +176,7 @@ def error(kind: str) -> None:
 
 def value(counter: Counter, **labels: str) -> float:
     """The current value of one labelled counter (for tests and summaries)."""
-    return counter.labels(**labels)._value.get()  # noqa: SLF001
+    return float(counter.labels(**labels)._value.get())  # noqa: SLF001
 
 
 def sample(name: str, **labels: str) -> float:
