@@ -116,6 +116,9 @@ DELIVERY = Histogram(
     registry=REGISTRY,
 )
 
+_DELIVERY_LIVE = DELIVERY.labels(path="live")
+_DELIVERY_REPLAY = DELIVERY.labels(path="replay")
+
 KAFKA_LAG = Gauge(
     "nimbus_kafka_lag",
     "Records not yet consumed by a consumer group of this process: end offset minus the group's "
@@ -196,8 +199,8 @@ def delivered(log: Any) -> None:
     t0 = first.seconds + first.nanos / 1e9
     if t0 <= 0:
         return
-    path = "replay" if steps[len(steps) - 2].method_name == "replay" else "live"
-    DELIVERY.labels(path=path).observe(max(0.0, time.time() - t0))
+    child = _DELIVERY_REPLAY if steps[len(steps) - 2].method_name == "replay" else _DELIVERY_LIVE
+    child.observe(max(0.0, time.time() - t0))
 
 
 # -- gauges read from live objects at scrape time -------------------------------------------------
@@ -233,12 +236,18 @@ class _LiveCollector(Collector):
         ingest = GaugeMetricFamily(
             "nimbus_ingest_queued", "Events waiting to be produced by a pod", labels=["pod"]
         )
+        by_pod: dict[str, list[int]] = {}
         for pod in watched("Pod"):
-            streams.add_metric([pod.channel], len(pod.sessions))
-            queued.add_metric(
-                [pod.channel], sum(s.outbox.qsize() for s in list(pod.sessions.values()))
-            )
-            ingest.add_metric([pod.channel], pod._ingest_send.statistics().current_buffer_used)  # noqa: SLF001
+            if not pod.accepting and not pod.sessions:
+                continue  # stopped (and not yet collected)
+            v = by_pod.setdefault(pod.channel, [0, 0, 0])
+            v[0] += len(pod.sessions)
+            v[1] += sum(s.outbox.qsize() for s in list(pod.sessions.values()))
+            v[2] += pod._ingest_send.statistics().current_buffer_used  # noqa: SLF001
+        for channel, (n_streams, n_queued, n_ingest) in by_pod.items():
+            streams.add_metric([channel], n_streams)
+            queued.add_metric([channel], n_queued)
+            ingest.add_metric([channel], n_ingest)
         yield streams
         yield queued
         yield ingest

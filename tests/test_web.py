@@ -188,3 +188,50 @@ async def test_live_view_in_headless_chromium(chromium: str, unique: str, tmp_pa
     assert seen["problems"].strip() == ""
     assert c.settings.kafka_events_topic in seen["lags"] and "#0" in seen["lags"]
     assert shot.stat().st_size > 10_000
+
+
+async def test_the_all_in_one_serves_the_view_and_its_metrics(tmp_path: Path) -> None:
+    """`python -m nimbus` starts the live view on NIMBUS_WEB_PORT and metrics on
+    NIMBUS_METRICS_PORT beside the doorman and the workers."""
+    from tests.test_metrics import free_port
+
+    grpc, metrics_port, web_port = free_port(), free_port(), free_port()
+    env = {
+        **os.environ,
+        "NIMBUS_PORT": str(grpc),
+        "NIMBUS_HOST": "127.0.0.1",
+        "NIMBUS_METRICS_PORT": str(metrics_port),
+        "NIMBUS_WEB_PORT": str(web_port),
+        "NIMBUS_WEB_REFRESH_MS": "200",
+    }
+    with trio.fail_after(90):
+        async with trio.open_nursery() as n:
+            log = (tmp_path / "all-in-one.log").open("wb")
+            proc = await n.start(
+                partial(
+                    trio.run_process,
+                    [sys.executable, "-m", "nimbus"],
+                    env=env,
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=log,
+                    check=False,
+                )
+            )
+            try:
+                while True:
+                    try:
+                        status, body = await http_get(web_port, "/api/state")
+                        if status == 200:
+                            break
+                    except OSError:
+                        pass
+                    await trio.sleep(0.2)
+                state = json.loads(body)
+                assert state["engine"] == "memory" and state["clients"]["total"] == 0
+                assert {s["stage"] for s in state["stages"]} >= {"events ingested", "routed live"}
+                status, text = await http_get(metrics_port, "/metrics")
+                assert status == 200 and "nimbus_kafka_lag" in text and "nimbus_streams{" in text
+            finally:
+                proc.terminate()
+                log.close()
