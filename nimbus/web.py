@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,7 @@ STAGES: list[tuple[str, str]] = [
     ("flips to LIVE", "status.flips"),
 ]
 MAX_REPLAYS_SHOWN = 25
+RATE_WINDOW_S = 2.0
 
 
 def merge_exposition(texts: list[str]) -> dict[str, float]:
@@ -112,7 +114,9 @@ class WebView:
     scrape_targets: list[str] = field(default_factory=list)
     snapshot: dict[str, Any] = field(default_factory=dict)
     samples: int = 0
-    _prev: tuple[float, dict[str, float]] | None = None
+    # Recent (time, counters) samples: rates are taken over RATE_WINDOW_S, not one refresh, so
+    # a burst between two refreshes does not read as 0 then 2x.
+    _history: deque[tuple[float, dict[str, float]]] = field(default_factory=deque)
 
     async def sample_forever(self) -> None:
         while True:
@@ -195,9 +199,11 @@ class WebView:
         merged = merge_exposition(texts)
         stage = stage_totals(merged)
         counters = {**{f"stage:{k}": v for k, v in stage.items()}, **totals}
-        prev = self._prev
-        r = rates(prev[1], counters, now - prev[0]) if prev else {k: 0.0 for k in counters}
-        self._prev = (now, counters)
+        hist = self._history
+        while len(hist) > 1 and now - hist[1][0] >= RATE_WINDOW_S:
+            hist.popleft()
+        r = rates(hist[0][1], counters, now - hist[0][0]) if hist else {k: 0.0 for k in counters}
+        hist.append((now, counters))
         self.samples += 1
         lat_n = merged.get("nimbus_delivery_latency_seconds_count{path=live}", 0.0)
         lat_sum = merged.get("nimbus_delivery_latency_seconds_sum{path=live}", 0.0)

@@ -86,12 +86,17 @@ def main(url: str, screenshot: str, profile: str, min_live: int) -> int:
                 "ingest_rate1": num(cell("stages", "events ingested", 1)),
                 "live1": int(page.inner_text("[data-state=LIVE]")),
             }
+            # Later samples, still with events flowing; the screenshot right then.
             page.wait_for_function(
-                f"() => parseInt(document.getElementById('sample').textContent) > {seen['sample1'] + 2}",
+                f"(minLive) => parseInt(document.getElementById('sample').textContent) > {seen['sample1'] + 2}"
+                " && (" + LIVE_NUMBERS + ")(minLive)",
+                arg=min_live,
                 timeout=60_000,
             )
+            page.screenshot(path=screenshot, full_page=True)
             seen.update(
                 sample2=int(page.inner_text("#sample")),
+                ingest_rate2=num(cell("stages", "events ingested", 1)),
                 ingested2=num(cell("stages", "events ingested", 2)),
                 delivered2=num(cell("stages", "delivered to streams", 2)),
                 replays=page.inner_text("#replays"),
@@ -100,8 +105,6 @@ def main(url: str, screenshot: str, profile: str, min_live: int) -> int:
                 lags=page.inner_text("#lags"),
                 updated=page.inner_text("#updated"),
             )
-            # Taken while the load still runs (the test stops it when this process has exited).
-            page.screenshot(path=screenshot, full_page=True)
             print(json.dumps(seen))
             return 0
         finally:

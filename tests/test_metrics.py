@@ -7,6 +7,7 @@ and reads each one's metrics port over HTTP, as `curl` would.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -340,7 +341,7 @@ def parse(text: str) -> dict[str, float]:
 
 @pytest.mark.integration
 async def test_each_process_serves_its_metrics_on_real_brokers(
-    processes: dict[str, int], unique: str
+    processes: dict[str, int], unique: str, tmp_path: Path
 ) -> None:
     cid = f"proc-{unique}"
     with trio.fail_after(180):
@@ -401,3 +402,12 @@ async def test_each_process_serves_its_metrics_on_real_brokers(
             )
             == 20
         )
+    # The pod's JSON log lines of this stream carry its client id, epoch and trace id.
+    log = (tmp_path / "nimbus.server.log").read_text().splitlines()
+    lines = [json.loads(ln) for ln in log if ln.startswith("{")]
+    [gone] = [
+        ln for ln in lines if ln["record"]["message"].startswith(f"client {cid} disconnected")
+    ]
+    extra = gone["record"]["extra"]
+    assert extra["client_id"] == cid and extra["epoch"] == 1 and extra["trace_id"]
+    assert extra["role"] == "server"

@@ -110,15 +110,16 @@ async def test_state_json_follows_the_cluster(unique: str) -> None:
                     stages = {x["stage"]: x for x in s.get("stages", [])}
                     if (
                         s.get("clients", {}).get("LIVE", 0) >= 2
-                        and s["replays_total"] >= 1
+                        and any(
+                            r["client_id"] == f"stuck-{unique}" and r["backlog_upper"] > 0
+                            for r in s["replays"]
+                        )
                         and stages["events ingested"]["rate"] > 0
                         and s["topic_rates"]["ingested into events topic"] > 0
                     ):
                         break
                     await trio.sleep(0.1)
-            assert any(
-                r["client_id"] == f"stuck-{unique}" and r["backlog_upper"] > 0 for r in s["replays"]
-            )
+            assert s["replays_total"] >= 1
             events = next(t for t in s["topics"] if t["topic"] == c.settings.kafka_events_topic)
             assert len(events["partitions"]) == c.settings.kafka_partitions and events["end"] > 0
             assert s["problems"] == []
@@ -181,12 +182,13 @@ async def test_live_view_in_headless_chromium(chromium: str, unique: str, tmp_pa
             n.cancel_scope.cancel()
     assert proc.returncode == 0, proc.stderr.decode()[-4000:]
     seen = json.loads(proc.stdout.decode().strip().splitlines()[-1])
-    assert seen["live1"] >= 4 and seen["ingest_rate1"] > 0
-    assert seen["sample2"] > seen["sample1"] and seen["ingested2"] > seen["ingested1"] > 0
-    assert seen["delivered2"] > 0
-    assert f"stuck-{unique}" in seen["replays"] and seen["nrep"] >= 1
-    assert seen["problems"].strip() == ""
-    assert c.settings.kafka_events_topic in seen["lags"] and "#0" in seen["lags"]
+    # (the page showed a non-zero ingest rate when each wait ended; read again just after)
+    assert seen["live1"] >= 4 and max(seen["ingest_rate1"], seen["ingest_rate2"]) > 0, seen
+    assert seen["sample2"] > seen["sample1"] and seen["ingested2"] > seen["ingested1"] > 0, seen
+    assert seen["delivered2"] > 0, seen
+    assert f"stuck-{unique}" in seen["replays"] and seen["nrep"] >= 1, seen
+    assert seen["problems"].strip() == "", seen
+    assert c.settings.kafka_events_topic in seen["lags"] and "#0" in seen["lags"], seen
     assert shot.stat().st_size > 10_000
 
 
