@@ -79,6 +79,37 @@ def rates(prev: dict[str, float], cur: dict[str, float], dt: float) -> dict[str,
     }
 
 
+def latency_buckets(samples: dict[str, float], path: str) -> dict[str, float]:
+    """The cumulative bucket counts of nimbus_delivery_latency_seconds{path}, keyed 'lat:<le>'."""
+    prefix = "nimbus_delivery_latency_seconds_bucket{le="
+    suffix = f",path={path}}}"
+    return {
+        f"lat:{k[len(prefix) : -len(suffix)]}": v
+        for k, v in samples.items()
+        if k.startswith(prefix) and k.endswith(suffix)
+    }
+
+
+def quantile(buckets: dict[str, float], q: float) -> float | None:
+    """The q-quantile (seconds) of a histogram given as cumulative counts per upper bound
+    ('lat:<le>' -> count, e.g. the increase over a window), interpolated within the bucket as
+    Prometheus' histogram_quantile does; None without observations."""
+    bounds = sorted((float(k[4:]), v) for k, v in buckets.items())
+    if not bounds or bounds[-1][1] <= 0:
+        return None
+    total = bounds[-1][1]
+    rank = q * total
+    lo_bound, lo_count = 0.0, 0.0
+    for le, count in bounds:
+        if count >= rank:
+            if le == float("inf"):
+                return lo_bound
+            span = count - lo_count
+            return lo_bound + (le - lo_bound) * ((rank - lo_count) / span if span > 0 else 1.0)
+        lo_bound, lo_count = le, count
+    return lo_bound
+
+
 def errors(samples: dict[str, float]) -> dict[str, float]:
     prefix = "nimbus_errors_total{kind="
     return {k[len(prefix) : -1]: v for k, v in samples.items() if k.startswith(prefix) and v}
@@ -198,11 +229,13 @@ class WebView:
                 problems.append(f"scrape {target}: {e or type(e).__name__}")
         merged = merge_exposition(texts)
         stage = stage_totals(merged)
-        counters = {**{f"stage:{k}": v for k, v in stage.items()}, **totals}
+        lat_live = latency_buckets(merged, "live")
+        counters = {**{f"stage:{k}": v for k, v in stage.items()}, **totals, **lat_live}
         hist = self._history
         while len(hist) > 1 and now - hist[1][0] >= RATE_WINDOW_S:
             hist.popleft()
         r = rates(hist[0][1], counters, now - hist[0][0]) if hist else {k: 0.0 for k in counters}
+        recent = {k: r.get(k, 0.0) for k in lat_live}  # observations per second per bucket, lately
         hist.append((now, counters))
         self.samples += 1
         lat_n = merged.get("nimbus_delivery_latency_seconds_count{path=live}", 0.0)
@@ -225,6 +258,10 @@ class WebView:
             "replays_total": len(replaying),
             "replays_active_here": merged.get("nimbus_replays_active{}", 0.0),
             "delivery_latency_live_mean_ms": (lat_sum / lat_n * 1000) if lat_n else None,
+            "delivery_latency_live_recent_ms": {
+                q: (None if (v := quantile(recent, float(q))) is None else v * 1000)
+                for q in ("0.5", "0.99")
+            },
             "errors": errors(merged),
             "problems": problems,
         }
@@ -300,7 +337,8 @@ PAGE = """<!doctype html>
 <div class="cols">
 <div><h2>Per-stage rates</h2><table id="stages"><thead><tr><th>stage</th><th>per second</th><th>total</th></tr></thead><tbody></tbody></table>
 <h2>Topic rates</h2><table id="trates"><thead><tr><th>from offsets</th><th>per second</th></tr></thead><tbody></tbody></table>
-<div class="meta">live delivery latency (mean): <span id="lat">-</span></div></div>
+<div class="meta">live delivery latency: mean <span id="lat">-</span> &middot; last 2 s
+ p50 <span id="p50">-</span>, p99 <span id="p99">-</span></div></div>
 <div><h2>Kafka lag</h2><table id="lags"><thead><tr><th>topic / partition</th><th>end</th><th>committed</th><th>lag</th></tr></thead><tbody></tbody></table></div>
 <div><h2>Replays in progress (<span id="nrep">0</span>)</h2><table id="replays"><thead><tr><th>client</th><th>epoch</th><th>acked</th><th>cursor</th><th>DLQ backlog &le;</th></tr></thead><tbody></tbody></table>
 <h2>Errors by kind</h2><table id="errors"><thead><tr><th>kind</th><th>count</th></tr></thead><tbody></tbody></table></div>
@@ -319,7 +357,10 @@ function render(s){
     d.innerHTML='<div class="n" data-state="'+k+'">'+fmt(s.clients[k])+'</div><div class="l">'+k.toLowerCase()+'</div>'; c.appendChild(d);}
   rows('stages', s.stages.map(x => [x.stage, fmt(x.rate), fmt(x.total)]));
   rows('trates', Object.entries(s.topic_rates).map(([k,v]) => [k, fmt(v)]));
-  document.getElementById('lat').textContent = s.delivery_latency_live_mean_ms == null ? '-' : s.delivery_latency_live_mean_ms.toFixed(2)+' ms';
+  const ms = v => v == null ? '-' : v.toFixed(2) + ' ms';
+  document.getElementById('lat').textContent = ms(s.delivery_latency_live_mean_ms);
+  document.getElementById('p50').textContent = ms(s.delivery_latency_live_recent_ms['0.5']);
+  document.getElementById('p99').textContent = ms(s.delivery_latency_live_recent_ms['0.99']);
   const lag=[]; for(const t of s.topics){ lag.push([t.topic+(t.group?' ('+t.group+')':''), fmt(t.end), '', t.lag==null?'-':fmt(t.lag)]);
     for(const p of t.partitions){ lag.push(['  #'+p.partition, fmt(p.end), p.committed==null?'-':fmt(p.committed), p.lag==null?'-':fmt(p.lag)]);}}
   rows('lags', lag);

@@ -15,11 +15,11 @@ import pytest
 import trio
 import trio_asyncio
 
-from nimbus import web
+from nimbus import metrics, web
 from nimbus.lifecycle import Status
 from nimbus.proto_gen.nimbus import ResponseKind
 from tests.harness import Cluster, open_cluster
-from tests.test_metrics import P2, http_get, results
+from tests.test_metrics import P2, http_get, results, wait_for
 from tests.wire import open_stream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +40,21 @@ def test_merge_rates_and_stages() -> None:
     assert stages["flips to LIVE"] == 0
     r = web.rates({"x": 10, "y": 50}, {"x": 30, "y": 5, "z": 2}, 2.0)
     assert r == {"x": 10.0, "y": 2.5, "z": 1.0}  # y went down: its process restarted
+    text = (
+        "# TYPE nimbus_delivery_latency_seconds histogram\n"
+        'nimbus_delivery_latency_seconds_bucket{le="0.01",path="live"} 10.0\n'
+        'nimbus_delivery_latency_seconds_bucket{le="0.1",path="live"} 90.0\n'
+        'nimbus_delivery_latency_seconds_bucket{le="+Inf",path="live"} 100.0\n'
+        'nimbus_delivery_latency_seconds_count{path="live"} 100.0\n'
+        'nimbus_delivery_latency_seconds_sum{path="live"} 3.0\n'
+        'nimbus_delivery_latency_seconds_bucket{le="+Inf",path="replay"} 7.0\n'
+    )
+    buckets = web.latency_buckets(web.merge_exposition([text]), "live")
+    assert buckets == {"lat:0.01": 10.0, "lat:0.1": 90.0, "lat:+Inf": 100.0}
+    assert web.quantile(buckets, 0.05) == pytest.approx(0.005)  # half-way into the first bucket
+    assert web.quantile(buckets, 0.5) == pytest.approx(0.01 + 0.09 * 40 / 80)
+    assert web.quantile(buckets, 0.99) == pytest.approx(0.1)  # in +Inf: the last finite bound
+    assert web.quantile({"lat:0.1": 0.0, "lat:+Inf": 0.0}, 0.5) is None
     assert web.errors(
         {"nimbus_errors_total{kind=slow_client_cut}": 2.0, "nimbus_errors_total{kind=x}": 0.0}
     ) == {"slow_client_cut": 2.0}
@@ -91,7 +106,12 @@ async def test_state_json_follows_the_cluster(unique: str) -> None:
     with trio.fail_after(90):
         async with (
             trio_asyncio.open_loop(),
-            open_cluster(delivery_timeout_ms=2000, status_interval_ms=200, web_refresh_ms=100) as c,
+            open_cluster(
+                delivery_timeout_ms=2000,
+                status_interval_ms=200,
+                web_refresh_ms=100,
+                metrics_interval_ms=100,
+            ) as c,
             trio.open_nursery() as n,
         ):
             port = await n.start(
@@ -120,6 +140,15 @@ async def test_state_json_follows_the_cluster(unique: str) -> None:
                         break
                     await trio.sleep(0.1)
             assert s["replays_total"] >= 1
+            assert set(s["delivery_latency_live_recent_ms"]) == {"0.5", "0.99"}
+            # The replay gauges of this process (the stuck client's replay runs here).
+            await wait_for(
+                lambda: (
+                    metrics.sample("nimbus_replays_active") >= 1
+                    and metrics.sample("nimbus_replay_unconfirmed") >= 1
+                    and metrics.sample("nimbus_replay_backlog_records") > 0
+                )
+            )
             events = next(t for t in s["topics"] if t["topic"] == c.settings.kafka_events_topic)
             assert len(events["partitions"]) == c.settings.kafka_partitions and events["end"] > 0
             assert s["problems"] == []
