@@ -152,6 +152,9 @@ _ERROR_OPS = {
     "router.malformed": "malformed_result_record",
     "router.bad_report": "bad_delivery_report",
     "router.failed": "live_delivery_failed",
+    "server.rate_limited": "over_event_rate",
+    "server.message_too_large": "message_too_large",
+    "server.refused_request": "refused_request",
 }
 
 _ops_children: dict[str, Any] = {}
@@ -164,6 +167,8 @@ def op(name: str, n: int = 1) -> None:
         child = _ops_children[name] = OPS.labels(op=name)
     child.inc(n)
     kind = _ERROR_OPS.get(name)
+    if kind is None and name.startswith("server.refused."):
+        kind = "refused_" + name.removeprefix("server.refused.")  # auth, max streams...
     if kind is not None:
         ERRORS.labels(kind=kind).inc(n)
 

@@ -96,6 +96,9 @@ def test_counters_are_bridged_to_prometheus() -> None:
     c.inc("test.bridge", 3)
     c.inc("test.bridge")
     c.inc("pod.slow_client")
+    refused0 = m("nimbus_errors_total", kind="refused_unauthenticated")
+    c.inc("server.refused.unauthenticated")
+    assert m("nimbus_errors_total", kind="refused_unauthenticated") - refused0 == 1
     assert c["test.bridge"] == 4
     assert m("nimbus_ops_total", op="test.bridge") - before == 4
     assert m("nimbus_errors_total", kind="slow_client_cut") - errors_before == 1
