@@ -10,7 +10,7 @@ from __future__ import annotations
 import trio
 from loguru import logger
 
-from nimbus import events, trace
+from nimbus import badinput, events, trace
 from nimbus.config import Settings
 from nimbus.messages import KafkaEventRequest, KafkaEventResponse
 from nimbus.ports import EngineError, Log, LogConsumer, Record, TopicPartition
@@ -24,14 +24,16 @@ def group_for(settings: Settings) -> str:
     return f"{GROUP}.{settings.kafka_events_topic}"
 
 
-def process(rec: Record, instance: str) -> KafkaEventResponse | None:
-    """The result of one events-topic record, or None if the record is not an event."""
+def process(rec: Record, instance: str) -> KafkaEventResponse:
+    """The result of one events-topic record; raises BadRecord if the record is not an event."""
     try:
         req = KafkaEventRequest.FromString(rec.value)
     except Exception:
-        return None
-    if not req.client_id or (rec.key is not None and rec.key != req.client_id.encode()):
-        return None
+        raise badinput.BadRecord(badinput.UNDECODABLE) from None
+    if not req.client_id:
+        raise badinput.BadRecord(badinput.NO_CLIENT_ID)
+    if rec.key != req.client_id.encode():  # the pods key events by client id (its partition)
+        raise badinput.BadRecord(badinput.KEY_MISMATCH)
     resp = KafkaEventResponse(
         event_name=req.event_name,
         number=req.number,
@@ -74,10 +76,11 @@ class EventConsumer:
     async def _handle(self, consumer: LogConsumer, records: list[Record]) -> None:
         out: list[tuple[bytes, bytes]] = []
         for rec in records:
-            resp = process(rec, self.s.instance_id)
-            if resp is None:
+            try:
+                resp = process(rec, self.s.instance_id)
+            except badinput.BadRecord as e:
                 self.counters.inc("events.malformed")
-                logger.warning("event consumer: skipping malformed record {}:{}", rec.partition, rec.offset)
+                badinput.record("events", e.reason, rec)
                 continue
             if resp.HasField("error"):
                 self.counters.inc("events.failed")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import trio
 from loguru import logger
 
-from nimbus import events, logs, metrics, trace
+from nimbus import badinput, events, logs, metrics, trace
 from nimbus.config import INGEST_BATCH, Settings
 from nimbus.lifecycle import Status
 from nimbus.messages import (
@@ -312,7 +312,7 @@ class Pod:
             msg = PodMessage.FromString(payload)
         except Exception:
             self.counters.inc("pod.bad_message")
-            logger.warning("pod {}: malformed message on the channel", self.channel)
+            badinput.message("pod channel", badinput.UNDECODABLE, self.channel)
             return
         for k in msg.kicks:
             s = self.sessions.get(k.client_id)

@@ -25,13 +25,13 @@ from dataclasses import dataclass
 import trio
 from loguru import logger
 
-from nimbus import logs
+from nimbus import badinput, logs
 from nimbus.config import Settings
 from nimbus.lifecycle import Status
 from nimbus.messages import GAP, DeliveryReport, EventResponse, KafkaEventResponse, ReportItem
 from nimbus.pod import REPLAY_REQUESTS, STATUS_CHECKS
 from nimbus.ports import EngineError, Log, LogReader, StateStore, TopicPartition
-from nimbus.router import decode_result, pod_messages
+from nimbus.router import parse_result, pod_messages
 from nimbus.router_window import Entry
 from nimbus.stats import Counters
 from nimbus.subscriptions import listen
@@ -118,8 +118,12 @@ class ReplayPipeline:
                 for rec in records:
                     if rec.key != key:
                         continue
-                    r = decode_result(rec.value)
-                    if r is None or r.client_id != self.client_id or r.delivery_id <= self.acked:
+                    try:
+                        r = parse_result(rec)
+                    except badinput.BadRecord as e:
+                        badinput.record("dlq", e.reason, rec)
+                        continue
+                    if r.delivery_id <= self.acked:
                         continue
                     if self.gap_from:
                         gap = self._gap(r.delivery_id - 1, rec.offset)
@@ -342,12 +346,18 @@ class ReplayService:
                     pass
 
     async def _on_request(self, payload: bytes) -> None:
-        await self._requests_send.send(payload.decode())
+        try:
+            client_id = payload.decode()
+        except UnicodeDecodeError:
+            badinput.message("replay requests", badinput.UNDECODABLE, repr(payload[:64]))
+            return
+        await self._requests_send.send(client_id)
 
     async def _on_report(self, payload: bytes) -> None:
         try:
             report = DeliveryReport.FromString(payload)
         except Exception:
+            badinput.message("replay reports", badinput.UNDECODABLE, self.reply_to)
             return
         for it in report.items:
             p = self._by_token.get(it.token)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import trio
 from loguru import logger
 
-from nimbus import trace
+from nimbus import badinput, trace
 from nimbus.config import Settings
 from nimbus.messages import RESULT, DeliveryReport, EventResponse, KafkaEventResponse, PodMessage
 from nimbus.ports import (
@@ -26,6 +26,7 @@ from nimbus.ports import (
     Log,
     LogConsumer,
     PollResult,
+    Record,
     StateStore,
     TopicPartition,
 )
@@ -56,14 +57,20 @@ def to_response(r: KafkaEventResponse) -> EventResponse:
     return resp
 
 
-def decode_result(value: bytes) -> KafkaEventResponse | None:
-    """A results/DLQ record, or None if it is not one we can route (logged by the caller)."""
+def parse_result(rec: Record) -> KafkaEventResponse:
+    """A results/DLQ record's result; raises BadRecord if it is not one we can route. The event
+    consumer keys each result by its client id and sets delivery_id = kafka_offset + 1: a record
+    that breaks either would be routed out of its client's order, so it is refused."""
     try:
-        r = KafkaEventResponse.FromString(value)
+        r = KafkaEventResponse.FromString(rec.value)
     except Exception:
-        return None
-    if not r.client_id or r.delivery_id <= 0:
-        return None
+        raise badinput.BadRecord(badinput.UNDECODABLE) from None
+    if not r.client_id:
+        raise badinput.BadRecord(badinput.NO_CLIENT_ID)
+    if rec.key != r.client_id.encode():
+        raise badinput.BadRecord(badinput.KEY_MISMATCH)
+    if r.delivery_id <= 0 or r.delivery_id != r.kafka_offset + 1:
+        raise badinput.BadRecord(badinput.BAD_DELIVERY_ID)
     return r
 
 
@@ -113,6 +120,7 @@ class ResultRouter:
                     report = DeliveryReport.FromString(payload)
                 except Exception:
                     self.counters.inc("router.bad_report")
+                    badinput.message("router reports", badinput.UNDECODABLE, self.reply_to)
                     return
                 await reports.send(report)
 
@@ -174,10 +182,11 @@ class ResultRouter:
                 w.revoke(item.revoked)
             for rec in item.records:
                 tp = TopicPartition(rec.topic, rec.partition)
-                r = decode_result(rec.value)
-                if r is None:
+                try:
+                    r = parse_result(rec)
+                except badinput.BadRecord as e:
                     self.counters.inc("router.malformed")
-                    logger.warning("result router: skipping malformed record {}:{}", rec.partition, rec.offset)
+                    badinput.record("results", e.reason, rec)
                     w.add_skipped(tp, rec.offset)
                     continue
                 self.counters.inc("router.results")

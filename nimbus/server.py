@@ -30,11 +30,12 @@ import trio
 import trio_asyncio
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.health.service import Health
+from grpclib.protocol import H2Protocol
 from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server, Stream
 from loguru import logger
 
-from nimbus import logs, metrics, tls
+from nimbus import badinput, logs, metrics, tls
 from nimbus.auth import AuthError, Verifier
 from nimbus.config import Settings
 from nimbus.engines import open_engine
@@ -81,8 +82,8 @@ async def _requests(stream: Stream[EventRequest, EventResponse], max_bytes: int)
         if compressed:
             raise Refusal("UNIMPLEMENTED", "compressed messages are not supported")
         data = await h2.recv_data(size) if size else b""
-        if len(data) != size:
-            return  # the client ended the stream inside a message
+        if len(data) != size:  # the client ended the stream inside a message
+            raise Refusal("INVALID_ARGUMENT", "malformed message: the stream ended inside a message")
         yield EventRequest.FromString(data)
 
 
@@ -137,12 +138,16 @@ class NimbusService:
                 raise GRPCError(grpclib.const.Status[e.status], e.message) from None
         client_id = str(md.get("client_id", "")).strip()
         if not client_id:
+            badinput.message("grpc", badinput.BAD_METADATA, "no client_id")
             raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, "client_id not received or empty in metadata")
         return client_id
 
     async def process_event(self, stream: Stream[EventRequest, EventResponse]) -> None:
         md = stream.metadata or {}
         client_id = self.identify(md, stream.peer.addr() if self.verifier is not None else None)
+        if not client_id.isprintable() or not client_id.isascii():  # gRPC: printable ASCII only
+            badinput.message("grpc", badinput.BAD_METADATA, f"client_id {client_id[:64]!r}")
+            raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, "client_id must be printable ASCII")
         if not self.pod.accepting:
             raise GRPCError(grpclib.const.Status.UNAVAILABLE, "server is shutting down")
         logs.bind_task(client_id=client_id, trace_id=logs.trace_id(md))  # on every line of this stream
@@ -199,10 +204,15 @@ class NimbusService:
                         await trio_asyncio.trio_as_aio(pod.submit_wait)(s, req)
         except Refusal as e:
             pod.counters.inc("server.message_too_large" if isinstance(e, MessageTooLarge) else "server.refused_request")
+            badinput.message("grpc", badinput.TOO_LARGE if isinstance(e, MessageTooLarge) else badinput.MALFORMED_MESSAGE, f"client {s.client_id}: {e.message}"[:300])
             pod.cut(s, e.status, e.message)
             return False
         except (StreamTerminatedError, GRPCError, ConnectionError):
             return True
+        except Exception as e:  # noqa: BLE001 - a message that could not be framed or decoded
+            badinput.message("grpc", badinput.MALFORMED_MESSAGE, f"client {s.client_id}: {type(e).__name__}: {e}"[:300])
+            pod.cut(s, "INVALID_ARGUMENT", "malformed message")
+            return False
         return False
 
     async def _writer(self, stream: Stream[EventRequest, EventResponse], s: Session) -> None:
@@ -274,6 +284,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _contain_connection_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """A connection whose bytes grpclib or h2 cannot parse (e.g. a non-ASCII header value) raises
+    inside the protocol's data_received; asyncio then closes that connection and reports the error
+    to the loop, which trio-asyncio re-raises in its nursery: the whole process would die. Only
+    that connection is affected, so log and count it and keep serving."""
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if isinstance(context.get("protocol"), H2Protocol):
+            exc = context.get("exception")
+            badinput.message("grpc", badinput.PROTOCOL_ERROR, f"connection closed: {type(exc).__name__}: {exc}"[:300])
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
+
+
 @contextlib.asynccontextmanager
 async def serve_grpc(
     pod: Pod, host: str, port: int, ssl_context: ssl.SSLContext | None = None
@@ -283,6 +309,7 @@ async def serve_grpc(
     health = Health()
     services: list[Any] = ServerReflection.extend([service, health])
     server = Server(services)
+    _contain_connection_errors(trio_asyncio.current_loop.get())
     await trio_asyncio.aio_as_trio(server.start)(host, port, ssl=ssl_context)
     sockets = server._server.sockets if server._server else []  # noqa: SLF001
     bound = sockets[0].getsockname()[1] if sockets else port

@@ -18,7 +18,7 @@ import time
 import trio
 from loguru import logger
 
-from nimbus import logs
+from nimbus import badinput, logs
 from nimbus.config import Settings
 from nimbus.pod import FLIPS, STATUS_CHECKS
 from nimbus.ports import EngineError, StateStore
@@ -36,9 +36,17 @@ class StatusManager:
         send, recv = trio.open_memory_channel[tuple[str, int]](10_000)
 
         async def on_check(payload: bytes) -> None:
-            cid, _, ack_ns = payload.decode().partition("\t")
+            try:  # "client_id<TAB>last_ack_ns"; a client id may itself hold tabs
+                text = payload.decode()
+                cid, tab, ack_ns = text.rpartition("\t")
+                if not tab:
+                    cid, ack_ns = text, "0"
+                last_ack_ns = int(ack_ns)
+            except ValueError:  # UnicodeDecodeError included
+                badinput.message("status checks", badinput.UNDECODABLE, repr(payload[:64]))
+                return
             try:
-                send.send_nowait((cid, int(ack_ns or 0)))
+                send.send_nowait((cid, last_ack_ns))
             except trio.WouldBlock:
                 self.counters.inc("status.checks_dropped")  # the periodic check covers it
 

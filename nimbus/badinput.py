@@ -1,0 +1,67 @@
+"""Bad input: what every decode site does with something it cannot use.
+
+A malformed topic record, channel message or client message is logged (loguru, with where it was
+seen: topic/partition/offset for a record), counted (`nimbus_bad_input_total{where,reason}`) and
+skipped; the caller then goes on, and a consumer commits past the record like any other, so one
+poison record never stalls a partition. Reasons come from the small fixed set below, so the
+metric's labels stay bounded whatever the input.
+
+Log lines carry `extra["bad_input"] = where` (and topic/partition/offset for records), so tests
+and JSON logs can pick them out.
+"""
+
+from __future__ import annotations
+
+from loguru import logger
+
+from nimbus import metrics
+from nimbus.ports import Record
+
+# Reasons (the `reason` label).
+TOO_LARGE = "too large"
+UNDECODABLE = "undecodable"  # not a protobuf message of the expected type
+NO_CLIENT_ID = "no client id"
+KEY_MISMATCH = "key mismatch"  # the record's key is not its client id (wrong partition)
+BAD_DELIVERY_ID = "bad delivery id"  # missing, or not the originating event's offset + 1
+BAD_METADATA = "bad metadata"  # gRPC metadata the server refuses (e.g. a non-printable client_id)
+MALFORMED_MESSAGE = "malformed message"  # a gRPC message that could not be framed or decoded
+PROTOCOL_ERROR = "protocol error"  # a connection grpclib/h2 could not parse (closed)
+
+
+class BadRecord(Exception):
+    """Raised by a record decoder; `reason` is one of the reasons above."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _preview(data: bytes | None, n: int = 32) -> str:
+    if data is None:
+        return "None"
+    return repr(data[:n]) + ("..." if len(data) > n else "")
+
+
+def record(where: str, reason: str, rec: Record) -> None:
+    """A topic record that is skipped (and committed past)."""
+    metrics.bad_input(where, reason)
+    logger.bind(
+        bad_input=where, topic=rec.topic, partition=rec.partition, offset=rec.offset
+    ).warning(
+        "bad input: skipping {} record {}:{}@{} ({}; key {}, {} bytes)",
+        where,
+        rec.topic,
+        rec.partition,
+        rec.offset,
+        reason,
+        _preview(rec.key),
+        len(rec.value or b""),
+    )
+
+
+def message(where: str, reason: str, detail: str = "") -> None:
+    """A channel message, gRPC message or metadata value that is refused."""
+    metrics.bad_input(where, reason)
+    logger.bind(bad_input=where).warning(
+        "bad input: {} refused ({}){}", where, reason, f": {detail}" if detail else ""
+    )
