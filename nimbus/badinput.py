@@ -17,6 +17,12 @@ from loguru import logger
 from nimbus import metrics
 from nimbus.ports import Record
 
+# A record larger than any Nimbus writes: a pod's event is a known event name, a client id within
+# HTTP/2's 64 KiB header-list limit and one trace step; a result or DLQ record adds a few steps.
+# A bigger one is refused: its result (or DLQ copy, one step larger) could exceed Kafka's message
+# limit, and a produce that can never succeed would stall its consumer for good.
+MAX_RECORD_BYTES = 512 * 1024
+
 # Reasons (the `reason` label).
 TOO_LARGE = "too large"
 UNDECODABLE = "undecodable"  # not a protobuf message of the expected type

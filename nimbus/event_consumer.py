@@ -26,6 +26,8 @@ def group_for(settings: Settings) -> str:
 
 def process(rec: Record, instance: str) -> KafkaEventResponse:
     """The result of one events-topic record; raises BadRecord if the record is not an event."""
+    if len(rec.value or b"") > badinput.MAX_RECORD_BYTES:
+        raise badinput.BadRecord(badinput.TOO_LARGE)
     try:
         req = KafkaEventRequest.FromString(rec.value)
     except Exception:

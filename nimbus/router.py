@@ -61,6 +61,8 @@ def parse_result(rec: Record) -> KafkaEventResponse:
     """A results/DLQ record's result; raises BadRecord if it is not one we can route. The event
     consumer keys each result by its client id and sets delivery_id = kafka_offset + 1: a record
     that breaks either would be routed out of its client's order, so it is refused."""
+    if len(rec.value or b"") > badinput.MAX_RECORD_BYTES:
+        raise badinput.BadRecord(badinput.TOO_LARGE)
     try:
         r = KafkaEventResponse.FromString(rec.value)
     except Exception:

@@ -337,15 +337,14 @@ async def dlq_results(c: Cluster, cid: str) -> int:
     """How many of `cid`'s results are in the DLQ."""
     name = c.settings.kafka_dlq_topic
     p = c.engine.log.producer.partition_for(name, cid.encode())
-    n = 0
+    end = (await c.engine.log.end_offsets(name)).get(p, 0)
+    n, offset = 0, 0
     async with c.engine.log.reader() as reader:
-        offset = 0
-        while True:
-            recs = await reader.fetch(name, p, offset, 500, 0.05)
-            if not recs:
-                return n
+        while offset < end:
+            recs = await reader.fetch(name, p, offset, 500, 1.0)
             n += sum(1 for r in recs if r.key == cid.encode() and not result_is_bad(r.key, r.value))
-            offset = recs[-1].offset + 1
+            offset = recs[-1].offset + 1 if recs else offset
+    return n
 
 
 async def wait_for(pred: Any, timeout: float = 30) -> None:
@@ -611,7 +610,14 @@ FIXED_RECORDS = [
 async def test_fuzz_fixed_example_on_real_brokers(
     kafka_brokers: str, redis_address: str, unique: str
 ) -> None:
-    engine = {
+    # Keys b"G"/b"R" in the fixed records stand for the two clients' real ids.
+    await run_scenario(
+        _real(kafka_brokers, redis_address, unique), unique, FIXED_EDGE, FIXED_RECORDS
+    )
+
+
+def _real(kafka_brokers: str, redis_address: str, unique: str) -> dict[str, Any]:
+    return {
         "engine": "real",
         "kafka_brokers": kafka_brokers,
         "redis_address": redis_address,
@@ -622,8 +628,6 @@ async def test_fuzz_fixed_example_on_real_brokers(
         "redis_events_channel": f"pod-{unique}",
         "redis_prefix": f"t-{unique}:",
     }
-    # The fixed records reference G and R by placeholder; keys b"G"/b"R" become the real ids.
-    await run_scenario(engine, unique, FIXED_EDGE, FIXED_RECORDS)
 
 
 # -- regressions: what the fuzzing found, one plain test each ---------------------------------
@@ -742,6 +746,37 @@ def _rec(topic: str, key: bytes | None, value: bytes, offset: int = 0) -> Record
     return Record(topic, 0, offset, key, value)
 
 
+def _huge_event(cid: str, size: int) -> bytes:
+    """A well-formed event for `cid` whose trace makes it about `size` bytes."""
+    req = KafkaEventRequest(client_id=cid, event_name="sq", number=5, redis_channel="x")
+    req.log.steps.add(service_name="s", message="m" * size)
+    return req.SerializeToString()
+
+
+def _huge_result(cid: str, size: int) -> bytes:
+    r = KafkaEventResponse(client_id=cid, delivery_id=6, kafka_offset=5, event_name="sq")
+    r.log.steps.add(service_name="s", message="m" * size)
+    return r.SerializeToString()
+
+
+@pytest.mark.integration
+async def test_near_limit_event_does_not_stall_the_event_consumer(
+    kafka_brokers: str, redis_address: str, unique: str
+) -> None:
+    """Found: a well-formed event just under Kafka's 1 MiB message limit gets a result a trace step
+    larger, which Kafka refuses (MessageSizeTooLarge); the event consumer retried that produce
+    forever and every client's events on its partitions stalled."""
+    with trio.fail_after(90):
+        async with cluster(_real(kafka_brokers, redis_address, unique)) as c:
+            g = f"G-{unique}"
+            before = bad_count("events")
+            await write_raw(c, "events", [(g.encode(), _huge_event(g, 1_048_420))])
+            async with open_stream(c.ports[0], {"client_id": g, **P2}) as s:
+                await s.event("sq", 3, seq=1)
+                assert [(r.number, r.result) for r in await results(s, 1)] == [(3, 9)]
+            assert bad_count("events") - before == 1
+
+
 @pytest.mark.parametrize(
     ("key", "value", "reason"),
     [
@@ -761,6 +796,7 @@ def _rec(topic: str, key: bytes | None, value: bytes, offset: int = 0) -> Record
             KafkaEventRequest(client_id="c", event_name="sq").SerializeToString(),
             badinput.KEY_MISMATCH,
         ),
+        (b"c", _huge_event("c", 600_000), badinput.TOO_LARGE),
     ],
 )
 def test_event_record_refusals(key: bytes | None, value: bytes, reason: str) -> None:
@@ -805,6 +841,7 @@ def test_event_record_refusals(key: bytes | None, value: bytes, reason: str) -> 
             ).SerializeToString(),
             badinput.BAD_DELIVERY_ID,
         ),
+        (b"c", _huge_result("c", 600_000), badinput.TOO_LARGE),
     ],
 )
 def test_result_record_refusals(key: bytes | None, value: bytes, reason: str) -> None:
