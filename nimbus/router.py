@@ -57,6 +57,16 @@ def to_response(r: KafkaEventResponse) -> EventResponse:
     return resp
 
 
+def decode_result(value: bytes) -> KafkaEventResponse | None:
+    """The result in a record value, or None; no key or size check (`parse_result` is what the
+    consumers use). Kept for read-only tools (`nimbus.admin`)."""
+    try:
+        r = KafkaEventResponse.FromString(value)
+    except Exception:
+        return None
+    return r if r.client_id and r.delivery_id > 0 else None
+
+
 def parse_result(rec: Record) -> KafkaEventResponse:
     """A results/DLQ record's result; raises BadRecord if it is not one we can route. The event
     consumer keys each result by its client id and sets delivery_id = kafka_offset + 1: a record
