@@ -23,7 +23,13 @@ from nimbus.ports import Record
 # limit, and a produce that can never succeed would stall its consumer for good.
 MAX_RECORD_BYTES = 512 * 1024
 
+# Delivery ids are events-topic offsets + 1; the Redis scripts hold them in Lua numbers (doubles),
+# exact up to 2**53. An ack or a record beyond that is not a delivery id (an ack of 2**64 - 1 was
+# stored as -2**63 on Redis, while the memory engine kept it).
+MAX_DELIVERY_ID = 2**53 - 1
+
 # Reasons (the `reason` label).
+BAD_ACK = "bad ack"
 TOO_LARGE = "too large"
 UNDECODABLE = "undecodable"  # not a protobuf message of the expected type
 NO_CLIENT_ID = "no client id"

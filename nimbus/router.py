@@ -81,7 +81,7 @@ def parse_result(rec: Record) -> KafkaEventResponse:
         raise badinput.BadRecord(badinput.NO_CLIENT_ID)
     if rec.key != r.client_id.encode():
         raise badinput.BadRecord(badinput.KEY_MISMATCH)
-    if r.delivery_id <= 0 or r.delivery_id != r.kafka_offset + 1:
+    if not 0 < r.delivery_id <= badinput.MAX_DELIVERY_ID or r.delivery_id != r.kafka_offset + 1:
         raise badinput.BadRecord(badinput.BAD_DELIVERY_ID)
     return r
 

@@ -189,6 +189,10 @@ class NimbusService:
         limiter = self.limiter
         try:
             async for req in _requests(stream, self.max_message_bytes):
+                if req.ack > badinput.MAX_DELIVERY_ID:
+                    badinput.message("grpc", badinput.BAD_ACK, f"client {s.client_id}: ack {req.ack}")
+                    pod.cut(s, "INVALID_ARGUMENT", "ack is not a delivery id")
+                    return False
                 if req.ack:
                     pod.on_ack(s, req.ack)
                 if req.event_name or not req.ack:

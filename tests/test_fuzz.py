@@ -187,9 +187,14 @@ def edge_case(draw: Any) -> EdgeCase:
     frames: list[bytes] = []
     truncated = False
     for _ in range(draw(st.integers(0, 3))):
-        kind = draw(st.sampled_from(["random", "wrong type", "lie", "compressed", "cut", "good"]))
+        kind = draw(
+            st.sampled_from(["random", "wrong type", "lie", "compressed", "cut", "good", "ack"])
+        )
         if kind == "random":
             frames.append(rawgrpc.frame(draw(st.binary(max_size=200))))
+        elif kind == "ack":
+            ack = draw(st.one_of(st.integers(1, 2**53 - 1), st.integers(2**53, 2**64 - 1)))
+            frames.append(rawgrpc.frame(EventRequest(ack=ack).SerializeToString()))
         elif kind == "wrong type":
             frames.append(
                 rawgrpc.frame(KafkaEventResponse(client_id="G", delivery_id=1).SerializeToString())
@@ -239,9 +244,11 @@ def edge_counted(case: EdgeCase) -> bool:
         if len(f) < 5 or f[0] != 0 or int.from_bytes(f[1:5], "big") != len(f) - 5:
             return True
         try:
-            EventRequest.FromString(f[5:])
+            req = EventRequest.FromString(f[5:])
         except Exception:
             return True
+        if req.ack > 2**53 - 1:
+            return True  # not a delivery id
     return False
 
 
@@ -742,6 +749,25 @@ async def test_bad_channel_messages_are_counted_and_the_workers_keep_going() -> 
                 await wait_live(c, "back")
 
 
+async def test_ack_beyond_any_delivery_id_is_refused() -> None:
+    """Found: an ack of 2**64 - 1 was stored as -2**63 by the Redis ack script (Lua numbers are
+    doubles) while the memory engine kept it: the client's record was corrupted. Delivery ids
+    are offsets + 1, so an ack above 2**53 - 1 is refused: the stream ends, nothing is stored."""
+    with trio.fail_after(60):
+        async with cluster({"engine": "memory"}) as c:
+            before = bad_count("grpc")
+            frames = [
+                rawgrpc.frame(EventRequest(event_name="sq", number=2, seq=1).SerializeToString()),
+                rawgrpc.frame(EventRequest(ack=2**64 - 1).SerializeToString()),
+            ]
+            md = [(b"client_id", b"acker"), (b"nimbus-protocol", b"2")]
+            ans = await rawgrpc.call(c.ports[0], rawgrpc.headers(md), frames, wait=10)
+            assert ans.grpc_status == b"3" and ans.grpc_message == b"ack is not a delivery id", ans
+            assert bad_count("grpc") - before == 1
+            rec = await c.engine.state.get("acker")
+            assert rec is not None and rec.acked == 0
+
+
 def _rec(topic: str, key: bytes | None, value: bytes, offset: int = 0) -> Record:
     return Record(topic, 0, offset, key, value)
 
@@ -842,6 +868,13 @@ def test_event_record_refusals(key: bytes | None, value: bytes, reason: str) -> 
             badinput.BAD_DELIVERY_ID,
         ),
         (b"c", _huge_result("c", 600_000), badinput.TOO_LARGE),
+        (
+            b"c",
+            KafkaEventResponse(
+                client_id="c", delivery_id=2**60, kafka_offset=2**60 - 1
+            ).SerializeToString(),
+            badinput.BAD_DELIVERY_ID,
+        ),
     ],
 )
 def test_result_record_refusals(key: bytes | None, value: bytes, reason: str) -> None:
