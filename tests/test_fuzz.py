@@ -888,3 +888,36 @@ def test_result_record_refusals(key: bytes | None, value: bytes, reason: str) ->
     assert e.value.reason == reason
     ok = KafkaEventResponse(client_id="c", delivery_id=6, kafka_offset=5, number=2, result=4)
     assert parse_result(_rec("results", b"c", ok.SerializeToString())) == ok
+
+
+ODD_IDS = [
+    'q"uote',
+    "back\\slash",
+    "{json}[1]",
+    "\\u0000",
+    "%s%d",
+    "a b c",
+    "*?[x]",
+    "nimbus:client:x",
+    "~!@#$^&()_+=`",
+]
+
+
+@pytest.mark.integration
+async def test_odd_printable_client_ids_survive_the_whole_path_on_real_brokers(
+    kafka_brokers: str, redis_address: str, unique: str
+) -> None:
+    """Printable ASCII ids with JSON, Lua-pattern, glob and key-separator characters: live
+    results, a backlog replayed after a reconnect, the flip to LIVE (Redis scripts take batches
+    as JSON; status checks are "client_id<TAB>ns")."""
+    with trio.fail_after(120):
+        async with cluster(_real(kafka_brokers, redis_address, unique)) as c:
+            for i, odd in enumerate(ODD_IDS):
+                cid = f"{odd}-{unique}"
+                async with open_stream(c.ports[0], {"client_id": cid, **P2}) as s:
+                    await s.event("sq", i, seq=1)
+                    assert [r.number for r in await results(s, 1)] == [i]
+                await send_and_leave(c.ports[0], cid, [10, 11])
+                async with open_stream(c.ports[0], {"client_id": cid, **P2}) as s:
+                    assert [r.number for r in await results(s, 2)] == [10, 11]
+                    await wait_live(c, cid)
