@@ -295,7 +295,9 @@ def _contain_connection_errors(loop: asyncio.AbstractEventLoop) -> None:
     that connection is affected, so log and count it and keep serving."""
 
     def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        if isinstance(context.get("protocol"), H2Protocol):
+        proto = context.get("protocol")
+        proto = getattr(proto, "_app_protocol", proto)  # over TLS: asyncio's SSLProtocol wraps it
+        if isinstance(proto, H2Protocol):
             exc = context.get("exception")
             badinput.message("grpc", badinput.PROTOCOL_ERROR, f"connection closed: {type(exc).__name__}: {exc}"[:300])
             return

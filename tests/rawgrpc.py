@@ -7,6 +7,7 @@ validates anything: that is the point.
 
 from __future__ import annotations
 
+import ssl
 import struct
 from dataclasses import dataclass, field
 
@@ -61,6 +62,7 @@ async def call(
     end_stream: bool = True,
     wait: float = 0.5,
     host: str = "127.0.0.1",
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Answer:
     """One stream on a fresh connection: HEADERS, then each chunk as a DATA frame; read the answer
     for up to `wait` seconds after sending, then close the connection (as a client that gives up)."""
@@ -73,7 +75,10 @@ async def call(
         validate_inbound_headers=False,
     )
     conn = h2.connection.H2Connection(config=cfg)
-    sock = await trio.open_tcp_stream(host, port)
+    sock: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+    if ssl_context is not None:
+        ssl_context.set_alpn_protocols(["h2"])
+        sock = trio.SSLStream(sock, ssl_context, server_hostname=host)
     try:
         conn.initiate_connection()
         conn.send_headers(1, hdrs, end_stream=end_stream and not chunks)
@@ -112,7 +117,7 @@ async def call(
 
 
 async def _pump(
-    sock: trio.SocketStream, conn: h2.connection.H2Connection, ans: Answer, timeout: float
+    sock: trio.abc.Stream, conn: h2.connection.H2Connection, ans: Answer, timeout: float
 ) -> bool:
     """Read once and apply the events; False when the connection is gone."""
     with trio.move_on_after(timeout):

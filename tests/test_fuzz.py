@@ -658,6 +658,43 @@ async def test_non_ascii_metadata_closes_that_connection_not_the_server() -> Non
                 assert [r.result for r in await results(s, 1)] == [49]
 
 
+async def test_non_ascii_metadata_over_tls_closes_that_connection_not_the_server(
+    tmp_path: Any,
+) -> None:
+    """Over TLS the same error reaches the loop from asyncio's SSL protocol (which wraps grpclib's),
+    not from grpclib's own protocol."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    chain, key = tmp_path / "server.pem", tmp_path / "server.key"
+    chain.write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key))
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    with trio.fail_after(60):
+        async with cluster(
+            {"engine": "memory", "tls_cert_file": str(chain), "tls_key_file": str(key)}
+        ) as c:
+            before = bad_count("grpc")
+            md = [(b"client_id", b"\xff\xfe")]
+            ans = await rawgrpc.call(
+                c.ports[0], rawgrpc.headers(md), [], wait=10, ssl_context=client_ctx
+            )
+            assert ans.connection_error and not ans.grpc_status, ans
+            assert bad_count("grpc") - before == 1
+            ans = await rawgrpc.call(
+                c.ports[0],
+                rawgrpc.headers([(b"client_id", b"ok")]),
+                [rawgrpc.frame(b"\xff")],
+                wait=10,
+                ssl_context=client_ctx,
+            )
+            assert ans.grpc_status == b"3", ans
+
+
 @pytest.mark.parametrize(
     ("frames", "status"),
     [
