@@ -306,6 +306,10 @@ class RouterWindow:
             if cl is None or (not cl.undecided and not cl.counts[S.DLQ_WAIT]):
                 self._ready.pop(cid, None)
 
+    def owns(self, tp: TopicPartition) -> bool:
+        """Whether records of `tp` were taken and it has not been revoked since."""
+        return tp in self._partitions
+
     def commits(self) -> dict[TopicPartition, int]:
         """The next offset to commit for each partition whose resolved prefix grew."""
         out: dict[TopicPartition, int] = {}
