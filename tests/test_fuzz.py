@@ -22,7 +22,6 @@ on the real Kafka + Redis. The regression tests at the end pin what the fuzzing 
 from __future__ import annotations
 
 import random
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -567,22 +566,6 @@ def test_fuzz_bad_input_on_memory() -> None:
     @given(edge=st.lists(edge_case(), max_size=5), records=_records())
     def check(edge: list[EdgeCase], records: list[Poison]) -> None:
         trio.run(run_scenario, {"engine": "memory"}, "m", edge, records)
-
-    check()
-
-
-@pytest.mark.integration
-def test_fuzz_bad_input_on_real_brokers(kafka_brokers: str, redis_address: str) -> None:
-    # A few examples only (each creates its topics and joins consumer groups: seconds each).
-    @settings(
-        max_examples=3,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
-    @given(edge=st.lists(edge_case(), max_size=4), records=_records())
-    def check(edge: list[EdgeCase], records: list[Poison]) -> None:
-        tag = uuid.uuid4().hex[:10]
-        trio.run(run_scenario, _real(kafka_brokers, redis_address, tag), tag, edge, records)
 
     check()
 
