@@ -158,7 +158,7 @@ async def open_kafka_log(
         raise LogUnavailable(
             f"Kafka at {brokers} is not reachable (waited {BOOTSTRAP_TIMEOUT_S:.0f} s): {exc}"
         ) from exc
-    log = KafkaLog(brokers, client_id, producer, admin)
+    log = KafkaLog(brokers, client_id, producer, admin, make_producer)
     try:
         yield log
     finally:
@@ -169,12 +169,14 @@ async def open_kafka_log(
 class KafkaLog:
     """The Log port over one Kafka cluster: a shared producer and admin client."""
 
-    def __init__(self, brokers: str, client_id: str, producer: Any, admin: Any) -> None:
+    def __init__(
+        self, brokers: str, client_id: str, producer: Any, admin: Any, make_producer: Any = None
+    ) -> None:
         self.brokers = brokers
         self.client_id = client_id
         self._admin = admin
         self._counts: dict[str, int] = {}
-        self._producer = KafkaLogProducer(self, producer)
+        self._producer = KafkaLogProducer(self, producer, make_producer)
         # Typed as the port: Log.producer is a plain (invariant) protocol attribute.
         self.producer: LogProducer = self._producer
 
@@ -393,9 +395,31 @@ class _BatchAcks:
 
 
 class KafkaLogProducer:
-    def __init__(self, log: KafkaLog, producer: Any) -> None:
+    def __init__(self, log: KafkaLog, producer: Any, make_producer: Any = None) -> None:
         self._log = log
         self._producer = producer
+        self._make_producer = make_producer
+        self._generation = 0  # bumped by each replacement of the producer
+
+    async def _replace(self, generation: int, why: str) -> None:
+        """A failed batch leaves an idempotent producer's sequence numbers behind the broker's
+        (its expired batches were never written): seen as a producer whose every later batch
+        timed out, long after the broker was back. Start over with a new producer (a new
+        producer id); the old one is closed without waiting. Once per failing generation."""
+        if self._make_producer is None or generation != self._generation:
+            return
+        self._generation += 1
+        old = self._producer
+        try:
+            self._producer = await _in_thread(self._make_producer)
+        except (kerr.KafkaError, OSError, ValueError) as exc:
+            logger.warning("kafka producer: replacing it after {} failed: {!r}; keeping the old one", why, exc)
+            return
+        logger.warning("kafka producer replaced after {}", why)
+        try:
+            await _in_thread(functools.partial(old.close, timeout=0))
+        except Exception as exc:  # the old producer is broken anyway
+            logger.debug("closing the replaced kafka producer: {!r}", exc)
 
     def partition_for(self, topic: str, key: bytes) -> int:
         """Kafka's murmur2 partition; the topic's count must be known (ensure_topics or a send)."""
@@ -420,6 +444,7 @@ class KafkaLogProducer:
         if not items:
             return []
         acks = _BatchAcks(len(items), trio.lowlevel.current_trio_token())
+        generation = self._generation
         try:
             n = await _in_thread(self._send_all, topic, items, acks)
         except (kerr.KafkaError, ValueError, TypeError) as exc:
@@ -430,11 +455,13 @@ class KafkaLogProducer:
         with trio.move_on_after(SEND_TIMEOUT_S):
             await acks.done.wait()
         if not acks.done.is_set():
+            await self._replace(generation, "a batch timed out")
             raise ProduceFailed(
                 f"{len(items)} records to {topic!r} not acknowledged within {SEND_TIMEOUT_S:.0f} s"
             )
         if acks.errors:
             i, first = min(acks.errors, key=lambda e: e[0])
+            await self._replace(generation, f"a failed batch ({first!r})")
             raise ProduceFailed(
                 f"{len(acks.errors)} of {len(items)} records to {topic!r} failed; "
                 f"first (item {i}): {first!r}"
