@@ -266,6 +266,7 @@ def summarize(
         "latency_ms": {
             "p50": percentile(latencies, 0.50) * 1e3,
             "p99": percentile(latencies, 0.99) * 1e3,
+            "p999": percentile(latencies, 0.999) * 1e3,
             "max": (latencies[-1] if latencies else 0.0) * 1e3,
         },
         "elapsed_s": elapsed,
@@ -304,7 +305,10 @@ def render(summary: dict[str, Any]) -> str:
             f"{summary['reconnects']}  (resent {summary['resent']}, retried {summary['retries']})",
         ),
         ("throughput", f"{summary['throughput_results_per_s']:,.0f} results/s"),
-        ("latency p50 / p99 / max", f"{lat['p50']:.1f} / {lat['p99']:.1f} / {lat['max']:.1f} ms"),
+        (
+            "latency p50 / p99 / p99.9 / max",
+            f"{lat['p50']:.1f} / {lat['p99']:.1f} / {lat['p999']:.1f} / {lat['max']:.1f} ms",
+        ),
         ("elapsed", f"{summary['elapsed_s']:.2f} s"),
     ]
     width = max(len(k) for k, _ in rows)
