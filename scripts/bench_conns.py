@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from grpclib.const import Cardinality  # noqa: E402
 from nimbus.client import METHOD, PROTOCOL_KEY, parse_target  # noqa: E402
 from nimbus.messages import RECEIPT, RESULT, EventRequest, EventResponse  # noqa: E402
 
-PER_CONNECTION = 100
+PER_CONNECTION = int(os.environ.get("BENCH_STREAMS_PER_CONNECTION", "100"))
 
 
 class Idle:
@@ -56,7 +57,10 @@ class Idle:
     async def read(self) -> None:
         assert self.call is not None
         while True:
-            m = await self.call.recv_message()
+            try:
+                m = await self.call.recv_message()
+            except Exception:  # noqa: BLE001 - the stream ended (e.g. at teardown)
+                return
             if m is None:
                 return
             if m.kind == RECEIPT:
@@ -65,15 +69,9 @@ class Idle:
                 await self.call.send_message(EventRequest(ack=m.delivery_id))
                 self.results.put_nowait(time.perf_counter())
 
-    async def close(self) -> None:
-        try:
-            if self.call is not None:
-                await self.call.end()
-            if self.reader is not None:
-                self.reader.cancel()
-            await self.cm.__aexit__(None, None, None)
-        except Exception:  # noqa: BLE001 - teardown of a benchmark
-            pass
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -118,9 +116,10 @@ async def main(args: argparse.Namespace) -> None:
                 print(json.dumps({"ok": False, "ms": None}), flush=True)
         else:
             break
-    await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
+    for s in streams:
+        s.close()
     for c in channels:
-        c.close()
+        c.close()  # resets every stream: the pod sees the clients leave
 
 
 if __name__ == "__main__":
