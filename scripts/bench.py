@@ -483,6 +483,8 @@ async def load_run(
         f"{args.prefix}-{label}",
         "--json",
         str(out),
+        "--trace-sample",
+        "10",
     ]
     before, cpu_c0, t0 = fleet.cpu(), children_cpu(), time.monotonic()
     with trio.fail_after(args.load_timeout + 120):
@@ -606,18 +608,68 @@ async def make_backlog(fleet: Fleet, kafka: str, ids: list[str], per_client: int
     return time.monotonic() - t0
 
 
+class Spies:
+    """py-spy on some processes for as long as a block runs (SIGINT makes py-spy write its file)."""
+
+    def __init__(self, run_dir: Path, label: str, targets: list[tuple[str, int]]) -> None:
+        self.files = {name: run_dir / f"profile-{label}-{name}.txt" for name, _ in targets}
+        self.targets = targets
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+        if not Path(spy).exists():
+            return
+        for name, pid in self.targets:
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        spy,
+                        "record",
+                        "-p",
+                        str(pid),
+                        "-r",
+                        "50",
+                        "-f",
+                        "raw",
+                        "-o",
+                        str(self.files[name]),
+                        "--nonblocking",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+
+    async def stop(self) -> dict[str, Any]:
+        for p in self.procs:
+            p.send_signal(signal.SIGINT)
+        for p in self.procs:
+            try:
+                await trio.to_thread.run_sync(p.wait, 30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        return {name: summarize_profile(f) for name, f in self.files.items() if f.exists()}
+
+
 async def drain(
-    fleet: Fleet, ids: list[str], per_client: int, flips: dict[str, tuple[int, int]]
+    fleet: Fleet,
+    ids: list[str],
+    per_client: int,
+    flips: dict[str, tuple[int, int]],
+    spies: Spies | None = None,
 ) -> dict[str, Any]:
     """Reconnect every client at once; each takes its backlog; time results and the flip to LIVE."""
     last_result: dict[str, float] = {}
     first_result: dict[str, float] = {}
     counts: Counter[str] = Counter()
     before = fleet.cpu()
+    if spies is not None:
+        spies.start()
     t0 = time.time()
 
     async def one(i: int, cid: str) -> None:
-        async with open_client([fleet.targets[(i + 1) % 2]], cid) as c:
+        async with open_client([fleet.targets[(i + 1) % 2]], cid, result_buffer=10_000) as c:
             async for _r in c.results():
                 now = time.time()
                 first_result.setdefault(cid, now)
@@ -636,6 +688,7 @@ async def drain(
     end = max(last_result.values()) if last_result else time.time()
     total = sum(counts.values())
     nimbus = cpu_delta(before, fleet.cpu())
+    profiles = await spies.stop() if spies is not None else {}
     after_ack = [(flips[c][1] - flips[c][0]) / 1e6 for c in ids if c in flips and flips[c][0]]
     after_last = [
         (flips[c][1] / 1e9 - last_result[c]) * 1e3 for c in ids if c in flips and c in last_result
@@ -662,27 +715,42 @@ async def drain(
         },
         "nimbus_cpu_s": nimbus,
         "cpu_us_per_result": round(sum(nimbus.values()) / total * 1e6, 1) if total else None,
+        "process_utilisation": {k: round(v / max(end - t0, 1e-9), 2) for k, v in nimbus.items()},
         "loadavg": loadavg(),
+        "profiles": profiles,
     }
 
 
-async def replay(args: argparse.Namespace, fleet: Fleet, kafka: str, redis: str) -> dict[str, Any]:
+async def replay(
+    args: argparse.Namespace, fleet: Fleet, kafka: str, redis: str, run_dir: Path
+) -> dict[str, Any]:
     res: dict[str, Any] = {}
     flips: dict[str, tuple[int, int]] = {}
     async with trio.open_nursery() as nursery:
         ready = trio.Event()
         nursery.start_soon(watch_flips, redis, f"{fleet.rid}:", flips, ready)
         await ready.wait()
-        for label, nclients in (("one", 1), ("many", 100)):
+        window = int(os.environ.get("NIMBUS_REPLAY_WINDOW", "2000"))
+        for label, nclients in (("one", 1), ("many", 100), ("one_window_x5", 1)):
             per = args.replay_backlog // nclients
+            if label == "one_window_x5":
+                # The proof of what bounds one client's replay: the same drain with a window 5x
+                # larger (workers restart with it; the backlog is built under it too).
+                per = min(per, 20_000)
+                for w in fleet.workers:
+                    w.env["NIMBUS_REPLAY_WINDOW"] = str(window * 5)
+                say(f"replay: the same with NIMBUS_REPLAY_WINDOW={window * 5} (default {window})")
             ids = [f"{args.prefix}-replay-{label}-{i}" for i in range(nclients)]
             say(
                 f"replay: building a backlog of {nclients} x {per:,} results (workers stopped meanwhile)"
             )
             routed = await make_backlog(fleet, kafka, ids, per)
             say(f"  backlog in the DLQ {routed:.1f} s after the workers started; reconnecting")
-            r = await drain(fleet, ids, per, flips)
+            procs = [(p.name, p.pid) for p in fleet.procs]
+            spies = Spies(run_dir, f"replay-{label}", procs) if label == "one" else None
+            r = await drain(fleet, ids, per, flips, spies)
             r["backlog_routed_s"] = round(routed, 1)
+            r["replay_window"] = window * 5 if label == "one_window_x5" else window
             res[label] = r
             say(
                 f"  {r['received']:,} results in {r['seconds']:.2f} s = {r['results_per_s']:,.0f}/s;"
@@ -945,11 +1013,14 @@ def render(res: dict[str, Any]) -> str:
                 target,
             )
             row(f"  CPU µs per event at {frac[1:]}%", f"{r.get('cpu_us_per_event')}", "-", "-", "-")
-    for label, title in (("one", "replay, 1 client"), ("many", "replay, 100 clients at once")):
+    for label, title in (
+        ("one", "replay, 1 client"),
+        ("many", "replay, 100 clients at once"),
+        ("one_window_x5", "replay, 1 client, NIMBUS_REPLAY_WINDOW x5"),
+    ):
         r = rp.get(label)
         if not r:
             continue
-        lr = lim.get("redis_pubsub", {}).get("rate")
         kr = lim.get("kafka_perf_consume", {}).get("rate")
         row(
             f"{title}: results/s delivered and acked",
@@ -958,9 +1029,11 @@ def render(res: dict[str, Any]) -> str:
             ratio(r["results_per_s"], kr),
             f"≥ 20,000: {verdict(r['results_per_s'] >= 20000)}" if label == "one" else "-",
         )
-        la = r["live_after_last_ack_ms"]
+        la, basis = r["live_after_last_ack_ms"], "ack"
+        if la["max"] is None:  # flipped by the periodic check, which carries no ack time
+            la, basis = r["live_after_last_result_ms"], "result received"
         row(
-            f"{title}: LIVE after the last ack, ms (p50 / max)",
+            f"{title}: LIVE after the last {basis}, ms (p50 / max)",
             f"{la['p50']} / {la['max']} ({r['flipped_live']}/{r['clients']} flipped)",
             "-",
             "-",
@@ -1048,11 +1121,47 @@ def render(res: dict[str, Any]) -> str:
                 if (an.get("nimbus_cpu_utilisation_total") or 0)
                 + (an.get("load_client_utilisation") or 0)
                 >= 0.85 * (an.get("cpus") or 2)
-                else "CPU is not saturated, so the bound is latency/batching inside a stage (see the profile)."
+                else "the Nimbus processes and the client together use less than the machine's CPUs, so"
+                " either other work on the shared machine takes the rest (load average during the run:"
+                f" {mx.get('loadavg')}) or the bound is latency/batching inside a stage (see below)."
             ),
             f"- At {mx.get('cpu_us_per_event')} µs of Nimbus CPU per event, {an.get('cpus')} CPUs can carry at most"
             f" {(an.get('cpus') or 2) / (mx.get('cpu_us_per_event') or 1) * 1e6:,.0f} events/s with nothing else running"
             " (and the clients need CPU too).",
+        ]
+    p50 = lv.get("p50", {})
+    if p50.get("stages_ms"):
+        lines += [
+            "",
+            "## Latency by stage (50% of max, from sampled result traces)",
+            "",
+            "| stage | p50 ms | p99 ms |",
+            "|---|---|---|",
+        ]
+        for stage, v in p50["stages_ms"].items():
+            lines.append(f"| {stage} | {v['p50']:.1f} | {v['p99']:.1f} |")
+        lines += [
+            "",
+            "The client send -> server step and the server deliver -> client step include the"
+            " client library's and the pod's gRPC work (and time waiting for a CPU); Kafka hops are"
+            " the two middle steps.",
+        ]
+    one, x5 = rp.get("one"), rp.get("one_window_x5")
+    if one and x5 and one.get("results_per_s") and x5.get("results_per_s"):
+        rtt1 = one["replay_window"] / one["results_per_s"]
+        rtt5 = x5["replay_window"] / x5["results_per_s"]
+        lines += [
+            "",
+            "## What bounds one client's replay",
+            "",
+            f"- window {one['replay_window']:,}: {one['results_per_s']:,.0f} results/s; window"
+            f" {x5['replay_window']:,}: {x5['results_per_s']:,.0f} results/s"
+            f" ({x5['results_per_s'] / one['results_per_s']:.1f}x for a 5x window).",
+            f"- So the replay runs window-bound: rate = window / round trip, with a round trip"
+            f" (publish -> pod -> client -> ack -> pod report -> replay worker) of {rtt1:.2f} s at the"
+            f" default window and {rtt5:.2f} s at 5x. Kafka's own consume rate in this run:"
+            f" {lim.get('kafka_perf_consume', {}).get('rate', 0):,.0f} records/s; process utilisation"
+            f" during the 1-client drain: {one.get('process_utilisation')}.",
         ]
     prof = res.get("profile", {})
     if prof.get("profiles"):
@@ -1149,7 +1258,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 rate = res.get("live", {}).get("max", {}).get("throughput_results_per_s", 500)
                 res["profile"] = await profile(args, fleet, run_dir, rate)
             if "replay" in phases:
-                res["replay"] = await replay(args, fleet, kafka, redis)
+                res["replay"] = await replay(args, fleet, kafka, redis, run_dir)
             if "conns" in phases:
                 res["conns"] = await conns(args, fleet)
             fleet.stop()
