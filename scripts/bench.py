@@ -150,8 +150,10 @@ class Proc:
     args: list[str] = field(default_factory=list)
     port: int = 0
     popen: subprocess.Popen[bytes] | None = None
+    log_start: int = 0  # readiness is read from the log written since the last start
 
     def start(self) -> None:
+        self.log_start = self.log.stat().st_size if self.log.exists() else 0
         out = self.log.open("ab")
         self.popen = subprocess.Popen(
             [PY, "-m", self.module, *self.args],
@@ -171,7 +173,9 @@ class Proc:
 
     def ready(self) -> bool:
         try:
-            return self.marker in self.log.read_text(errors="replace")
+            with self.log.open("rb") as f:
+                f.seek(self.log_start)
+                return self.marker.encode() in f.read()
         except OSError:
             return False
 
@@ -246,8 +250,6 @@ class Fleet:
     async def start(self, procs: list[Proc] | None = None, timeout: float = 120) -> None:
         procs = self.procs if procs is None else procs
         for p in procs:
-            # A fresh log per start: readiness is read from it.
-            p.log.write_text("")
             p.start()
         with trio.fail_after(timeout):
             while not all(p.ready() for p in procs):
@@ -674,6 +676,7 @@ async def drain(
     per_client: int,
     flips: dict[str, tuple[int, int]],
     spies: Spies | None = None,
+    ack_every: int = 100,
 ) -> dict[str, Any]:
     """Reconnect every client at once; each takes its backlog; time results and the flip to LIVE."""
     last_result: dict[str, float] = {}
@@ -685,7 +688,9 @@ async def drain(
     t0 = time.time()
 
     async def one(i: int, cid: str) -> None:
-        async with open_client([fleet.targets[(i + 1) % 2]], cid, result_buffer=10_000) as c:
+        async with open_client(
+            [fleet.targets[(i + 1) % 2]], cid, result_buffer=10_000, ack_every=ack_every
+        ) as c:
             async for _r in c.results():
                 now = time.time()
                 first_result.setdefault(cid, now)
@@ -764,7 +769,7 @@ async def replay(
             say(f"  backlog in the DLQ {routed:.1f} s after the workers started; reconnecting")
             procs = [(p.name, p.pid) for p in fleet.procs]
             spies = Spies(run_dir, f"replay-{label}", procs) if label == "one" else None
-            r = await drain(fleet, ids, per, flips, spies)
+            r = await drain(fleet, ids, per, flips, spies, args.replay_ack_every)
             r["backlog_routed_s"] = round(routed, 1)
             r["replay_window"] = window * 5 if label == "one_window_x5" else window
             res[label] = r
@@ -1340,6 +1345,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--streams", type=int, default=0, help="idle streams in the connections phase")
     p.add_argument("--limit-count", type=int, default=0, help="messages per limit probe")
     p.add_argument("--profile-seconds", type=int, default=0)
+    p.add_argument(
+        "--replay-ack-every",
+        type=int,
+        default=100,
+        help="the replaying clients' ack_every (library default 100)",
+    )
     p.add_argument(
         "--idle-seconds", type=float, default=5, help="idle CPU sample before the live runs"
     )
