@@ -207,6 +207,14 @@ class Fleet:
             "NIMBUS_LOG_LEVEL": "INFO",
             "PYTHONUNBUFFERED": "1",
         }
+        # Room for the replay phase's 5x window (the queue must exceed the window + an ingest
+        # batch) and for the idle streams beside the phase's others.
+        window = int(self.base.get("NIMBUS_REPLAY_WINDOW", "2000"))
+        queue = int(self.base.get("NIMBUS_STREAM_QUEUE", "10000"))
+        self.base["NIMBUS_STREAM_QUEUE"] = str(max(queue, 5 * window + 1000))
+        self.base["NIMBUS_MAX_STREAMS"] = str(
+            max(int(self.base.get("NIMBUS_MAX_STREAMS", "10000")), args.streams + 1000)
+        )
         self.pods: list[Proc] = []
         for i in range(2):
             port = free_port()

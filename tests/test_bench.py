@@ -59,7 +59,9 @@ def test_parse_perf_without_summary_fails() -> None:
 
 def test_summarize_profile(tmp_path: Path) -> None:
     raw = tmp_path / "p.txt"
-    raw.write_text("main (a.py:1);f (a.py:2);g (a.py:3) 6\nmain (a.py:1);f (a.py:2) 3\nmain (a.py:1);h (b.py:9) 1\n")
+    raw.write_text(
+        "main (a.py:1);f (a.py:2);g (a.py:3) 6\nmain (a.py:1);f (a.py:2) 3\nmain (a.py:1);h (b.py:9) 1\n"
+    )
     p = bench.summarize_profile(raw)
     assert p["samples"] == 10
     assert p["self"][0] == ("g (a.py:3)", 60.0)
@@ -72,7 +74,9 @@ def test_stages_from_trace() -> None:
     run = load_client.ClientRun(client_id="c", events=1)
 
     def step(service: str, method: str, t: float) -> SimpleNamespace:
-        return SimpleNamespace(service_name=service, method_name=method, timestamp=datetime.fromtimestamp(t, UTC))
+        return SimpleNamespace(
+            service_name=service, method_name=method, timestamp=datetime.fromtimestamp(t, UTC)
+        )
 
     steps = [step("server", "ProcessEvent", 100.010), step("event-consumer", "compute", 100.030)]
     load_client.record_stages(run, steps, sent=100.0, received=100.035)
@@ -82,7 +86,9 @@ def test_stages_from_trace() -> None:
         "server/ProcessEvent -> event-consumer/compute",
         "event-consumer/compute -> client receive",
     ]
-    assert s["server/ProcessEvent -> event-consumer/compute"]["p50"] == pytest.approx(20.0, abs=0.01)
+    assert s["server/ProcessEvent -> event-consumer/compute"]["p50"] == pytest.approx(
+        20.0, abs=0.01
+    )
     assert s["event-consumer/compute -> client receive"]["n"] == 1
 
 
