@@ -1083,6 +1083,17 @@ def render(res: dict[str, Any]) -> str:
             "-",
             f"≤ 100: {verdict(la['max'] is not None and la['max'] <= 100)}",
         )
+    one = rp.get("one")
+    if one and one.get("backlog_routed_s"):
+        n = one["received"]
+        kr = lim.get("kafka_python_rtt", {}).get("rate")
+        row(
+            "worker pipeline, no clients: events -> results -> DLQ, events/s (1 worker process)",
+            f"{n / one['backlog_routed_s']:,.0f} ({n:,} in {one['backlog_routed_s']} s, from the workers' start)",
+            f"{kr:,.0f} (kafka-python, one hop)" if kr else "-",
+            ratio(n / one["backlog_routed_s"], kr),
+            "-",
+        )
     if cn:
         row(
             "idle streams on one pod",
@@ -1322,6 +1333,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="small sizes: a few minutes")
     p.add_argument(
+        "--render-only", metavar="JSON", help="only rewrite the markdown (--out) from a run's JSON"
+    )
+    p.add_argument(
         "--phases", default="live,profile,replay,conns,limits", help="comma list (default: all)"
     )
     p.add_argument(
@@ -1384,9 +1398,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
-    res = trio.run(main_async, args)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(res, indent=1, default=str) + "\n")
+    if args.render_only:
+        res = json.loads(Path(args.render_only).read_text())
+        res["analysis"] = analysis(res)
+    else:
+        res = trio.run(main_async, args)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=1, default=str) + "\n")
     md = render(res)
     Path(args.out).write_text(md)
     print(md)
