@@ -1204,7 +1204,7 @@ def render(res: dict[str, Any]) -> str:
             r = lv.get(k)
             if r:
                 lines.append(
-                    f"| {k} | {f'{r["target_rate"]:,.0f}' if r.get('target_rate') else 'unlimited'} | {r.get('throughput_results_per_s', 0):,.0f}"
+                    f"| {k} | {format(r['target_rate'], ',.0f') if r.get('target_rate') else 'unlimited'} | {r.get('throughput_results_per_s', 0):,.0f}"
                     f" | {r.get('process_utilisation')} | {r.get('load_client_utilisation')} | {r.get('loadavg')}"
                     f" | {r.get('cpu_us_per_event')} |"
                 )
