@@ -87,13 +87,19 @@ def _make_client(address: str, prefix: str) -> aioredis.Redis:
     # A blocking pool: past REDIS_MAX_CONNECTIONS a call waits for a free connection instead of
     # failing (the default pool raised MaxConnectionsError when ~1,000 streams connected at once,
     # each with its own connect script in flight).
-    pool_options = {"max_connections": REDIS_MAX_CONNECTIONS, "timeout": COMMAND_TIMEOUT}
+    pool: aioredis.BlockingConnectionPool
     if "://" in address:
-        pool = aioredis.BlockingConnectionPool.from_url(address, **pool_options, **options)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            address, max_connections=REDIS_MAX_CONNECTIONS, timeout=COMMAND_TIMEOUT, **options
+        )
     else:
         host, _, port = address.rpartition(":")
         pool = aioredis.BlockingConnectionPool(
-            host=host or "127.0.0.1", port=int(port), **pool_options, **options
+            max_connections=REDIS_MAX_CONNECTIONS,
+            timeout=COMMAND_TIMEOUT,
+            host=host or "127.0.0.1",
+            port=int(port),
+            **options,
         )
     return aioredis.Redis.from_pool(pool)
 
