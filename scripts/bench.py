@@ -1134,7 +1134,7 @@ def render(res: dict[str, Any]) -> str:
     if cn:
         row(
             "idle streams on one pod",
-            f"{cn['streams']:,} accepted in {cn['accept_s']} s",
+            f"{cn['streams']:,} accepted ({cn.get('failed', 0)} failed to open within 120 s) in {cn['accept_s']} s",
             "-",
             "-",
             "10,000",
