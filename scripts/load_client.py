@@ -32,6 +32,7 @@ import math
 import os
 import secrets
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,8 @@ class ClientRun:
     wrong: int = 0
     errors: int = 0  # results carrying an error
     latencies: list[float] = field(default_factory=list)
+    wall_sent_at: dict[int, float] = field(default_factory=dict)  # sampled: time.time() at send()
+    stages: dict[str, list[float]] = field(default_factory=dict)  # stage -> seconds (sampled)
     stats: ClientStats | None = None
     failure: str | None = None
     done: trio.Event = field(default_factory=trio.Event)
@@ -108,6 +111,17 @@ class RateLimiter:
         self._next = slot + self._interval
         if slot > now:
             await trio.sleep_until(slot)
+
+
+def record_stages(run: ClientRun, steps: Any, sent: float, received: float) -> None:
+    """Time spent between consecutive trace steps of one result (wall clocks, one machine)."""
+    prev_name, prev = "client send", sent
+    for st in steps:
+        name = f"{st.service_name}/{st.method_name}"
+        t = st.timestamp.timestamp()
+        run.stages.setdefault(f"{prev_name} -> {name}", []).append(t - prev)
+        prev_name, prev = name, t
+    run.stages.setdefault(f"{prev_name} -> client receive", []).append(received - prev)
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -166,6 +180,8 @@ async def run_client(
                 run.wrong += 1
             if n in run.sent_at:
                 run.latencies.append(now - run.sent_at[n])
+            if n in run.wall_sent_at and r.log is not None:
+                record_stages(run, r.log.steps, run.wall_sent_at.pop(n), time.time())
             if run.answered() >= run.events:
                 run.done.set()
 
@@ -184,6 +200,8 @@ async def run_client(
                     for n in range(1, run.events + 1):
                         await rate.acquire()
                         run.sent_at[n] = trio.current_time()
+                        if args.trace_sample and n % args.trace_sample == 0:
+                            run.wall_sent_at[n] = time.time()
                         await client.send(args.event, n)
                         progress.sent += 1
                         if (
@@ -266,9 +284,11 @@ def summarize(
         "latency_ms": {
             "p50": percentile(latencies, 0.50) * 1e3,
             "p99": percentile(latencies, 0.99) * 1e3,
+            "p999": percentile(latencies, 0.999) * 1e3,
             "max": (latencies[-1] if latencies else 0.0) * 1e3,
         },
         "elapsed_s": elapsed,
+        "stages_ms": stage_summary(runs),
         "failures": sorted({r.failure for r in runs if r.failure})[:10],
     }
     summary["ok"] = not (
@@ -280,6 +300,19 @@ def summarize(
         or summary["failed_clients"]
     )
     return summary
+
+
+def stage_summary(runs: list[ClientRun]) -> dict[str, dict[str, float]]:
+    """Per pipeline stage (from sampled traces): p50/p99 of the time spent in it, ms, in order."""
+    merged: dict[str, list[float]] = {}
+    for r in runs:
+        for k, v in r.stages.items():
+            merged.setdefault(k, []).extend(v)
+    out = {}
+    for k, v in merged.items():
+        v.sort()
+        out[k] = {"n": len(v), "p50": percentile(v, 0.5) * 1e3, "p99": percentile(v, 0.99) * 1e3}
+    return out
 
 
 def render(summary: dict[str, Any]) -> str:
@@ -304,7 +337,10 @@ def render(summary: dict[str, Any]) -> str:
             f"{summary['reconnects']}  (resent {summary['resent']}, retried {summary['retries']})",
         ),
         ("throughput", f"{summary['throughput_results_per_s']:,.0f} results/s"),
-        ("latency p50 / p99 / max", f"{lat['p50']:.1f} / {lat['p99']:.1f} / {lat['max']:.1f} ms"),
+        (
+            "latency p50 / p99 / p99.9 / max",
+            f"{lat['p50']:.1f} / {lat['p99']:.1f} / {lat['p999']:.1f} / {lat['max']:.1f} ms",
+        ),
         ("elapsed", f"{summary['elapsed_s']:.2f} s"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -314,6 +350,8 @@ def render(summary: dict[str, Any]) -> str:
     )
     lines = [head, "-" * len(head)]
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    for stage, v in summary.get("stages_ms", {}).items():
+        lines.append(f"  stage {stage}: p50 {v['p50']:.1f} ms, p99 {v['p99']:.1f} ms (n={v['n']})")
     lines += [f"  failure: {f}" for f in summary["failures"]]
     lines.append("RESULT: " + ("OK" if summary["ok"] else "FAILED"))
     return "\n".join(lines)
@@ -391,6 +429,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--prefix", default=f"load-{secrets.token_hex(3)}", help="client id prefix (default random)"
+    )
+    p.add_argument(
+        "--trace-sample",
+        type=int,
+        default=0,
+        metavar="K",
+        help="decode the trace of every K-th result: time spent per pipeline stage (0: off)",
     )
     p.add_argument("--json", metavar="PATH", help="also write the summary as JSON to PATH")
     p.add_argument("-v", "--verbose", action="store_true", help="client library logs to stderr")

@@ -61,6 +61,7 @@ SUBSCRIBE_TIMEOUT = 5.0  # seconds for Redis to confirm a SUBSCRIBE
 SUBSCRIBER_BUFFER = 10_000  # messages buffered per subscription on the trio side
 _ALL_CLIENTS_CHUNK = 1000  # HMGETs per pipeline in all_clients()
 _PUBLISH_CHUNK = 1000  # messages per publish script call
+REDIS_MAX_CONNECTIONS = 100  # per process (subscriptions hold one each); callers wait beyond it
 
 _FIELDS = ("status", "pod", "epoch", "acked", "routed_dlq", "dlq_written", "cursor")
 _DROP = RouteDecision(Route.DROP)
@@ -83,10 +84,24 @@ def _make_client(address: str, prefix: str) -> aioredis.Redis:
         # ~30% slower here; nothing in this store uses a RESP3 feature.
         "protocol": 2,
     }
+    # A blocking pool: past REDIS_MAX_CONNECTIONS a call waits for a free connection instead of
+    # failing (the default pool raised MaxConnectionsError when ~1,000 streams connected at once,
+    # each with its own connect script in flight).
+    pool: aioredis.BlockingConnectionPool
     if "://" in address:
-        return aioredis.Redis.from_url(address, **options)
-    host, _, port = address.rpartition(":")
-    return aioredis.Redis(host=host or "127.0.0.1", port=int(port), **options)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            address, max_connections=REDIS_MAX_CONNECTIONS, timeout=COMMAND_TIMEOUT, **options
+        )
+    else:
+        host, _, port = address.rpartition(":")
+        pool = aioredis.BlockingConnectionPool(
+            max_connections=REDIS_MAX_CONNECTIONS,
+            timeout=COMMAND_TIMEOUT,
+            host=host or "127.0.0.1",
+            port=int(port),
+            **options,
+        )
+    return aioredis.Redis.from_pool(pool)
 
 
 def _describe(exc: BaseException | None) -> str:
