@@ -12,6 +12,8 @@ and JSON logs can pick them out.
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from loguru import logger
 
 from nimbus import metrics
@@ -40,12 +42,32 @@ MALFORMED_MESSAGE = "malformed message"  # a gRPC message that could not be fram
 PROTOCOL_ERROR = "protocol error"  # a connection grpclib/h2 could not parse (closed)
 
 
+M = TypeVar("M", bound=Any)  # a generated protobuf message class
+
+
 class BadRecord(Exception):
     """Raised by a record decoder; `reason` is one of the reasons above."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def decode_keyed(rec: Record, cls: type[M]) -> M:
+    """A topic record's message of type `cls` (a protobuf class with `client_id`), checked as every
+    consumer needs it: not oversized, decodable, naming a client, keyed by that client's id (the
+    key decides the partition, hence the order). Raises BadRecord otherwise."""
+    if len(rec.value or b"") > MAX_RECORD_BYTES:
+        raise BadRecord(TOO_LARGE)
+    try:
+        msg: M = cls.FromString(rec.value)
+    except Exception:
+        raise BadRecord(UNDECODABLE) from None
+    if not msg.client_id:
+        raise BadRecord(NO_CLIENT_ID)
+    if rec.key != msg.client_id.encode():
+        raise BadRecord(KEY_MISMATCH)
+    return msg
 
 
 def _preview(data: bytes | None, n: int = 32) -> str:

@@ -26,16 +26,7 @@ def group_for(settings: Settings) -> str:
 
 def process(rec: Record, instance: str) -> KafkaEventResponse:
     """The result of one events-topic record; raises BadRecord if the record is not an event."""
-    if len(rec.value or b"") > badinput.MAX_RECORD_BYTES:
-        raise badinput.BadRecord(badinput.TOO_LARGE)
-    try:
-        req = KafkaEventRequest.FromString(rec.value)
-    except Exception:
-        raise badinput.BadRecord(badinput.UNDECODABLE) from None
-    if not req.client_id:
-        raise badinput.BadRecord(badinput.NO_CLIENT_ID)
-    if rec.key != req.client_id.encode():  # the pods key events by client id (its partition)
-        raise badinput.BadRecord(badinput.KEY_MISMATCH)
+    req = badinput.decode_keyed(rec, KafkaEventRequest)  # pods key events by client id
     resp = KafkaEventResponse(
         event_name=req.event_name,
         number=req.number,

@@ -27,6 +27,7 @@ import trio
 from loguru import logger
 
 from nimbus import badinput, events, logs, metrics, trace
+from nimbus.channels import receive_batch
 from nimbus.config import INGEST_BATCH, Settings
 from nimbus.lifecycle import Status
 from nimbus.messages import (
@@ -233,12 +234,7 @@ class Pod:
     async def _ingest(self) -> None:
         """Events -> events topic, in batches; receipts or errors back to the streams."""
         while True:
-            batch = [await self._ingest_recv.receive()]
-            while len(batch) < INGEST_BATCH:
-                try:
-                    batch.append(self._ingest_recv.receive_nowait())
-                except trio.WouldBlock:
-                    break
+            batch = await receive_batch(self._ingest_recv, INGEST_BATCH)
             accepted: list[tuple[Session, EventRequest]] = []
             records: list[tuple[bytes, bytes]] = []
             for s, req in batch:

@@ -26,6 +26,7 @@ import trio
 from loguru import logger
 
 from nimbus import badinput, logs
+from nimbus.channels import receive_batch
 from nimbus.config import Settings
 from nimbus.lifecycle import Status
 from nimbus.messages import GAP, DeliveryReport, EventResponse, KafkaEventResponse, ReportItem
@@ -211,12 +212,7 @@ class ReplayPipeline:
         """Delivery reports for this replay: advance the cursor; ask for the flip when drained."""
         async with self.reports_recv:
             while True:
-                items = [await self.reports_recv.receive()]
-                while True:
-                    try:
-                        items.append(self.reports_recv.receive_nowait())
-                    except trio.WouldBlock:
-                        break
+                items = await receive_batch(self.reports_recv)
                 failed = False
                 for it in items:
                     item = self.unconfirmed.pop(it.token, None)

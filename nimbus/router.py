@@ -17,6 +17,7 @@ import trio
 from loguru import logger
 
 from nimbus import badinput, trace
+from nimbus.channels import receive_batch
 from nimbus.config import Settings
 from nimbus.messages import RESULT, DeliveryReport, EventResponse, KafkaEventResponse, PodMessage
 from nimbus.ports import (
@@ -71,16 +72,7 @@ def parse_result(rec: Record) -> KafkaEventResponse:
     """A results/DLQ record's result; raises BadRecord if it is not one we can route. The event
     consumer keys each result by its client id and sets delivery_id = kafka_offset + 1: a record
     that breaks either would be routed out of its client's order, so it is refused."""
-    if len(rec.value or b"") > badinput.MAX_RECORD_BYTES:
-        raise badinput.BadRecord(badinput.TOO_LARGE)
-    try:
-        r = KafkaEventResponse.FromString(rec.value)
-    except Exception:
-        raise badinput.BadRecord(badinput.UNDECODABLE) from None
-    if not r.client_id:
-        raise badinput.BadRecord(badinput.NO_CLIENT_ID)
-    if rec.key != r.client_id.encode():
-        raise badinput.BadRecord(badinput.KEY_MISMATCH)
+    r = badinput.decode_keyed(rec, KafkaEventResponse)
     if not 0 < r.delivery_id <= badinput.MAX_DELIVERY_ID or r.delivery_id != r.kafka_offset + 1:
         raise badinput.BadRecord(badinput.BAD_DELIVERY_ID)
     return r
@@ -173,12 +165,7 @@ class ResultRouter:
     async def _drive(self, consumer: LogConsumer, recv: trio.MemoryReceiveChannel) -> None:
         async with recv:
             while True:
-                items = [await recv.receive()]
-                while True:
-                    try:
-                        items.append(recv.receive_nowait())
-                    except trio.WouldBlock:
-                        break
+                items = await receive_batch(recv)
                 for item in items:
                     self._take(item)
                 self.window.expire(trio.current_time())

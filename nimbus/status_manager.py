@@ -19,6 +19,7 @@ import trio
 from loguru import logger
 
 from nimbus import badinput, logs
+from nimbus.channels import receive_batch
 from nimbus.config import Settings
 from nimbus.pod import FLIPS, STATUS_CHECKS
 from nimbus.ports import EngineError, StateStore
@@ -63,13 +64,7 @@ class StatusManager:
         async with recv:
             while True:
                 batch: dict[str, int] = {}
-                cid, ack_ns = await recv.receive()
-                batch[cid] = ack_ns
-                while len(batch) < 500:
-                    try:
-                        cid, ack_ns = recv.receive_nowait()
-                    except trio.WouldBlock:
-                        break
+                for cid, ack_ns in await receive_batch(recv, 500):
                     batch[cid] = max(batch.get(cid, 0), ack_ns)
                 await self.check(list(batch), batch)
 

@@ -116,6 +116,11 @@ def _int(value: bytes | int | None, default: int) -> int:
     return default if value is None else int(value)
 
 
+def _flags(reply: bytes | None) -> list[bool]:
+    """A script's per-item answer: one b"1" / b"0" per item, in order (None: no items)."""
+    return [f == 0x31 for f in reply or b""]
+
+
 def _record(client_id: str, values: Sequence[bytes | None]) -> ClientRecord | None:
     """A ClientRecord from the hash fields in `_FIELDS` order; None if there is no record."""
     status, pod, epoch, acked, routed_dlq, dlq_written, cursor = values
@@ -270,14 +275,15 @@ class RedisState:
                 out.append(RouteDecision(Route.LIVE, pod, int(epoch)))
         return out
 
-    async def _pairs(self, name: str, items: Sequence[tuple[str, int]]) -> None:
+    async def _pairs(self, name: str, items: Sequence[tuple[str, int]]) -> Any:
+        """A batch script over (client_id, n) pairs; its reply (None for an empty batch)."""
         if not items:
             await trio.lowlevel.checkpoint()
-            return
+            return None
         flat: list[str | int] = []
         for client_id, n in items:
             flat += (client_id, n)
-        await self._batch(name, flat)
+        return await self._batch(name, flat)
 
     async def divert(self, items: Sequence[tuple[str, int]]) -> None:
         await self._pairs("divert", items)
@@ -293,14 +299,7 @@ class RedisState:
         await self._batch("dlq_written", flat)
 
     async def ack(self, items: Sequence[AckItem]) -> list[bool]:
-        if not items:
-            await trio.lowlevel.checkpoint()
-            return []
-        flat: list[str | int] = []
-        for a in items:
-            flat += (a.client_id, a.acked)
-        flags: bytes = await self._batch("ack", flat)
-        return [f == 0x31 for f in flags]  # b"1" / b"0" per item
+        return _flags(await self._pairs("ack", [(a.client_id, a.acked) for a in items]))
 
     async def advance_cursor(self, items: Sequence[tuple[str, int]]) -> None:
         await self._pairs("advance_cursor", items)
@@ -309,8 +308,7 @@ class RedisState:
         if not client_ids:
             await trio.lowlevel.checkpoint()
             return []
-        flags: bytes = await self._batch("try_flip", list(client_ids))
-        return [f == 0x31 for f in flags]  # b"1" / b"0" per id
+        return _flags(await self._batch("try_flip", list(client_ids)))
 
     # -- reads -------------------------------------------------------------------------------
 
