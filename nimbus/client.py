@@ -76,6 +76,7 @@ from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from loguru import logger
 
+from nimbus import grpcwire
 from nimbus import messages as wire
 from nimbus.proto_gen.nimbus import (
     ErrorCode,
@@ -121,6 +122,7 @@ PROTOCOL_KEY: Final = "nimbus-protocol"
 RESENT_MEMORY: Final = 100_000  # resent events remembered for dropping their second results
 INT32_MIN: Final = -(2**31)
 INT32_MAX: Final = 2**31 - 1
+_WRITE_BATCH_BYTES: Final = 16384  # queued requests written at once, at most
 
 # ---------------------------------------------------------------------------------------------
 # Public data types
@@ -1443,12 +1445,24 @@ class NimbusClient:
         try:
             while True:
                 while outbox:
-                    request, event = outbox.popleft()
-                    if request is stream.queued_ack:
-                        stream.queued_ack = None  # from now on a newer ack needs its own message
-                    await call.send_message(request)
-                    if forget_written and event is not None and self._ledger.on_written(event):
-                        self._capacity_freed()
+                    # Everything queued goes out in one HTTP/2 write (nimbus.grpcwire).
+                    payloads: list[bytes] = []
+                    events: list[OutgoingEvent] = []
+                    size = 0
+                    while outbox and size < _WRITE_BATCH_BYTES:
+                        request, event = outbox.popleft()
+                        if request is stream.queued_ack:
+                            stream.queued_ack = None  # from now on a newer ack needs its own message
+                        payload = request.SerializeToString()
+                        payloads.append(payload)
+                        size += grpcwire.framed_size(len(payload))
+                        if event is not None:
+                            events.append(event)
+                    await grpcwire.client_send(call, grpcwire.frame(payloads), len(payloads))
+                    if forget_written:
+                        for event in events:
+                            if self._ledger.on_written(event):
+                                self._capacity_freed()
                 if stream.half_close:
                     await call.end()
                     stream.ended = True

@@ -11,6 +11,7 @@ import trio
 from loguru import logger
 
 from nimbus import badinput, events, trace
+from nimbus.channels import receive_batch
 from nimbus.config import Settings
 from nimbus.messages import KafkaEventRequest, KafkaEventResponse
 from nimbus.ports import EngineError, Log, LogConsumer, Record, TopicPartition
@@ -46,27 +47,41 @@ def process(rec: Record, instance: str) -> KafkaEventResponse:
     return resp
 
 
+# Computed batches waiting for the producer task (each up to one poll: 500 records).
+PIPELINE_BATCHES = 4
+
+
 class EventConsumer:
+    """Two tasks: the poller reads and computes; the producer writes the results (all batches
+    waiting at once in one produce) and then hands their offsets to the consumer to commit with
+    a later poll. So a poll never waits for a produce or a commit round trip."""
+
     def __init__(self, settings: Settings, log: Log, counters: Counters | None = None) -> None:
         self.s = settings
         self.log = log
         self.counters = counters or Counters()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with self.log.consumer(self.s.kafka_events_topic, group_for(self.s)) as consumer:
+        send, recv = trio.open_memory_channel[_Batch](PIPELINE_BATCHES)
+        async with (
+            self.log.consumer(self.s.kafka_events_topic, group_for(self.s)) as consumer,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(self._produce, consumer, recv)
             task_status.started()
             logger.info("event consumer up: group {}", group_for(self.s))
-            while True:
-                try:
-                    batch = await consumer.poll(500, 0.5)
-                except EngineError as e:
-                    logger.warning("event consumer: poll failed: {}", e)
-                    await trio.sleep(0.5)
-                    continue
-                if batch.records:
-                    await self._handle(consumer, batch.records)
+            async with send:
+                while True:
+                    try:
+                        batch = await consumer.poll(500, 0.5)
+                    except EngineError as e:
+                        logger.warning("event consumer: poll failed: {}", e)
+                        await trio.sleep(0.5)
+                        continue
+                    if batch.records:
+                        await send.send(self._compute(batch.records))
 
-    async def _handle(self, consumer: LogConsumer, records: list[Record]) -> None:
+    def _compute(self, records: list[Record]) -> _Batch:
         out: list[tuple[bytes, bytes]] = []
         for rec in records:
             try:
@@ -78,20 +93,30 @@ class EventConsumer:
             if resp.HasField("error"):
                 self.counters.inc("events.failed")
             out.append((resp.client_id.encode(), resp.SerializeToString()))
-        while True:
-            try:
-                if out:
-                    await self.log.producer.send_batch(self.s.kafka_results_topic, out)
-                break
-            except EngineError as e:
-                # Nothing is committed until the results are written: retrying is safe.
-                logger.warning("event consumer: producing {} results failed: {}; retrying", len(out), e)
-                await trio.sleep(0.5)
-        self.counters.inc("events.processed", len(out))
         offsets: dict[TopicPartition, int] = {}
         for rec in records:
             offsets[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
-        try:
-            await consumer.commit(offsets)
-        except EngineError as e:
-            logger.info("event consumer: commit failed ({}); the batch will be processed again", e)
+        return out, offsets
+
+    async def _produce(self, consumer: LogConsumer, recv: trio.MemoryReceiveChannel[_Batch]) -> None:
+        async with recv:
+            while True:
+                batches = await receive_batch(recv)
+                out = [item for items, _ in batches for item in items]
+                offsets: dict[TopicPartition, int] = {}
+                for _, o in batches:
+                    offsets.update(o)  # later batches read further
+                while True:
+                    try:
+                        if out:
+                            await self.log.producer.send_batch(self.s.kafka_results_topic, out)
+                        break
+                    except EngineError as e:
+                        # Nothing is committed until the results are written: retrying is safe.
+                        logger.warning("event consumer: producing {} results failed: {}; retrying", len(out), e)
+                        await trio.sleep(0.5)
+                self.counters.inc("events.processed", len(out))
+                consumer.commit_later(offsets)
+
+
+_Batch = tuple[list[tuple[bytes, bytes]], dict[TopicPartition, int]]

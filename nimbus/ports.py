@@ -97,6 +97,13 @@ class LogConsumer(Protocol):
         """Commit the *next* offset to read for each partition."""
         ...
 
+    def commit_later(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit these offsets without waiting: with the next poll, in the background. Offsets
+        of partitions this member no longer owns are dropped; a refused commit is retried with
+        the next poll while the partition is still owned. For hot paths (at least once: an
+        offset committed late only means records read again after a crash)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 

@@ -4,7 +4,7 @@ The decisions live in `RouterWindow` (pure); this module is the thin driver arou
 polls the results topic, one reads delivery reports from this router's reply channel, a ticker
 expires deliveries that no pod confirmed, and the driver loop applies them to the window and
 does the I/O it asks for, batched: one `route` script call per batch, one PUBLISH per pod per
-batch, one DLQ produce per batch, one commit per ~100 ms.
+batch, one DLQ produce per batch, one commit per ~100 ms (sent with the poller's next poll).
 """
 
 from __future__ import annotations
@@ -250,6 +250,11 @@ class ResultRouter:
             return
         offsets, self._pending_commit = self._pending_commit, {}
         self._last_commit = now
+        if not force:
+            # Sent by the poller's next poll: the driver never waits for the poll in progress
+            # (it holds the consumer) or for the commit's round trip.
+            consumer.commit_later(offsets)
+            return
         try:
             await consumer.commit(offsets)
         except CommitFailed as e:

@@ -35,7 +35,7 @@ from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server, Stream
 from loguru import logger
 
-from nimbus import badinput, logs, metrics, tls
+from nimbus import badinput, grpcwire, logs, metrics, tls
 from nimbus.auth import AuthError, Verifier
 from nimbus.config import Settings
 from nimbus.engines import open_engine
@@ -52,6 +52,8 @@ from nimbus.topics import ensure_topics
 
 SERVICE = "nimbus.NimbusService"
 PROTOCOL_KEY = "nimbus-protocol"
+# One HTTP/2 write carries at most this much of a stream's queued messages.
+WRITE_BATCH_BYTES = 16384
 
 
 class Refusal(Exception):
@@ -220,27 +222,50 @@ class NimbusService:
         return False
 
     async def _writer(self, stream: Stream[EventRequest, EventResponse], s: Session) -> None:
+        """Write what the pod queues for `s`: every message waiting at a wake-up goes out in one
+        HTTP/2 write (up to WRITE_BATCH_BYTES), then the results among them are confirmed in
+        order (`on_written`)."""
         pod = self.pod
         h2 = stream._stream  # noqa: SLF001 - for its flow-control window, see _writable
+        outbox = s.outbox
         try:
             while True:
-                item = await s.outbox.get()
-                if not isinstance(item, Close):
+                item = await outbox.get()
+                payloads: list[bytes] = []
+                ids: list[int] = []  # delivery ids written (0: not a result)
+                size = 0
+                close: Close | None = None
+                while True:
+                    if isinstance(item, Close):
+                        close = item
+                        break
                     delivery_id, resp = item
-                    size = 0 if resp is None else min(resp.ByteSize() + 5, 16384)  # 16 KiB: always reachable
-                    if size and not _writable(h2, size):
+                    if resp is not None:  # None: a GAP the original's client cannot be told of
+                        payload = resp.SerializeToString()
+                        payloads.append(payload)
+                        size += grpcwire.framed_size(len(payload))
+                    ids.append(delivery_id)
+                    if size >= WRITE_BATCH_BYTES or outbox.empty():
+                        break
+                    item = outbox.get_nowait()
+                if payloads:
+                    need = min(size, WRITE_BATCH_BYTES)  # always reachable: the window is >= 64 KiB
+                    if not _writable(h2, need):
                         # The client is not reading (fast enough). Wait for room without starting
-                        # the message, so that a cut can still end the stream with a status
+                        # the write, so that a cut can still end the stream with a status
                         # (trailers are not flow-controlled; half a message would need a reset).
-                        item = await self._wait_writable(h2, size, s) or item
-                if isinstance(item, Close):
-                    if item.status is None:
+                        cut = await self._wait_writable(h2, need, s)
+                        if cut is not None:
+                            close, payloads, ids = cut, [], []
+                    if payloads:
+                        await grpcwire.server_send(stream, grpcwire.frame(payloads), len(payloads))
+                for delivery_id in ids:
+                    if delivery_id:
+                        pod.on_written(s, delivery_id)
+                if close is not None:
+                    if close.status is None:
                         return
-                    raise GRPCError(grpclib.const.Status[item.status], item.message)
-                if resp is not None:  # None: a GAP the original's client cannot be told of
-                    await stream.send_message(resp)
-                if delivery_id:
-                    pod.on_written(s, delivery_id)
+                    raise GRPCError(grpclib.const.Status[close.status], close.message)
         except (StreamTerminatedError, ConnectionError):
             return
 

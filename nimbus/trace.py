@@ -10,6 +10,9 @@ from nimbus.messages import LogEntry
 def step(log: LogEntry, service: str, instance: str, method: str, message: str = "", **metadata: object) -> None:
     """Append one step to `log` (in place)."""
     s = log.steps.add(service_name=service, instance_id=instance, method_name=method, message=message)
-    s.timestamp.FromNanoseconds(time.time_ns())  # GetCurrentTime() costs 10x more
+    ns = time.time_ns()
+    ts = s.timestamp  # set directly: Timestamp.FromNanoseconds is pure Python (well_known_types)
+    ts.seconds = ns // 1_000_000_000
+    ts.nanos = ns % 1_000_000_000
     for k, v in metadata.items():
         s.metadata[k] = str(v)

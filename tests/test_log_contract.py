@@ -414,6 +414,29 @@ async def test_commit_then_a_new_member_resumes_from_the_committed_offset(
         assert offsets == list(range(commit_at[TopicPartition(topic, p)], end))
 
 
+async def test_commit_later_is_sent_by_polls_and_by_close(log: Log, unique: str) -> None:
+    """commit_later does not wait: the offsets reach the group with a later poll (while the
+    member keeps polling), and what is still waiting when the member closes is committed then.
+    Offsets of partitions the member does not own are dropped, not an error."""
+    topic, other, group = f"later-{unique}", f"later2-{unique}", f"g-{unique}"
+    with trio.fail_after(IO_TIMEOUT):
+        await log.ensure_topics([topic, other], 2)
+        await log.producer.send_batch(topic, [(k, b"v") for k in rng_keys(40, seed=8)])
+        ends = await log.end_offsets(topic)
+        m = Member("m")
+        mine = {TopicPartition(topic, p) for p in range(2)}
+        async with log.consumer(topic, group) as c:
+            while m.owned != mine:
+                m.apply(await c.poll(500, 1))
+            c.commit_later({TopicPartition(topic, 0): 1, TopicPartition(other, 0): 5})
+            c.commit_later({TopicPartition(topic, 0): 2})  # the newest offset wins
+            while await log.committed(group, topic) != {0: 2}:
+                m.apply(await c.poll(500, 0.2))
+            assert await log.committed(group, other) == {}
+            c.commit_later({TopicPartition(topic, 1): ends[1]})
+        assert await log.committed(group, topic) == {0: 2, 1: ends[1]}
+
+
 async def test_commit_of_a_partition_not_assigned_fails(log: Log, unique: str) -> None:
     topic, other, group = f"foreign-{unique}", f"foreign2-{unique}", f"g-{unique}"
     everything = {TopicPartition(topic, p) for p in range(2)}

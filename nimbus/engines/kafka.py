@@ -70,6 +70,7 @@ _COMMIT_TIMEOUT_MS = 10_000
 _CLOSE_TIMEOUT_MS = 5_000
 _TOPIC_READY_TIMEOUT_MS = 15_000
 _READER_FETCH_WAIT_MS = 50
+_PARTITION_CACHE = 200_000  # keys whose partition is remembered (cleared when full)
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -400,6 +401,7 @@ class KafkaLogProducer:
         self._producer = producer
         self._make_producer = make_producer
         self._generation = 0  # bumped by each replacement of the producer
+        self._partitions: dict[tuple[int, bytes], int] = {}  # (partition count, key) -> partition
 
     async def _replace(self, generation: int, why: str) -> None:
         """A failed batch leaves an idempotent producer's sequence numbers behind the broker's
@@ -433,8 +435,16 @@ class KafkaLogProducer:
         # ours equal so partition_for() names the partition records really land on.
         n = len(self._producer.partitions_for(topic))
         send = self._producer.send
+        # The partition given, not left to kafka-python's partitioner: its path costs about as
+        # much as the rest of send() (measured: 37 -> 19 µs per record). Same murmur2 result.
+        parts = self._partitions
+        if len(parts) > _PARTITION_CACHE:
+            parts.clear()
         for i, (key, value) in enumerate(items):
-            fut = send(topic, value=value, key=key)
+            p = parts.get((n, key))
+            if p is None:
+                p = parts[(n, key)] = partition_for(key, n)
+            fut = send(topic, value=value, key=key, partition=p)
             fut.add_callback(acks.ok, i)
             fut.add_errback(acks.fail, i)
         return n
@@ -515,6 +525,10 @@ class KafkaGroupConsumer:
         # Owned partitions that were revoked (and re-assigned) since the last report: their
         # position was reset to the committed offset, so the caller must hear about it.
         self._churned: set[TopicPartition] = set()
+        # commit_later: offsets waiting for the next poll; failed async commits (IO thread).
+        self._later: dict[TopicPartition, int] = {}
+        self._refused: list[dict[TopicPartition, int]] = []
+        self._refused_lock = threading.Lock()
         self.closed = False
 
     def __repr__(self) -> str:
@@ -537,8 +551,52 @@ class KafkaGroupConsumer:
         self._churned = set()
         return revoked, assigned
 
-    def _poll_sync(self, max_records: int, timeout_ms: int) -> list[Record]:
+    def _poll_sync(
+        self, max_records: int, timeout_ms: int, commit: dict[TopicPartition, int] | None = None
+    ) -> list[Record]:
+        if commit:
+            self._commit_async(commit)
         return _flatten(self._c.poll(timeout_ms=timeout_ms, max_records=max_records))
+
+    def _commit_async(self, offsets: dict[TopicPartition, int]) -> None:
+        """Send an offset commit for the owned partitions among `offsets` without waiting for
+        it (poll thread); its answer is handled by a later poll. A refused commit is kept for
+        the next one."""
+        owned = {_tp(t.topic, t.partition) for t in self._c.assignment()}
+        mine = {tp: off for tp, off in offsets.items() if tp in owned}
+        if not mine:
+            return
+        payload = {
+            KafkaTP(tp.topic, tp.partition): OffsetAndMetadata(off, "", -1)
+            for tp, off in mine.items()
+        }
+
+        def done(_offsets: Any, result: Any) -> None:
+            if isinstance(result, BaseException):
+                with self._refused_lock:
+                    self._refused.append(mine)
+
+        try:
+            self._c.commit_async(payload, callback=done)
+        except kerr.KafkaError:
+            with self._refused_lock:
+                self._refused.append(mine)
+
+    def commit_later(self, offsets: dict[TopicPartition, int]) -> None:
+        if not self.closed:
+            self._later.update(offsets)
+
+    def _take_later(self) -> dict[TopicPartition, int]:
+        with self._refused_lock:
+            refused, self._refused = self._refused, []
+        later, self._later = self._later, {}
+        for offsets in refused:  # older than anything in _later: newer offsets win
+            for tp, off in offsets.items():
+                if tp in self._owned:
+                    later.setdefault(tp, off)
+        if refused:
+            logger.info("{}/{}: an offset commit was refused; retrying it with this poll", self.group, self.topic)
+        return later
 
     async def poll(self, max_records: int, timeout: float) -> PollResult:  # noqa: ASYNC109 (port)
         if self.closed:
@@ -552,9 +610,12 @@ class KafkaGroupConsumer:
                 # Not abandoned on cancel: once kafka-python has handed records over (and moved
                 # its position past them), to_thread returns them and this method returns them
                 # before any checkpoint, so a cancelled poll never loses records.
+                commit = self._take_later()
                 try:
-                    fetched = await _in_thread(self._poll_sync, budget, slice_ms)
+                    fetched = await _in_thread(self._poll_sync, budget, slice_ms, commit)
                 except kerr.KafkaError as exc:
+                    for tp, off in commit.items():
+                        self._later.setdefault(tp, off)
                     raise LogUnavailable(f"poll {self.group}/{self.topic}: {exc!r}") from exc
                 revoked, assigned = self._news()
                 # Records of partitions lost meanwhile belong to their new owner now.
@@ -575,6 +636,12 @@ class KafkaGroupConsumer:
         }
         self._c.commit(payload, timeout_ms=_COMMIT_TIMEOUT_MS)
 
+    def _commit_owned_sync(self, offsets: dict[TopicPartition, int]) -> None:
+        owned = {_tp(t.topic, t.partition) for t in self._c.assignment()}
+        mine = {tp: off for tp, off in offsets.items() if tp in owned}
+        if mine:
+            self._commit_sync(mine)
+
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         if self.closed:
             raise CommitFailed("consumer is closed")
@@ -593,6 +660,12 @@ class KafkaGroupConsumer:
             return
         self.closed = True
         async with self._lock:
+            later = self._take_later()
+            if later:  # what commit_later left for a poll that will not come
+                try:
+                    await _in_thread(self._commit_owned_sync, later)
+                except Exception as exc:
+                    logger.info("{}/{}: final commit failed: {!r}", self.group, self.topic, exc)
             try:
                 # Leaves the group (LeaveGroup), so the others rebalance at once.
                 await _in_thread(

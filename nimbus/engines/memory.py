@@ -149,6 +149,12 @@ class MemoryConsumer:
             raise CommitFailed(f"partitions not assigned to this member: {sorted(foreign, key=str)}")
         self._log.group(self.group).committed.update(offsets)
 
+    def commit_later(self, offsets: dict[TopicPartition, int]) -> None:
+        if self.closed:
+            return
+        mine = {tp: off for tp, off in offsets.items() if tp in self.assignment}
+        self._log.group(self.group).committed.update(mine)
+
     async def aclose(self) -> None:
         if not self.closed:
             self.closed = True
