@@ -339,6 +339,11 @@ def render(summary: dict[str, Any]) -> str:
     )
     lines = [head, "-" * len(head)]
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    if "loop_lag_ms" in summary:
+        lag = summary["loop_lag_ms"]
+        lines.append(
+            f"  load client loop lag p50 / p99 / max: {lag['p50']:.1f} / {lag['p99']:.1f} / {lag['max']:.1f} ms"
+        )
     for stage, v in summary.get("stages_ms", {}).items():
         lines.append(f"  stage {stage}: p50 {v['p50']:.1f} ms, p99 {v['p99']:.1f} ms (n={v['n']})")
     lines += [f"  failure: {f}" for f in summary["failures"]]
@@ -351,12 +356,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         ClientRun(client_id=f"{args.prefix}-{i}", events=args.events) for i in range(args.clients)
     ]
     progress = Progress()
+    lags: list[float] = []
     limiter = trio.CapacityLimiter(args.concurrency)
     rate = RateLimiter(args.rate)
     started = trio.current_time()
     async with trio_asyncio.open_loop():
         async with trio.open_nursery() as outer:
             outer.start_soon(show_progress, args, progress, started)
+            outer.start_soon(watch_lag, lags)
             with trio.move_on_after(args.timeout) as timeout_scope:
                 async with trio.open_nursery() as nursery:
                     for i, run in enumerate(runs):
@@ -370,7 +377,23 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     send_times = [t for r in runs for t in r.sent_at.values()]
     first_send = min(send_times) if send_times else started
     # Throughput over the span in which results could flow: first send -> end.
-    return summarize(args, runs, elapsed, trio.current_time() - first_send)
+    summary = summarize(args, runs, elapsed, trio.current_time() - first_send)
+    lags.sort()
+    summary["loop_lag_ms"] = {
+        "p50": percentile(lags, 0.50) * 1e3,
+        "p99": percentile(lags, 0.99) * 1e3,
+        "max": (lags[-1] if lags else 0.0) * 1e3,
+    }
+    return summary
+
+
+async def watch_lag(lags: list[float], period: float = 0.01) -> None:
+    """How late this process's event loop wakes a 10 ms timer: when the load generator itself is
+    too busy, every latency it reports includes this."""
+    while True:
+        t = trio.current_time()
+        await trio.sleep(period)
+        lags.append(max(0.0, trio.current_time() - t - period))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
