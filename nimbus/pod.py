@@ -18,6 +18,7 @@ Delivery rules:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import time
 from collections import defaultdict
@@ -220,13 +221,15 @@ class Pod:
         s.acked = acked
         self._acks[s.client_id] = max(self._acks.get(s.client_id, 0), acked)
         self._ack_ns[s.client_id] = time.time_ns()
-        keep = []
-        for d, reply_to, token in s.unconfirmed:
-            if d <= acked:
-                self._reports[reply_to].append(ReportItem(token=token, delivered=True, client_id=s.client_id, delivery_id=d))
-            else:
-                keep.append((d, reply_to, token))
-        s.unconfirmed = keep
+        # unconfirmed is sorted by delivery id (see _deliver): the acked ones are a prefix, so an
+        # ack costs what it confirms, not the length of the window.
+        pending = s.unconfirmed
+        k = 0
+        while k < len(pending) and pending[k][0] <= acked:
+            d, reply_to, token = pending[k]
+            self._reports[reply_to].append(ReportItem(token=token, delivered=True, client_id=s.client_id, delivery_id=d))
+            k += 1
+        del pending[:k]
         self._flush.set()
 
     # -- tasks -------------------------------------------------------------------------------
@@ -350,7 +353,11 @@ class Pod:
             # Only the original's fields: it never sees a message it cannot understand.
             out = EventResponse(event_name=resp.event_name, number=resp.number, result=resp.result)
             out.log.CopyFrom(resp.log)
-        s.unconfirmed.append((d.delivery_id, reply_to, d.token))
+        entry = (d.delivery_id, reply_to, d.token)
+        if s.unconfirmed and s.unconfirmed[-1][0] > d.delivery_id:
+            bisect.insort(s.unconfirmed, entry)  # not expected (senders keep a client's order)
+        else:
+            s.unconfirmed.append(entry)
         s.last_queued = max(s.last_queued, d.delivery_id)
         self._send(s, out, d.delivery_id)
         self.counters.inc("pod.delivered")

@@ -203,7 +203,9 @@ class ReplayPipeline:
     async def _advance(self) -> None:
         """Move the stored cursor to the lowest DLQ offset not yet confirmed: everything of this
         client below it is delivered. Records fetched but not yet published keep it back."""
-        low = min((i.offset for i in self.unconfirmed.values()), default=self.published_to)
+        # Items are published in DLQ offset order and the dict keeps that order: its first item
+        # is the lowest (no scan of the window per report).
+        low = next(iter(self.unconfirmed.values())).offset if self.unconfirmed else self.published_to
         if low > self.cursor:
             self.cursor = low
             await self.svc.state.advance_cursor([(self.client_id, low)])
