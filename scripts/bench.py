@@ -801,7 +801,8 @@ async def replay(
             )
             routed = await make_backlog(fleet, kafka, ids, per)
             say(f"  backlog in the DLQ {routed:.1f} s after the workers started; reconnecting")
-            procs = [(p.name, p.pid) for p in fleet.procs]
+            # The replaying client runs in this process: profile it too (is it what bounds?).
+            procs = [(p.name, p.pid) for p in fleet.procs] + [("client", os.getpid())]
             spies = Spies(run_dir, f"replay-{label}", procs) if label == "one" else None
             r = await drain(fleet, ids, per, flips, spies, args.replay_ack_every)
             r["backlog_routed_s"] = round(routed, 1)
