@@ -78,6 +78,7 @@ from loguru import logger
 
 from nimbus import grpcwire
 from nimbus import messages as wire
+from nimbus.channels import receive_batch
 from nimbus.proto_gen.nimbus import (
     ErrorCode,
     EventError,
@@ -1234,8 +1235,14 @@ class NimbusClient:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pump)
                 async with receive_channel:
-                    async for item in receive_channel:
-                        await self._apply(stream, item)
+                    while True:
+                        # Everything the reader has handed over, without a trio round per item.
+                        try:
+                            items = await receive_batch(receive_channel)
+                        except trio.EndOfChannel:
+                            break
+                        for item in items:
+                            await self._apply(stream, item)
         finally:
             self._stream = None
             if stream.open:
@@ -1284,9 +1291,9 @@ class NimbusClient:
             deliver, seq = self._ledger.on_result(delivery_id, failed=failed, wire_seq=resp.seq)
             if not deliver and self._ledger.is_resend_duplicate(resp.delivery_id):
                 # Not for the application, but its ack must pass it in order.
-                await self._results_send.send(_Skip(resp.delivery_id))
+                await self._hand_result(_Skip(resp.delivery_id))
             elif deliver:
-                await self._results_send.send(
+                await self._hand_result(
                     Result(
                         delivery_id,
                         resp.event_name,
@@ -1319,9 +1326,16 @@ class NimbusClient:
                     )
         elif kind == wire.GAP:
             lost = self._ledger.on_gap(resp.gap_from, resp.gap_to)
-            await self._results_send.send(Gap(resp.gap_from, resp.gap_to, lost))
+            await self._hand_result(Gap(resp.gap_from, resp.gap_to, lost))
         else:
             self.stats.unexpected += 1
+
+    async def _hand_result(self, item: Result | Gap | _Skip) -> None:
+        """To the application's queue; waits (backpressure) only when it is full."""
+        try:
+            self._results_send.send_nowait(item)
+        except trio.WouldBlock:
+            await self._results_send.send(item)
 
     async def _ack_loop(self) -> None:
         """Send the cumulative ack when due: `ack_every` results taken, or `ack_interval` after the first."""
