@@ -1241,14 +1241,18 @@ def render(res: dict[str, Any]) -> str:
                 )
         lines += [
             "",
-            "CPU per event is several times higher in the paced runs than at the maximum. The likely"
-            " reason (the profile at 25% below points there: its samples sit in socket sends, epoll"
-            " wake-ups and thread hand-offs, not in Nimbus code): paced clients send one event per wake-up, so"
-            " each stage handles small batches and pays its per-batch costs (a thread hop per Kafka"
-            " poll/produce/commit, a Redis script per batch, a write syscall per gRPC message) for"
-            " very few events; unpaced, the same costs are shared by large batches. Where the achieved rate falls"
-            " short of the target while no Nimbus process is near 1.0 CPU, the CPUs went to other"
-            " work on the shared machine (load average column).",
+            "CPU per event is several times higher in the paced runs than at the maximum. The reason"
+            " (the profile at 25% below points there: its samples sit in socket sends, epoll"
+            " wake-ups, thread hand-offs and the trio/trio-asyncio schedulers, not in Nimbus code):"
+            " paced clients send one event per wake-up, so each stage handles small batches and pays"
+            " its per-batch costs (a thread hop and GIL hand-over per Kafka poll/produce, a Redis"
+            " script per batch, an HTTP/2 write per gRPC message, a trio scheduling round per"
+            " asyncio callback in trio-asyncio) for very few events; unpaced, the same costs are"
+            " shared by large batches. So at 50% of the maximum rate the machine's two CPUs are"
+            " close to saturated, and latency is queueing for a CPU (see the stage table below)."
+            " Where the achieved rate falls short of the target while no Nimbus process is near 1.0"
+            " CPU, the CPUs went to the brokers, the load client and other work on the machine"
+            " (load average column).",
         ]
     p50 = lv.get("p50", {})
     few = lv.get("p50_few", {})
@@ -1269,10 +1273,16 @@ def render(res: dict[str, Any]) -> str:
             )
         lines += [
             "",
-            "The Kafka hops (the two middle steps) do not depend on the number of clients; the two"
-            " gRPC legs (client send -> pod, pod deliver -> client) do. Those legs are the client"
-            " library and the pod's per-stream reader/writer (grpclib under trio-asyncio); which"
-            " side adds the time per stream is not isolated by this benchmark.",
+            "The Kafka hops (the two middle steps) depend little on the number of clients; the two"
+            " gRPC legs (client send -> pod, pod deliver -> client) do. Instrumented once (not part"
+            " of this run): the pod writes a result within ~1 ms (p50) of the deliver step, and the"
+            " time is spent in the client process before grpclib hands the message over, i.e. in"
+            " trio-asyncio, which runs one asyncio callback per trio scheduling round: with 50"
+            " streams in one process a 10 ms asyncio timer woke 94 ms late at p50 (1.5 s at worst)"
+            " while a trio timer in the same process was 3 ms late. Running all ready asyncio"
+            " callbacks per round halved these legs but made the clients write their messages one"
+            " by one instead of coalesced, and raised Nimbus's CPU per event by 40-90% (alternating"
+            " A/B runs): not kept.",
         ]
     elif p50.get("stages_ms"):
         lines += [
@@ -1311,9 +1321,10 @@ def render(res: dict[str, Any]) -> str:
                 " a grpclib echo on one stream under trio, no Nimbus logic, moved"
                 f" {lim.get('grpc_echo_1stream', {}).get('rate', 0):,.0f} messages/s each way; the replay"
                 f" reached {ratio(one['results_per_s'], lim.get('grpc_echo_1stream', {}).get('rate'))} of it."
-                " The rest is Nimbus's per-result work on the replay path (the replay's fetch ->"
-                " publish -> report loop, the pod's delivery checks, acks and reports) and the CPU"
-                " it could get on the shared machine."
+                " The rest is per-result work on the replay path: the drain client (one trio"
+                " process: decode, dedupe, ack; profiled below as `client`), the pod's delivery"
+                " checks, acks and reports, the replay's fetch -> publish -> report loop, and the"
+                " CPU they could get on the machine."
             ),
             f"- Kafka's own consume rate in this run: {lim.get('kafka_perf_consume', {}).get('rate', 0):,.0f}"
             f" records/s. Process utilisation during the 1-client drain: {one.get('process_utilisation')}"
@@ -1374,6 +1385,18 @@ def render(res: dict[str, Any]) -> str:
         "- Tried and not kept: group consumers with fetch_min_bytes 16 KB / fetch_max_wait 10 ms"
         " (to batch fetches at trickle rates): the idle worker went from 0.03 to 0.21 CPU and the"
         " paced runs' CPU per event did not fall.",
+        "- 2026-11-27 (quick runs and scripts/load_client.py against 2 pods + 1 worker process,"
+        " 50 clients, max rate; machine shared with another agent's benchmark): event consumer"
+        " pipelined (a poll no longer waits for its produce and a synchronous commit; offsets are"
+        " committed with a later poll) -- it had been the stage bounding the live rate, 2.2 s p50"
+        " of queueing before the compute step; several gRPC messages per HTTP/2 write on both"
+        " sides; the Kafka partition passed to send() (37 -> 19 µs per record); trace timestamps"
+        " set directly. Together: 2,000-2,700 -> 5,000-5,400 events/s, Nimbus CPU 460 -> 221 µs"
+        " per event, load client 229 -> 116 µs per event.",
+        "- 2026-11-27: the client library applies every response its stream reader handed over in"
+        " one go instead of one trio scheduling round each: one client's replay drain 4,665 ->"
+        " 11,909 results/s (quick run, 30,000 results); the bench process (the drain client) had"
+        " been ~90% busy.",
         "",
         "## Raw",
         "",
