@@ -52,6 +52,7 @@ from loguru import logger  # noqa: E402
 from nimbus.client import open_client  # noqa: E402
 
 HOST = "127.0.0.1"
+INSIDE_STAGE = "(inside Nimbus) server/ProcessEvent -> server/deliver"  # load_client.INSIDE
 PY = sys.executable
 CLK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -1088,6 +1089,15 @@ def render(res: dict[str, Any]) -> str:
                 "-",
                 target,
             )
+            inside = r.get("stages_ms", {}).get(INSIDE_STAGE)
+            if inside:
+                row(
+                    "  of which inside Nimbus (pod ingest -> pod deliver, sampled): p50 / p99 ms",
+                    f"{inside['p50']:.1f} / {inside['p99']:.1f}",
+                    "-",
+                    "-",
+                    "-",
+                )
             row(
                 f"  CPU µs per event at {frac[1:]}% (net of idle)",
                 f"{r.get('cpu_us_per_event')} ({r.get('cpu_us_per_event_net_of_idle')})",

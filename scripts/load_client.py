@@ -114,12 +114,24 @@ class RateLimiter:
 def record_stages(run: ClientRun, steps: Any, sent: float, received: float) -> None:
     """Time spent between consecutive trace steps of one result (wall clocks, one machine)."""
     prev_name, prev = "client send", sent
+    first_in = last_out = None
     for st in steps:
         name = f"{st.service_name}/{st.method_name}"
         t = st.timestamp.timestamp()
         run.stages.setdefault(f"{prev_name} -> {name}", []).append(t - prev)
         prev_name, prev = name, t
+        if name == "server/ProcessEvent" and first_in is None:
+            first_in = t
+        elif name == "server/deliver":
+            last_out = t
     run.stages.setdefault(f"{prev_name} -> client receive", []).append(received - prev)
+    if first_in is not None and last_out is not None:
+        # Inside Nimbus only: from the pod taking the event to the pod handing its result to
+        # the stream (excludes both gRPC legs and the client library).
+        run.stages.setdefault(INSIDE, []).append(last_out - first_in)
+
+
+INSIDE = "(inside Nimbus) server/ProcessEvent -> server/deliver"
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
