@@ -586,3 +586,23 @@ async def test_kafka_unreachable_cluster_is_log_unavailable(
         with pytest.raises(LogUnavailable, match=address):
             async with kafka_engine.open_kafka_log(address):
                 pass  # pragma: no cover
+
+
+def test_kafka_refused_async_commit_is_retried_only_if_nothing_newer_went_out() -> None:
+    """commit_later on Kafka: a refused async commit (a rebalance raced it) is sent again with
+    the next poll while the partition is owned, unless a newer commit was sent meanwhile
+    (retrying then would move the group's offset back)."""
+    from nimbus.engines.kafka import KafkaGroupConsumer, _RebalanceListener
+
+    tp, other = TopicPartition("t", 0), TopicPartition("t", 1)
+    c = KafkaGroupConsumer(None, _RebalanceListener(), "t", "g", 500)
+    c._owned = {tp}
+    c._sent = {tp: 20, other: 5}
+    c._refused = [{tp: 10, other: 5}]  # tp: stale (20 went out since); other: not owned
+    assert c._take_later() == {}
+    c._refused = [{tp: 20}]
+    assert c._take_later() == {tp: 20}
+    c._refused = [{tp: 20}]
+    c.commit_later({tp: 25})
+    assert c._take_later() == {tp: 25}  # the newer offset wins
+    assert c._take_later() == {}

@@ -529,6 +529,7 @@ class KafkaGroupConsumer:
         self._later: dict[TopicPartition, int] = {}
         self._refused: list[dict[TopicPartition, int]] = []
         self._refused_lock = threading.Lock()
+        self._sent: dict[TopicPartition, int] = {}  # highest offset sent in a commit, per partition
         self.closed = False
 
     def __repr__(self) -> str:
@@ -566,6 +567,8 @@ class KafkaGroupConsumer:
         mine = {tp: off for tp, off in offsets.items() if tp in owned}
         if not mine:
             return
+        for tp, off in mine.items():
+            self._sent[tp] = max(off, self._sent.get(tp, off))
         payload = {
             KafkaTP(tp.topic, tp.partition): OffsetAndMetadata(off, "", -1)
             for tp, off in mine.items()
@@ -592,7 +595,8 @@ class KafkaGroupConsumer:
         later, self._later = self._later, {}
         for offsets in refused:  # older than anything in _later: newer offsets win
             for tp, off in offsets.items():
-                if tp in self._owned:
+                # Not if a newer commit went out since (retrying would move the group back).
+                if tp in self._owned and off >= self._sent.get(tp, off):
                     later.setdefault(tp, off)
         if refused:
             logger.info("{}/{}: an offset commit was refused; retrying it with this poll", self.group, self.topic)
