@@ -4,7 +4,7 @@ channel, and the delivery reports and acks going back.
 
 The gRPC handler (asyncio side, `nimbus.server`) talks to it without crossing loops per message:
 it calls the synchronous `submit`, `on_ack` and `on_written`, and reads each session's
-`outbox` (an asyncio.Queue this side fills with `put_nowait`). Only `open_session` and
+`outbox` (an `Outbox`, asyncio.Queue-like, this side fills with `put_nowait`). Only `open_session` and
 `close_session` are awaited across the bridge, once per stream.
 
 Delivery rules:
@@ -21,7 +21,7 @@ import asyncio
 import bisect
 import itertools
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 import trio
@@ -61,11 +61,71 @@ class Close:
         self.message = message
 
 
-@dataclass(eq=False)
+OutboxItem = tuple[int, EventResponse | None] | Close  # None: confirm only
+
+
+class Outbox:
+    """A session's outgoing queue: the pod puts (`put_nowait`, never blocking), the stream's
+    one writer gets. asyncio.Queue's interface for that use, at a fraction of its memory, since
+    most streams are idle (issue #4: 10,000 of them on one pod): an asyncio.Queue holds four
+    deques (~2.5 KB) from birth; this holds a deque only while something is queued, and one
+    future only while the writer waits."""
+
+    __slots__ = ("_items", "_waiter", "maxsize")
+
+    def __init__(self, maxsize: int = 0) -> None:
+        self.maxsize = maxsize  # <= 0: unbounded, as asyncio.Queue
+        self._items: deque[OutboxItem] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items else 0
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def full(self) -> bool:
+        return 0 < self.maxsize <= self.qsize()
+
+    def put_nowait(self, item: OutboxItem) -> None:
+        items = self._items
+        if items is None:
+            items = self._items = deque()
+        elif 0 < self.maxsize <= len(items):
+            raise asyncio.QueueFull
+        items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def get_nowait(self) -> OutboxItem:
+        items = self._items
+        if not items:
+            raise asyncio.QueueEmpty
+        item = items.popleft()
+        if not items:
+            self._items = None  # an idle stream keeps no deque
+        return item
+
+    async def get(self) -> OutboxItem:
+        """The next item, waiting for one (one getter at a time: the stream's writer)."""
+        while not self._items:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
+        return self.get_nowait()
+
+
+@dataclass(eq=False, slots=True)
 class Session:
     client_id: str
     protocol: int
-    outbox: asyncio.Queue[tuple[int, EventResponse | None] | Close]  # None: confirm only
+    outbox: Outbox
     id: int
     epoch: int = 0
     closed: bool = False
@@ -112,7 +172,7 @@ class Pod:
             logger.info("pod {} up", self.channel)
 
     async def open_session(self, client_id: str, protocol: int) -> Session:
-        s = Session(client_id, protocol, asyncio.Queue(self.s.stream_queue), next(self._ids))
+        s = Session(client_id, protocol, Outbox(self.s.stream_queue), next(self._ids))
         held = self._connecting.setdefault(client_id, [])
         try:
             res = await self.state.connect(client_id, self.channel)

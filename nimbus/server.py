@@ -165,23 +165,43 @@ class NimbusService:
         finally:
             self._opening -= 1
         logs.bind_task(epoch=session.epoch)
-        reader = asyncio.ensure_future(self._reader(stream, session))
+        # The writer runs in a task of its own; this task is the reader (one task per stream
+        # fewer than a reader task and a writer task: idle streams are mostly their tasks).
         writer = asyncio.ensure_future(self._writer(stream, session))
+        me = asyncio.current_task()
+        assert me is not None
+        reading, stopped = True, False
+
+        def writer_done(_: object) -> None:
+            nonlocal stopped
+            if reading:
+                stopped = True
+                me.cancel()  # stop reading: see below
+
+        writer.add_done_callback(writer_done)
         try:
             # The writer ends on Close (superseded, slow, over a limit, shutdown) or a broken
             # stream; the reader ends the stream only if it broke (a half-close, or a refusal it
             # queued as a Close, keeps it open for the writer). A writer waiting for a client that
             # stopped reading notices the Close itself (see _writer).
-            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-            if reader in done and not reader.exception() and not reader.result():
-                await writer
-            elif writer in done:
+            try:
+                broke = await self._reader(stream, session)
+            except asyncio.CancelledError:
+                reading = False
+                # Only writer_done's cancellation is absorbed; any other (grpclib ending the
+                # handler) goes on.
+                if not stopped or me.uncancel() > 0:
+                    raise
                 writer.result()
+                return
+            except Exception:  # noqa: BLE001 - as a failed reader task: the stream just ends
+                broke = True
+            reading = False
+            if not broke or writer.done():
+                await writer
         finally:
-            reader.cancel()
+            reading = False
             writer.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
             await asyncio.shield(trio_asyncio.trio_as_aio(self.pod.close_session)(session))
 
     async def _reader(self, stream: Stream[EventRequest, EventResponse], s: Session) -> bool:
