@@ -70,23 +70,24 @@ class MessageTooLarge(Refusal):
         super().__init__("RESOURCE_EXHAUSTED", f"request message of {size} bytes is over the limit of {limit} bytes")
 
 
-async def _requests(stream: Stream[EventRequest, EventResponse], max_bytes: int) -> AsyncIterator[EventRequest]:
-    """The stream's requests, like `async for req in stream`, but a message's declared length is
-    checked against `max_bytes` before its body is read (grpclib itself would buffer any size)."""
-    h2 = stream._stream  # noqa: SLF001 - grpclib.protocol.Stream; grpclib has no size limit
-    while True:
-        meta = await h2.recv_data(5)
-        if not meta:
-            return
-        compressed, size = struct.unpack(">?I", meta)
-        if size > max_bytes:
-            raise MessageTooLarge(size, max_bytes)
-        if compressed:
-            raise Refusal("UNIMPLEMENTED", "compressed messages are not supported")
-        data = await h2.recv_data(size) if size else b""
-        if len(data) != size:  # the client ended the stream inside a message
-            raise Refusal("INVALID_ARGUMENT", "malformed message: the stream ended inside a message")
-        yield EventRequest.FromString(data)
+async def _next_request(h2: Any, max_bytes: int) -> EventRequest | None:
+    """The stream's next request (None at its end), like `await anext(stream)`, but a message's
+    declared length is checked against `max_bytes` before its body is read (grpclib itself would
+    buffer any size). `h2` is the grpclib.protocol.Stream; its buffer is what its `recv_data`
+    reads (one coroutine fewer held by each idle stream)."""
+    buffer = h2.buffer
+    meta = await buffer.read(5)
+    if not meta:
+        return None
+    compressed, size = struct.unpack(">?I", meta)
+    if size > max_bytes:
+        raise MessageTooLarge(size, max_bytes)
+    if compressed:
+        raise Refusal("UNIMPLEMENTED", "compressed messages are not supported")
+    data = await buffer.read(size) if size else b""
+    if len(data) != size:  # the client ended the stream inside a message
+        raise Refusal("INVALID_ARGUMENT", "malformed message: the stream ended inside a message")
+    return EventRequest.FromString(data)
 
 
 def _writable(h2: Any, size: int) -> bool:
@@ -209,8 +210,14 @@ class NimbusService:
         was cut (the writer then sends the Close's status)."""
         pod = self.pod
         limiter = self.limiter
+        h2 = stream._stream  # noqa: SLF001 - grpclib.protocol.Stream; grpclib has no size limit
+        max_bytes = self.max_message_bytes
         try:
-            async for req in _requests(stream, self.max_message_bytes):
+            while True:
+                req = None  # an idle stream holds no request (nor its protobuf arena)
+                req = await _next_request(h2, max_bytes)
+                if req is None:
+                    break
                 if req.ack > badinput.MAX_DELIVERY_ID:
                     badinput.message("grpc", badinput.BAD_ACK, f"client {s.client_id}: ack {req.ack}")
                     pod.cut(s, "INVALID_ARGUMENT", "ack is not a delivery id")
