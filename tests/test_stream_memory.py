@@ -10,7 +10,7 @@ import grpclib.protocol
 import pytest
 
 from nimbus.pod import Close, Outbox
-from nimbus.server import _ListEvent, slim_grpclib_events
+from nimbus.server import _ListEvent, _SlimQueue, slim_grpclib_streams
 
 
 def run(coro):  # noqa: ANN001, ANN201 - a plain asyncio run for these asyncio-side objects
@@ -109,11 +109,55 @@ def test_list_event_behaves_as_asyncio_event() -> None:
     run(main())
 
 
-def test_grpclib_streams_get_list_events() -> None:
-    original = grpclib.protocol.Event
+def test_slim_queue_behaves_as_asyncio_queue() -> None:
+    async def main() -> None:
+        q: asyncio.Queue[int] = _SlimQueue()
+        assert isinstance(q, asyncio.Queue) and isinstance(q._getters, list)  # noqa: SLF001
+        got: list[int] = []
+
+        async def reader() -> None:
+            for _ in range(3):
+                got.append(await q.get())
+                q.task_done()
+
+        cancelled = asyncio.ensure_future(q.get())
+        task = asyncio.ensure_future(reader())
+        await asyncio.sleep(0)
+        assert len(q._getters) == 2  # noqa: SLF001
+        cancelled.cancel()
+        await asyncio.sleep(0)
+        assert len(q._getters) == 1  # noqa: SLF001
+        for i in range(3):
+            q.put_nowait(i)
+        await asyncio.wait_for(task, 5)
+        assert got == [0, 1, 2] and q.empty()
+        await asyncio.wait_for(q.join(), 5)  # every item was task_done
+        q.put_nowait(9)
+        joined = asyncio.ensure_future(q.join())
+        await asyncio.sleep(0)
+        assert not joined.done()
+        assert q.get_nowait() == 9
+        q.task_done()
+        await asyncio.wait_for(joined, 5)
+        bounded: asyncio.Queue[int] = _SlimQueue(1)
+        bounded.put_nowait(1)
+        putter = asyncio.ensure_future(bounded.put(2))
+        await asyncio.sleep(0)
+        assert not putter.done() and len(bounded._putters) == 1  # noqa: SLF001
+        assert bounded.get_nowait() == 1
+        await asyncio.wait_for(putter, 5)
+        assert bounded.get_nowait() == 2
+
+    run(main())
+
+
+def test_grpclib_streams_get_slim_events_and_queues() -> None:
+    original = grpclib.protocol.Event, grpclib.protocol.Queue
     try:
-        slim_grpclib_events()
-        slim_grpclib_events()  # idempotent
-        assert grpclib.protocol.Event is _ListEvent
+        slim_grpclib_streams()
+        slim_grpclib_streams()  # idempotent
+        assert grpclib.protocol.Event is _ListEvent and grpclib.protocol.Queue is _SlimQueue
+        buffer = grpclib.protocol.Buffer(lambda n: None)
+        assert isinstance(buffer._unacked, _SlimQueue)  # noqa: SLF001
     finally:
-        grpclib.protocol.Event = original  # type: ignore[misc]
+        grpclib.protocol.Event, grpclib.protocol.Queue = original  # type: ignore[misc]
