@@ -2,7 +2,8 @@
 
 grpclib serves `nimbus.NimbusService/ProcessEvent` inside trio-asyncio. The handler (asyncio
 side) identifies the client from the `client_id` metadata, opens a session on the `Pod` (trio
-side), then runs a reader and a writer for the stream. The handler is registered by hand (not
+side), then reads the stream itself while a writer task writes it (an idle stream is mostly its
+tasks and grpclib's state: see `slim_grpclib_streams`). The handler is registered by hand (not
 through betterproto's generated base) because the generated one hides `stream.metadata`.
 
 Before anything changes state, a stream is checked: its identity (`nimbus.auth`: with auth on,
