@@ -48,7 +48,7 @@ from nimbus.messages import (  # also registers descriptors for reflection
     EventRequest,
     EventResponse,
 )
-from nimbus.pod import Close, Pod, Session
+from nimbus.pod import Close, Outbox, OutboxItem, Pod, Session
 from nimbus.ports import EngineError, Log, StateStore
 from nimbus.topics import ensure_topics
 
@@ -131,6 +131,27 @@ def slim_grpclib_streams() -> None:
     `_ListEvent` and `_SlimQueue` instead (~2 KB less per stream; idempotent)."""
     grpclib.protocol.Event = _ListEvent  # type: ignore[misc]
     grpclib.protocol.Queue = _SlimQueue  # type: ignore[misc]
+
+
+def _take_batch(outbox: Outbox, first: OutboxItem) -> tuple[bytes, int, list[int], Close | None]:
+    """`first` and what else is queued (up to WRITE_BATCH_BYTES, or up to a Close), framed for one
+    write: (data, number of messages, delivery ids in order (0: not a result), the Close met)."""
+    payloads: list[bytes] = []
+    ids: list[int] = []
+    size = 0
+    item = first
+    while True:
+        if isinstance(item, Close):
+            return grpcwire.frame(payloads), len(payloads), ids, item
+        delivery_id, resp = item
+        if resp is not None:  # None: a GAP the original's client cannot be told of
+            payload = resp.SerializeToString()
+            payloads.append(payload)
+            size += grpcwire.framed_size(len(payload))
+        ids.append(delivery_id)
+        if size >= WRITE_BATCH_BYTES or outbox.empty():
+            return grpcwire.frame(payloads), len(payloads), ids, None
+        item = outbox.get_nowait()
 
 
 def _writable(h2: Any, size: int) -> bool:
@@ -300,35 +321,18 @@ class NimbusService:
         outbox = s.outbox
         try:
             while True:
-                item = await outbox.get()
-                payloads: list[bytes] = []
-                ids: list[int] = []  # delivery ids written (0: not a result)
-                size = 0
-                close: Close | None = None
-                while True:
-                    if isinstance(item, Close):
-                        close = item
-                        break
-                    delivery_id, resp = item
-                    if resp is not None:  # None: a GAP the original's client cannot be told of
-                        payload = resp.SerializeToString()
-                        payloads.append(payload)
-                        size += grpcwire.framed_size(len(payload))
-                    ids.append(delivery_id)
-                    if size >= WRITE_BATCH_BYTES or outbox.empty():
-                        break
-                    item = outbox.get_nowait()
-                if payloads:
-                    need = min(size, WRITE_BATCH_BYTES)  # always reachable: the window is >= 64 KiB
+                data, n, ids, close = _take_batch(outbox, await outbox.get())
+                if n:
+                    need = min(len(data), WRITE_BATCH_BYTES)  # always reachable: the window is >= 64 KiB
                     if not _writable(h2, need):
                         # The client is not reading (fast enough). Wait for room without starting
                         # the write, so that a cut can still end the stream with a status
                         # (trailers are not flow-controlled; half a message would need a reset).
                         cut = await self._wait_writable(h2, need, s)
                         if cut is not None:
-                            close, payloads, ids = cut, [], []
-                    if payloads:
-                        await grpcwire.server_send(stream, grpcwire.frame(payloads), len(payloads))
+                            close, n, ids = cut, 0, []
+                    if n:
+                        await grpcwire.server_send(stream, data, n)
                 for delivery_id in ids:
                     if delivery_id:
                         pod.on_written(s, delivery_id)
@@ -336,6 +340,9 @@ class NimbusService:
                     if close.status is None:
                         return
                     raise GRPCError(grpclib.const.Status[close.status], close.message)
+                # An idle stream holds none of what it wrote (the bytes, nor through them the
+                # pub/sub batch its results came in): most streams are idle most of the time.
+                del data, ids
         except (StreamTerminatedError, ConnectionError):
             return
 
