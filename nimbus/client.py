@@ -189,6 +189,21 @@ class Result:
             object.__setattr__(self, "_log_wire", None)
         return self._log
 
+    def trace(self) -> list[tuple[str, float]]:
+        """The trace's steps as ("service/method", wall-clock seconds), read from the wire form
+        without decoding `log` (betterproto's decode costs ~1 ms per result; this ~10 µs)."""
+        if self._log_wire is not None:
+            return [
+                (f"{st.service_name}/{st.method_name}", st.timestamp.seconds + st.timestamp.nanos / 1e9)
+                for st in self._log_wire.steps
+            ]
+        if self._log is not None:
+            return [
+                (f"{st.service_name}/{st.method_name}", st.timestamp.timestamp())
+                for st in self._log.steps
+            ]
+        return []
+
     @property
     def ok(self) -> bool:
         return self.error is None

@@ -111,13 +111,12 @@ class RateLimiter:
             await trio.sleep_until(slot)
 
 
-def record_stages(run: ClientRun, steps: Any, sent: float, received: float) -> None:
-    """Time spent between consecutive trace steps of one result (wall clocks, one machine)."""
+def record_stages(run: ClientRun, steps: list[tuple[str, float]], sent: float, received: float) -> None:
+    """Time spent between consecutive trace steps of one result (wall clocks, one machine);
+    `steps` as `Result.trace()` gives them."""
     prev_name, prev = "client send", sent
     first_in = last_out = None
-    for st in steps:
-        name = f"{st.service_name}/{st.method_name}"
-        t = st.timestamp.timestamp()
+    for name, t in steps:
         run.stages.setdefault(f"{prev_name} -> {name}", []).append(t - prev)
         prev_name, prev = name, t
         if name == "server/ProcessEvent" and first_in is None:
@@ -184,8 +183,10 @@ async def run_client(
                 run.wrong += 1
             if n in run.sent_at:
                 run.latencies.append(now - run.sent_at[n])
-            if n in run.wall_sent_at and r.log is not None:
-                record_stages(run, r.log.steps, run.wall_sent_at.pop(n), time.time())
+            if n in run.wall_sent_at:
+                steps = r.trace()
+                if steps:
+                    record_stages(run, steps, run.wall_sent_at.pop(n), time.time())
             if run.answered() >= run.events:
                 run.done.set()
 

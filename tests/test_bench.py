@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
 
 import pytest
 
@@ -71,25 +70,33 @@ def test_summarize_profile(tmp_path: Path) -> None:
 
 
 def test_stages_from_trace() -> None:
+    """Result.trace() reads the wire trace (no betterproto decode); the load client turns it
+    into time per stage, plus the time inside Nimbus (pod in -> pod out)."""
     run = load_client.ClientRun(client_id="c", events=1)
-
-    def step(service: str, method: str, t: float) -> SimpleNamespace:
-        return SimpleNamespace(
-            service_name=service, method_name=method, timestamp=datetime.fromtimestamp(t, UTC)
-        )
-
-    steps = [step("server", "ProcessEvent", 100.010), step("event-consumer", "compute", 100.030)]
+    log = wire.LogEntry()
+    for service, method, ns in (
+        ("server", "ProcessEvent", 100_010_000_000),
+        ("event-consumer", "compute", 100_030_000_000),
+        ("server", "deliver", 100_032_500_000),
+    ):
+        st = log.steps.add(service_name=service, method_name=method)
+        st.timestamp.seconds, st.timestamp.nanos = divmod(ns, 1_000_000_000)
+    r = Result(5, "sq", 3, 9, None, None, 2, _log_wire=log)
+    steps = r.trace()
+    assert [n for n, _ in steps] == ["server/ProcessEvent", "event-consumer/compute", "server/deliver"]
+    assert r.trace() == [(n, t) for n, t in Result(5, "sq", 3, 9, None, r.log, 2).trace()]  # both forms
     load_client.record_stages(run, steps, sent=100.0, received=100.035)
     s = load_client.stage_summary([run])
     assert list(s) == [
         "client send -> server/ProcessEvent",
         "server/ProcessEvent -> event-consumer/compute",
-        "event-consumer/compute -> client receive",
+        "event-consumer/compute -> server/deliver",
+        "server/deliver -> client receive",
+        load_client.INSIDE,
     ]
-    assert s["server/ProcessEvent -> event-consumer/compute"]["p50"] == pytest.approx(
-        20.0, abs=0.01
-    )
-    assert s["event-consumer/compute -> client receive"]["n"] == 1
+    assert s["server/ProcessEvent -> event-consumer/compute"]["p50"] == pytest.approx(20.0, abs=0.01)
+    assert s[load_client.INSIDE]["p50"] == pytest.approx(22.5, abs=0.01)
+    assert s["server/deliver -> client receive"]["n"] == 1
 
 
 def test_result_decodes_its_trace_lazily_and_stays_immutable() -> None:
