@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import struct
 import subprocess
 import sys
 import threading
@@ -89,6 +90,8 @@ def kafka_rtt(args: argparse.Namespace) -> None:
     done = threading.Event()
     last = [0.0]
 
+    latencies: list[float] = []  # paced runs: produce call -> consumer has it, seconds
+
     def consume() -> None:
         nonlocal got
         while got < args.count:
@@ -96,7 +99,10 @@ def kafka_rtt(args: argparse.Namespace) -> None:
             n = sum(len(v) for v in batch.values())
             if n:
                 got += n
-                last[0] = time.perf_counter()
+                last[0] = now = time.perf_counter()
+                if args.rate:
+                    for recs in batch.values():
+                        latencies.extend(now - struct.unpack_from("d", r.value)[0] for r in recs)
                 consumer.commit_async()  # a commit per poll batch, as Nimbus's consumers
         done.set()
 
@@ -116,9 +122,15 @@ def kafka_rtt(args: argparse.Namespace) -> None:
             if acked[0] == args.count:
                 token.run_sync_soon(all_acked.set)
 
+        start = trio.current_time()
         for i in range(args.count):
-            producer.send(args.topic, value=value, key=keys[i % len(keys)]).add_callback(ok)
-            if i % 500 == 499:
+            if args.rate:  # paced: one record at a time, stamped with its send time
+                await trio.sleep_until(start + i / args.rate)
+                v = struct.pack("d", time.perf_counter()) + value[8:]
+            else:
+                v = value
+            producer.send(args.topic, value=v, key=keys[i % len(keys)]).add_callback(ok)
+            if not args.rate and i % 500 == 499:
                 await trio.lowlevel.checkpoint()
         await all_acked.wait()
 
@@ -128,7 +140,17 @@ def kafka_rtt(args: argparse.Namespace) -> None:
     cpu = cpu_now() - cpu0
     producer.close()
     consumer.close()
-    emit("kafka-rtt", got, seconds, cpu, size=args.size, linger_ms=args.linger_ms)
+    extra: dict[str, object] = {}
+    if args.rate:
+        latencies.sort()
+        extra = {
+            "paced_rate": args.rate,
+            "latency_ms": {
+                q: latencies[min(len(latencies) - 1, int(len(latencies) * f))] * 1e3 if latencies else 0.0
+                for q, f in (("p50", 0.5), ("p99", 0.99), ("max", 1.0))
+            },
+        }
+    emit("kafka-rtt", got, seconds, cpu, size=args.size, linger_ms=args.linger_ms, **extra)
 
 
 # --- Redis: PUBLISH -> subscriber with redis.asyncio --------------------------------------------
@@ -306,6 +328,9 @@ def main() -> None:
     k.add_argument("--count", type=int, default=20000)
     k.add_argument("--size", type=int, default=120)
     k.add_argument("--linger-ms", type=int, default=2)
+    k.add_argument(
+        "--rate", type=float, default=0.0, help="paced records/s: report one hop's latency (0: as fast as possible)"
+    )
     r = sub.add_parser("redis-pubsub")
     r.add_argument("--redis", required=True)
     r.add_argument("--count", type=int, default=50000)
