@@ -396,49 +396,18 @@ async def limits(
         out["kafka_perf_consume"] = {"rate": 0.0, "error": str(e)[:300]}
     say(f"  {out['kafka_perf_consume']['rate']:,.0f} records/s")
     say(f"limit: kafka-python produce->consume round trip, {n} records of {sizes['event']} B")
-    out["kafka_python_rtt"] = await run_json(
-        [
-            PY,
-            "scripts/bench_limits.py",
-            "kafka-rtt",
-            "--brokers",
-            kafka,
-            "--topic",
-            f"{args.prefix}-rtt",
-            "--count",
-            str(n),
-            "--size",
-            str(sizes["event"]),
-            "--linger-ms",
-            str(args.linger_ms),
-            "--partitions",
-            str(args.partitions),
-        ],
-        300,
-    )
+    def kafka_rtt(topic: str, count: int, *extra: str) -> list[str]:
+        return [
+            PY, "scripts/bench_limits.py", "kafka-rtt", "--brokers", kafka, "--topic", topic,
+            "--count", str(count), "--size", str(sizes["event"]), "--linger-ms", str(args.linger_ms),
+            "--partitions", str(args.partitions), *extra,
+        ]  # fmt: skip
+
+    out["kafka_python_rtt"] = await run_json(kafka_rtt(f"{args.prefix}-rtt", n), 300)
     say(f"  {out['kafka_python_rtt']['rate']:,.0f} records/s")
-    say(f"limit: one kafka-python hop's latency, paced at {paced_rate:,.0f} records/s (the 50% run's rate)")
+    say(f"limit: one kafka-python hop's latency, paced at {paced_rate:,.0f} records/s (the 50% run's rate; 1,000/s without a live phase)")
     out["kafka_python_hop_paced"] = await run_json(
-        [
-            PY,
-            "scripts/bench_limits.py",
-            "kafka-rtt",
-            "--brokers",
-            kafka,
-            "--topic",
-            f"{args.prefix}-hop",
-            "--count",
-            str(int(paced_rate * 5)),
-            "--size",
-            str(sizes["event"]),
-            "--linger-ms",
-            str(args.linger_ms),
-            "--partitions",
-            str(args.partitions),
-            "--rate",
-            str(paced_rate),
-        ],
-        300,
+        kafka_rtt(f"{args.prefix}-hop", int(paced_rate * 5), "--rate", str(paced_rate)), 300
     )
     hop = out["kafka_python_hop_paced"].get("latency_ms", {})
     say(f"  p50 {hop.get('p50', 0):.1f} ms, p99 {hop.get('p99', 0):.1f} ms")
