@@ -52,6 +52,21 @@ class Cluster:
         self.pod_scopes[i].cancel()
 
 
+def real_engine(kafka_brokers: str, redis_address: str, unique: str, partitions: int = 4) -> dict[str, Any]:
+    """open_cluster keywords for the real brokers, on topics and a Redis namespace of this test."""
+    return {
+        "engine": "real",
+        "kafka_brokers": kafka_brokers,
+        "redis_address": redis_address,
+        "kafka_events_topic": f"events-{unique}",
+        "kafka_results_topic": f"results-{unique}",
+        "kafka_dlq_topic": f"dlq-{unique}",
+        "kafka_partitions": partitions,
+        "redis_events_channel": f"pod-{unique}",
+        "redis_prefix": f"t-{unique}:",
+    }
+
+
 def _fields(s: Settings) -> dict[str, Any]:
     return {f: getattr(s, f) for f in s.__dataclass_fields__}
 

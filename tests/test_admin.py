@@ -7,7 +7,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -15,8 +14,8 @@ import trio_asyncio
 
 from nimbus import admin
 from nimbus.lifecycle import ClientRecord, Status
-from tests.harness import Cluster, open_cluster
-from tests.test_metrics import P2, results
+from tests.harness import Cluster, open_cluster, real_engine
+from tests.test_metrics import P2
 from tests.wire import open_stream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +65,7 @@ async def _client_with_backlog(c: Cluster, cid: str, n: int) -> None:
     async with open_stream(c.ports[0], {"client_id": cid, **P2}) as st:
         for i in range(1, n + 1):
             await st.event("sq", i, seq=i)
-        await results(st, 2)
+        await st.results(2)
     rec, lag = None, None
     with trio.move_on_after(90):
         while True:
@@ -93,7 +92,7 @@ async def test_queries_on_the_memory_engine(unique: str) -> None:
             await _client_with_backlog(c, cid, 30)
             async with open_stream(c.ports[0], {"client_id": live, **P2}) as st:
                 await st.event("sq", 3, seq=1)
-                await results(st, 1)
+                await st.results(1)
                 recs = {r.client_id: r for r in await admin.clients(c.engine.state)}
                 assert recs[live].status is Status.LIVE and recs[cid].status is Status.OFFLINE
                 assert [r.client_id for r in await admin.clients(c.engine.state, "LIVE")] == [live]
@@ -116,17 +115,7 @@ async def test_queries_on_the_memory_engine(unique: str) -> None:
 async def test_the_command_on_real_brokers(
     kafka_brokers: str, redis_address: str, unique: str
 ) -> None:
-    engine: dict[str, Any] = {
-        "engine": "real",
-        "kafka_brokers": kafka_brokers,
-        "redis_address": redis_address,
-        "kafka_events_topic": f"events-{unique}",
-        "kafka_results_topic": f"results-{unique}",
-        "kafka_dlq_topic": f"dlq-{unique}",
-        "kafka_partitions": 2,
-        "redis_events_channel": f"pod-{unique}",
-        "redis_prefix": f"t-{unique}:",
-    }
+    engine = real_engine(kafka_brokers, redis_address, unique, partitions=2)
     env = {
         **os.environ,
         "NIMBUS_ENGINE": "real",

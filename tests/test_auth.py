@@ -26,7 +26,7 @@ from nimbus.config import ConfigError
 from nimbus.lifecycle import Status
 from nimbus.proto_gen.nimbus import ResponseKind
 from tests.test_interop_grpcio import stubs  # noqa: F401 (fixture)
-from tests.test_pipeline import P2, cluster, engine, results, wait_status  # noqa: F401 (fixture)
+from tests.test_pipeline import P2, cluster, engine, wait_status  # noqa: F401 (fixture)
 from tests.wire import open_stream
 
 SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
@@ -388,7 +388,7 @@ async def test_one_client_cannot_receive_anothers_results(
 
             # Alice comes back (her token alone identifies her) and gets all 20, in order.
             async with open_stream(port, {"authorization": f"Bearer {tok_alice}", **P2}) as st:
-                got_alice = await results(st, 20)
+                got_alice = await st.results(20)
             assert [r.number for r in got_alice] == list(range(1, 21))
             assert [r.result for r in got_alice] == [n * n for n in range(1, 21)]
 

@@ -49,7 +49,7 @@ from nimbus.ports import Record
 from nimbus.proto_gen.nimbus import ResponseKind
 from nimbus.router import group_for as results_group
 from tests import rawgrpc
-from tests.harness import Cluster, open_cluster
+from tests.harness import Cluster, open_cluster, real_engine
 from tests.wire import open_stream
 
 P2 = {"nimbus-protocol": "2"}
@@ -629,22 +629,8 @@ async def test_fuzz_fixed_example_on_real_brokers(
 ) -> None:
     # Keys b"G"/b"R" in the fixed records stand for the two clients' real ids.
     await run_scenario(
-        _real(kafka_brokers, redis_address, unique), unique, FIXED_EDGE, FIXED_RECORDS
+        real_engine(kafka_brokers, redis_address, unique), unique, FIXED_EDGE, FIXED_RECORDS
     )
-
-
-def _real(kafka_brokers: str, redis_address: str, unique: str) -> dict[str, Any]:
-    return {
-        "engine": "real",
-        "kafka_brokers": kafka_brokers,
-        "redis_address": redis_address,
-        "kafka_events_topic": f"events-{unique}",
-        "kafka_results_topic": f"results-{unique}",
-        "kafka_dlq_topic": f"dlq-{unique}",
-        "kafka_partitions": 4,
-        "redis_events_channel": f"pod-{unique}",
-        "redis_prefix": f"t-{unique}:",
-    }
 
 
 # -- regressions: what the fuzzing found, one plain test each ---------------------------------
@@ -840,7 +826,7 @@ async def test_near_limit_event_does_not_stall_the_event_consumer(
     larger, which Kafka refuses (MessageSizeTooLarge); the event consumer retried that produce
     forever and every client's events on its partitions stalled."""
     with trio.fail_after(90):
-        async with cluster(_real(kafka_brokers, redis_address, unique)) as c:
+        async with cluster(real_engine(kafka_brokers, redis_address, unique)) as c:
             g = f"G-{unique}"
             before = bad_count("events")
             await write_raw(c, "events", [(g.encode(), _huge_event(g, 1_048_420))])
@@ -958,7 +944,7 @@ async def test_odd_printable_client_ids_survive_the_whole_path_on_real_brokers(
     results, a backlog replayed after a reconnect, the flip to LIVE (Redis scripts take batches
     as JSON; status checks are "client_id<TAB>ns")."""
     with trio.fail_after(120):
-        async with cluster(_real(kafka_brokers, redis_address, unique)) as c:
+        async with cluster(real_engine(kafka_brokers, redis_address, unique)) as c:
             for i, odd in enumerate(ODD_IDS):
                 cid = f"{odd}-{unique}"
                 async with open_stream(c.ports[0], {"client_id": cid, **P2}) as s:

@@ -15,7 +15,7 @@ import trio
 from nimbus.engines.murmur2 import partition_for
 from nimbus.lifecycle import Status
 from nimbus.proto_gen.nimbus import ResponseKind
-from tests.test_pipeline import P2, cluster, engine, results, wait_status  # noqa: F401 (fixture)
+from tests.test_pipeline import P2, cluster, engine, wait_status  # noqa: F401 (fixture)
 from tests.wire import open_stream
 
 
@@ -55,7 +55,7 @@ async def test_hole1_results_for_a_client_that_dropped_are_not_lost(engine: dict
         async with cluster(engine, pods=2) as c:
             await send_and_leave(c.ports[0], cid, range(1, 51))
             async with open_stream(c.ports[1], {"client_id": cid, **P2}) as st:
-                got = await results(st, 50)
+                got = await st.results(50)
             assert [r.number for r in got] == list(range(1, 51))
 
 
@@ -71,10 +71,10 @@ async def test_hole2_one_clients_replay_never_consumes_anothers_backlog(engine: 
             await wait_status(c, a, Status.OFFLINE)
             await wait_status(c, b, Status.OFFLINE)
             async with open_stream(c.ports[0], {"client_id": a, **P2}) as st:
-                got_a = await results(st, 15)
+                got_a = await st.results(15)
                 await wait_status(c, a, Status.LIVE)
             async with open_stream(c.ports[0], {"client_id": b, **P2}) as st:
-                got_b = await results(st, 15)
+                got_b = await st.results(15)
                 await wait_status(c, b, Status.LIVE)
             assert [r.number for r in got_a] == list(range(1, 31, 2))
             assert [r.number for r in got_b] == list(range(2, 31, 2))
@@ -95,7 +95,7 @@ async def test_hole3_result_for_an_old_pod_reaches_the_client_on_its_new_pod(eng
 
                 c.nursery.start_soon(EventConsumer(c.settings, c.engine.log, c.counters).run)
                 c.nursery.start_soon(ResultRouter(c.settings, c.engine.log, c.engine.state, c.counters).run)
-                got = await results(st, 20)
+                got = await st.results(20)
             assert [r.number for r in got] == list(range(1, 21))
 
 
@@ -159,7 +159,7 @@ async def test_hole6_replaying_client_goes_live_under_steady_traffic_from_others
                 n.start_soon(traffic)
                 n.start_soon(drain_b)
                 async with open_stream(c.ports[0], {"client_id": a, **P2}) as st:
-                    got = await results(st, 20)
+                    got = await st.results(20)
                     acked_at = trio.current_time()
                     await wait_status(c, a, Status.LIVE, timeout=20)
                     took = trio.current_time() - acked_at
@@ -178,9 +178,9 @@ async def test_hole7_unacked_results_are_redelivered_with_the_same_ids(engine: d
             async with open_stream(c.ports[0], {"client_id": cid, **P2}) as st:
                 for n in range(1, 11):
                     await st.event("sq", n, seq=n)
-                seen = await results(st, 10, ack=False)
+                seen = await st.results(10, ack=False)
             async with open_stream(c.ports[1], {"client_id": cid, **P2}) as st:
-                again = await results(st, 10)
+                again = await st.results(10)
             assert [r.delivery_id for r in again] == [r.delivery_id for r in seen]
             assert [r.number for r in again] == list(range(1, 11))
 
@@ -191,13 +191,13 @@ async def test_hole8_first_streams_end_does_not_mark_the_second_offline(engine: 
         async with cluster(engine, pods=1) as c:
             async with open_stream(c.ports[0], {"client_id": cid, **P2}) as first:
                 await first.event("sq", 1, seq=1)
-                await results(first, 1)
+                await first.results(1)
                 async with open_stream(c.ports[0], {"client_id": cid, **P2}) as second:
                     await trio.sleep(0.3)  # the first stream is closed by now
                     rec = await c.engine.state.get(cid)
                     assert rec is not None and rec.status is Status.LIVE and rec.epoch == 2
                     await second.event("sq", 9, seq=1)
-                    [r] = await results(second, 1)
+                    [r] = await second.results(1)
                     assert r.result == 81
 
 
@@ -223,7 +223,7 @@ async def test_hole9_failed_produce_is_reported_not_dropped(unique: str) -> None
                         assert e.value.status is GStatus.UNAVAILABLE
                 async with open_stream(c.ports[0], md) as st:
                     await st.event("sq", 3, seq=1)  # the resend goes through
-                    [res] = await results(st, 1, ack="nimbus-protocol" in md)
+                    [res] = await st.results(1, ack="nimbus-protocol" in md)
                     assert res.result == 9
 
 
@@ -238,11 +238,11 @@ async def test_listeners_resubscribe_when_the_state_store_drops_them(unique: str
             await trio.sleep(0.5)  # listeners back off 0.1 s, then resubscribe
             async with open_stream(c.ports[0], {"client_id": cid, **P2}) as st:
                 await st.event("sq", 12, seq=1)
-                [r] = await results(st, 1)
+                [r] = await st.results(1)
                 assert r.result == 144
             await send_and_leave(c.ports[0], cid, range(2, 6))
             async with open_stream(c.ports[1], {"client_id": cid, **P2}) as st:
-                got = await results(st, 4)
+                got = await st.results(4)
                 await wait_status(c, cid, Status.LIVE)
             assert [r.number for r in got] == [2, 3, 4, 5]
 
@@ -257,11 +257,11 @@ async def test_a_replay_that_loses_the_state_store_is_retried_not_fatal(unique: 
             await send_and_leave(c.ports[0], cid, range(1, 301))
             await wait_status(c, cid, Status.OFFLINE)
             async with open_stream(c.ports[0], {"client_id": cid, **P2}) as st:
-                first = await results(st, 10)
+                first = await st.results(10)
                 state.down = True  # type: ignore[attr-defined]
                 await trio.sleep(0.3)
                 state.down = False  # type: ignore[attr-defined]
-                rest = await results(st, 290)
+                rest = await st.results(290)
                 await wait_status(c, cid, Status.LIVE)
             numbers = [r.number for r in first + rest]
             assert sorted(set(numbers)) == list(range(1, 301))
@@ -287,7 +287,7 @@ async def test_original_client_gets_results_in_order_across_a_reconnect(engine: 
             c.nursery.start_soon(EventConsumer(c.settings, c.engine.log, c.counters).run)
             c.nursery.start_soon(ResultRouter(c.settings, c.engine.log, c.engine.state, c.counters).run)
             async with open_stream(c.ports[1], {"client_id": cid}) as st:
-                got = await results(st, 30, ack=False)
+                got = await st.results(30, ack=False)
                 await wait_status(c, cid, Status.LIVE)
             assert [(r.number, r.result) for r in got] == [(n, n * n) for n in range(1, 31)]
             assert all(r.delivery_id == 0 for r in got)  # only the original's fields

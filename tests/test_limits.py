@@ -22,7 +22,7 @@ from nimbus.limits import RateLimiter, TokenBucket
 from nimbus.proto_gen.nimbus import ErrorCode, ResponseKind
 from tests.test_auth import grpcio_stream
 from tests.test_interop_grpcio import stubs  # noqa: F401 (fixture)
-from tests.test_pipeline import P2, cluster, engine, results, wait_status  # noqa: F401 (fixture)
+from tests.test_pipeline import P2, cluster, engine, wait_status  # noqa: F401 (fixture)
 from tests.wire import open_stream
 
 # --- token bucket ------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ async def test_oversized_message_is_refused_and_nothing_receipted_is_lost(
             await wait_status(c, cid, Status.OFFLINE)
             # The receipted event's result (acked or not before the cut) comes on the next stream.
             async with open_stream(c.ports[0], {"client_id": cid, **P2}) as st:
-                [r] = await results(st, 1)
+                [r] = await st.results(1)
                 assert (r.number, r.result) == (7, 49)
 
 

@@ -24,10 +24,9 @@ from loguru import logger
 
 from nimbus import httpd, metrics
 from nimbus.lifecycle import Status
-from nimbus.proto_gen.nimbus import EventResponse, ResponseKind
 from nimbus.stats import Counters
 from tests.harness import Cluster, open_cluster
-from tests.wire import WireStream, open_stream
+from tests.wire import open_stream
 
 P2 = {"nimbus-protocol": "2"}
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,17 +49,6 @@ async def cluster(pods: int = 1, **kw: Any) -> AsyncIterator[Cluster]:
         ) as c,
     ):
         yield c
-
-
-async def results(st: WireStream, n: int) -> list[EventResponse]:
-    out: list[EventResponse] = []
-    while len(out) < n:
-        r = await st.recv()
-        assert r is not None, f"stream ended after {len(out)} of {n} results"
-        if r.kind == ResponseKind.RESULT:
-            out.append(r)
-            await st.ack(r.delivery_id)
-    return out
 
 
 async def wait_for(pred: Any, timeout: float = 20) -> None:
@@ -164,7 +152,7 @@ async def test_live_path_metrics_move_with_the_traffic(unique: str) -> None:
             async with open_stream(c.ports[0], {"client_id": cid, **P2}) as st:
                 for i in range(1, 51):
                     await st.event("sq", i, seq=i)
-                got = await results(st, 50)
+                got = await st.results(50)
                 assert [r.result for r in got] == [i * i for i in range(1, 51)]
                 assert m("nimbus_streams", pod=pod) == 1
                 await wait_for(
@@ -217,10 +205,10 @@ async def test_replay_metrics(unique: str) -> None:
             async with open_stream(c.ports[0], {"client_id": cid, **P2}) as st:
                 for i in range(1, n + 1):
                     await st.event("sq", i, seq=i)
-                first = await results(st, 5)
+                first = await st.results(5)
             await wait_for(lambda: m("nimbus_ops_total", op="router.dlq") > dlq0)
             async with open_stream(c.ports[1], {"client_id": cid, **P2}) as st2:
-                rest = await results(st2, n - len(first))
+                rest = await st2.results(n - len(first))
                 await wait_status_live(c, cid)
             assert [r.number for r in first + rest] == list(range(1, n + 1))
             assert m("nimbus_replay_drained_total") > drained0
@@ -242,7 +230,7 @@ async def test_stream_log_lines_carry_client_epoch_and_trace(unique: str) -> Non
                     md = {"client_id": cid, **P2, **({"x-trace-id": trace} if trace else {})}
                     async with open_stream(c.ports[0], md) as st:
                         await st.event("sq", 2, seq=1)
-                        await results(st, 1)
+                        await st.results(1)
                     await wait_for(
                         lambda e=epoch_hint: any(
                             ln["message"].startswith(f"client {cid} disconnected (epoch {e})")
@@ -363,7 +351,7 @@ async def test_each_process_serves_its_metrics_on_real_brokers(
         ):
             for i in range(1, 21):
                 await st.event("sq", i, seq=i)
-            got = await results(st, 20)
+            got = await st.results(20)
             assert [r.result for r in got] == [i * i for i in range(1, 21)]
             # The pod's metrics: its stage, its engine calls, the delivery latency, its streams.
             status, text = await http_get(processes["pod_metrics"], "/metrics")

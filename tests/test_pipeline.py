@@ -17,8 +17,8 @@ import trio_asyncio
 
 from nimbus.lifecycle import Status
 from nimbus.proto_gen.nimbus import ErrorCode, EventResponse, ResponseKind
-from tests.harness import Cluster, open_cluster
-from tests.wire import WireStream, open_stream
+from tests.harness import Cluster, open_cluster, real_engine
+from tests.wire import open_stream
 
 P2 = {"nimbus-protocol": "2"}
 
@@ -29,36 +29,13 @@ def engine(request: pytest.FixtureRequest, unique: str) -> dict[str, Any]:
         return {"engine": "memory"}
     brokers = request.getfixturevalue("kafka_brokers")
     redis = request.getfixturevalue("redis_address")
-    return {
-        "engine": "real",
-        "kafka_brokers": brokers,
-        "redis_address": redis,
-        "kafka_events_topic": f"events-{unique}",
-        "kafka_results_topic": f"results-{unique}",
-        "kafka_dlq_topic": f"dlq-{unique}",
-        "kafka_partitions": 4,
-        "redis_events_channel": f"pod-{unique}",
-        "redis_prefix": f"t-{unique}:",
-    }
+    return real_engine(brokers, redis, unique)
 
 
 @asynccontextmanager
 async def cluster(engine: dict[str, Any], pods: int = 1, **kw: Any) -> AsyncIterator[Cluster]:
     async with trio_asyncio.open_loop(), open_cluster(pods=pods, delivery_timeout_ms=2000, status_interval_ms=200, **engine, **kw) as c:
         yield c
-
-
-async def results(st: WireStream, n: int, *, ack: bool = True) -> list[EventResponse]:
-    """The next n RESULT messages (receipts skipped), acking each as it comes."""
-    out: list[EventResponse] = []
-    while len(out) < n:
-        r = await st.recv()
-        assert r is not None, f"stream ended after {len(out)} of {n} results"
-        if r.kind == ResponseKind.RESULT:
-            out.append(r)
-            if ack and r.delivery_id:
-                await st.ack(r.delivery_id)
-    return out
 
 
 async def wait_status(c: Cluster, client_id: str, status: Status, timeout: float = 10) -> None:
@@ -75,7 +52,7 @@ async def test_original_client_gets_squares_in_order(engine: dict[str, Any], uni
         async with cluster(engine) as c, open_stream(c.ports[0], {"client_id": f"orig-{unique}"}) as st:
             for n in range(1, 11):
                 await st.event("sq", n)
-            got = await results(st, 10, ack=False)
+            got = await st.results(10, ack=False)
             assert [(r.number, r.result) for r in got] == [(n, n * n) for n in range(1, 11)]
             # The original's client sees only the original's fields.
             assert all(r.delivery_id == 0 and r.kind == ResponseKind.RESULT for r in got)
@@ -119,15 +96,15 @@ async def test_disconnect_then_reconnect_elsewhere_replays_in_order(engine: dict
             async with open_stream(c.ports[0], {"client_id": cid, **P2}) as st:
                 for i in range(1, n + 1):
                     await st.event("sq", i, seq=i)
-                first = await results(st, 20)
+                first = await st.results(20)
             # Gone with ~180 results still coming: they must land in the DLQ.
             await wait_status(c, cid, Status.OFFLINE)
             async with open_stream(c.ports[1], {"client_id": cid, **P2}) as st2:
-                rest = await results(st2, n - 20)
+                rest = await st2.results(n - 20)
                 await wait_status(c, cid, Status.LIVE)
                 # Live again: a new event comes straight through.
                 await st2.event("sq", n + 1, seq=n + 1)
-                [live] = await results(st2, 1)
+                [live] = await st2.results(1)
             got = first + rest
             assert [r.number for r in got] == list(range(1, n + 1))
             ids = [r.delivery_id for r in got]
@@ -148,7 +125,7 @@ async def test_second_stream_supersedes_the_first(engine: dict[str, Any], unique
         async with cluster(engine, pods=2) as c:
             async with open_stream(c.ports[0], {"client_id": cid, **P2}) as old:
                 await old.event("sq", 2, seq=1)
-                await results(old, 1)
+                await old.results(1)
                 async with open_stream(c.ports[1], {"client_id": cid, **P2}) as new:
                     # grpclib's client reports the server's trailers-then-RST_STREAM(NO_ERROR) as a
                     # reset; grpcio reports ABORTED (see test_interop_grpcio). Either way it ends.
@@ -161,7 +138,7 @@ async def test_second_stream_supersedes_the_first(engine: dict[str, Any], unique
                     rec = await c.engine.state.get(cid)
                     assert rec is not None and rec.status is Status.LIVE and rec.epoch == 2
                     await new.event("sq", 5, seq=1)
-                    [r] = await results(new, 1)
+                    [r] = await new.results(1)
                     assert r.result == 25
 
 
@@ -174,7 +151,7 @@ async def test_malformed_records_are_skipped_and_the_consumers_keep_going(engine
             await c.engine.log.producer.send_batch(s.kafka_results_topic, [(cid.encode(), b"\x08\x96\x01 not a result")])
             async with open_stream(c.ports[0], {"client_id": cid, **P2}) as st:
                 await st.event("sq", 7, seq=1)
-                [r] = await results(st, 1)
+                [r] = await st.results(1)
                 assert r.result == 49
             assert c.counters["events.malformed"] >= 1
             assert c.counters["router.malformed"] >= 1

@@ -18,8 +18,8 @@ import trio_asyncio
 
 from nimbus.engines.redis import open_redis_state
 from nimbus.lifecycle import Status
-from nimbus.proto_gen.nimbus import EventResponse, ResponseKind
-from tests.wire import WireStream, open_stream
+from nimbus.proto_gen.nimbus import EventResponse
+from tests.wire import open_stream
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,17 +91,6 @@ async def wait_listening(port: int, timeout: float = 60) -> None:
                 await trio.sleep(0.1)
 
 
-async def collect(st: WireStream, n: int) -> list[EventResponse]:
-    out: list[EventResponse] = []
-    while len(out) < n:
-        r = await st.recv()
-        assert r is not None, f"stream ended after {len(out)} results"
-        if r.kind == ResponseKind.RESULT:
-            out.append(r)
-            await st.ack(r.delivery_id)
-    return out
-
-
 async def test_reconnect_on_the_other_pod_gets_all_1000_in_order(deployment: Deployment, unique: str) -> None:
     cid = f"proc-{unique}"
     with trio.fail_after(180):
@@ -111,12 +100,12 @@ async def test_reconnect_on_the_other_pod_gets_all_1000_in_order(deployment: Dep
             async with open_stream(deployment.pods[0][1], {"client_id": cid, **P2}) as st:
                 for n in range(1, 1001):
                     await st.event("sq", n, seq=n)
-                first = await collect(st, 500)
+                first = await st.results(500)
             async with open_stream(deployment.pods[1][1], {"client_id": cid, **P2}) as st2:
                 seen = {r.delivery_id for r in first}
                 rest: list[EventResponse] = []
                 while len(first) + len(rest) < 1000:
-                    [r] = await collect(st2, 1)
+                    [r] = await st2.results(1)
                     if r.delivery_id in seen:
                         continue  # a redelivery (same id): the client library drops these
                     seen.add(r.delivery_id)
@@ -144,7 +133,7 @@ async def test_sigterm_drains_marks_offline_and_exits_0(deployment: Deployment, 
         async with trio_asyncio.open_loop():
             async with open_stream(port, {"client_id": cid, **P2}) as st:
                 await st.event("sq", 4, seq=1)
-                [r] = await collect(st, 1)
+                [r] = await st.results(1)
                 assert r.result == 16
                 proc.send_signal(signal.SIGTERM)
                 # The server ends the stream (UNAVAILABLE, or a reset if grpclib's close wins).

@@ -19,7 +19,7 @@ from nimbus import metrics, web
 from nimbus.lifecycle import Status
 from nimbus.proto_gen.nimbus import ResponseKind
 from tests.harness import Cluster, open_cluster
-from tests.test_metrics import P2, http_get, results, wait_for
+from tests.test_metrics import P2, http_get, wait_for
 from tests.wire import open_stream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ async def _load(c: Cluster, clients: int, stop: trio.Event, tag: str) -> None:
                     for _ in range(10):
                         seq += 1
                         await st.event("sq", seq % 1000, seq=seq)
-                    await results(st, 10)
+                    await st.results(10)
                     await trio.sleep(0.05)
 
     async with trio.open_nursery() as n:
@@ -85,7 +85,7 @@ async def _stuck_replay(c: Cluster, cid: str) -> None:
     async with open_stream(c.ports[0], {"client_id": cid, **P2}) as st:
         for i in range(1, 201):
             await st.event("sq", i, seq=i)
-        await results(st, 1)
+        await st.results(1)
     with trio.fail_after(60):
         while True:
             rec = await c.engine.state.get(cid)

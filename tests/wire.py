@@ -10,7 +10,7 @@ import trio
 import trio_asyncio
 from grpclib.client import Channel, Stream
 
-from nimbus.proto_gen.nimbus import EventRequest, EventResponse
+from nimbus.proto_gen.nimbus import EventRequest, EventResponse, ResponseKind
 
 PATH = "/nimbus.NimbusService/ProcessEvent"
 
@@ -32,6 +32,18 @@ class WireStream:
 
     async def recv(self) -> EventResponse | None:
         return await trio_asyncio.aio_as_trio(self.stream.recv_message)()
+
+    async def results(self, n: int, *, ack: bool = True) -> list[EventResponse]:
+        """The next n RESULT messages (receipts skipped), acking each as it comes."""
+        out: list[EventResponse] = []
+        while len(out) < n:
+            r = await self.recv()
+            assert r is not None, f"stream ended after {len(out)} of {n} results"
+            if r.kind == ResponseKind.RESULT:
+                out.append(r)
+                if ack and r.delivery_id:
+                    await self.ack(r.delivery_id)
+        return out
 
     async def end(self) -> None:
         await trio_asyncio.aio_as_trio(self.stream.end)()

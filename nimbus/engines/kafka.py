@@ -563,8 +563,7 @@ class KafkaGroupConsumer:
         """Send an offset commit for the owned partitions among `offsets` without waiting for
         it (poll thread); its answer is handled by a later poll. A refused commit is kept for
         the next one."""
-        owned = {_tp(t.topic, t.partition) for t in self._c.assignment()}
-        mine = {tp: off for tp, off in offsets.items() if tp in owned}
+        mine = self._assigned_only(offsets)
         if not mine:
             return
         for tp, off in mine.items():
@@ -640,9 +639,13 @@ class KafkaGroupConsumer:
         }
         self._c.commit(payload, timeout_ms=_COMMIT_TIMEOUT_MS)
 
-    def _commit_owned_sync(self, offsets: dict[TopicPartition, int]) -> None:
+    def _assigned_only(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """The offsets of partitions assigned to this member now (poll thread)."""
         owned = {_tp(t.topic, t.partition) for t in self._c.assignment()}
-        mine = {tp: off for tp, off in offsets.items() if tp in owned}
+        return {tp: off for tp, off in offsets.items() if tp in owned}
+
+    def _commit_owned_sync(self, offsets: dict[TopicPartition, int]) -> None:
+        mine = self._assigned_only(offsets)
         if mine:
             self._commit_sync(mine)
 
