@@ -9,9 +9,15 @@ pipeline of three stages joined by bounded trio memory channels:
       -> publish (batches to the client's pod channel, at most `replay_window` unconfirmed)
       -> ack (delivery reports; advance the cursor; at the end, ask for the flip to LIVE)
 
+The replays of a worker share one reader per DLQ partition and what it fetched
+(`nimbus.replay_cache`): clients replaying from the same partition at once read its records
+from Kafka about once, not once each, and a hundred replays do not mean a hundred Kafka
+consumers (each with its own network thread).
+
 A lease in the state store makes sure one worker replays a client at a time, whatever number of
 workers run. The replay ends when the client is no longer REPLAYING under the epoch it started
-with (flipped LIVE, disconnected, or reconnected: a new replay takes over from the cursor).
+with (flipped LIVE, disconnected, or reconnected: a new replay takes over from the cursor); the
+service reads all its replaying clients' records in one round trip to see it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import contextlib
 import itertools
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
 
 import trio
 from loguru import logger
@@ -28,16 +36,31 @@ from loguru import logger
 from nimbus import badinput, logs
 from nimbus.channels import receive_batch
 from nimbus.config import Settings
-from nimbus.lifecycle import Status
+from nimbus.lifecycle import ClientRecord, Status
 from nimbus.messages import GAP, DeliveryReport, EventResponse, KafkaEventResponse, ReportItem
 from nimbus.pod import REPLAY_REQUESTS, STATUS_CHECKS
-from nimbus.ports import EngineError, Log, LogReader, StateStore, TopicPartition
+from nimbus.ports import EngineError, Log, LogReader, Record, StateStore, TopicPartition
+from nimbus.replay_cache import FetchCache
 from nimbus.router import parse_result, pod_messages
 from nimbus.router_window import Entry
 from nimbus.stats import Counters
 from nimbus.subscriptions import listen
 
 LEASE_MS = 4_000  # renewed every third of it; a killed worker's replays restart after this
+_END_POLL_S = 0.02  # a fetch at a partition's end holds the shared reader this long at most
+_BEGINS_MAX_AGE_S = 1.0  # see ReplayPipeline._fetch
+_WATCH_S = 0.2  # how often the service reads its replaying clients' records
+
+
+@dataclass
+class _Feed:
+    """One DLQ partition's reader, shared by the replays reading that partition."""
+
+    users: int = 0
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    opened: AbstractAsyncContextManager[LogReader] | None = None
+    reader: LogReader | None = None
+    end: tuple[int, float] = (-1, 0.0)  # (offset, when): a fetch there found nothing new then
 
 
 @dataclass
@@ -67,36 +90,41 @@ class ReplayPipeline:
         self.last_published = (0, 0)  # (token, delivery id)
         self.last_ack_ns = 0
         self.gap_from = 0  # > 0: results from this delivery id on may have aged out (see _gap)
+        self.stopped = False  # a delivery failed: the stream is gone, the cursor stays
+        self.scope: trio.CancelScope | None = None
 
     def __repr__(self) -> str:
         return f"<ReplayPipeline {self.client_id} epoch={self.epoch} cursor={self.cursor} unconfirmed={len(self.unconfirmed)}>"
 
-    async def run(self, reader: LogReader) -> None:
+    async def run(self) -> None:
         t0 = trio.current_time()
         send, recv = trio.open_memory_channel[tuple[list[_Item], int]](4)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._fetch, reader, send)
+            nursery.start_soon(self._fetch, send)
             nursery.start_soon(self._publish, recv)
             nursery.start_soon(self._ack, nursery.cancel_scope)
-            nursery.start_soon(self._watch, nursery.cancel_scope)
+            nursery.start_soon(self._keep_lease, nursery.cancel_scope)
+            self.scope = nursery.cancel_scope  # the service's watcher ends the replay through it
         logger.info(
             "replay of {} (epoch {}) ended: {} results delivered in {:.3f}s",
             self.client_id, self.epoch, self.delivered, trio.current_time() - t0,
         )
 
-    async def _fetch(self, reader: LogReader, send: trio.MemorySendChannel[tuple[list[_Item], int]]) -> None:
-        topic = self.svc.s.kafka_dlq_topic
+    async def _fetch(self, send: trio.MemorySendChannel[tuple[list[_Item], int]]) -> None:
         key = self.client_id.encode()
-        check_start = True  # is part of what we are to read gone (retention)? See _gap.
+        # Is part of what we are to read gone (retention)? See _gap. Checked at the start, and
+        # again after each stall at the end (then with the partition starts of up to a second
+        # ago, shared by the worker's replays: many replays wait at their ends at once).
+        check_start: float | None = 0.0  # None: no check due; else the age allowed
         async with send:
             while True:
                 if self.fetched_to < 0:
                     await trio.sleep(0.02)  # no DLQ write recorded yet; _watch picks it up
                     continue
-                if check_start:
-                    check_start = False
-                    await self._check_retention()
-                records = await reader.fetch(topic, self.partition, self.fetched_to, 500, 0.1)
+                if check_start is not None:
+                    await self._check_retention(check_start)
+                    check_start = None
+                records = await self.svc.fetch(self, self.fetched_to, 500, 0.1)
                 if records and records[0].offset > self.fetched_to:
                     await self._check_retention()  # the reader skipped records: aged out?
                 if not records:
@@ -109,7 +137,7 @@ class ReplayPipeline:
                             if gap is not None:
                                 await send.send(([gap], self.fetched_to))
                                 continue
-                        check_start = True  # a stall at the end may hide a deleted range too
+                        check_start = _BEGINS_MAX_AGE_S  # a stall at the end may hide a deleted range too
                         self.caught_up.set()
                         if self._drained():
                             await self.svc.request_flip(self.client_id, self.last_ack_ns)
@@ -134,12 +162,12 @@ class ReplayPipeline:
                 self.fetched_to = records[-1].offset + 1
                 await send.send((batch, self.fetched_to))
 
-    async def _check_retention(self) -> None:
+    async def _check_retention(self, max_age: float = 0.0) -> None:
         """If the DLQ partition now starts above where we read, the records in between aged out
         (retention): results of this client after `acked` may be among them. The client is told
         with a GAP before the next result of its that is still there (or, if none is, up to the
         last one written to the DLQ), so it can ack past them and go LIVE."""
-        start = (await self.svc.log.begin_offsets(self.svc.s.kafka_dlq_topic)).get(self.partition, 0)
+        start = (await self.svc.dlq_begin_offsets(max_age)).get(self.partition, 0)
         if self.fetched_to < start:
             logger.warning(
                 "replay of {}: DLQ offsets {}..{} of partition {} aged past retention; results after"
@@ -194,21 +222,23 @@ class ReplayPipeline:
                 await self._send(entries)
                 self.published_to = end
                 if not batch:
-                    await self._advance()
+                    self._advance()
 
     async def _send(self, entries: list[Entry]) -> None:
         if entries:
             await self.svc.state.publish(pod_messages(self.svc.reply_to, entries, self.svc.s.instance_id, "replay"))
 
-    async def _advance(self) -> None:
+    def _advance(self) -> None:
         """Move the stored cursor to the lowest DLQ offset not yet confirmed: everything of this
         client below it is delivered. Records fetched but not yet published keep it back."""
         # Items are published in DLQ offset order and the dict keeps that order: its first item
         # is the lowest (no scan of the window per report).
+        if self.stopped:
+            return
         low = next(iter(self.unconfirmed.values())).offset if self.unconfirmed else self.published_to
         if low > self.cursor:
             self.cursor = low
-            await self.svc.state.advance_cursor([(self.client_id, low)])
+            self.svc.advance_cursor(self.client_id, low)
 
     async def _ack(self, cancel: trio.CancelScope) -> None:
         """Delivery reports for this replay: advance the cursor; ask for the flip when drained."""
@@ -229,34 +259,38 @@ class ReplayPipeline:
                     else:
                         failed = True
                 if failed:
+                    # What failed left `unconfirmed` above: the cursor must not move any more (a
+                    # stage already woken would otherwise count it as delivered before it sees
+                    # the cancellation).
+                    self.stopped = True
                     logger.info("replay of {}: the stream (epoch {}) is gone; stopping", self.client_id, self.epoch)
                     cancel.cancel()
                     return
-                await self._advance()
+                self._advance()
                 if self._drained():
                     await self.svc.request_flip(self.client_id, self.last_ack_ns)
 
-    async def _watch(self, cancel: trio.CancelScope) -> None:
-        """End when the client is no longer ours to replay; keep the lease."""
-        last_lease = trio.current_time()
+    async def _keep_lease(self, cancel: trio.CancelScope) -> None:
         while True:
-            await trio.sleep(0.2)
-            now = trio.current_time()
-            if now - last_lease > LEASE_MS / 3000:
-                last_lease = now
-                if not await self.svc.state.acquire_lease(self.svc.lease_name(self.client_id), self.svc.owner, LEASE_MS):
-                    logger.warning("replay of {}: lease lost; stopping", self.client_id)
-                    cancel.cancel()
-                    return
-            rec = await self.svc.state.get(self.client_id)
-            if rec is None or rec.status is not Status.REPLAYING or rec.epoch != self.epoch:
+            await trio.sleep(LEASE_MS / 3000)
+            if not await self.svc.state.acquire_lease(self.svc.lease_name(self.client_id), self.svc.owner, LEASE_MS):
+                logger.warning("replay of {}: lease lost; stopping", self.client_id)
                 cancel.cancel()
                 return
-            if self.fetched_to < 0 <= rec.cursor:
-                # The first DLQ write for this client landed after the replay started.
-                self.cursor = self.fetched_to = self.published_to = rec.cursor
-            elif self._drained():
-                await self.svc.request_flip(self.client_id, self.last_ack_ns)  # safety net for a lost request
+
+    def on_record(self, rec: ClientRecord | None) -> bool:
+        """The client's stored record, read by the service's watcher for all replays at once:
+        end when the client is no longer ours to replay. True: ask for the flip again (the
+        first request may have been lost)."""
+        if rec is None or rec.status is not Status.REPLAYING or rec.epoch != self.epoch:
+            if self.scope is not None:
+                self.scope.cancel()
+            return False
+        if self.fetched_to < 0 <= rec.cursor:
+            # The first DLQ write for this client landed after the replay started.
+            self.cursor = self.fetched_to = self.published_to = rec.cursor
+            return False
+        return self._drained()
 
 
 class ReplayService:
@@ -274,6 +308,12 @@ class ReplayService:
         self._by_token: dict[int, ReplayPipeline] = {}
         self._limiter = trio.CapacityLimiter(settings.max_replays)
         self._requests_send, self._requests_recv = trio.open_memory_channel[str](10_000)
+        self.cache = FetchCache()
+        self._feeds: dict[int, _Feed] = {}  # DLQ partition -> its reader, while some replay reads it
+        self._begins: tuple[float, dict[int, int]] = (0.0, {})
+        self._begins_lock = trio.Lock()
+        self._cursors: dict[str, int] = {}  # client -> cursor to store (see advance_cursor)
+        self._cursors_due = trio.Event()
 
     def __repr__(self) -> str:
         return f"<ReplayService {self.owner} active={len(self.active)}>"
@@ -290,16 +330,118 @@ class ReplayService:
     def forget_token(self, token: int) -> None:
         self._by_token.pop(token, None)
 
+    async def fetch(self, p: ReplayPipeline, offset: int, max_records: int, timeout: float) -> list[Record]:  # noqa: ASYNC109
+        """DLQ records of p's partition from `offset` on: from the shared cache when some replay
+        fetched them already, else through the partition's one reader (and then cached for the
+        others). At the end of the partition the reader is not held for the wait: a short poll,
+        then a sleep for the rest of `timeout`; replays waiting at the same end share the poll."""
+        part = p.partition
+        hit = self.cache.get(part, offset, max_records)
+        if hit is not None:
+            self.counters.inc("replay.fetch_shared")
+            return hit
+        feed = self._feeds[part]
+        until = trio.current_time() + timeout
+        async with feed.lock:
+            records = self.cache.get(part, offset, max_records)
+            at_end, when = feed.end
+            if records is not None or (0 <= at_end <= offset and trio.current_time() - when < timeout):
+                self.counters.inc("replay.fetch_shared")  # fetched, or found the end, meanwhile
+            else:
+                if feed.reader is None:
+                    opening = self.log.reader()
+                    feed.reader = await opening.__aenter__()
+                    feed.opened = opening
+                self.counters.inc("replay.fetch_own")
+                records = await feed.reader.fetch(
+                    self.s.kafka_dlq_topic, part, offset, max_records, min(timeout, _END_POLL_S)
+                )
+                if records:
+                    self.cache.put(part, offset, records)
+                else:
+                    feed.end = (offset, trio.current_time())
+        if not records:
+            await trio.sleep_until(until)
+            return []
+        return records
+
+    async def dlq_begin_offsets(self, max_age: float) -> dict[int, int]:
+        """The DLQ partitions' first offsets, as read at most `max_age` seconds ago."""
+        async with self._begins_lock:
+            at, begins = self._begins
+            if trio.current_time() - at > max_age or not begins:
+                begins = await self.log.begin_offsets(self.s.kafka_dlq_topic)
+                self._begins = (trio.current_time(), begins)
+            return begins
+
+    def advance_cursor(self, client_id: str, cursor: int) -> None:
+        """Store a replay's progress; the writes of all replays go out together."""
+        self._cursors[client_id] = max(cursor, self._cursors.get(client_id, 0))
+        self._cursors_due.set()
+
+    async def _cursor_writer(self) -> None:
+        while True:
+            await self._cursors_due.wait()
+            self._cursors_due = trio.Event()
+            items, self._cursors = self._cursors, {}
+            try:
+                await self.state.advance_cursor(list(items.items()))
+            except EngineError as e:
+                # A cursor behind only means a later replay re-reads a little (and skips what is
+                # acked); retried with the next writes.
+                logger.warning("replay: storing cursors failed: {}", e)
+                for cid, c in items.items():
+                    self._cursors[cid] = max(c, self._cursors.get(cid, 0))
+                await trio.sleep(0.2)
+                self._cursors_due.set()
+
+    @contextlib.asynccontextmanager
+    async def _feed(self, partition: int) -> AsyncIterator[None]:
+        """The partition's reader is opened by its first fetch and closed with its last user."""
+        feed = self._feeds.get(partition)
+        if feed is None:
+            feed = self._feeds[partition] = _Feed()
+        feed.users += 1
+        try:
+            yield
+        finally:
+            feed.users -= 1
+            if feed.users == 0:
+                del self._feeds[partition]
+                if feed.opened is not None:
+                    with trio.CancelScope(shield=True):
+                        await feed.opened.__aexit__(None, None, None)
+
     async def request_flip(self, client_id: str, last_ack_ns: int = 0) -> None:
         """Ask the status manager for the flip; `last_ack_ns` (wall clock) is when the last
         confirmation of the backlog arrived here, so the flip's delay can be measured."""
         await self.state.publish([(STATUS_CHECKS, f"{client_id}\t{last_ack_ns}".encode())])
+
+    async def _watch(self) -> None:
+        """Every replay's client record, read for all of them in one round trip: a replay ends
+        when its client is no longer REPLAYING under its epoch; a drained one asks again."""
+        while True:
+            await trio.sleep(_WATCH_S)
+            pipes = list(self.active.values())
+            if not pipes:
+                continue
+            try:
+                recs = await self.state.get_many([p.client_id for p in pipes])
+                again = [p for p, rec in zip(pipes, recs, strict=True) if p.on_record(rec)]
+                if again:
+                    await self.state.publish(
+                        [(STATUS_CHECKS, f"{p.client_id}\t{p.last_ack_ns}".encode()) for p in again]
+                    )
+            except EngineError as e:
+                logger.warning("replay: watching the replaying clients: {}", e)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(listen, self.state, REPLAY_REQUESTS, self._on_request)
             await nursery.start(listen, self.state, self.reply_to, self._on_report)
             nursery.start_soon(self._scan)
+            nursery.start_soon(self._cursor_writer)
+            nursery.start_soon(self._watch)
             task_status.started()
             logger.info("replay consumer up ({})", self.owner)
             async with self._requests_recv:
@@ -324,9 +466,9 @@ class ReplayService:
     async def _run_pipeline(self, p: ReplayPipeline) -> None:
         logs.bind_task(client_id=p.client_id, epoch=p.epoch)  # every line of this replay (its own task)
         try:
-            async with self._limiter, self.log.reader() as reader:
+            async with self._limiter, self._feed(p.partition):
                 logger.info("replay of {} (epoch {}) from DLQ offset {} on partition {}", p.client_id, p.epoch, p.cursor, p.partition)
-                await p.run(reader)
+                await p.run()
         except* EngineError as group:
             # The pipeline's nursery wraps its stages' errors in a group. The client is still
             # REPLAYING; the next request or periodic scan starts a new replay from the cursor.

@@ -49,13 +49,22 @@ class _Tick:
 
 
 def to_response(r: KafkaEventResponse) -> EventResponse:
-    resp = EventResponse(
-        event_name=r.event_name, number=r.number, result=r.result, delivery_id=r.delivery_id, kind=RESULT, seq=r.seq
-    )
+    resp = EventResponse()
+    fill_response(resp, r)
+    return resp
+
+
+def fill_response(resp: EventResponse, r: KafkaEventResponse) -> None:
+    """Set an (empty) EventResponse, e.g. a delivery's, from a result: built in place."""
+    resp.event_name = r.event_name
+    resp.number = r.number
+    resp.result = r.result
+    resp.delivery_id = r.delivery_id
+    resp.kind = RESULT
+    resp.seq = r.seq
     resp.log.CopyFrom(r.log)
     if r.HasField("error"):
         resp.error.CopyFrom(r.error)
-    return resp
 
 
 def decode_result(value: bytes) -> KafkaEventResponse | None:
@@ -91,7 +100,10 @@ def pod_messages(reply_to: str, entries: list[Entry], instance: str, method: str
         d = msg.deliveries.add(
             client_id=e.client_id, epoch=e.epoch, delivery_id=e.delivery_id, token=e.token, prev_delivery_id=e.prev
         )
-        d.response.CopyFrom(r if isinstance(r, EventResponse) else to_response(r))
+        if isinstance(r, EventResponse):
+            d.response.CopyFrom(r)
+        else:
+            fill_response(d.response, r)  # no intermediate message to copy
         trace.step(d.response.log, service, instance, method, pod=e.pod)
     return [(pod, msg.SerializeToString()) for pod, msg in by_pod.items()]
 

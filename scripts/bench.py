@@ -118,6 +118,21 @@ def proc_cpu(pid: int) -> float:
         return 0.0
 
 
+def broker_cpu() -> dict[str, float]:
+    """CPU seconds so far of the scripts' Kafka and Redis (from their pid files; empty for
+    brokers this script did not start)."""
+    local = Path(os.environ.get("NIMBUS_LOCAL_DIR", ROOT / ".local"))
+    out: dict[str, float] = {}
+    for name, pid_file in (("kafka", local / "kafka" / "kafka.pid"), ("redis", local / "redis" / "redis.pid")):
+        try:
+            pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if Path(f"/proc/{pid}").exists():
+            out[name] = proc_cpu(pid)
+    return out
+
+
 def proc_rss_kb(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/statm") as f:
@@ -633,7 +648,9 @@ async def make_backlog(fleet: Fleet, kafka: str, ids: list[str], per_client: int
     async def one(i: int, cid: str) -> None:
         async with open_client([fleet.targets[i % 2]], cid, max_pending=5000) as c:
             for n in range(1, per_client + 1):
-                await c.send("sq", n)
+                # Within sq's range (the result is an int32): every replayed result is a result,
+                # not an OUT_OF_RANGE error (a 100,000 backlog of 1..n was half errors).
+                await c.send("sq", 1 + (n - 1) % 46_340)
             await c.wait_settled()
 
     async with trio.open_nursery() as nursery:
@@ -712,6 +729,8 @@ async def drain(
     first_result: dict[str, float] = {}
     counts: Counter[str] = Counter()
     before = fleet.cpu()
+    brokers0 = broker_cpu()
+    client0 = time.process_time()  # the draining clients run in this process
     if spies is not None:
         spies.start()
     t0 = time.time()
@@ -738,6 +757,9 @@ async def drain(
     end = max(last_result.values()) if last_result else time.time()
     total = sum(counts.values())
     nimbus = cpu_delta(before, fleet.cpu())
+    client_cpu = time.process_time() - client0
+    brokers = cpu_delta(brokers0, broker_cpu())
+    everything = sum(nimbus.values()) + client_cpu + sum(brokers.values())
     profiles = await spies.stop() if spies is not None else {}
     after_ack = [(flips[c][1] - flips[c][0]) / 1e6 for c in ids if c in flips and flips[c][0]]
     after_last = [
@@ -766,6 +788,11 @@ async def drain(
         "nimbus_cpu_s": nimbus,
         "cpu_us_per_result": round(sum(nimbus.values()) / total * 1e6, 1) if total else None,
         "process_utilisation": {k: round(v / max(end - t0, 1e-9), 2) for k, v in nimbus.items()},
+        # The whole machine's share: Nimbus, the draining clients (this process, including its
+        # wait for the flips after the last result) and the brokers.
+        "client_utilisation": round(client_cpu / max(time.time() - t0, 1e-9), 2),
+        "broker_utilisation": {k: round(v / max(end - t0, 1e-9), 2) for k, v in brokers.items()},
+        "all_cpu_us_per_result": round(everything / total * 1e6, 1) if total else None,
         "loadavg": loadavg(),
         "profiles": profiles,
     }
@@ -798,7 +825,7 @@ async def replay(
             say(f"  backlog in the DLQ {routed:.1f} s after the workers started; reconnecting")
             # The replaying client runs in this process: profile it too (is it what bounds?).
             procs = [(p.name, p.pid) for p in fleet.procs] + [("client", os.getpid())]
-            spies = Spies(run_dir, f"replay-{label}", procs) if label == "one" else None
+            spies = Spies(run_dir, f"replay-{label}", procs) if label in ("one", "many") else None
             r = await drain(fleet, ids, per, flips, spies, args.replay_ack_every)
             r["backlog_routed_s"] = round(routed, 1)
             r["replay_window"] = window * 5 if label == "one_window_x5" else window
@@ -1359,6 +1386,23 @@ def render(res: dict[str, Any]) -> str:
             f" records/s. Process utilisation during the 1-client drain: {one.get('process_utilisation')}"
             " (the drain client runs inside the bench process).",
         ]
+        if one.get("all_cpu_us_per_result"):
+            ncpu = m["cpus"] or 2
+            used = (
+                sum(one["process_utilisation"].values())
+                + one["client_utilisation"]
+                + sum(one["broker_utilisation"].values())
+            )
+            ceiling = ncpu / one["all_cpu_us_per_result"] * 1e6
+            lines += [
+                f"- The whole machine during the 1-client drain: Nimbus {sum(one['process_utilisation'].values()):.2f}"
+                f" + the draining client {one['client_utilisation']:.2f} + brokers"
+                f" {one['broker_utilisation']} = {used:.2f} of {ncpu} CPUs; all of it together"
+                f" {one['all_cpu_us_per_result']:.0f} µs of CPU per result (Nimbus alone"
+                f" {one['cpu_us_per_result']:.0f}). At that cost {ncpu} CPUs carry at most"
+                f" {ceiling:,.0f} results/s with nothing else running: 20,000/s needs the whole"
+                f" path below {ncpu / 20_000 * 1e6:.0f} µs per result.",
+            ]
     p25 = lv.get("p25", {})
     if p25.get("profiles"):
         busiest = max(p25.get("process_utilisation", {"-": 0}).items(), key=lambda kv: kv[1])[0]

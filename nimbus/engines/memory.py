@@ -337,6 +337,11 @@ class MemoryState:
         self._check()
         return self.records.get(client_id)
 
+    async def get_many(self, client_ids: Sequence[str]) -> list[ClientRecord | None]:
+        await trio.lowlevel.checkpoint()
+        self._check()
+        return [self.records.get(c) for c in client_ids]
+
     async def replaying(self) -> list[str]:
         await trio.lowlevel.checkpoint()
         self._check()

@@ -319,6 +319,19 @@ class RedisState:
 
         return _record(client_id, await self._cross(read))
 
+    async def get_many(self, client_ids: Sequence[str]) -> list[ClientRecord | None]:
+        if not client_ids:
+            await trio.lowlevel.checkpoint()
+            return []
+
+        async def read() -> list[ClientRecord | None]:
+            pipe = self._r.pipeline(transaction=False)
+            for client_id in client_ids:
+                pipe.hmget(self._key(client_id), _FIELDS)
+            return [_record(c, v) for c, v in zip(client_ids, await pipe.execute(), strict=True)]
+
+        return await self._cross(read)
+
     async def replaying(self) -> list[str]:
         async def read() -> set[bytes]:
             return cast(set[bytes], await self._r.smembers(self._replaying_key))

@@ -1,0 +1,130 @@
+"""The replay service's shared parts, driven directly on the in-memory engine: one fetch per
+partition for many replays, shared waits at a partition's end, batched cursor writes, and the
+cursor frozen once a delivery failed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+import trio.testing
+
+from nimbus import config
+from nimbus.engines.memory import MemoryLog, MemoryReader, MemoryState
+from nimbus.messages import EventResponse, ReportItem
+from nimbus.replay import ReplayPipeline, ReplayService, _Item
+from tests.test_holes import same_partition_ids
+
+
+class CountingLog(MemoryLog):
+    """A memory log whose readers count the fetches that reach it."""
+
+    def __init__(self) -> None:
+        super().__init__(default_partitions=4)
+        self.fetches: list[int] = []  # offsets asked for
+        self.readers = 0
+
+    @asynccontextmanager
+    async def reader(self) -> AsyncIterator[MemoryReader]:
+        log = self
+
+        class Counting(MemoryReader):
+            async def fetch(self, topic: str, partition: int, offset: int, max_records: int, timeout: float) -> Any:  # noqa: ASYNC109
+                log.fetches.append(offset)
+                return await super().fetch(topic, partition, offset, max_records, timeout)
+
+        self.readers += 1
+        yield Counting(self)
+
+
+async def service(log: MemoryLog | None = None) -> tuple[ReplayService, MemoryLog, MemoryState]:
+    s = config.load(env={}, dotenv=False)
+    log = log or MemoryLog(default_partitions=4)
+    state = MemoryState()
+    await log.ensure_topics([s.kafka_dlq_topic], 4)
+    return ReplayService(s, log, state), log, state
+
+
+async def test_replays_of_one_partition_share_one_fetch_and_one_reader() -> None:
+    svc, log, _ = await service(CountingLog())
+    a, b = same_partition_ids("share", 4, 2)
+    await log.producer.send_batch(svc.s.kafka_dlq_topic, [(cid.encode(), b"r") for cid in (a, b, a, b)])
+    pa = ReplayPipeline(svc, a, 1, "pod", 0, 0)
+    pb = ReplayPipeline(svc, b, 1, "pod", 0, 0)
+    assert pa.partition == pb.partition
+    got: dict[str, list[int]] = {}
+
+    async def read(p: ReplayPipeline) -> None:
+        async with svc._feed(p.partition):
+            got[p.client_id] = [r.offset for r in await svc.fetch(p, 0, 500, 0.1)]
+
+    async with trio.open_nursery() as n:
+        n.start_soon(read, pa)
+        n.start_soon(read, pb)
+    assert got == {a: [0, 1, 2, 3], b: [0, 1, 2, 3]}
+    assert isinstance(log, CountingLog) and log.fetches == [0] and log.readers == 1
+    assert svc.counters["replay.fetch_own"] == 1 and svc.counters["replay.fetch_shared"] == 1
+
+
+async def test_waits_at_a_partitions_end_poll_once() -> None:
+    svc, log, _ = await service(CountingLog())
+    a, b, c = same_partition_ids("end", 4, 3)
+    pipes = [ReplayPipeline(svc, cid, 1, "pod", 0, 0) for cid in (a, b, c)]
+    empty: list[int] = []
+
+    async def wait_at_end(p: ReplayPipeline) -> None:
+        async with svc._feed(p.partition):
+            empty.append(len(await svc.fetch(p, 0, 500, 0.1)))
+
+    async with trio.open_nursery() as n:
+        for p in pipes:
+            n.start_soon(wait_at_end, p)
+    assert empty == [0, 0, 0]
+    assert isinstance(log, CountingLog) and log.fetches == [0]  # one poll for the three waits
+
+
+async def test_cursor_writes_of_all_replays_go_out_together() -> None:
+    svc, _, state = await service()
+    calls: list[list[tuple[str, int]]] = []
+    real = state.advance_cursor
+
+    async def advance_cursor(items: Any) -> None:
+        calls.append(sorted(items))
+        await real(items)
+
+    state.advance_cursor = advance_cursor  # type: ignore[method-assign]
+    for cid in ("a", "b", "c"):
+        await state.connect(cid, "pod")
+    svc.advance_cursor("a", 5)
+    svc.advance_cursor("b", 7)
+    svc.advance_cursor("a", 3)  # behind what is queued: the cursor never goes back
+    svc.advance_cursor("c", 1)
+    async with trio.open_nursery() as n:
+        n.start_soon(svc._cursor_writer)
+        await trio.testing.wait_all_tasks_blocked()
+        n.cancel_scope.cancel()
+    assert calls == [[("a", 5), ("b", 7), ("c", 1)]]
+    rec = await state.get("a")
+    assert rec is not None and rec.cursor == 5
+
+
+async def test_a_failed_delivery_freezes_the_cursor() -> None:
+    """The stream went away: the failed deliveries leave the window, and a stage already woken
+    (here: the publish stage finishing an empty batch) must not count them as delivered."""
+    svc, _, _ = await service()
+    p = ReplayPipeline(svc, "x", 1, "pod", 0, 0)
+    tokens = []
+    for off in (3, 4):
+        t = svc.new_token(p)
+        p.unconfirmed[t] = _Item(off, EventResponse(delivery_id=off))
+        tokens.append(t)
+    p.published_to = p.fetched_to = 10
+    with trio.CancelScope() as cs:
+        async with trio.open_nursery() as n:
+            n.start_soon(p._ack, cs)
+            await p.reports_send.send(ReportItem(token=tokens[0], delivered=False, client_id="x", delivery_id=3))
+    assert cs.cancel_called
+    p._advance()  # what the publish stage does after an empty batch
+    assert p.cursor == 0 and svc._cursors == {}
