@@ -1403,6 +1403,22 @@ def render(res: dict[str, Any]) -> str:
                 f" {ceiling:,.0f} results/s with nothing else running: 20,000/s needs the whole"
                 f" path below {ncpu / 20_000 * 1e6:.0f} µs per result.",
             ]
+        many = rp.get("many") or {}
+        if many.get("all_cpu_us_per_result"):
+            nim = sum(many["process_utilisation"].values())
+            used = nim + many["client_utilisation"] + sum(many["broker_utilisation"].values())
+            lines += [
+                f"- 100 clients at once: Nimbus {nim:.2f} CPUs (per process {many['process_utilisation']})"
+                f" + the 100 draining clients {many['client_utilisation']:.2f} + brokers"
+                f" {many['broker_utilisation']} = {used:.2f} of {ncpu} CPUs, {many['all_cpu_us_per_result']:.0f}"
+                f" µs of CPU per result in all. The flip to LIVE is one Redis round trip of the status"
+                " manager, which runs in the worker process beside the replays; with the worker busy"
+                " that round trip waits its turn (instrumented once, not part of this run: a flip's"
+                " Redis call took p50 16 ms, p90 105 ms, max 1 s in a loaded worker), hence LIVE after"
+                f" the last ack p50 {many['live_after_last_ack_ms']['p50']} ms / max"
+                f" {many['live_after_last_ack_ms']['max']} ms here against"
+                f" {one['live_after_last_ack_ms']['p50']} ms for one client.",
+            ]
     p25 = lv.get("p25", {})
     if p25.get("profiles"):
         busiest = max(p25.get("process_utilisation", {"-": 0}).items(), key=lambda kv: kv[1])[0]
@@ -1470,6 +1486,17 @@ def render(res: dict[str, Any]) -> str:
         " one go instead of one trio scheduling round each: one client's replay drain 4,665 ->"
         " 11,909 results/s (quick run, 30,000 results); the bench process (the drain client) had"
         " been ~90% busy.",
+        "- 2026-11-27 (quick replay phase, 60,000 results; 100 clients x 600): the replays of a"
+        " worker share one Kafka reader per DLQ partition and a cache of what it fetched, share"
+        " their waits at a partition's end, batch their cursor writes and read their clients'"
+        " records in one round trip every 200 ms. Before, 100 replays meant 100 KafkaConsumers"
+        " (each with a network thread), each reading its whole partition (about 12x the records"
+        " for 100 clients on 8 partitions), a begin-offsets request every 100 ms each while"
+        " waiting at their ends, and ~1,000 Redis calls/s. 100 clients at once: 2,054 ->"
+        " 3,800-6,700 results/s, Nimbus CPU 500 -> 180-280 µs per result, LIVE after the last ack"
+        " p50 311 -> 50-280 ms (noisy). Tried and not kept (alternating A/B runs, no clear"
+        " effect on the flip): running up to 64 ready asyncio callbacks per trio round in the"
+        " worker process, and a 0.5 ms GIL switch interval there.",
         "",
         "## Raw",
         "",
