@@ -49,6 +49,7 @@ from nimbus.subscriptions import listen
 LEASE_MS = 4_000  # renewed every third of it; a killed worker's replays restart after this
 _END_POLL_S = 0.02  # a fetch at a partition's end holds the shared reader this long at most
 _BEGINS_MAX_AGE_S = 1.0  # see ReplayPipeline._fetch
+_SHARED_FETCH = 2_000  # records per fetch through a partition's shared reader
 _WATCH_S = 0.2  # how often the service reads its replaying clients' records
 
 
@@ -309,6 +310,8 @@ class ReplayService:
         self._limiter = trio.CapacityLimiter(settings.max_replays)
         self._requests_send, self._requests_recv = trio.open_memory_channel[str](10_000)
         self.cache = FetchCache()
+        self._starting: set[str] = set()  # leases being taken (see _start)
+        self._start_limiter = trio.CapacityLimiter(64)
         self._feeds: dict[int, _Feed] = {}  # DLQ partition -> its reader, while some replay reads it
         self._begins: tuple[float, dict[int, int]] = (0.0, {})
         self._begins_lock = trio.Lock()
@@ -353,11 +356,14 @@ class ReplayService:
                     feed.reader = await opening.__aenter__()
                     feed.opened = opening
                 self.counters.inc("replay.fetch_own")
+                # More than asked for: the rest is cached for the partition's other replays (a
+                # reader moved between replays' offsets re-fetches from the broker each time).
                 records = await feed.reader.fetch(
-                    self.s.kafka_dlq_topic, part, offset, max_records, min(timeout, _END_POLL_S)
+                    self.s.kafka_dlq_topic, part, offset, max(max_records, _SHARED_FETCH), min(timeout, _END_POLL_S)
                 )
                 if records:
                     self.cache.put(part, offset, records)
+                    records = records[:max_records]
                 else:
                     feed.end = (offset, trio.current_time())
         if not records:
@@ -446,22 +452,32 @@ class ReplayService:
             logger.info("replay consumer up ({})", self.owner)
             async with self._requests_recv:
                 async for client_id in self._requests_recv:
-                    if client_id in self.active:
+                    if client_id in self.active or client_id in self._starting:
                         continue
-                    try:
-                        got = await self.state.acquire_lease(self.lease_name(client_id), self.owner, LEASE_MS)
-                        rec = await self.state.get(client_id) if got else None
-                    except EngineError as e:
-                        logger.warning("replay: {}", e)
-                        continue
-                    if rec is None or rec.status is not Status.REPLAYING:
-                        if got:
-                            with contextlib.suppress(EngineError):
-                                await self.state.release_lease(self.lease_name(client_id), self.owner)
-                        continue
-                    p = ReplayPipeline(self, client_id, rec.epoch, rec.pod, rec.cursor, rec.acked)
-                    self.active[client_id] = p
-                    nursery.start_soon(self._run_pipeline, p)
+                    # Each start is its own task: a hundred clients reconnecting at once do not
+                    # wait for each other's lease and record round trips.
+                    self._starting.add(client_id)
+                    nursery.start_soon(self._start, client_id)
+
+    async def _start(self, client_id: str) -> None:
+        try:
+            async with self._start_limiter:
+                try:
+                    got = await self.state.acquire_lease(self.lease_name(client_id), self.owner, LEASE_MS)
+                    rec = await self.state.get(client_id) if got else None
+                except EngineError as e:
+                    logger.warning("replay: {}", e)
+                    return
+                if rec is None or rec.status is not Status.REPLAYING:
+                    if got:
+                        with contextlib.suppress(EngineError):
+                            await self.state.release_lease(self.lease_name(client_id), self.owner)
+                    return
+                p = ReplayPipeline(self, client_id, rec.epoch, rec.pod, rec.cursor, rec.acked)
+                self.active[client_id] = p
+        finally:
+            self._starting.discard(client_id)
+        await self._run_pipeline(p)
 
     async def _run_pipeline(self, p: ReplayPipeline) -> None:
         logs.bind_task(client_id=p.client_id, epoch=p.epoch)  # every line of this replay (its own task)

@@ -250,16 +250,29 @@ class Fleet:
                     port=port,
                 )
             )
+        split = getattr(args, "status_process", False)
         self.workers = [
             Proc(
                 f"worker{i}",
                 "nimbus.workers",
                 {**self.base, "NIMBUS_INSTANCE_ID": f"worker{i}"},
                 run_dir / f"worker{i}.log",
-                "status manager up",
+                "replay consumer up" if split else "status manager up",
+                args=["--roles", "events,results,replay"] if split else [],
             )
             for i in range(args.workers)
         ]
+        if split:
+            self.workers.append(
+                Proc(
+                    "status",
+                    "nimbus.workers",
+                    {**self.base, "NIMBUS_INSTANCE_ID": "status"},
+                    run_dir / "status.log",
+                    "status manager up",
+                    args=["--roles", "status"],
+                )
+            )
 
     idle_util: dict[str, float] = {}  # noqa: RUF012 - set per instance by live()
 
@@ -1206,7 +1219,13 @@ def render(res: dict[str, Any]) -> str:
         f"- load average at start {m['loadavg_start']}, at end {m.get('loadavg_end')} (the machine is shared: "
         "other work running at the same time lowers every rate here; CPU per event is the stable figure)",
         f"- Kafka 4.4 (single KRaft node, scripts/kafka.sh) and redis-server (AOF everysec) on loopback;"
-        f" Nimbus: 2 pods + {res['config']['workers']} worker process(es), {res['config']['partitions']} partitions,"
+        f" Nimbus: 2 pods + {res['config']['workers']} worker process(es)"
+        + (
+            " (events, results, replay) + 1 status-manager process"
+            if res["config"].get("status_process")
+            else " (all roles)"
+        )
+        + f", {res['config']['partitions']} partitions,"
         f" {res['config']['clients']} clients (scripts/load_client.py, protocol 2, delivery contract on)",
         f"- message sizes on the wire: events record {res['sizes'].get('event')} B, results record {res['sizes'].get('result')} B",
         "",
@@ -1411,13 +1430,22 @@ def render(res: dict[str, Any]) -> str:
                 f"- 100 clients at once: Nimbus {nim:.2f} CPUs (per process {many['process_utilisation']})"
                 f" + the 100 draining clients {many['client_utilisation']:.2f} + brokers"
                 f" {many['broker_utilisation']} = {used:.2f} of {ncpu} CPUs, {many['all_cpu_us_per_result']:.0f}"
-                f" µs of CPU per result in all. The flip to LIVE is one Redis round trip of the status"
-                " manager, which runs in the worker process beside the replays; with the worker busy"
-                " that round trip waits its turn (instrumented once, not part of this run: a flip's"
-                " Redis call took p50 16 ms, p90 105 ms, max 1 s in a loaded worker), hence LIVE after"
-                f" the last ack p50 {many['live_after_last_ack_ms']['p50']} ms / max"
-                f" {many['live_after_last_ack_ms']['max']} ms here against"
-                f" {one['live_after_last_ack_ms']['p50']} ms for one client.",
+                f" µs of CPU per result in all. LIVE after the last ack: p50"
+                f" {many['live_after_last_ack_ms']['p50']} ms / max {many['live_after_last_ack_ms']['max']} ms"
+                f" (one client: {one['live_after_last_ack_ms']['p50']} ms)."
+                + (
+                    " The status manager ran in a process of its own. Inside the worker, beside 100"
+                    " replays (`--status-in-worker`; quick runs, 100 x 1,000), the flips waited"
+                    " behind the replays' work: p50 0.2-0.7 s, max 2.6-8.5 s, and a third to a half of"
+                    " the clients were flipped by the 1 s periodic check because the worker read the"
+                    " flip requests late (a flip's Redis call, instrumented once: p50 16 ms, p90"
+                    " 105 ms, max 1 s in the loaded worker)."
+                    if res["config"].get("status_process")
+                    else " The status manager ran inside the worker, beside the replays: its flip"
+                    " requests and Redis round trips wait behind their work (a flip's Redis call,"
+                    " instrumented once: p50 16 ms, p90 105 ms, max 1 s in the loaded worker); in a"
+                    " process of its own (the default) quick runs gave p50 14 ms / max 357 ms."
+                ),
             ]
     p25 = lv.get("p25", {})
     if p25.get("profiles"):
@@ -1613,6 +1641,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="use running brokers, do not call services.sh up",
     )
     p.add_argument("--workers", type=int, default=1, help="worker processes (all roles each)")
+    p.add_argument(
+        "--status-in-worker",
+        dest="status_process",
+        action="store_false",
+        help="run the status manager inside the worker process(es) instead of in a process of its"
+        " own (with 100 replays in the worker, its flips wait behind them: LIVE after the last ack"
+        " p50 0.2-0.7 s, max 2.6-8.5 s in quick runs, vs 14 ms / 357 ms on its own)",
+    )
     p.add_argument("--partitions", type=int, default=8)
     p.add_argument("--clients", type=int, default=50)
     p.add_argument("--events", type=int, default=0, help="events per client in the max-rate run")
