@@ -1,7 +1,7 @@
 """Nimbus benchmark: throughput, latency, CPU per event, replay drain and idle connections on the
 real brokers, each figure next to the limit of the stage that bounds it, measured in the same run.
 
-    .venv/bin/python scripts/bench.py            # full run (~15 min), writes docs/BENCHMARKS.md
+    .venv/bin/python scripts/bench.py            # full run (~6-8 min here), writes docs/BENCHMARKS.md
     .venv/bin/python scripts/bench.py --quick    # small sizes (~3-4 min)
 
 Brokers: the scripts' Kafka and Redis on NIMBUS_KAFKA_PORT / NIMBUS_REDIS_PORT (started with
