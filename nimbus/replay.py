@@ -49,6 +49,7 @@ from nimbus.subscriptions import listen
 LEASE_MS = 4_000  # renewed every third of it; a killed worker's replays restart after this
 _END_POLL_S = 0.02  # a fetch at a partition's end holds the shared reader this long at most
 _BEGINS_MAX_AGE_S = 1.0  # see ReplayPipeline._fetch
+_START_BEGINS_MAX_AGE_S = 0.25
 _SHARED_FETCH = 2_000  # records per fetch through a partition's shared reader
 _WATCH_S = 0.2  # how often the service reads its replaying clients' records
 
@@ -113,10 +114,11 @@ class ReplayPipeline:
 
     async def _fetch(self, send: trio.MemorySendChannel[tuple[list[_Item], int]]) -> None:
         key = self.client_id.encode()
-        # Is part of what we are to read gone (retention)? See _gap. Checked at the start, and
-        # again after each stall at the end (then with the partition starts of up to a second
-        # ago, shared by the worker's replays: many replays wait at their ends at once).
-        check_start: float | None = 0.0  # None: no check due; else the age allowed
+        # Is part of what we are to read gone (retention)? See _gap. Checked at the start (with
+        # partition starts read at most a quarter second ago: a hundred replays starting at once
+        # share a read), again after each stall at the end (read at most a second ago: many
+        # replays wait at their ends at once), and always afresh when the reader skipped records.
+        check_start: float | None = _START_BEGINS_MAX_AGE_S  # None: no check due; else the age allowed
         async with send:
             while True:
                 if self.fetched_to < 0:
