@@ -49,8 +49,14 @@ from nimbus.stats import Counters
 from nimbus.subscriptions import listen
 
 REPLAY_REQUESTS = "nimbus:replay-requests"
-STATUS_CHECKS = "nimbus:status-checks"  # "client_id\tlast_ack_ns" from the replay
+STATUS_CHECKS = "nimbus:status-checks"  # "client_id\tlast_ack_ns" from pods and replays
 FLIPS = "nimbus:flips"  # "client_id\tlast_ack_ns\tflip_ns" from the status manager
+
+
+def status_check(client_id: str, last_ack_ns: int) -> tuple[str, bytes]:
+    """A request for the flip to LIVE (channel, payload); `last_ack_ns` (wall clock, 0 if not
+    known) is when the ack that completed the backlog arrived, so the flip's delay is measured."""
+    return STATUS_CHECKS, f"{client_id}\t{last_ack_ns}".encode()
 
 
 class Close:
@@ -444,9 +450,7 @@ class Pod:
                     # A client whose backlog this ack completes: ask the status manager now,
                     # with the time the ack arrived here (what "LIVE within 100 ms" counts from).
                     messages += [
-                        (STATUS_CHECKS, f"{c}\t{ack_ns.get(c, 0)}".encode())
-                        for c, ok in zip(acks, ready, strict=True)
-                        if ok
+                        status_check(c, ack_ns.get(c, 0)) for c, ok in zip(acks, ready, strict=True) if ok
                     ]
                 messages += [(ch, DeliveryReport(items=items).SerializeToString()) for ch, items in reports.items()]
                 if messages:

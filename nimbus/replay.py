@@ -38,7 +38,7 @@ from nimbus.channels import receive_batch
 from nimbus.config import Settings
 from nimbus.lifecycle import ClientRecord, Status
 from nimbus.messages import GAP, DeliveryReport, EventResponse, KafkaEventResponse, ReportItem
-from nimbus.pod import REPLAY_REQUESTS, STATUS_CHECKS
+from nimbus.pod import REPLAY_REQUESTS, status_check
 from nimbus.ports import EngineError, Log, LogReader, Record, StateStore, TopicPartition
 from nimbus.replay_cache import FetchCache
 from nimbus.router import parse_result, pod_messages
@@ -423,7 +423,7 @@ class ReplayService:
     async def request_flip(self, client_id: str, last_ack_ns: int = 0) -> None:
         """Ask the status manager for the flip; `last_ack_ns` (wall clock) is when the last
         confirmation of the backlog arrived here, so the flip's delay can be measured."""
-        await self.state.publish([(STATUS_CHECKS, f"{client_id}\t{last_ack_ns}".encode())])
+        await self.state.publish([status_check(client_id, last_ack_ns)])
 
     async def _watch(self) -> None:
         """Every replay's client record, read for all of them in one round trip: a replay ends
@@ -437,9 +437,7 @@ class ReplayService:
                 recs = await self.state.get_many([p.client_id for p in pipes])
                 again = [p for p, rec in zip(pipes, recs, strict=True) if p.on_record(rec)]
                 if again:
-                    await self.state.publish(
-                        [(STATUS_CHECKS, f"{p.client_id}\t{p.last_ack_ns}".encode()) for p in again]
-                    )
+                    await self.state.publish([status_check(p.client_id, p.last_ack_ns) for p in again])
             except EngineError as e:
                 logger.warning("replay: watching the replaying clients: {}", e)
 

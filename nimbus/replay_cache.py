@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nimbus.ports import Record
 
@@ -24,7 +24,7 @@ class _Range:
     start: int  # the offset the fetch asked for: the range holds every record in [start, end)
     end: int  # the last record's offset + 1
     records: list[Record]
-    offsets: list[int] = field(default_factory=list)
+    offsets: list[int]  # of `records`, for bisect
 
 
 class FetchCache:

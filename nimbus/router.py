@@ -48,12 +48,6 @@ class _Tick:
     pass
 
 
-def to_response(r: KafkaEventResponse) -> EventResponse:
-    resp = EventResponse()
-    fill_response(resp, r)
-    return resp
-
-
 def fill_response(resp: EventResponse, r: KafkaEventResponse) -> None:
     """Set an (empty) EventResponse, e.g. a delivery's, from a result: built in place."""
     resp.event_name = r.event_name

@@ -59,7 +59,7 @@ CONNECT_TIMEOUT = 5.0  # seconds to reach Redis (TCP connect, and the PING at op
 COMMAND_TIMEOUT = 10.0  # socket timeout of a command (a script over a big batch included)
 SUBSCRIBE_TIMEOUT = 5.0  # seconds for Redis to confirm a SUBSCRIBE
 SUBSCRIBER_BUFFER = 10_000  # messages buffered per subscription on the trio side
-_ALL_CLIENTS_CHUNK = 1000  # HMGETs per pipeline in all_clients()
+_HMGET_CHUNK = 1000  # HMGETs per pipeline (get_many, all_clients)
 _PUBLISH_CHUNK = 1000  # messages per publish script call
 REDIS_MAX_CONNECTIONS = 100  # per process (subscriptions hold one each); callers wait beyond it
 
@@ -319,18 +319,22 @@ class RedisState:
 
         return _record(client_id, await self._cross(read))
 
+    async def _hmget_records(self, client_ids: Sequence[str]) -> list[ClientRecord | None]:
+        """The records of `client_ids` by pipelined HMGETs (asyncio side: call inside a crossing)."""
+        out: list[ClientRecord | None] = []
+        for start in range(0, len(client_ids), _HMGET_CHUNK):
+            chunk = client_ids[start : start + _HMGET_CHUNK]
+            pipe = self._r.pipeline(transaction=False)
+            for client_id in chunk:
+                pipe.hmget(self._key(client_id), _FIELDS)
+            out += [_record(c, v) for c, v in zip(chunk, await pipe.execute(), strict=True)]
+        return out
+
     async def get_many(self, client_ids: Sequence[str]) -> list[ClientRecord | None]:
         if not client_ids:
             await trio.lowlevel.checkpoint()
             return []
-
-        async def read() -> list[ClientRecord | None]:
-            pipe = self._r.pipeline(transaction=False)
-            for client_id in client_ids:
-                pipe.hmget(self._key(client_id), _FIELDS)
-            return [_record(c, v) for c, v in zip(client_ids, await pipe.execute(), strict=True)]
-
-        return await self._cross(read)
+        return await self._cross(self._hmget_records, client_ids)
 
     async def replaying(self) -> list[str]:
         async def read() -> set[bytes]:
@@ -342,20 +346,9 @@ class RedisState:
         # One crossing: SMEMBERS, then the hashes by pipelined HMGETs (not one atomic snapshot:
         # each record is consistent, the set of them is read across a few round trips).
         async def read() -> list[ClientRecord]:
-            r = self._r
-            members = cast(set[bytes], await r.smembers(self._clients_key))
-            ids = sorted(m.decode() for m in members)
-            out: list[ClientRecord] = []
-            for start in range(0, len(ids), _ALL_CLIENTS_CHUNK):
-                chunk = ids[start : start + _ALL_CLIENTS_CHUNK]
-                pipe = r.pipeline(transaction=False)
-                for client_id in chunk:
-                    pipe.hmget(self._key(client_id), _FIELDS)
-                for client_id, values in zip(chunk, await pipe.execute(), strict=True):
-                    rec = _record(client_id, values)
-                    if rec is not None:
-                        out.append(rec)
-            return out
+            members = cast(set[bytes], await self._r.smembers(self._clients_key))
+            records = await self._hmget_records(sorted(m.decode() for m in members))
+            return [rec for rec in records if rec is not None]
 
         return await self._cross(read)
 
