@@ -52,6 +52,7 @@ _BEGINS_MAX_AGE_S = 1.0  # see ReplayPipeline._fetch
 _START_BEGINS_MAX_AGE_S = 0.25
 _SHARED_FETCH = 2_000  # records per fetch through a partition's shared reader
 _WATCH_S = 0.2  # how often the service reads its replaying clients' records
+_NO_TP = TopicPartition("", 0)  # a replay's entries come from no results partition
 
 
 @dataclass
@@ -82,7 +83,8 @@ class ReplayPipeline:
         self.cursor = cursor
         self.acked = acked
         self.partition = service.log.producer.partition_for(service.s.kafka_dlq_topic, client_id.encode())
-        self.reports_send, self.reports_recv = trio.open_memory_channel[ReportItem](10_000)
+        # Each report's items for this replay as one list (one channel operation per report).
+        self.reports_send, self.reports_recv = trio.open_memory_channel[list[ReportItem]](256)
         self.unconfirmed: dict[int, _Item] = {}  # token -> item
         self.window = trio.Semaphore(service.s.replay_window)
         self.fetched_to = cursor  # next DLQ offset the fetch stage will read
@@ -219,7 +221,7 @@ class ReplayPipeline:
                     self.unconfirmed[token] = item
                     self.last_published = (token, item.result.delivery_id)
                     entries.append(
-                        Entry(TopicPartition("", 0), item.offset, self.client_id, item.result.delivery_id,
+                        Entry(_NO_TP, item.offset, self.client_id, item.result.delivery_id,
                               item.result, token=token, pod=self.pod, epoch=self.epoch, prev=prev)
                     )
                 await self._send(entries)
@@ -247,9 +249,9 @@ class ReplayPipeline:
         """Delivery reports for this replay: advance the cursor; ask for the flip when drained."""
         async with self.reports_recv:
             while True:
-                items = await receive_batch(self.reports_recv)
+                batches = await receive_batch(self.reports_recv)
                 failed = False
-                for it in items:
+                for it in itertools.chain.from_iterable(batches):
                     item = self.unconfirmed.pop(it.token, None)
                     self.svc.forget_token(it.token)
                     if item is None:
@@ -515,17 +517,24 @@ class ReplayService:
         except Exception:
             badinput.message("replay reports", badinput.UNDECODABLE, self.reply_to)
             return
+        by_replay: dict[ReplayPipeline, list[ReportItem]] = {}
         for it in report.items:
             p = self._by_token.get(it.token)
             if p is None:
                 continue  # late report for a replay that has ended
+            items = by_replay.get(p)
+            if items is None:
+                items = by_replay[p] = []
+            items.append(it)
+        for p, items in by_replay.items():
             try:
                 try:
-                    p.reports_send.send_nowait(it)
+                    p.reports_send.send_nowait(items)
                 except trio.WouldBlock:
-                    await p.reports_send.send(it)
+                    await p.reports_send.send(items)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.forget_token(it.token)
+                for it in items:
+                    self.forget_token(it.token)
 
     async def _scan(self) -> None:
         """Safety net: pick up REPLAYING clients whose request was lost (pub/sub is lossy)."""

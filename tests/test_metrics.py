@@ -92,6 +92,27 @@ def test_counters_are_bridged_to_prometheus() -> None:
     assert m("nimbus_errors_total", kind="slow_client_cut") - errors_before == 1
 
 
+def test_plain_histogram_buckets_are_cumulative_and_inclusive() -> None:
+    """The lock-free histogram renders as prometheus-client's would: `le` buckets cumulative, a
+    value equal to a bound counted in that bucket, +Inf = count, and the sum."""
+    h = metrics._PlainHistogram("test_plain_seconds", "test", "path", (0.01, 0.1, 1))  # noqa: SLF001
+    registry = metrics.CollectorRegistry()
+    registry.register(h)
+    a = h.child("a")
+    for v in (0.005, 0.01, 0.05, 0.1, 0.5, 5.0):
+        h.observe(a, v)
+    h.observe(h.child("b"), 0.2)
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert [sample("test_plain_seconds_bucket", path="a", le=le) for le in ("0.01", "0.1", "1.0", "+Inf")] == [2, 4, 5, 6]
+    assert sample("test_plain_seconds_count", path="a") == 6
+    assert sample("test_plain_seconds_sum", path="a") == pytest.approx(5.665)
+    assert sample("test_plain_seconds_bucket", path="b", le="0.1") == 0
+    assert sample("test_plain_seconds_bucket", path="b", le="1.0") == 1
+
+
 def test_http_request_parsing() -> None:
     req = httpd.parse_request(b"GET /api/state?x=1 HTTP/1.1\r\nHost: a\r\n\r\n")
     assert (

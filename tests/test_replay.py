@@ -124,7 +124,7 @@ async def test_a_failed_delivery_freezes_the_cursor() -> None:
     with trio.CancelScope() as cs:
         async with trio.open_nursery() as n:
             n.start_soon(p._ack, cs)
-            await p.reports_send.send(ReportItem(token=tokens[0], delivered=False, client_id="x", delivery_id=3))
+            await p.reports_send.send([ReportItem(token=tokens[0], delivered=False, client_id="x", delivery_id=3)])
     assert cs.cancel_called
     p._advance()  # what the publish stage does after an empty batch
     assert p.cursor == 0 and svc._cursors == {}
