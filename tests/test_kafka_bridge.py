@@ -1,0 +1,67 @@
+"""The trio <-> kafka-python bridge of nimbus.engines.kafka: its thread calls and the produce
+path that needs none once the topic's metadata is known."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from typing import Any
+
+import pytest
+import trio
+
+from nimbus.engines import kafka as kafka_engine
+
+_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("_VAR", default="unset")
+
+
+async def test_in_thread_returns_raises_and_keeps_the_context() -> None:
+    _VAR.set("caller's")
+
+    def work(x: int) -> tuple[int, str, bool]:
+        return x * 2, _VAR.get(), threading.current_thread() is threading.main_thread()
+
+    assert await kafka_engine._in_thread(work, 21) == (42, "caller's", False)  # noqa: SLF001
+
+    def boom() -> None:
+        raise ValueError("from the thread")
+
+    with pytest.raises(ValueError, match="from the thread"):
+        await kafka_engine._in_thread(boom)  # noqa: SLF001
+
+
+async def test_in_thread_waits_for_the_thread_when_cancelled() -> None:
+    """A cancelled caller still waits for the call (a kafka-python object is never left in use
+    by a thread nobody waits for); the cancellation arrives after it."""
+    finished: list[float] = []
+
+    def slow() -> None:
+        time.sleep(0.3)
+        finished.append(time.monotonic())
+
+    with trio.move_on_after(0.05) as scope:
+        await kafka_engine._in_thread(slow)  # noqa: SLF001
+        await trio.sleep(10)  # the deferred cancellation lands at this checkpoint
+    assert scope.cancelled_caught
+    assert len(finished) == 1
+
+
+async def test_produce_needs_no_thread_once_the_topic_is_known(
+    kafka_brokers: str, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real = kafka_engine._in_thread  # noqa: SLF001
+
+    async def counting(fn: Any, *args: Any) -> Any:
+        calls.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *args)
+
+    topic = f"{unique}-bridge"
+    async with kafka_engine.open_kafka_log(kafka_brokers) as log:
+        await log.ensure_topics([topic], 2)
+        first = await log.producer.send_batch(topic, [(b"a", b"1")])
+        monkeypatch.setattr(kafka_engine, "_in_thread", counting)
+        more = await log.producer.send_batch(topic, [(b"a", b"2"), (b"b", b"3")])
+        assert calls == []
+    assert [w.offset for w in more if w.partition == first[0].partition][0] == first[0].offset + 1
