@@ -11,7 +11,9 @@ pods and `--workers` worker processes, each run on its own topics and Redis name
 Phases (progress on stderr, a table at the end, JSON + markdown written):
   limits   Kafka perf tools (ProducerPerformance/ConsumerPerformance), kafka-python produce->consume
            round trip, redis.asyncio PUBLISH->subscriber, grpclib echo stream under trio
-           (scripts/bench_limits.py), at the message sizes Nimbus puts on each hop
+           (scripts/bench_limits.py), at the message sizes Nimbus puts on each hop; and the
+           replay path with the same hops and libraries but no Nimbus logic (replay-chain:
+           kafka-python -> redis.asyncio -> grpclib under trio -> client, one client's backlog)
   live     scripts/load_client.py at full speed (max rate), then at 25/50/90% of it: events/s end
            to end, latency p50/p99/p99.9, CPU of every Nimbus process per 1,000 events
   replay   a client with a backlog of N results reconnects: results/s, time to LIVE after the last
@@ -467,6 +469,29 @@ async def limits(
         [PY, "scripts/bench_limits.py", "grpc-echo", "--count", str(n // 2), "--streams", "1"], 300
     )
     say(f"  {out['grpc_echo_1stream']['rate']:,.0f} messages/s")
+    window = int(os.environ.get("NIMBUS_REPLAY_WINDOW", "2000"))
+    say(
+        f"limit: the replay chain, no Nimbus logic (kafka-python -> redis.asyncio PUBLISH -> grpclib"
+        f" under trio -> client), {args.replay_backlog:,} results, window {window:,}"
+    )
+    try:
+        out["replay_chain"] = await run_json(
+            [
+                PY, "scripts/bench_limits.py", "replay-chain", "--brokers", kafka, "--redis", redis,
+                "--topic", f"{args.prefix}-chain", "--count", str(args.replay_backlog),
+                "--window", str(window), "--ack-every", str(args.replay_ack_every),
+            ],
+            600,
+        )  # fmt: skip
+    except (RuntimeError, trio.TooSlowError, ValueError) as e:  # the other limits stay usable
+        out["replay_chain"] = {"rate": 0.0, "error": f"{type(e).__name__}: {e}"[:300]}
+    ch = out["replay_chain"]
+    say(
+        f"  {ch['rate']:,.0f} results/s, {ch.get('all_cpu_us_per_msg', 0):.0f} µs CPU per result"
+        f" (per process: {ch.get('cpu_us_per_result')})"
+        if ch["rate"]
+        else f"  failed: {ch.get('error')}"
+    )
     return out
 
 
@@ -1023,6 +1048,147 @@ def verdict(ok: bool | None) -> str:
     return "-" if ok is None else ("met" if ok else "**not met**")
 
 
+def _role(process: str) -> str:
+    """A Nimbus process name (pod0, worker0, status) -> its role (pod, worker, status)."""
+    return process.rstrip("0123456789") or process
+
+
+def replay_cpu_by_role(r: dict[str, Any]) -> dict[str, float]:
+    """CPU µs per result of a bench replay drain (`drain()`), by role: the Nimbus processes
+    (pods summed, workers summed), the draining client and each broker. The client's share is
+    what remains of `all_cpu_us_per_result` (it includes its wait for the flip to LIVE)."""
+    n = r.get("received") or 0
+    if not n or not r.get("all_cpu_us_per_result"):
+        return {}
+    out: dict[str, float] = {}
+    for k, v in r.get("nimbus_cpu_s", {}).items():
+        out[_role(k)] = out.get(_role(k), 0.0) + v / n * 1e6
+    brokers = {k: u * r["seconds"] / n * 1e6 for k, u in r.get("broker_utilisation", {}).items()}
+    out["client"] = max(0.0, r["all_cpu_us_per_result"] - sum(out.values()) - sum(brokers.values()))
+    out.update(brokers)
+    return {k: round(v, 1) for k, v in out.items()}
+
+
+def chain_ok(chain: dict[str, Any] | None) -> bool:
+    return bool(chain and chain.get("rate") and not chain.get("error"))
+
+
+def replay_limit(label: str, lim: dict[str, Any]) -> tuple[str, float | None]:
+    """The limit column of a replay row and the rate it stands for: one client's replay (`one`,
+    `one_window_x5`) against the replay chain with no Nimbus logic when the run has it, else (and
+    for 100 clients) Kafka's consume rate."""
+    kr = lim.get("kafka_perf_consume", {}).get("rate")
+    chain = lim.get("replay_chain")
+    if label.startswith("one") and chain_ok(chain):
+        assert chain is not None
+        also = f"; Kafka consume {kr:,.0f}" if kr else ""
+        return (
+            f"{chain['rate']:,.0f} (replay chain, no Nimbus logic, window {chain.get('window', 0):,}{also})",
+            chain["rate"],
+        )
+    return (f"{kr:,.0f} (Kafka consume)" if kr else "-"), kr
+
+
+def chain_limits_row(chain: dict[str, Any] | None) -> str:
+    """The replay chain's row in the Limits table ("-" when the run has none)."""
+    if chain is None:
+        return "| replay_chain | - | - | not measured in this run |"
+    if not chain_ok(chain):
+        return f"| replay_chain | - | - | failed: {str(chain.get('error', '?'))[:200]} |"
+    per = chain.get("cpu_us_per_result", {})
+    procs = " / ".join(f"{k} {per[k]:.0f}" for k in ("worker", "pod", "client") if k in per)
+    brokers = " / ".join(f"{k} {per[k]:.0f}" for k in ("kafka", "redis") if k in per)
+    return (
+        f"| replay_chain | {chain['rate']:,.0f} | {chain['all_cpu_us_per_msg']:.0f} ({procs}"
+        + (f"; brokers {brokers}" if brokers else "")
+        + ")"
+        f" | the replay path, one client, {chain['count']:,} results of {chain.get('record_bytes', 0):.0f} B:"
+        " kafka-python read -> redis.asyncio PUBLISH per batch -> grpclib stream under trio ->"
+        f" grpclib client, cumulative acks every {chain.get('ack_every')}, window {chain.get('window', 0):,};"
+        " no Nimbus logic. CPU: worker + pod + client per result (brokers apart) |"
+    )
+
+
+def chain_comparison(
+    one: dict[str, Any] | None, chain: dict[str, Any] | None, ncpu: int, target: float = 20_000
+) -> list[str]:
+    """Bullets for "What bounds one client's replay": Nimbus's CPU per result against the replay
+    chain's, process by process, and whether `target` results/s is within the chain's reach.
+    Compared without the brokers: their CPU is read from their pids and counts everything the
+    shared brokers did meanwhile."""
+    if not chain_ok(chain):
+        return []
+    assert chain is not None
+    per = chain.get("cpu_us_per_result", {})
+    c_procs = chain["all_cpu_us_per_msg"]  # worker + pod + client
+    c_brokers = sum(per.get(k, 0.0) for k in ("kafka", "redis"))
+    rate = chain["rate"]
+    load = chain.get("loadavg_start")
+    text = (
+        f"- The same replay path with no Nimbus logic (`replay-chain` in the limits: kafka-python ->"
+        f" redis.asyncio PUBLISH -> grpclib under trio -> grpclib client; {chain['count']:,} results"
+        f" of {chain.get('record_bytes', 0):.0f} B, window {chain.get('window', 0):,}, acks every"
+        f" {chain.get('ack_every')}): **{rate:,.0f} results/s**"
+        + (f" (load average {load[0]} at its start)" if load else "")
+        + f", {c_procs:.0f} µs of CPU per result in its processes (worker {per.get('worker', 0):.0f}"
+        f" / pod {per.get('pod', 0):.0f} / client {per.get('client', 0):.0f}); the brokers'"
+        f" {c_brokers:.0f} more (their whole CPU meanwhile, shared)."
+    )
+    nim = replay_cpu_by_role(one) if one else {}
+    if one and nim:
+        whole = one["all_cpu_us_per_result"]
+        n_procs = whole - sum(nim.get(k, 0.0) for k in ("kafka", "redis"))
+        pairs = []
+        for role in ("worker", "pod", "client"):
+            if role in nim and per.get(role):
+                pairs.append(
+                    f"{role} {nim[role]:.0f} vs {per[role]:.0f} ({nim[role] / per[role]:.1f}x)"
+                )
+        if nim.get("status"):
+            pairs.append(f"status manager {nim['status']:.0f} (no counterpart)")
+        extra = {r: nim.get(r, 0.0) - per.get(r, 0.0) for r in ("worker", "pod", "client")}
+        most = max(extra, key=lambda r: extra[r])
+        text += (
+            f" Nimbus's 1-client replay: {one['results_per_s']:,.0f} results/s"
+            f" ({ratio(one['results_per_s'], rate)} of the chain's rate), {whole:.0f} µs of CPU per"
+            f" result for the whole machine, {n_procs:.0f} in its processes and the client:"
+            f" {n_procs / c_procs:.1f}x the chain's {c_procs:.0f}. Per process, Nimbus vs the chain"
+            f" (µs per result): {', '.join(pairs)}; Nimbus's own work adds {n_procs - c_procs:.0f} µs"
+            f" per result, the most in the {most} (+{extra[most]:.0f})."
+        )
+    ceiling = ncpu / c_procs * 1e6 if c_procs else 0.0
+    with_brokers = ncpu / (c_procs + c_brokers) * 1e6 if c_procs else 0.0
+    if rate >= target:
+        reach = (
+            f"- So {target:,.0f} results/s is within the stack's reach on this machine: the bare chain"
+            f" moved {rate:,.0f}/s"
+        )
+        if one and one.get("results_per_s", 0) < target:
+            reach += (
+                "; what keeps Nimbus below it is the work Nimbus adds on this path, not the stack's"
+                " libraries"
+            )
+    else:
+        reach = (
+            f"- So in this run {target:,.0f} results/s was not within the stack's reach on this"
+            f" machine: even the bare chain moved only {rate:,.0f}/s"
+        )
+    reach += (
+        f". At the chain's CPU cost {ncpu} CPUs would carry at most {ceiling:,.0f} results/s with"
+        f" nothing else running ({with_brokers:,.0f} with the brokers' share as measured)"
+    )
+    w = chain.get("worker") or {}
+    if rate < target <= ceiling:
+        reach += "; so the chain was bound by waiting, not by its own CPU"
+        if "publish_wait_s" in w:
+            reach += (
+                f" (its worker, in {chain['seconds']:.1f} s, waited {w['publish_wait_s']:.1f} s for"
+                f" PUBLISH replies, {w['window_wait_s']:.1f} s for acks, {w['fetch_wait_s']:.1f} s for"
+                " Kafka records; each wait includes waiting for a CPU on a loaded machine)"
+            )
+    return [text, reach + "."]
+
+
 def analysis(res: dict[str, Any]) -> dict[str, Any]:
     """Which stage bounds live throughput: the stage limits, and the busiest process."""
     lim = res.get("limits", {})
@@ -1154,12 +1320,12 @@ def render(res: dict[str, Any]) -> str:
         r = rp.get(label)
         if not r:
             continue
-        kr = lim.get("kafka_perf_consume", {}).get("rate")
+        limit_text, limit_rate = replay_limit(label, lim)
         row(
             f"{title}: results/s delivered and acked",
             f"{r['results_per_s']:,.0f} ({r['received']:,} in {r['seconds']:.1f} s)",
-            f"{kr:,.0f} (Kafka consume)" if kr else "-",
-            ratio(r["results_per_s"], kr),
+            limit_text,
+            ratio(r["results_per_s"], limit_rate),
             f"≥ 20,000: {verdict(r['results_per_s'] >= 20000)}" if label == "one" else "-",
         )
         la, basis = r["live_after_last_ack_ms"], "ack"
@@ -1260,6 +1426,7 @@ def render(res: dict[str, Any]) -> str:
             lines.append(
                 f"| {k} | {v.get('rate', 0):,.0f} | {f'{cpu:.0f}' if cpu else '-'} | {note} |"
             )
+    lines.append(chain_limits_row(lim.get("replay_chain")))
     if an:
         lines += [
             "",
@@ -1376,6 +1543,9 @@ def render(res: dict[str, Any]) -> str:
             " the two middle steps.",
         ]
     one, x5 = rp.get("one"), rp.get("one_window_x5")
+    chain_lines = chain_comparison(one, lim.get("replay_chain"), m["cpus"] or 2)
+    if chain_lines and not (one and x5 and one.get("results_per_s") and x5.get("results_per_s")):
+        lines += ["", "## What bounds one client's replay", "", *chain_lines]
     if one and x5 and one.get("results_per_s") and x5.get("results_per_s"):
         rtt1 = one["replay_window"] / one["results_per_s"]
         rtt5 = x5["replay_window"] / x5["results_per_s"]
@@ -1423,6 +1593,7 @@ def render(res: dict[str, Any]) -> str:
                 f" {ceiling:,.0f} results/s with nothing else running: 20,000/s needs the whole"
                 f" path below {ncpu / 20_000 * 1e6:.0f} µs per result.",
             ]
+        lines += chain_lines
         many = rp.get("many") or {}
         if many.get("all_cpu_us_per_result"):
             nim = sum(many["process_utilisation"].values())

@@ -4,6 +4,7 @@ with no Nimbus logic (used by scripts/bench.py, one probe per process so its CPU
     python scripts/bench_limits.py kafka-rtt --brokers 127.0.0.1:19092 --topic t --count 20000 --size 120
     python scripts/bench_limits.py redis-pubsub --redis 127.0.0.1:16379 --count 50000 --size 90
     python scripts/bench_limits.py grpc-echo --count 50000 --streams 50 --size 20
+    python scripts/bench_limits.py replay-chain --brokers 127.0.0.1:19092 --redis 127.0.0.1:16379 --topic t --count 100000
 
 Each prints one JSON line: {"probe": ..., "count": n, "seconds": s, "rate": n/s, "cpu_s": ...}.
 
@@ -15,6 +16,16 @@ Each prints one JSON line: {"probe": ..., "count": n, "seconds": s, "rate": n/s,
   pipelines of `batch`; a subscriber on its own connection counts them. Rate as above.
 - grpc-echo: a grpclib server and client, each under trio (trio-asyncio) in its own process,
   one bidi stream per `streams`, upb EventRequest out / EventResponse back, `count` in all.
+- replay-chain: one client's replay with the hops and libraries of Nimbus's and none of its
+  logic. Setup (not timed): `count` DLQ-like results of one client in a 1-partition topic
+  (deleted after if the probe created it). Then three processes: a worker (kafka-python
+  group-less consumer polled in a thread under trio, upb decode, one PodMessage per batch
+  PUBLISHed with redis.asyncio, at most `window` results unacked), a pod (grpclib server under
+  trio-asyncio: Redis subscription -> trio -> each PodMessage's responses in one HTTP/2 write
+  (nimbus.grpcwire); each ack read is PUBLISHed back to the worker) and this process as the
+  client (grpclib, cumulative ack every `ack-every`). Rate = results / time from the start
+  signal to the last result; CPU per result of each process (and of the brokers, from their
+  pid files: their whole CPU meanwhile), and where the worker waited.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -316,6 +328,492 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# --- The replay path with no Nimbus logic: Kafka -> worker -> Redis -> pod -> gRPC -> client -----
+
+
+def _chain_record(i: int, client_id: str, channel: str) -> bytes:
+    """A DLQ record value as Nimbus writes one: a result whose trace has the 3 steps a diverted
+    result carries (server/ProcessEvent, event-consumer/compute, result-router/divert-to-dlq;
+    ~270-280 B like the bench's own DLQ records; a results-topic record, 2 steps, is ~210 B)."""
+    from nimbus.messages import KafkaEventResponse
+    from nimbus.trace import step
+
+    n = 1 + i % 46340  # n*n stays within int32
+    r = KafkaEventResponse(
+        event_name="sq", number=n, result=n * n, client_id=client_id, redis_channel=channel,
+        kafka_offset=i, delivery_id=i + 1, seq=i + 1,
+    )  # fmt: skip
+    step(r.log, "server", "pod1", "ProcessEvent", epoch=1)
+    step(r.log, "event-consumer", "worker0", "compute", partition=0, offset=i, event="sq")
+    step(r.log, "result-router", "worker0", "divert-to-dlq")
+    return r.SerializeToString()
+
+
+def _exit_on_stdin_eof(then: object = None) -> None:
+    """A child of replay-chain: leave when the parent goes away (its stdin closes). `then`, a
+    callable, runs on the first line (the start signal) before waiting for the end."""
+
+    def watch() -> None:
+        if then is not None:
+            sys.stdin.readline()
+            then()  # type: ignore[operator]
+        sys.stdin.read()
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _broker_cpu() -> dict[str, float]:
+    """CPU seconds so far of the scripts' Kafka and Redis (pid files as scripts/bench.py reads)."""
+    local = Path(os.environ.get("NIMBUS_LOCAL_DIR", ROOT / ".local"))
+    out: dict[str, float] = {}
+    for name in ("kafka", "redis"):
+        try:
+            out[name] = _proc_cpu(int((local / name / f"{name}.pid").read_text().strip()))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def chain_worker(args: argparse.Namespace) -> None:
+    """The replay worker's path: a group-less kafka-python consumer polled in a worker thread,
+    upb decode, one PodMessage per batch PUBLISHed with redis.asyncio; at most `window` results
+    published and not yet acked (acks: cumulative counts on the ack channel)."""
+    import math
+
+    import redis.asyncio as aioredis
+    import trio
+    import trio_asyncio
+    from kafka import KafkaConsumer, TopicPartition
+
+    from nimbus.messages import RESULT, KafkaEventResponse, PodMessage
+
+    host, _, port = args.redis.rpartition(":")
+    tp = TopicPartition(args.topic, 0)
+
+    def make() -> tuple[KafkaConsumer, int]:
+        # As nimbus/engines/kafka.py KafkaLog.reader(): group-less, no auto commit or reset,
+        # fetch_max_wait_ms 50.
+        c = KafkaConsumer(
+            bootstrap_servers=args.brokers.split(","),
+            client_id="chain-worker",
+            request_timeout_ms=15_000,
+            enable_auto_commit=False,
+            allow_auto_create_topics=False,
+            group_id=None,
+            auto_offset_reset="none",
+            fetch_max_wait_ms=50,
+        )
+        c.assign([tp])
+        end = c.end_offsets([tp])[tp]  # connects and reads the metadata before the timed part
+        c.seek(tp, 0)
+        return c, end
+
+    def poll(c: KafkaConsumer) -> list:  # type: ignore[type-arg]
+        return c.poll(timeout_ms=100, max_records=args.max_records).get(tp, [])
+
+    async def main() -> None:
+        async with trio_asyncio.open_loop():
+            consumer, end = await trio.to_thread.run_sync(make)
+            if end < args.count:
+                raise SystemExit(f"{args.topic} holds {end} records, fewer than {args.count}")
+            pub = aioredis.Redis(host=host, port=int(port))
+            ps = aioredis.Redis(host=host, port=int(port)).pubsub()
+            await trio_asyncio.aio_as_trio(ps.subscribe)(args.ack_channel)
+            with trio.fail_after(10):
+                while True:
+                    m = await trio_asyncio.aio_as_trio(ps.get_message)(timeout=1.0)
+                    if m is not None and m["type"] == "subscribe":
+                        break
+            publish = trio_asyncio.aio_as_trio(pub.publish)
+            window = trio.Semaphore(args.window)
+            all_acked = trio.Event()
+            go = trio.Event()
+            token = trio.lowlevel.current_trio_token()
+            _exit_on_stdin_eof(lambda: token.run_sync_soon(go.set))
+            # Where the publisher waited: for the window (acks), for records (Kafka), for Redis's
+            # reply to a PUBLISH (each includes waiting for a CPU on a loaded machine).
+            stats: dict[str, float] = {"publishes": 0, "polls": 0, "max_deliveries": 0}
+            stats.update(window_wait_s=0.0, fetch_wait_s=0.0, publish_wait_s=0.0)
+            print("ready", flush=True)
+            await go.wait()
+
+            async def fetch(send: trio.MemorySendChannel[list[KafkaEventResponse]]) -> None:
+                got = 0
+                async with send:
+                    while got < args.count:
+                        recs = await trio.to_thread.run_sync(poll, consumer)
+                        if not recs:
+                            continue
+                        recs = recs[: args.count - got]
+                        got += len(recs)
+                        stats["polls"] += 1
+                        await send.send([KafkaEventResponse.FromString(r.value) for r in recs])
+
+            async def send_msg(msg: PodMessage, n: int) -> None:
+                data = msg.SerializeToString()
+                t = trio.current_time()
+                await publish(args.channel, data)
+                stats["publish_wait_s"] += trio.current_time() - t
+                stats["publishes"] += 1
+                stats["max_deliveries"] = max(stats["max_deliveries"], n)
+
+            async def publish_batches(recv: trio.MemoryReceiveChannel[list[KafkaEventResponse]]) -> None:
+                async with recv:
+                    while True:
+                        t = trio.current_time()
+                        try:
+                            batch = await recv.receive()
+                        except trio.EndOfChannel:
+                            break
+                        stats["fetch_wait_s"] += trio.current_time() - t
+                        msg, n = PodMessage(reply_to=args.ack_channel), 0
+                        for r in batch:
+                            try:
+                                window.acquire_nowait()
+                            except trio.WouldBlock:
+                                if n:  # publish what we hold before waiting, as the replay does
+                                    await send_msg(msg, n)
+                                    msg, n = PodMessage(reply_to=args.ack_channel), 0
+                                t = trio.current_time()
+                                await window.acquire()
+                                stats["window_wait_s"] += trio.current_time() - t
+                            d = msg.deliveries.add(
+                                client_id=r.client_id, epoch=1, delivery_id=r.delivery_id, token=r.delivery_id
+                            )
+                            resp = d.response  # as nimbus/router.py fill_response, no checks/trace
+                            resp.event_name = r.event_name
+                            resp.number = r.number
+                            resp.result = r.result
+                            resp.delivery_id = r.delivery_id
+                            resp.kind = RESULT
+                            resp.seq = r.seq
+                            resp.log.CopyFrom(r.log)
+                            n += 1
+                        if n:
+                            await send_msg(msg, n)
+
+            async def acks() -> None:
+                acked = 0
+                get = trio_asyncio.aio_as_trio(ps.get_message)
+                while acked < args.count:
+                    m = await get(timeout=None)
+                    if m is None or m["type"] != "message":
+                        continue
+                    a = int(m["data"])
+                    for _ in range(a - acked):
+                        window.release()
+                    acked = max(acked, a)
+                all_acked.set()
+
+            send, recv = trio.open_memory_channel[list[KafkaEventResponse]](4)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetch, send)
+                nursery.start_soon(publish_batches, recv)
+                nursery.start_soon(acks)
+                await all_acked.wait()
+                nursery.cancel_scope.cancel()
+            print("done " + json.dumps({k: round(v, 3) for k, v in stats.items()}), flush=True)
+            await trio.sleep(math.inf)  # until the parent ends it (or its stdin closes)
+
+    trio.run(main)
+
+
+def chain_pod(args: argparse.Namespace) -> None:
+    """The pod's path: the Redis subscription read by an asyncio task and handed to trio (as
+    nimbus/engines/redis.py does), each PodMessage decoded in trio and queued for the stream, the
+    stream's writer (asyncio, grpclib) writes its responses in one HTTP/2 write
+    (nimbus.grpcwire); each ack read on the stream is PUBLISHed to the worker's ack channel."""
+    import asyncio
+    import math
+
+    import redis.asyncio as aioredis
+    import trio
+    import trio_asyncio
+    from grpclib.const import Cardinality, Handler
+    from grpclib.server import Server
+
+    from nimbus import grpcwire
+    from nimbus.messages import EventRequest, EventResponse, PodMessage
+
+    host, _, port = args.redis.rpartition(":")
+    outboxes: list[asyncio.Queue[PodMessage]] = []
+    pub = aioredis.Redis(host=host, port=int(port))
+
+    class Pod:
+        def __mapping__(self) -> dict[str, Handler]:
+            return {
+                METHOD: Handler(self.handle, Cardinality.STREAM_STREAM, EventRequest, EventResponse)
+            }
+
+        async def handle(self, stream) -> None:  # type: ignore[no-untyped-def]
+            outbox: asyncio.Queue[PodMessage] = asyncio.Queue()
+
+            async def writer() -> None:
+                while True:
+                    msg = await outbox.get()
+                    ds = msg.deliveries
+                    await grpcwire.server_send(
+                        stream, grpcwire.frame([d.response.SerializeToString() for d in ds]), len(ds)
+                    )
+
+            await stream.send_initial_metadata()  # the client starts the worker once it has this
+            outboxes.append(outbox)
+            task = asyncio.ensure_future(writer())
+            try:
+                async for req in stream:
+                    if req.ack:
+                        await pub.publish(args.ack_channel, str(req.ack))
+            finally:
+                outboxes.remove(outbox)
+                task.cancel()
+
+    async def main() -> None:
+        async with trio_asyncio.open_loop() as loop:
+            send, recv = trio.open_memory_channel[bytes](math.inf)
+            ps = aioredis.Redis(host=host, port=int(port)).pubsub()
+
+            async def subscribe() -> None:
+                await ps.subscribe(args.channel)
+                while True:
+                    m = await ps.get_message(timeout=10.0)
+                    if m is None:
+                        raise TimeoutError(f"SUBSCRIBE {args.channel} not confirmed")
+                    if m["type"] == "subscribe":
+                        return
+
+            async def read() -> None:  # asyncio task: connection -> trio channel
+                while True:
+                    m = await ps.get_message(timeout=None)
+                    if m is not None and m["type"] == "message":
+                        send.send_nowait(m["data"])
+
+            await trio_asyncio.aio_as_trio(subscribe)()
+            loop.create_task(read())
+            server = Server([Pod()])
+            await trio_asyncio.aio_as_trio(server.start)("127.0.0.1", args.port)
+            _exit_on_stdin_eof()
+            print("ready", flush=True)
+            async for payload in recv:
+                msg = PodMessage.FromString(payload)
+                for outbox in outboxes:
+                    outbox.put_nowait(msg)
+
+    trio.run(main)
+
+
+class _Child:
+    """A replay-chain subprocess: its stdout lines on a queue, stdin for the start signal."""
+
+    def __init__(self, name: str, cmd: list[str]) -> None:
+        import queue
+
+        self.name = name
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            self.lines.put(line.strip())
+        self.lines.put(None)
+
+    def expect(self, prefix: str, timeout: float) -> str:
+        """The child's next line starting with `prefix` (others are skipped); RuntimeError if it
+        exits or prints none within `timeout` seconds."""
+        import queue
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"replay-chain {self.name}: no {prefix!r} within {timeout:.0f} s") from None
+            if line is None:
+                raise RuntimeError(f"replay-chain {self.name} exited (rc {self.p.wait()}) before {prefix!r}")
+            if line.startswith(prefix):
+                return line
+
+    def signal(self, line: str) -> None:
+        assert self.p.stdin is not None
+        self.p.stdin.write(line + "\n")
+        self.p.stdin.flush()
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(10)
+
+
+def replay_chain(args: argparse.Namespace) -> None:
+    """The replay path, no Nimbus logic: worker and pod subprocesses, this process the client."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    client_id = f"{args.topic}-client"
+    admin = KafkaAdminClient(bootstrap_servers=args.brokers)
+    created = False
+    try:
+        admin.create_topics([NewTopic(args.topic, 1, 1)])
+        created = True
+    except Exception as e:  # noqa: BLE001 - exists already is fine
+        if "TopicAlreadyExists" not in type(e).__name__ + str(e):
+            raise
+    admin.close()
+    try:
+        _replay_chain_run(args, client_id)
+    finally:
+        if created:  # the backlog is ~30 MB per 100,000 results: not kept
+            try:
+                admin = KafkaAdminClient(bootstrap_servers=args.brokers)
+                admin.delete_topics([args.topic])
+                admin.close()
+            except Exception as e:  # noqa: BLE001 - best effort
+                print(f"replay-chain: could not delete topic {args.topic}: {e!r}", file=sys.stderr)
+
+
+def _replay_chain_run(args: argparse.Namespace, client_id: str) -> None:
+    import asyncio
+    import queue
+    import socket
+    import statistics
+
+    import trio
+    import trio_asyncio
+    from grpclib.client import Channel
+    from grpclib.const import Cardinality
+    from kafka import KafkaProducer
+
+    from nimbus.messages import EventRequest, EventResponse
+
+    pod_channel, ack_channel = f"{args.topic}-{os.getpid()}-pod", f"{args.topic}-{os.getpid()}-acks"
+    # The backlog, as the DLQ holds it (not timed): `count` results of one client, producer
+    # settings as Nimbus's.
+    producer = KafkaProducer(
+        bootstrap_servers=args.brokers, acks="all", enable_idempotence=True, linger_ms=2,
+        batch_size=256 * 1024,
+    )  # fmt: skip
+    key = client_id.encode()
+    sizes = []
+    for i in range(args.count):
+        v = _chain_record(i, client_id, pod_channel)
+        if i % 1000 == 0:
+            sizes.append(len(v))
+        producer.send(args.topic, value=v, key=key)
+    producer.flush(120)
+    producer.close()
+    record_bytes = statistics.median(sizes)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    me = [sys.executable, __file__]
+    common = ["--redis", args.redis, "--channel", pod_channel, "--ack-channel", ack_channel]
+    children: list[_Child] = []
+    try:
+        pod = _Child("pod", [*me, "_chain-pod", *common, "--port", str(port)])
+        children.append(pod)
+        worker = _Child(
+            "worker",
+            [
+                *me, "_chain-worker", *common, "--brokers", args.brokers, "--topic", args.topic,
+                "--count", str(args.count), "--window", str(args.window),
+                "--max-records", str(args.max_records),
+            ],
+        )  # fmt: skip
+        children.append(worker)
+        pod.expect("ready", 60)
+        worker.expect("ready", 60)
+        marks: dict[str, Any] = {}
+
+        async def client() -> None:
+            channel = Channel("127.0.0.1", port)
+            try:
+                async with channel.request(
+                    METHOD, Cardinality.STREAM_STREAM, EventRequest, EventResponse
+                ) as call:
+                    await call.send_request()
+                    await call.recv_initial_metadata()  # the pod has the stream: start
+                    marks["pod0"], marks["worker0"] = _proc_cpu(pod.p.pid), _proc_cpu(worker.p.pid)
+                    marks["brokers0"] = _broker_cpu()
+                    marks["cpu0"] = cpu_now()
+                    marks["load0"] = [round(x, 2) for x in os.getloadavg()]
+                    marks["t0"] = time.perf_counter()
+                    worker.signal("go")
+                    got = last = 0
+                    while got < args.count:
+                        m = await call.recv_message()
+                        if m is None:
+                            raise RuntimeError(f"the pod ended the stream after {got} results")
+                        got += 1
+                        if m.delivery_id != got:
+                            raise RuntimeError(f"result {got} has delivery id {m.delivery_id}")
+                        if got == 1:
+                            marks["first"] = time.perf_counter()
+                        last = m.delivery_id
+                        if got % args.ack_every == 0:
+                            await call.send_message(EventRequest(ack=last))
+                    marks["t1"] = time.perf_counter()
+                    if got % args.ack_every:
+                        await call.send_message(EventRequest(ack=last))
+                    marks["cpu1"] = cpu_now()
+                    # The worker has every ack (through the pod) when it prints "done".
+                    while True:
+                        try:
+                            line = worker.lines.get_nowait()
+                        except queue.Empty:
+                            await asyncio.sleep(0.005)
+                            continue
+                        if line is None:
+                            raise RuntimeError("replay-chain worker exited before all acks")
+                        if line.startswith("done"):
+                            marks["pod1"], marks["worker1"] = _proc_cpu(pod.p.pid), _proc_cpu(worker.p.pid)
+                            marks["brokers1"] = _broker_cpu()
+                            marks["worker_stats"] = json.loads(line[4:])
+                            break
+                    await call.cancel()
+            finally:
+                channel.close()
+
+        async def main() -> None:
+            async with trio_asyncio.open_loop():
+                with trio.fail_after(args.timeout):
+                    await trio_asyncio.aio_as_trio(client)()
+
+        trio.run(main)
+    finally:
+        for c in children:
+            c.stop()
+    seconds = marks["t1"] - marks["t0"]
+    client_cpu = marks["cpu1"] - marks["cpu0"]
+    worker_cpu = marks["worker1"] - marks["worker0"]
+    pod_cpu = marks["pod1"] - marks["pod0"]
+    b0, b1 = marks["brokers0"], marks["brokers1"]
+    brokers = {k: round(b1[k] - b0.get(k, 0.0), 3) for k in b1}
+    n = args.count
+    every = client_cpu + worker_cpu + pod_cpu
+    load = [round(x, 2) for x in os.getloadavg()]
+    emit(
+        "replay-chain", n, seconds, client_cpu,
+        worker_cpu_s=worker_cpu, pod_cpu_s=pod_cpu, broker_cpu_s=brokers,
+        cpu_us_per_result={
+            "worker": round(worker_cpu / n * 1e6, 1), "pod": round(pod_cpu / n * 1e6, 1),
+            "client": round(client_cpu / n * 1e6, 1),
+            **{k: round(v / n * 1e6, 1) for k, v in brokers.items()},
+        },
+        all_cpu_us_per_msg=every / n * 1e6,
+        all_with_brokers_cpu_us_per_msg=(every + sum(brokers.values())) / n * 1e6,
+        first_result_ms=(marks["first"] - marks["t0"]) * 1e3,
+        window=args.window, ack_every=args.ack_every, max_records=args.max_records,
+        record_bytes=record_bytes, worker=marks["worker_stats"], loadavg_start=marks["load0"],
+        loadavg_end=load,
+    )  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -341,12 +839,37 @@ def main() -> None:
     g.add_argument("--streams", type=int, default=50)
     s = sub.add_parser("_grpc-server")
     s.add_argument("--port", type=int, required=True)
+    c = sub.add_parser("replay-chain")
+    c.add_argument("--brokers", required=True)
+    c.add_argument("--redis", required=True)
+    c.add_argument("--topic", required=True, help="created with 1 partition if missing; should be fresh")
+    c.add_argument("--count", type=int, default=100_000)
+    c.add_argument("--window", type=int, default=2000, help="as NIMBUS_REPLAY_WINDOW (default 2000)")
+    c.add_argument("--ack-every", type=int, default=100)
+    c.add_argument("--max-records", type=int, default=2000, help="records per Kafka poll")
+    c.add_argument("--timeout", type=float, default=180, help="seconds for the timed part")
+    for name, fn in (("_chain-worker", True), ("_chain-pod", False)):
+        w = sub.add_parser(name)
+        w.add_argument("--redis", required=True)
+        w.add_argument("--channel", required=True)
+        w.add_argument("--ack-channel", required=True)
+        if fn:
+            w.add_argument("--brokers", required=True)
+            w.add_argument("--topic", required=True)
+            w.add_argument("--count", type=int, required=True)
+            w.add_argument("--window", type=int, required=True)
+            w.add_argument("--max-records", type=int, required=True)
+        else:
+            w.add_argument("--port", type=int, required=True)
     args = p.parse_args()
     {
         "kafka-rtt": kafka_rtt,
         "redis-pubsub": redis_pubsub,
         "grpc-echo": grpc_echo,
         "_grpc-server": grpc_server,
+        "replay-chain": replay_chain,
+        "_chain-worker": chain_worker,
+        "_chain-pod": chain_pod,
     }[args.probe](args)
 
 

@@ -110,3 +110,81 @@ def test_result_decodes_its_trace_lazily_and_stays_immutable() -> None:
         r.number = 4  # type: ignore[misc]
     bad = Result(1, "sq", 50000, 0, EventError(code=ErrorCode.OUT_OF_RANGE, message="x"))
     assert not bad.ok and bad.log is None and bad != r
+
+
+# --- the replay chain (scripts/bench_limits.py replay-chain) against Nimbus's one-client replay ---
+
+CHAIN = {
+    "probe": "replay-chain", "count": 100_000, "seconds": 4.0, "rate": 25_000.0, "cpu_s": 1.0,
+    "cpu_us_per_msg": 10.0, "worker_cpu_s": 2.5, "pod_cpu_s": 1.5, "all_cpu_us_per_msg": 50.0,
+    "cpu_us_per_result": {"worker": 25.0, "pod": 15.0, "client": 10.0, "kafka": 3.0, "redis": 2.0},
+    "window": 2000, "ack_every": 100, "record_bytes": 276,
+}  # fmt: skip
+ONE = {
+    "received": 100_000, "seconds": 10.0, "results_per_s": 10_000.0, "all_cpu_us_per_result": 150.0,
+    "nimbus_cpu_s": {"pod0": 0.0, "pod1": 4.0, "worker0": 6.0, "status": 0.1},
+    "broker_utilisation": {"kafka": 0.05, "redis": 0.03},
+}  # fmt: skip
+
+
+def test_replay_cpu_by_role() -> None:
+    got = bench.replay_cpu_by_role(ONE)
+    # pods summed, workers summed; brokers from utilisation x seconds; the client is the rest
+    assert got == {"pod": 40.0, "worker": 60.0, "status": 1.0, "kafka": 5.0, "redis": 3.0, "client": 41.0}
+    assert bench.replay_cpu_by_role({"received": 0}) == {}
+
+
+def test_replay_limit_uses_the_chain_for_one_client_only() -> None:
+    lim = {"kafka_perf_consume": {"rate": 200_000.0}, "replay_chain": CHAIN}
+    text, rate = bench.replay_limit("one", lim)
+    assert rate == 25_000.0 and text.startswith("25,000 (replay chain") and "Kafka consume 200,000" in text
+    assert bench.ratio(ONE["results_per_s"], rate) == "40%"
+    assert bench.replay_limit("one_window_x5", lim)[1] == 25_000.0
+    assert bench.replay_limit("many", lim) == ("200,000 (Kafka consume)", 200_000.0)
+    # an older JSON (no chain) or a failed chain: Kafka consume as before
+    assert bench.replay_limit("one", {"kafka_perf_consume": {"rate": 200_000.0}})[1] == 200_000.0
+    failed = {"replay_chain": {"rate": 0.0, "error": "RuntimeError: x"}}
+    assert bench.replay_limit("one", failed) == ("-", None)
+
+
+def test_chain_limits_row() -> None:
+    assert bench.chain_limits_row(None) == "| replay_chain | - | - | not measured in this run |"
+    assert "failed: RuntimeError: boom" in bench.chain_limits_row({"rate": 0.0, "error": "RuntimeError: boom"})
+    row = bench.chain_limits_row(CHAIN)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:2] == ["replay_chain", "25,000"]
+    assert cells[2].startswith("50 (worker 25 / pod 15 / client 10; brokers kafka 3 / redis 2)")
+    assert "window 2,000" in cells[3] and "acks every 100" in cells[3] and "no Nimbus logic" in cells[3]
+
+
+def test_chain_comparison_follows_the_numbers() -> None:
+    assert bench.chain_comparison(ONE, None, 2) == []
+    assert bench.chain_comparison(ONE, {"rate": 0.0, "error": "x"}, 2) == []
+    text, reach = bench.chain_comparison(ONE, CHAIN, 2)
+    assert "**25,000 results/s**" in text and "50 µs of CPU per result in its processes" in text
+    assert "the brokers' 5 more" in text
+    # Nimbus: 150 µs for the whole machine, 142 without its brokers (8), vs the chain's 50
+    assert "40% of the chain's rate" in text and "142 in its processes and the client: 2.8x the chain's 50" in text
+    assert "worker 60 vs 25 (2.4x)" in text and "pod 40 vs 15 (2.7x)" in text and "client 41 vs 10 (4.1x)" in text
+    assert "adds 92 µs per result, the most in the worker (+35)" in text
+    assert reach.startswith("- So 20,000 results/s is within the stack's reach") and "not within" not in reach
+    assert "what keeps Nimbus below it" in reach
+    assert "at most 40,000 results/s" in reach and "36,364 with the brokers" in reach  # 2 CPUs / 50, / 55 µs
+    assert "bound by waiting" not in reach
+    # below the target although its CPU would allow it: bound by waiting, with the worker's waits
+    slow = {
+        **CHAIN, "rate": 19_999.0, "seconds": 5.0, "loadavg_start": [3.5, 2.0, 1.0],
+        "worker": {"publish_wait_s": 3.0, "window_wait_s": 0.5, "fetch_wait_s": 0.25},
+    }  # fmt: skip
+    text, reach = bench.chain_comparison(ONE, slow, 2)
+    assert "(load average 3.5 at its start)" in text
+    assert reach.startswith("- So in this run 20,000 results/s was not within the stack's reach")
+    assert "only 19,999/s" in reach and "what keeps Nimbus" not in reach
+    assert "bound by waiting, not by its own CPU" in reach and "waited 3.0 s for PUBLISH replies" in reach
+    # below the target and its CPU would not allow more: no waiting claim
+    costly = {**slow, "all_cpu_us_per_msg": 120.0}
+    reach = bench.chain_comparison(ONE, costly, 2)[1]
+    assert "not within" in reach and "at most 16,667 results/s" in reach and "waiting" not in reach
+    # without a Nimbus replay in the run: the chain alone
+    text, reach = bench.chain_comparison(None, CHAIN, 2)
+    assert "Nimbus's 1-client replay" not in text and "within the stack's reach" in reach
