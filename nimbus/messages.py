@@ -28,3 +28,25 @@ RESULT, RECEIPT, ERROR, GAP = pb.RESULT, pb.RECEIPT, pb.ERROR, pb.GAP
 UNKNOWN_EVENT, OUT_OF_RANGE, UNAVAILABLE, INVALID_ARGUMENT, INTERNAL = (
     pb.UNKNOWN_EVENT, pb.OUT_OF_RANGE, pb.UNAVAILABLE, pb.INVALID_ARGUMENT, pb.INTERNAL,
 )
+
+
+# -- composing messages on the wire (nimbus.router.pod_messages, nimbus.pod) ----------------------
+# A hot path may write a message as the concatenation of its parts' encodings: a parser reads
+# fields in any order, concatenates repeated fields, and (unused here) merges a singular message
+# field met twice. Tag bytes (field number << 3 | 2: length-delimited) of the fields composed so:
+POD_REPLY_TO, POD_DELIVERY = 0x0A, 0x12  # PodMessage.reply_to = 1, deliveries = 2
+DELIVERY_RESPONSE = 0x2A  # Delivery.response = 5
+RESPONSE_LOG = 0x22  # EventResponse.log = 4
+
+
+def length_delimited(tag: int, payload: bytes) -> bytes:
+    """A length-delimited field: its tag byte (one of the above), the varint length, payload."""
+    n = len(payload)
+    if n < 0x80:
+        return bytes((tag, n)) + payload
+    head = bytearray((tag,))
+    while n >= 0x80:
+        head.append((n & 0x7F) | 0x80)
+        n >>= 7
+    head.append(n)
+    return bytes(head) + payload

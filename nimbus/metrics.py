@@ -228,8 +228,8 @@ def sample(name: str, **labels: str) -> float:
 
 def delivered(log: Any) -> None:
     """A result is being queued on its client's stream: observe its delivery latency from the
-    trace (`log`: the response's LogEntry; its first step is the pod's ingest, the one before
-    last says whether the router or the replay sent it)."""
+    trace (`log`: the response's LogEntry as the pod received it; its first step is the pod's
+    ingest, its last says whether the router or the replay sent it)."""
     steps = log.steps
     if len(steps) < 2:
         return
@@ -237,7 +237,7 @@ def delivered(log: Any) -> None:
     t0 = first.seconds + first.nanos / 1e9
     if t0 <= 0:
         return
-    child = _DELIVERY_REPLAY if steps[len(steps) - 2].method_name == "replay" else _DELIVERY_LIVE
+    child = _DELIVERY_REPLAY if steps[len(steps) - 1].method_name == "replay" else _DELIVERY_LIVE
     DELIVERY.observe(child, max(0.0, time.time() - t0))
 
 

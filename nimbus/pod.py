@@ -35,14 +35,17 @@ from nimbus.messages import (
     ERROR,
     GAP,
     RECEIPT,
+    RESPONSE_LOG,
     UNKNOWN_EVENT,
     Delivery,
     DeliveryReport,
     EventRequest,
     EventResponse,
     KafkaEventRequest,
+    LogEntry,
     PodMessage,
     ReportItem,
+    length_delimited,
 )
 from nimbus.ports import AckItem, EngineError, Log, StateStore
 from nimbus.stats import Counters
@@ -67,7 +70,7 @@ class Close:
         self.message = message
 
 
-OutboxItem = tuple[int, EventResponse | None] | Close  # None: confirm only
+OutboxItem = tuple[int, EventResponse | bytes | None] | Close  # bytes: encoded; None: confirm only
 
 
 class Outbox:
@@ -384,10 +387,11 @@ class Pod:
             if s is not None and s.epoch <= k.epoch:
                 logs.for_client(s.client_id, s.epoch).info("client {}: stream epoch {} superseded by a stream on another pod", s.client_id, s.epoch)
                 self._end(s, Close("ABORTED", "superseded by a newer stream for this client_id"))
+        steps: dict[int, bytes] = {}  # this hop's trace step, encoded once per stream epoch
         for d in msg.deliveries:
-            self._deliver(msg.reply_to, d)
+            self._deliver(msg.reply_to, d, steps)
 
-    def _deliver(self, reply_to: str, d: Delivery) -> None:
+    def _deliver(self, reply_to: str, d: Delivery, steps: dict[int, bytes] | None = None) -> None:
         held = self._connecting.get(d.client_id)
         if held is not None:
             held.append((reply_to, d))  # a connect is in progress here: its epoch is coming
@@ -403,9 +407,8 @@ class Pod:
             self._flush.set()
             return
         resp = d.response
-        trace.step(resp.log, "server", self.s.instance_id, "deliver", epoch=s.epoch)
         metrics.delivered(resp.log)
-        out: EventResponse | None = resp
+        out: EventResponse | bytes | None
         if resp.kind == GAP and s.protocol < 2:
             # The original's client cannot be told; nothing goes on the wire, and the writer
             # confirms it in stream order like a result (so nothing queued before it is
@@ -417,8 +420,22 @@ class Pod:
             out = None
         elif s.protocol < 2:
             # Only the original's fields: it never sees a message it cannot understand.
+            trace.step(resp.log, "server", self.s.instance_id, "deliver", epoch=s.epoch)
             out = EventResponse(event_name=resp.event_name, number=resp.number, result=resp.result)
             out.log.CopyFrom(resp.log)
+        else:
+            # Encoded here, with this hop's trace step appended to the log on the wire (see
+            # nimbus.router.pod_messages): no step built per result, no message re-encoded later.
+            if steps is None:
+                steps = {}
+            step = steps.get(s.epoch)
+            if step is None:
+                one = LogEntry()
+                trace.step(one, "server", self.s.instance_id, "deliver", epoch=s.epoch)
+                step = steps[s.epoch] = one.SerializeToString()
+            log = resp.log.SerializeToString() + step
+            resp.ClearField("log")
+            out = resp.SerializeToString() + length_delimited(RESPONSE_LOG, log)
         entry = (d.delivery_id, reply_to, d.token)
         if s.unconfirmed and s.unconfirmed[-1][0] > d.delivery_id:
             bisect.insort(s.unconfirmed, entry)  # not expected (senders keep a client's order)

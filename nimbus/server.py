@@ -145,7 +145,7 @@ def _take_batch(outbox: Outbox, first: OutboxItem) -> tuple[bytes, int, list[int
             return grpcwire.frame(payloads), len(payloads), ids, item
         delivery_id, resp = item
         if resp is not None:  # None: a GAP the original's client cannot be told of
-            payload = resp.SerializeToString()
+            payload = resp if isinstance(resp, bytes) else resp.SerializeToString()
             payloads.append(payload)
             size += grpcwire.framed_size(len(payload))
         ids.append(delivery_id)

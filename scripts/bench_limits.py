@@ -481,7 +481,7 @@ def chain_worker(args: argparse.Namespace) -> None:
                             d = msg.deliveries.add(
                                 client_id=r.client_id, epoch=1, delivery_id=r.delivery_id, token=r.delivery_id
                             )
-                            resp = d.response  # as nimbus/router.py fill_response, no checks/trace
+                            resp = d.response  # the fields nimbus/router.py pod_messages copies; no checks/trace
                             resp.event_name = r.event_name
                             resp.number = r.number
                             resp.result = r.result

@@ -110,6 +110,12 @@ async def test_disconnect_then_reconnect_elsewhere_replays_in_order(engine: dict
             ids = [r.delivery_id for r in got]
             assert ids == sorted(ids) and len(set(ids)) == n
             assert live.number == n + 1 and live.delivery_id > ids[-1]
+            # Every hop's trace step, the delivering pod's last (appended on the wire), in order.
+            for r, sender in ((first[0], ("result-router", "route")), (rest[-1], ("replay", "replay")), (live, ("result-router", "route"))):
+                steps = [(st.service_name, st.method_name) for st in r.log.steps]
+                assert steps[0] == ("server", "ProcessEvent") and steps[-2:] == [sender, ("server", "deliver")], steps
+                times = [st.timestamp for st in r.log.steps]  # datetimes (betterproto)
+                assert times == sorted(times) and times[0].year >= 2024, times
             assert c.counters["router.dlq"] > 0  # the missed results did go through the DLQ
             assert c.counters["replay.delivered"] + 0 >= 0
 
