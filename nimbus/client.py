@@ -124,6 +124,7 @@ RESENT_MEMORY: Final = 100_000  # resent events remembered for dropping their se
 INT32_MIN: Final = -(2**31)
 INT32_MAX: Final = 2**31 - 1
 _WRITE_BATCH_BYTES: Final = 16384  # queued requests written at once, at most
+_READ_BATCH: Final = 32  # received responses taken from the stream at once, at most
 
 # ---------------------------------------------------------------------------------------------
 # Public data types
@@ -773,7 +774,7 @@ class _Opened:
 
 
 _OPENED: Final = _Opened()
-_Inbound: TypeAlias = EventResponse | _Opened
+_Inbound: TypeAlias = list[EventResponse] | _Opened  # a stream's responses, as read together
 _Outbound: TypeAlias = tuple[EventRequest, OutgoingEvent | None]
 
 # What ends a stream without being a bug of ours: the client reconnects (or reports) on these.
@@ -903,7 +904,7 @@ class NimbusClient:
         self._results_send, self._results_recv = trio.open_memory_channel[Result | Gap | _Skip](
             result_buffer
         )
-        self._stream_buffer = 256  # responses between the asyncio reader and the trio side
+        self._stream_buffer = 16  # reads (of up to _READ_BATCH responses) between the asyncio reader and trio
         self._stream: _Stream | None = None
         self._ever_opened = False
         self._first_open = trio.Event()
@@ -1257,7 +1258,11 @@ class NimbusClient:
                         except trio.EndOfChannel:
                             break
                         for item in items:
-                            await self._apply(stream, item)
+                            if isinstance(item, _Opened):
+                                self._on_opened(stream)
+                                continue
+                            for resp in item:
+                                await self._apply(stream, resp)
         finally:
             self._stream = None
             if stream.open:
@@ -1290,13 +1295,9 @@ class NimbusClient:
         )
         self._notify(Connected(stream.target, reconnect=not first))
 
-    async def _apply(self, stream: _Stream, item: _Inbound) -> None:
+    async def _apply(self, stream: _Stream, resp: EventResponse) -> None:
         """Apply one response of `stream` to the ledger; hand results to the application."""
-        if isinstance(item, _Opened):
-            self._on_opened(stream)
-            return
         stream.received += 1
-        resp = item
         kind = resp.kind
         if self.protocol == 1 or kind == wire.RESULT:
             # Protocol 1 has no kinds: everything is a result. Our server still sets `error` on
@@ -1461,10 +1462,11 @@ class NimbusClient:
         call: GrpcStream[EventRequest, EventResponse], responses: trio.MemorySendChannel[_Inbound]
     ) -> None:
         while True:
-            message = await call.recv_message()
-            if message is None:
+            # Every response already received, handed over at once (see nimbus.grpcwire).
+            messages = await grpcwire.client_recv_many(call, _READ_BATCH)
+            if not messages:
                 return
-            await _hand_over(responses, message)
+            await _hand_over(responses, messages)
 
     async def _aio_writer(
         self, call: GrpcStream[EventRequest, EventResponse], stream: _Stream

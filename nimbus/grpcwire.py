@@ -1,9 +1,14 @@
-"""Several gRPC messages in one HTTP/2 write (server and client side of grpclib).
+"""Several gRPC messages in one HTTP/2 write (server and client side of grpclib), and several
+read at once (client side).
 
 grpclib's `send_message` writes each message on its own: a DATA frame, a socket write (a syscall)
 and a wake-up of the event loop per message. A stream that has several messages queued (a burst
 of results, a receipt and a result, a replay window) can frame them all and write them at once:
 gRPC's length-prefixed messages may share DATA frames, and any gRPC peer reads them the same way.
+
+Reading: a stream's receive buffer often holds many messages (a burst of results); the client
+takes the first through grpclib's `recv_message`, then every further message whose bytes have
+already arrived, without grpclib's per-message wrapper, event dispatch and wake-up.
 
 Only grpclib's public per-message bookkeeping is repeated here (initial metadata or request sent
 first, the message counters); the framing is gRPC's: a 0 byte (not compressed), a 4-byte
@@ -60,3 +65,35 @@ async def client_send(call: Any, data: bytes, n: int) -> None:
     with call._wrapper:  # noqa: SLF001 - turns h2 errors into grpclib's
         await call._stream.send_data(data)  # noqa: SLF001
     _count(call, n)
+
+
+def _buffered(buffer: Any) -> bool:
+    """Has the stream's receive buffer (grpclib.protocol.Buffer) any bytes or end left unread?"""
+    return bool(buffer._acked_size or buffer._unacked.qsize())  # noqa: SLF001
+
+
+async def client_recv_many(call: Any, limit: int) -> list[Any]:
+    """The next message of a grpclib client stream and up to `limit - 1` more already received
+    (their bytes, or part of them, in the stream's buffer); [] at the end of the stream."""
+    first = await call.recv_message()
+    if first is None:
+        return []
+    out = [first]
+    stream = call._stream  # noqa: SLF001
+    buffer = stream.buffer
+    decode = call._recv_type.FromString  # noqa: SLF001 - the upb class grpclib's codec would call
+    with call._wrapper:  # noqa: SLF001 - turns h2 errors into grpclib's, as recv_message does
+        while len(out) < limit and _buffered(buffer):
+            meta = await buffer.read(5)
+            if not meta:
+                break  # the end: the next call's recv_message returns None
+            compressed, size = _HEADER.unpack(meta)
+            if compressed:
+                raise NotImplementedError("Compression not implemented")
+            out.append(decode(await buffer.read(size)))
+    n = len(out) - 1
+    if n:
+        call._messages_received += n  # noqa: SLF001
+        stream.connection.messages_received += n
+        stream.connection.last_message_received = time.monotonic()
+    return out
