@@ -9,8 +9,8 @@ kafka-python is a threaded library. This module owns the bridge and its rules:
   short (polls are sliced into <= 0.5 s pieces) so cancellation stays prompt.
 - A KafkaConsumer is used by one thread at a time: each consumer/reader serialises its calls
   with a trio.Lock.
-- A produce batch is appended on the trio thread once the producer knows the topic's metadata
-  (send() then never blocks); only the first batches of a topic go through a thread.
+- A small produce batch is appended on the trio thread once the producer knows the topic's
+  metadata (send() then never blocks); a topic's first batches and large ones go through a thread.
 - Produce acknowledgements arrive as future callbacks on the producer's sender thread. A batch
   counts them down under a threading.Lock and wakes trio once, through the trio token, when the
   last one lands (no thread hop per record).
@@ -75,6 +75,7 @@ _COMMIT_TIMEOUT_MS = 10_000
 _CLOSE_TIMEOUT_MS = 5_000
 _TOPIC_READY_TIMEOUT_MS = 15_000
 _READER_FETCH_WAIT_MS = 50
+_INLINE_SEND = 32  # records of a produce batch appended on the trio thread, at most (see send_batch)
 _PARTITION_CACHE = 200_000  # keys whose partition is remembered (cleared when full)
 
 
@@ -478,11 +479,12 @@ class KafkaLogProducer:
         acks = _BatchAcks(len(items), trio.lowlevel.current_trio_token())
         generation = self._generation
         try:
-            if self._producer._metadata.partitions_for_topic(topic) is not None:  # noqa: SLF001
+            if len(items) <= _INLINE_SEND and self._producer._metadata.partitions_for_topic(topic) is not None:  # noqa: SLF001
                 # send() blocks only while it waits for a topic's metadata (kafka-python 3's
-                # accumulator never waits for memory): with the metadata known, the batch is
-                # appended from this thread (a thread hop costs ~130-190 µs of CPU here, more
-                # than a small batch's appends).
+                # accumulator never waits for memory): with the metadata known, a small batch
+                # is appended from this thread (a thread hop costs ~130-190 µs of CPU here, more
+                # than a few records' appends at ~20 µs each). A large one goes to a thread, so
+                # the event loop is not held for its whole encoding.
                 n = self._send_all(topic, items, acks)
             else:
                 n = await _in_thread(self._send_all, topic, items, acks)
