@@ -1697,6 +1697,16 @@ def render(res: dict[str, Any]) -> str:
         " p50 311 -> 50-280 ms (noisy). Tried and not kept (alternating A/B runs, no clear"
         " effect on the flip): running up to 64 ready asyncio callbacks per trio round in the"
         " worker process, and a 0.5 ms GIL switch interval there.",
+        "- 2026-11-27 (fifth session; microbenchmarks and alternating quick runs, the machine"
+        " noisy): small produce batches appended on the trio thread once the topic's metadata is"
+        " known, other blocking calls through trio.lowlevel.start_thread_soon (a thread wake-up"
+        " costs ~100 µs of CPU on this VM; one-record batches 1,324-1,659 -> 935-1,328 µs of"
+        " process CPU each); deliveries composed on the wire with one trace step per batch"
+        " (router/replay ~11 -> ~6 µs per delivery, pod ~10 -> ~7); lock-free metrics on the hot"
+        " paths (~4 -> ~2 µs per delivered result); the client library takes every response"
+        " already received at once (drain client 33-40 -> 26-38 µs per result). Full runs:"
+        " one-client replay 10,883-11,560 -> 14,811-15,948 results/s, whole machine 142 -> 112 µs"
+        " per result; the replay_chain limit shows the stack itself moves 30,000+/s.",
         "",
         "## Raw",
         "",
