@@ -1225,3 +1225,34 @@ async def test_cli_refused_and_timeout_exit_codes() -> None:
     assert "PERMISSION_DENIED: not you" in refused.stderr.decode()
     assert slow.returncode == 1
     assert "timed out after 1s: 4 of 4 results missing" in slow.stderr.decode()
+
+
+async def test_receive_takes_queued_results_fairly_and_a_cancel_loses_none() -> None:
+    """receive() takes a queued result without a scheduling round each time, yet other tasks run
+    every _YIELD_EVERY results, and a cancelled receive() takes nothing from the queue."""
+    from nimbus.client import _YIELD_EVERY, NimbusClient, Result
+
+    c = NimbusClient(["127.0.0.1:1"], "fair", result_buffer=1000)
+    for i in range(300):
+        c._results_send.send_nowait(Result(0, "sq", i, i * i))  # noqa: SLF001
+    ticks = 0
+
+    async def other() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        await trio.lowlevel.checkpoint()
+        ticks = 0
+        got = [(await c.receive()).number for _ in range(8 * _YIELD_EVERY)]
+        assert got == list(range(8 * _YIELD_EVERY))
+        assert 6 <= ticks <= 8 * _YIELD_EVERY // 4, ticks  # ran about every _YIELD_EVERY, not every result
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await c.receive()
+        assert scope.cancelled_caught
+        assert (await c.receive()).number == 8 * _YIELD_EVERY
+        nursery.cancel_scope.cancel()
