@@ -16,6 +16,12 @@ import uuid
 
 import pytest
 
+from nimbus.entry import batch_asyncio_callbacks
+
+# Nimbus's processes run trio-asyncio with batched callbacks (nimbus.entry.run_process); the
+# in-process clusters here do too.
+batch_asyncio_callbacks()
+
 
 def _reachable(address: str) -> bool:
     host, _, port = address.split(",")[0].rpartition(":")
