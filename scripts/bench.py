@@ -1704,9 +1704,13 @@ def render(res: dict[str, Any]) -> str:
         " process CPU each); deliveries composed on the wire with one trace step per batch"
         " (router/replay ~11 -> ~6 µs per delivery, pod ~10 -> ~7); lock-free metrics on the hot"
         " paths (~4 -> ~2 µs per delivered result); the client library takes every response"
-        " already received at once (drain client 33-40 -> 26-38 µs per result). Full runs:"
-        " one-client replay 10,883-11,560 -> 14,811-15,948 results/s, whole machine 142 -> 112 µs"
-        " per result; the replay_chain limit shows the stack itself moves 30,000+/s.",
+        " already received at once (drain client 33-40 -> 26-38 µs per result); the client's"
+        " receive() takes a queued result without a trio scheduling round (~8 µs each here:"
+        " drain client 29-36 -> 19-23 µs per result); Nimbus processes run up to 64 ready asyncio"
+        " callbacks per trio round (100 clients' replay 5,775-7,189 -> 8,681-9,008 results/s)."
+        " Full runs: one-client replay 10,883-11,560 -> 14,811-15,948 results/s, the whole"
+        " machine 142 -> 104-112 µs per result; 100 clients 4,126 -> 8,888 results/s; the"
+        " replay_chain limit shows the stack itself moves 25,000-34,000/s.",
         "",
         "## Raw",
         "",
