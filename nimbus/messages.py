@@ -50,3 +50,8 @@ def length_delimited(tag: int, payload: bytes) -> bytes:
         n >>= 7
     head.append(n)
     return bytes(head) + payload
+
+
+def response_with_log(head: bytes, log: bytes) -> bytes:
+    """An encoded EventResponse: `head` (its fields but the log, encoded) and its log's bytes."""
+    return head + length_delimited(RESPONSE_LOG, log)

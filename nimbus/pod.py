@@ -35,17 +35,15 @@ from nimbus.messages import (
     ERROR,
     GAP,
     RECEIPT,
-    RESPONSE_LOG,
     UNKNOWN_EVENT,
     Delivery,
     DeliveryReport,
     EventRequest,
     EventResponse,
     KafkaEventRequest,
-    LogEntry,
     PodMessage,
     ReportItem,
-    length_delimited,
+    response_with_log,
 )
 from nimbus.ports import AckItem, EngineError, Log, StateStore
 from nimbus.stats import Counters
@@ -202,8 +200,9 @@ class Pod:
             await self.state.publish([(REPLAY_REQUESTS, client_id.encode())])
         self.counters.inc("pod.connects")
         logger.info("client {} connected (epoch {}, {})", client_id, s.epoch, res.status.value)
+        steps: dict[int, bytes] = {}
         for reply_to, d in held:
-            self._deliver(reply_to, d)
+            self._deliver(reply_to, d, steps)
         return s
 
     async def close_session(self, s: Session) -> None:
@@ -387,11 +386,12 @@ class Pod:
             if s is not None and s.epoch <= k.epoch:
                 logs.for_client(s.client_id, s.epoch).info("client {}: stream epoch {} superseded by a stream on another pod", s.client_id, s.epoch)
                 self._end(s, Close("ABORTED", "superseded by a newer stream for this client_id"))
-        steps: dict[int, bytes] = {}  # this hop's trace step, encoded once per stream epoch
+        steps: dict[int, bytes] = {}
         for d in msg.deliveries:
             self._deliver(msg.reply_to, d, steps)
 
-    def _deliver(self, reply_to: str, d: Delivery, steps: dict[int, bytes] | None = None) -> None:
+    def _deliver(self, reply_to: str, d: Delivery, steps: dict[int, bytes]) -> None:
+        """`steps`: this hop's trace step, encoded, by stream epoch (shared by a message's deliveries)."""
         held = self._connecting.get(d.client_id)
         if held is not None:
             held.append((reply_to, d))  # a connect is in progress here: its epoch is coming
@@ -426,16 +426,12 @@ class Pod:
         else:
             # Encoded here, with this hop's trace step appended to the log on the wire (see
             # nimbus.router.pod_messages): no step built per result, no message re-encoded later.
-            if steps is None:
-                steps = {}
             step = steps.get(s.epoch)
             if step is None:
-                one = LogEntry()
-                trace.step(one, "server", self.s.instance_id, "deliver", epoch=s.epoch)
-                step = steps[s.epoch] = one.SerializeToString()
+                step = steps[s.epoch] = trace.encoded_step("server", self.s.instance_id, "deliver", epoch=s.epoch)
             log = resp.log.SerializeToString() + step
             resp.ClearField("log")
-            out = resp.SerializeToString() + length_delimited(RESPONSE_LOG, log)
+            out = response_with_log(resp.SerializeToString(), log)
         entry = (d.delivery_id, reply_to, d.token)
         if s.unconfirmed and s.unconfirmed[-1][0] > d.delivery_id:
             bisect.insort(s.unconfirmed, entry)  # not expected (senders keep a client's order)

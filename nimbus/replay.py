@@ -522,10 +522,7 @@ class ReplayService:
             p = self._by_token.get(it.token)
             if p is None:
                 continue  # late report for a replay that has ended
-            items = by_replay.get(p)
-            if items is None:
-                items = by_replay[p] = []
-            items.append(it)
+            by_replay.setdefault(p, []).append(it)
         for p, items in by_replay.items():
             try:
                 try:

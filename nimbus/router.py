@@ -23,14 +23,13 @@ from nimbus.messages import (
     DELIVERY_RESPONSE,
     POD_DELIVERY,
     POD_REPLY_TO,
-    RESPONSE_LOG,
     RESULT,
     Delivery,
     DeliveryReport,
     EventResponse,
     KafkaEventResponse,
-    LogEntry,
     length_delimited,
+    response_with_log,
 )
 from nimbus.ports import (
     CommitFailed,
@@ -88,7 +87,7 @@ def pod_messages(reply_to: str, entries: list[Entry], instance: str, method: str
     plus its response, and the response's trace log is the result's log as it came (its bytes
     copied, not its steps) followed by this hop's step, encoded once per pod and batch (repeated
     fields concatenate on the wire). A parser reads exactly what the built tree would give; it
-    costs about half (measured ~8 -> ~4 µs per delivery)."""
+    costs about half (measured ~11 -> ~6 µs per delivery)."""
     service = "result-router" if method == "route" else "replay"
     parts: dict[str, list[bytes]] = {}
     steps: dict[str, bytes] = {}
@@ -97,9 +96,7 @@ def pod_messages(reply_to: str, entries: list[Entry], instance: str, method: str
         assert isinstance(r, KafkaEventResponse | EventResponse)  # EventResponse: a replay's GAP
         step = steps.get(e.pod)
         if step is None:
-            one = LogEntry()
-            trace.step(one, service, instance, method, pod=e.pod)
-            step = steps[e.pod] = one.SerializeToString()  # = LogEntry.steps tag, length, TraceStep
+            step = steps[e.pod] = trace.encoded_step(service, instance, method, pod=e.pod)
             parts[e.pod] = [length_delimited(POD_REPLY_TO, reply_to.encode())]
         if isinstance(r, EventResponse):
             head = EventResponse()
@@ -111,8 +108,7 @@ def pod_messages(reply_to: str, entries: list[Entry], instance: str, method: str
             )
             if r.HasField("error"):
                 head.error.CopyFrom(r.error)
-        log = r.log.SerializeToString() + step
-        response = head.SerializeToString() + length_delimited(RESPONSE_LOG, log)
+        response = response_with_log(head.SerializeToString(), r.log.SerializeToString() + step)
         d = Delivery(client_id=e.client_id, epoch=e.epoch, delivery_id=e.delivery_id, token=e.token, prev_delivery_id=e.prev)
         parts[e.pod].append(length_delimited(POD_DELIVERY, d.SerializeToString() + length_delimited(DELIVERY_RESPONSE, response)))
     return [(pod, b"".join(p)) for pod, p in parts.items()]

@@ -16,3 +16,12 @@ def step(log: LogEntry, service: str, instance: str, method: str, message: str =
     ts.nanos = ns % 1_000_000_000
     for k, v in metadata.items():
         s.metadata[k] = str(v)
+
+
+def encoded_step(service: str, instance: str, method: str, **metadata: object) -> bytes:
+    """One step, encoded as a LogEntry holding it alone: appended to an encoded log (repeated
+    fields concatenate on the wire), it is that log with the step added. For hops that write
+    many responses at once, the step is encoded once for all of them."""
+    one = LogEntry()
+    step(one, service, instance, method, **metadata)
+    return one.SerializeToString()

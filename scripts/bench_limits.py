@@ -364,15 +364,12 @@ def _exit_on_stdin_eof(then: object = None) -> None:
 
 
 def _broker_cpu() -> dict[str, float]:
-    """CPU seconds so far of the scripts' Kafka and Redis (pid files as scripts/bench.py reads)."""
-    local = Path(os.environ.get("NIMBUS_LOCAL_DIR", ROOT / ".local"))
-    out: dict[str, float] = {}
-    for name in ("kafka", "redis"):
-        try:
-            out[name] = _proc_cpu(int((local / name / f"{name}.pid").read_text().strip()))
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
+    """CPU seconds so far of the scripts' Kafka and Redis: scripts/bench.py's `broker_cpu` (this
+    file runs as a script beside it; imported here, not at the top, so that loading this module
+    does not load the bench)."""
+    from bench import broker_cpu
+
+    return broker_cpu()
 
 
 def chain_worker(args: argparse.Namespace) -> None:
