@@ -18,13 +18,12 @@ from typing import Any
 
 import trio_asyncio
 
-from nimbus import event_consumer, router
+from nimbus import dlq, event_consumer, router
 from nimbus.config import Settings
 from nimbus.engines import open_engine
 from nimbus.engines.murmur2 import partition_for
 from nimbus.entry import run_process
 from nimbus.lifecycle import ClientRecord, Status
-from nimbus.router import decode_result
 
 SCAN_LIMIT = 100_000  # DLQ records read at most to count one client's backlog
 
@@ -135,13 +134,11 @@ async def client(settings: Settings, log: Any, state: Any, client_id: str) -> di
                     break
                 for r in records:
                     if r.key == key:
-                        res = decode_result(r.value)
-                        if (
-                            res is not None
-                            and res.client_id == client_id
-                            and res.delivery_id > rec.acked
-                        ):
-                            waiting += 1
+                        waiting += sum(
+                            1
+                            for res in dlq.decode_record(r.value)  # one result, or a pack
+                            if res.client_id == client_id and res.delivery_id > rec.acked
+                        )
                 scanned += len(records)
                 offset = records[-1].offset + 1
         d.update(waiting=waiting, waiting_truncated=offset < end)

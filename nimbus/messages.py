@@ -19,6 +19,7 @@ KafkaEventRequest = pb.KafkaEventRequest
 KafkaEventResponse = pb.KafkaEventResponse
 Delivery = pb.Delivery
 PodMessage = pb.PodMessage
+ResultPack = pb.ResultPack
 ReportItem = pb.ReportItem
 DeliveryReport = pb.DeliveryReport
 

@@ -305,7 +305,7 @@ class _LiveCollector(Collector):
         unconfirmed = GaugeMetricFamily(
             "nimbus_replay_unconfirmed", "Replayed results published and not yet confirmed"
         )
-        unconfirmed.add_metric([], sum(len(p.unconfirmed) for p in active))
+        unconfirmed.add_metric([], sum(p.in_flight for p in active))
         yield unconfirmed
         backlog = GaugeMetricFamily(
             "nimbus_replay_backlog_records",

@@ -6,8 +6,9 @@ client (hole 2), and one client's backlog never holds up another's (isolation). 
 pipeline of three stages joined by bounded trio memory channels:
 
     fetch (DLQ records of this client, from the cursor)
-      -> publish (batches to the client's pod channel, at most `replay_window` unconfirmed)
-      -> ack (delivery reports; advance the cursor; at the end, ask for the flip to LIVE)
+      -> publish (runs of results to the client's pod channel, one delivery each; at most
+                 `replay_window` results unconfirmed)
+      -> ack (a delivery report per run; advance the cursor; at the end, ask for the flip to LIVE)
 
 The replays of a worker share one reader per DLQ partition and what it fetched
 (`nimbus.replay_cache`): clients replaying from the same partition at once read its records
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 import trio
 from loguru import logger
 
-from nimbus import badinput, logs
+from nimbus import badinput, dlq, logs
 from nimbus.channels import receive_batch
 from nimbus.config import Settings
 from nimbus.lifecycle import ClientRecord, Status
@@ -41,7 +42,7 @@ from nimbus.messages import GAP, DeliveryReport, EventResponse, KafkaEventRespon
 from nimbus.pod import REPLAY_REQUESTS, status_check
 from nimbus.ports import EngineError, Log, LogReader, Record, StateStore, TopicPartition
 from nimbus.replay_cache import FetchCache
-from nimbus.router import parse_result, pod_messages
+from nimbus.router import pod_messages, run_message
 from nimbus.router_window import Entry
 from nimbus.stats import Counters
 from nimbus.subscriptions import listen
@@ -53,6 +54,11 @@ _START_BEGINS_MAX_AGE_S = 0.25
 _SHARED_FETCH = 2_000  # records per fetch through a partition's shared reader
 _WATCH_S = 0.2  # how often the service reads its replaying clients' records
 _NO_TP = TopicPartition("", 0)  # a replay's entries come from no results partition
+# Results per run (one pod message, one delivery, one report) at most, and at most a quarter of
+# the window: a window holds several runs, so the pod, the stream and the acks work on one while
+# the next is on its way (a fetch of packed records holds thousands of results; published at
+# once, the stages would take turns).
+_RUN_MAX = 500
 
 
 @dataclass
@@ -72,6 +78,15 @@ class _Item:
     result: KafkaEventResponse | EventResponse  # a DLQ record, or a GAP notice (see _gap)
 
 
+@dataclass(slots=True)
+class _Run:
+    """Results published as one delivery (a run, or a GAP notice alone), not yet confirmed."""
+
+    offset: int  # DLQ offset of its first result
+    count: int
+    last_id: int  # its last delivery id
+
+
 class ReplayPipeline:
     """One client's replay. Created by `ReplayService` while it holds the client's lease."""
 
@@ -85,8 +100,11 @@ class ReplayPipeline:
         self.partition = service.log.producer.partition_for(service.s.kafka_dlq_topic, client_id.encode())
         # Each report's items for this replay as one list (one channel operation per report).
         self.reports_send, self.reports_recv = trio.open_memory_channel[list[ReportItem]](256)
-        self.unconfirmed: dict[int, _Item] = {}  # token -> item
-        self.window = trio.Semaphore(service.s.replay_window)
+        self.unconfirmed: dict[int, _Run] = {}  # token -> run, in publish order
+        self.in_flight = 0  # results in unconfirmed runs: at most the window
+        self.window = service.s.replay_window
+        self.run_max = max(1, min(_RUN_MAX, self.window // 4))
+        self._space = trio.Event()  # set when confirmations free some of the window
         self.fetched_to = cursor  # next DLQ offset the fetch stage will read
         self.published_to = cursor  # every record below it is published (or not ours)
         self.caught_up = trio.Event()
@@ -153,17 +171,20 @@ class ReplayPipeline:
                     if rec.key != key:
                         continue
                     try:
-                        r = parse_result(rec)
+                        results = dlq.parse_record(rec)  # one result, or a pack of them
                     except badinput.BadRecord as e:
                         badinput.record("dlq", e.reason, rec)
                         continue
-                    if r.delivery_id <= self.acked:
-                        continue
-                    if self.gap_from:
-                        gap = self._gap(r.delivery_id - 1, rec.offset)
-                        if gap is not None:
-                            batch.append(gap)
-                    batch.append(_Item(rec.offset, r))
+                    for r in results:
+                        if r.delivery_id <= self.acked:
+                            continue
+                        if self.gap_from:
+                            gap = self._gap(r.delivery_id - 1, rec.offset)
+                            if gap is not None:
+                                batch.append(gap)
+                        # A pack's results share its offset: the cursor stays on the pack until
+                        # all of them are confirmed, and a replay from it skips the acked ones.
+                        batch.append(_Item(rec.offset, r))
                 self.fetched_to = records[-1].offset + 1
                 await send.send((batch, self.fetched_to))
 
@@ -206,32 +227,50 @@ class ReplayPipeline:
     async def _publish(self, recv: trio.MemoryReceiveChannel[tuple[list[_Item], int]]) -> None:
         async with recv:
             async for batch, end in recv:
-                entries: list[Entry] = []
+                run: list[_Item] = []
                 for item in batch:
-                    try:
-                        self.window.acquire_nowait()
-                    except trio.WouldBlock:
-                        await self._send(entries)  # publish what we hold before waiting
-                        entries = []
-                        await self.window.acquire()
-                    # The pod refuses a delivery whose unconfirmed predecessor it never got.
-                    prev_token, prev_id = self.last_published
-                    prev = prev_id if prev_token in self.unconfirmed else 0
-                    token = self.svc.new_token(self)
-                    self.unconfirmed[token] = item
-                    self.last_published = (token, item.result.delivery_id)
-                    entries.append(
-                        Entry(_NO_TP, item.offset, self.client_id, item.result.delivery_id,
-                              item.result, token=token, pod=self.pod, epoch=self.epoch, prev=prev)
-                    )
-                await self._send(entries)
+                    if self.in_flight + len(run) >= self.window:
+                        await self._send(run)  # publish what we hold before waiting
+                        run = []
+                        while self.in_flight >= self.window:
+                            self._space = trio.Event()
+                            await self._space.wait()
+                    if isinstance(item.result, EventResponse):  # a GAP notice: a delivery alone
+                        await self._send(run)
+                        run = []
+                        await self._send([item])
+                        continue
+                    run.append(item)
+                    if len(run) >= self.run_max:
+                        await self._send(run)
+                        run = []
+                await self._send(run)
                 self.published_to = end
                 if not batch:
                     self._advance()
 
-    async def _send(self, entries: list[Entry]) -> None:
-        if entries:
-            await self.svc.state.publish(pod_messages(self.svc.reply_to, entries, self.svc.s.instance_id, "replay"))
+    async def _send(self, items: list[_Item]) -> None:
+        """Publish items as one delivery: a run of results, or a GAP notice alone."""
+        if not items:
+            return
+        # The pod refuses a delivery whose unconfirmed predecessor it never got.
+        prev_token, prev_id = self.last_published
+        prev = prev_id if prev_token in self.unconfirmed else 0
+        token = self.svc.new_token(self)
+        last = items[-1].result.delivery_id
+        self.unconfirmed[token] = _Run(items[0].offset, len(items), last)
+        self.in_flight += len(items)
+        self.last_published = (token, last)
+        svc = self.svc
+        first = items[0]
+        if isinstance(first.result, EventResponse):
+            entry = Entry(_NO_TP, first.offset, self.client_id, last, first.result, token=token, pod=self.pod, epoch=self.epoch, prev=prev)
+            messages = pod_messages(svc.reply_to, [entry], svc.s.instance_id, "replay")
+        else:
+            results = [it.result for it in items]
+            assert all(isinstance(r, KafkaEventResponse) for r in results)
+            messages = [run_message(svc.reply_to, self.pod, self.client_id, self.epoch, token, prev, results, svc.s.instance_id)]  # type: ignore[arg-type]
+        await svc.state.publish(messages)
 
     def _advance(self) -> None:
         """Move the stored cursor to the lowest DLQ offset not yet confirmed: everything of this
@@ -252,17 +291,18 @@ class ReplayPipeline:
                 batches = await receive_batch(self.reports_recv)
                 failed = False
                 for it in itertools.chain.from_iterable(batches):
-                    item = self.unconfirmed.pop(it.token, None)
+                    run = self.unconfirmed.pop(it.token, None)
                     self.svc.forget_token(it.token)
-                    if item is None:
+                    if run is None:
                         continue
-                    self.window.release()
+                    self.in_flight -= run.count
                     if it.delivered:
-                        self.delivered += 1
+                        self.delivered += run.count
                         self.last_ack_ns = time.time_ns()
-                        self.acked = max(self.acked, it.delivery_id)
+                        self.acked = max(self.acked, run.last_id)
                     else:
                         failed = True
+                self._space.set()
                 if failed:
                     # What failed left `unconfirmed` above: the cursor must not move any more (a
                     # stage already woken would otherwise count it as delivered before it sees

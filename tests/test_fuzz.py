@@ -44,6 +44,7 @@ from nimbus.messages import (
     KafkaEventRequest,
     KafkaEventResponse,
     PodMessage,
+    ResultPack,
 )
 from nimbus.ports import Record
 from nimbus.proto_gen.nimbus import ResponseKind
@@ -78,6 +79,17 @@ def result_is_bad(key: bytes | None, value: bytes) -> bool:
         or r.delivery_id <= 0
         or r.delivery_id != r.kafka_offset + 1
     )
+
+
+def results_in(key: bytes | None, value: bytes) -> int:
+    """Good results in a DLQ record of the client it is keyed by: one result, or a pack the
+    router wrote (nimbus.dlq: its encoding starts with FA 7F)."""
+    if value[:2] == b"\xfa\x7f":
+        try:
+            return len(ResultPack.FromString(value).results)
+        except Exception:
+            return 0
+    return 0 if result_is_bad(key, value) else 1
 
 
 def is_bad(topic: str, key: bytes | None, value: bytes) -> bool:
@@ -359,7 +371,7 @@ async def dlq_results(c: Cluster, cid: str) -> int:
     async with c.engine.log.reader() as reader:
         while offset < end:
             recs = await reader.fetch(name, p, offset, 500, 1.0)
-            n += sum(1 for r in recs if r.key == cid.encode() and not result_is_bad(r.key, r.value))
+            n += sum(results_in(r.key, r.value) for r in recs if r.key == cid.encode())
             offset = recs[-1].offset + 1 if recs else offset
     return n
 

@@ -13,8 +13,8 @@ import trio.testing
 
 from nimbus import config
 from nimbus.engines.memory import MemoryLog, MemoryReader, MemoryState
-from nimbus.messages import EventResponse, ReportItem
-from nimbus.replay import ReplayPipeline, ReplayService, _Item
+from nimbus.messages import ReportItem
+from nimbus.replay import ReplayPipeline, ReplayService, _Run
 from tests.test_holes import same_partition_ids
 
 
@@ -118,7 +118,7 @@ async def test_a_failed_delivery_freezes_the_cursor() -> None:
     tokens = []
     for off in (3, 4):
         t = svc.new_token(p)
-        p.unconfirmed[t] = _Item(off, EventResponse(delivery_id=off))
+        p.unconfirmed[t] = _Run(off, 1, off)
         tokens.append(t)
     p.published_to = p.fetched_to = 10
     with trio.CancelScope() as cs:

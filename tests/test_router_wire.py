@@ -1,12 +1,23 @@
 """nimbus.router.pod_messages composes PodMessages on the wire; a parser must read exactly the
-message the plain protobuf construction gives (trace timestamps aside)."""
+message the plain protobuf construction gives (trace timestamps aside). The replay's runs
+(run_message): what the pod makes of them."""
 
 from __future__ import annotations
 
-from nimbus import trace
-from nimbus.messages import GAP, RESULT, EventError, EventResponse, KafkaEventResponse, PodMessage
+from nimbus import config, trace
+from nimbus.engines.memory import MemoryLog, MemoryState
+from nimbus.messages import (
+    GAP,
+    RESULT,
+    EventError,
+    EventResponse,
+    KafkaEventResponse,
+    PodMessage,
+    response_with_log,
+)
+from nimbus.pod import Outbox, Pod, Session
 from nimbus.ports import TopicPartition
-from nimbus.router import pod_messages
+from nimbus.router import pod_messages, run_message
 from nimbus.router_window import Entry
 
 TP = TopicPartition("results", 3)
@@ -78,3 +89,78 @@ def test_long_fields_take_multi_byte_lengths() -> None:
     d = PodMessage.FromString(payload).deliveries[0]
     assert len(payload) > 5000 and pod == "p"
     assert [s.service_name for s in d.response.log.steps] == [f"service{i}" for i in range(40)] + ["result-router"]
+
+
+# -- runs (nimbus.router.run_message, the replay's deliveries; nimbus.pod._deliver_run) ---------
+
+
+def _pod(protocol: int = 2, acked: int = 0) -> tuple[Pod, Session]:
+    settings = config.load(env={}, dotenv=False, instance_id="pod-inst")
+    pod = Pod(settings, MemoryLog(), MemoryState())
+    s = Session("c1", protocol, Outbox(100), 1, epoch=4, acked=acked)
+    pod.sessions["c1"] = s
+    return pod, s
+
+
+def _queued(s: Session) -> list[tuple[int, EventResponse]]:
+    out = []
+    while not s.outbox.empty():
+        item = s.outbox.get_nowait()
+        assert isinstance(item, tuple)
+        did, resp = item
+        out.append((did, resp if isinstance(resp, EventResponse) else EventResponse.FromString(resp)))
+    return out
+
+
+def test_a_run_reads_as_one_delivery_of_each_result() -> None:
+    results = [_result(n, error=n == 3, steps=n % 4) for n in (2, 3, 5)]
+    pod, payload = run_message("reply", "pod-a", "c1", 4, 77, 1, results, "inst-9")
+    msg = PodMessage.FromString(payload)
+    assert pod == "pod-a" and msg.reply_to == "reply" and len(msg.deliveries) == 1
+    d = msg.deliveries[0]
+    assert (d.client_id, d.epoch, d.token, d.prev_delivery_id, d.delivery_id) == ("c1", 4, 77, 1, 5)
+    assert list(d.run_ids) == [2, 3, 5]
+    # Each head and log put together is the response pod_messages would have sent for it.
+    entries = [Entry(TP, r.kafka_offset, "c1", r.delivery_id, r, token=77, pod="pod-a", epoch=4) for r in results]
+    want = _without_times(_expected("reply", entries, "inst-9", "replay", "replay")["pod-a"])
+    for head, log, w in zip(d.run_heads, d.run_logs, want.deliveries, strict=True):
+        got = EventResponse.FromString(response_with_log(head, log))
+        for st in got.log.steps:
+            st.ClearField("timestamp")
+        assert got == w.response
+
+
+async def test_the_pod_queues_a_run_in_order_and_confirms_it_once_acked_whole() -> None:
+    pod, s = _pod(acked=2)  # result 2 is already acked: not sent again
+    results = [_result(n) for n in (2, 3, 5)]
+    _, payload = run_message("reply", "pod-a", "c1", 4, 77, 0, results, "inst-9")
+    await pod._on_message(payload)
+    got = _queued(s)
+    assert [did for did, _ in got] == [3, 5]
+    assert [(r.number, r.result, r.delivery_id) for _, r in got] == [(3, 9, 3), (5, 25, 5)]
+    assert [st.service_name for st in got[0][1].log.steps] == ["service0", "service1", "service2", "replay", "server"]
+    assert s.unconfirmed == [(5, "reply", 77)] and s.last_queued == 5
+    pod.on_ack(s, 3)
+    assert not pod._reports.get("reply")  # part of the run: not confirmed yet
+    pod.on_ack(s, 5)
+    assert [(i.token, i.delivered, i.delivery_id) for i in pod._reports["reply"]] == [(77, True, 5)]
+
+
+async def test_a_run_to_an_original_client_carries_only_the_original_fields() -> None:
+    pod, s = _pod(protocol=1)
+    _, payload = run_message("reply", "pod-a", "c1", 4, 8, 0, [_result(n) for n in (1, 2)], "inst-9")
+    await pod._on_message(payload)
+    got = _queued(s)
+    assert [(did, r.number, r.result, r.delivery_id, r.seq) for did, r in got] == [(1, 1, 1, 0, 0), (2, 2, 4, 0, 0)]
+    assert got[0][1].log.steps[-1].service_name == "server"
+
+
+async def test_a_malformed_run_is_refused_and_reported_failed() -> None:
+    pod, s = _pod()
+    _, payload = run_message("reply", "pod-a", "c1", 4, 9, 0, [_result(n) for n in (1, 2)], "inst-9")
+    msg = PodMessage.FromString(payload)
+    msg.deliveries[0].run_ids[:] = [2, 1]  # out of order
+    msg.deliveries[0].delivery_id = 1
+    await pod._on_message(msg.SerializeToString())
+    assert _queued(s) == [] and s.unconfirmed == []
+    assert [(i.token, i.delivered) for i in pod._reports["reply"]] == [(9, False)]

@@ -132,6 +132,18 @@ class KafkaEventResponse(betterproto.Message):
 
 
 @dataclass(eq=False, repr=False)
+class ResultPack(betterproto.Message):
+    """
+    A DLQ record holding several results of one client, in delivery order (key: client_id),
+     written by the result router when NIMBUS_DLQ_PACK > 1 (nimbus.dlq). The field number makes
+     its encoding start with the bytes FA 7F, which no KafkaEventResponse encoding starts with
+     (its fields are numbered below 16): a reader tells the two layouts apart by those bytes.
+    """
+
+    results: List["KafkaEventResponse"] = betterproto.message_field(2047)
+
+
+@dataclass(eq=False, repr=False)
 class Delivery(betterproto.Message):
     """Router / replay -> pod channel."""
 
@@ -146,6 +158,18 @@ class Delivery(betterproto.Message):
      refuses this one unless it has that one, so a lost message never lets a later result
      through (which the client's cumulative ack would then wrongly cover).
     """
+
+    run_heads: List[bytes] = betterproto.bytes_field(7)
+    """
+    A run of this client's results, in delivery order (the replay sends these): in place of
+     `response`, each result as its encoding without its log (`run_heads`, a RESULT's
+     EventResponse fields), its log's encoding (`run_logs`, the sender's trace step included)
+     and its delivery id (`run_ids`, strictly increasing). delivery_id is the last one's. The
+     pod queues them in order and confirms the run (its token) once the client has acked it all.
+    """
+
+    run_logs: List[bytes] = betterproto.bytes_field(8)
+    run_ids: List[int] = betterproto.uint64_field(9)
 
 
 @dataclass(eq=False, repr=False)

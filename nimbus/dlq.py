@@ -1,0 +1,120 @@
+"""The DLQ's record layouts: one result per record, or a pack of one client's results.
+
+A client that is away gets its results in the DLQ, and its replay reads them back. Read through
+kafka-python, a record costs more than the result in it (~13 µs of record decoding per record in
+the replay worker, measured in docs/BENCHMARKS.md, against ~3 µs to decode a 290-byte result), so
+the result router writes a client's results of one batch as packs (`ResultPack`) of up to
+`NIMBUS_DLQ_PACK` results per record. `NIMBUS_DLQ_PACK=1` writes the original's layout: one
+`KafkaEventResponse` per record.
+
+Readers accept both layouts in any mix (a deployment's DLQ keeps what older writers wrote). A
+pack's encoding starts with the bytes FA 7F (its field 2047); a result's never does (its fields
+are numbered below 16, so its first byte is below 0x80). A pack holds results of the client in
+its key only, in delivery order.
+
+Pure functions; the router (writing) and the replay (reading) do the I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+from nimbus import badinput
+from nimbus.messages import KafkaEventResponse, ResultPack
+from nimbus.ports import Record
+
+PACK_PREFIX = b"\xfa\x7f"  # the tag of ResultPack.results (2047, length-delimited) as a varint
+_PACK_TAG_LEN = len(PACK_PREFIX)
+MAX_PACK_BYTES = badinput.MAX_RECORD_BYTES // 2  # a pack is closed before it passes this
+
+T = TypeVar("T")
+
+
+def is_pack(value: bytes) -> bool:
+    return value[:_PACK_TAG_LEN] == PACK_PREFIX
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_pack(results: Sequence[bytes]) -> bytes:
+    """A ResultPack of encoded results (KafkaEventResponse encodings), composed on the wire."""
+    return b"".join(PACK_PREFIX + _varint(len(r)) + r for r in results)
+
+
+def packs(items: Sequence[tuple[str, bytes, T]], max_results: int) -> list[tuple[str, bytes, list[T]]]:
+    """Records to write for `items` = (client id, encoded result, tag) in routing order: for each
+    client, its results in their order, in records of at most `max_results` results (and about
+    MAX_PACK_BYTES); a record of one result is the result itself (the original's layout).
+    Returns (client id, record value, the tags of the results in it), each client's records in
+    order; records of different clients in the order of their first result."""
+    by_client: dict[str, list[list[tuple[bytes, T]]]] = {}
+    size: dict[str, int] = {}  # bytes in each client's last group
+    for cid, value, tag in items:
+        groups = by_client.get(cid)
+        if groups is None:
+            groups = by_client[cid] = [[]]
+            size[cid] = 0
+        group = groups[-1]
+        if group and (len(group) >= max_results or size[cid] + len(value) > MAX_PACK_BYTES):
+            group = []
+            groups.append(group)
+            size[cid] = 0
+        group.append((value, tag))
+        size[cid] += len(value)
+    out: list[tuple[str, bytes, list[T]]] = []
+    for cid, groups in by_client.items():
+        for group in groups:
+            if len(group) == 1:
+                value = group[0][0]
+            else:
+                value = encode_pack([v for v, _ in group])
+            out.append((cid, value, [t for _, t in group]))
+    return out
+
+
+def parse_record(rec: Record) -> list[KafkaEventResponse]:
+    """The results in a DLQ record, in order (one for the original's layout), each checked as
+    `nimbus.router.parse_result` checks a result; raises BadRecord if the record or any result
+    in it is not one we can route (a pack is written whole, so a bad part spoils it all)."""
+    from nimbus.router import check_result, parse_result  # router imports this module
+
+    if not is_pack(rec.value or b""):
+        return [parse_result(rec)]
+    if len(rec.value) > badinput.MAX_RECORD_BYTES:
+        raise badinput.BadRecord(badinput.TOO_LARGE)
+    try:
+        pack = ResultPack.FromString(rec.value)
+    except Exception:
+        raise badinput.BadRecord(badinput.UNDECODABLE) from None
+    results = list(pack.results)
+    if not results:
+        raise badinput.BadRecord(badinput.UNDECODABLE)
+    last = 0
+    for r in results:
+        if not r.client_id:
+            raise badinput.BadRecord(badinput.NO_CLIENT_ID)
+        if rec.key != r.client_id.encode():
+            raise badinput.BadRecord(badinput.KEY_MISMATCH)
+        check_result(r)
+        if r.delivery_id <= last:
+            raise badinput.BadRecord(badinput.BAD_DELIVERY_ID)  # a pack is in delivery order
+        last = r.delivery_id
+    return results
+
+
+def decode_record(value: bytes) -> list[KafkaEventResponse]:
+    """The results in a DLQ record value without checks ([] if undecodable): read-only tools."""
+    try:
+        if is_pack(value):
+            return list(ResultPack.FromString(value).results)
+        return [KafkaEventResponse.FromString(value)]
+    except Exception:
+        return []
