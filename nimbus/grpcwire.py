@@ -8,9 +8,10 @@ gRPC's length-prefixed messages may share DATA frames, and any gRPC peer reads t
 
 Reading: a stream's receive buffer often holds many messages (a burst of results); the client
 takes the first through grpclib's `recv_message`, then every further message whose bytes have
-already arrived, without grpclib's per-message wrapper, event dispatch and wake-up.
+already arrived, cut from the buffer's bytes taken at once, without grpclib's per-message
+wrapper, buffer reads, event dispatch and wake-up.
 
-Only grpclib's public per-message bookkeeping is repeated here (initial metadata or request sent
+Only grpclib's public per-message bookkeeping (and its receive buffer's) is repeated here (initial metadata or request sent
 first, the message counters); the framing is gRPC's: a 0 byte (not compressed), a 4-byte
 big-endian length, the encoded message.
 """
@@ -23,6 +24,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from grpclib.exceptions import ProtocolError
+from grpclib.protocol import AckedData
 
 _HEADER = struct.Struct(">?I")
 
@@ -67,33 +69,65 @@ async def client_send(call: Any, data: bytes, n: int) -> None:
     _count(call, n)
 
 
-def _buffered(buffer: Any) -> bool:
-    """Has the stream's receive buffer (grpclib.protocol.Buffer) any bytes or end left unread?"""
-    return bool(buffer._acked_size or buffer._unacked.qsize())  # noqa: SLF001
+def _take_received(buffer: Any) -> bytes:
+    """Every byte a stream's receive buffer (grpclib.protocol.Buffer) holds, taken at once, with
+    the flow-control credit given back as its `read` gives it. Stops at the end of the stream
+    (its marker taken as `read` takes it: the buffer then reads as ended once empty)."""
+    unacked = buffer._unacked  # noqa: SLF001 - grpclib's Buffer, as its read() uses them
+    while not unacked.empty():
+        data, data_size, ack_size = unacked.get_nowait()
+        if not ack_size:
+            break  # the end-of-stream marker
+        buffer._acked.append(AckedData(memoryview(data), data_size))  # noqa: SLF001
+        buffer._acked_size += data_size  # noqa: SLF001
+        buffer._ack_callback(ack_size)  # noqa: SLF001
+    chunks = buffer._acked  # noqa: SLF001
+    data = b"".join(c.data for c in chunks)
+    chunks.clear()
+    buffer._acked_size = 0  # noqa: SLF001
+    return data
+
+
+def _give_back(buffer: Any, rest: bytes) -> None:
+    """Put bytes taken by _take_received and not used back at the front of the buffer."""
+    buffer._acked.appendleft(AckedData(memoryview(rest), len(rest)))  # noqa: SLF001
+    buffer._acked_size += len(rest)  # noqa: SLF001
 
 
 async def client_recv_many(call: Any, limit: int) -> list[Any]:
     """The next message of a grpclib client stream and up to `limit - 1` more already received
-    (their bytes, or part of them, in the stream's buffer); [] at the end of the stream."""
+    (whole, in the stream's buffer); [] at the end of the stream.
+
+    The first comes through grpclib's `recv_message` (it may wait, and handles the headers);
+    the rest are cut from the buffer's bytes taken at once (~3 µs a message less than two
+    `Buffer.read` calls each: a memoryview slice, a tuple and a join per read). A message not
+    all there yet is put back for the next call."""
     first = await call.recv_message()
     if first is None:
         return []
     out = [first]
     stream = call._stream  # noqa: SLF001
     buffer = stream.buffer
-    decode = call._recv_type.FromString  # noqa: SLF001 - the upb class grpclib's codec would call
-    with call._wrapper:  # noqa: SLF001 - turns h2 errors into grpclib's, as recv_message does
-        while len(out) < limit and _buffered(buffer):
-            meta = await buffer.read(5)
-            if not meta:
-                break  # the end: the next call's recv_message returns None
-            compressed, size = _HEADER.unpack(meta)
-            if compressed:
-                raise NotImplementedError("Compression not implemented")
-            out.append(decode(await buffer.read(size)))
-    n = len(out) - 1
-    if n:
-        call._messages_received += n  # noqa: SLF001
-        stream.connection.messages_received += n
+    if limit > 1 and (buffer._acked_size or buffer._unacked.qsize()):  # noqa: SLF001
+        decode = call._recv_type.FromString  # noqa: SLF001 - the upb class grpclib's codec would call
+        with call._wrapper:  # noqa: SLF001 - turns h2 errors into grpclib's, as recv_message does
+            data = _take_received(buffer)
+            pos, n = 0, len(data)
+            unpack = _HEADER.unpack_from
+            while len(out) < limit and pos + 5 <= n:
+                compressed, size = unpack(data, pos)
+                end = pos + 5 + size
+                if end > n:
+                    break
+                if compressed:
+                    raise NotImplementedError("Compression not implemented")
+                out.append(decode(data[pos + 5 : end]))
+                pos = end
+            if pos < n:
+                _give_back(buffer, data[pos:])
+    n_more = len(out) - 1
+    if n_more:
+        call._messages_received += n_more  # noqa: SLF001
+        stream.connection.messages_received += n_more
         stream.connection.last_message_received = time.monotonic()
     return out
