@@ -1152,9 +1152,20 @@ def chain_comparison(
             f" ({ratio(one['results_per_s'], rate)} of the chain's rate), {whole:.0f} µs of CPU per"
             f" result for the whole machine, {n_procs:.0f} in its processes and the client:"
             f" {n_procs / c_procs:.1f}x the chain's {c_procs:.0f}. Per process, Nimbus vs the chain"
-            f" (µs per result): {', '.join(pairs)}; Nimbus's own work adds {n_procs - c_procs:.0f} µs"
-            f" per result, the most in the {most} (+{extra[most]:.0f})."
+            f" (µs per result): {', '.join(pairs)}"
         )
+        if n_procs > c_procs:
+            text += (
+                f"; Nimbus's own work adds {n_procs - c_procs:.0f} µs per result, the most in the"
+                f" {most} (+{extra[most]:.0f})."
+            )
+        else:
+            text += (
+                f"; Nimbus uses {c_procs - n_procs:.0f} µs per result less than the chain: the chain"
+                " reads one DLQ record and sends one delivery per result, Nimbus packs a client's"
+                " results in DLQ records and sends them in runs (NIMBUS_DLQ_PACK, nimbus/dlq.py),"
+                " so the chain is not its bound."
+            )
     ceiling = ncpu / c_procs * 1e6 if c_procs else 0.0
     with_brokers = ncpu / (c_procs + c_brokers) * 1e6 if c_procs else 0.0
     if rate >= target:

@@ -185,6 +185,10 @@ def test_chain_comparison_follows_the_numbers() -> None:
     costly = {**slow, "all_cpu_us_per_msg": 120.0}
     reach = bench.chain_comparison(ONE, costly, 2)[1]
     assert "not within" in reach and "at most 16,667 results/s" in reach and "waiting" not in reach
+    # Nimbus cheaper per result than the chain (packs and runs): said so, no negative "adds"
+    cheap = {**ONE, "all_cpu_us_per_result": 40.0, "cpu_us_per_result": 20.0}
+    text = bench.chain_comparison(cheap, CHAIN, 2)[0]
+    assert "adds" not in text and "less than the chain" in text and "not its bound" in text
     # without a Nimbus replay in the run: the chain alone
     text, reach = bench.chain_comparison(None, CHAIN, 2)
     assert "Nimbus's 1-client replay" not in text and "within the stack's reach" in reach
