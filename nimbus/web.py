@@ -251,7 +251,7 @@ class WebView:
                 "consumed by event consumer": r.get(f"committed:{s.kafka_events_topic}", 0.0),
                 "produced to results topic": r.get(f"end:{s.kafka_results_topic}", 0.0),
                 "routed (router commits)": r.get(f"committed:{s.kafka_results_topic}", 0.0),
-                "written to DLQ": r.get(f"end:{s.kafka_dlq_topic}", 0.0),
+                "DLQ records written (packs of results)": r.get(f"end:{s.kafka_dlq_topic}", 0.0),
             },
             "topics": topics,
             "replays": replays,
