@@ -436,33 +436,33 @@ class Pod:
             log = resp.log.SerializeToString() + step
             resp.ClearField("log")
             out = response_with_log(resp.SerializeToString(), log)
+        self._track(s, reply_to, d)
+        self._send(s, out, d.delivery_id)
+        self.counters.inc("pod.delivered")
+
+    @staticmethod
+    def _track(s: Session, reply_to: str, d: Delivery) -> None:
+        """Note a delivery queued on s: unconfirmed until the client's ack covers its id."""
         entry = (d.delivery_id, reply_to, d.token)
         if s.unconfirmed and s.unconfirmed[-1][0] > d.delivery_id:
             bisect.insort(s.unconfirmed, entry)  # not expected (senders keep a client's order)
         else:
             s.unconfirmed.append(entry)
         s.last_queued = max(s.last_queued, d.delivery_id)
-        self._send(s, out, d.delivery_id)
-        self.counters.inc("pod.delivered")
 
     def _deliver_run(self, s: Session, reply_to: str, d: Delivery, steps: dict[int, bytes]) -> None:
         """A run of results (the replay): each queued in order, ones the client already acked
         skipped; the run is confirmed, as one delivery, once the client has acked its last."""
         ids, heads, encoded_logs = d.run_ids, d.run_heads, d.run_logs
         n = len(ids)
-        if len(heads) != n or len(encoded_logs) != n or ids[n - 1] != d.delivery_id or any(a >= b for a, b in zip(ids, ids[1:])):
+        if len(heads) != n or len(encoded_logs) != n or ids[n - 1] != d.delivery_id or any(a >= b for a, b in itertools.pairwise(ids)):
             badinput.message("pod channel", badinput.MALFORMED_MESSAGE, f"run of {d.client_id}: {n} ids, {len(heads)} heads, {len(encoded_logs)} logs")
             self._reports[reply_to].append(ReportItem(token=d.token, delivered=False, client_id=d.client_id, delivery_id=d.delivery_id))
             self._flush.set()
             return
         # The delivery latency histogram gets one observation per run (its first result).
         metrics.delivered(LogEntry.FromString(encoded_logs[0]))
-        entry = (d.delivery_id, reply_to, d.token)
-        if s.unconfirmed and s.unconfirmed[-1][0] > d.delivery_id:
-            bisect.insort(s.unconfirmed, entry)  # not expected (senders keep a client's order)
-        else:
-            s.unconfirmed.append(entry)
-        s.last_queued = max(s.last_queued, d.delivery_id)
+        self._track(s, reply_to, d)
         acked = s.acked
         queued = 0
         if s.protocol < 2:

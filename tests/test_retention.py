@@ -67,6 +67,20 @@ async def age_out(c: Cluster, engine: dict[str, Any], cid: str, before: int) -> 
     assert begin == before, f"DeleteRecords left the log start at {begin}"
 
 
+async def reconnect_and_ack(c: Cluster, cid: str, n: int) -> list[EventResponse]:
+    """Reconnect (protocol 2), take the first n results and GAPs acking each, wait for LIVE."""
+    got: list[EventResponse] = []
+    async with open_stream(c.ports[0], {"client_id": cid, **P2}) as st:
+        while len(got) < n:
+            r = await st.recv()
+            assert r is not None, f"stream ended after {got}"
+            if r.kind in (ResponseKind.RESULT, ResponseKind.GAP):
+                got.append(r)
+                await st.ack(r.delivery_id)
+        await wait_status(c, cid, Status.LIVE)
+    return got
+
+
 async def test_protocol2_client_is_told_of_the_aged_out_range_then_gets_the_rest(
     engine: dict[str, Any], unique: str
 ) -> None:
@@ -76,15 +90,7 @@ async def test_protocol2_client_is_told_of_the_aged_out_range_then_gets_the_rest
             ids = await send_and_leave(c.ports[0], cid, range(1, 31))
             await wait_in_dlq(c, cid, ids[-1])
             await age_out(c, engine, cid, 10)  # results 1..10 are gone
-            got: list[EventResponse] = []
-            async with open_stream(c.ports[0], {"client_id": cid, **P2}) as st:
-                while len(got) < 21:
-                    r = await st.recv()
-                    assert r is not None, f"stream ended after {got}"
-                    if r.kind in (ResponseKind.RESULT, ResponseKind.GAP):
-                        got.append(r)
-                        await st.ack(r.delivery_id)
-                await wait_status(c, cid, Status.LIVE)
+            got = await reconnect_and_ack(c, cid, 21)
             gap, rest = got[0], got[1:]
             assert gap.kind == ResponseKind.GAP, got[:3]
             # The range covers exactly what is gone: after the last ack (none), up to just
@@ -173,15 +179,7 @@ async def test_an_aged_out_pack_is_one_gap_then_the_rest(engine: dict[str, Any],
             assert max(len(r) for r in records) > 1 and all(len(r) <= 8 for r in records), records
             await age_out(c, engine, cid, 1)  # the first record: records[0]'s results are gone
             lost = records[0]
-            got: list[EventResponse] = []
-            async with open_stream(c.ports[0], {"client_id": cid, **P2}) as st:
-                while len(got) < 1 + len(ids) - len(lost):
-                    r = await st.recv()
-                    assert r is not None, f"stream ended after {got}"
-                    if r.kind in (ResponseKind.RESULT, ResponseKind.GAP):
-                        got.append(r)
-                        await st.ack(r.delivery_id)
-                await wait_status(c, cid, Status.LIVE)
+            got = await reconnect_and_ack(c, cid, 1 + len(ids) - len(lost))
             gap, rest = got[0], got[1:]
             assert (gap.kind, gap.gap_from, gap.gap_to) == (ResponseKind.GAP, 1, ids[len(lost)] - 1), got[:3]
             assert [r.delivery_id for r in rest] == ids[len(lost):]
