@@ -49,7 +49,9 @@ def encode_pack(results: Sequence[bytes]) -> bytes:
     return b"".join(PACK_PREFIX + _varint(len(r)) + r for r in results)
 
 
-def packs(items: Sequence[tuple[str, bytes, T]], max_results: int) -> list[tuple[str, bytes, list[T]]]:
+def packs(
+    items: Sequence[tuple[str, bytes, T]], max_results: int
+) -> list[tuple[str, bytes, list[T]]]:
     """Records to write for `items` = (client id, encoded result, tag) in routing order: for each
     client, its results in their order, in records of at most `max_results` results (and about
     MAX_PACK_BYTES); a record of one result is the result itself (the original's layout).

@@ -10,7 +10,15 @@ from nimbus.ports import Record
 
 
 def result(cid: str, did: int, **kw: object) -> KafkaEventResponse:
-    r = KafkaEventResponse(client_id=cid, delivery_id=did, kafka_offset=did - 1, event_name="sq", number=did, result=did * did, **kw)
+    r = KafkaEventResponse(
+        client_id=cid,
+        delivery_id=did,
+        kafka_offset=did - 1,
+        event_name="sq",
+        number=did,
+        result=did * did,
+        **kw,
+    )
     trace.step(r.log, "event-consumer", "w-1", "compute", partition=0, offset=did - 1)
     return r
 
@@ -20,7 +28,14 @@ def rec(cid: str, value: bytes, offset: int = 0) -> Record:
 
 
 def test_packs_keep_each_clients_order_and_split_at_the_limit() -> None:
-    items = [("a", b"a1", 1), ("b", b"b1", 1), ("a", b"a2", 2), ("a", b"a3", 3), ("b", b"b2", 2), ("a", b"a4", 4)]
+    items = [
+        ("a", b"a1", 1),
+        ("b", b"b1", 1),
+        ("a", b"a2", 2),
+        ("a", b"a3", 3),
+        ("b", b"b2", 2),
+        ("a", b"a4", 4),
+    ]
     out = dlq.packs(items, 3)
     assert [(cid, ids) for cid, _, ids in out] == [("a", [1, 2, 3]), ("a", [4]), ("b", [1, 2])]
     # A record of one result is the result itself (the original's layout); more are a pack.
@@ -57,11 +72,27 @@ def test_a_single_result_is_read_as_before() -> None:
     assert dlq.decode_record(r.SerializeToString()) == [r]
 
 
-@pytest.mark.parametrize("field", ["event_name", "client_id", "redis_channel", "number", "result", "kafka_offset", "seq", "delivery_id"])
+@pytest.mark.parametrize(
+    "field",
+    [
+        "event_name",
+        "client_id",
+        "redis_channel",
+        "number",
+        "result",
+        "kafka_offset",
+        "seq",
+        "delivery_id",
+    ],
+)
 def test_no_result_encoding_looks_like_a_pack(field: str) -> None:
     # Whatever field a result's encoding starts with (writers put fields in number order, but
     # any may be the first present), its first byte is a tag below 0x80.
-    value = 2**62 if field in ("kafka_offset", "seq", "delivery_id") else ("\xfa\x7f" if field.endswith(("name", "id", "channel")) else 0x7FFA)
+    value = (
+        2**62
+        if field in ("kafka_offset", "seq", "delivery_id")
+        else ("\xfa\x7f" if field.endswith(("name", "id", "channel")) else 0x7FFA)
+    )
     r = KafkaEventResponse(**{field: value})
     assert not dlq.is_pack(r.SerializeToString())
 
@@ -72,12 +103,22 @@ def test_no_result_encoding_looks_like_a_pack(field: str) -> None:
         ([result("c", 1), result("d", 2)], "c", badinput.KEY_MISMATCH),  # a pack holds one client's
         ([result("c", 2), result("c", 1)], "c", badinput.BAD_DELIVERY_ID),  # in delivery order
         ([result("c", 1), result("c", 1)], "c", badinput.BAD_DELIVERY_ID),
-        ([result("c", 1), KafkaEventResponse(delivery_id=2, kafka_offset=1)], "c", badinput.NO_CLIENT_ID),
-        ([result("c", 1), KafkaEventResponse(client_id="c", delivery_id=5, kafka_offset=1)], "c", badinput.BAD_DELIVERY_ID),
+        (
+            [result("c", 1), KafkaEventResponse(delivery_id=2, kafka_offset=1)],
+            "c",
+            badinput.NO_CLIENT_ID,
+        ),
+        (
+            [result("c", 1), KafkaEventResponse(client_id="c", delivery_id=5, kafka_offset=1)],
+            "c",
+            badinput.BAD_DELIVERY_ID,
+        ),
         ([KafkaEventResponse()], "c", badinput.NO_CLIENT_ID),  # a pack of one empty result
     ],
 )
-def test_a_bad_pack_is_refused_whole(results: list[KafkaEventResponse], key: str, reason: str) -> None:
+def test_a_bad_pack_is_refused_whole(
+    results: list[KafkaEventResponse], key: str, reason: str
+) -> None:
     value = dlq.encode_pack([r.SerializeToString() for r in results])
     with pytest.raises(badinput.BadRecord) as e:
         dlq.parse_record(rec(key, value))
@@ -89,7 +130,10 @@ def test_undecodable_and_oversized_packs_are_refused() -> None:
         dlq.parse_record(rec("c", dlq.PACK_PREFIX + b"\xff\xff\xff"))
     assert e.value.reason == badinput.UNDECODABLE
     assert dlq.decode_record(dlq.PACK_PREFIX + b"\xff\xff\xff") == []
-    huge = dlq.encode_pack([result("c", i).SerializeToString() for i in range(1, 3)]) + b"\x00" * badinput.MAX_RECORD_BYTES
+    huge = (
+        dlq.encode_pack([result("c", i).SerializeToString() for i in range(1, 3)])
+        + b"\x00" * badinput.MAX_RECORD_BYTES
+    )
     with pytest.raises(badinput.BadRecord) as e:
         dlq.parse_record(rec("c", huge))
     assert e.value.reason == badinput.TOO_LARGE

@@ -31,7 +31,10 @@ class _Call:
     the same buffer, as grpclib reads it) and the stream's buffer and counters."""
 
     def __init__(self, buffer: Buffer) -> None:
-        self._stream = SimpleNamespace(buffer=buffer, connection=SimpleNamespace(messages_received=0, last_message_received=0.0))
+        self._stream = SimpleNamespace(
+            buffer=buffer,
+            connection=SimpleNamespace(messages_received=0, last_message_received=0.0),
+        )
         self._recv_type = EventResponse
         self._wrapper = contextlib.nullcontext()
         self._messages_received = 0
@@ -74,7 +77,10 @@ async def test_every_message_once_in_order_whatever_the_chunking(seed: int) -> N
             have = buffer._acked_size + sum(len(u.data) for u in list(buffer._unacked._queue))
             if have < 5:
                 break
-            head = (bytes(b"".join(a.data for a in buffer._acked)) + b"".join(bytes(u.data) for u in list(buffer._unacked._queue)))[:5]
+            head = (
+                bytes(b"".join(a.data for a in buffer._acked))
+                + b"".join(bytes(u.data) for u in list(buffer._unacked._queue))
+            )[:5]
             if have < 5 + grpcwire._HEADER.unpack(head)[1]:
                 break
             batch = await grpcwire.client_recv_many(call, limit)
