@@ -18,7 +18,7 @@ from typing import Any
 
 import trio_asyncio
 
-from nimbus import dlq, event_consumer, router
+from nimbus import event_consumer, packs, router
 from nimbus.config import Settings
 from nimbus.engines import open_engine
 from nimbus.engines.murmur2 import partition_for
@@ -136,7 +136,7 @@ async def client(settings: Settings, log: Any, state: Any, client_id: str) -> di
                     if r.key == key:
                         waiting += sum(
                             1
-                            for res in dlq.decode_record(r.value)  # one result, or a pack
+                            for res in packs.decode_record(r.value)  # one result, or a pack
                             if res.client_id == client_id and res.delivery_id > rec.acked
                         )
                 scanned += len(records)

@@ -113,7 +113,8 @@ VARIABLES: dict[str, Var] = {
         Var("NIMBUS_PRODUCER_LINGER_MS", "2", _int(0, 10_000), "Kafka producer linger"),
         Var("NIMBUS_ROUTER_WINDOW", "20000", _int(1, 10_000_000), "results in flight per result router"),
         Var("NIMBUS_REPLAY_WINDOW", "2000", _int(1, 10_000_000), "results in flight per replaying client"),
-        Var("NIMBUS_DLQ_PACK", "256", _int(1, 10_000), "results of one client per DLQ record (a pack; 1: one result per record, the original's layout); see nimbus/dlq.py"),
+        Var("NIMBUS_RESULTS_PACK", "256", _int(1, 10_000), "results of one client per results-topic record (a pack; 1: one result per record, the original's layout); see nimbus/packs.py"),
+        Var("NIMBUS_DLQ_PACK", "256", _int(1, 10_000), "results of one client per DLQ record (a pack; 1: one result per record, the original's layout); see nimbus/packs.py"),
         Var("NIMBUS_MAX_REPLAYS", "1000", _int(1, 1_000_000), "concurrent replays per worker"),
         Var("NIMBUS_METRICS_PORT", "0", _int(0, 65535), "Prometheus metrics port of this process (GET /metrics); 0: off"),
         Var("NIMBUS_METRICS_HOST", "127.0.0.1", _nonempty, "address the metrics endpoint binds (0.0.0.0 for a scraper on another host)"),
@@ -165,6 +166,7 @@ class Settings:
     router_window: int
     replay_window: int
     dlq_pack: int
+    results_pack: int
     max_replays: int
     metrics_port: int
     metrics_host: str

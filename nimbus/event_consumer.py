@@ -10,7 +10,7 @@ from __future__ import annotations
 import trio
 from loguru import logger
 
-from nimbus import badinput, events, trace
+from nimbus import badinput, events, packs, trace
 from nimbus.channels import receive_batch
 from nimbus.config import Settings
 from nimbus.messages import KafkaEventRequest, KafkaEventResponse
@@ -82,7 +82,7 @@ class EventConsumer:
                         await send.send(self._compute(batch.records))
 
     def _compute(self, records: list[Record]) -> _Batch:
-        out: list[tuple[bytes, bytes]] = []
+        results: list[tuple[str, bytes, None]] = []
         for rec in records:
             try:
                 resp = process(rec, self.s.instance_id)
@@ -92,17 +92,21 @@ class EventConsumer:
                 continue
             if resp.HasField("error"):
                 self.counters.inc("events.failed")
-            out.append((resp.client_id.encode(), resp.SerializeToString()))
+            results.append((resp.client_id, resp.SerializeToString(), None))
+        # Each client's results of this batch in records of up to NIMBUS_RESULTS_PACK
+        # (nimbus.packs): a client's events share a partition, so its results keep their order.
+        out = [(cid.encode(), value) for cid, value, _ in packs.packs(results, self.s.results_pack)]
         offsets: dict[TopicPartition, int] = {}
         for rec in records:
             offsets[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
-        return out, offsets
+        return (out, len(results)), offsets
 
     async def _produce(self, consumer: LogConsumer, recv: trio.MemoryReceiveChannel[_Batch]) -> None:
         async with recv:
             while True:
                 batches = await receive_batch(recv)
-                out = [item for items, _ in batches for item in items]
+                out = [item for (items, _), _ in batches for item in items]
+                n = sum(count for (_, count), _ in batches)
                 offsets: dict[TopicPartition, int] = {}
                 for _, o in batches:
                     offsets.update(o)  # later batches read further
@@ -115,8 +119,9 @@ class EventConsumer:
                         # Nothing is committed until the results are written: retrying is safe.
                         logger.warning("event consumer: producing {} results failed: {}; retrying", len(out), e)
                         await trio.sleep(0.5)
-                self.counters.inc("events.processed", len(out))
+                self.counters.inc("events.processed", n)
                 consumer.commit_later(offsets)
 
 
-_Batch = tuple[list[tuple[bytes, bytes]], dict[TopicPartition, int]]
+# ((records to write, results in them), the events topic offsets they answer)
+_Batch = tuple[tuple[list[tuple[bytes, bytes]], int], dict[TopicPartition, int]]

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import trio
 from loguru import logger
 
-from nimbus import badinput, dlq, logs
+from nimbus import badinput, logs, packs
 from nimbus.channels import receive_batch
 from nimbus.config import Settings
 from nimbus.lifecycle import ClientRecord, Status
@@ -171,7 +171,7 @@ class ReplayPipeline:
                     if rec.key != key:
                         continue
                     try:
-                        results = dlq.parse_record(rec)  # one result, or a pack of them
+                        results = packs.parse_record(rec)  # one result, or a pack of them
                     except badinput.BadRecord as e:
                         badinput.record("dlq", e.reason, rec)
                         continue

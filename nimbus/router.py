@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import trio
 from loguru import logger
 
-from nimbus import badinput, dlq, trace
+from nimbus import badinput, packs, trace
 from nimbus.channels import receive_batch
 from nimbus.config import Settings
 from nimbus.messages import (
@@ -224,14 +224,15 @@ class ResultRouter:
             for rec in item.records:
                 tp = TopicPartition(rec.topic, rec.partition)
                 try:
-                    r = parse_result(rec)
+                    results = packs.parse_record(rec)  # one result, or a pack of them
                 except badinput.BadRecord as e:
                     self.counters.inc("router.malformed")
                     badinput.record("results", e.reason, rec)
                     w.add_skipped(tp, rec.offset)
                     continue
-                self.counters.inc("router.results")
-                w.add(tp, rec.offset, r.client_id, r.delivery_id, r)
+                self.counters.inc("router.results", len(results))
+                for r in results:  # a pack's results share its offset (see RouterWindow.commits)
+                    w.add(tp, rec.offset, r.client_id, r.delivery_id, r)
         elif isinstance(item, DeliveryReport):
             for it in item.items:
                 w.report(it.token, it.delivered)
@@ -274,9 +275,9 @@ class ResultRouter:
             assert isinstance(r, KafkaEventResponse)
             trace.step(r.log, "result-router", self.s.instance_id, "divert-to-dlq")
             items.append((e.client_id, r.SerializeToString(), e.delivery_id))
-        # Each client's results of this batch in records of up to NIMBUS_DLQ_PACK (nimbus.dlq):
+        # Each client's results of this batch in records of up to NIMBUS_DLQ_PACK (nimbus.packs):
         # one record write and one DLQ write noted per pack, its last delivery id.
-        records = dlq.packs(items, self.s.dlq_pack)
+        records = packs.packs(items, self.s.dlq_pack)
         try:
             written = await self.log.producer.send_batch(
                 self.s.kafka_dlq_topic, [(cid.encode(), value) for cid, value, _ in records]

@@ -311,14 +311,16 @@ class RouterWindow:
         return tp in self._partitions
 
     def commits(self) -> dict[TopicPartition, int]:
-        """The next offset to commit for each partition whose resolved prefix grew."""
+        """The next offset to commit for each partition whose resolved prefix grew. Entries may
+        share an offset (the results of one packed record, nimbus.packs): an offset is passed
+        only when every entry at it is resolved."""
         out: dict[TopicPartition, int] = {}
         for tp, q in self._partitions.items():
             last = None
             while q and q[0].state is S.DONE:
                 last = q.popleft().offset
             if last is not None:
-                out[tp] = last + 1
+                out[tp] = q[0].offset if q and q[0].offset == last else last + 1
         return out
 
     def state_of(self, client_id: str) -> list[tuple[int, S]]:

@@ -99,7 +99,7 @@ async def test_queries_on_the_memory_engine(unique: str) -> None:
             d = await admin.client(c.settings, c.engine.log, c.engine.state, cid)
             assert d is not None and d["status"] == "OFFLINE" and d["backlog"]
             # Delivery ids 1..30 (the client's partition was empty), 2 acked: 28 wait in the DLQ.
-            # The DLQ packs a client's results several to a record (nimbus.dlq): fewer records.
+            # The DLQ packs a client's results several to a record (nimbus.packs): fewer records.
             assert d["acked"] == 2 and d["waiting"] == 28 and 1 <= d["dlq_end"] <= 30
             assert (
                 await admin.client(c.settings, c.engine.log, c.engine.state, f"nobody-{unique}")

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import trio
 
-from nimbus import config
+from nimbus import config, packs
 from nimbus.engines.memory import MemoryLog
 from nimbus.event_consumer import EventConsumer, group_for
 from nimbus.messages import KafkaEventRequest, KafkaEventResponse
 
 
 async def test_offsets_are_committed_only_after_their_results_are_written() -> None:
-    s = config.load({}, dotenv=False, kafka_partitions=2)
+    # One result per record (NIMBUS_RESULTS_PACK=1): the check below compares offsets.
+    s = config.load({}, dotenv=False, kafka_partitions=2, results_pack=1)
     log = MemoryLog()
     await log.ensure_topics(list(s.topics), s.kafka_partitions)
     events = [
@@ -57,3 +58,31 @@ async def test_offsets_are_committed_only_after_their_results_are_written() -> N
     )
     assert all(res == n * n for _, n, res, _ in got)
     assert len({(c, d) for c, _, _, d in got}) == len(got)  # ids are per partition
+
+
+async def test_a_clients_results_of_a_batch_share_a_record() -> None:
+    """NIMBUS_RESULTS_PACK: the results of one poll batch are written as packs per client
+    (nimbus.packs), in each client's order; every result once."""
+    s = config.load({}, dotenv=False, kafka_partitions=1, results_pack=8)
+    log = MemoryLog()
+    await log.ensure_topics(list(s.topics), s.kafka_partitions)
+    events = [
+        (cid.encode(), KafkaEventRequest(event_name="sq", number=n, client_id=cid, redis_channel="p", epoch=1, seq=n).SerializeToString())
+        for n in range(1, 21)
+        for cid in ("alice", "bob")
+    ]
+    await log.producer.send_batch(s.kafka_events_topic, events)
+    ends = await log.end_offsets(s.kafka_events_topic)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(EventConsumer(s, log).run)
+            while await log.committed(group_for(s), s.kafka_events_topic) != ends:  # noqa: ASYNC110 (a store to poll)
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    records = log.topic(s.kafka_results_topic).partitions[0]
+    got: dict[str, list[int]] = {}
+    for rec in records:
+        for r in packs.parse_record(rec):
+            got.setdefault(r.client_id, []).append(r.number)
+    assert got == {"alice": list(range(1, 21)), "bob": list(range(1, 21))}
+    assert len(records) < 40 and max(len(packs.decode_record(r.value)) for r in records) > 1

@@ -83,7 +83,7 @@ def result_is_bad(key: bytes | None, value: bytes) -> bool:
 
 def results_in(key: bytes | None, value: bytes) -> int:
     """Good results in a DLQ record of the client it is keyed by: one result, or a pack the
-    router wrote (nimbus.dlq: its encoding starts with FA 7F)."""
+    router wrote (nimbus.packs: its encoding starts with FA 7F)."""
     if value[:2] == b"\xfa\x7f":
         try:
             return len(ResultPack.FromString(value).results)

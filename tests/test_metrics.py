@@ -404,7 +404,8 @@ async def test_each_process_serves_its_metrics_on_real_brokers(
         assert status == 200
         assert w["nimbus_ops_total{op=events.processed}"] == 20
         assert w["nimbus_ops_total{op=router.live}"] == 20
-        assert w[f"nimbus_io_records_total{{op=produce,topic=results-{unique}}}"] == 20
+        # 20 results in at most 20 records (a client's results of a batch share one: nimbus.packs)
+        assert 1 <= w[f"nimbus_io_records_total{{op=produce,topic=results-{unique}}}"] <= 20
         assert w["nimbus_io_seconds_count{op=state.route,topic=}"] >= 1
         assert (
             sum(

@@ -4,7 +4,7 @@ gets the rest of its backlog in order and goes LIVE; the original's client gets 
 Retention is simulated by deleting the oldest DLQ records: the memory engine's `delete_records`
 hook, and Kafka's own DeleteRecords request (what retention does to a log) on the real broker.
 Most tests write one result per DLQ record (NIMBUS_DLQ_PACK=1), so they can delete results one
-by one; the last one deletes a pack of results (the default layout, nimbus.dlq).
+by one; the last one deletes a pack of results (the default layout, nimbus.packs).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from nimbus import dlq
+from nimbus import packs
 from nimbus.engines.murmur2 import partition_for
 from nimbus.lifecycle import Status
 from nimbus.proto_gen.nimbus import EventResponse, ResponseKind
@@ -161,7 +161,7 @@ async def dlq_records(c: Cluster, cid: str) -> list[list[int]]:
     async with c.engine.log.reader() as reader:
         while offset < end:
             recs = await reader.fetch(topic, partition, offset, 500, 1.0)
-            out += [[r.delivery_id for r in dlq.decode_record(rec.value)] for rec in recs if rec.key == cid.encode()]
+            out += [[r.delivery_id for r in packs.decode_record(rec.value)] for rec in recs if rec.key == cid.encode()]
             offset = recs[-1].offset + 1 if recs else offset
     return out
 

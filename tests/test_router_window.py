@@ -42,6 +42,23 @@ def test_commit_stops_at_the_first_unresolved_result() -> None:
     assert a.state is S.DONE and b.state is S.DONE
 
 
+def test_results_of_one_record_are_committed_past_only_together() -> None:
+    """A packed record (nimbus.packs) gives several entries one offset: its offset is passed
+    only when all of them are resolved."""
+    w = RouterWindow(5.0)
+    w.add(TP, 0, "a", 1, None)
+    w.add(TP, 0, "a", 2, None)
+    w.add(TP, 1, "b", 3, None)
+    w.apply(w.decidable(), [live(), live(), live()], now=0)
+    p1, p2, p3 = w.take_publish()
+    w.report(p1.token, True)
+    assert w.commits() == {TP: 0}  # half of offset 0 is resolved: nothing consumed yet
+    w.report(p2.token, True)
+    assert w.commits() == {TP: 1}
+    w.report(p3.token, True)
+    assert w.commits() == {TP: 2}
+
+
 def test_failed_delivery_diverts_it_and_everything_after_it_in_order() -> None:
     """Hole 1: a result whose stream is gone is diverted, never dropped."""
     w = RouterWindow(5.0)
@@ -129,6 +146,7 @@ class Model:
     sent: dict[str, list[int]] = field(default_factory=dict)
     replay_pos: dict[str, int] = field(default_factory=dict)
     next_offset: int = 0
+    next_id: int = 0  # delivery ids (from the events topic's offsets, not the results topic's)
     now: float = 0.0
     committed: int = 0
 
@@ -157,10 +175,12 @@ class Model:
             self.store[c] = L.disconnect(self.rec(c), conn.epoch)[0]
             self.conns[c] = None
 
-    def result(self, c: str) -> None:
-        d = self.next_offset + 1
-        self.w.add(TP, self.next_offset, c, d, None)
-        self.sent.setdefault(c, []).append(d)
+    def result(self, c: str, n: int = 1) -> None:
+        """n results of client c in one record (n > 1: a pack, nimbus.packs): one offset."""
+        for _ in range(n):
+            self.next_id += 1
+            self.w.add(TP, self.next_offset, c, self.next_id, None)
+            self.sent.setdefault(c, []).append(self.next_id)
         self.next_offset += 1
 
     def step_router(self, deliver: bool) -> None:
@@ -228,6 +248,7 @@ ops = st.one_of(
     st.tuples(st.just("disconnect"), clients),
     st.tuples(st.just("result"), clients),
     st.tuples(st.just("result"), clients),
+    st.tuples(st.just("pack"), st.tuples(clients, st.integers(2, 4))),
     st.tuples(st.just("route"), st.booleans()),
     st.tuples(st.just("route"), st.just(True)),
     st.tuples(st.just("reconnect"), clients),
@@ -249,6 +270,9 @@ def test_every_history_keeps_the_delivery_contract(history: list[tuple[str, obje
             m.disconnect(str(arg))
         elif op == "result":
             m.result(str(arg))
+        elif op == "pack":
+            c, n = arg  # type: ignore[misc]
+            m.result(c, n)
         elif op == "route":
             m.step_router(bool(arg))
         elif op == "tick":

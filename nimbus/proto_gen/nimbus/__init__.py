@@ -134,8 +134,9 @@ class KafkaEventResponse(betterproto.Message):
 @dataclass(eq=False, repr=False)
 class ResultPack(betterproto.Message):
     """
-    A DLQ record holding several results of one client, in delivery order (key: client_id),
-     written by the result router when NIMBUS_DLQ_PACK > 1 (nimbus.dlq). The field number makes
+    A results or DLQ record holding several results of one client, in delivery order (key:
+     client_id), written by the event consumer (NIMBUS_RESULTS_PACK > 1) and the result router
+     (NIMBUS_DLQ_PACK > 1); see nimbus.packs. The field number makes
      its encoding start with the bytes FA 7F, which no KafkaEventResponse encoding starts with
      (its fields are numbered below 16): a reader tells the two layouts apart by those bytes.
     """

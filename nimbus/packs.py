@@ -1,18 +1,19 @@
-"""The DLQ's record layouts: one result per record, or a pack of one client's results.
+"""Result records on the results and DLQ topics: one result per record, or a pack of one
+client's results.
 
-A client that is away gets its results in the DLQ, and its replay reads them back. Read through
-kafka-python, a record costs more than the result in it (~13 µs of record decoding per record in
-the replay worker, measured in docs/BENCHMARKS.md, against ~3 µs to decode a 290-byte result), so
-the result router writes a client's results of one batch as packs (`ResultPack`) of up to
-`NIMBUS_DLQ_PACK` results per record. `NIMBUS_DLQ_PACK=1` writes the original's layout: one
-`KafkaEventResponse` per record.
+Through kafka-python a record costs more than the result in it: ~19 µs to produce and ~13 µs to
+read back per record, against ~1-3 µs to encode or decode a 290-byte result. So the event
+consumer writes a client's results of one poll batch to the results topic, and the result router
+a client's diverted results of one batch to the DLQ, as packs (`ResultPack`) of up to
+`NIMBUS_RESULTS_PACK` / `NIMBUS_DLQ_PACK` results per record. Set to 1, they write the original's
+layout: one `KafkaEventResponse` per record.
 
-Readers accept both layouts in any mix (a deployment's DLQ keeps what older writers wrote). A
-pack's encoding starts with the bytes FA 7F (its field 2047); a result's never does (its fields
-are numbered below 16, so its first byte is below 0x80). A pack holds results of the client in
-its key only, in delivery order.
+Readers (the router, the replay, `nimbus.admin`) accept both layouts in any mix (a topic keeps
+what older writers wrote). A pack's encoding starts with the bytes FA 7F (its field 2047); a
+result's never does (its fields are numbered below 16, so its first byte is below 0x80). A pack
+holds results of the client in its key only, in delivery order; its results share its offset.
 
-Pure functions; the router (writing) and the replay (reading) do the I/O.
+Pure functions; the writers and readers do the I/O.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""The DLQ's record layouts (nimbus.dlq): packs of one client's results, and single results."""
+"""The DLQ's record layouts (nimbus.packs): packs of one client's results, and single results."""
 
 from __future__ import annotations
 
 import pytest
 
-from nimbus import badinput, dlq, trace
+from nimbus import badinput, packs, trace
 from nimbus.messages import EventError, KafkaEventResponse, ResultPack
 from nimbus.ports import Record
 
@@ -36,40 +36,42 @@ def test_packs_keep_each_clients_order_and_split_at_the_limit() -> None:
         ("b", b"b2", 2),
         ("a", b"a4", 4),
     ]
-    out = dlq.packs(items, 3)
+    out = packs.packs(items, 3)
     assert [(cid, ids) for cid, _, ids in out] == [("a", [1, 2, 3]), ("a", [4]), ("b", [1, 2])]
     # A record of one result is the result itself (the original's layout); more are a pack.
     assert out[1][1] == b"a4"
-    assert out[0][1] == dlq.encode_pack([b"a1", b"a2", b"a3"])
+    assert out[0][1] == packs.encode_pack([b"a1", b"a2", b"a3"])
 
 
 def test_pack_size_one_is_one_record_per_result() -> None:
     items = [("a", b"x%d" % i, i) for i in range(5)]
-    assert [(v, ids) for _, v, ids in dlq.packs(items, 1)] == [(b"x%d" % i, [i]) for i in range(5)]
+    assert [(v, ids) for _, v, ids in packs.packs(items, 1)] == [
+        (b"x%d" % i, [i]) for i in range(5)
+    ]
 
 
 def test_a_pack_is_closed_before_it_passes_the_byte_limit() -> None:
-    big = b"x" * (dlq.MAX_PACK_BYTES // 3 + 1)
-    out = dlq.packs([("a", big, i) for i in range(7)], 100)
+    big = b"x" * (packs.MAX_PACK_BYTES // 3 + 1)
+    out = packs.packs([("a", big, i) for i in range(7)], 100)
     assert [ids for _, _, ids in out] == [[0, 1], [2, 3], [4, 5], [6]]
-    assert all(len(v) <= dlq.MAX_PACK_BYTES + 16 for _, v, _ in out)
+    assert all(len(v) <= packs.MAX_PACK_BYTES + 16 for _, v, _ in out)
 
 
 def test_a_composed_pack_reads_back_as_the_built_message() -> None:
     rs = [result("c", i) for i in range(1, 5)]
     rs[2].error.CopyFrom(EventError(code=5, message="boom"))
-    value = dlq.encode_pack([r.SerializeToString() for r in rs])
+    value = packs.encode_pack([r.SerializeToString() for r in rs])
     assert value == ResultPack(results=rs).SerializeToString()
-    assert dlq.is_pack(value)
-    assert dlq.parse_record(rec("c", value)) == rs
-    assert dlq.decode_record(value) == rs
+    assert packs.is_pack(value)
+    assert packs.parse_record(rec("c", value)) == rs
+    assert packs.decode_record(value) == rs
 
 
 def test_a_single_result_is_read_as_before() -> None:
     r = result("c", 7)
-    assert not dlq.is_pack(r.SerializeToString())
-    assert dlq.parse_record(rec("c", r.SerializeToString())) == [r]
-    assert dlq.decode_record(r.SerializeToString()) == [r]
+    assert not packs.is_pack(r.SerializeToString())
+    assert packs.parse_record(rec("c", r.SerializeToString())) == [r]
+    assert packs.decode_record(r.SerializeToString()) == [r]
 
 
 @pytest.mark.parametrize(
@@ -94,7 +96,7 @@ def test_no_result_encoding_looks_like_a_pack(field: str) -> None:
         else ("\xfa\x7f" if field.endswith(("name", "id", "channel")) else 0x7FFA)
     )
     r = KafkaEventResponse(**{field: value})
-    assert not dlq.is_pack(r.SerializeToString())
+    assert not packs.is_pack(r.SerializeToString())
 
 
 @pytest.mark.parametrize(
@@ -119,21 +121,21 @@ def test_no_result_encoding_looks_like_a_pack(field: str) -> None:
 def test_a_bad_pack_is_refused_whole(
     results: list[KafkaEventResponse], key: str, reason: str
 ) -> None:
-    value = dlq.encode_pack([r.SerializeToString() for r in results])
+    value = packs.encode_pack([r.SerializeToString() for r in results])
     with pytest.raises(badinput.BadRecord) as e:
-        dlq.parse_record(rec(key, value))
+        packs.parse_record(rec(key, value))
     assert e.value.reason == reason
 
 
 def test_undecodable_and_oversized_packs_are_refused() -> None:
     with pytest.raises(badinput.BadRecord) as e:
-        dlq.parse_record(rec("c", dlq.PACK_PREFIX + b"\xff\xff\xff"))
+        packs.parse_record(rec("c", packs.PACK_PREFIX + b"\xff\xff\xff"))
     assert e.value.reason == badinput.UNDECODABLE
-    assert dlq.decode_record(dlq.PACK_PREFIX + b"\xff\xff\xff") == []
+    assert packs.decode_record(packs.PACK_PREFIX + b"\xff\xff\xff") == []
     huge = (
-        dlq.encode_pack([result("c", i).SerializeToString() for i in range(1, 3)])
+        packs.encode_pack([result("c", i).SerializeToString() for i in range(1, 3)])
         + b"\x00" * badinput.MAX_RECORD_BYTES
     )
     with pytest.raises(badinput.BadRecord) as e:
-        dlq.parse_record(rec("c", huge))
+        packs.parse_record(rec("c", huge))
     assert e.value.reason == badinput.TOO_LARGE
