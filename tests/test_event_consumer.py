@@ -12,9 +12,9 @@ from nimbus.event_consumer import EventConsumer, group_for
 from nimbus.messages import KafkaEventRequest, KafkaEventResponse
 
 
-async def test_offsets_are_committed_only_after_their_results_are_written() -> None:
-    # One result per record (NIMBUS_RESULTS_PACK=1): the check below compares offsets.
-    s = config.load({}, dotenv=False, kafka_partitions=2, results_pack=1)
+async def with_events(**settings: object) -> tuple[config.Settings, MemoryLog]:
+    """A memory log holding sq events 1..20 of alice and bob, interleaved."""
+    s = config.load({}, dotenv=False, **settings)
     log = MemoryLog()
     await log.ensure_topics(list(s.topics), s.kafka_partitions)
     events = [
@@ -23,6 +23,12 @@ async def test_offsets_are_committed_only_after_their_results_are_written() -> N
         for cid in ("alice", "bob")
     ]
     await log.producer.send_batch(s.kafka_events_topic, events)
+    return s, log
+
+
+async def test_offsets_are_committed_only_after_their_results_are_written() -> None:
+    # One result per record (NIMBUS_RESULTS_PACK=1): the check below compares offsets.
+    s, log = await with_events(kafka_partitions=2, results_pack=1)
     ends = await log.end_offsets(s.kafka_events_topic)
     log.producer.fail_next = 3  # the first three result produces fail (a Kafka timeout)
     group = group_for(s)
@@ -63,15 +69,7 @@ async def test_offsets_are_committed_only_after_their_results_are_written() -> N
 async def test_a_clients_results_of_a_batch_share_a_record() -> None:
     """NIMBUS_RESULTS_PACK: the results of one poll batch are written as packs per client
     (nimbus.packs), in each client's order; every result once."""
-    s = config.load({}, dotenv=False, kafka_partitions=1, results_pack=8)
-    log = MemoryLog()
-    await log.ensure_topics(list(s.topics), s.kafka_partitions)
-    events = [
-        (cid.encode(), KafkaEventRequest(event_name="sq", number=n, client_id=cid, redis_channel="p", epoch=1, seq=n).SerializeToString())
-        for n in range(1, 21)
-        for cid in ("alice", "bob")
-    ]
-    await log.producer.send_batch(s.kafka_events_topic, events)
+    s, log = await with_events(kafka_partitions=1, results_pack=8)
     ends = await log.end_offsets(s.kafka_events_topic)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
