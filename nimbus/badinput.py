@@ -63,11 +63,16 @@ def decode_keyed(rec: Record, cls: type[M]) -> M:
         msg: M = cls.FromString(rec.value)
     except Exception:
         raise BadRecord(UNDECODABLE) from None
+    check_keyed(rec.key, msg)
+    return msg
+
+
+def check_keyed(key: bytes | None, msg: Any) -> None:
+    """Raises BadRecord unless `msg` names a client and `key` is that client's id."""
     if not msg.client_id:
         raise BadRecord(NO_CLIENT_ID)
-    if rec.key != msg.client_id.encode():
+    if key != msg.client_id.encode():
         raise BadRecord(KEY_MISMATCH)
-    return msg
 
 
 def _preview(data: bytes | None, n: int = 32) -> str:

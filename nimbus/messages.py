@@ -40,17 +40,22 @@ DELIVERY_RESPONSE = 0x2A  # Delivery.response = 5
 RESPONSE_LOG = 0x22  # EventResponse.log = 4
 
 
+def varint(n: int) -> bytes:
+    """A non-negative integer in protobuf's varint encoding."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 def length_delimited(tag: int, payload: bytes) -> bytes:
     """A length-delimited field: its tag byte (one of the above), the varint length, payload."""
     n = len(payload)
     if n < 0x80:
         return bytes((tag, n)) + payload
-    head = bytearray((tag,))
-    while n >= 0x80:
-        head.append((n & 0x7F) | 0x80)
-        n >>= 7
-    head.append(n)
-    return bytes(head) + payload
+    return bytes((tag,)) + varint(n) + payload
 
 
 def response_with_log(head: bytes, log: bytes) -> bytes:

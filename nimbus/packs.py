@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import TypeVar
 
 from nimbus import badinput
-from nimbus.messages import KafkaEventResponse, ResultPack
+from nimbus.messages import KafkaEventResponse, ResultPack, varint
 from nimbus.ports import Record
 
 PACK_PREFIX = b"\xfa\x7f"  # the tag of ResultPack.results (2047, length-delimited) as a varint
@@ -36,18 +36,9 @@ def is_pack(value: bytes) -> bool:
     return value[:_PACK_TAG_LEN] == PACK_PREFIX
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def encode_pack(results: Sequence[bytes]) -> bytes:
     """A ResultPack of encoded results (KafkaEventResponse encodings), composed on the wire."""
-    return b"".join(PACK_PREFIX + _varint(len(r)) + r for r in results)
+    return b"".join(PACK_PREFIX + varint(len(r)) + r for r in results)
 
 
 def packs(
@@ -83,12 +74,25 @@ def packs(
     return out
 
 
-def parse_record(rec: Record) -> list[KafkaEventResponse]:
-    """The results in a DLQ record, in order (one for the original's layout), each checked as
-    `nimbus.router.parse_result` checks a result; raises BadRecord if the record or any result
-    in it is not one we can route (a pack is written whole, so a bad part spoils it all)."""
-    from nimbus.router import check_result, parse_result  # router imports this module
+def parse_result(rec: Record) -> KafkaEventResponse:
+    """A record holding one result; raises BadRecord if it is not one we can route. The event
+    consumer keys each result by its client id and sets delivery_id = kafka_offset + 1: a record
+    that breaks either would be routed out of its client's order, so it is refused."""
+    r = badinput.decode_keyed(rec, KafkaEventResponse)
+    check_result(r)
+    return r
 
+
+def check_result(r: KafkaEventResponse) -> None:
+    """Raises BadRecord if the result's delivery id breaks the rule above."""
+    if not 0 < r.delivery_id <= badinput.MAX_DELIVERY_ID or r.delivery_id != r.kafka_offset + 1:
+        raise badinput.BadRecord(badinput.BAD_DELIVERY_ID)
+
+
+def parse_record(rec: Record) -> list[KafkaEventResponse]:
+    """The results in a results or DLQ record, in order (one for the original's layout), each
+    checked as `parse_result` checks a result; raises BadRecord if the record or any result in
+    it is not one we can route (a pack is written whole, so a bad part spoils it all)."""
     if not is_pack(rec.value or b""):
         return [parse_result(rec)]
     if len(rec.value) > badinput.MAX_RECORD_BYTES:
@@ -102,10 +106,7 @@ def parse_record(rec: Record) -> list[KafkaEventResponse]:
         raise badinput.BadRecord(badinput.UNDECODABLE)
     last = 0
     for r in results:
-        if not r.client_id:
-            raise badinput.BadRecord(badinput.NO_CLIENT_ID)
-        if rec.key != r.client_id.encode():
-            raise badinput.BadRecord(badinput.KEY_MISMATCH)
+        badinput.check_keyed(rec.key, r)
         check_result(r)
         if r.delivery_id <= last:
             raise badinput.BadRecord(badinput.BAD_DELIVERY_ID)  # a pack is in delivery order
@@ -114,7 +115,7 @@ def parse_record(rec: Record) -> list[KafkaEventResponse]:
 
 
 def decode_record(value: bytes) -> list[KafkaEventResponse]:
-    """The results in a DLQ record value without checks ([] if undecodable): read-only tools."""
+    """The results in a record value without checks ([] if undecodable): read-only tools."""
     try:
         if is_pack(value):
             return list(ResultPack.FromString(value).results)

@@ -430,15 +430,20 @@ class Pod:
         else:
             # Encoded here, with this hop's trace step appended to the log on the wire (see
             # nimbus.router.pod_messages): no step built per result, no message re-encoded later.
-            step = steps.get(s.epoch)
-            if step is None:
-                step = steps[s.epoch] = trace.encoded_step("server", self.s.instance_id, "deliver", epoch=s.epoch)
+            step = self._step(s, steps)
             log = resp.log.SerializeToString() + step
             resp.ClearField("log")
             out = response_with_log(resp.SerializeToString(), log)
         self._track(s, reply_to, d)
         self._send(s, out, d.delivery_id)
         self.counters.inc("pod.delivered")
+
+    def _step(self, s: Session, steps: dict[int, bytes]) -> bytes:
+        """This hop's trace step for s's stream, encoded once per message and epoch."""
+        step = steps.get(s.epoch)
+        if step is None:
+            step = steps[s.epoch] = trace.encoded_step("server", self.s.instance_id, "deliver", epoch=s.epoch)
+        return step
 
     @staticmethod
     def _track(s: Session, reply_to: str, d: Delivery) -> None:
@@ -477,9 +482,7 @@ class Pod:
                     break
                 queued += 1
         else:
-            step = steps.get(s.epoch)
-            if step is None:
-                step = steps[s.epoch] = trace.encoded_step("server", self.s.instance_id, "deliver", epoch=s.epoch)
+            step = self._step(s, steps)
             for did, head, log in zip(ids, heads, encoded_logs, strict=True):
                 if did <= acked:
                     continue

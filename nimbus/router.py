@@ -23,7 +23,6 @@ from nimbus.messages import (
     DELIVERY_RESPONSE,
     POD_DELIVERY,
     POD_REPLY_TO,
-    RESULT,
     Delivery,
     DeliveryReport,
     EventResponse,
@@ -38,7 +37,6 @@ from nimbus.ports import (
     Log,
     LogConsumer,
     PollResult,
-    Record,
     StateStore,
     TopicPartition,
 )
@@ -59,19 +57,18 @@ class _Tick:
     pass
 
 
-def parse_result(rec: Record) -> KafkaEventResponse:
-    """A results/DLQ record's result; raises BadRecord if it is not one we can route. The event
-    consumer keys each result by its client id and sets delivery_id = kafka_offset + 1: a record
-    that breaks either would be routed out of its client's order, so it is refused."""
-    r = badinput.decode_keyed(rec, KafkaEventResponse)
-    check_result(r)
-    return r
-
-
-def check_result(r: KafkaEventResponse) -> None:
-    """Raises BadRecord if the result's delivery id breaks the rule above."""
-    if not 0 < r.delivery_id <= badinput.MAX_DELIVERY_ID or r.delivery_id != r.kafka_offset + 1:
-        raise badinput.BadRecord(badinput.BAD_DELIVERY_ID)
+def _result_head(head: EventResponse, r: KafkaEventResponse) -> bytes:
+    """The encoded EventResponse of result `r` without its log, built in `head` (cleared and
+    refilled: ~1.1 µs a result against ~2.1 for a message built anew)."""
+    head.Clear()
+    head.event_name = r.event_name
+    head.number = r.number
+    head.result = r.result
+    head.delivery_id = r.delivery_id
+    head.seq = r.seq  # kind RESULT is the default
+    if r.HasField("error"):
+        head.error.CopyFrom(r.error)
+    return head.SerializeToString()
 
 
 def pod_messages(reply_to: str, entries: list[Entry], instance: str, method: str) -> list[tuple[str, bytes]]:
@@ -86,6 +83,7 @@ def pod_messages(reply_to: str, entries: list[Entry], instance: str, method: str
     service = "result-router" if method == "route" else "replay"
     parts: dict[str, list[bytes]] = {}
     steps: dict[str, bytes] = {}
+    result_head = EventResponse()
     for e in entries:
         r = e.payload
         assert isinstance(r, KafkaEventResponse | EventResponse)  # EventResponse: a replay's GAP
@@ -94,16 +92,13 @@ def pod_messages(reply_to: str, entries: list[Entry], instance: str, method: str
             step = steps[e.pod] = trace.encoded_step(service, instance, method, pod=e.pod)
             parts[e.pod] = [length_delimited(POD_REPLY_TO, reply_to.encode())]
         if isinstance(r, EventResponse):
-            head = EventResponse()
-            head.CopyFrom(r)
-            head.ClearField("log")
+            gap = EventResponse()
+            gap.CopyFrom(r)
+            gap.ClearField("log")
+            head = gap.SerializeToString()
         else:
-            head = EventResponse(
-                event_name=r.event_name, number=r.number, result=r.result, delivery_id=r.delivery_id, kind=RESULT, seq=r.seq
-            )
-            if r.HasField("error"):
-                head.error.CopyFrom(r.error)
-        response = response_with_log(head.SerializeToString(), r.log.SerializeToString() + step)
+            head = _result_head(result_head, r)
+        response = response_with_log(head, r.log.SerializeToString() + step)
         d = Delivery(client_id=e.client_id, epoch=e.epoch, delivery_id=e.delivery_id, token=e.token, prev_delivery_id=e.prev)
         parts[e.pod].append(length_delimited(POD_DELIVERY, d.SerializeToString() + length_delimited(DELIVERY_RESPONSE, response)))
     return [(pod, b"".join(p)) for pod, p in parts.items()]
@@ -115,20 +110,12 @@ def run_message(reply_to: str, pod: str, client_id: str, epoch: int, token: int,
     Each result goes as its head (its EventResponse fields but the log) and its log with the
     replay's trace step; the pod puts them together with its own step."""
     step = trace.encoded_step("replay", instance, "replay", pod=pod)
-    head = EventResponse()  # one message, cleared and refilled: ~1.1 µs a result against ~2.1 built anew
+    head = EventResponse()
     heads: list[bytes] = []
     logs: list[bytes] = []
     ids: list[int] = []
     for r in results:
-        head.Clear()
-        head.event_name = r.event_name
-        head.number = r.number
-        head.result = r.result
-        head.delivery_id = r.delivery_id
-        head.seq = r.seq
-        if r.HasField("error"):
-            head.error.CopyFrom(r.error)
-        heads.append(head.SerializeToString())
+        heads.append(_result_head(head, r))
         logs.append(r.log.SerializeToString() + step)
         ids.append(r.delivery_id)
     d = Delivery(

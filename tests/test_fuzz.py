@@ -926,7 +926,7 @@ def test_result_record_refusals(key: bytes | None, value: bytes, reason: str) ->
     """Results and DLQ records: a result keyed by another client, or whose delivery id is not its
     event's offset + 1, used to be routed (a huge id would make the client library drop every
     later real result as already seen)."""
-    from nimbus.router import parse_result
+    from nimbus.packs import parse_result
 
     with pytest.raises(badinput.BadRecord) as e:
         parse_result(_rec("results", key, value))
