@@ -18,7 +18,9 @@ from nimbus.web import run_web
 from nimbus.workers import run_workers
 
 
-async def run_all(settings: Settings, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_all(
+    settings: Settings, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
     async with open_engine(settings) as engine:
         await ensure_topics(engine.log, settings)
         async with trio.open_nursery() as nursery:
@@ -29,7 +31,9 @@ async def run_all(settings: Settings, *, task_status: trio.TaskStatus[int] = tri
             logger.info(
                 "Nimbus all-in-one ready on port {} ({} engine). Try: python -m nimbus.client "
                 "--client_id=a --start=1 --end=10 --target 127.0.0.1:{}",
-                port, settings.engine, port,
+                port,
+                settings.engine,
+                port,
             )
             task_status.started(port)
 
@@ -39,7 +43,9 @@ async def start_web(nursery: trio.Nursery, settings: Settings, log: object, stat
     try:
         await nursery.start(run_web, settings, log, state)
     except OSError as e:
-        logger.warning("live web view not started on {}:{}: {}", settings.web_host, settings.web_port, e)
+        logger.warning(
+            "live web view not started on {}:{}: {}", settings.web_host, settings.web_port, e
+        )
 
 
 async def main_async(settings: Settings) -> None:
@@ -49,7 +55,12 @@ async def main_async(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nimbus", description=__doc__)
-    parser.add_argument("--engine", choices=("memory", "real"), default=None, help="default: memory (NIMBUS_ENGINE is ignored unless given here)")
+    parser.add_argument(
+        "--engine",
+        choices=("memory", "real"),
+        default=None,
+        help="default: memory (NIMBUS_ENGINE is ignored unless given here)",
+    )
     args = parser.parse_args(argv)
     run_process("nimbus", "all-in-one", main_async, engine=args.engine or "memory")
 

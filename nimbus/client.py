@@ -196,7 +196,10 @@ class Result:
         without decoding `log` (betterproto's decode costs ~1 ms per result; this ~10 µs)."""
         if self._log_wire is not None:
             return [
-                (f"{st.service_name}/{st.method_name}", st.timestamp.seconds + st.timestamp.nanos / 1e9)
+                (
+                    f"{st.service_name}/{st.method_name}",
+                    st.timestamp.seconds + st.timestamp.nanos / 1e9,
+                )
                 for st in self._log_wire.steps
             ]
         if self._log is not None:
@@ -906,7 +909,9 @@ class NimbusClient:
         self._results_send, self._results_recv = trio.open_memory_channel[Result | Gap | _Skip](
             result_buffer
         )
-        self._stream_buffer = 16  # reads (of up to _READ_BATCH responses) between the asyncio reader and trio
+        self._stream_buffer = (
+            16  # reads (of up to _READ_BATCH responses) between the asyncio reader and trio
+        )
         self._stream: _Stream | None = None
         self._ever_opened = False
         self._first_open = trio.Event()
@@ -1499,7 +1504,9 @@ class NimbusClient:
                     while outbox and size < _WRITE_BATCH_BYTES:
                         request, event = outbox.popleft()
                         if request is stream.queued_ack:
-                            stream.queued_ack = None  # from now on a newer ack needs its own message
+                            stream.queued_ack = (
+                                None  # from now on a newer ack needs its own message
+                            )
                         payload = request.SerializeToString()
                         payloads.append(payload)
                         size += grpcwire.framed_size(len(payload))

@@ -90,54 +90,194 @@ VARIABLES: dict[str, Var] = {
         Var("NIMBUS_PORT", "50051", _int(0, 65535), "gRPC port of the server (0: any free port)"),
         Var("NIMBUS_HOST", "0.0.0.0", _nonempty, "address the gRPC server binds"),
         Var("NIMBUS_REDIS_ADDRESS", "localhost:6379", _hostport, "Redis host:port (engine=real)"),
-        Var("NIMBUS_KAFKA_BROKERS", "localhost:9092", _hostport, "Kafka bootstrap servers (engine=real)"),
+        Var(
+            "NIMBUS_KAFKA_BROKERS",
+            "localhost:9092",
+            _hostport,
+            "Kafka bootstrap servers (engine=real)",
+        ),
         Var(
             "NIMBUS_REDIS_EVENTS_CHANNEL",
             "",
             str,
             "this pod's results channel; must be unique per pod (default: events_results_<host>_<pid>)",
         ),
-        Var("NIMBUS_REDIS_PREFIX", "nimbus:", _nonempty, "namespace of every Redis key and channel of this deployment"),
+        Var(
+            "NIMBUS_REDIS_PREFIX",
+            "nimbus:",
+            _nonempty,
+            "namespace of every Redis key and channel of this deployment",
+        ),
         Var("NIMBUS_KAFKA_EVENTS_TOPIC", "events-v1-topic", _nonempty, "events topic"),
         Var("NIMBUS_KAFKA_RESULTS_TOPIC", "results-v1-topic", _nonempty, "results topic"),
         Var("NIMBUS_KAFKA_DLQ_TOPIC", "dlq-v1-topic", _nonempty, "dead-letter (replay) topic"),
         Var("NIMBUS_SHUTDOWN_TIMEOUT_SEC", "15", _int(0, 3600), "graceful shutdown limit, seconds"),
-        Var("NIMBUS_ENGINE", "real", _choice("real", "memory"), "real (Kafka+Redis) or memory (embedded)"),
+        Var(
+            "NIMBUS_ENGINE",
+            "real",
+            _choice("real", "memory"),
+            "real (Kafka+Redis) or memory (embedded)",
+        ),
         Var("NIMBUS_KAFKA_PARTITIONS", "8", _int(1, 10_000), "partitions of topics Nimbus creates"),
-        Var("NIMBUS_LOG_LEVEL", "INFO", _choice("trace", "debug", "info", "success", "warning", "error"), "log level"),
+        Var(
+            "NIMBUS_LOG_LEVEL",
+            "INFO",
+            _choice("trace", "debug", "info", "success", "warning", "error"),
+            "log level",
+        ),
         Var("NIMBUS_LOG_FORMAT", "human", _choice("human", "json"), "log format"),
         Var("NIMBUS_INSTANCE_ID", "", str, "instance id in traces and logs (default: host-pid)"),
-        Var("NIMBUS_DELIVERY_TIMEOUT_MS", "10000", _int(10, 3_600_000), "a live delivery not confirmed by the pod within this is diverted to the DLQ"),
-        Var("NIMBUS_STATUS_INTERVAL_MS", "1000", _int(10, 3_600_000), "status manager's periodic Triple Lag Check"),
-        Var("NIMBUS_STREAM_QUEUE", "10000", _int(1, 10_000_000), "results buffered per stream before the stream is cut as a slow reader"),
+        Var(
+            "NIMBUS_DELIVERY_TIMEOUT_MS",
+            "10000",
+            _int(10, 3_600_000),
+            "a live delivery not confirmed by the pod within this is diverted to the DLQ",
+        ),
+        Var(
+            "NIMBUS_STATUS_INTERVAL_MS",
+            "1000",
+            _int(10, 3_600_000),
+            "status manager's periodic Triple Lag Check",
+        ),
+        Var(
+            "NIMBUS_STREAM_QUEUE",
+            "10000",
+            _int(1, 10_000_000),
+            "results buffered per stream before the stream is cut as a slow reader",
+        ),
         Var("NIMBUS_PRODUCER_LINGER_MS", "2", _int(0, 10_000), "Kafka producer linger"),
-        Var("NIMBUS_ROUTER_WINDOW", "20000", _int(1, 10_000_000), "results in flight per result router"),
-        Var("NIMBUS_REPLAY_WINDOW", "2000", _int(1, 10_000_000), "results in flight per replaying client"),
-        Var("NIMBUS_RESULTS_PACK", "256", _int(1, 10_000), "results of one client per results-topic record (a pack; 1: one result per record, the original's layout); see nimbus/packs.py"),
-        Var("NIMBUS_DLQ_PACK", "256", _int(1, 10_000), "results of one client per DLQ record (a pack; 1: one result per record, the original's layout); see nimbus/packs.py"),
+        Var(
+            "NIMBUS_ROUTER_WINDOW",
+            "20000",
+            _int(1, 10_000_000),
+            "results in flight per result router",
+        ),
+        Var(
+            "NIMBUS_REPLAY_WINDOW",
+            "2000",
+            _int(1, 10_000_000),
+            "results in flight per replaying client",
+        ),
+        Var(
+            "NIMBUS_RESULTS_PACK",
+            "256",
+            _int(1, 10_000),
+            "results of one client per results-topic record (a pack; 1: one result per record, the original's layout); see nimbus/packs.py",
+        ),
+        Var(
+            "NIMBUS_DLQ_PACK",
+            "256",
+            _int(1, 10_000),
+            "results of one client per DLQ record (a pack; 1: one result per record, the original's layout); see nimbus/packs.py",
+        ),
         Var("NIMBUS_MAX_REPLAYS", "1000", _int(1, 1_000_000), "concurrent replays per worker"),
-        Var("NIMBUS_METRICS_PORT", "0", _int(0, 65535), "Prometheus metrics port of this process (GET /metrics); 0: off"),
-        Var("NIMBUS_METRICS_HOST", "127.0.0.1", _nonempty, "address the metrics endpoint binds (0.0.0.0 for a scraper on another host)"),
-        Var("NIMBUS_METRICS_INTERVAL_MS", "5000", _int(10, 3_600_000), "how often Kafka lag, clients by state and replay backlogs are sampled"),
-        Var("NIMBUS_WEB_PORT", "8080", _int(0, 65535), "port of the live web view (python -m nimbus.web, and the all-in-one); 0: off"),
+        Var(
+            "NIMBUS_METRICS_PORT",
+            "0",
+            _int(0, 65535),
+            "Prometheus metrics port of this process (GET /metrics); 0: off",
+        ),
+        Var(
+            "NIMBUS_METRICS_HOST",
+            "127.0.0.1",
+            _nonempty,
+            "address the metrics endpoint binds (0.0.0.0 for a scraper on another host)",
+        ),
+        Var(
+            "NIMBUS_METRICS_INTERVAL_MS",
+            "5000",
+            _int(10, 3_600_000),
+            "how often Kafka lag, clients by state and replay backlogs are sampled",
+        ),
+        Var(
+            "NIMBUS_WEB_PORT",
+            "8080",
+            _int(0, 65535),
+            "port of the live web view (python -m nimbus.web, and the all-in-one); 0: off",
+        ),
         Var("NIMBUS_WEB_HOST", "127.0.0.1", _nonempty, "address the live web view binds"),
-        Var("NIMBUS_WEB_REFRESH_MS", "1000", _int(50, 3_600_000), "how often the web view samples Kafka and the state store"),
-        Var("NIMBUS_WEB_SCRAPE", "", str, "web view: metrics endpoints (host:port,...) of the pods and workers to sum per-stage counters from"),
-        Var("NIMBUS_ALLINONE_DEMO", "false", _bool, "all-in-one: print a hint for the sample client at start"),
-        Var("NIMBUS_AUTH", "off", _choice("off", "jwt"), "off: trust the client_id metadata (the original's behaviour); jwt: require `authorization: Bearer <jwt>` whose subject is the client id"),
-        Var("NIMBUS_AUTH_ALGORITHMS", "HS256", _algorithms, "token algorithms accepted (comma list of HS256/384/512, RS*, PS*, ES*)"),
+        Var(
+            "NIMBUS_WEB_REFRESH_MS",
+            "1000",
+            _int(50, 3_600_000),
+            "how often the web view samples Kafka and the state store",
+        ),
+        Var(
+            "NIMBUS_WEB_SCRAPE",
+            "",
+            str,
+            "web view: metrics endpoints (host:port,...) of the pods and workers to sum per-stage counters from",
+        ),
+        Var(
+            "NIMBUS_ALLINONE_DEMO",
+            "false",
+            _bool,
+            "all-in-one: print a hint for the sample client at start",
+        ),
+        Var(
+            "NIMBUS_AUTH",
+            "off",
+            _choice("off", "jwt"),
+            "off: trust the client_id metadata (the original's behaviour); jwt: require `authorization: Bearer <jwt>` whose subject is the client id",
+        ),
+        Var(
+            "NIMBUS_AUTH_ALGORITHMS",
+            "HS256",
+            _algorithms,
+            "token algorithms accepted (comma list of HS256/384/512, RS*, PS*, ES*)",
+        ),
         Var("NIMBUS_AUTH_SECRET", "", str, "shared secret for HS* tokens"),
-        Var("NIMBUS_AUTH_PUBLIC_KEY_FILE", "", str, "PEM public key (or certificate) for RS*/PS*/ES* tokens"),
+        Var(
+            "NIMBUS_AUTH_PUBLIC_KEY_FILE",
+            "",
+            str,
+            "PEM public key (or certificate) for RS*/PS*/ES* tokens",
+        ),
         Var("NIMBUS_AUTH_ISSUER", "", str, "required `iss` of tokens (empty: not checked)"),
         Var("NIMBUS_AUTH_AUDIENCE", "", str, "required `aud` of tokens (empty: not checked)"),
-        Var("NIMBUS_AUTH_LEEWAY_SEC", "5", _int(0, 3600), "clock skew allowed on `exp`/`nbf`/`iat`, seconds"),
-        Var("NIMBUS_TLS_CERT_FILE", "", str, "PEM certificate chain of the gRPC port; with the key, switches TLS on"),
+        Var(
+            "NIMBUS_AUTH_LEEWAY_SEC",
+            "5",
+            _int(0, 3600),
+            "clock skew allowed on `exp`/`nbf`/`iat`, seconds",
+        ),
+        Var(
+            "NIMBUS_TLS_CERT_FILE",
+            "",
+            str,
+            "PEM certificate chain of the gRPC port; with the key, switches TLS on",
+        ),
         Var("NIMBUS_TLS_KEY_FILE", "", str, "PEM private key of that certificate"),
-        Var("NIMBUS_TLS_CLIENT_CA_FILE", "", str, "CA bundle: when set, clients must present a certificate it signed (mutual TLS)"),
-        Var("NIMBUS_MAX_MESSAGE_BYTES", "1048576", _int(64, 64 * 1024 * 1024), "largest request message accepted; a larger one ends the stream with RESOURCE_EXHAUSTED"),
-        Var("NIMBUS_MAX_STREAMS", "10000", _int(1, 10_000_000), "open streams per server pod; more are refused with RESOURCE_EXHAUSTED"),
-        Var("NIMBUS_CLIENT_EVENT_RATE", "0", _int(0, 10_000_000), "events per second per client per pod (token bucket; 0: unlimited); over it an event is refused"),
-        Var("NIMBUS_CLIENT_EVENT_BURST", "0", _int(0, 10_000_000), "token bucket capacity (0: one second's worth of the rate)"),
+        Var(
+            "NIMBUS_TLS_CLIENT_CA_FILE",
+            "",
+            str,
+            "CA bundle: when set, clients must present a certificate it signed (mutual TLS)",
+        ),
+        Var(
+            "NIMBUS_MAX_MESSAGE_BYTES",
+            "1048576",
+            _int(64, 64 * 1024 * 1024),
+            "largest request message accepted; a larger one ends the stream with RESOURCE_EXHAUSTED",
+        ),
+        Var(
+            "NIMBUS_MAX_STREAMS",
+            "10000",
+            _int(1, 10_000_000),
+            "open streams per server pod; more are refused with RESOURCE_EXHAUSTED",
+        ),
+        Var(
+            "NIMBUS_CLIENT_EVENT_RATE",
+            "0",
+            _int(0, 10_000_000),
+            "events per second per client per pod (token bucket; 0: unlimited); over it an event is refused",
+        ),
+        Var(
+            "NIMBUS_CLIENT_EVENT_BURST",
+            "0",
+            _int(0, 10_000_000),
+            "token bucket capacity (0: one second's worth of the rate)",
+        ),
     ]
 }
 
@@ -200,7 +340,9 @@ class Settings:
         return (self.kafka_events_topic, self.kafka_results_topic, self.kafka_dlq_topic)
 
 
-def load(env: Mapping[str, str] | None = None, *, dotenv: bool = True, **overrides: Any) -> Settings:
+def load(
+    env: Mapping[str, str] | None = None, *, dotenv: bool = True, **overrides: Any
+) -> Settings:
     """Settings from `env` (default: os.environ plus ./.env), then keyword overrides."""
     if env is None:
         if dotenv:
@@ -245,7 +387,9 @@ def _check_security(s: Settings) -> None:
     if bool(s.tls_cert_file) != bool(s.tls_key_file):
         raise ConfigError("invalid NIMBUS_TLS_CERT_FILE/NIMBUS_TLS_KEY_FILE: set both or neither")
     if s.tls_client_ca_file and not s.tls_cert_file:
-        raise ConfigError("invalid NIMBUS_TLS_CLIENT_CA_FILE: needs NIMBUS_TLS_CERT_FILE and NIMBUS_TLS_KEY_FILE")
+        raise ConfigError(
+            "invalid NIMBUS_TLS_CLIENT_CA_FILE: needs NIMBUS_TLS_CERT_FILE and NIMBUS_TLS_KEY_FILE"
+        )
     try:
         tls.from_settings(s)
     except ValueError as e:

@@ -41,15 +41,19 @@ def batch_asyncio_callbacks(limit: int = ASYNCIO_BATCH) -> None:
             if self._stopped.is_set():
                 return
             try:
-                await one(self, True)  # no_wait: the next ready callback or due timer, else WouldBlock
+                await one(
+                    self, True
+                )  # no_wait: the next ready callback or due timer, else WouldBlock
             except trio.WouldBlock:
                 return
 
     main_loop_batch._nimbus_batched = True  # type: ignore[attr-defined]
-    BaseTrioEventLoop._main_loop_one = main_loop_batch  # type: ignore[method-assign]
+    BaseTrioEventLoop._main_loop_one = main_loop_batch
 
 
-def run_process(prog: str, role: str, main_async: Callable[..., Awaitable[None]], *args: Any, **overrides: Any) -> None:
+def run_process(
+    prog: str, role: str, main_async: Callable[..., Awaitable[None]], *args: Any, **overrides: Any
+) -> None:
     try:
         settings = config.load(**overrides)
     except ConfigError as e:
@@ -66,7 +70,9 @@ def run_process(prog: str, role: str, main_async: Callable[..., Awaitable[None]]
         pass
 
 
-async def _with_metrics(main_async: Callable[..., Awaitable[None]], settings: config.Settings, *args: Any) -> None:
+async def _with_metrics(
+    main_async: Callable[..., Awaitable[None]], settings: config.Settings, *args: Any
+) -> None:
     """`main_async`, with the process's metrics endpoint beside it when NIMBUS_METRICS_PORT is set."""
     async with trio.open_nursery() as nursery:
         if settings.metrics_port:
@@ -92,7 +98,10 @@ async def run_with_signals(start: Any) -> None:
             outer.start_soon(runner)
             async for sig in signals:
                 if not scope.cancel_called:
-                    logger.info("received {}: shutting down (again to exit at once)", signal.Signals(sig).name)
+                    logger.info(
+                        "received {}: shutting down (again to exit at once)",
+                        signal.Signals(sig).name,
+                    )
                     scope.cancel()
                 else:
                     logger.warning("second {}: exiting now", signal.Signals(sig).name)

@@ -43,7 +43,15 @@ def process(rec: Record, instance: str) -> KafkaEventResponse:
         resp.error.code = e.code
         resp.error.message = e.message
     resp.log.CopyFrom(req.log)
-    trace.step(resp.log, "event-consumer", instance, "compute", event=req.event_name, partition=rec.partition, offset=rec.offset)
+    trace.step(
+        resp.log,
+        "event-consumer",
+        instance,
+        "compute",
+        event=req.event_name,
+        partition=rec.partition,
+        offset=rec.offset,
+    )
     return resp
 
 
@@ -101,7 +109,9 @@ class EventConsumer:
             offsets[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
         return (out, len(results)), offsets
 
-    async def _produce(self, consumer: LogConsumer, recv: trio.MemoryReceiveChannel[_Batch]) -> None:
+    async def _produce(
+        self, consumer: LogConsumer, recv: trio.MemoryReceiveChannel[_Batch]
+    ) -> None:
         async with recv:
             while True:
                 batches = await receive_batch(recv)
@@ -117,7 +127,9 @@ class EventConsumer:
                         break
                     except EngineError as e:
                         # Nothing is committed until the results are written: retrying is safe.
-                        logger.warning("event consumer: producing {} results failed: {}; retrying", len(out), e)
+                        logger.warning(
+                            "event consumer: producing {} results failed: {}; retrying", len(out), e
+                        )
                         await trio.sleep(0.5)
                 self.counters.inc("events.processed", n)
                 consumer.commit_later(offsets)

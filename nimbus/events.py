@@ -45,7 +45,9 @@ def is_known(event_name: str) -> bool:
 def compute(event_name: str, number: int) -> int:
     fn = HANDLERS.get(event_name.lower())
     if fn is None:
-        raise EventFailed(m.UNKNOWN_EVENT, f"unknown event {event_name!r}; known: {sorted(HANDLERS)}")
+        raise EventFailed(
+            m.UNKNOWN_EVENT, f"unknown event {event_name!r}; known: {sorted(HANDLERS)}"
+        )
     try:
         result = fn(number)
     except EventFailed:

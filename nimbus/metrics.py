@@ -66,6 +66,7 @@ ERRORS = Counter(
     registry=REGISTRY,
 )
 
+
 class _PlainCounters(Collector):
     """A labelled counter whose increments are plain dict updates, read at scrape time.
 
@@ -115,6 +116,7 @@ IO_RECORDS = Counter(
     registry=REGISTRY,
 )
 
+
 class _PlainHistogram(Collector):
     """A labelled histogram observed with a bisect and two list updates (no locks), read at
     scrape time: prometheus-client's Histogram.observe costs ~3 µs (a lock per bucket touched),
@@ -139,7 +141,9 @@ class _PlainHistogram(Collector):
         family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
         for key, series in list(self.series.items()):
             cumulative, acc = [], 0.0
-            for bound, n in zip([*map(floatToGoString, self.bounds), "+Inf"], series[:-1], strict=True):
+            for bound, n in zip(
+                [*map(floatToGoString, self.bounds), "+Inf"], series[:-1], strict=True
+            ):
                 acc += n
                 cumulative.append((bound, acc))
             family.add_metric([key], cumulative, series[-1])
@@ -195,6 +199,7 @@ _ERROR_OPS = {
     "server.message_too_large": "message_too_large",
     "server.refused_request": "refused_request",
 }
+
 
 def op(name: str, n: int = 1) -> None:
     """Count `n` of operation `name` (called by nimbus.stats.Counters.inc)."""

@@ -147,7 +147,9 @@ class Session:
 
 
 class Pod:
-    def __init__(self, settings: Settings, log: Log, state: StateStore, counters: Counters | None = None) -> None:
+    def __init__(
+        self, settings: Settings, log: Log, state: StateStore, counters: Counters | None = None
+    ) -> None:
         self.s = settings
         self.log = log
         self.state = state
@@ -225,7 +227,12 @@ class Pod:
                         # A Redis blip: a new connection usually works. If all fail, the record
                         # stays LIVE on this pod and the router's delivery timeout diverts its
                         # results: slower, nothing lost.
-                        logger.warning("client {}: marking OFFLINE failed ({}): {}", s.client_id, attempt + 1, e)
+                        logger.warning(
+                            "client {}: marking OFFLINE failed ({}): {}",
+                            s.client_id,
+                            attempt + 1,
+                            e,
+                        )
                         await trio.sleep(0.05 * (attempt + 1))
             self._flush.set()
         finally:
@@ -296,7 +303,9 @@ class Pod:
         k = 0
         while k < len(pending) and pending[k][0] <= acked:
             d, reply_to, token = pending[k]
-            self._reports[reply_to].append(ReportItem(token=token, delivered=True, client_id=s.client_id, delivery_id=d))
+            self._reports[reply_to].append(
+                ReportItem(token=token, delivered=True, client_id=s.client_id, delivery_id=d)
+            )
             k += 1
         del pending[:k]
         self._flush.set()
@@ -317,7 +326,9 @@ class Pod:
                     continue
                 if not events.is_known(req.event_name):
                     self.counters.inc("pod.unknown_event")
-                    self._send(s, self._error(s, req, UNKNOWN_EVENT, f"unknown event {req.event_name!r}"))
+                    self._send(
+                        s, self._error(s, req, UNKNOWN_EVENT, f"unknown event {req.event_name!r}")
+                    )
                     continue
                 kreq = KafkaEventRequest(
                     event_name=req.event_name,
@@ -348,7 +359,9 @@ class Pod:
             self.counters.inc("pod.events", len(records))
             for (s, req), w in zip(accepted, written, strict=True):
                 if s.protocol >= 2:
-                    self._send(s, EventResponse(kind=RECEIPT, seq=req.seq, delivery_id=w.offset + 1))
+                    self._send(
+                        s, EventResponse(kind=RECEIPT, seq=req.seq, delivery_id=w.offset + 1)
+                    )
 
     @staticmethod
     def _error(s: Session, req: EventRequest, code: int, message: str) -> EventResponse:
@@ -370,8 +383,14 @@ class Pod:
             return True
         except asyncio.QueueFull:
             self.counters.inc("pod.slow_client")
-            logs.for_client(s.client_id, s.epoch).warning("client {}: outgoing queue full ({}); cutting the stream", s.client_id, s.outbox.maxsize)
-            self._end(s, Close("RESOURCE_EXHAUSTED", "client does not read its results fast enough"))
+            logs.for_client(s.client_id, s.epoch).warning(
+                "client {}: outgoing queue full ({}); cutting the stream",
+                s.client_id,
+                s.outbox.maxsize,
+            )
+            self._end(
+                s, Close("RESOURCE_EXHAUSTED", "client does not read its results fast enough")
+            )
             return False
 
     async def _on_message(self, payload: bytes) -> None:
@@ -385,7 +404,11 @@ class Pod:
         for k in msg.kicks:
             s = self.sessions.get(k.client_id)
             if s is not None and s.epoch <= k.epoch:
-                logs.for_client(s.client_id, s.epoch).info("client {}: stream epoch {} superseded by a stream on another pod", s.client_id, s.epoch)
+                logs.for_client(s.client_id, s.epoch).info(
+                    "client {}: stream epoch {} superseded by a stream on another pod",
+                    s.client_id,
+                    s.epoch,
+                )
                 self._end(s, Close("ABORTED", "superseded by a newer stream for this client_id"))
         steps: dict[int, bytes] = {}
         for d in msg.deliveries:
@@ -399,12 +422,20 @@ class Pod:
             return
         s = self.sessions.get(d.client_id)
         if s is None or s.closed or s.epoch != d.epoch or d.prev_delivery_id > s.last_queued:
-            self._reports[reply_to].append(ReportItem(token=d.token, delivered=False, client_id=d.client_id, delivery_id=d.delivery_id))
+            self._reports[reply_to].append(
+                ReportItem(
+                    token=d.token, delivered=False, client_id=d.client_id, delivery_id=d.delivery_id
+                )
+            )
             self.counters.inc("pod.not_here")
             self._flush.set()
             return
         if d.delivery_id <= s.acked:
-            self._reports[reply_to].append(ReportItem(token=d.token, delivered=True, client_id=d.client_id, delivery_id=d.delivery_id))
+            self._reports[reply_to].append(
+                ReportItem(
+                    token=d.token, delivered=True, client_id=d.client_id, delivery_id=d.delivery_id
+                )
+            )
             self._flush.set()
             return
         if d.run_ids:
@@ -419,14 +450,17 @@ class Pod:
             # confirmed early).
             logger.warning(
                 "client {} (original protocol): results {}..{} aged past retention and are gone",
-                s.client_id, resp.gap_from, resp.gap_to,
+                s.client_id,
+                resp.gap_from,
+                resp.gap_to,
             )
             out = None
         elif s.protocol < 2:
             # Only the original's fields: it never sees a message it cannot understand.
             trace.step(resp.log, "server", self.s.instance_id, "deliver", epoch=s.epoch)
-            out = EventResponse(event_name=resp.event_name, number=resp.number, result=resp.result)
-            out.log.CopyFrom(resp.log)
+            old = EventResponse(event_name=resp.event_name, number=resp.number, result=resp.result)
+            old.log.CopyFrom(resp.log)
+            out = old
         else:
             # Encoded here, with this hop's trace step appended to the log on the wire (see
             # nimbus.router.pod_messages): no step built per result, no message re-encoded later.
@@ -442,7 +476,9 @@ class Pod:
         """This hop's trace step for s's stream, encoded once per message and epoch."""
         step = steps.get(s.epoch)
         if step is None:
-            step = steps[s.epoch] = trace.encoded_step("server", self.s.instance_id, "deliver", epoch=s.epoch)
+            step = steps[s.epoch] = trace.encoded_step(
+                "server", self.s.instance_id, "deliver", epoch=s.epoch
+            )
         return step
 
     @staticmethod
@@ -460,9 +496,22 @@ class Pod:
         skipped; the run is confirmed, as one delivery, once the client has acked its last."""
         ids, heads, encoded_logs = d.run_ids, d.run_heads, d.run_logs
         n = len(ids)
-        if len(heads) != n or len(encoded_logs) != n or ids[n - 1] != d.delivery_id or any(a >= b for a, b in itertools.pairwise(ids)):
-            badinput.message("pod channel", badinput.MALFORMED_MESSAGE, f"run of {d.client_id}: {n} ids, {len(heads)} heads, {len(encoded_logs)} logs")
-            self._reports[reply_to].append(ReportItem(token=d.token, delivered=False, client_id=d.client_id, delivery_id=d.delivery_id))
+        if (
+            len(heads) != n
+            or len(encoded_logs) != n
+            or ids[n - 1] != d.delivery_id
+            or any(a >= b for a, b in itertools.pairwise(ids))
+        ):
+            badinput.message(
+                "pod channel",
+                badinput.MALFORMED_MESSAGE,
+                f"run of {d.client_id}: {n} ids, {len(heads)} heads, {len(encoded_logs)} logs",
+            )
+            self._reports[reply_to].append(
+                ReportItem(
+                    token=d.token, delivered=False, client_id=d.client_id, delivery_id=d.delivery_id
+                )
+            )
             self._flush.set()
             return
         # The delivery latency histogram gets one observation per run (its first result).
@@ -475,7 +524,9 @@ class Pod:
                 if did <= acked:
                     continue
                 resp = EventResponse.FromString(head)
-                out = EventResponse(event_name=resp.event_name, number=resp.number, result=resp.result)
+                out = EventResponse(
+                    event_name=resp.event_name, number=resp.number, result=resp.result
+                )
                 out.log.ParseFromString(log)
                 trace.step(out.log, "server", self.s.instance_id, "deliver", epoch=s.epoch)
                 if not self._send(s, out, did):
@@ -494,7 +545,9 @@ class Pod:
 
     def _fail_unconfirmed(self, s: Session) -> None:
         for d, reply_to, token in s.unconfirmed:
-            self._reports[reply_to].append(ReportItem(token=token, delivered=False, client_id=s.client_id, delivery_id=d))
+            self._reports[reply_to].append(
+                ReportItem(token=token, delivered=False, client_id=s.client_id, delivery_id=d)
+            )
         s.unconfirmed = []
         self._flush.set()
 
@@ -514,9 +567,14 @@ class Pod:
                     # A client whose backlog this ack completes: ask the status manager now,
                     # with the time the ack arrived here (what "LIVE within 100 ms" counts from).
                     messages += [
-                        status_check(c, ack_ns.get(c, 0)) for c, ok in zip(acks, ready, strict=True) if ok
+                        status_check(c, ack_ns.get(c, 0))
+                        for c, ok in zip(acks, ready, strict=True)
+                        if ok
                     ]
-                messages += [(ch, DeliveryReport(items=items).SerializeToString()) for ch, items in reports.items()]
+                messages += [
+                    (ch, DeliveryReport(items=items).SerializeToString())
+                    for ch, items in reports.items()
+                ]
                 if messages:
                     await self.state.publish(messages)
             except EngineError as e:

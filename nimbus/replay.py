@@ -90,14 +90,18 @@ class _Run:
 class ReplayPipeline:
     """One client's replay. Created by `ReplayService` while it holds the client's lease."""
 
-    def __init__(self, service: ReplayService, client_id: str, epoch: int, pod: str, cursor: int, acked: int) -> None:
+    def __init__(
+        self, service: ReplayService, client_id: str, epoch: int, pod: str, cursor: int, acked: int
+    ) -> None:
         self.svc = service
         self.client_id = client_id
         self.epoch = epoch
         self.pod = pod
         self.cursor = cursor
         self.acked = acked
-        self.partition = service.log.producer.partition_for(service.s.kafka_dlq_topic, client_id.encode())
+        self.partition = service.log.producer.partition_for(
+            service.s.kafka_dlq_topic, client_id.encode()
+        )
         # Each report's items for this replay as one list (one channel operation per report).
         self.reports_send, self.reports_recv = trio.open_memory_channel[list[ReportItem]](256)
         self.unconfirmed: dict[int, _Run] = {}  # token -> run, in publish order
@@ -129,7 +133,10 @@ class ReplayPipeline:
             self.scope = nursery.cancel_scope  # the service's watcher ends the replay through it
         logger.info(
             "replay of {} (epoch {}) ended: {} results delivered in {:.3f}s",
-            self.client_id, self.epoch, self.delivered, trio.current_time() - t0,
+            self.client_id,
+            self.epoch,
+            self.delivered,
+            trio.current_time() - t0,
         )
 
     async def _fetch(self, send: trio.MemorySendChannel[tuple[list[_Item], int]]) -> None:
@@ -138,7 +145,9 @@ class ReplayPipeline:
         # partition starts read at most a quarter second ago: a hundred replays starting at once
         # share a read), again after each stall at the end (read at most a second ago: many
         # replays wait at their ends at once), and always afresh when the reader skipped records.
-        check_start: float | None = _START_BEGINS_MAX_AGE_S  # None: no check due; else the age allowed
+        check_start: float | None = (
+            _START_BEGINS_MAX_AGE_S  # None: no check due; else the age allowed
+        )
         async with send:
             while True:
                 if self.fetched_to < 0:
@@ -160,7 +169,9 @@ class ReplayPipeline:
                             if gap is not None:
                                 await send.send(([gap], self.fetched_to))
                                 continue
-                        check_start = _BEGINS_MAX_AGE_S  # a stall at the end may hide a deleted range too
+                        check_start = (
+                            _BEGINS_MAX_AGE_S  # a stall at the end may hide a deleted range too
+                        )
                         self.caught_up.set()
                         if self._drained():
                             await self.svc.request_flip(self.client_id, self.last_ack_ns)
@@ -198,7 +209,11 @@ class ReplayPipeline:
             logger.warning(
                 "replay of {}: DLQ offsets {}..{} of partition {} aged past retention; results after"
                 " delivery id {} may be gone",
-                self.client_id, self.fetched_to, start - 1, self.partition, self.acked,
+                self.client_id,
+                self.fetched_to,
+                start - 1,
+                self.partition,
+                self.acked,
             )
             self.svc.counters.inc("replay.retention_gaps")
             if not self.gap_from:
@@ -216,13 +231,22 @@ class ReplayPipeline:
         gap_from, self.gap_from = self.gap_from, 0
         if gap_to < gap_from:
             return None
-        logger.warning("replay of {}: telling the client results {}..{} are gone", self.client_id, gap_from, gap_to)
+        logger.warning(
+            "replay of {}: telling the client results {}..{} are gone",
+            self.client_id,
+            gap_from,
+            gap_to,
+        )
         self.svc.counters.inc("replay.gap_notices")
         resp = EventResponse(kind=GAP, delivery_id=gap_to, gap_from=gap_from, gap_to=gap_to)
         return _Item(self.fetched_to if offset is None else offset, resp)
 
     def _drained(self) -> bool:
-        return self.caught_up.is_set() and not self.unconfirmed and self.published_to == self.fetched_to
+        return (
+            self.caught_up.is_set()
+            and not self.unconfirmed
+            and self.published_to == self.fetched_to
+        )
 
     async def _publish(self, recv: trio.MemoryReceiveChannel[tuple[list[_Item], int]]) -> None:
         async with recv:
@@ -264,12 +288,33 @@ class ReplayPipeline:
         svc = self.svc
         first = items[0]
         if isinstance(first.result, EventResponse):
-            entry = Entry(_NO_TP, first.offset, self.client_id, last, first.result, token=token, pod=self.pod, epoch=self.epoch, prev=prev)
+            entry = Entry(
+                _NO_TP,
+                first.offset,
+                self.client_id,
+                last,
+                first.result,
+                token=token,
+                pod=self.pod,
+                epoch=self.epoch,
+                prev=prev,
+            )
             messages = pod_messages(svc.reply_to, [entry], svc.s.instance_id, "replay")
         else:
             results = [it.result for it in items]
             assert all(isinstance(r, KafkaEventResponse) for r in results)
-            messages = [run_message(svc.reply_to, self.pod, self.client_id, self.epoch, token, prev, results, svc.s.instance_id)]  # type: ignore[arg-type]
+            messages = [
+                run_message(
+                    svc.reply_to,
+                    self.pod,
+                    self.client_id,
+                    self.epoch,
+                    token,
+                    prev,
+                    results,
+                    svc.s.instance_id,
+                )
+            ]
         await svc.state.publish(messages)
 
     def _advance(self) -> None:
@@ -279,7 +324,9 @@ class ReplayPipeline:
         # is the lowest (no scan of the window per report).
         if self.stopped:
             return
-        low = next(iter(self.unconfirmed.values())).offset if self.unconfirmed else self.published_to
+        low = (
+            next(iter(self.unconfirmed.values())).offset if self.unconfirmed else self.published_to
+        )
         if low > self.cursor:
             self.cursor = low
             self.svc.advance_cursor(self.client_id, low)
@@ -308,7 +355,11 @@ class ReplayPipeline:
                     # stage already woken would otherwise count it as delivered before it sees
                     # the cancellation).
                     self.stopped = True
-                    logger.info("replay of {}: the stream (epoch {}) is gone; stopping", self.client_id, self.epoch)
+                    logger.info(
+                        "replay of {}: the stream (epoch {}) is gone; stopping",
+                        self.client_id,
+                        self.epoch,
+                    )
                     cancel.cancel()
                     return
                 self._advance()
@@ -318,7 +369,9 @@ class ReplayPipeline:
     async def _keep_lease(self, cancel: trio.CancelScope) -> None:
         while True:
             await trio.sleep(LEASE_MS / 3000)
-            if not await self.svc.state.acquire_lease(self.svc.lease_name(self.client_id), self.svc.owner, LEASE_MS):
+            if not await self.svc.state.acquire_lease(
+                self.svc.lease_name(self.client_id), self.svc.owner, LEASE_MS
+            ):
                 logger.warning("replay of {}: lease lost; stopping", self.client_id)
                 cancel.cancel()
                 return
@@ -341,7 +394,9 @@ class ReplayPipeline:
 class ReplayService:
     """Starts a replay for every REPLAYING client this worker can lease."""
 
-    def __init__(self, settings: Settings, log: Log, state: StateStore, counters: Counters | None = None) -> None:
+    def __init__(
+        self, settings: Settings, log: Log, state: StateStore, counters: Counters | None = None
+    ) -> None:
         self.s = settings
         self.log = log
         self.state = state
@@ -356,7 +411,9 @@ class ReplayService:
         self.cache = FetchCache()
         self._starting: set[str] = set()  # leases being taken (see _start)
         self._start_limiter = trio.CapacityLimiter(64)
-        self._feeds: dict[int, _Feed] = {}  # DLQ partition -> its reader, while some replay reads it
+        self._feeds: dict[
+            int, _Feed
+        ] = {}  # DLQ partition -> its reader, while some replay reads it
         self._begins: tuple[float, dict[int, int]] = (0.0, {})
         self._begins_lock = trio.Lock()
         self._cursors: dict[str, int] = {}  # client -> cursor to store (see advance_cursor)
@@ -377,7 +434,9 @@ class ReplayService:
     def forget_token(self, token: int) -> None:
         self._by_token.pop(token, None)
 
-    async def fetch(self, p: ReplayPipeline, offset: int, max_records: int, timeout: float) -> list[Record]:  # noqa: ASYNC109
+    async def fetch(
+        self, p: ReplayPipeline, offset: int, max_records: int, timeout: float
+    ) -> list[Record]:  # noqa: ASYNC109
         """DLQ records of p's partition from `offset` on: from the shared cache when some replay
         fetched them already, else through the partition's one reader (and then cached for the
         others). At the end of the partition the reader is not held for the wait: a short poll,
@@ -392,7 +451,9 @@ class ReplayService:
         async with feed.lock:
             records = self.cache.get(part, offset, max_records)
             at_end, when = feed.end
-            if records is not None or (0 <= at_end <= offset and trio.current_time() - when < timeout):
+            if records is not None or (
+                0 <= at_end <= offset and trio.current_time() - when < timeout
+            ):
                 self.counters.inc("replay.fetch_shared")  # fetched, or found the end, meanwhile
             else:
                 if feed.reader is None:
@@ -403,7 +464,11 @@ class ReplayService:
                 # More than asked for: the rest is cached for the partition's other replays (a
                 # reader moved between replays' offsets re-fetches from the broker each time).
                 records = await feed.reader.fetch(
-                    self.s.kafka_dlq_topic, part, offset, max(max_records, _SHARED_FETCH), min(timeout, _END_POLL_S)
+                    self.s.kafka_dlq_topic,
+                    part,
+                    offset,
+                    max(max_records, _SHARED_FETCH),
+                    min(timeout, _END_POLL_S),
                 )
                 if records:
                     self.cache.put(part, offset, records)
@@ -479,7 +544,9 @@ class ReplayService:
                 recs = await self.state.get_many([p.client_id for p in pipes])
                 again = [p for p, rec in zip(pipes, recs, strict=True) if p.on_record(rec)]
                 if again:
-                    await self.state.publish([status_check(p.client_id, p.last_ack_ns) for p in again])
+                    await self.state.publish(
+                        [status_check(p.client_id, p.last_ack_ns) for p in again]
+                    )
             except EngineError as e:
                 logger.warning("replay: watching the replaying clients: {}", e)
 
@@ -505,7 +572,9 @@ class ReplayService:
         try:
             async with self._start_limiter:
                 try:
-                    got = await self.state.acquire_lease(self.lease_name(client_id), self.owner, LEASE_MS)
+                    got = await self.state.acquire_lease(
+                        self.lease_name(client_id), self.owner, LEASE_MS
+                    )
                     rec = await self.state.get(client_id) if got else None
                 except EngineError as e:
                     logger.warning("replay: {}", e)
@@ -522,15 +591,25 @@ class ReplayService:
         await self._run_pipeline(p)
 
     async def _run_pipeline(self, p: ReplayPipeline) -> None:
-        logs.bind_task(client_id=p.client_id, epoch=p.epoch)  # every line of this replay (its own task)
+        logs.bind_task(
+            client_id=p.client_id, epoch=p.epoch
+        )  # every line of this replay (its own task)
         try:
             async with self._limiter, self._feed(p.partition):
-                logger.info("replay of {} (epoch {}) from DLQ offset {} on partition {}", p.client_id, p.epoch, p.cursor, p.partition)
+                logger.info(
+                    "replay of {} (epoch {}) from DLQ offset {} on partition {}",
+                    p.client_id,
+                    p.epoch,
+                    p.cursor,
+                    p.partition,
+                )
                 await p.run()
         except* EngineError as group:
             # The pipeline's nursery wraps its stages' errors in a group. The client is still
             # REPLAYING; the next request or periodic scan starts a new replay from the cursor.
-            logger.warning("replay of {} failed: {}; it will be retried", p.client_id, group.exceptions[0])
+            logger.warning(
+                "replay of {} failed: {}; it will be retried", p.client_id, group.exceptions[0]
+            )
         finally:
             for t in list(p.unconfirmed):
                 self.forget_token(t)

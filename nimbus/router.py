@@ -68,10 +68,13 @@ def _result_head(head: EventResponse, r: KafkaEventResponse) -> bytes:
     head.seq = r.seq  # kind RESULT is the default
     if r.HasField("error"):
         head.error.CopyFrom(r.error)
-    return head.SerializeToString()
+    out: bytes = head.SerializeToString()
+    return out
 
 
-def pod_messages(reply_to: str, entries: list[Entry], instance: str, method: str) -> list[tuple[str, bytes]]:
+def pod_messages(
+    reply_to: str, entries: list[Entry], instance: str, method: str
+) -> list[tuple[str, bytes]]:
     """One PodMessage per pod for a batch of entries (payload: KafkaEventResponse), with this
     hop's trace step.
 
@@ -99,12 +102,31 @@ def pod_messages(reply_to: str, entries: list[Entry], instance: str, method: str
         else:
             head = _result_head(result_head, r)
         response = response_with_log(head, r.log.SerializeToString() + step)
-        d = Delivery(client_id=e.client_id, epoch=e.epoch, delivery_id=e.delivery_id, token=e.token, prev_delivery_id=e.prev)
-        parts[e.pod].append(length_delimited(POD_DELIVERY, d.SerializeToString() + length_delimited(DELIVERY_RESPONSE, response)))
+        d = Delivery(
+            client_id=e.client_id,
+            epoch=e.epoch,
+            delivery_id=e.delivery_id,
+            token=e.token,
+            prev_delivery_id=e.prev,
+        )
+        parts[e.pod].append(
+            length_delimited(
+                POD_DELIVERY, d.SerializeToString() + length_delimited(DELIVERY_RESPONSE, response)
+            )
+        )
     return [(pod, b"".join(p)) for pod, p in parts.items()]
 
 
-def run_message(reply_to: str, pod: str, client_id: str, epoch: int, token: int, prev: int, results: list[KafkaEventResponse], instance: str) -> tuple[str, bytes]:
+def run_message(
+    reply_to: str,
+    pod: str,
+    client_id: str,
+    epoch: int,
+    token: int,
+    prev: int,
+    results: list[KafkaEventResponse],
+    instance: str,
+) -> tuple[str, bytes]:
     """The PodMessage of a run of one client's results (`Delivery.run_*`, for the replay): one
     delivery, one token, one report for the run, where `pod_messages` has one of each per result.
     Each result goes as its head (its EventResponse fields but the log) and its log with the
@@ -119,14 +141,24 @@ def run_message(reply_to: str, pod: str, client_id: str, epoch: int, token: int,
         logs.append(r.log.SerializeToString() + step)
         ids.append(r.delivery_id)
     d = Delivery(
-        client_id=client_id, epoch=epoch, delivery_id=ids[-1], token=token, prev_delivery_id=prev,
-        run_heads=heads, run_logs=logs, run_ids=ids,
+        client_id=client_id,
+        epoch=epoch,
+        delivery_id=ids[-1],
+        token=token,
+        prev_delivery_id=prev,
+        run_heads=heads,
+        run_logs=logs,
+        run_ids=ids,
     )
-    return pod, length_delimited(POD_REPLY_TO, reply_to.encode()) + length_delimited(POD_DELIVERY, d.SerializeToString())
+    return pod, length_delimited(POD_REPLY_TO, reply_to.encode()) + length_delimited(
+        POD_DELIVERY, d.SerializeToString()
+    )
 
 
 class ResultRouter:
-    def __init__(self, settings: Settings, log: Log, state: StateStore, counters: Counters | None = None) -> None:
+    def __init__(
+        self, settings: Settings, log: Log, state: StateStore, counters: Counters | None = None
+    ) -> None:
         self.s = settings
         self.log = log
         self.state = state
@@ -170,7 +202,11 @@ class ResultRouter:
                     cs.shield = True
                     await self._commit(consumer, force=True)
 
-    async def _poller(self, consumer: LogConsumer, send: trio.MemorySendChannel) -> None:
+    async def _poller(
+        self,
+        consumer: LogConsumer,
+        send: trio.MemorySendChannel[PollResult | DeliveryReport | _Tick],
+    ) -> None:
         async with send:
             while True:
                 while self.window.pending >= self.s.router_window:
@@ -185,13 +221,19 @@ class ResultRouter:
                 if result.records or result.revoked or result.assigned:
                     await send.send(result)
 
-    async def _ticker(self, send: trio.MemorySendChannel) -> None:
+    async def _ticker(
+        self, send: trio.MemorySendChannel[PollResult | DeliveryReport | _Tick]
+    ) -> None:
         async with send:
             while True:
                 await trio.sleep(0.05)
                 await send.send(_Tick())
 
-    async def _drive(self, consumer: LogConsumer, recv: trio.MemoryReceiveChannel) -> None:
+    async def _drive(
+        self,
+        consumer: LogConsumer,
+        recv: trio.MemoryReceiveChannel[PollResult | DeliveryReport | _Tick],
+    ) -> None:
         async with recv:
             while True:
                 items = await receive_batch(recv)
@@ -206,7 +248,10 @@ class ResultRouter:
         w = self.window
         if isinstance(item, PollResult):
             if item.revoked:
-                logger.info("result router: partitions revoked {}", sorted(tp.partition for tp in item.revoked))
+                logger.info(
+                    "result router: partitions revoked {}",
+                    sorted(tp.partition for tp in item.revoked),
+                )
                 w.revoke(item.revoked)
             for rec in item.records:
                 tp = TopicPartition(rec.topic, rec.partition)
@@ -233,18 +278,24 @@ class ResultRouter:
                 await self.state.divert([(e.client_id, e.delivery_id) for e in diverts])
                 w.diverted(diverts)
                 self.counters.inc("router.diverted", len(diverts))
-                logger.info("result router: diverted {} failed live deliveries to the DLQ", len(diverts))
+                logger.info(
+                    "result router: diverted {} failed live deliveries to the DLQ", len(diverts)
+                )
             decide = w.decidable()
             if decide:
                 try:
-                    decisions = await self.state.route([(e.client_id, e.delivery_id) for e in decide])
+                    decisions = await self.state.route(
+                        [(e.client_id, e.delivery_id) for e in decide]
+                    )
                 except BaseException:
                     w.undecide(decide)
                     raise
                 w.apply(decide, decisions, trio.current_time())
             live = w.take_publish()
             if live:
-                await self.state.publish(pod_messages(self.reply_to, live, self.s.instance_id, "route"))
+                await self.state.publish(
+                    pod_messages(self.reply_to, live, self.s.instance_id, "route")
+                )
                 self.counters.inc("router.live", len(live))
             writes = w.take_dlq_writes()
             if writes:
@@ -270,7 +321,10 @@ class ResultRouter:
                 self.s.kafka_dlq_topic, [(cid.encode(), value) for cid, value, _ in records]
             )
             await self.state.dlq_written(
-                [DlqWrite(cid, ids[-1], w.partition, w.offset) for (cid, _, ids), w in zip(records, written, strict=True)]
+                [
+                    DlqWrite(cid, ids[-1], w.partition, w.offset)
+                    for (cid, _, ids), w in zip(records, written, strict=True)
+                ]
             )
         except BaseException:
             self.window.dlq_failed(writes)
@@ -294,7 +348,9 @@ class ResultRouter:
         try:
             await consumer.commit(offsets)
         except CommitFailed as e:
-            logger.info("result router: commit refused ({}); the partitions' new owner re-reads them", e)
+            logger.info(
+                "result router: commit refused ({}); the partitions' new owner re-reads them", e
+            )
             self._retry_commit(offsets)
         except EngineError as e:
             logger.warning("result router: commit failed: {}", e)

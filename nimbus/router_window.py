@@ -75,7 +75,9 @@ class _Client:
 
     def blocked(self) -> bool:
         c = self.counts
-        return self.wait_inflight or bool(c[S.DECIDING] or c[S.DIVERTING] or c[S.DLQ_WAIT] or c[S.DLQ_WRITING])
+        return self.wait_inflight or bool(
+            c[S.DECIDING] or c[S.DIVERTING] or c[S.DLQ_WAIT] or c[S.DLQ_WRITING]
+        )
 
 
 class RouterWindow:
@@ -88,7 +90,9 @@ class RouterWindow:
         self._to_publish: list[Entry] = []
         self._deadlines: deque[Entry] = deque()  # LIVE entries in publish order (deadlines rise)
         self._diverting: list[Entry] = []
-        self._ready: dict[str, None] = {}  # clients that may have something to decide or write (ordered)
+        self._ready: dict[
+            str, None
+        ] = {}  # clients that may have something to decide or write (ordered)
         self.pending = 0  # entries not DONE
 
     def __repr__(self) -> str:
@@ -106,7 +110,9 @@ class RouterWindow:
 
     # -- input -----------------------------------------------------------------------------
 
-    def add(self, tp: TopicPartition, offset: int, client_id: str, delivery_id: int, payload: object) -> Entry:
+    def add(
+        self, tp: TopicPartition, offset: int, client_id: str, delivery_id: int, payload: object
+    ) -> Entry:
         e = Entry(tp, offset, client_id, delivery_id, payload)
         self._partitions.setdefault(tp, deque()).append(e)
         cl = self._clients.get(client_id)
@@ -223,7 +229,9 @@ class RouterWindow:
     def expire(self, now: float) -> int:
         """Live deliveries past their deadline (a dead pod, a lost message) fail."""
         n = 0
-        while self._deadlines and (self._deadlines[0].state is not S.LIVE or self._deadlines[0].deadline <= now):
+        while self._deadlines and (
+            self._deadlines[0].state is not S.LIVE or self._deadlines[0].deadline <= now
+        ):
             e = self._deadlines.popleft()
             if e.state is S.LIVE:
                 n += 1
@@ -260,7 +268,12 @@ class RouterWindow:
         out: list[Entry] = []
         for cid in list(self._ready):
             cl = self._clients.get(cid)
-            if cl is None or not cl.counts[S.DLQ_WAIT] or cl.counts[S.LIVE] or cl.counts[S.DIVERTING]:
+            if (
+                cl is None
+                or not cl.counts[S.DLQ_WAIT]
+                or cl.counts[S.LIVE]
+                or cl.counts[S.DIVERTING]
+            ):
                 continue
             for e in cl.queue:
                 if e.state is S.DLQ_WAIT:

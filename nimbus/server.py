@@ -69,7 +69,10 @@ class Refusal(Exception):
 
 class MessageTooLarge(Refusal):
     def __init__(self, size: int, limit: int) -> None:
-        super().__init__("RESOURCE_EXHAUSTED", f"request message of {size} bytes is over the limit of {limit} bytes")
+        super().__init__(
+            "RESOURCE_EXHAUSTED",
+            f"request message of {size} bytes is over the limit of {limit} bytes",
+        )
 
 
 async def _next_request(h2: Any, max_bytes: int) -> EventRequest | None:
@@ -117,8 +120,8 @@ class _SlimQueue(asyncio.Queue):  # type: ignore[type-arg]
 
     def __init__(self, maxsize: int = 0) -> None:
         super().__init__(maxsize)
-        self._getters = _Waiters()  # type: ignore[assignment]
-        self._putters = _Waiters()  # type: ignore[assignment]
+        self._getters = _Waiters()
+        self._putters = _Waiters()
         finished = _ListEvent()
         finished.set()  # as asyncio.Queue: no unfinished tasks
         self._finished = finished
@@ -129,8 +132,8 @@ def slim_grpclib_streams() -> None:
     trailers_received) and an asyncio.Queue (its receive buffer): seven deques, ~5 KB, most of
     an idle stream's own memory (issue #4: 10,000 idle streams on one pod). Make grpclib create
     `_ListEvent` and `_SlimQueue` instead (~2 KB less per stream; idempotent)."""
-    grpclib.protocol.Event = _ListEvent  # type: ignore[misc]
-    grpclib.protocol.Queue = _SlimQueue  # type: ignore[misc]
+    grpclib.protocol.Event = _ListEvent  # type: ignore[attr-defined]
+    grpclib.protocol.Queue = _SlimQueue  # type: ignore[attr-defined]
 
 
 def _take_batch(outbox: Outbox, first: OutboxItem) -> tuple[bytes, int, list[int], Close | None]:
@@ -157,7 +160,10 @@ def _take_batch(outbox: Outbox, first: OutboxItem) -> tuple[bytes, int, list[int
 def _writable(h2: Any, size: int) -> bool:
     """Could `size` bytes of DATA go out now, without waiting for the client's flow control?"""
     try:
-        return bool(h2.connection.write_ready.is_set() and h2._h2_connection.local_flow_control_window(h2.id) >= size)  # noqa: SLF001
+        return bool(
+            h2.connection.write_ready.is_set()
+            and h2._h2_connection.local_flow_control_window(h2.id) >= size
+        )  # noqa: SLF001
     except Exception:
         return True  # a closed stream: let send_message report it
 
@@ -201,32 +207,52 @@ class NimbusService:
                 return self.verifier.identify(md)
             except AuthError as e:
                 self.pod.counters.inc(f"server.refused.{e.status.lower()}")
-                logger.info("stream refused: {} ({}), client_id {!r}, peer {}", e.status, e.message, str(md.get("client_id", ""))[:100], peer)
+                logger.info(
+                    "stream refused: {} ({}), client_id {!r}, peer {}",
+                    e.status,
+                    e.message,
+                    str(md.get("client_id", ""))[:100],
+                    peer,
+                )
                 raise GRPCError(grpclib.const.Status[e.status], e.message) from None
         client_id = str(md.get("client_id", "")).strip()
         if not client_id:
             badinput.message("grpc", badinput.BAD_METADATA, "no client_id")
-            raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, "client_id not received or empty in metadata")
+            raise GRPCError(
+                grpclib.const.Status.INVALID_ARGUMENT, "client_id not received or empty in metadata"
+            )
         return client_id
 
     async def process_event(self, stream: Stream[EventRequest, EventResponse]) -> None:
-        md = stream.metadata or {}
+        md: Any = stream.metadata or {}
         client_id = self.identify(md, stream.peer.addr() if self.verifier is not None else None)
         if not client_id.isprintable() or not client_id.isascii():  # gRPC: printable ASCII only
             badinput.message("grpc", badinput.BAD_METADATA, f"client_id {client_id[:64]!r}")
-            raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, "client_id must be printable ASCII")
+            raise GRPCError(
+                grpclib.const.Status.INVALID_ARGUMENT, "client_id must be printable ASCII"
+            )
         if not self.pod.accepting:
             raise GRPCError(grpclib.const.Status.UNAVAILABLE, "server is shutting down")
-        logs.bind_task(client_id=client_id, trace_id=logs.trace_id(md))  # on every line of this stream
-        if len(self.pod.sessions) + self._opening >= self.max_streams and client_id not in self.pod.sessions:
+        logs.bind_task(
+            client_id=client_id, trace_id=logs.trace_id(md)
+        )  # on every line of this stream
+        if (
+            len(self.pod.sessions) + self._opening >= self.max_streams
+            and client_id not in self.pod.sessions
+        ):
             self.pod.counters.inc("server.refused.max_streams")
-            raise GRPCError(grpclib.const.Status.RESOURCE_EXHAUSTED, f"this server holds its maximum of {self.max_streams} streams")
+            raise GRPCError(
+                grpclib.const.Status.RESOURCE_EXHAUSTED,
+                f"this server holds its maximum of {self.max_streams} streams",
+            )
         protocol = 2 if str(md.get(PROTOCOL_KEY, "")) == "2" else 1
         self._opening += 1
         try:
             session = await trio_asyncio.trio_as_aio(self.pod.open_session)(client_id, protocol)
         except EngineError as e:
-            raise GRPCError(grpclib.const.Status.UNAVAILABLE, f"state store unavailable: {e}") from None
+            raise GRPCError(
+                grpclib.const.Status.UNAVAILABLE, f"state store unavailable: {e}"
+            ) from None
         finally:
             self._opening -= 1
         logs.bind_task(epoch=session.epoch)
@@ -283,7 +309,9 @@ class NimbusService:
                 if req is None:
                     break
                 if req.ack > badinput.MAX_DELIVERY_ID:
-                    badinput.message("grpc", badinput.BAD_ACK, f"client {s.client_id}: ack {req.ack}")
+                    badinput.message(
+                        "grpc", badinput.BAD_ACK, f"client {s.client_id}: ack {req.ack}"
+                    )
                     pod.cut(s, "INVALID_ARGUMENT", "ack is not a delivery id")
                     return False
                 if req.ack:
@@ -293,21 +321,39 @@ class NimbusService:
                         pod.counters.inc("server.rate_limited")
                         why = f"over the event rate limit ({limiter.rate:g}/s per client); retry later"
                         if s.protocol >= 2:
-                            pod.refuse(s, req, UNAVAILABLE, why)  # per event: the client library retries it
+                            pod.refuse(
+                                s, req, UNAVAILABLE, why
+                            )  # per event: the client library retries it
                             continue
-                        pod.cut(s, "RESOURCE_EXHAUSTED", why)  # the original's client has no per-event errors
+                        pod.cut(
+                            s, "RESOURCE_EXHAUSTED", why
+                        )  # the original's client has no per-event errors
                         return False
                     if not pod.submit(s, req):
                         await trio_asyncio.trio_as_aio(pod.submit_wait)(s, req)
         except Refusal as e:
-            pod.counters.inc("server.message_too_large" if isinstance(e, MessageTooLarge) else "server.refused_request")
-            badinput.message("grpc", badinput.TOO_LARGE if isinstance(e, MessageTooLarge) else badinput.MALFORMED_MESSAGE, f"client {s.client_id}: {e.message}"[:300])
+            pod.counters.inc(
+                "server.message_too_large"
+                if isinstance(e, MessageTooLarge)
+                else "server.refused_request"
+            )
+            badinput.message(
+                "grpc",
+                badinput.TOO_LARGE
+                if isinstance(e, MessageTooLarge)
+                else badinput.MALFORMED_MESSAGE,
+                f"client {s.client_id}: {e.message}"[:300],
+            )
             pod.cut(s, e.status, e.message)
             return False
         except (StreamTerminatedError, GRPCError, ConnectionError):
             return True
         except Exception as e:  # noqa: BLE001 - a message that could not be framed or decoded
-            badinput.message("grpc", badinput.MALFORMED_MESSAGE, f"client {s.client_id}: {type(e).__name__}: {e}"[:300])
+            badinput.message(
+                "grpc",
+                badinput.MALFORMED_MESSAGE,
+                f"client {s.client_id}: {type(e).__name__}: {e}"[:300],
+            )
             pod.cut(s, "INVALID_ARGUMENT", "malformed message")
             return False
         return False
@@ -323,7 +369,9 @@ class NimbusService:
             while True:
                 data, n, ids, close = _take_batch(outbox, await outbox.get())
                 if n:
-                    need = min(len(data), WRITE_BATCH_BYTES)  # always reachable: the window is >= 64 KiB
+                    need = min(
+                        len(data), WRITE_BATCH_BYTES
+                    )  # always reachable: the window is >= 64 KiB
                     if not _writable(h2, need):
                         # The client is not reading (fast enough). Wait for room without starting
                         # the write, so that a cut can still end the stream with a status
@@ -401,7 +449,11 @@ def _contain_connection_errors(loop: asyncio.AbstractEventLoop) -> None:
         proto = getattr(proto, "_app_protocol", proto)  # over TLS: asyncio's SSLProtocol wraps it
         if isinstance(proto, H2Protocol):
             exc = context.get("exception")
-            badinput.message("grpc", badinput.PROTOCOL_ERROR, f"connection closed: {type(exc).__name__}: {exc}"[:300])
+            badinput.message(
+                "grpc",
+                badinput.PROTOCOL_ERROR,
+                f"connection closed: {type(exc).__name__}: {exc}"[:300],
+            )
             return
         loop.default_exception_handler(context)
 
@@ -420,7 +472,7 @@ async def serve_grpc(
     server = Server(services)
     _contain_connection_errors(trio_asyncio.current_loop.get())
     await trio_asyncio.aio_as_trio(server.start)(host, port, ssl=ssl_context)
-    sockets = server._server.sockets if server._server else []  # noqa: SLF001
+    sockets = getattr(server._server, "sockets", None) or []  # an asyncio.Server
     bound = sockets[0].getsockname()[1] if sockets else port
     try:
         yield server, bound
@@ -446,8 +498,13 @@ async def run_server(
         async with serve_grpc(pod, settings.host, settings.port, ssl_context) as (_, port):
             logger.info(
                 "doorman listening on {}:{} (pod channel {}; auth {}, TLS {})",
-                settings.host, port, settings.pod_channel, settings.auth,
-                "off" if ssl_context is None else ("mutual" if settings.tls_client_ca_file else "on"),
+                settings.host,
+                port,
+                settings.pod_channel,
+                settings.auth,
+                "off"
+                if ssl_context is None
+                else ("mutual" if settings.tls_client_ca_file else "on"),
             )
             for warning in exposure_warnings(settings):
                 logger.warning("{}", warning)
@@ -469,7 +526,11 @@ async def main_async(settings: Settings) -> None:
     async with trio_asyncio.open_loop():
         async with open_engine(settings) as engine:
             await ensure_topics(engine.log, settings)
-            await run_with_signals(lambda task_status: run_server(settings, engine.log, engine.state, task_status=task_status))
+            await run_with_signals(
+                lambda task_status: run_server(
+                    settings, engine.log, engine.state, task_status=task_status
+                )
+            )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,7 +28,9 @@ from nimbus.subscriptions import listen
 
 
 class StatusManager:
-    def __init__(self, settings: Settings, state: StateStore, counters: Counters | None = None) -> None:
+    def __init__(
+        self, settings: Settings, state: StateStore, counters: Counters | None = None
+    ) -> None:
         self.s = settings
         self.state = state
         self.counters = counters or Counters()
@@ -82,12 +84,16 @@ class StatusManager:
         for cid in done:
             ack_ns = acks.get(cid, 0)
             after = f", {(now - ack_ns) / 1e6:.1f} ms after the last ack" if ack_ns else ""
-            logs.for_client(cid).info("client {} is LIVE again (backlog acknowledged{})", cid, after)
+            logs.for_client(cid).info(
+                "client {} is LIVE again (backlog acknowledged{})", cid, after
+            )
         if done:
             self.counters.inc("status.flips", len(done))
             try:
                 # Observers (the chaos harness, the admin view) learn of flips here.
-                await self.state.publish([(FLIPS, f"{cid}\t{acks.get(cid, 0)}\t{now}".encode()) for cid in done])
+                await self.state.publish(
+                    [(FLIPS, f"{cid}\t{acks.get(cid, 0)}\t{now}".encode()) for cid in done]
+                )
             except EngineError as e:
                 logger.warning("status manager: {}", e)
         return len(done)

@@ -37,6 +37,8 @@ async def listen(
                     await handle(payload)
             return
         except StateUnavailable as e:
-            logger.warning("subscription to {} lost ({}); resubscribing in {:.1f}s", channel, e, backoff)
+            logger.warning(
+                "subscription to {} lost ({}); resubscribing in {:.1f}s", channel, e, backoff
+            )
             await trio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)

@@ -7,9 +7,13 @@ import time
 from nimbus.messages import LogEntry
 
 
-def step(log: LogEntry, service: str, instance: str, method: str, message: str = "", **metadata: object) -> None:
+def step(
+    log: LogEntry, service: str, instance: str, method: str, message: str = "", **metadata: object
+) -> None:
     """Append one step to `log` (in place)."""
-    s = log.steps.add(service_name=service, instance_id=instance, method_name=method, message=message)
+    s = log.steps.add(
+        service_name=service, instance_id=instance, method_name=method, message=message
+    )
     ns = time.time_ns()
     ts = s.timestamp  # set directly: Timestamp.FromNanoseconds is pure Python (well_known_types)
     ts.seconds = ns // 1_000_000_000
@@ -23,5 +27,6 @@ def encoded_step(service: str, instance: str, method: str, **metadata: object) -
     fields concatenate on the wire), it is that log with the step added. For hops that write
     many responses at once, the step is encoded once for all of them."""
     one = LogEntry()
-    step(one, service, instance, method, **metadata)
-    return one.SerializeToString()
+    step(one, service, instance, method, "", **metadata)
+    out: bytes = one.SerializeToString()
+    return out

@@ -249,7 +249,9 @@ class WebView:
             "topic_rates": {
                 "ingested into events topic": r.get(f"end:{s.kafka_events_topic}", 0.0),
                 "consumed by event consumer": r.get(f"committed:{s.kafka_events_topic}", 0.0),
-                "results records written (packs of results)": r.get(f"end:{s.kafka_results_topic}", 0.0),
+                "results records written (packs of results)": r.get(
+                    f"end:{s.kafka_results_topic}", 0.0
+                ),
                 "routed (router commits)": r.get(f"committed:{s.kafka_results_topic}", 0.0),
                 "DLQ records written (packs of results)": r.get(f"end:{s.kafka_dlq_topic}", 0.0),
             },

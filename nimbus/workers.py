@@ -42,13 +42,21 @@ async def run_workers(
             if "events" in roles:
                 await nursery.start(EventConsumer(settings, log, counters).run)
             if "results" in roles:
-                await nursery.start(metrics.watched_obj(ResultRouter(settings, log, state, counters)).run)
+                await nursery.start(
+                    metrics.watched_obj(ResultRouter(settings, log, state, counters)).run
+                )
             if "replay" in roles:
-                await nursery.start(metrics.watched_obj(ReplayService(settings, log, state, counters)).run)
+                await nursery.start(
+                    metrics.watched_obj(ReplayService(settings, log, state, counters)).run
+                )
             if "status" in roles:
                 await nursery.start(StatusManager(settings, state, counters).run)
             sampler = metrics.Sampler(
-                log, state, settings.metrics_interval_ms / 1000, clients="status" in roles, dlq_topic=settings.kafka_dlq_topic
+                log,
+                state,
+                settings.metrics_interval_ms / 1000,
+                clients="status" in roles,
+                dlq_topic=settings.kafka_dlq_topic,
             )
             nursery.start_soon(sampler.run)
             task_status.started()
@@ -69,13 +77,20 @@ async def main_async(settings: Settings, roles: tuple[str, ...]) -> None:
     async with trio_asyncio.open_loop(), open_engine(settings) as engine:
         await ensure_topics(engine.log, settings)
         await run_with_signals(
-            lambda task_status: run_workers(settings, engine.log, engine.state, roles, task_status=task_status)
+            lambda task_status: run_workers(
+                settings, engine.log, engine.state, roles, task_status=task_status
+            )
         )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nimbus.workers", description=__doc__)
-    parser.add_argument("--roles", type=parse_roles, default=ROLES, help=f"comma list of {', '.join(ROLES)} (default: all)")
+    parser.add_argument(
+        "--roles",
+        type=parse_roles,
+        default=ROLES,
+        help=f"comma list of {', '.join(ROLES)} (default: all)",
+    )
     args = parser.parse_args(argv)
     run_process("nimbus.workers", "workers", main_async, args.roles)
 

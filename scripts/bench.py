@@ -125,7 +125,10 @@ def broker_cpu() -> dict[str, float]:
     brokers this script did not start)."""
     local = Path(os.environ.get("NIMBUS_LOCAL_DIR", ROOT / ".local"))
     out: dict[str, float] = {}
-    for name, pid_file in (("kafka", local / "kafka" / "kafka.pid"), ("redis", local / "redis" / "redis.pid")):
+    for name, pid_file in (
+        ("kafka", local / "kafka" / "kafka.pid"),
+        ("redis", local / "redis" / "redis.pid"),
+    ):
         try:
             pid = int(pid_file.read_text().strip())
         except (OSError, ValueError):
@@ -350,7 +353,11 @@ def parse_perf(text: str, consume: bool) -> dict[str, float]:
 
 
 async def limits(
-    args: argparse.Namespace, kafka: str, redis: str, sizes: dict[str, int], paced_rate: float = 1000
+    args: argparse.Namespace,
+    kafka: str,
+    redis: str,
+    sizes: dict[str, int],
+    paced_rate: float = 1000,
 ) -> dict[str, Any]:
     n = args.limit_count
     out: dict[str, Any] = {}
@@ -426,6 +433,7 @@ async def limits(
         out["kafka_perf_consume"] = {"rate": 0.0, "error": str(e)[:300]}
     say(f"  {out['kafka_perf_consume']['rate']:,.0f} records/s")
     say(f"limit: kafka-python produce->consume round trip, {n} records of {sizes['event']} B")
+
     def kafka_rtt(topic: str, count: int, *extra: str) -> list[str]:
         return [
             PY, "scripts/bench_limits.py", "kafka-rtt", "--brokers", kafka, "--topic", topic,
@@ -435,7 +443,9 @@ async def limits(
 
     out["kafka_python_rtt"] = await run_json(kafka_rtt(f"{args.prefix}-rtt", n), 300)
     say(f"  {out['kafka_python_rtt']['rate']:,.0f} records/s")
-    say(f"limit: one kafka-python hop's latency, paced at {paced_rate:,.0f} records/s (the 50% run's rate; 1,000/s without a live phase)")
+    say(
+        f"limit: one kafka-python hop's latency, paced at {paced_rate:,.0f} records/s (the 50% run's rate; 1,000/s without a live phase)"
+    )
     out["kafka_python_hop_paced"] = await run_json(
         kafka_rtt(f"{args.prefix}-hop", int(paced_rate * 5), "--rate", str(paced_rate)), 300
     )
@@ -678,7 +688,9 @@ async def make_backlog(fleet: Fleet, redis: str, ids: list[str], per_client: int
             if isinstance(n, Receipted):
                 last[cid] = max(last.get(cid, 0), n.delivery_id)
 
-        async with open_client([fleet.targets[i % 2]], cid, max_pending=5000, on_event=on_event) as c:
+        async with open_client(
+            [fleet.targets[i % 2]], cid, max_pending=5000, on_event=on_event
+        ) as c:
             for n in range(1, per_client + 1):
                 # Within sq's range (the result is an int32): every replayed result is a result,
                 # not an OUT_OF_RANGE error (a 100,000 backlog of 1..n was half errors).
@@ -701,7 +713,11 @@ async def make_backlog(fleet: Fleet, redis: str, ids: list[str], per_client: int
         with trio.fail_after(600):
             while True:
                 recs = await state.get_many(ids)
-                done = sum(1 for cid, r in zip(ids, recs, strict=True) if r is not None and r.dlq_written >= last[cid])
+                done = sum(
+                    1
+                    for cid, r in zip(ids, recs, strict=True)
+                    if r is not None and r.dlq_written >= last[cid]
+                )
                 if done == len(ids):
                     break
                 say(f"  clients with their whole backlog in the DLQ: {done:,}/{len(ids):,}")
@@ -1586,7 +1602,11 @@ def render(res: dict[str, Any]) -> str:
                 f" {rtt1:.2f} s at the default window and {rtt5:.2f} s at 5x."
                 if x5["results_per_s"] >= 3 * one["results_per_s"]
                 else "- So the window bounds it"
-                + (" only in part" if x5["results_per_s"] >= 1.2 * one["results_per_s"] else " no more")
+                + (
+                    " only in part"
+                    if x5["results_per_s"] >= 1.2 * one["results_per_s"]
+                    else " no more"
+                )
                 + f" (a 5x window gave {x5['results_per_s'] / one['results_per_s']:.1f}x), and the stream itself does not:"
                 " a grpclib echo on one stream under trio, no Nimbus logic, moved"
                 f" {lim.get('grpc_echo_1stream', {}).get('rate', 0):,.0f} messages/s each way; the replay"

@@ -158,7 +158,9 @@ def kafka_rtt(args: argparse.Namespace) -> None:
         extra = {
             "paced_rate": args.rate,
             "latency_ms": {
-                q: latencies[min(len(latencies) - 1, int(len(latencies) * f))] * 1e3 if latencies else 0.0
+                q: latencies[min(len(latencies) - 1, int(len(latencies) * f))] * 1e3
+                if latencies
+                else 0.0
                 for q, f in (("p50", 0.5), ("p99", 0.99), ("max", 1.0))
             },
         }
@@ -455,7 +457,9 @@ def chain_worker(args: argparse.Namespace) -> None:
                 stats["publishes"] += 1
                 stats["max_deliveries"] = max(stats["max_deliveries"], n)
 
-            async def publish_batches(recv: trio.MemoryReceiveChannel[list[KafkaEventResponse]]) -> None:
+            async def publish_batches(
+                recv: trio.MemoryReceiveChannel[list[KafkaEventResponse]],
+            ) -> None:
                 async with recv:
                     while True:
                         t = trio.current_time()
@@ -476,9 +480,14 @@ def chain_worker(args: argparse.Namespace) -> None:
                                 await window.acquire()
                                 stats["window_wait_s"] += trio.current_time() - t
                             d = msg.deliveries.add(
-                                client_id=r.client_id, epoch=1, delivery_id=r.delivery_id, token=r.delivery_id
+                                client_id=r.client_id,
+                                epoch=1,
+                                delivery_id=r.delivery_id,
+                                token=r.delivery_id,
                             )
-                            resp = d.response  # the fields nimbus/router.py pod_messages copies; no checks/trace
+                            resp = (
+                                d.response
+                            )  # the fields nimbus/router.py pod_messages copies; no checks/trace
                             resp.event_name = r.event_name
                             resp.number = r.number
                             resp.result = r.result
@@ -551,7 +560,9 @@ def chain_pod(args: argparse.Namespace) -> None:
                     msg = await outbox.get()
                     ds = msg.deliveries
                     await grpcwire.server_send(
-                        stream, grpcwire.frame([d.response.SerializeToString() for d in ds]), len(ds)
+                        stream,
+                        grpcwire.frame([d.response.SerializeToString() for d in ds]),
+                        len(ds),
                     )
 
             await stream.send_initial_metadata()  # the client starts the worker once it has this
@@ -626,9 +637,13 @@ class _Child:
             try:
                 line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise RuntimeError(f"replay-chain {self.name}: no {prefix!r} within {timeout:.0f} s") from None
+                raise RuntimeError(
+                    f"replay-chain {self.name}: no {prefix!r} within {timeout:.0f} s"
+                ) from None
             if line is None:
-                raise RuntimeError(f"replay-chain {self.name} exited (rc {self.p.wait()}) before {prefix!r}")
+                raise RuntimeError(
+                    f"replay-chain {self.name} exited (rc {self.p.wait()}) before {prefix!r}"
+                )
             if line.startswith(prefix):
                 return line
 
@@ -768,7 +783,10 @@ def _replay_chain_run(args: argparse.Namespace, client_id: str) -> None:
                         if line is None:
                             raise RuntimeError("replay-chain worker exited before all acks")
                         if line.startswith("done"):
-                            marks["pod1"], marks["worker1"] = _proc_cpu(pod.p.pid), _proc_cpu(worker.p.pid)
+                            marks["pod1"], marks["worker1"] = (
+                                _proc_cpu(pod.p.pid),
+                                _proc_cpu(worker.p.pid),
+                            )
                             marks["brokers1"] = _broker_cpu()
                             marks["worker_stats"] = json.loads(line[4:])
                             break
@@ -824,7 +842,10 @@ def main() -> None:
     k.add_argument("--size", type=int, default=120)
     k.add_argument("--linger-ms", type=int, default=2)
     k.add_argument(
-        "--rate", type=float, default=0.0, help="paced records/s: report one hop's latency (0: as fast as possible)"
+        "--rate",
+        type=float,
+        default=0.0,
+        help="paced records/s: report one hop's latency (0: as fast as possible)",
     )
     r = sub.add_parser("redis-pubsub")
     r.add_argument("--redis", required=True)
@@ -839,9 +860,13 @@ def main() -> None:
     c = sub.add_parser("replay-chain")
     c.add_argument("--brokers", required=True)
     c.add_argument("--redis", required=True)
-    c.add_argument("--topic", required=True, help="created with 1 partition if missing; should be fresh")
+    c.add_argument(
+        "--topic", required=True, help="created with 1 partition if missing; should be fresh"
+    )
     c.add_argument("--count", type=int, default=100_000)
-    c.add_argument("--window", type=int, default=2000, help="as NIMBUS_REPLAY_WINDOW (default 2000)")
+    c.add_argument(
+        "--window", type=int, default=2000, help="as NIMBUS_REPLAY_WINDOW (default 2000)"
+    )
     c.add_argument("--ack-every", type=int, default=100)
     c.add_argument("--max-records", type=int, default=2000, help="records per Kafka poll")
     c.add_argument("--timeout", type=float, default=180, help="seconds for the timed part")

@@ -645,7 +645,12 @@ class Clients:
                 did = res.delivery_id
                 r.results.append(
                     Got(
-                        did, res.number, res.result, res.seq, _error_text(res), elapsed(),
+                        did,
+                        res.number,
+                        res.result,
+                        res.seq,
+                        _error_text(res),
+                        elapsed(),
                         time.time_ns(),
                     )
                 )

@@ -111,7 +111,9 @@ class RateLimiter:
             await trio.sleep_until(slot)
 
 
-def record_stages(run: ClientRun, steps: list[tuple[str, float]], sent: float, received: float) -> None:
+def record_stages(
+    run: ClientRun, steps: list[tuple[str, float]], sent: float, received: float
+) -> None:
     """Time spent between consecutive trace steps of one result (wall clocks, one machine);
     `steps` as `Result.trace()` gives them."""
     prev_name, prev = "client send", sent

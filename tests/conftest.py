@@ -61,4 +61,6 @@ def unique() -> str:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Run the chaos test last: it SIGKILLs and restarts the shared Kafka broker and redis-server,
     and tests that start right after a broker restart were seen to wait on consumer-group joins."""
-    items.sort(key=lambda item: item.module is not None and item.module.__name__.endswith("test_chaos"))
+    items.sort(
+        key=lambda item: item.module is not None and item.module.__name__.endswith("test_chaos")
+    )

@@ -35,7 +35,13 @@ class Cluster:
         """Start one more doorman pod; returns its port."""
         i = len(self.ports)
         s = config.load(
-            env={}, dotenv=False, **{**_fields(self.settings), "redis_events_channel": name or f"{self.settings.redis_events_channel}-pod{i}", "port": 0}
+            env={},
+            dotenv=False,
+            **{
+                **_fields(self.settings),
+                "redis_events_channel": name or f"{self.settings.redis_events_channel}-pod{i}",
+                "port": 0,
+            },
         )
         scope = trio.CancelScope()
 
@@ -52,7 +58,9 @@ class Cluster:
         self.pod_scopes[i].cancel()
 
 
-def real_engine(kafka_brokers: str, redis_address: str, unique: str, partitions: int = 4) -> dict[str, Any]:
+def real_engine(
+    kafka_brokers: str, redis_address: str, unique: str, partitions: int = 4
+) -> dict[str, Any]:
     """open_cluster keywords for the real brokers, on topics and a Redis namespace of this test."""
     return {
         "engine": "real",
@@ -75,7 +83,9 @@ def _fields(s: Settings) -> dict[str, Any]:
 async def open_cluster(
     *, pods: int = 1, engine: str = "memory", roles: tuple[str, ...] = ROLES, **overrides: Any
 ) -> AsyncIterator[Cluster]:
-    settings = config.load(env={}, dotenv=False, engine=engine, port=0, host="127.0.0.1", **overrides)
+    settings = config.load(
+        env={}, dotenv=False, engine=engine, port=0, host="127.0.0.1", **overrides
+    )
     async with open_engine(settings) as eng, trio.open_nursery() as nursery:
         await ensure_topics(eng.log, settings)
         c = Cluster(settings, eng, nursery)

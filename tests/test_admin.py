@@ -168,6 +168,8 @@ async def test_the_command_on_real_brokers(
         rows = json.loads(out)
         assert sum(r["end"] for r in rows if r["topic"] == f"events-{unique}") == 20
         assert all(r["lag"] == 0 for r in rows if r["group"])
-        assert 1 <= sum(r["end"] for r in rows if r["topic"] == f"dlq-{unique}") <= 20  # records, packed
+        assert (
+            1 <= sum(r["end"] for r in rows if r["topic"] == f"dlq-{unique}") <= 20
+        )  # records, packed
         code, out = await cmd("lags")
         assert code == 0 and f"events-{unique}" in out

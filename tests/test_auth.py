@@ -326,7 +326,10 @@ async def test_one_client_cannot_receive_anothers_results(
             await wait_status(c, alice, Status.OFFLINE)
             # Her record settles once all 20 results are in the DLQ (routing goes on after she
             # left); only then is it a fair "before".
-            while (before := await c.engine.state.get(alice)) is None or before.dlq_written < last_id:  # noqa: ASYNC110
+            while True:
+                before = await c.engine.state.get(alice)
+                if before is not None and before.dlq_written >= last_id:
+                    break
                 await trio.sleep(0.05)
             produced = sum((await c.engine.log.end_offsets(c.settings.kafka_events_topic)).values())
 

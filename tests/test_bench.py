@@ -83,8 +83,14 @@ def test_stages_from_trace() -> None:
         st.timestamp.seconds, st.timestamp.nanos = divmod(ns, 1_000_000_000)
     r = Result(5, "sq", 3, 9, None, None, 2, _log_wire=log)
     steps = r.trace()
-    assert [n for n, _ in steps] == ["server/ProcessEvent", "event-consumer/compute", "server/deliver"]
-    assert r.trace() == [(n, t) for n, t in Result(5, "sq", 3, 9, None, r.log, 2).trace()]  # both forms
+    assert [n for n, _ in steps] == [
+        "server/ProcessEvent",
+        "event-consumer/compute",
+        "server/deliver",
+    ]
+    assert r.trace() == [
+        (n, t) for n, t in Result(5, "sq", 3, 9, None, r.log, 2).trace()
+    ]  # both forms
     load_client.record_stages(run, steps, sent=100.0, received=100.035)
     s = load_client.stage_summary([run])
     assert list(s) == [
@@ -94,7 +100,9 @@ def test_stages_from_trace() -> None:
         "server/deliver -> client receive",
         load_client.INSIDE,
     ]
-    assert s["server/ProcessEvent -> event-consumer/compute"]["p50"] == pytest.approx(20.0, abs=0.01)
+    assert s["server/ProcessEvent -> event-consumer/compute"]["p50"] == pytest.approx(
+        20.0, abs=0.01
+    )
     assert s[load_client.INSIDE]["p50"] == pytest.approx(22.5, abs=0.01)
     assert s["server/deliver -> client receive"]["n"] == 1
 
@@ -130,14 +138,25 @@ ONE = {
 def test_replay_cpu_by_role() -> None:
     got = bench.replay_cpu_by_role(ONE)
     # pods summed, workers summed; brokers from utilisation x seconds; the client is the rest
-    assert got == {"pod": 40.0, "worker": 60.0, "status": 1.0, "kafka": 5.0, "redis": 3.0, "client": 41.0}
+    assert got == {
+        "pod": 40.0,
+        "worker": 60.0,
+        "status": 1.0,
+        "kafka": 5.0,
+        "redis": 3.0,
+        "client": 41.0,
+    }
     assert bench.replay_cpu_by_role({"received": 0}) == {}
 
 
 def test_replay_limit_uses_the_chain_for_one_client_only() -> None:
     lim = {"kafka_perf_consume": {"rate": 200_000.0}, "replay_chain": CHAIN}
     text, rate = bench.replay_limit("one", lim)
-    assert rate == 25_000.0 and text.startswith("25,000 (replay chain") and "Kafka consume 200,000" in text
+    assert (
+        rate == 25_000.0
+        and text.startswith("25,000 (replay chain")
+        and "Kafka consume 200,000" in text
+    )
     assert bench.ratio(ONE["results_per_s"], rate) == "40%"
     assert bench.replay_limit("one_window_x5", lim)[1] == 25_000.0
     assert bench.replay_limit("many", lim) == ("200,000 (Kafka consume)", 200_000.0)
@@ -149,12 +168,18 @@ def test_replay_limit_uses_the_chain_for_one_client_only() -> None:
 
 def test_chain_limits_row() -> None:
     assert bench.chain_limits_row(None) == "| replay_chain | - | - | not measured in this run |"
-    assert "failed: RuntimeError: boom" in bench.chain_limits_row({"rate": 0.0, "error": "RuntimeError: boom"})
+    assert "failed: RuntimeError: boom" in bench.chain_limits_row(
+        {"rate": 0.0, "error": "RuntimeError: boom"}
+    )
     row = bench.chain_limits_row(CHAIN)
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:2] == ["replay_chain", "25,000"]
     assert cells[2].startswith("50 (worker 25 / pod 15 / client 10; brokers kafka 3 / redis 2)")
-    assert "window 2,000" in cells[3] and "acks every 100" in cells[3] and "no Nimbus logic" in cells[3]
+    assert (
+        "window 2,000" in cells[3]
+        and "acks every 100" in cells[3]
+        and "no Nimbus logic" in cells[3]
+    )
 
 
 def test_chain_comparison_follows_the_numbers() -> None:
@@ -164,12 +189,24 @@ def test_chain_comparison_follows_the_numbers() -> None:
     assert "**25,000 results/s**" in text and "50 µs of CPU per result in its processes" in text
     assert "the brokers' 5 more" in text
     # Nimbus: 150 µs for the whole machine, 142 without its brokers (8), vs the chain's 50
-    assert "40% of the chain's rate" in text and "142 in its processes and the client: 2.8x the chain's 50" in text
-    assert "worker 60 vs 25 (2.4x)" in text and "pod 40 vs 15 (2.7x)" in text and "client 41 vs 10 (4.1x)" in text
+    assert (
+        "40% of the chain's rate" in text
+        and "142 in its processes and the client: 2.8x the chain's 50" in text
+    )
+    assert (
+        "worker 60 vs 25 (2.4x)" in text
+        and "pod 40 vs 15 (2.7x)" in text
+        and "client 41 vs 10 (4.1x)" in text
+    )
     assert "adds 92 µs per result, the most in the worker (+35)" in text
-    assert reach.startswith("- So 20,000 results/s is within the stack's reach") and "not within" not in reach
+    assert (
+        reach.startswith("- So 20,000 results/s is within the stack's reach")
+        and "not within" not in reach
+    )
     assert "what keeps Nimbus below it" in reach
-    assert "at most 40,000 results/s" in reach and "36,364 with the brokers" in reach  # 2 CPUs / 50, / 55 µs
+    assert (
+        "at most 40,000 results/s" in reach and "36,364 with the brokers" in reach
+    )  # 2 CPUs / 50, / 55 µs
     assert "bound by waiting" not in reach
     # below the target although its CPU would allow it: bound by waiting, with the worker's waits
     slow = {
@@ -180,7 +217,10 @@ def test_chain_comparison_follows_the_numbers() -> None:
     assert "(load average 3.5 at its start)" in text
     assert reach.startswith("- So in this run 20,000 results/s was not within the stack's reach")
     assert "only 19,999/s" in reach and "what keeps Nimbus" not in reach
-    assert "bound by waiting, not by its own CPU" in reach and "waited 3.0 s for PUBLISH replies" in reach
+    assert (
+        "bound by waiting, not by its own CPU" in reach
+        and "waited 3.0 s for PUBLISH replies" in reach
+    )
     # below the target and its CPU would not allow more: no waiting claim
     costly = {**slow, "all_cpu_us_per_msg": 120.0}
     reach = bench.chain_comparison(ONE, costly, 2)[1]

@@ -1249,7 +1249,9 @@ async def test_receive_takes_queued_results_fairly_and_a_cancel_loses_none() -> 
         ticks = 0
         got = [(await c.receive()).number for _ in range(8 * _YIELD_EVERY)]
         assert got == list(range(8 * _YIELD_EVERY))
-        assert 6 <= ticks <= 8 * _YIELD_EVERY // 4, ticks  # ran about every _YIELD_EVERY, not every result
+        assert 6 <= ticks <= 8 * _YIELD_EVERY // 4, (
+            ticks
+        )  # ran about every _YIELD_EVERY, not every result
         with trio.CancelScope() as scope:
             scope.cancel()
             await c.receive()

@@ -20,14 +20,23 @@ def test_defaults_are_the_originals() -> None:
     assert s.redis_address == "localhost:6379"
     assert s.kafka_brokers == "localhost:9092"
     assert (s.kafka_events_topic, s.kafka_results_topic, s.kafka_dlq_topic) == (
-        "events-v1-topic", "results-v1-topic", "dlq-v1-topic",
+        "events-v1-topic",
+        "results-v1-topic",
+        "dlq-v1-topic",
     )
     assert s.shutdown_timeout_sec == 15
     assert s.pod_channel.startswith("events_results_")
 
 
 def test_environment_overrides() -> None:
-    s = config.load(env={"NIMBUS_PORT": "6000", "NIMBUS_REDIS_EVENTS_CHANNEL": "pod-7", "NIMBUS_ENGINE": "memory"}, dotenv=False)
+    s = config.load(
+        env={
+            "NIMBUS_PORT": "6000",
+            "NIMBUS_REDIS_EVENTS_CHANNEL": "pod-7",
+            "NIMBUS_ENGINE": "memory",
+        },
+        dotenv=False,
+    )
     assert (s.port, s.pod_channel, s.engine) == (6000, "pod-7", "memory")
 
 
@@ -47,7 +56,9 @@ def test_invalid_values_name_the_variable(var: str, value: str, fragment: str) -
     assert var in str(e.value) and fragment in str(e.value)
 
 
-def test_dotenv_file_is_read_and_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dotenv_file_is_read_and_environment_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / ".env").write_text('NIMBUS_PORT=7001\nNIMBUS_KAFKA_DLQ_TOPIC="dlq-x"\n')
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NIMBUS_PORT", "7002")
@@ -58,7 +69,14 @@ def test_dotenv_file_is_read_and_environment_wins(tmp_path: Path, monkeypatch: p
 @pytest.mark.parametrize("module", ["nimbus", "nimbus.server", "nimbus.workers"])
 def test_processes_exit_2_on_bad_config(module: str) -> None:
     env = {**os.environ, "NIMBUS_PORT": "not-a-port"}
-    p = subprocess.run([sys.executable, "-m", module], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    p = subprocess.run(
+        [sys.executable, "-m", module],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert p.returncode == 2, p.stderr
     assert "NIMBUS_PORT" in p.stderr
 

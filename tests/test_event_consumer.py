@@ -18,7 +18,12 @@ async def with_events(**settings: object) -> tuple[config.Settings, MemoryLog]:
     log = MemoryLog()
     await log.ensure_topics(list(s.topics), s.kafka_partitions)
     events = [
-        (cid.encode(), KafkaEventRequest(event_name="sq", number=n, client_id=cid, redis_channel="p", epoch=1, seq=n).SerializeToString())
+        (
+            cid.encode(),
+            KafkaEventRequest(
+                event_name="sq", number=n, client_id=cid, redis_channel="p", epoch=1, seq=n
+            ).SerializeToString(),
+        )
         for n in range(1, 21)
         for cid in ("alice", "bob")
     ]

@@ -48,7 +48,9 @@ async def send_and_leave(port: int, cid: str, numbers: range) -> None:
                 receipts += 1
 
 
-async def test_hole1_results_for_a_client_that_dropped_are_not_lost(engine: dict[str, Any], unique: str) -> None:
+async def test_hole1_results_for_a_client_that_dropped_are_not_lost(
+    engine: dict[str, Any], unique: str
+) -> None:
     """Original: the result consumer commits after PUBLISH; a pod without the stream drops it."""
     cid = f"h1-{unique}"
     with trio.fail_after(90):
@@ -59,7 +61,9 @@ async def test_hole1_results_for_a_client_that_dropped_are_not_lost(engine: dict
             assert [r.number for r in got] == list(range(1, 51))
 
 
-async def test_hole2_one_clients_replay_never_consumes_anothers_backlog(engine: dict[str, Any], unique: str) -> None:
+async def test_hole2_one_clients_replay_never_consumes_anothers_backlog(
+    engine: dict[str, Any], unique: str
+) -> None:
     """Original: the replay commits one offset per DLQ partition for all clients, so A's acks
     mark B's undelivered messages on the same partition consumed."""
     a, b = same_partition_ids(f"h2-{unique}", engine.get("kafka_partitions", 8), 2)
@@ -80,7 +84,9 @@ async def test_hole2_one_clients_replay_never_consumes_anothers_backlog(engine: 
             assert [r.number for r in got_b] == list(range(2, 31, 2))
 
 
-async def test_hole3_result_for_an_old_pod_reaches_the_client_on_its_new_pod(engine: dict[str, Any], unique: str) -> None:
+async def test_hole3_result_for_an_old_pod_reaches_the_client_on_its_new_pod(
+    engine: dict[str, Any], unique: str
+) -> None:
     """Original: a LIVE client whose result names its old pod is diverted to the DLQ, which only
     replays REPLAYING clients: stranded. Here results carry pod0 (where the events came from)
     while the client is LIVE on pod1."""
@@ -94,12 +100,16 @@ async def test_hole3_result_for_an_old_pod_reaches_the_client_on_its_new_pod(eng
                 from nimbus.router import ResultRouter
 
                 c.nursery.start_soon(EventConsumer(c.settings, c.engine.log, c.counters).run)
-                c.nursery.start_soon(ResultRouter(c.settings, c.engine.log, c.engine.state, c.counters).run)
+                c.nursery.start_soon(
+                    ResultRouter(c.settings, c.engine.log, c.engine.state, c.counters).run
+                )
                 got = await st.results(20)
             assert [r.number for r in got] == list(range(1, 21))
 
 
-async def test_hole4_nothing_lands_in_the_dlq_behind_a_live_client(engine: dict[str, Any], unique: str) -> None:
+async def test_hole4_nothing_lands_in_the_dlq_behind_a_live_client(
+    engine: dict[str, Any], unique: str
+) -> None:
     """Original: check-then-set; a result routed to the DLQ between the lag check and SET LIVE
     lands behind a LIVE client. Here the route decision raises routed_dlq atomically, so the
     flip waits for it."""
@@ -120,19 +130,28 @@ async def test_hole4_nothing_lands_in_the_dlq_behind_a_live_client(engine: dict[
             assert rec is not None and rec.status is Status.REPLAYING and rec.routed_dlq == 6
 
 
-async def test_hole5_replay_reads_the_partition_the_producer_wrote(engine: dict[str, Any], unique: str) -> None:
+async def test_hole5_replay_reads_the_partition_the_producer_wrote(
+    engine: dict[str, Any], unique: str
+) -> None:
     """Original: the lag check hashed with FNV-1a while the producer used murmur2."""
     with trio.fail_after(60):
         async with cluster(engine, roles=()) as c:
             log = c.engine.log
             ids = [f"h5-{unique}-{i}" for i in range(40)]
-            written = await log.producer.send_batch(c.settings.kafka_dlq_topic, [(i.encode(), b"x") for i in ids])
+            written = await log.producer.send_batch(
+                c.settings.kafka_dlq_topic, [(i.encode(), b"x") for i in ids]
+            )
             for cid, w in zip(ids, written, strict=True):
-                assert log.producer.partition_for(c.settings.kafka_dlq_topic, cid.encode()) == w.partition
+                assert (
+                    log.producer.partition_for(c.settings.kafka_dlq_topic, cid.encode())
+                    == w.partition
+                )
                 assert partition_for(cid.encode(), c.settings.kafka_partitions) == w.partition
 
 
-async def test_hole6_replaying_client_goes_live_under_steady_traffic_from_others(engine: dict[str, Any], unique: str) -> None:
+async def test_hole6_replaying_client_goes_live_under_steady_traffic_from_others(
+    engine: dict[str, Any], unique: str
+) -> None:
     """Original: lags per partition, checked once a minute: with other clients busy on the same
     partition, a replaying client may never be LIVE again. Here the check is per client."""
     a, b = same_partition_ids(f"h6-{unique}", engine.get("kafka_partitions", 8), 2)
@@ -140,7 +159,10 @@ async def test_hole6_replaying_client_goes_live_under_steady_traffic_from_others
         async with cluster(engine) as c:
             await send_and_leave(c.ports[0], a, range(1, 21))
             await wait_status(c, a, Status.OFFLINE)
-            async with trio.open_nursery() as n, open_stream(c.ports[0], {"client_id": b, **P2}) as busy:
+            async with (
+                trio.open_nursery() as n,
+                open_stream(c.ports[0], {"client_id": b, **P2}) as busy,
+            ):
                 stop = trio.Event()
 
                 async def traffic() -> None:
@@ -169,7 +191,9 @@ async def test_hole6_replaying_client_goes_live_under_steady_traffic_from_others
             print(f"hole6: LIVE {took * 1000:.0f} ms after the last ack, under traffic")
 
 
-async def test_hole7_unacked_results_are_redelivered_with_the_same_ids(engine: dict[str, Any], unique: str) -> None:
+async def test_hole7_unacked_results_are_redelivered_with_the_same_ids(
+    engine: dict[str, Any], unique: str
+) -> None:
     """Original: "delivered" = handed to the send buffer. A protocol-2 result counts as delivered
     only when acked: received-but-unacked results come again after a reconnect, same ids."""
     cid = f"h7-{unique}"
@@ -185,7 +209,9 @@ async def test_hole7_unacked_results_are_redelivered_with_the_same_ids(engine: d
             assert [r.number for r in again] == list(range(1, 11))
 
 
-async def test_hole8_first_streams_end_does_not_mark_the_second_offline(engine: dict[str, Any], unique: str) -> None:
+async def test_hole8_first_streams_end_does_not_mark_the_second_offline(
+    engine: dict[str, Any], unique: str
+) -> None:
     cid = f"h8-{unique}"
     with trio.fail_after(60):
         async with cluster(engine, pods=1) as c:
@@ -269,7 +295,9 @@ async def test_a_replay_that_loses_the_state_store_is_retried_not_fatal(unique: 
             assert firsts == sorted(firsts)
 
 
-async def test_original_client_gets_results_in_order_across_a_reconnect(engine: dict[str, Any], unique: str) -> None:
+async def test_original_client_gets_results_in_order_across_a_reconnect(
+    engine: dict[str, Any], unique: str
+) -> None:
     """A client built from the original proto (no acks, no delivery ids) sends, drops before its
     results exist, and comes back on the other pod: it gets every result, in order, from the
     replay (for it, "delivered" means written to its stream)."""
@@ -285,7 +313,9 @@ async def test_original_client_gets_results_in_order_across_a_reconnect(engine: 
             from nimbus.router import ResultRouter
 
             c.nursery.start_soon(EventConsumer(c.settings, c.engine.log, c.counters).run)
-            c.nursery.start_soon(ResultRouter(c.settings, c.engine.log, c.engine.state, c.counters).run)
+            c.nursery.start_soon(
+                ResultRouter(c.settings, c.engine.log, c.engine.state, c.counters).run
+            )
             async with open_stream(c.ports[1], {"client_id": cid}) as st:
                 got = await st.results(30, ack=False)
                 await wait_status(c, cid, Status.LIVE)

@@ -24,8 +24,15 @@ ROOT = Path(__file__).resolve().parent.parent
 def stubs(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, ModuleType]:
     out = tmp_path_factory.mktemp("grpcio_stubs")
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'protocols'}", f"--python_out={out}",
-         f"--grpc_python_out={out}", str(ROOT / "protocols" / "nimbus.proto")],
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{ROOT / 'protocols'}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            str(ROOT / "protocols" / "nimbus.proto"),
+        ],
         check=True,
     )
     sys.path.insert(0, str(out))
@@ -38,7 +45,9 @@ def stubs(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, ModuleT
     return pb2, grpc_mod
 
 
-def _run_client(port: int, client_id: str, numbers: list[int], stubs: tuple[ModuleType, ModuleType]) -> list[tuple[int, int]] | tuple[str, str]:
+def _run_client(
+    port: int, client_id: str, numbers: list[int], stubs: tuple[ModuleType, ModuleType]
+) -> list[tuple[int, int]] | tuple[str, str]:
     import grpc
 
     pb2, grpc_mod = stubs
@@ -66,11 +75,15 @@ def _run_client(port: int, client_id: str, numbers: list[int], stubs: tuple[Modu
 async def test_grpcio_client_gets_results_in_order(stubs: tuple[ModuleType, ModuleType]) -> None:
     with trio.fail_after(60):
         async with trio_asyncio.open_loop(), open_cluster(pods=1) as c:
-            got = await trio.to_thread.run_sync(_run_client, c.ports[0], "grpcio-1", list(range(1, 21)), stubs)
+            got = await trio.to_thread.run_sync(
+                _run_client, c.ports[0], "grpcio-1", list(range(1, 21)), stubs
+            )
             assert got == [(n, n * n) for n in range(1, 21)]
 
 
-async def test_grpcio_missing_client_id_is_invalid_argument(stubs: tuple[ModuleType, ModuleType]) -> None:
+async def test_grpcio_missing_client_id_is_invalid_argument(
+    stubs: tuple[ModuleType, ModuleType],
+) -> None:
     with trio.fail_after(60):
         async with trio_asyncio.open_loop(), open_cluster(pods=1) as c:
             got = await trio.to_thread.run_sync(_run_client, c.ports[0], "", [1], stubs)
@@ -86,14 +99,18 @@ async def test_grpcio_health_and_reflection(stubs: tuple[ModuleType, ModuleType]
         from grpclib.reflection.v1alpha import reflection_pb2 as refl
 
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            check_call = ch.unary_unary("/grpc.health.v1.Health/Check", request_serializer=None, response_deserializer=None)
+            check_call = ch.unary_unary(
+                "/grpc.health.v1.Health/Check", request_serializer=None, response_deserializer=None
+            )
             status = check_call(b"", timeout=10)
             info = ch.stream_stream(
                 "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
                 request_serializer=refl.ServerReflectionRequest.SerializeToString,
                 response_deserializer=refl.ServerReflectionResponse.FromString,
             )
-            resp = next(iter(info(iter([refl.ServerReflectionRequest(list_services="")]), timeout=10)))
+            resp = next(
+                iter(info(iter([refl.ServerReflectionRequest(list_services="")]), timeout=10))
+            )
             return status, [s.name for s in resp.list_services_response.service]
 
     with trio.fail_after(60):

@@ -106,7 +106,10 @@ def test_plain_histogram_buckets_are_cumulative_and_inclusive() -> None:
     def sample(name: str, **labels: str) -> float | None:
         return registry.get_sample_value(name, labels)
 
-    assert [sample("test_plain_seconds_bucket", path="a", le=le) for le in ("0.01", "0.1", "1.0", "+Inf")] == [2, 4, 5, 6]
+    assert [
+        sample("test_plain_seconds_bucket", path="a", le=le)
+        for le in ("0.01", "0.1", "1.0", "+Inf")
+    ] == [2, 4, 5, 6]
     assert sample("test_plain_seconds_count", path="a") == 6
     assert sample("test_plain_seconds_sum", path="a") == pytest.approx(5.665)
     assert sample("test_plain_seconds_bucket", path="b", le="0.1") == 0

@@ -34,7 +34,12 @@ def engine(request: pytest.FixtureRequest, unique: str) -> dict[str, Any]:
 
 @asynccontextmanager
 async def cluster(engine: dict[str, Any], pods: int = 1, **kw: Any) -> AsyncIterator[Cluster]:
-    async with trio_asyncio.open_loop(), open_cluster(pods=pods, delivery_timeout_ms=2000, status_interval_ms=200, **engine, **kw) as c:
+    async with (
+        trio_asyncio.open_loop(),
+        open_cluster(
+            pods=pods, delivery_timeout_ms=2000, status_interval_ms=200, **engine, **kw
+        ) as c,
+    ):
         yield c
 
 
@@ -49,7 +54,10 @@ async def wait_status(c: Cluster, client_id: str, status: Status, timeout: float
 
 async def test_original_client_gets_squares_in_order(engine: dict[str, Any], unique: str) -> None:
     with trio.fail_after(60):
-        async with cluster(engine) as c, open_stream(c.ports[0], {"client_id": f"orig-{unique}"}) as st:
+        async with (
+            cluster(engine) as c,
+            open_stream(c.ports[0], {"client_id": f"orig-{unique}"}) as st,
+        ):
             for n in range(1, 11):
                 await st.event("sq", n)
             got = await st.results(10, ack=False)
@@ -57,13 +65,19 @@ async def test_original_client_gets_squares_in_order(engine: dict[str, Any], uni
             # The original's client sees only the original's fields.
             assert all(r.delivery_id == 0 and r.kind == ResponseKind.RESULT for r in got)
             assert [s.service_name for s in got[0].log.steps] == [
-                "server", "event-consumer", "result-router", "server",
+                "server",
+                "event-consumer",
+                "result-router",
+                "server",
             ]
 
 
 async def test_receipts_errors_and_overflow(engine: dict[str, Any], unique: str) -> None:
     with trio.fail_after(60):
-        async with cluster(engine) as c, open_stream(c.ports[0], {"client_id": f"p2-{unique}", **P2}) as st:
+        async with (
+            cluster(engine) as c,
+            open_stream(c.ports[0], {"client_id": f"p2-{unique}", **P2}) as st,
+        ):
             await st.event("sq", 3, seq=1)
             await st.event("cube", 3, seq=2)  # unknown: an error, and the stream stays open
             await st.event("sq", 46341, seq=3)  # 46341**2 does not fit int32 (hole 9)
@@ -78,8 +92,13 @@ async def test_receipts_errors_and_overflow(engine: dict[str, Any], unique: str)
                     await st.ack(r.delivery_id)
                 else:
                     seen.setdefault(r.seq, []).append(r)
-            assert seen[2][0].kind == ResponseKind.ERROR and seen[2][0].error.code == ErrorCode.UNKNOWN_EVENT
-            receipts = {s: rs[0].delivery_id for s, rs in seen.items() if rs[0].kind == ResponseKind.RECEIPT}
+            assert (
+                seen[2][0].kind == ResponseKind.ERROR
+                and seen[2][0].error.code == ErrorCode.UNKNOWN_EVENT
+            )
+            receipts = {
+                s: rs[0].delivery_id for s, rs in seen.items() if rs[0].kind == ResponseKind.RECEIPT
+            }
             assert set(receipts) == {1, 3, 4}
             assert [r.delivery_id for r in res] == [receipts[1], receipts[3], receipts[4]]
             assert res[0].result == 9 and res[0].error.code == ErrorCode.UNSPECIFIED
@@ -87,7 +106,9 @@ async def test_receipts_errors_and_overflow(engine: dict[str, Any], unique: str)
             assert res[2].result == 46340 * 46340
 
 
-async def test_disconnect_then_reconnect_elsewhere_replays_in_order(engine: dict[str, Any], unique: str) -> None:
+async def test_disconnect_then_reconnect_elsewhere_replays_in_order(
+    engine: dict[str, Any], unique: str
+) -> None:
     """The README's promise: 1..N, a disconnect half-way, a reconnect on the other pod; every
     result arrives, first deliveries in order, and the client is LIVE again."""
     cid, n = f"mover-{unique}", 200
@@ -111,15 +132,24 @@ async def test_disconnect_then_reconnect_elsewhere_replays_in_order(engine: dict
             assert ids == sorted(ids) and len(set(ids)) == n
             assert live.number == n + 1 and live.delivery_id > ids[-1]
             # Every hop's trace step, the delivering pod's last (appended on the wire), in order.
-            for r, sender in ((first[0], ("result-router", "route")), (rest[-1], ("replay", "replay")), (live, ("result-router", "route"))):
+            for r, sender in (
+                (first[0], ("result-router", "route")),
+                (rest[-1], ("replay", "replay")),
+                (live, ("result-router", "route")),
+            ):
                 steps = [(st.service_name, st.method_name) for st in r.log.steps]
-                assert steps[0] == ("server", "ProcessEvent") and steps[-2:] == [sender, ("server", "deliver")], steps
+                assert steps[0] == ("server", "ProcessEvent") and steps[-2:] == [
+                    sender,
+                    ("server", "deliver"),
+                ], steps
                 times = [st.timestamp for st in r.log.steps]  # datetimes (betterproto)
                 assert times == sorted(times) and times[0].year >= 2024, times
             assert c.counters["router.dlq"] > 0  # the missed results did go through the DLQ
 
 
-async def test_a_partly_acked_pack_replays_from_the_first_unacked_result(engine: dict[str, Any], unique: str) -> None:
+async def test_a_partly_acked_pack_replays_from_the_first_unacked_result(
+    engine: dict[str, Any], unique: str
+) -> None:
     """The DLQ holds a client's results several to a record (NIMBUS_DLQ_PACK). A client that
     acks part of a pack and leaves gets exactly the rest, in order, on its next stream: the
     cursor stays on a pack until all of it is confirmed, and what is acked is not sent again."""
@@ -142,14 +172,19 @@ async def test_a_partly_acked_pack_replays_from_the_first_unacked_result(engine:
                 first = await st2.results(20, ack=False)
                 await st2.ack(first[11].delivery_id)  # results 1..12 confirmed, 13..20 not
                 with trio.fail_after(10):
-                    while (rec := await c.engine.state.get(cid)) is None or rec.acked < first[11].delivery_id:  # noqa: ASYNC110
+                    while True:
+                        rec = await c.engine.state.get(cid)
+                        if rec is not None and rec.acked >= first[11].delivery_id:
+                            break
                         await trio.sleep(0.02)
             async with open_stream(c.ports[0], {"client_id": cid, **P2}) as st3:
                 rest = await st3.results(n - 12)
                 await wait_status(c, cid, Status.LIVE)
             assert [r.number for r in first] == list(range(1, 21))
             assert [r.number for r in rest] == list(range(13, n + 1))
-            assert [r.delivery_id for r in rest] == [r.delivery_id for r in first[12:]] + [r.delivery_id for r in rest[8:]]
+            assert [r.delivery_id for r in rest] == [r.delivery_id for r in first[12:]] + [
+                r.delivery_id for r in rest[8:]
+            ]
             assert c.counters["router.dlq"] == n  # every result went through the DLQ ...
             assert c.counters["router.dlq_records"] < n  # ... packed
 
@@ -182,13 +217,19 @@ async def test_second_stream_supersedes_the_first(engine: dict[str, Any], unique
                     assert r.result == 25
 
 
-async def test_malformed_records_are_skipped_and_the_consumers_keep_going(engine: dict[str, Any], unique: str) -> None:
+async def test_malformed_records_are_skipped_and_the_consumers_keep_going(
+    engine: dict[str, Any], unique: str
+) -> None:
     cid = f"bad-{unique}"
     with trio.fail_after(60):
         async with cluster(engine) as c:
             s = c.settings
-            await c.engine.log.producer.send_batch(s.kafka_events_topic, [(cid.encode(), b"\xff\xff garbage")])
-            await c.engine.log.producer.send_batch(s.kafka_results_topic, [(cid.encode(), b"\x08\x96\x01 not a result")])
+            await c.engine.log.producer.send_batch(
+                s.kafka_events_topic, [(cid.encode(), b"\xff\xff garbage")]
+            )
+            await c.engine.log.producer.send_batch(
+                s.kafka_results_topic, [(cid.encode(), b"\x08\x96\x01 not a result")]
+            )
             async with open_stream(c.ports[0], {"client_id": cid, **P2}) as st:
                 await st.event("sq", 7, seq=1)
                 [r] = await st.results(1)

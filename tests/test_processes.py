@@ -42,11 +42,15 @@ class Deployment:
 
 def _spawn(module: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", module], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
 
 
 @pytest.fixture
-def deployment(kafka_brokers: str, redis_address: str, unique: str, tmp_path: Path) -> Iterator[Deployment]:
+def deployment(
+    kafka_brokers: str, redis_address: str, unique: str, tmp_path: Path
+) -> Iterator[Deployment]:
     env = {
         **os.environ,
         "NIMBUS_ENGINE": "real",
@@ -91,7 +95,9 @@ async def wait_listening(port: int, timeout: float = 60) -> None:
                 await trio.sleep(0.1)
 
 
-async def test_reconnect_on_the_other_pod_gets_all_1000_in_order(deployment: Deployment, unique: str) -> None:
+async def test_reconnect_on_the_other_pod_gets_all_1000_in_order(
+    deployment: Deployment, unique: str
+) -> None:
     cid = f"proc-{unique}"
     with trio.fail_after(180):
         for _, port in deployment.pods:
@@ -115,15 +121,25 @@ async def test_reconnect_on_the_other_pod_gets_all_1000_in_order(deployment: Dep
                 assert all(r.result == r.number**2 for r in got)
                 assert [r.delivery_id for r in got] == sorted(r.delivery_id for r in got)
                 host, port = deployment.env["NIMBUS_REDIS_ADDRESS"].rsplit(":", 1)
-                async with open_redis_state(f"{host}:{port}", prefix=deployment.env["NIMBUS_REDIS_PREFIX"]) as state:
+                async with open_redis_state(
+                    f"{host}:{port}", prefix=deployment.env["NIMBUS_REDIS_PREFIX"]
+                ) as state:
                     with trio.move_on_after(10):
-                        while (rec := await state.get(cid)) is None or rec.status is not Status.LIVE:  # noqa: ASYNC110 (polls Redis)
+                        while True:  # polls Redis
+                            rec = await state.get(cid)
+                            if rec is not None and rec.status is Status.LIVE:
+                                break
                             await trio.sleep(0.05)
-                    assert rec is not None and rec.status is Status.LIVE, (rec, max(r.delivery_id for r in got))
+                    assert rec is not None and rec.status is Status.LIVE, (
+                        rec,
+                        max(r.delivery_id for r in got),
+                    )
                     assert rec.pod == f"pod1-{unique}" and rec.epoch == 2
 
 
-async def test_sigterm_drains_marks_offline_and_exits_0(deployment: Deployment, unique: str) -> None:
+async def test_sigterm_drains_marks_offline_and_exits_0(
+    deployment: Deployment, unique: str
+) -> None:
     from grpclib.exceptions import GRPCError, StreamTerminatedError
 
     cid = f"term-{unique}"
@@ -144,7 +160,9 @@ async def test_sigterm_drains_marks_offline_and_exits_0(deployment: Deployment, 
                     pass
             code = await trio.to_thread.run_sync(proc.wait, 15)
             assert code == 0
-            async with open_redis_state(deployment.env["NIMBUS_REDIS_ADDRESS"], prefix=deployment.env["NIMBUS_REDIS_PREFIX"]) as state:
+            async with open_redis_state(
+                deployment.env["NIMBUS_REDIS_ADDRESS"], prefix=deployment.env["NIMBUS_REDIS_PREFIX"]
+            ) as state:
                 rec = await state.get(cid)
                 assert rec is not None and rec.status is Status.OFFLINE
             deployment.workers.send_signal(signal.SIGTERM)

@@ -14,7 +14,9 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
     out = tmp_path / "proto_gen"
     subprocess.run(
         ["bash", str(ROOT / "scripts" / "gen_proto.sh"), str(out)],
-        check=True, capture_output=True, env={**os.environ, "PYTHON": sys.executable},
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHON": sys.executable},
     )
     committed = ROOT / "nimbus" / "proto_gen"
     fresh = sorted(p.relative_to(out) for p in out.rglob("*.py"))
@@ -35,6 +37,10 @@ def test_wire_compatible_with_the_original() -> None:
     assert req["event_name"][0] == 1 and req["number"] == (2, 5)  # int32
     assert resp["event_name"][0] == 1 and resp["number"] == (2, 5) and resp["result"] == (3, 5)
     assert resp["log"][0] == 4
-    assert all(n >= 10 for name, (n, _) in {**req, **resp}.items() if name not in ("event_name", "number", "result", "log"))
+    assert all(
+        n >= 10
+        for name, (n, _) in {**req, **resp}.items()
+        if name not in ("event_name", "number", "result", "log")
+    )
     svc = pb.DESCRIPTOR.services_by_name["NimbusService"].methods_by_name["ProcessEvent"]
     assert svc.client_streaming and svc.server_streaming

@@ -31,7 +31,9 @@ class CountingLog(MemoryLog):
         log = self
 
         class Counting(MemoryReader):
-            async def fetch(self, topic: str, partition: int, offset: int, max_records: int, timeout: float) -> Any:  # noqa: ASYNC109
+            async def fetch(
+                self, topic: str, partition: int, offset: int, max_records: int, timeout: float
+            ) -> Any:  # noqa: ASYNC109
                 log.fetches.append(offset)
                 return await super().fetch(topic, partition, offset, max_records, timeout)
 
@@ -50,7 +52,9 @@ async def service(log: MemoryLog | None = None) -> tuple[ReplayService, MemoryLo
 async def test_replays_of_one_partition_share_one_fetch_and_one_reader() -> None:
     svc, log, _ = await service(CountingLog())
     a, b = same_partition_ids("share", 4, 2)
-    await log.producer.send_batch(svc.s.kafka_dlq_topic, [(cid.encode(), b"r") for cid in (a, b, a, b)])
+    await log.producer.send_batch(
+        svc.s.kafka_dlq_topic, [(cid.encode(), b"r") for cid in (a, b, a, b)]
+    )
     pa = ReplayPipeline(svc, a, 1, "pod", 0, 0)
     pb = ReplayPipeline(svc, b, 1, "pod", 0, 0)
     assert pa.partition == pb.partition
@@ -124,7 +128,9 @@ async def test_a_failed_delivery_freezes_the_cursor() -> None:
     with trio.CancelScope() as cs:
         async with trio.open_nursery() as n:
             n.start_soon(p._ack, cs)
-            await p.reports_send.send([ReportItem(token=tokens[0], delivered=False, client_id="x", delivery_id=3)])
+            await p.reports_send.send(
+                [ReportItem(token=tokens[0], delivered=False, client_id="x", delivery_id=3)]
+            )
     assert cs.cancel_called
     p._advance()  # what the publish stage does after an empty batch
     assert p.cursor == 0 and svc._cursors == {}

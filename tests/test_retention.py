@@ -131,7 +131,9 @@ async def test_gap_when_the_whole_backlog_aged_out(engine: dict[str, Any], uniqu
                 assert (r.number, r.result) == (7, 49)
 
 
-async def test_original_client_gets_what_is_left_in_order(engine: dict[str, Any], unique: str) -> None:
+async def test_original_client_gets_what_is_left_in_order(
+    engine: dict[str, Any], unique: str
+) -> None:
     """The original's client cannot be told of a gap: it gets nothing in its place (no message
     it cannot understand), then the rest of its backlog in order, and goes LIVE."""
     cid = f"gap1-{unique}"
@@ -161,12 +163,18 @@ async def dlq_records(c: Cluster, cid: str) -> list[list[int]]:
     async with c.engine.log.reader() as reader:
         while offset < end:
             recs = await reader.fetch(topic, partition, offset, 500, 1.0)
-            out += [[r.delivery_id for r in packs.decode_record(rec.value)] for rec in recs if rec.key == cid.encode()]
+            out += [
+                [r.delivery_id for r in packs.decode_record(rec.value)]
+                for rec in recs
+                if rec.key == cid.encode()
+            ]
             offset = recs[-1].offset + 1 if recs else offset
     return out
 
 
-async def test_an_aged_out_pack_is_one_gap_then_the_rest(engine: dict[str, Any], unique: str) -> None:
+async def test_an_aged_out_pack_is_one_gap_then_the_rest(
+    engine: dict[str, Any], unique: str
+) -> None:
     """Results packed several to a DLQ record (NIMBUS_DLQ_PACK) age out a record at a time: the
     GAP covers exactly the first record's results, then the rest come in order."""
     cid = f"gappack-{unique}"
@@ -181,6 +189,10 @@ async def test_an_aged_out_pack_is_one_gap_then_the_rest(engine: dict[str, Any],
             lost = records[0]
             got = await reconnect_and_ack(c, cid, 1 + len(ids) - len(lost))
             gap, rest = got[0], got[1:]
-            assert (gap.kind, gap.gap_from, gap.gap_to) == (ResponseKind.GAP, 1, ids[len(lost)] - 1), got[:3]
-            assert [r.delivery_id for r in rest] == ids[len(lost):]
+            assert (gap.kind, gap.gap_from, gap.gap_to) == (
+                ResponseKind.GAP,
+                1,
+                ids[len(lost)] - 1,
+            ), got[:3]
+            assert [r.delivery_id for r in rest] == ids[len(lost) :]
             assert [r.number for r in rest] == list(range(len(lost) + 1, 31))

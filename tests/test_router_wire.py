@@ -35,20 +35,33 @@ def _result(n: int, *, error: bool = False, steps: int = 3) -> KafkaEventRespons
     return r
 
 
-def _expected(reply_to: str, entries: list[Entry], instance: str, service: str, method: str) -> dict[str, PodMessage]:
+def _expected(
+    reply_to: str, entries: list[Entry], instance: str, service: str, method: str
+) -> dict[str, PodMessage]:
     """The plain construction (what pod_messages did before it composed bytes)."""
     out: dict[str, PodMessage] = {}
     for e in entries:
         msg = out.setdefault(e.pod, PodMessage(reply_to=reply_to))
         d = msg.deliveries.add(
-            client_id=e.client_id, epoch=e.epoch, delivery_id=e.delivery_id, token=e.token, prev_delivery_id=e.prev
+            client_id=e.client_id,
+            epoch=e.epoch,
+            delivery_id=e.delivery_id,
+            token=e.token,
+            prev_delivery_id=e.prev,
         )
         r = e.payload
         if isinstance(r, EventResponse):
             d.response.CopyFrom(r)
         else:
             d.response.CopyFrom(
-                EventResponse(event_name=r.event_name, number=r.number, result=r.result, delivery_id=r.delivery_id, kind=RESULT, seq=r.seq)
+                EventResponse(
+                    event_name=r.event_name,
+                    number=r.number,
+                    result=r.result,
+                    delivery_id=r.delivery_id,
+                    kind=RESULT,
+                    seq=r.seq,
+                )
             )
             d.response.log.CopyFrom(r.log)
             if r.HasField("error"):
@@ -71,14 +84,18 @@ def test_pod_messages_parse_as_the_built_messages() -> None:
         for n in range(1, 9)
     ]  # fmt: skip
     gap = EventResponse(kind=GAP, delivery_id=20, gap_from=9, gap_to=20)
-    entries.append(Entry(TopicPartition("", 0), 30, "c0", 20, gap, token=999, pod="pod-a", epoch=4, prev=8))
+    entries.append(
+        Entry(TopicPartition("", 0), 30, "c0", 20, gap, token=999, pod="pod-a", epoch=4, prev=8)
+    )
     for method, service in (("route", "result-router"), ("replay", "replay")):
         got = dict(pod_messages("nimbus:reports:x", entries, "inst-9", method))
         want = _expected("nimbus:reports:x", entries, "inst-9", service, method)
         assert set(got) == set(want) == {"pod-a", "pod-b"}
         for pod, payload in got.items():
             msg = PodMessage.FromString(payload)
-            assert all(s.timestamp.seconds > 0 for d in msg.deliveries for s in d.response.log.steps[-1:])
+            assert all(
+                s.timestamp.seconds > 0 for d in msg.deliveries for s in d.response.log.steps[-1:]
+            )
             assert _without_times(msg) == _without_times(want[pod])
 
 
@@ -88,7 +105,9 @@ def test_long_fields_take_multi_byte_lengths() -> None:
     [(pod, payload)] = pod_messages("reply", [e], "inst", "route")
     d = PodMessage.FromString(payload).deliveries[0]
     assert len(payload) > 5000 and pod == "p"
-    assert [s.service_name for s in d.response.log.steps] == [f"service{i}" for i in range(40)] + ["result-router"]
+    assert [s.service_name for s in d.response.log.steps] == [f"service{i}" for i in range(40)] + [
+        "result-router"
+    ]
 
 
 # -- runs (nimbus.router.run_message, the replay's deliveries; nimbus.pod._deliver_run) ---------
@@ -108,7 +127,9 @@ def _queued(s: Session) -> list[tuple[int, EventResponse]]:
         item = s.outbox.get_nowait()
         assert isinstance(item, tuple)
         did, resp = item
-        out.append((did, resp if isinstance(resp, EventResponse) else EventResponse.FromString(resp)))
+        out.append(
+            (did, resp if isinstance(resp, EventResponse) else EventResponse.FromString(resp))
+        )
     return out
 
 
@@ -121,7 +142,10 @@ def test_a_run_reads_as_one_delivery_of_each_result() -> None:
     assert (d.client_id, d.epoch, d.token, d.prev_delivery_id, d.delivery_id) == ("c1", 4, 77, 1, 5)
     assert list(d.run_ids) == [2, 3, 5]
     # Each head and log put together is the response pod_messages would have sent for it.
-    entries = [Entry(TP, r.kafka_offset, "c1", r.delivery_id, r, token=77, pod="pod-a", epoch=4) for r in results]
+    entries = [
+        Entry(TP, r.kafka_offset, "c1", r.delivery_id, r, token=77, pod="pod-a", epoch=4)
+        for r in results
+    ]
     want = _without_times(_expected("reply", entries, "inst-9", "replay", "replay")["pod-a"])
     for head, log, w in zip(d.run_heads, d.run_logs, want.deliveries, strict=True):
         got = EventResponse.FromString(response_with_log(head, log))
@@ -138,7 +162,13 @@ async def test_the_pod_queues_a_run_in_order_and_confirms_it_once_acked_whole() 
     got = _queued(s)
     assert [did for did, _ in got] == [3, 5]
     assert [(r.number, r.result, r.delivery_id) for _, r in got] == [(3, 9, 3), (5, 25, 5)]
-    assert [st.service_name for st in got[0][1].log.steps] == ["service0", "service1", "service2", "replay", "server"]
+    assert [st.service_name for st in got[0][1].log.steps] == [
+        "service0",
+        "service1",
+        "service2",
+        "replay",
+        "server",
+    ]
     assert s.unconfirmed == [(5, "reply", 77)] and s.last_queued == 5
     pod.on_ack(s, 3)
     assert not pod._reports.get("reply")  # part of the run: not confirmed yet
@@ -148,16 +178,23 @@ async def test_the_pod_queues_a_run_in_order_and_confirms_it_once_acked_whole() 
 
 async def test_a_run_to_an_original_client_carries_only_the_original_fields() -> None:
     pod, s = _pod(protocol=1)
-    _, payload = run_message("reply", "pod-a", "c1", 4, 8, 0, [_result(n) for n in (1, 2)], "inst-9")
+    _, payload = run_message(
+        "reply", "pod-a", "c1", 4, 8, 0, [_result(n) for n in (1, 2)], "inst-9"
+    )
     await pod._on_message(payload)
     got = _queued(s)
-    assert [(did, r.number, r.result, r.delivery_id, r.seq) for did, r in got] == [(1, 1, 1, 0, 0), (2, 2, 4, 0, 0)]
+    assert [(did, r.number, r.result, r.delivery_id, r.seq) for did, r in got] == [
+        (1, 1, 1, 0, 0),
+        (2, 2, 4, 0, 0),
+    ]
     assert got[0][1].log.steps[-1].service_name == "server"
 
 
 async def test_a_malformed_run_is_refused_and_reported_failed() -> None:
     pod, s = _pod()
-    _, payload = run_message("reply", "pod-a", "c1", 4, 9, 0, [_result(n) for n in (1, 2)], "inst-9")
+    _, payload = run_message(
+        "reply", "pod-a", "c1", 4, 9, 0, [_result(n) for n in (1, 2)], "inst-9"
+    )
     msg = PodMessage.FromString(payload)
     msg.deliveries[0].run_ids[:] = [2, 1]  # out of order
     msg.deliveries[0].delivery_id = 1

@@ -125,7 +125,12 @@ async def test_get_many_reads_each_record_in_order(store: StateStore) -> None:
         await store.disconnect("c2", 1)
         got = await store.get_many(["c2", "nobody", "c1"])
         assert got == [await store.get("c2"), None, await store.get("c1")]
-        assert got[0] is not None and got[0].status is Status.OFFLINE and got[2] is not None and got[2].pod == "pod-a"
+        assert (
+            got[0] is not None
+            and got[0].status is Status.OFFLINE
+            and got[2] is not None
+            and got[2].pod == "pod-a"
+        )
 
 
 async def test_reconnect_replaces_stream_and_replays_backlog(store: StateStore) -> None:

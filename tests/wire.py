@@ -53,10 +53,14 @@ class WireStream:
 
 
 @asynccontextmanager
-async def open_stream(port: int, metadata: dict[str, Any] | None = None, host: str = "127.0.0.1") -> AsyncIterator[WireStream]:
+async def open_stream(
+    port: int, metadata: dict[str, Any] | None = None, host: str = "127.0.0.1"
+) -> AsyncIterator[WireStream]:
     """Needs a running trio_asyncio loop."""
     channel = Channel(host, port)
-    stream_cm = channel.request(PATH, _cardinality(), EventRequest, EventResponse, metadata=metadata)
+    stream_cm = channel.request(
+        PATH, _cardinality(), EventRequest, EventResponse, metadata=metadata
+    )
     stream = await trio_asyncio.aio_as_trio(stream_cm.__aenter__)()
     try:
         await trio_asyncio.aio_as_trio(stream.send_request)()

@@ -75,7 +75,9 @@ _COMMIT_TIMEOUT_MS = 10_000
 _CLOSE_TIMEOUT_MS = 5_000
 _TOPIC_READY_TIMEOUT_MS = 15_000
 _READER_FETCH_WAIT_MS = 50
-_INLINE_SEND = 32  # records of a produce batch appended on the trio thread, at most (see send_batch)
+_INLINE_SEND = (
+    32  # records of a produce batch appended on the trio thread, at most (see send_batch)
+)
 _PARTITION_CACHE = 200_000  # keys whose partition is remembered (cleared when full)
 
 
@@ -97,7 +99,9 @@ async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
             token.run_sync_soon(trio.lowlevel.reschedule, task, result)
 
         trio.lowlevel.start_thread_soon(call, deliver)
-        return cast(T, await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED))
+        return cast(
+            T, await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        )
 
 
 def _tp(topic: str, partition: int) -> TopicPartition:
@@ -438,7 +442,9 @@ class KafkaLogProducer:
         try:
             self._producer = await _in_thread(self._make_producer)
         except (kerr.KafkaError, OSError, ValueError) as exc:
-            logger.warning("kafka producer: replacing it after {} failed: {!r}; keeping the old one", why, exc)
+            logger.warning(
+                "kafka producer: replacing it after {} failed: {!r}; keeping the old one", why, exc
+            )
             return
         logger.warning("kafka producer replaced after {}", why)
         try:
@@ -479,7 +485,10 @@ class KafkaLogProducer:
         acks = _BatchAcks(len(items), trio.lowlevel.current_trio_token())
         generation = self._generation
         try:
-            if len(items) <= _INLINE_SEND and self._producer._metadata.partitions_for_topic(topic) is not None:  # noqa: SLF001
+            if (
+                len(items) <= _INLINE_SEND
+                and self._producer._metadata.partitions_for_topic(topic) is not None
+            ):  # noqa: SLF001
                 # send() blocks only while it waits for a topic's metadata (kafka-python 3's
                 # accumulator never waits for memory): with the metadata known, a small batch
                 # is appended from this thread (a thread hop costs ~130-190 µs of CPU here, more
@@ -629,7 +638,11 @@ class KafkaGroupConsumer:
                 if tp in self._owned and off >= self._sent.get(tp, off):
                     later.setdefault(tp, off)
         if refused:
-            logger.info("{}/{}: an offset commit was refused; retrying it with this poll", self.group, self.topic)
+            logger.info(
+                "{}/{}: an offset commit was refused; retrying it with this poll",
+                self.group,
+                self.topic,
+            )
         return later
 
     async def poll(self, max_records: int, timeout: float) -> PollResult:  # noqa: ASYNC109 (port)

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TypeVar, TypeVarTuple
 
 import trio
 from loguru import logger
@@ -37,6 +37,7 @@ from nimbus.ports import (
 )
 
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 
 @dataclass
@@ -146,7 +147,9 @@ class MemoryConsumer:
         await trio.lowlevel.checkpoint()
         foreign = set(offsets) - self.assignment
         if foreign:
-            raise CommitFailed(f"partitions not assigned to this member: {sorted(foreign, key=str)}")
+            raise CommitFailed(
+                f"partitions not assigned to this member: {sorted(foreign, key=str)}"
+            )
         self._log.group(self.group).committed.update(offsets)
 
     def commit_later(self, offsets: dict[TopicPartition, int]) -> None:
@@ -224,15 +227,17 @@ class MemoryLog:
 
     async def committed(self, group: str, topic: str) -> dict[int, int]:
         await trio.lowlevel.checkpoint()
-        return {tp.partition: off for tp, off in self.group(group).committed.items() if tp.topic == topic}
+        return {
+            tp.partition: off
+            for tp, off in self.group(group).committed.items()
+            if tp.topic == topic
+        }
 
     def _rebalance(self, group: str, topic: str) -> None:
         members = [m for m in self.group(group).members if m.topic == topic]
         n = len(self.topic(topic).partitions)
         for i, m in enumerate(members):
-            m._set_assignment(
-                {TopicPartition(topic, p) for p in range(n) if p % len(members) == i}
-            )
+            m._set_assignment({TopicPartition(topic, p) for p in range(n) if p % len(members) == i})
         self.topic(topic).notify()
 
     def leave(self, consumer: MemoryConsumer) -> None:
@@ -275,57 +280,60 @@ class MemoryState:
         if self.down:
             raise StateUnavailable("in-memory state store marked down")
 
-    def _apply(self, client_id: str, fn: Callable[[ClientRecord], tuple[ClientRecord, T]]) -> T:
+    def _apply(
+        self, client_id: str, fn: Callable[[ClientRecord, *Ts], tuple[ClientRecord, T]], *args: *Ts
+    ) -> T:
         rec = self.records.get(client_id) or lifecycle.new_record(client_id)
-        new, out = fn(rec)
+        new, out = fn(rec, *args)
         self.records[client_id] = new
         return out
 
-    def _update(self, client_id: str, fn: Callable[[ClientRecord], ClientRecord]) -> ClientRecord:
+    def _update(
+        self, client_id: str, fn: Callable[[ClientRecord, *Ts], ClientRecord], *args: *Ts
+    ) -> ClientRecord:
         rec = self.records.get(client_id) or lifecycle.new_record(client_id)
-        self.records[client_id] = new = fn(rec)
+        self.records[client_id] = new = fn(rec, *args)
         return new
 
     async def connect(self, client_id: str, pod: str) -> ConnectResult:
         await trio.lowlevel.checkpoint()
         self._check()
-        return self._apply(client_id, lambda r: lifecycle.connect(r, pod))
+        return self._apply(client_id, lifecycle.connect, pod)
 
     async def disconnect(self, client_id: str, epoch: int) -> bool:
         await trio.lowlevel.checkpoint()
         self._check()
-        return self._apply(client_id, lambda r: lifecycle.disconnect(r, epoch))
+        return self._apply(client_id, lifecycle.disconnect, epoch)
 
     async def route(self, items: Sequence[tuple[str, int]]) -> list[RouteDecision]:
         await trio.lowlevel.checkpoint()
         self._check()
-        return [self._apply(cid, lambda r, d=d: lifecycle.route(r, d)) for cid, d in items]
+        return [self._apply(cid, lifecycle.route, d) for cid, d in items]
 
     async def divert(self, items: Sequence[tuple[str, int]]) -> None:
         await trio.lowlevel.checkpoint()
         self._check()
         for cid, d in items:
-            self._update(cid, lambda r, d=d: lifecycle.divert(r, d))
+            self._update(cid, lifecycle.divert, d)
 
     async def dlq_written(self, items: Sequence[DlqWrite]) -> None:
         await trio.lowlevel.checkpoint()
         self._check()
         for w in items:
-            self._update(w.client_id, lambda r, w=w: lifecycle.dlq_written(r, w.delivery_id, w.offset))
+            self._update(w.client_id, lifecycle.dlq_written, w.delivery_id, w.offset)
 
     async def ack(self, items: Sequence[AckItem]) -> list[bool]:
         await trio.lowlevel.checkpoint()
         self._check()
         return [
-            lifecycle.flip_ready(self._update(a.client_id, lambda r, a=a: lifecycle.ack(r, a.acked)))
-            for a in items
+            lifecycle.flip_ready(self._update(a.client_id, lifecycle.ack, a.acked)) for a in items
         ]
 
     async def advance_cursor(self, items: Sequence[tuple[str, int]]) -> None:
         await trio.lowlevel.checkpoint()
         self._check()
         for cid, off in items:
-            self._update(cid, lambda r, off=off: lifecycle.advance_cursor(r, off))
+            self._update(cid, lifecycle.advance_cursor, off)
 
     async def try_flip(self, client_ids: Sequence[str]) -> list[bool]:
         await trio.lowlevel.checkpoint()
@@ -411,7 +419,9 @@ class MemoryState:
                 except trio.EndOfChannel:
                     if send in broken:
                         broken.discard(send)
-                        raise StateUnavailable(f"in-memory subscription to {channel!r} broken") from None
+                        raise StateUnavailable(
+                            f"in-memory subscription to {channel!r} broken"
+                        ) from None
                     raise StopAsyncIteration from None
 
         try:
