@@ -167,6 +167,181 @@ def kafka_rtt(args: argparse.Namespace) -> None:
     emit("kafka-rtt", got, seconds, cpu, size=args.size, linger_ms=args.linger_ms, **extra)
 
 
+# --- Kafka: the events -> results path, paced, one process per role ----------------------------
+
+
+def _path_consumer(args: argparse.Namespace, topic: str, group: str) -> Any:
+    from kafka import KafkaConsumer
+
+    c = KafkaConsumer(
+        topic,
+        bootstrap_servers=args.brokers,
+        group_id=group,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        max_poll_records=500,
+    )
+    while not c.assignment():
+        c.poll(timeout_ms=200)
+    return c
+
+
+def path_relay(args: argparse.Namespace) -> None:
+    """kafka-path's middle process (the worker's place): consume from `src`, stamp the time into
+    bytes 8..16, produce to `dst` under the same key, commit per poll batch."""
+    from kafka import KafkaProducer
+
+    c = _path_consumer(args, args.src, f"{args.src}-relay")
+    producer = KafkaProducer(bootstrap_servers=args.brokers, linger_ms=args.linger_ms, acks="all")
+    print("ready", flush=True)
+    _exit_on_stdin_eof()
+    cpu0, n = cpu_now(), 0
+    while n < args.count:
+        batch = c.poll(timeout_ms=200)
+        for recs in batch.values():
+            for r in recs:
+                v = r.value[:8] + struct.pack("d", time.time()) + r.value[16:]
+                producer.send(args.dst, key=r.key, value=v)
+                n += 1
+        if batch:
+            c.commit_async()
+    producer.flush()
+    print(json.dumps({"relayed": n, "cpu_s": cpu_now() - cpu0}), flush=True)
+    producer.close()
+    c.close()
+
+
+def path_sink(args: argparse.Namespace) -> None:
+    """kafka-path's last process (the result router's place): consume from `src`, note each
+    record's two hop latencies, commit per poll batch."""
+    c = _path_consumer(args, args.src, f"{args.src}-sink")
+    print("ready", flush=True)
+    _exit_on_stdin_eof()
+    cpu0 = cpu_now()
+    hop1: list[float] = []
+    hop2: list[float] = []
+    total: list[float] = []
+    deadline = time.monotonic() + args.timeout
+    while len(total) < args.count and time.monotonic() < deadline:
+        batch = c.poll(timeout_ms=200)
+        now = time.time()
+        for recs in batch.values():
+            for r in recs:
+                t0, t1 = struct.unpack_from("dd", r.value)
+                hop1.append(t1 - t0)
+                hop2.append(now - t1)
+                total.append(now - t0)
+        if batch:
+            c.commit_async()
+
+    def q(xs: list[float]) -> dict[str, float]:
+        xs.sort()
+        return {
+            k: xs[min(len(xs) - 1, int(len(xs) * f))] * 1e3 if xs else 0.0
+            for k, f in (("p50", 0.5), ("p99", 0.99), ("p999", 0.999), ("max", 1.0))
+        }
+
+    print(
+        json.dumps(
+            {
+                "received": len(total),
+                "cpu_s": cpu_now() - cpu0,
+                "latency_ms": q(total),
+                "hop1_ms": q(hop1),
+                "hop2_ms": q(hop2),
+            }
+        ),
+        flush=True,
+    )
+    c.close()
+
+
+def kafka_path(args: argparse.Namespace) -> None:
+    """Nimbus's two Kafka hops with no Nimbus logic, one process per role as Nimbus runs them:
+    this process produces `count` records paced at `rate` (a pod's place), a relay consumes and
+    re-produces them (the event consumer's), a sink consumes them (the result router's)."""
+    import trio
+    from kafka import KafkaProducer
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    src, dst = f"{args.topic}-a", f"{args.topic}-b"
+    admin = KafkaAdminClient(bootstrap_servers=args.brokers)
+    try:
+        admin.create_topics([NewTopic(t, args.partitions, 1) for t in (src, dst)])
+    except Exception as e:  # noqa: BLE001 - exists already is fine
+        if "TopicAlreadyExists" not in type(e).__name__ + str(e):
+            raise
+    admin.close()
+    me = [sys.executable, str(Path(__file__).resolve())]
+    common = ["--brokers", args.brokers, "--count", str(args.count)]
+    relay = _Child(
+        "relay",
+        [
+            *me,
+            "_path-relay",
+            *common,
+            "--src",
+            src,
+            "--dst",
+            dst,
+            "--linger-ms",
+            str(args.linger_ms),
+        ],
+    )
+    sink = _Child("sink", [*me, "_path-sink", *common, "--src", dst, "--timeout", "120"])
+    try:
+        relay.expect("ready", 60)
+        sink.expect("ready", 60)
+        value = b"x" * max(args.size, 16)
+        keys = [f"client-{i}".encode() for i in range(1000)]
+        producer = KafkaProducer(
+            bootstrap_servers=args.brokers, linger_ms=args.linger_ms, acks="all"
+        )
+        cpu0 = cpu_now()
+        t0 = time.perf_counter()
+
+        async def produce() -> None:
+            # Wake every tick and send what is due (a pod sends what arrived since its last
+            # wake-up); tick 0: one wake-up per record.
+            start, tick = trio.current_time(), args.tick_ms / 1000
+            i = 0
+            while i < args.count:
+                due = min(args.count, int((trio.current_time() - start) * args.rate) + 1)
+                while i < due:
+                    v = struct.pack("d", time.time()) + value[8:]
+                    producer.send(src, value=v, key=keys[i % len(keys)])
+                    i += 1
+                await trio.sleep_until(
+                    start + i / args.rate if not tick else trio.current_time() + tick
+                )
+
+        trio.run(produce)
+        producer.flush()
+        cpu = cpu_now() - cpu0
+        got = json.loads(sink.expect("{", 180))
+        seconds = time.perf_counter() - t0
+        relayed = json.loads(relay.expect("{", 60))
+        producer.close()
+    finally:
+        relay.stop()
+        sink.stop()
+    emit(
+        "kafka-path",
+        got["received"],
+        seconds,
+        cpu + relayed["cpu_s"] + got["cpu_s"],
+        sent=args.count,
+        paced_rate=args.rate,
+        tick_ms=args.tick_ms,
+        size=args.size,
+        linger_ms=args.linger_ms,
+        cpu_s_by_process={"producer": cpu, "relay": relayed["cpu_s"], "sink": got["cpu_s"]},
+        latency_ms=got["latency_ms"],
+        hop1_ms=got["hop1_ms"],
+        hop2_ms=got["hop2_ms"],
+    )
+
+
 # --- Redis: PUBLISH -> subscriber with redis.asyncio --------------------------------------------
 
 
@@ -847,6 +1022,25 @@ def main() -> None:
         default=0.0,
         help="paced records/s: report one hop's latency (0: as fast as possible)",
     )
+    kp = sub.add_parser("kafka-path")
+    kp.add_argument("--brokers", required=True)
+    kp.add_argument("--topic", required=True, help="prefix of the two topics (-a, -b)")
+    kp.add_argument("--partitions", type=int, default=8)
+    kp.add_argument("--count", type=int, default=20000)
+    kp.add_argument("--size", type=int, default=120)
+    kp.add_argument("--linger-ms", type=int, default=2)
+    kp.add_argument("--rate", type=float, required=True, help="paced records/s")
+    kp.add_argument(
+        "--tick-ms", type=float, default=1.0, help="the producer's wake-up interval (0: per record)"
+    )
+    for name in ("_path-relay", "_path-sink"):
+        w = sub.add_parser(name)
+        w.add_argument("--brokers", required=True)
+        w.add_argument("--count", type=int, required=True)
+        w.add_argument("--src", required=True)
+        w.add_argument("--dst")
+        w.add_argument("--linger-ms", type=int, default=2)
+        w.add_argument("--timeout", type=float, default=120)
     r = sub.add_parser("redis-pubsub")
     r.add_argument("--redis", required=True)
     r.add_argument("--count", type=int, default=50000)
@@ -886,6 +1080,9 @@ def main() -> None:
     args = p.parse_args()
     {
         "kafka-rtt": kafka_rtt,
+        "kafka-path": kafka_path,
+        "_path-relay": path_relay,
+        "_path-sink": path_sink,
         "redis-pubsub": redis_pubsub,
         "grpc-echo": grpc_echo,
         "_grpc-server": grpc_server,

@@ -232,3 +232,48 @@ def test_chain_comparison_follows_the_numbers() -> None:
     # without a Nimbus replay in the run: the chain alone
     text, reach = bench.chain_comparison(None, CHAIN, 2)
     assert "Nimbus's 1-client replay" not in text and "within the stack's reach" in reach
+
+
+# --- the latency floor's probe (scripts/bench_limits.py kafka-path), on the real broker ---------
+
+
+@pytest.mark.integration
+def test_kafka_path_probe_relays_every_record_and_times_both_hops(
+    kafka_brokers: str, unique: str
+) -> None:
+    import json
+    import subprocess
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_limits.py"),
+            "kafka-path",
+            "--brokers",
+            kafka_brokers,
+            "--topic",
+            f"path-{unique}",
+            "--partitions",
+            "2",
+            "--count",
+            "300",
+            "--rate",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+    )
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["probe"] == "kafka-path"
+    assert got["sent"] == got["count"] == 300  # the sink saw every record the producer sent
+    assert set(got["cpu_s_by_process"]) == {"producer", "relay", "sink"}
+    assert all(v > 0 for v in got["cpu_s_by_process"].values())
+    for name in ("latency_ms", "hop1_ms", "hop2_ms"):
+        q = got[name]
+        assert 0 < q["p50"] <= q["p99"] <= q["p999"] <= q["max"] < 60_000, (name, q)
+    # End to end is the two hops together, record by record; so its median lies between the
+    # larger hop's median and the sum of the two hops' maxima.
+    assert max(got["hop1_ms"]["p50"], got["hop2_ms"]["p50"]) <= got["latency_ms"]["p50"]
+    assert got["latency_ms"]["max"] <= got["hop1_ms"]["max"] + got["hop2_ms"]["max"] + 1e-6
