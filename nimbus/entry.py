@@ -41,9 +41,8 @@ def batch_asyncio_callbacks(limit: int = ASYNCIO_BATCH) -> None:
             if self._stopped.is_set():
                 return
             try:
-                await one(
-                    self, True
-                )  # no_wait: the next ready callback or due timer, else WouldBlock
+                # no_wait: the next ready callback or due timer, else WouldBlock
+                await one(self, True)
             except trio.WouldBlock:
                 return
 
