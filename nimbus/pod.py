@@ -422,21 +422,11 @@ class Pod:
             return
         s = self.sessions.get(d.client_id)
         if s is None or s.closed or s.epoch != d.epoch or d.prev_delivery_id > s.last_queued:
-            self._reports[reply_to].append(
-                ReportItem(
-                    token=d.token, delivered=False, client_id=d.client_id, delivery_id=d.delivery_id
-                )
-            )
+            self._report(reply_to, d, delivered=False)
             self.counters.inc("pod.not_here")
-            self._flush.set()
             return
         if d.delivery_id <= s.acked:
-            self._reports[reply_to].append(
-                ReportItem(
-                    token=d.token, delivered=True, client_id=d.client_id, delivery_id=d.delivery_id
-                )
-            )
-            self._flush.set()
+            self._report(reply_to, d, delivered=True)
             return
         if d.run_ids:
             self._deliver_run(s, reply_to, d, steps)
@@ -456,11 +446,7 @@ class Pod:
             )
             out = None
         elif s.protocol < 2:
-            # Only the original's fields: it never sees a message it cannot understand.
-            trace.step(resp.log, "server", self.s.instance_id, "deliver", epoch=s.epoch)
-            old = EventResponse(event_name=resp.event_name, number=resp.number, result=resp.result)
-            old.log.CopyFrom(resp.log)
-            out = old
+            out = self._original(s, resp, resp.log)
         else:
             # Encoded here, with this hop's trace step appended to the log on the wire (see
             # nimbus.router.pod_messages): no step built per result, no message re-encoded later.
@@ -471,6 +457,23 @@ class Pod:
         self._track(s, reply_to, d)
         self._send(s, out, d.delivery_id)
         self.counters.inc("pod.delivered")
+
+    def _report(self, reply_to: str, d: Delivery, *, delivered: bool) -> None:
+        """Report delivery d to its sender without queueing it (not here, or already acked)."""
+        self._reports[reply_to].append(
+            ReportItem(
+                token=d.token, delivered=delivered, client_id=d.client_id, delivery_id=d.delivery_id
+            )
+        )
+        self._flush.set()
+
+    def _original(self, s: Session, resp: EventResponse, log: LogEntry) -> EventResponse:
+        """For a client of the original protocol: only the original's fields (it never sees a
+        message it cannot understand), the result's log and this hop's step."""
+        out = EventResponse(event_name=resp.event_name, number=resp.number, result=resp.result)
+        out.log.CopyFrom(log)
+        trace.step(out.log, "server", self.s.instance_id, "deliver", epoch=s.epoch)
+        return out
 
     def _step(self, s: Session, steps: dict[int, bytes]) -> bytes:
         """This hop's trace step for s's stream, encoded once per message and epoch."""
@@ -507,12 +510,7 @@ class Pod:
                 badinput.MALFORMED_MESSAGE,
                 f"run of {d.client_id}: {n} ids, {len(heads)} heads, {len(encoded_logs)} logs",
             )
-            self._reports[reply_to].append(
-                ReportItem(
-                    token=d.token, delivered=False, client_id=d.client_id, delivery_id=d.delivery_id
-                )
-            )
-            self._flush.set()
+            self._report(reply_to, d, delivered=False)
             return
         # The delivery latency histogram gets one observation per run (its first result).
         metrics.delivered(LogEntry.FromString(encoded_logs[0]))
@@ -523,12 +521,7 @@ class Pod:
             for did, head, log in zip(ids, heads, encoded_logs, strict=True):
                 if did <= acked:
                     continue
-                resp = EventResponse.FromString(head)
-                out = EventResponse(
-                    event_name=resp.event_name, number=resp.number, result=resp.result
-                )
-                out.log.ParseFromString(log)
-                trace.step(out.log, "server", self.s.instance_id, "deliver", epoch=s.epoch)
+                out = self._original(s, EventResponse.FromString(head), LogEntry.FromString(log))
                 if not self._send(s, out, did):
                     break
                 queued += 1
