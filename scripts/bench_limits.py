@@ -174,14 +174,25 @@ def _path_consumer(args: argparse.Namespace, topic: str, group: str) -> Any:
     from kafka import KafkaConsumer
 
     c = KafkaConsumer(
-        topic,
         bootstrap_servers=args.brokers,
         group_id=group,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         max_poll_records=500,
+        # As nimbus.engines.kafka: a consumer whose metadata predates a just-created topic gets
+        # no partitions until its next refresh (default 5 min), so refresh often and subscribe
+        # only once the topic's partitions are known.
+        metadata_max_age_ms=2_000,
     )
+    deadline = time.monotonic() + 60
+    while not c.partitions_for_topic(topic):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"topic {topic!r}: no partitions in the metadata after 60 s")
+        time.sleep(0.2)
+    c.subscribe([topic])
     while not c.assignment():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"topic {topic!r}: no partitions assigned after 60 s")
         c.poll(timeout_ms=200)
     return c
 
@@ -290,8 +301,8 @@ def kafka_path(args: argparse.Namespace) -> None:
     )
     sink = _Child("sink", [*me, "_path-sink", *common, "--src", dst, "--timeout", "120"])
     try:
-        relay.expect("ready", 60)
-        sink.expect("ready", 60)
+        relay.expect("ready", 90)
+        sink.expect("ready", 90)
         value = b"x" * max(args.size, 16)
         keys = [f"client-{i}".encode() for i in range(1000)]
         producer = KafkaProducer(

@@ -262,9 +262,10 @@ def test_kafka_path_probe_relays_every_record_and_times_both_hops(
         ],
         capture_output=True,
         text=True,
-        timeout=180,
-        check=True,
+        timeout=300,
+        check=False,
     )
+    assert out.returncode == 0, out.stderr[-4000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["probe"] == "kafka-path"
     assert got["sent"] == got["count"] == 300  # the sink saw every record the producer sent
