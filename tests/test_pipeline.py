@@ -52,6 +52,17 @@ async def wait_status(c: Cluster, client_id: str, status: Status, timeout: float
             await trio.sleep(0.02)
 
 
+async def wait_acked(c: Cluster, client_id: str, delivery_id: int, timeout: float = 10) -> None:
+    """Until the client's ack of `delivery_id` is in its record (the pod stores acks in batches;
+    an ack sent just before the stream closes may otherwise never land)."""
+    with trio.fail_after(timeout):
+        while True:
+            rec = await c.engine.state.get(client_id)
+            if rec is not None and rec.acked >= delivery_id:
+                return
+            await trio.sleep(0.02)
+
+
 async def test_original_client_gets_squares_in_order(engine: dict[str, Any], unique: str) -> None:
     with trio.fail_after(60):
         async with (
@@ -118,6 +129,8 @@ async def test_disconnect_then_reconnect_elsewhere_replays_in_order(
                 for i in range(1, n + 1):
                     await st.event("sq", i, seq=i)
                 first = await st.results(20)
+                # The 20 taken are confirmed before it goes (else the last may come again).
+                await wait_acked(c, cid, first[-1].delivery_id)
             # Gone with ~180 results still coming: they must land in the DLQ.
             await wait_status(c, cid, Status.OFFLINE)
             async with open_stream(c.ports[1], {"client_id": cid, **P2}) as st2:
@@ -171,12 +184,7 @@ async def test_a_partly_acked_pack_replays_from_the_first_unacked_result(
             async with open_stream(c.ports[1], {"client_id": cid, **P2}) as st2:
                 first = await st2.results(20, ack=False)
                 await st2.ack(first[11].delivery_id)  # results 1..12 confirmed, 13..20 not
-                with trio.fail_after(10):
-                    while True:
-                        rec = await c.engine.state.get(cid)
-                        if rec is not None and rec.acked >= first[11].delivery_id:
-                            break
-                        await trio.sleep(0.02)
+                await wait_acked(c, cid, first[11].delivery_id)
             async with open_stream(c.ports[0], {"client_id": cid, **P2}) as st3:
                 rest = await st3.results(n - 12)
                 await wait_status(c, cid, Status.LIVE)
