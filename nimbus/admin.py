@@ -126,7 +126,7 @@ async def client(settings: Settings, log: Any, state: Any, client_id: str) -> di
     if rec.backlog and rec.cursor >= 0:
         # Count this client's results from its cursor on, not yet acknowledged (read-only scan).
         key = client_id.encode()
-        offset, scanned, waiting = rec.cursor, 0, 0
+        offset, scanned, waiting, taken = rec.cursor, 0, 0, rec.acked
         async with log.reader() as reader:
             while offset < end and scanned < SCAN_LIMIT:
                 records = await reader.fetch(topic, part, offset, 500, 1.0)
@@ -134,11 +134,16 @@ async def client(settings: Settings, log: Any, state: Any, client_id: str) -> di
                     break
                 for r in records:
                     if r.key == key:
-                        waiting += sum(
-                            1
-                            for res in packs.decode_record(r.value)  # one result, or a pack
-                            if res.client_id == client_id and res.delivery_id > rec.acked
-                        )
+                        # One result or a pack; a result written twice (at-least-once) counts once.
+                        mine = [
+                            res
+                            for res in packs.decode_record(r.value)
+                            if res.client_id == client_id
+                        ]
+                        new = packs.fresh(mine, taken)
+                        if new:
+                            waiting += len(new)
+                            taken = new[-1].delivery_id
                 scanned += len(records)
                 offset = records[-1].offset + 1
         d.update(waiting=waiting, waiting_truncated=offset < end)

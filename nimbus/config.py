@@ -172,6 +172,12 @@ VARIABLES: dict[str, Var] = {
         ),
         Var("NIMBUS_MAX_REPLAYS", "1000", _int(1, 1_000_000), "concurrent replays per worker"),
         Var(
+            "NIMBUS_STALL_MS",
+            "30000",
+            _int(100, 3_600_000),
+            "a replay or a router's result that makes no progress for this long is logged at ERROR once and counted (replay.stalled, router.stalled); the replay is retried with back-off",
+        ),
+        Var(
             "NIMBUS_METRICS_PORT",
             "0",
             _int(0, 65535),
@@ -308,6 +314,7 @@ class Settings:
     dlq_pack: int
     results_pack: int
     max_replays: int
+    stall_ms: int
     metrics_port: int
     metrics_host: str
     metrics_interval_ms: int

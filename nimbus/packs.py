@@ -13,6 +13,12 @@ what older writers wrote). A pack's encoding starts with the bytes FA 7F (its fi
 result's never does (its fields are numbered below 16, so its first byte is below 0x80). A pack
 holds results of the client in its key only, in delivery order; its results share its offset.
 
+Both topics are at-least-once logs: a writer killed after its write and before its commit writes
+the same results again when it (or its successor) re-reads its input, so a client's results can
+repeat across records and across packs (DLQ `[1367, 1374, 1382]` then `[1382, 1389, ...]`).
+Every reader takes a client's results through `fresh`: a result whose delivery id is not above
+the highest one it has already taken is skipped, never passed on.
+
 Pure functions; the writers and readers do the I/O.
 """
 
@@ -90,9 +96,10 @@ def check_result(r: KafkaEventResponse) -> None:
 
 
 def parse_record(rec: Record) -> list[KafkaEventResponse]:
-    """The results in a results or DLQ record, in order (one for the original's layout), each
+    """The results in a results or DLQ record, as written (one for the original's layout), each
     checked as `parse_result` checks a result; raises BadRecord if the record or any result in
-    it is not one we can route (a pack is written whole, so a bad part spoils it all)."""
+    it is not one we can route (a pack is written whole, so a bad part spoils it all). Repeated
+    delivery ids are not refused here (see `fresh`)."""
     if not is_pack(rec.value or b""):
         return [parse_result(rec)]
     if len(rec.value) > badinput.MAX_RECORD_BYTES:
@@ -104,14 +111,23 @@ def parse_record(rec: Record) -> list[KafkaEventResponse]:
     results = list(pack.results)
     if not results:
         raise badinput.BadRecord(badinput.UNDECODABLE)
-    last = 0
     for r in results:
         badinput.check_keyed(rec.key, r)
         check_result(r)
-        if r.delivery_id <= last:
-            raise badinput.BadRecord(badinput.BAD_DELIVERY_ID)  # a pack is in delivery order
-        last = r.delivery_id
     return results
+
+
+def fresh(results: Sequence[KafkaEventResponse], taken: int) -> list[KafkaEventResponse]:
+    """The results of one client (in the order read) whose delivery id is above `taken`, the
+    highest one already taken, and above every earlier one here: what a reader of an
+    at-least-once log passes on. A writer's repeat (the same ids again, in a later record or in
+    the same pack) is skipped; the result is strictly increasing."""
+    out: list[KafkaEventResponse] = []
+    for r in results:
+        if r.delivery_id > taken:
+            out.append(r)
+            taken = r.delivery_id
+    return out
 
 
 def decode_record(value: bytes) -> list[KafkaEventResponse]:

@@ -431,6 +431,12 @@ class Pod:
         if d.run_ids:
             self._deliver_run(s, reply_to, d, steps)
             return
+        if d.delivery_id <= s.last_queued:
+            # Already on its way to this stream (a result written twice, or sent again after a
+            # lost report): confirmed with the ack that covers it, not queued a second time.
+            self._track(s, reply_to, d)
+            self.counters.inc("pod.repeats")
+            return
         resp = d.response
         metrics.delivered(resp.log)
         out: EventResponse | bytes | None
@@ -458,11 +464,16 @@ class Pod:
         self._send(s, out, d.delivery_id)
         self.counters.inc("pod.delivered")
 
-    def _report(self, reply_to: str, d: Delivery, *, delivered: bool) -> None:
-        """Report delivery d to its sender without queueing it (not here, or already acked)."""
+    def _report(self, reply_to: str, d: Delivery, *, delivered: bool, refused: str = "") -> None:
+        """Report delivery d to its sender without queueing it (not here, already acked, or
+        `refused` as malformed: the sender must not send the same message again)."""
         self._reports[reply_to].append(
             ReportItem(
-                token=d.token, delivered=delivered, client_id=d.client_id, delivery_id=d.delivery_id
+                token=d.token,
+                delivered=delivered,
+                client_id=d.client_id,
+                delivery_id=d.delivery_id,
+                refused=refused,
             )
         )
         self._flush.set()
@@ -495,45 +506,44 @@ class Pod:
         s.last_queued = max(s.last_queued, d.delivery_id)
 
     def _deliver_run(self, s: Session, reply_to: str, d: Delivery, steps: dict[int, bytes]) -> None:
-        """A run of results (the replay): each queued in order, ones the client already acked
-        skipped; the run is confirmed, as one delivery, once the client has acked its last."""
+        """A run of results (the replay): each queued in order; ones the client already acked,
+        ones already queued on this stream and repeats within the run (an at-least-once DLQ can
+        hold a result twice) are skipped. The run is confirmed, as one delivery, once the client
+        has acked its last. Only a run that cannot be read (its lists of different lengths, its
+        last id not the delivery's) is refused, with the reason, so its sender changes it."""
         ids, heads, encoded_logs = d.run_ids, d.run_heads, d.run_logs
         n = len(ids)
-        if (
-            len(heads) != n
-            or len(encoded_logs) != n
-            or ids[n - 1] != d.delivery_id
-            or any(a >= b for a, b in itertools.pairwise(ids))
-        ):
-            badinput.message(
-                "pod channel",
-                badinput.MALFORMED_MESSAGE,
-                f"run of {d.client_id}: {n} ids, {len(heads)} heads, {len(encoded_logs)} logs",
-            )
-            self._report(reply_to, d, delivered=False)
+        if len(heads) != n or len(encoded_logs) != n or ids[n - 1] != d.delivery_id:
+            reason = f"run of {d.client_id}: {n} ids, {len(heads)} heads, {len(encoded_logs)} logs"
+            badinput.message("pod channel", badinput.MALFORMED_MESSAGE, reason)
+            self._report(reply_to, d, delivered=False, refused=reason)
             return
         # The delivery latency histogram gets one observation per run (its first result).
         metrics.delivered(LogEntry.FromString(encoded_logs[0]))
+        taken = max(s.acked, s.last_queued)
         self._track(s, reply_to, d)
-        acked = s.acked
         queued = 0
         if s.protocol < 2:
             for did, head, log in zip(ids, heads, encoded_logs, strict=True):
-                if did <= acked:
+                if did <= taken:
                     continue
                 out = self._original(s, EventResponse.FromString(head), LogEntry.FromString(log))
                 if not self._send(s, out, did):
                     break
+                taken = did
                 queued += 1
         else:
             step = self._step(s, steps)
             for did, head, log in zip(ids, heads, encoded_logs, strict=True):
-                if did <= acked:
+                if did <= taken:
                     continue
                 # Encoded here: the head, then the log with this hop's step (see _deliver).
                 if not self._send(s, response_with_log(head, log + step), did):
                     break
+                taken = did
                 queued += 1
+        if queued < n:
+            self.counters.inc("pod.repeats", n - queued)
         self.counters.inc("pod.delivered", queued)
 
     def _fail_unconfirmed(self, s: Session) -> None:

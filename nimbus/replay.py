@@ -59,6 +59,9 @@ _NO_TP = TopicPartition("", 0)  # a replay's entries come from no results partit
 # the next is on its way (a fetch of packed records holds thousands of results; published at
 # once, the stages would take turns).
 _RUN_MAX = 500
+_RETRY_FIRST_S = 0.25  # a client's next replay after one ended by a fault waits this, doubling
+_RETRY_MAX_S = 10.0  # to at most this
+_RETRY_FORGET_S = 600.0
 
 
 @dataclass
@@ -79,6 +82,22 @@ class _Item:
 
 
 @dataclass(slots=True)
+class _Retry:
+    """A client's replays that ended by a fault (its stream failed a delivery, a pod refused a
+    run, no confirmation came within the delivery timeout, an engine error), for one epoch: the
+    next one waits `not_before`; if none has confirmed anything for NIMBUS_STALL_MS, that is
+    logged at ERROR once and counted (replay.stalled). `singles`: a pod refused a run, so this
+    epoch's replays send one result per delivery."""
+
+    epoch: int
+    since: float  # the last progress (or the first fault after it)
+    failures: int = 0  # faults in a row without a confirmation
+    not_before: float = 0.0
+    singles: bool = False
+    reported: bool = False
+
+
+@dataclass(slots=True)
 class _Run:
     """Results published as one delivery (a run, or a GAP notice alone), not yet confirmed."""
 
@@ -91,7 +110,15 @@ class ReplayPipeline:
     """One client's replay. Created by `ReplayService` while it holds the client's lease."""
 
     def __init__(
-        self, service: ReplayService, client_id: str, epoch: int, pod: str, cursor: int, acked: int
+        self,
+        service: ReplayService,
+        client_id: str,
+        epoch: int,
+        pod: str,
+        cursor: int,
+        acked: int,
+        *,
+        singles: bool = False,
     ) -> None:
         self.svc = service
         self.client_id = client_id
@@ -99,6 +126,7 @@ class ReplayPipeline:
         self.pod = pod
         self.cursor = cursor
         self.acked = acked
+        self.taken = acked  # highest delivery id fetched for publishing (never below `acked`)
         self.partition = service.log.producer.partition_for(
             service.s.kafka_dlq_topic, client_id.encode()
         )
@@ -107,7 +135,7 @@ class ReplayPipeline:
         self.unconfirmed: dict[int, _Run] = {}  # token -> run, in publish order
         self.in_flight = 0  # results in unconfirmed runs: at most the window
         self.window = service.s.replay_window
-        self.run_max = max(1, min(_RUN_MAX, self.window // 4))
+        self.run_max = 1 if singles else max(1, min(_RUN_MAX, self.window // 4))
         self._space = trio.Event()  # set when confirmations free some of the window
         self.fetched_to = cursor  # next DLQ offset the fetch stage will read
         self.published_to = cursor  # every record below it is published (or not ours)
@@ -117,6 +145,10 @@ class ReplayPipeline:
         self.last_ack_ns = 0
         self.gap_from = 0  # > 0: results from this delivery id on may have aged out (see _gap)
         self.stopped = False  # a delivery failed: the stream is gone, the cursor stays
+        self.fault = ""  # why the replay stopped before its client left REPLAYING ("": it did not)
+        self.refused = ""  # a pod refused a delivery of this replay as malformed: its reason
+        self.progress_at = trio.current_time()  # last confirmation (or publish onto none pending)
+        self.drained_at: float | None = None  # when it last found itself drained (see _watchdog)
         self.scope: trio.CancelScope | None = None
 
     def __repr__(self) -> str:
@@ -130,6 +162,7 @@ class ReplayPipeline:
             nursery.start_soon(self._publish, recv)
             nursery.start_soon(self._ack, nursery.cancel_scope)
             nursery.start_soon(self._keep_lease, nursery.cancel_scope)
+            nursery.start_soon(self._watchdog, nursery.cancel_scope)
             self.scope = nursery.cancel_scope  # the service's watcher ends the replay through it
         logger.info(
             "replay of {} (epoch {}) ended: {} results delivered in {:.3f}s",
@@ -186,9 +219,10 @@ class ReplayPipeline:
                     except badinput.BadRecord as e:
                         badinput.record("dlq", e.reason, rec)
                         continue
-                    for r in results:
-                        if r.delivery_id <= self.acked:
-                            continue
+                    # Skipped: what the client acked, and what this replay already took (the
+                    # DLQ is at-least-once: a result can be in two records, or twice in a pack).
+                    for r in packs.fresh(results, self.taken):
+                        self.taken = r.delivery_id
                         if self.gap_from:
                             gap = self._gap(r.delivery_id - 1, rec.offset)
                             if gap is not None:
@@ -217,7 +251,7 @@ class ReplayPipeline:
             )
             self.svc.counters.inc("replay.retention_gaps")
             if not self.gap_from:
-                self.gap_from = self.acked + 1
+                self.gap_from = self.taken + 1  # everything up to `taken` was fetched
             self.fetched_to = max(self.fetched_to, start)
 
     async def _at_end(self) -> bool:
@@ -239,6 +273,7 @@ class ReplayPipeline:
         )
         self.svc.counters.inc("replay.gap_notices")
         resp = EventResponse(kind=GAP, delivery_id=gap_to, gap_from=gap_from, gap_to=gap_to)
+        self.taken = max(self.taken, gap_to)
         return _Item(self.fetched_to if offset is None else offset, resp)
 
     def _drained(self) -> bool:
@@ -282,12 +317,16 @@ class ReplayPipeline:
         prev = prev_id if prev_token in self.unconfirmed else 0
         token = self.svc.new_token(self)
         last = items[-1].result.delivery_id
+        if not self.unconfirmed:
+            self.progress_at = trio.current_time()  # nothing was pending: the wait starts now
         self.unconfirmed[token] = _Run(items[0].offset, len(items), last)
         self.in_flight += len(items)
         self.last_published = (token, last)
         svc = self.svc
         first = items[0]
-        if isinstance(first.result, EventResponse):
+        if len(items) == 1:
+            # One result (or a GAP notice) as a delivery of its own: the form a pod takes even
+            # when it refused a run (see _Retry.singles).
             entry = Entry(
                 _NO_TP,
                 first.offset,
@@ -347,18 +386,26 @@ class ReplayPipeline:
                         self.delivered += run.count
                         self.last_ack_ns = time.time_ns()
                         self.acked = max(self.acked, run.last_id)
+                        self.progress_at = trio.current_time()
                     else:
                         failed = True
+                        self.refused = self.refused or it.refused
                 self._space.set()
                 if failed:
                     # What failed left `unconfirmed` above: the cursor must not move any more (a
                     # stage already woken would otherwise count it as delivered before it sees
-                    # the cancellation).
+                    # the cancellation). The next replay starts from the cursor, changed if the
+                    # pod refused what this one sent (see ReplayService._ended).
                     self.stopped = True
+                    if self.refused:
+                        self.fault = f"a pod refused a delivery: {self.refused}"
+                    else:
+                        self.fault = "a delivery failed (the stream is gone or missed one)"
                     logger.info(
-                        "replay of {}: the stream (epoch {}) is gone; stopping",
+                        "replay of {} (epoch {}): {}; stopping",
                         self.client_id,
                         self.epoch,
+                        self.fault,
                     )
                     cancel.cancel()
                     return
@@ -373,8 +420,48 @@ class ReplayPipeline:
                 self.svc.lease_name(self.client_id), self.svc.owner, LEASE_MS
             ):
                 logger.warning("replay of {}: lease lost; stopping", self.client_id)
+                self.fault = "lease lost"
                 cancel.cancel()
                 return
+
+    async def _watchdog(self, cancel: trio.CancelScope) -> None:
+        """A delivery that no pod confirms (its message or its report was lost, e.g. with a Redis
+        connection) would hold the replay for ever: after the delivery timeout without any
+        confirmation the replay stops, and the next one resends from the cursor (the pod skips
+        what it already queued). A drained replay whose flip does not come for NIMBUS_STALL_MS
+        is reported once (the flip waits for a DLQ write that has not landed)."""
+        timeout = self.svc.s.delivery_timeout_ms / 1000
+        stall = self.svc.s.stall_ms / 1000
+        reported = False
+        while True:
+            await trio.sleep(min(0.5, timeout / 4))
+            now = trio.current_time()
+            if self.unconfirmed and now - self.progress_at > timeout:
+                self.stopped = True
+                self.fault = f"no delivery confirmed for {now - self.progress_at:.1f}s"
+                logger.warning(
+                    "replay of {} (epoch {}): {}; resending from the cursor",
+                    self.client_id,
+                    self.epoch,
+                    self.fault,
+                )
+                cancel.cancel()
+                return
+            if not self._drained():
+                self.drained_at = None
+            elif self.drained_at is None:
+                self.drained_at = now
+            elif not reported and now - self.drained_at > stall:
+                reported = True
+                self.svc.counters.inc("replay.stalled")
+                logger.error(
+                    "replay of {} (epoch {}): drained {:.0f}s ago and still not LIVE: the flip "
+                    "waits for a result routed to the DLQ that has not been written (is a result "
+                    "router down?)",
+                    self.client_id,
+                    self.epoch,
+                    now - self.drained_at,
+                )
 
     def on_record(self, rec: ClientRecord | None) -> bool:
         """The client's stored record, read by the service's watcher for all replays at once:
@@ -418,6 +505,7 @@ class ReplayService:
         self._begins_lock = trio.Lock()
         self._cursors: dict[str, int] = {}  # client -> cursor to store (see advance_cursor)
         self._cursors_due = trio.Event()
+        self._retry: dict[str, _Retry] = {}  # clients whose last replay ended by a fault
 
     def __repr__(self) -> str:
         return f"<ReplayService {self.owner} active={len(self.active)}>"
@@ -568,7 +656,60 @@ class ReplayService:
                     self._starting.add(client_id)
                     nursery.start_soon(self._start, client_id)
 
+    def stalled(self) -> int:
+        """Clients whose replays have made no progress for NIMBUS_STALL_MS (reported)."""
+        return sum(1 for r in self._retry.values() if r.reported)
+
+    def _ended(self, p: ReplayPipeline) -> None:
+        """After a replay: if it ended by a fault, the next one for the client waits (0.25 s,
+        doubling to 10 s while none confirms anything), and sends one result per delivery if a
+        pod refused a run; a stall of NIMBUS_STALL_MS is logged at ERROR once and counted."""
+        now = trio.current_time()
+        r = self._retry.get(p.client_id)
+        if r is None or r.epoch != p.epoch:
+            r = _Retry(p.epoch, since=now)
+        if p.refused and not r.singles:
+            r.singles = True
+            self.counters.inc("replay.refused")
+            logger.error(
+                "replay of {} (epoch {}): a pod refused a run ({}); sending one result per "
+                "delivery from now on",
+                p.client_id,
+                p.epoch,
+                p.refused,
+            )
+        if not p.fault:
+            if r.singles:
+                r.failures, r.not_before = 0, 0.0
+                self._retry[p.client_id] = r
+            else:
+                self._retry.pop(p.client_id, None)
+            return
+        if p.delivered:
+            r.failures, r.since, r.reported = 0, now, False
+        r.failures += 1
+        r.not_before = now + min(_RETRY_FIRST_S * 2 ** (r.failures - 1), _RETRY_MAX_S)
+        stall = self.s.stall_ms / 1000
+        if not r.reported and now - r.since >= stall:
+            r.reported = True
+            self.counters.inc("replay.stalled")
+            logger.error(
+                "replay of {} (epoch {}): no progress for {:.0f}s ({} attempts; last: {}); "
+                "retrying every {:.1f}s at most",
+                p.client_id,
+                p.epoch,
+                now - r.since,
+                r.failures,
+                p.fault,
+                _RETRY_MAX_S,
+            )
+        self._retry[p.client_id] = r
+
     async def _start(self, client_id: str) -> None:
+        r = self._retry.get(client_id)
+        if r is not None and trio.current_time() < r.not_before:
+            self._starting.discard(client_id)
+            return  # backing off; the periodic scan asks again
         try:
             async with self._start_limiter:
                 try:
@@ -584,7 +725,11 @@ class ReplayService:
                         with contextlib.suppress(EngineError):
                             await self.state.release_lease(self.lease_name(client_id), self.owner)
                     return
-                p = ReplayPipeline(self, client_id, rec.epoch, rec.pod, rec.cursor, rec.acked)
+                retry = self._retry.get(client_id)
+                singles = retry is not None and retry.epoch == rec.epoch and retry.singles
+                p = ReplayPipeline(
+                    self, client_id, rec.epoch, rec.pod, rec.cursor, rec.acked, singles=singles
+                )
                 self.active[client_id] = p
         finally:
             self._starting.discard(client_id)
@@ -610,10 +755,12 @@ class ReplayService:
             logger.warning(
                 "replay of {} failed: {}; it will be retried", p.client_id, group.exceptions[0]
             )
+            p.fault = p.fault or f"engine error: {group.exceptions[0]}"
         finally:
             for t in list(p.unconfirmed):
                 self.forget_token(t)
             self.active.pop(p.client_id, None)
+            self._ended(p)
             self.counters.inc("replay.delivered", p.delivered)
             with trio.move_on_after(2) as cs:
                 cs.shield = True
@@ -653,9 +800,13 @@ class ReplayService:
                     self.forget_token(it.token)
 
     async def _scan(self) -> None:
-        """Safety net: pick up REPLAYING clients whose request was lost (pub/sub is lossy)."""
+        """Safety net: pick up REPLAYING clients whose request was lost (pub/sub is lossy), and
+        those whose replay is due again after a back-off."""
         while True:
             await trio.sleep(self.s.status_interval_ms / 1000)
+            now = trio.current_time()
+            for cid in [c for c, r in self._retry.items() if now - r.not_before > _RETRY_FORGET_S]:
+                del self._retry[cid]  # not replayed again since (the client left or went LIVE)
             try:
                 for client_id in await self.state.replaying():
                     if client_id not in self.active:

@@ -239,7 +239,20 @@ class ResultRouter:
                 items = await receive_batch(recv)
                 for item in items:
                     self._take(item)
-                self.window.expire(trio.current_time())
+                now = trio.current_time()
+                self.window.expire(now)
+                for e in self.window.stalled(now, self.s.stall_ms / 1000):
+                    self.counters.inc("router.stalled")
+                    logger.error(
+                        "result router: result {} of {} (partition {} offset {}) unresolved for "
+                        "{:.0f}s ({}); it holds the partition's commit back",
+                        e.delivery_id,
+                        e.client_id,
+                        e.tp.partition,
+                        e.offset,
+                        now - e.added,
+                        e.state.value,
+                    )
                 await self._act(consumer)
                 if self.window.pending < self.s.router_window:
                     self._space.set()
@@ -263,8 +276,16 @@ class ResultRouter:
                     w.add_skipped(tp, rec.offset)
                     continue
                 self.counters.inc("router.results", len(results))
+                added = 0
+                now = trio.current_time()
                 for r in results:  # a pack's results share its offset (see RouterWindow.commits)
-                    w.add(tp, rec.offset, r.client_id, r.delivery_id, r)
+                    if w.add(tp, rec.offset, r.client_id, r.delivery_id, r, now) is not None:
+                        added += 1
+                if added < len(results):
+                    # At-least-once: results written again after a kill are taken once.
+                    self.counters.inc("router.repeats", len(results) - added)
+                if not added:
+                    w.add_skipped(tp, rec.offset)
         elif isinstance(item, DeliveryReport):
             for it in item.items:
                 w.report(it.token, it.delivered)

@@ -11,18 +11,27 @@ Invariants it keeps, per client (all of a client's results sit on one partition,
   written to the DLQ and before any later result of that client is decided.
 Per partition, only the prefix of resolved results is committed: nothing unresolved is ever
 marked consumed (hole 1), and a restart re-reads and re-routes whatever was in flight.
+
+The results topic is an at-least-once log (an event consumer killed between its write and its
+commit writes the same results again): `add` skips a result whose delivery id is not above the
+highest one taken for its client, so a repeat is never routed twice by one window. The highest
+ids are kept for the `TAKEN_MAX` clients seen last; past that, a repeat is routed again and
+every later stage still takes it at most once (the store drops what is acked, the pod what it
+queued, the replay what it took), so the bound costs work, never correctness.
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from nimbus.lifecycle import Route, RouteDecision
 from nimbus.ports import TopicPartition
+
+TAKEN_MAX = 100_000  # clients whose highest taken delivery id a window remembers
 
 
 class S(enum.Enum):
@@ -48,6 +57,8 @@ class Entry:
     epoch: int = 0
     deadline: float = 0.0
     prev: int = 0  # delivery id of the previous unconfirmed live entry of this client, or 0
+    added: float = 0.0  # when it was read (see RouterWindow.stalled)
+    stalled: bool = False  # reported by RouterWindow.stalled
 
     def __repr__(self) -> str:
         return f"<Entry {self.client_id}#{self.delivery_id} @{self.tp.partition}:{self.offset} {self.state.value}>"
@@ -94,6 +105,9 @@ class RouterWindow:
             str, None
         ] = {}  # clients that may have something to decide or write (ordered)
         self.pending = 0  # entries not DONE
+        # client -> (partition, highest delivery id added), least recently added first
+        self._taken: OrderedDict[str, tuple[TopicPartition, int]] = OrderedDict()
+        self.repeats = 0  # results skipped by `add` as repeats
 
     def __repr__(self) -> str:
         return (
@@ -111,9 +125,25 @@ class RouterWindow:
     # -- input -----------------------------------------------------------------------------
 
     def add(
-        self, tp: TopicPartition, offset: int, client_id: str, delivery_id: int, payload: object
-    ) -> Entry:
-        e = Entry(tp, offset, client_id, delivery_id, payload)
+        self,
+        tp: TopicPartition,
+        offset: int,
+        client_id: str,
+        delivery_id: int,
+        payload: object,
+        now: float = 0.0,
+    ) -> Entry | None:
+        """A result read at `offset`; None if it repeats one already taken (see the module's
+        docstring). A record none of whose results is added needs `add_skipped` for the commit."""
+        taken = self._taken.get(client_id)
+        if taken is not None and taken[0] == tp and delivery_id <= taken[1]:
+            self.repeats += 1
+            return None
+        self._taken[client_id] = (tp, delivery_id)
+        self._taken.move_to_end(client_id)
+        if len(self._taken) > TAKEN_MAX:
+            self._taken.popitem(last=False)
+        e = Entry(tp, offset, client_id, delivery_id, payload, added=now)
         self._partitions.setdefault(tp, deque()).append(e)
         cl = self._clients.get(client_id)
         if cl is None:
@@ -133,6 +163,8 @@ class RouterWindow:
     def revoke(self, tps: Iterable[TopicPartition]) -> None:
         """Partitions taken away: forget them; their new owner re-reads from the commit."""
         gone = set(tps)
+        for cid in [c for c, (tp, _) in self._taken.items() if tp in gone]:
+            del self._taken[cid]
         for tp in gone:
             for e in self._partitions.pop(tp, ()):
                 if e.state is not S.DONE:
@@ -334,6 +366,19 @@ class RouterWindow:
                 last = q.popleft().offset
             if last is not None:
                 out[tp] = q[0].offset if q and q[0].offset == last else last + 1
+        return out
+
+    def stalled(self, now: float, after: float) -> list[Entry]:
+        """Per partition, its oldest unresolved result if it was read more than `after` ago and
+        not reported before: it holds the partition's commit back. Each is returned once."""
+        out: list[Entry] = []
+        for q in self._partitions.values():
+            for e in q:
+                if e.state is not S.DONE:
+                    if not e.stalled and now - e.added > after:
+                        e.stalled = True
+                        out.append(e)
+                    break
         return out
 
     def state_of(self, client_id: str) -> list[tuple[int, S]]:

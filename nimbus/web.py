@@ -42,6 +42,10 @@ STAGES: list[tuple[str, str]] = [
     ("confirmed live", "router.delivered"),
     ("replayed (confirmed)", "nimbus_replay_drained"),
     ("flips to LIVE", "status.flips"),
+    ("repeats skipped (at-least-once)", "router.repeats"),
+    ("runs refused by a pod", "replay.refused"),
+    ("stalled (no progress, see logs)", "replay.stalled"),
+    ("stalled in a router", "router.stalled"),
 ]
 MAX_REPLAYS_SHOWN = 25
 RATE_WINDOW_S = 2.0

@@ -106,8 +106,6 @@ def test_no_result_encoding_looks_like_a_pack(field: str) -> None:
     ("results", "key", "reason"),
     [
         ([result("c", 1), result("d", 2)], "c", badinput.KEY_MISMATCH),  # a pack holds one client's
-        ([result("c", 2), result("c", 1)], "c", badinput.BAD_DELIVERY_ID),  # in delivery order
-        ([result("c", 1), result("c", 1)], "c", badinput.BAD_DELIVERY_ID),
         (
             [result("c", 1), KafkaEventResponse(delivery_id=2, kafka_offset=1)],
             "c",
@@ -128,6 +126,29 @@ def test_a_bad_pack_is_refused_whole(
     with pytest.raises(badinput.BadRecord) as e:
         packs.parse_record(rec(key, value))
     assert e.value.reason == reason
+
+
+def test_a_pack_with_repeats_is_read_and_fresh_takes_each_result_once() -> None:
+    # At-least-once writers: a pack may repeat a result (or a record repeat a pack's); the
+    # record is not refused (refusing it would skip the new results in it), readers skip repeats.
+    rs = [result("c", i) for i in (3, 5, 5, 4, 7)]
+    value = packs.encode_pack([r.SerializeToString() for r in rs])
+    assert [r.delivery_id for r in packs.parse_record(rec("c", value))] == [3, 5, 5, 4, 7]
+    assert [r.delivery_id for r in packs.fresh(packs.parse_record(rec("c", value)), 0)] == [3, 5, 7]
+    assert [r.delivery_id for r in packs.fresh(rs, 5)] == [7]
+    assert packs.fresh(rs, 7) == []
+
+
+def test_overlapping_records_are_taken_once_across_records() -> None:
+    # The DLQ of issue #13: offset 10 [1367, 1374, 1382], offset 11 [1382, 1389, 1396].
+    first = [result("c", i) for i in (1367, 1374, 1382)]
+    second = [result("c", i) for i in (1382, 1389, 1396)]
+    taken, out = 0, []
+    for pack in (first, second):
+        new = packs.fresh(pack, taken)
+        out += [r.delivery_id for r in new]
+        taken = new[-1].delivery_id if new else taken
+    assert out == [1367, 1374, 1382, 1389, 1396]
 
 
 def test_undecodable_and_oversized_packs_are_refused() -> None:

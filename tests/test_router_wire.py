@@ -190,14 +190,53 @@ async def test_a_run_to_an_original_client_carries_only_the_original_fields() ->
     assert got[0][1].log.steps[-1].service_name == "server"
 
 
-async def test_a_malformed_run_is_refused_and_reported_failed() -> None:
+async def test_a_run_that_cannot_be_read_is_refused_with_its_reason() -> None:
     pod, s = _pod()
     _, payload = run_message(
         "reply", "pod-a", "c1", 4, 9, 0, [_result(n) for n in (1, 2)], "inst-9"
     )
     msg = PodMessage.FromString(payload)
-    msg.deliveries[0].run_ids[:] = [2, 1]  # out of order
-    msg.deliveries[0].delivery_id = 1
+    del msg.deliveries[0].run_heads[1]  # two ids, one head
     await pod._on_message(msg.SerializeToString())
     assert _queued(s) == [] and s.unconfirmed == []
-    assert [(i.token, i.delivered) for i in pod._reports["reply"]] == [(9, False)]
+    items = pod._reports["reply"]
+    assert [(i.token, i.delivered) for i in items] == [(9, False)]
+    assert "2 ids, 1 heads" in items[0].refused  # the sender must change what it sends
+
+
+async def test_a_run_holding_a_result_twice_is_delivered_once_each() -> None:
+    # Issue #13: the DLQ held 1382 in two packs; a run spanning them held it twice and the pod
+    # refused the run, for ever. A repeat is skipped like an acked result.
+    pod, s = _pod()
+    _, payload = run_message(
+        "reply", "pod-a", "c1", 4, 9, 0, [_result(n) for n in (1, 3, 3, 2, 4)], "inst-9"
+    )
+    await pod._on_message(payload)
+    assert [did for did, _ in _queued(s)] == [1, 3, 4]
+    assert s.unconfirmed == [(4, "reply", 9)] and not pod._reports.get("reply")
+
+
+async def test_a_delivery_already_queued_on_the_stream_is_not_queued_again() -> None:
+    # A replay resending after a lost report, or a result written twice: confirmed with the
+    # ack that covers it.
+    pod, s = _pod()
+    _, payload = run_message(
+        "reply", "pod-a", "c1", 4, 9, 0, [_result(n) for n in (1, 2, 3)], "inst-9"
+    )
+    await pod._on_message(payload)
+    _, again = run_message("reply", "pod-a", "c1", 4, 10, 0, [_result(n) for n in (2, 3, 4)], "x")
+    await pod._on_message(again)
+    single = pod_messages(
+        "reply",
+        [Entry(TP, 0, "c1", 3, _result(3), token=11, pod="pod-a", epoch=4)],
+        "x",
+        "route",
+    )
+    await pod._on_message(single[0][1])
+    assert [did for did, _ in _queued(s)] == [1, 2, 3, 4]
+    pod.on_ack(s, 4)
+    assert sorted((i.token, i.delivered) for i in pod._reports["reply"]) == [
+        (9, True),
+        (10, True),
+        (11, True),
+    ]

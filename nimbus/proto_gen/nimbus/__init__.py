@@ -194,6 +194,12 @@ class ReportItem(betterproto.Message):
     delivered: bool = betterproto.bool_field(2)
     client_id: str = betterproto.string_field(3)
     delivery_id: int = betterproto.uint64_field(4)
+    refused: str = betterproto.string_field(5)
+    """
+    Set (with delivered false) when the pod refused the delivery itself as malformed: the
+     stream may be fine, and sending the same message again would be refused again, so the
+     sender must change what it sends (the replay falls back to one result per delivery).
+    """
 
 
 @dataclass(eq=False, repr=False)

@@ -1,0 +1,137 @@
+"""Both result topics are at-least-once logs: a result can be written twice, in two records or in
+one pack, and every reader must pass it on once (issue #13).
+
+The chaos seed 8878 left the DLQ of one client holding delivery id 1382 in two packs (offset 10
+`[1367, 1374, 1382]`, offset 11 `[1382, 1389, ...]`) after a worker was killed between its DLQ
+write and its commit; the replay sent a run holding 1382 twice, the pod refused the run, and the
+replay sent it again, for ever. Here the topics are written by hand with such overlaps (and
+worse: a repeat inside one pack, a repeat out of order), on the memory engine and on the real
+Kafka + Redis, and a raw protocol-2 client (which does not dedupe) must see every result exactly
+once, in order, and go LIVE. A client of the original protocol, which cannot dedupe at all, must
+not see a repeat either.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from nimbus import packs
+from nimbus.engines.murmur2 import partition_for
+from nimbus.lifecycle import Status
+from nimbus.messages import KafkaEventResponse
+from nimbus.ports import DlqWrite
+from nimbus.proto_gen.nimbus import ResponseKind
+from tests.test_pipeline import P2, cluster, engine, wait_status  # noqa: F401 (fixture)
+from tests.wire import open_stream
+
+
+def result(cid: str, n: int, did: int) -> KafkaEventResponse:
+    return KafkaEventResponse(
+        event_name="sq",
+        number=n,
+        result=n * n,
+        client_id=cid,
+        kafka_offset=did - 1,
+        delivery_id=did,
+        seq=n,
+    )
+
+
+def record(rs: list[KafkaEventResponse]) -> bytes:
+    """One result as itself, several as a pack (nimbus.packs), repeats and all."""
+    if len(rs) == 1:
+        return bytes(rs[0].SerializeToString())
+    return packs.encode_pack([r.SerializeToString() for r in rs])
+
+
+def overlapping(rs: list[KafkaEventResponse]) -> list[list[KafkaEventResponse]]:
+    """40 results as a writer repeating itself would leave them: packs that overlap (8, 9 in two
+    packs), a record that repeats the last result of the pack before it, a pack repeating part of
+    itself after its end (a restarted writer appended to its own batch), then the rest."""
+    assert len(rs) == 40
+    return [
+        rs[0:10],
+        rs[8:20],
+        [rs[19]],
+        rs[20:30] + rs[25:30],
+        [rs[29], rs[30]],
+        rs[30:40],
+    ]
+
+
+async def test_a_dlq_with_overlapping_packs_replays_each_result_once(
+    engine: dict[str, Any], unique: str
+) -> None:
+    cid = f"dlq-dup-{unique}"
+    with trio.fail_after(90):
+        async with cluster(engine, replay_window=16) as c:
+            s = c.settings
+            rs = [result(cid, n, 7 * n) for n in range(1, 41)]
+            # The client's record as the router leaves it: every id routed to the DLQ (it was
+            # away), each record's write noted with its offset.
+            await c.engine.state.route([(cid, rs[-1].delivery_id)])
+            written = await c.engine.log.producer.send_batch(
+                s.kafka_dlq_topic, [(cid.encode(), record(g)) for g in overlapping(rs)]
+            )
+            await c.engine.state.dlq_written(
+                [
+                    DlqWrite(cid, g[-1].delivery_id, w.partition, w.offset)
+                    for g, w in zip(overlapping(rs), written, strict=True)
+                ]
+            )
+            assert {w.partition for w in written} == {
+                partition_for(cid.encode(), s.kafka_partitions)
+            }
+            got = []
+            async with open_stream(c.ports[0], {"client_id": cid, **P2}) as st:
+                while len(got) < 40:
+                    with trio.fail_after(20):
+                        r = await st.recv()
+                    assert r is not None, f"stream ended after {[x.number for x in got]}"
+                    if r.kind == ResponseKind.RESULT:
+                        got.append(r)
+                        await st.ack(r.delivery_id)
+                await wait_status(c, cid, Status.LIVE)
+                # Nothing more comes: no repeat was queued behind the last result.
+                with trio.move_on_after(0.5):
+                    extra = await st.recv()
+                    raise AssertionError(f"a repeat reached the wire: {extra}")
+            assert [r.number for r in got] == list(range(1, 41))
+            assert [r.delivery_id for r in got] == [r.delivery_id for r in rs]
+
+
+async def test_a_results_topic_with_overlapping_packs_delivers_each_result_once(
+    engine: dict[str, Any], unique: str
+) -> None:
+    """Live routing: the router takes a repeated result once; a protocol-2 client (raw, no
+    dedupe) and an original client (no delivery ids at all) each see every result once."""
+    with trio.fail_after(90):
+        async with cluster(engine) as c:
+            s = c.settings
+            for protocol, meta in ((2, P2), (1, {})):
+                cid = f"res-dup-p{protocol}-{unique}"
+                rs = [result(cid, n, 3 * n) for n in range(1, 41)]
+                async with open_stream(c.ports[0], {"client_id": cid, **meta}) as st:
+                    await wait_status(c, cid, Status.LIVE)
+                    await c.engine.log.producer.send_batch(
+                        s.kafka_results_topic,
+                        [(cid.encode(), record(g)) for g in overlapping(rs)],
+                    )
+                    got = []
+                    while len(got) < 40:
+                        with trio.fail_after(20):
+                            r = await st.recv()
+                        assert r is not None, f"stream ended after {[x.number for x in got]}"
+                        if r.kind == ResponseKind.RESULT:
+                            got.append(r)
+                            if protocol == 2:
+                                await st.ack(r.delivery_id)
+                    with trio.move_on_after(1.0):
+                        extra = await st.recv()
+                        raise AssertionError(f"p{protocol}: a repeat reached the wire: {extra}")
+                assert [r.number for r in got] == list(range(1, 41)), protocol
+                assert [r.result for r in got] == [n * n for n in range(1, 41)]
+                if protocol == 2:
+                    assert [r.delivery_id for r in got] == [r.delivery_id for r in rs]
