@@ -7,7 +7,9 @@ the Kafka broker and redis-server are each SIGKILLed and restarted once. The har
 if nothing receipted was lost, nothing was reordered or shown twice to the application, and
 nothing unexpected arrived; this test checks that and the JSON summary, and prints the summary.
 
-The seed is fixed so a failure can be replayed (`NIMBUS_CHAOS_SEED` overrides it). The brokers
+Every run draws a fresh seed, so every CI run tries a schedule nobody chose; the seed is printed
+first (and is in the summary and the run folder's name), so a failure can be replayed with
+`NIMBUS_CHAOS_SEED=<seed>`, which fixes it. For many seeds at once: scripts/chaos_sweep.py. The brokers
 are the ones scripts/test.sh started (the `kafka_brokers`/`redis_address` fixtures): the harness
 kills and restarts them through scripts/kafka.sh and scripts/redis.sh, and leaves them running.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -56,7 +59,9 @@ def _port(address: str) -> str:
 def test_delivery_contract_holds_under_chaos(
     kafka_brokers: str, redis_address: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    seed = os.environ.get("NIMBUS_CHAOS_SEED", "10")
+    seed = os.environ.get("NIMBUS_CHAOS_SEED") or str(secrets.randbelow(1_000_000))
+    with capsys.disabled():
+        print(f"\nchaos seed {seed} (replay it with NIMBUS_CHAOS_SEED={seed})", flush=True)
     run_dir = ROOT / "artifacts" / f"chaos-ci-{time.strftime('%Y%m%d-%H%M%S')}-{seed}"
     summary_path = run_dir / "ci-summary.json"
     cmd = [
