@@ -15,15 +15,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import trio
+from loguru import logger
 
 from nimbus import packs
 from nimbus.engines.murmur2 import partition_for
 from nimbus.lifecycle import Status
 from nimbus.messages import KafkaEventResponse
+from nimbus.pod import Pod
 from nimbus.ports import DlqWrite
 from nimbus.proto_gen.nimbus import ResponseKind
 from tests.test_pipeline import P2, cluster, engine, wait_status  # noqa: F401 (fixture)
+from tests.test_retention import reconnect_and_ack, send_and_leave, wait_in_dlq
 from tests.wire import open_stream
 
 
@@ -135,3 +139,39 @@ async def test_a_results_topic_with_overlapping_packs_delivers_each_result_once(
                 assert [r.result for r in got] == [n * n for n in range(1, 41)]
                 if protocol == 2:
                     assert [r.delivery_id for r in got] == [r.delivery_id for r in rs]
+
+
+async def test_a_pod_refusing_runs_still_gets_the_backlog_one_by_one(
+    monkeypatch: pytest.MonkeyPatch, unique: str
+) -> None:
+    """No refusal repeats itself: a pod that refuses every run of more than one result (as a
+    pod of another version might) makes the replay send one result per delivery; the client
+    gets its whole backlog in order and goes LIVE, the refusal is logged at ERROR once and
+    counted, and the run is not sent again and again."""
+    refused: list[int] = []
+    real = Pod._deliver_run
+
+    def refuse_runs(self: Pod, s: Any, reply_to: str, d: Any, steps: Any) -> None:
+        if len(d.run_ids) > 1:
+            refused.append(d.delivery_id)
+            self._report(reply_to, d, delivered=False, refused="runs not taken here")
+            return
+        real(self, s, reply_to, d, steps)
+
+    monkeypatch.setattr(Pod, "_deliver_run", refuse_runs)
+    cid = f"refused-{unique}"
+    errors: list[str] = []
+    sink = logger.add(lambda m: errors.append(str(m)), level="ERROR")
+    try:
+        with trio.fail_after(60):
+            async with cluster({"engine": "memory"}, dlq_pack=4) as c:
+                ids = await send_and_leave(c.ports[0], cid, range(1, 41))
+                await wait_in_dlq(c, cid, ids[-1])
+                got = await reconnect_and_ack(c, cid, 40)
+                assert [r.number for r in got] == list(range(1, 41))
+                assert [r.delivery_id for r in got] == ids
+                assert c.counters["replay.refused"] == 1
+    finally:
+        logger.remove(sink)
+    assert len(refused) <= 5, refused  # the runs in flight when the first refusal came back
+    assert sum("refused a run" in e for e in errors) == 1, errors

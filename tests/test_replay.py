@@ -134,3 +134,63 @@ async def test_a_failed_delivery_freezes_the_cursor() -> None:
     assert cs.cancel_called
     p._advance()  # what the publish stage does after an empty batch
     assert p.cursor == 0 and svc._cursors == {}
+
+
+# -- refusals and stalls (issue #13): every refusal leads to a change, every retry backs off ---
+
+
+def _ended(svc: ReplayService, p: ReplayPipeline, fault: str, delivered: int = 0) -> None:
+    p.fault, p.delivered = fault, delivered
+    svc._ended(p)
+
+
+async def test_replays_that_end_by_a_fault_back_off_and_a_stall_is_reported_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    svc, _, _ = await service()
+    svc.s = config.load(env={}, dotenv=False, stall_ms=5_000)
+    waits = []
+    for _ in range(8):
+        p = ReplayPipeline(svc, "x", 3, "pod", 0, 0)
+        _ended(svc, p, "a delivery failed")
+        r = svc._retry["x"]
+        waits.append(round(r.not_before - trio.current_time(), 2))
+        await trio.sleep_until(r.not_before)
+    assert waits == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert svc.counters["replay.stalled"] == 1 and svc.stalled() == 1  # reported once
+    # Progress (a replay that delivered something) resets the back-off and the report.
+    _ended(svc, ReplayPipeline(svc, "x", 3, "pod", 0, 0), "a delivery failed", delivered=5)
+    assert svc._retry["x"].failures == 1 and svc.stalled() == 0
+    # A replay that ended without a fault (flipped LIVE, client left) forgets the client.
+    _ended(svc, ReplayPipeline(svc, "x", 3, "pod", 0, 0), "")
+    assert "x" not in svc._retry
+
+
+async def test_a_refused_run_makes_the_next_replay_send_one_result_per_delivery() -> None:
+    svc, _, _ = await service()
+    p = ReplayPipeline(svc, "x", 3, "pod", 0, 0)
+    assert p.run_max > 1
+    p.refused = "run of x: 2 ids, 1 heads, 2 logs"
+    _ended(svc, p, "a pod refused a delivery")
+    assert svc.counters["replay.refused"] == 1 and svc._retry["x"].singles
+    # The next replay of this epoch is built with singles (see ReplayService._start).
+    assert ReplayPipeline(svc, "x", 3, "pod", 0, 0, singles=True).run_max == 1
+    # A new epoch (the client reconnected) starts afresh.
+    _ended(svc, ReplayPipeline(svc, "x", 4, "pod", 0, 0), "a delivery failed")
+    assert not svc._retry["x"].singles
+
+
+async def test_a_replay_with_nothing_confirmed_within_the_delivery_timeout_stops(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A lost delivery message (or its lost report) must not hold a replay for ever."""
+    svc, _, _ = await service()
+    svc.s = config.load(env={}, dotenv=False, delivery_timeout_ms=2_000)
+    p = ReplayPipeline(svc, "x", 1, "pod", 0, 0)
+    t = svc.new_token(p)
+    p.unconfirmed[t] = _Run(0, 10, 10)
+    p.progress_at = trio.current_time()
+    with trio.CancelScope() as cs:
+        await p._watchdog(cs)
+    assert cs.cancel_called and p.stopped and "no delivery confirmed" in p.fault
+    assert 2.0 < trio.current_time() <= 2.6

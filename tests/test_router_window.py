@@ -2,7 +2,10 @@
 
 The model test wires RouterWindow to the lifecycle table (the store), a simulated pod per
 client connection and a simulated replay, then lets hypothesis interleave connects, disconnects,
-reconnects, results, delivery reports, timeouts and replays. In every generated history each
+reconnects, results, delivery reports, timeouts and replays. Both topics are written
+at-least-once: results are written again at random points (a killed event consumer) and DLQ
+writes repeat part of what was written before (a killed router), and the readers must take each
+result once. In every generated history each
 client must see every result, first deliveries in delivery-id order, and the commit must never
 pass an unresolved result.
 """
@@ -10,11 +13,13 @@ pass an unresolved result.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nimbus import lifecycle as L
+from nimbus import packs
 from nimbus.lifecycle import ClientRecord, Route, RouteDecision, Status
 from nimbus.ports import TopicPartition
 from nimbus.router_window import RouterWindow, S
@@ -141,7 +146,7 @@ class Model:
     w: RouterWindow = field(default_factory=lambda: RouterWindow(3.0))
     store: dict[str, ClientRecord] = field(default_factory=dict)
     conns: dict[str, Conn | None] = field(default_factory=dict)
-    dlq: dict[str, list[int]] = field(default_factory=dict)
+    dlq: dict[str, list[list[int]]] = field(default_factory=dict)  # records (packs) of ids
     seen: dict[str, list[int]] = field(default_factory=dict)  # first deliveries, in order
     sent: dict[str, list[int]] = field(default_factory=dict)
     replay_pos: dict[str, int] = field(default_factory=dict)
@@ -149,6 +154,7 @@ class Model:
     next_id: int = 0  # delivery ids (from the events topic's offsets, not the results topic's)
     now: float = 0.0
     committed: int = 0
+    dlq_repeat: int = 0  # > 0: the next DLQ write of a client first repeats this many of its ids
 
     def rec(self, c: str) -> ClientRecord:
         return self.store.get(c) or L.new_record(c)
@@ -183,6 +189,20 @@ class Model:
             self.sent.setdefault(c, []).append(self.next_id)
         self.next_offset += 1
 
+    def repeat_results(self, c: str, k: int) -> None:
+        """An event consumer killed before its commit writes c's last k results again, as one
+        record (a pack) at a new offset: the results topic is at-least-once."""
+        again = self.sent.get(c, [])[-k:]
+        if not again:
+            return
+        added = 0
+        for d in again:
+            if self.w.add(TP, self.next_offset, c, d, None) is not None:
+                added += 1
+        if not added:
+            self.w.add_skipped(TP, self.next_offset)
+        self.next_offset += 1
+
     def step_router(self, deliver: bool) -> None:
         w = self.w
         for e in w.pending_diverts():
@@ -210,9 +230,19 @@ class Model:
                 w.report(e.token, False)
             # else: the report is lost; the timeout takes care of it
         writes = w.take_dlq_writes()
+        by_client: dict[str, list[int]] = {}
         for e in writes:
-            self.dlq.setdefault(e.client_id, []).append(e.delivery_id)
-            self.store[e.client_id] = L.dlq_written(self.rec(e.client_id), e.delivery_id, 0)
+            by_client.setdefault(e.client_id, []).append(e.delivery_id)
+        for c, ids in by_client.items():
+            records = self.dlq.setdefault(c, [])
+            if self.dlq_repeat:
+                # At-least-once: a router killed after its DLQ write and before its commit
+                # writes part of it again, in front of what is new (one pack spanning both).
+                done = [d for r in records for d in r][-self.dlq_repeat :]
+                ids = done + ids
+            records.append(ids)
+            self.store[c] = L.dlq_written(self.rec(c), ids[-1], 0)
+        self.dlq_repeat = 0
         w.dlq_done(writes)
         for off in w.commits().values():
             assert off >= self.committed
@@ -227,9 +257,19 @@ class Model:
         conn = self.conns.get(c)
         if rec.status is not Status.REPLAYING or conn is None or not conn.alive:
             return
-        for d in self.dlq.get(c, []):
-            if d > self.rec(c).acked:
-                self.receive(c, d)
+        # As the replay reads: each record's results through packs.fresh from the highest id
+        # taken (the acked one at the start), published as one run across records; the pod
+        # takes a run only if its ids strictly increase above what the client acked.
+        taken = self.rec(c).acked
+        run: list[int] = []
+        for record in self.dlq.get(c, []):
+            new = packs.fresh([SimpleNamespace(delivery_id=d) for d in record], taken)  # type: ignore[misc]
+            run += [r.delivery_id for r in new]
+            taken = run[-1] if run else taken
+        assert all(a < b for a, b in zip(run, run[1:], strict=False)), f"{c}: run {run}"
+        assert not run or run[0] > self.rec(c).acked
+        for d in run:
+            self.receive(c, d)
         self.store[c] = L.try_flip(self.rec(c))[0]
 
     def check_invariants(self) -> None:
@@ -254,6 +294,8 @@ ops = st.one_of(
     st.tuples(st.just("reconnect"), clients),
     st.tuples(st.just("tick"), st.none()),
     st.tuples(st.just("replay"), clients),
+    st.tuples(st.just("repeat_results"), st.tuples(clients, st.integers(1, 4))),
+    st.tuples(st.just("repeat_dlq"), st.integers(1, 3)),
 )
 
 
@@ -279,6 +321,11 @@ def test_every_history_keeps_the_delivery_contract(history: list[tuple[str, obje
             m.tick()
         elif op == "replay":
             m.replay(str(arg))
+        elif op == "repeat_results":
+            c, k = arg  # type: ignore[misc]
+            m.repeat_results(c, k)
+        elif op == "repeat_dlq":
+            m.dlq_repeat = int(arg)  # type: ignore[call-overload]
         m.check_invariants()
     # Quiesce: everyone connects, the router drains, replays run, until nothing is pending.
     for _ in range(20):
