@@ -3,7 +3,10 @@ in-memory engine. Needs no Kafka, Redis, Java or Docker."""
 
 from __future__ import annotations
 
-import argparse
+import os
+import shlex
+import shutil
+import sys
 
 import trio
 import trio_asyncio
@@ -11,7 +14,7 @@ from loguru import logger
 
 from nimbus.config import Settings
 from nimbus.engines import open_engine
-from nimbus.entry import run_process, run_with_signals
+from nimbus.entry import ArgumentParser, leaves, run_process, run_with_signals
 from nimbus.server import run_server
 from nimbus.topics import ensure_topics
 from nimbus.web import run_web
@@ -29,11 +32,10 @@ async def run_all(
             if settings.web_port:
                 await start_web(nursery, settings, engine.log, engine.state)
             logger.info(
-                "Nimbus all-in-one ready on port {} ({} engine). Try: python -m nimbus.client "
-                "--client_id=a --start=1 --end=10 --target 127.0.0.1:{}",
+                "Nimbus all-in-one ready on port {} ({} engine). Try: {}",
                 port,
                 settings.engine,
-                port,
+                client_hint(settings.host, port),
             )
             task_status.started(port)
 
@@ -42,10 +44,36 @@ async def start_web(nursery: trio.Nursery, settings: Settings, log: object, stat
     """The live web view beside the all-in-one; a port already taken only costs the view."""
     try:
         await nursery.start(run_web, settings, log, state)
-    except OSError as e:
+    except* OSError as group:  # trio wraps it in groups: `except OSError` would miss it
         logger.warning(
-            "live web view not started on {}:{}: {}", settings.web_host, settings.web_port, e
+            "live web view not started on {}:{}: {} (NIMBUS_WEB_PORT: another port, or 0 for none)",
+            settings.web_host,
+            settings.web_port,
+            next(leaves(group)),
         )
+
+
+def client_hint(host: str, port: int) -> str:
+    """The sample client's command for this server, to run as printed from the directory the
+    server started in (README: `.venv/bin/python -m nimbus.client ...` from the checkout)."""
+    python = sys.executable or "python3"
+    rel = os.path.relpath(python)
+    if not rel.startswith(os.pardir):
+        python = rel if os.sep in rel else os.path.join(os.curdir, rel)
+    else:
+        for name in ("python", "python3"):
+            found = shutil.which(name)
+            if found and os.path.realpath(found) == os.path.realpath(python):
+                python = name
+                break
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    return (
+        f"{shlex.quote(python)} -m nimbus.client --client_id=a --start=1 --end=10 "
+        f"--target {host}:{port}"
+    )
 
 
 async def main_async(settings: Settings) -> None:
@@ -54,7 +82,7 @@ async def main_async(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m nimbus", description=__doc__)
+    parser = ArgumentParser(prog="python -m nimbus", description=__doc__)
     parser.add_argument(
         "--engine",
         choices=("memory", "real"),

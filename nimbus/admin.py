@@ -19,10 +19,10 @@ from typing import Any
 import trio_asyncio
 
 from nimbus import event_consumer, packs, router
-from nimbus.config import Settings
+from nimbus.config import ConfigError, Settings
 from nimbus.engines import open_engine
 from nimbus.engines.murmur2 import partition_for
-from nimbus.entry import run_process
+from nimbus.entry import ArgumentParser, run_process
 from nimbus.lifecycle import ClientRecord, Status
 
 SCAN_LIMIT = 100_000  # DLQ records read at most to count one client's backlog
@@ -187,7 +187,11 @@ async def run(settings: Settings, args: argparse.Namespace, out: Any = None) -> 
         elif args.command == "client":
             d = await client(settings, engine.log, engine.state, args.client_id)
             if d is None:
-                print(f"no client {args.client_id!r}", file=sys.stderr)
+                print(
+                    f"nimbus.admin: no client {args.client_id!r} "
+                    "(python -m nimbus.admin clients lists them)",
+                    file=sys.stderr,
+                )
                 return 1
             print(json.dumps(d) if args.json else format_client(d), file=out)
         else:
@@ -197,7 +201,7 @@ async def run(settings: Settings, args: argparse.Namespace, out: Any = None) -> 
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m nimbus.admin",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -220,6 +224,11 @@ def main(argv: list[str] | None = None) -> None:
 
     async def main_async(settings: Settings) -> None:
         nonlocal code
+        if settings.engine == "memory":
+            raise ConfigError(
+                "NIMBUS_ENGINE=memory: nothing to read (the all-in-one keeps its state inside its "
+                "process); the admin reads a deployment's Kafka and Redis (NIMBUS_ENGINE=real)"
+            )
         code = await run(settings, args)
 
     run_process("nimbus.admin", "admin", main_async, log_level="warning", metrics_port=0)

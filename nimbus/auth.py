@@ -4,8 +4,10 @@ With `NIMBUS_AUTH=jwt` a stream must carry the metadata `authorization: Bearer <
 is verified with PyJWT against the configured key for its algorithm: the shared secret
 (`NIMBUS_AUTH_SECRET`) for HS256/HS384/HS512, the public key in `NIMBUS_AUTH_PUBLIC_KEY_FILE`
 for RS*/PS*/ES* (the allowed list is `NIMBUS_AUTH_ALGORITHMS`; a token naming any other
-algorithm is refused, so a public key is never used as an HMAC secret). `exp` and `sub` are
-required; `iss`/`aud` are checked when configured. The subject is the client id: a `client_id`
+algorithm is refused, so a public key is never used as an HMAC secret). An HS* secret must be at
+least as long as the hash (32 bytes for HS256, RFC 7518 3.2), or the process refuses to start.
+`exp` and `sub` are required, and `exp`, `nbf`, `iat` must be numbers (PyJWT alone would take a
+numeric string); `iss`/`aud` are checked when configured. The subject is the client id: a `client_id`
 metadata value that differs is refused, a missing one defaults to the subject.
 
 Refusals carry the gRPC status the doorman answers with: UNAUTHENTICATED for a missing, expired,
@@ -15,8 +17,9 @@ The token is checked once, when the stream opens (a stream outlives its token's 
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +34,9 @@ KEY_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"}
 )
 ALGORITHMS = HMAC_ALGORITHMS | KEY_ALGORITHMS
+# RFC 7518 3.2: an HMAC key at least as long as the hash's output.
+MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+NUMERIC_DATE_CLAIMS = ("exp", "nbf", "iat")
 AUTHORIZATION = "authorization"
 CLIENT_ID = "client_id"
 
@@ -65,6 +71,20 @@ def parse_algorithms(raw: str) -> tuple[str, ...]:
     return algs
 
 
+def check_secret(
+    secret: str | bytes, algorithms: Iterable[str], name: str = "NIMBUS_AUTH_SECRET"
+) -> None:
+    """ValueError unless `secret` is long enough for every HS* algorithm in `algorithms`."""
+    need = max((MIN_SECRET_BYTES[a] for a in algorithms if a in MIN_SECRET_BYTES), default=0)
+    size = len(secret.encode() if isinstance(secret, str) else secret)
+    if size < need:
+        alg = next(a for a, n in sorted(MIN_SECRET_BYTES.items()) if n == need)
+        raise ValueError(
+            f"{name} is {size} bytes; {alg} needs at least {need} (RFC 7518 3.2): "
+            "make one with `openssl rand -hex 32`"
+        )
+
+
 def load_public_key(path: str) -> Any:
     """The PEM public key (or certificate's key) in `path`; ValueError if unreadable."""
     from cryptography import x509
@@ -96,6 +116,7 @@ class Verifier:
             raise ValueError(
                 f"{'/'.join(sorted(HMAC_ALGORITHMS & set(self.algorithms)))} needs a secret"
             )
+        check_secret(self.secret, self.algorithms)
         if KEY_ALGORITHMS & set(self.algorithms) and self.public_key is None:
             raise ValueError(
                 f"{'/'.join(sorted(KEY_ALGORITHMS & set(self.algorithms)))} needs a public key file"
@@ -144,6 +165,14 @@ class Verifier:
             raise unauthenticated(f"token not accepted: {e}") from None
         except (jwt.InvalidTokenError, jwt.exceptions.InvalidKeyError, ValueError, TypeError):
             raise unauthenticated("invalid token") from None
+        for claim in NUMERIC_DATE_CLAIMS:
+            value = claims.get(claim)
+            if claim in claims and (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
+                raise unauthenticated(f"token claim {claim!r} is not a number")
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub.strip():
             raise unauthenticated("token subject is empty")

@@ -111,6 +111,7 @@ __all__ = [
     "StreamRefused",
     "Superseded",
     "backoff_delay",
+    "check_target",
     "classify_stream_end",
     "main",
     "open_client",
@@ -385,6 +386,11 @@ def parse_target(target: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port)
+
+
+def _metadata_value_ok(value: str) -> bool:
+    """gRPC metadata values are printable ASCII (0x20-0x7E); grpclib refuses anything else."""
+    return bool(value) and value.isascii() and value.isprintable()
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rand: float) -> float:
@@ -868,6 +874,12 @@ class NimbusClient:
             parse_target(t)
         if not client_id:
             raise ValueError("client_id must not be empty")
+        if not _metadata_value_ok(client_id):
+            raise ValueError(
+                f"client_id must be printable ASCII (gRPC metadata), got {client_id!r}"
+            )
+        if token is not None and not _metadata_value_ok(token):
+            raise ValueError("token must be printable ASCII (gRPC metadata)")
         if max_pending < 1 or result_buffer < 1:
             raise ValueError("max_pending and result_buffer must be >= 1")
         self.client_id = client_id
@@ -1420,8 +1432,12 @@ class NimbusClient:
         stream.half_close = True
         stream.wake.set()
         await stream.writer_done.wait()
-        # grpclib drops data it has not read yet when its stream is reset, on either side: give
-        # the server's reader a moment to take the final ack before the reset that ends the call.
+        # grpclib drops data it has not read yet when its stream is reset, on either side. The
+        # server ends a half-closed stream (OK) once it has read everything up to the half-close
+        # and written what it owed: wait for that, so the final ack is taken before anything
+        # resets the call (a fixed pause lost it on a loaded server, and its results were then
+        # diverted to the backlog and replayed). aclose() bounds the wait (close_timeout).
+        await stream.gone.wait()
         await trio.sleep(self._close_linger)
 
     # --- internals: the asyncio side (runs inside trio-asyncio) ----------------------------
@@ -1449,6 +1465,11 @@ class NimbusClient:
                         raise StreamTerminatedError(
                             f"connection lost while opening: {exc}"
                         ) from exc
+                    if self.protocol == 2:
+                        # A "hello" (an empty message): the server ends a stream that sends no
+                        # first message within NIMBUS_FIRST_MESSAGE_SEC, and a standby client
+                        # may have nothing else to send for a long time.
+                        await call.send_message(EventRequest())
                 await _hand_over(responses, _OPENED)
                 reader = asyncio.ensure_future(self._aio_reader(call, responses))
                 writer = asyncio.ensure_future(self._aio_writer(call, stream))
@@ -1648,6 +1669,101 @@ async def open_client(
         raise single from None
 
 
+_H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_H2_SETTINGS: Final = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # empty SETTINGS frame
+_H2_GOAWAY: Final = b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + bytes(8)  # NO_ERROR
+_H2_FRAME_SETTINGS: Final = 0x04
+
+
+async def check_target(
+    target: str, *, ssl: _ssl.SSLContext | bool | None = None, timeout: float = 5.0
+) -> str | None:
+    """Whether `target` is a gRPC server at all, on a connection of its own: every gRPC server
+    answers the HTTP/2 preface with a SETTINGS frame at once, while a stream to a web server (or
+    anything else) only fails later, and the client would take that for a flaky link and retry.
+
+    Returns None when the target speaks HTTP/2, else why it is no gRPC server, in words for a
+    person (a TLS handshake that failed included). Raises `ConnectionFailed`, with the words
+    opening a stream would use, when nothing answers at all. Needs no asyncio loop."""
+    host, port = parse_target(target)
+    try:
+        with trio.fail_after(timeout):
+            tcp = await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError:
+        raise ConnectionFailed({target: "timed out"}) from None
+    except OSError as e:
+        # trio tries every address and raises one OSError, with each attempt's error as cause
+        cause = e.__cause__
+        if isinstance(cause, BaseExceptionGroup):
+            cause = _single(cause) or cause
+        why = describe_error(cause if isinstance(cause, OSError) else e)
+        raise ConnectionFailed({target: why}) from None
+    stream: trio.abc.Stream = tcp
+    try:
+        if ssl:
+            ctx = ssl if isinstance(ssl, _ssl.SSLContext) else _ssl.create_default_context()
+            ctx.set_alpn_protocols(["h2"])
+            tls = trio.SSLStream(tcp, ctx, server_hostname=host)
+            try:
+                with trio.fail_after(timeout):
+                    await tls.do_handshake()
+            except trio.TooSlowError:
+                return f"{target}: no TLS handshake within {timeout:g}s; is it a TLS server?"
+            except trio.BrokenResourceError as e:
+                reason = getattr(e.__cause__, "reason", None) or e.__cause__ or e
+                return (
+                    f"TLS handshake with {target} failed ({reason}): is it a TLS server, and does "
+                    "the --tls CA file sign its certificate?"
+                )
+            stream = tls
+            if tls.selected_alpn_protocol() != "h2":
+                return (
+                    f"{target} does not speak gRPC/HTTP2: it did not agree to HTTP/2 over TLS "
+                    f"(ALPN {tls.selected_alpn_protocol()!r}); check --target"
+                )
+        data = b""
+        closed = False
+        try:
+            await stream.send_all(_H2_PREFACE + _H2_SETTINGS)
+            with trio.move_on_after(timeout):
+                while len(data) < 9:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        closed = True
+                        break
+                    data += chunk
+        except trio.BrokenResourceError:
+            closed = True  # reset: judged on what arrived
+        if len(data) >= 9 and data[3] == _H2_FRAME_SETTINGS:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(_H2_GOAWAY)
+            return None
+        first_line = data.split(b"\n", 1)[0].strip().decode("latin-1")[:60]
+        if data.startswith(b"HTTP/") or data.lstrip().startswith(b"<"):
+            return (
+                f"{target} does not speak gRPC/HTTP2: it answered in HTTP/1 ({first_line!r}), "
+                "a web server? check --target"
+            )
+        if data[:1] in (b"\x15", b"\x16") and not ssl:  # a TLS alert or handshake record
+            return f"{target} does not speak gRPC/HTTP2 in the clear: it answered in TLS; use --tls"
+        if data and first_line.isprintable():
+            return f"{target} does not speak gRPC/HTTP2: it answered {first_line!r}; check --target"
+        if data:
+            return f"{target} does not speak gRPC/HTTP2: it answered {data[:16]!r}; check --target"
+        if closed:
+            return (
+                f"{target} does not speak gRPC/HTTP2: it closed the connection without an "
+                f"HTTP/2 answer; check --target{'' if ssl else ' (and --tls for a TLS server)'}"
+            )
+        return (
+            f"{target} does not speak gRPC/HTTP2: no HTTP/2 answer within {timeout:g}s; "
+            "check --target"
+        )
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(stream)
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI: python -m nimbus.client
 # ---------------------------------------------------------------------------------------------
@@ -1697,25 +1813,26 @@ def _default_target() -> str:
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    from nimbus.entry import ArgumentParser  # one-line usage errors, as every Nimbus command
+
+    parser = ArgumentParser(
         prog="python -m nimbus.client",
         description=(
             "Send an event (`sq` by default) for each number in --start..--end over one Nimbus "
-            "stream and print "
-            "the results as they arrive. --start=0 --end=0 sends nothing and stands by for results "
-            "(Ctrl-C to stop)."
+            "stream and print the results as they arrive. --start=0 --end=0 sends nothing and "
+            "stands by for results (Ctrl-C to stop). Ctrl-C prints what was sent and what arrived."
         ),
         epilog=(
             "exit status: 0 every result arrived (results carrying an error included), "
-            "1 timed out or results were lost, 2 usage error, 3 server unreachable, "
-            "4 server refused the stream, 130 interrupted."
+            "1 timed out or results were lost, 2 usage error, 3 server unreachable or not a gRPC "
+            "server, 4 server refused the stream, 130 interrupted (Ctrl-C, standing by included)."
         ),
     )
     parser.add_argument(
         "--client_id",
         "--client-id",
         default="client_default",
-        help="client id (metadata client_id)",
+        help="client id, sent as the metadata client_id; printable ASCII (default %(default)s)",
     )
     parser.add_argument("--start", type=int, default=1, help="first number (default 1)")
     parser.add_argument("--end", type=int, default=10, help="last number, inclusive (default 10)")
@@ -1734,13 +1851,20 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="1: the original's, 2: acks and receipts (default)",
     )
     parser.add_argument("--event", default="sq", help="event name (default sq)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        metavar="N",
+        help="send at most N events per second (default 0: as fast as the stream takes them)",
+    )
     parser.add_argument("--trace", action="store_true", help="print each result's trace steps")
     parser.add_argument(
         "--timeout",
         type=float,
-        default=30.0,
+        default=None,
         metavar="SEC",
-        help="give up after SEC seconds (default 30)",
+        help="give up after SEC seconds (default 30, plus the sending time at --rate)",
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log connection events to stderr"
@@ -1767,13 +1891,26 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(str(e))
     if not args.client_id:
         parser.error("--client_id must not be empty")
+    if not _metadata_value_ok(args.client_id):
+        parser.error(
+            f"--client_id must be printable ASCII (a gRPC metadata value), got {args.client_id!r}"
+        )
+    if args.token is not None and not _metadata_value_ok(args.token):
+        parser.error("--token (or $NIMBUS_TOKEN) must be printable ASCII, as a JWT is")
     if not (args.start == 0 and args.end == 0) and args.end < args.start:
         parser.error("--end must be >= --start")
     for n in (args.start, args.end):
         if not INT32_MIN <= n <= INT32_MAX:
             parser.error(f"{n} does not fit int32")
-    if args.timeout <= 0:
+    if not (args.rate >= 0 and math.isfinite(args.rate)):
+        parser.error("--rate must be >= 0")
+    if args.timeout is None:
+        count = 0 if args.start == args.end == 0 else args.end - args.start + 1
+        args.timeout = 30.0 + (count / args.rate if args.rate else 0.0)
+    elif not (args.timeout > 0 and math.isfinite(args.timeout)):
         parser.error("--timeout must be > 0")
+    if args.tls and not os.path.isfile(args.tls):
+        parser.error(f"--tls {args.tls}: no such file (a PEM CA bundle)")
     return args
 
 
@@ -1792,6 +1929,34 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+@dataclass
+class _Tally:
+    """What the CLI sent and what arrived, for the line Ctrl-C prints."""
+
+    event: str
+    planned: int
+    protocol: int
+    sent: int = 0
+    last_sent: int | None = None
+    arrived: int = 0
+    last: Result | None = None
+
+    def interrupted(self, elapsed: float) -> str:
+        if self.planned:
+            sent = f"sent {self.sent} of {self.planned} events"
+            if self.last_sent is not None:
+                sent += f" (last {self.event}({self.last_sent}))"
+        else:
+            sent = "standing by (sends nothing)"
+        arrived = f"{self.arrived} result{'' if self.arrived == 1 else 's'} arrived"
+        if self.last is not None:
+            arrived += f" (last {self.last.event_name}({self.last.number})"
+            if self.protocol == 2:
+                arrived += f", delivery {self.last.delivery_id}"
+            arrived += ")"
+        return f"interrupted after {elapsed:.2f}s: {sent}, {arrived}"
+
+
 async def _cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     standby = args.start == 0 and args.end == 0
     numbers = [] if standby else list(range(args.start, args.end + 1))
@@ -1802,6 +1967,7 @@ async def _cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     all_sent = False
     finished = trio.Event()
     interrupted = False
+    tally = _Tally(args.event, len(numbers), args.protocol)
 
     def settle(number: int) -> None:
         outstanding.discard(number)
@@ -1841,8 +2007,13 @@ async def _cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     async def sender(client: NimbusClient) -> None:
         nonlocal all_sent
-        for n in numbers:
+        begun = trio.current_time()
+        for i, n in enumerate(numbers):
+            if args.rate:
+                await trio.sleep_until(begun + i / args.rate)
             seq_number[await client.send(args.event, n)] = n
+            tally.sent += 1
+            tally.last_sent = n
         all_sent = True
         # Everything may have settled before the last send() returned.
         if numbers and not outstanding:
@@ -1851,6 +2022,8 @@ async def _cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     async def printer(client: NimbusClient) -> None:
         nonlocal unanswered
         async for r in client.results():
+            tally.arrived += 1
+            tally.last = r
             # Protocol 2: a result without a seq answers an event of an earlier session.
             mine = args.protocol == 1 or r.seq is not None
             print(format_result(r, protocol=args.protocol, mine=mine), file=out, flush=True)
@@ -1874,19 +2047,40 @@ async def _cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     started = trio.current_time()
     main_scope = trio.CancelScope()
     timeout_scope = trio.CancelScope(deadline=math.inf if standby else started + args.timeout)
+    ssl = _client_ssl(args.tls)
 
     async def watch_sigint() -> None:
         nonlocal interrupted
         with trio.open_signal_receiver(signal.SIGINT) as signals:
             async for _ in signals:
+                if interrupted:  # a second Ctrl-C: do not wait for the final ack
+                    print(tally.interrupted(trio.current_time() - started), file=err, flush=True)
+                    os._exit(EXIT_INTERRUPTED)
                 interrupted = True
                 main_scope.cancel()
-                return
+
+    async def not_grpc() -> str | None:
+        """Why a target that answers is not a gRPC server (each checked at once, concurrently);
+        one that cannot be reached is left to the client, which tries the others."""
+        verdicts: dict[str, str | None] = {}
+
+        async def check(target: str) -> None:
+            with contextlib.suppress(ConnectionFailed):
+                verdicts[target] = await check_target(target, ssl=ssl)
+
+        async with trio.open_nursery() as nursery:
+            for target in args.target:
+                nursery.start_soon(check, target)
+        return next((v for v in verdicts.values() if v), None)
 
     async with trio.open_nursery() as top:
         top.start_soon(watch_sigint)
         try:
             with main_scope, timeout_scope:
+                why = await not_grpc()
+                if why is not None:
+                    print(why, file=err)
+                    return EXIT_UNREACHABLE
                 async with trio_asyncio.open_loop():
                     async with open_client(
                         args.target,
@@ -1895,7 +2089,7 @@ async def _cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                         connect_timeout=0,
                         on_event=on_event,
                         token=args.token,
-                        ssl=_client_ssl(args.tls),
+                        ssl=ssl,
                     ) as client:
                         await session(client)
         except BaseException as exc:
@@ -1903,12 +2097,16 @@ async def _cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             if isinstance(leaf, ConnectionFailed | StreamRefused):
                 print(str(leaf), file=err)
                 return EXIT_UNREACHABLE if isinstance(leaf, ConnectionFailed) else EXIT_REFUSED
+            if isinstance(leaf, NimbusError):
+                print(str(leaf), file=err)
+                return EXIT_MISSING
             raise
         finally:
             top.cancel_scope.cancel()
 
     if interrupted:
-        return EXIT_OK if standby else EXIT_INTERRUPTED
+        print(tally.interrupted(trio.current_time() - started), file=err, flush=True)
+        return EXIT_INTERRUPTED
     if timeout_scope.cancelled_caught or outstanding or lost:
         missing = sorted(outstanding | set(lost))
         shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
@@ -1935,7 +2133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.remove()
     if args.verbose:
         logger.add(sys.stderr, level="DEBUG")
-    return trio.run(_cli, args, sys.stdout, sys.stderr)
+    try:
+        return trio.run(_cli, args, sys.stdout, sys.stderr)
+    except KeyboardInterrupt:  # a Ctrl-C outside the CLI's own handling (start-up, shutdown)
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -147,6 +147,12 @@ VARIABLES: dict[str, Var] = {
         ),
         Var("NIMBUS_PRODUCER_LINGER_MS", "2", _int(0, 10_000), "Kafka producer linger"),
         Var(
+            "NIMBUS_KAFKA_CLIENT",
+            "kafka-python",
+            _choice("kafka-python", "librdkafka"),
+            "Kafka client library (engine=real): kafka-python or librdkafka (confluent-kafka)",
+        ),
+        Var(
             "NIMBUS_ROUTER_WINDOW",
             "20000",
             _int(1, 10_000_000),
@@ -213,6 +219,12 @@ VARIABLES: dict[str, Var] = {
             "",
             str,
             "web view: metrics endpoints (host:port,...) of the pods and workers to sum per-stage counters from",
+        ),
+        Var(
+            "NIMBUS_HTTP_ALLOWED_HOSTS",
+            "",
+            str,
+            "metrics endpoint and web view: Host names (comma-separated) answered besides the bind address and localhost/127.0.0.1/[::1], against DNS rebinding; others get 403; *: any",
         ),
         Var(
             "NIMBUS_ALLINONE_DEMO",
@@ -284,6 +296,60 @@ VARIABLES: dict[str, Var] = {
             _int(0, 10_000_000),
             "token bucket capacity (0: one second's worth of the rate)",
         ),
+        Var(
+            "NIMBUS_MAX_CLIENT_ID_BYTES",
+            "256",
+            _int(1, 16_384),
+            "longest client_id accepted (printable ASCII); a longer one is refused with INVALID_ARGUMENT before any state changes",
+        ),
+        Var(
+            "NIMBUS_HANDSHAKE_TIMEOUT_SEC",
+            "10",
+            _int(1, 3600),
+            "a connection must complete the HTTP/2 preface (after TLS) within this, or it is closed",
+        ),
+        Var(
+            "NIMBUS_IDLE_CONNECTION_SEC",
+            "120",
+            _int(1, 86_400),
+            "a connection with no open stream for this long is closed (GOAWAY first)",
+        ),
+        Var(
+            "NIMBUS_FIRST_MESSAGE_SEC",
+            "30",
+            _int(0, 86_400),
+            "a stream must send its first message within this (the client library sends one at once; 0: no limit), or it ends with DEADLINE_EXCEEDED",
+        ),
+        Var(
+            "NIMBUS_HALF_CLOSED_SEC",
+            "60",
+            _int(1, 86_400),
+            "a stream the client half-closed ends with OK once every result of its events is delivered (and acked); it waits at most this long, then ends with DEADLINE_EXCEEDED (the rest goes to its backlog)",
+        ),
+        Var(
+            "NIMBUS_STREAM_QUEUE_BYTES",
+            "8388608",
+            _int(65_536, 1 << 40),
+            "bytes of responses queued per stream (with NIMBUS_STREAM_QUEUE, a count) before the stream is cut as a slow reader",
+        ),
+        Var(
+            "NIMBUS_POD_QUEUE_BYTES",
+            "268435456",
+            _int(1 << 20, 1 << 42),
+            "bytes of responses queued over all streams of a pod; past it, the stream with the most queued is cut as a slow reader",
+        ),
+        Var(
+            "NIMBUS_INGEST_QUEUE_BYTES",
+            "67108864",
+            _int(65_536, 1 << 40),
+            "bytes of events waiting to be produced by a pod; past it, streams wait (HTTP/2 flow control pushes back on the clients)",
+        ),
+        Var(
+            "NIMBUS_RECORD_TTL_SEC",
+            "604800",
+            _int(0, 1 << 31),
+            "a client's state record expires this long after it went OFFLINE with nothing pending (0: never)",
+        ),
     ]
 }
 
@@ -309,6 +375,7 @@ class Settings:
     status_interval_ms: int
     stream_queue: int
     producer_linger_ms: int
+    kafka_client: str
     router_window: int
     replay_window: int
     dlq_pack: int
@@ -322,6 +389,7 @@ class Settings:
     web_host: str
     web_refresh_ms: int
     web_scrape: str
+    http_allowed_hosts: str
     allinone_demo: bool
     auth: str
     auth_algorithms: str
@@ -337,6 +405,15 @@ class Settings:
     max_streams: int
     client_event_rate: int
     client_event_burst: int
+    max_client_id_bytes: int
+    handshake_timeout_sec: int
+    idle_connection_sec: int
+    first_message_sec: int
+    half_closed_sec: int
+    stream_queue_bytes: int
+    pod_queue_bytes: int
+    ingest_queue_bytes: int
+    record_ttl_sec: int
 
     @property
     def pod_channel(self) -> str:

@@ -561,7 +561,19 @@ async def _handle(req: httpd.Request) -> httpd.Response:
 
 
 async def serve_metrics(
-    host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    host: str,
+    port: int,
+    *,
+    allowed_hosts: str | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """`GET /metrics` (Prometheus text format) until cancelled; reports the bound port."""
-    await httpd.serve(host, port, _handle, "metrics", task_status=task_status)
+    """`GET /metrics` (Prometheus text format) until cancelled; reports the bound port.
+    `allowed_hosts`: Host names admitted besides the bind address and loopback (default:
+    NIMBUS_HTTP_ALLOWED_HOSTS)."""
+    if allowed_hosts is None:
+        from nimbus import config
+
+        allowed_hosts = config.load().http_allowed_hosts
+    await httpd.serve(
+        host, port, _handle, "metrics", allowed_hosts=allowed_hosts, task_status=task_status
+    )

@@ -72,17 +72,48 @@ class Close:
 OutboxItem = tuple[int, EventResponse | bytes | None] | Close  # bytes: encoded; None: confirm only
 
 
+# What a queued response costs beyond its encoded bytes: the deque slot, the (id, payload) tuple,
+# the bytes object's header (measured: tests/test_stream_memory.py).
+ITEM_OVERHEAD = 160
+
+
+def item_bytes(item: OutboxItem) -> int:
+    """The memory an outbox item is counted for (its encoding plus ITEM_OVERHEAD)."""
+    if isinstance(item, Close):
+        return 0
+    payload = item[1]
+    if payload is None:
+        return ITEM_OVERHEAD
+    if isinstance(payload, bytes):
+        return len(payload) + ITEM_OVERHEAD
+    return int(payload.ByteSize()) + ITEM_OVERHEAD
+
+
+class Budget:
+    """Bytes queued in all the outboxes of one pod (NIMBUS_POD_QUEUE_BYTES)."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
 class Outbox:
     """A session's outgoing queue: the pod puts (`put_nowait`, never blocking), the stream's
     one writer gets. asyncio.Queue's interface for that use, at a fraction of its memory, since
     most streams are idle (issue #4: 10,000 of them on one pod): an asyncio.Queue holds four
     deques (~2.5 KB) from birth; this holds a deque only while something is queued, and one
-    future only while the writer waits."""
+    future only while the writer waits. Bounded by a count (`maxsize`) and by bytes
+    (`maxbytes`, see `item_bytes`); the bytes also count towards the pod's `budget`."""
 
-    __slots__ = ("_items", "_waiter", "maxsize")
+    __slots__ = ("_items", "_waiter", "maxsize", "maxbytes", "nbytes", "budget")
 
-    def __init__(self, maxsize: int = 0) -> None:
+    def __init__(self, maxsize: int = 0, maxbytes: int = 0, budget: Budget | None = None) -> None:
         self.maxsize = maxsize  # <= 0: unbounded, as asyncio.Queue
+        self.maxbytes = maxbytes  # <= 0: no byte bound
+        self.nbytes = 0
+        self.budget = budget
         self._items: deque[OutboxItem] | None = None
         self._waiter: asyncio.Future[None] | None = None
 
@@ -96,12 +127,18 @@ class Outbox:
         return 0 < self.maxsize <= self.qsize()
 
     def put_nowait(self, item: OutboxItem) -> None:
+        size = item_bytes(item)
         items = self._items
         if items is None:
             items = self._items = deque()
-        elif 0 < self.maxsize <= len(items):
+        elif not isinstance(item, Close) and (
+            0 < self.maxsize <= len(items) or 0 < self.maxbytes < self.nbytes + size
+        ):
             raise asyncio.QueueFull
         items.append(item)
+        self.nbytes += size
+        if self.budget is not None:
+            self.budget.used += size
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -115,7 +152,16 @@ class Outbox:
         item = items.popleft()
         if not items:
             self._items = None  # an idle stream keeps no deque
+        size = item_bytes(item)
+        self.nbytes -= size
+        if self.budget is not None:
+            self.budget.used -= size
         return item
+
+    def clear(self) -> None:
+        """Drop everything queued (a stream that is ending)."""
+        while self._items:
+            self.get_nowait()
 
     async def get(self) -> OutboxItem:
         """The next item, waiting for one (one getter at a time: the stream's writer)."""
@@ -141,6 +187,10 @@ class Session:
     unconfirmed: list[tuple[int, str, int]] = field(default_factory=list)
     acked: int = 0
     last_queued: int = 0  # highest delivery id put in the outbox
+    last_receipted: int = 0  # highest delivery id of an event this stream sent
+    written: int = 0  # highest delivery id written to the stream
+    in_ingest: int = 0  # events of this stream waiting to be produced
+    half_closed_at: float | None = None  # trio clock; set when the client ended its side
 
     def __repr__(self) -> str:
         return f"<Session {self.client_id} epoch={self.epoch} p{self.protocol} unconfirmed={len(self.unconfirmed)}>"
@@ -158,8 +208,12 @@ class Pod:
         self.sessions: dict[str, Session] = {}
         self._connecting: dict[str, list[tuple[str, Delivery]]] = {}
         self._ids = itertools.count(1)
-        send, recv = trio.open_memory_channel[tuple[Session, EventRequest]](10_000)
+        send, recv = trio.open_memory_channel[tuple[Session, EventRequest, int]](10_000)
         self._ingest_send, self._ingest_recv = send, recv
+        self._ingest_bytes = 0  # of the events in the ingest channel (NIMBUS_INGEST_QUEUE_BYTES)
+        self._ingest_room = trio.Event()
+        self.budget = Budget(settings.pod_queue_bytes)
+        self._half_closed: set[Session] = set()
         self._reports: dict[str, list[ReportItem]] = defaultdict(list)
         self._acks: dict[str, int] = {}
         self._ack_ns: dict[str, int] = {}  # wall clock of each client's latest ack here
@@ -178,11 +232,17 @@ class Pod:
             await nursery.start(listen, self.state, self.channel, self._on_message)
             nursery.start_soon(self._ingest)
             nursery.start_soon(self._reporter)
+            nursery.start_soon(self._half_closed_deadlines)
             task_status.started()
             logger.info("pod {} up", self.channel)
 
     async def open_session(self, client_id: str, protocol: int) -> Session:
-        s = Session(client_id, protocol, Outbox(self.s.stream_queue), next(self._ids))
+        s = Session(
+            client_id,
+            protocol,
+            Outbox(self.s.stream_queue, self.s.stream_queue_bytes, self.budget),
+            next(self._ids),
+        )
         held = self._connecting.setdefault(client_id, [])
         try:
             res = await self.state.connect(client_id, self.channel)
@@ -243,14 +303,13 @@ class Pod:
 
     def _end(self, s: Session, close: Close) -> None:
         s.closed = True
+        self._half_closed.discard(s)
         self._fail_unconfirmed(s)
-        try:
-            s.outbox.put_nowait(close)
-        except asyncio.QueueFull:
-            # The writer is stuck on a slow client; make room for the close.
-            while not s.outbox.empty():
-                s.outbox.get_nowait()
-            s.outbox.put_nowait(close)
+        if close.status is not None:
+            # What is queued is unconfirmed, hence reported undelivered: its memory goes now
+            # (the writer may be stuck on a slow client). A clean end lets the queue drain first.
+            s.outbox.clear()
+        s.outbox.put_nowait(close)
 
     async def wait_empty(self) -> None:
         """Until no stream is open and every closed one is marked OFFLINE (shutdown waits for
@@ -264,16 +323,66 @@ class Pod:
 
     # -- from the handler (synchronous, asyncio side) -----------------------------------------
 
-    def submit(self, s: Session, req: EventRequest) -> bool:
-        """Queue an event for the events topic; False if the ingest queue is full (await send)."""
+    def submit(self, s: Session, req: EventRequest, size: int = 0) -> bool:
+        """Queue an event (`size`: its encoded bytes) for the events topic; False if the ingest
+        queue is full, by count or by NIMBUS_INGEST_QUEUE_BYTES (then await `submit_wait`)."""
+        if self._ingest_bytes and self._ingest_bytes + size > self.s.ingest_queue_bytes:
+            return False
         try:
-            self._ingest_send.send_nowait((s, req))
-            return True
+            self._ingest_send.send_nowait((s, req, size))
         except trio.WouldBlock:
             return False
+        self._ingest_bytes += size
+        s.in_ingest += 1
+        return True
 
-    async def submit_wait(self, s: Session, req: EventRequest) -> None:
-        await self._ingest_send.send((s, req))
+    async def submit_wait(self, s: Session, req: EventRequest, size: int = 0) -> None:
+        """Queue the event once there is room (the stream's reader waits: HTTP/2 flow control
+        then holds the client back)."""
+        while not self.submit(s, req, size):
+            await self._ingest_room.wait()
+
+    def half_close(self, s: Session) -> None:
+        """The client ended its side: the stream ends with OK once every result of the events it
+        sent is written to it, or at NIMBUS_HALF_CLOSED_SEC. A half-closed stream can send no
+        ack: a protocol-2 client's unacked results are reported undelivered when the stream
+        ends, so they wait in its backlog, and come again (same delivery ids) next time."""
+        if s.closed or s.half_closed_at is not None:
+            return
+        s.half_closed_at = trio.current_time()
+        self._half_closed.add(s)
+        self._maybe_finish(s)
+
+    def _maybe_finish(self, s: Session) -> None:
+        if (
+            s.half_closed_at is not None
+            and not s.closed
+            and not s.in_ingest
+            and max(s.acked, s.written) >= s.last_receipted
+        ):
+            logs.for_client(s.client_id, s.epoch).info(
+                "client {}: half-closed stream done (results up to {} delivered); ending it",
+                s.client_id,
+                s.last_receipted,
+            )
+            self._end(s, Close(None))
+
+    async def _half_closed_deadlines(self) -> None:
+        limit = self.s.half_closed_sec
+        while True:
+            await trio.sleep(min(1.0, limit / 4))
+            now = trio.current_time()
+            for s in list(self._half_closed):
+                if s.half_closed_at is not None and now - s.half_closed_at >= limit:
+                    self.counters.inc("pod.half_closed_timeout")
+                    self._end(
+                        s,
+                        Close(
+                            "DEADLINE_EXCEEDED",
+                            f"half-closed stream: results still due after {limit}s; they wait "
+                            "in this client's backlog",
+                        ),
+                    )
 
     def refuse(self, s: Session, req: EventRequest, code: int, message: str) -> None:
         """Refuse one event before it is queued (a limit): a per-event error."""
@@ -288,8 +397,11 @@ class Pod:
 
     def on_written(self, s: Session, delivery_id: int) -> None:
         """The writer put a result on the wire. For clients that cannot ack, that is delivery."""
+        s.written = max(s.written, delivery_id)
         if s.protocol < 2:
             self.on_ack(s, delivery_id)
+        elif s.half_closed_at is not None:
+            self._maybe_finish(s)
 
     def on_ack(self, s: Session, acked: int) -> None:
         if acked <= s.acked:
@@ -309,6 +421,8 @@ class Pod:
             k += 1
         del pending[:k]
         self._flush.set()
+        if s.half_closed_at is not None:
+            self._maybe_finish(s)
 
     # -- tasks -------------------------------------------------------------------------------
 
@@ -318,7 +432,12 @@ class Pod:
             batch = await receive_batch(self._ingest_recv, INGEST_BATCH)
             accepted: list[tuple[Session, EventRequest]] = []
             records: list[tuple[bytes, bytes]] = []
-            for s, req in batch:
+            for s, _, size in batch:
+                self._ingest_bytes -= size
+                s.in_ingest -= 1
+            self._ingest_room.set()
+            self._ingest_room = trio.Event()
+            for s, req, _ in batch:
                 if s.closed:
                     # Never receipted, so the client resends it on its next stream; producing it
                     # now would put it behind (and beside) the resent copy.
@@ -329,6 +448,8 @@ class Pod:
                     self._send(
                         s, self._error(s, req, UNKNOWN_EVENT, f"unknown event {req.event_name!r}")
                     )
+                    if s.half_closed_at is not None:
+                        self._maybe_finish(s)
                     continue
                 kreq = KafkaEventRequest(
                     event_name=req.event_name,
@@ -358,6 +479,7 @@ class Pod:
                 continue
             self.counters.inc("pod.events", len(records))
             for (s, req), w in zip(accepted, written, strict=True):
+                s.last_receipted = max(s.last_receipted, w.offset + 1)
                 if s.protocol >= 2:
                     self._send(
                         s, EventResponse(kind=RECEIPT, seq=req.seq, delivery_id=w.offset + 1)
@@ -380,18 +502,23 @@ class Pod:
             return False
         try:
             s.outbox.put_nowait((delivery_id, resp))
-            return True
         except asyncio.QueueFull:
-            self.counters.inc("pod.slow_client")
-            logs.for_client(s.client_id, s.epoch).warning(
-                "client {}: outgoing queue full ({}); cutting the stream",
-                s.client_id,
-                s.outbox.maxsize,
-            )
-            self._end(
-                s, Close("RESOURCE_EXHAUSTED", "client does not read its results fast enough")
-            )
+            self._cut_slow(s, f"{s.outbox.qsize()} responses, {s.outbox.nbytes} bytes")
             return False
+        if self.budget.used > self.budget.limit:
+            # The pod's responses in all its queues are over NIMBUS_POD_QUEUE_BYTES: the stream
+            # holding the most is the slowest reader (its results go to its backlog).
+            worst = max(self.sessions.values(), key=lambda x: x.outbox.nbytes, default=s)
+            self._cut_slow(worst, f"the pod's queues hold {self.budget.used} bytes")
+            return worst is not s
+        return True
+
+    def _cut_slow(self, s: Session, why: str) -> None:
+        self.counters.inc("pod.slow_client")
+        logs.for_client(s.client_id, s.epoch).warning(
+            "client {}: outgoing queue full ({}); cutting the stream", s.client_id, why
+        )
+        self._end(s, Close("RESOURCE_EXHAUSTED", "client does not read its results fast enough"))
 
     async def _on_message(self, payload: bytes) -> None:
         """A message on this pod's channel: kicks, then deliveries."""

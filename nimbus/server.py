@@ -16,7 +16,6 @@ is ended with a status (not a reset) as soon as its outgoing queue overflows.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import ipaddress
@@ -32,16 +31,15 @@ import trio
 import trio_asyncio
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.health.service import Health
-from grpclib.protocol import H2Protocol
 from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server, Stream
 from loguru import logger
 
-from nimbus import badinput, grpcwire, logs, metrics, tls
+from nimbus import badinput, edge, grpcwire, logs, metrics, tls
 from nimbus.auth import AuthError, Verifier
 from nimbus.config import Settings
 from nimbus.engines import open_engine
-from nimbus.entry import run_process, run_with_signals
+from nimbus.entry import ArgumentParser, run_process, run_with_signals
 from nimbus.limits import RateLimiter
 from nimbus.messages import (  # also registers descriptors for reflection
     UNAVAILABLE,
@@ -75,15 +73,15 @@ class MessageTooLarge(Refusal):
         )
 
 
-async def _next_request(h2: Any, max_bytes: int) -> EventRequest | None:
-    """The stream's next request (None at its end), like `await anext(stream)`, but a message's
-    declared length is checked against `max_bytes` before its body is read (grpclib itself would
-    buffer any size). `h2` is the grpclib.protocol.Stream; its buffer is what its `recv_data`
-    reads (one coroutine fewer held by each idle stream)."""
+async def _next_request(h2: Any, max_bytes: int) -> tuple[EventRequest | None, int]:
+    """The stream's next request (None at its end) and its size in bytes, like
+    `await anext(stream)`, but a message's declared length is checked against `max_bytes` before
+    its body is read (grpclib itself would buffer any size). `h2` is the grpclib.protocol.Stream;
+    its buffer is what its `recv_data` reads (one coroutine fewer held by each idle stream)."""
     buffer = h2.buffer
     meta = await buffer.read(5)
     if not meta:
-        return None
+        return None, 0
     compressed, size = struct.unpack(">?I", meta)
     if size > max_bytes:
         raise MessageTooLarge(size, max_bytes)
@@ -92,7 +90,7 @@ async def _next_request(h2: Any, max_bytes: int) -> EventRequest | None:
     data = await buffer.read(size) if size else b""
     if len(data) != size:  # the client ended the stream inside a message
         raise Refusal("INVALID_ARGUMENT", "malformed message: the stream ended inside a message")
-    return EventRequest.FromString(data)
+    return EventRequest.FromString(data), size
 
 
 class _Waiters(list):  # type: ignore[type-arg]
@@ -188,6 +186,8 @@ class NimbusService:
         self.limiter = RateLimiter(s.client_event_rate, s.client_event_burst)
         self.max_streams = s.max_streams
         self.max_message_bytes = s.max_message_bytes
+        self.max_client_id_bytes = s.max_client_id_bytes
+        self.first_message_s = s.first_message_sec
         self._opening = 0  # streams past the checks whose session is being opened
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
@@ -230,6 +230,12 @@ class NimbusService:
             badinput.message("grpc", badinput.BAD_METADATA, f"client_id {client_id[:64]!r}")
             raise GRPCError(
                 grpclib.const.Status.INVALID_ARGUMENT, "client_id must be printable ASCII"
+            )
+        if len(client_id) > self.max_client_id_bytes:  # ASCII: one byte a character
+            badinput.message("grpc", badinput.BAD_METADATA, f"client_id of {len(client_id)} bytes")
+            raise GRPCError(
+                grpclib.const.Status.INVALID_ARGUMENT,
+                f"client_id is {len(client_id)} bytes long; at most {self.max_client_id_bytes}",
             )
         if not self.pod.accepting:
             raise GRPCError(grpclib.const.Status.UNAVAILABLE, "server is shutting down")
@@ -302,12 +308,34 @@ class NimbusService:
         limiter = self.limiter
         h2 = stream._stream  # noqa: SLF001 - grpclib.protocol.Stream; grpclib has no size limit
         max_bytes = self.max_message_bytes
+        first = self.first_message_s
         try:
             while True:
                 req = None  # an idle stream holds no request (nor its protobuf arena)
-                req = await _next_request(h2, max_bytes)
+                if first:
+                    first = 0
+                    try:
+                        req, size = await asyncio.wait_for(
+                            _next_request(h2, max_bytes), self.first_message_s
+                        )
+                    except TimeoutError:
+                        pod.counters.inc("server.first_message_timeout")
+                        pod.cut(
+                            s,
+                            "DEADLINE_EXCEEDED",
+                            f"no message within {self.first_message_s}s of opening the stream",
+                        )
+                        return False
+                else:
+                    req, size = await _next_request(h2, max_bytes)
                 if req is None:
+                    # Half-closed: the writer ends the stream once its results are delivered.
+                    pod.half_close(s)
                     break
+                if not req.event_name and not req.ack and s.protocol >= 2:
+                    # An empty message: the library's "hello" when it opens a stream (the first
+                    # message limit), or a keep-alive. Nothing to do.
+                    continue
                 if req.ack > badinput.MAX_DELIVERY_ID:
                     badinput.message(
                         "grpc", badinput.BAD_ACK, f"client {s.client_id}: ack {req.ack}"
@@ -329,8 +357,8 @@ class NimbusService:
                             s, "RESOURCE_EXHAUSTED", why
                         )  # the original's client has no per-event errors
                         return False
-                    if not pod.submit(s, req):
-                        await trio_asyncio.trio_as_aio(pod.submit_wait)(s, req)
+                    if not pod.submit(s, req, size):
+                        await trio_asyncio.trio_as_aio(pod.submit_wait)(s, req, size)
         except Refusal as e:
             pod.counters.inc(
                 "server.message_too_large"
@@ -438,28 +466,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _contain_connection_errors(loop: asyncio.AbstractEventLoop) -> None:
-    """A connection whose bytes grpclib or h2 cannot parse (e.g. a non-ASCII header value) raises
-    inside the protocol's data_received; asyncio then closes that connection and reports the error
-    to the loop, which trio-asyncio re-raises in its nursery: the whole process would die. Only
-    that connection is affected, so log and count it and keep serving."""
-
-    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        proto = context.get("protocol")
-        proto = getattr(proto, "_app_protocol", proto)  # over TLS: asyncio's SSLProtocol wraps it
-        if isinstance(proto, H2Protocol):
-            exc = context.get("exception")
-            badinput.message(
-                "grpc",
-                badinput.PROTOCOL_ERROR,
-                f"connection closed: {type(exc).__name__}: {exc}"[:300],
-            )
-            return
-        loop.default_exception_handler(context)
-
-    loop.set_exception_handler(handle)
-
-
 @contextlib.asynccontextmanager
 async def serve_grpc(
     pod: Pod, host: str, port: int, ssl_context: ssl.SSLContext | None = None
@@ -469,8 +475,9 @@ async def serve_grpc(
     service = NimbusService(pod)
     health = Health()
     services: list[Any] = ServerReflection.extend([service, health])
-    server = Server(services)
-    _contain_connection_errors(trio_asyncio.current_loop.get())
+    limits = edge.EdgeLimits(pod.s.handshake_timeout_sec, pod.s.idle_connection_sec)
+    server = edge.GuardedServer(services, limits=limits)
+    edge.contain_connection_errors(trio_asyncio.current_loop.get())
     await trio_asyncio.aio_as_trio(server.start)(host, port, ssl=ssl_context)
     sockets = getattr(server._server, "sockets", None) or []  # an asyncio.Server
     bound = sockets[0].getsockname()[1] if sockets else port
@@ -534,7 +541,7 @@ async def main_async(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m nimbus.server", description=__doc__)
+    parser = ArgumentParser(prog="python -m nimbus.server", description=__doc__)
     parser.parse_args(argv)
     run_process("nimbus.server", "server", main_async)
 

@@ -10,11 +10,13 @@ Production tokens come from your identity provider; this is for development and 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 
 from nimbus import auth
+from nimbus.entry import EXIT_USAGE, ArgumentParser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {**{k: v for k, v in dotenv_values(".env").items() if v is not None}, **os.environ}
     default_alg = (env.get("NIMBUS_AUTH_ALGORITHMS") or "HS256").split(",")[0].strip().upper()
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m nimbus.token",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -42,15 +44,23 @@ def main(argv: list[str] | None = None) -> int:
     alg = args.algorithm.strip().upper()
     if alg not in auth.ALGORITHMS:
         p.error(f"unsupported algorithm {alg} (supported: {', '.join(sorted(auth.ALGORITHMS))})")
-    if not args.client_id.strip():
+    client_id = args.client_id.strip()
+    if not client_id:
         p.error("--client-id must not be empty")
-    if args.ttl <= 0:
-        p.error("--ttl must be > 0")
+    if not client_id.isascii() or not client_id.isprintable():
+        # gRPC metadata values are printable ASCII: no client could send this id
+        p.error(f"--client-id must be printable ASCII, got {client_id!r}")
+    if not (args.ttl > 0 and math.isfinite(args.ttl)):
+        p.error(f"--ttl must be a number of seconds > 0, got {args.ttl:g}")
     key: str | bytes
     if alg in auth.HMAC_ALGORITHMS:
         key = args.secret if args.secret is not None else env.get("NIMBUS_AUTH_SECRET", "")
         if not key:
             p.error(f"{alg} needs --secret or NIMBUS_AUTH_SECRET")
+        try:
+            auth.check_secret(key, [alg], name="the secret (--secret or NIMBUS_AUTH_SECRET)")
+        except ValueError as e:
+            p.error(str(e))
     else:
         if not args.private_key_file:
             p.error(f"{alg} needs --private-key-file")
@@ -60,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"cannot read {args.private_key_file}: {e.strerror}")
     try:
         token = auth.issue(
-            args.client_id.strip(),
+            client_id,
             ttl_sec=args.ttl,
             algorithm=alg,
             key=key,
@@ -68,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
             audience=args.audience,
         )
     except Exception as e:  # a key that does not fit the algorithm
-        print(f"python -m nimbus.token: cannot sign with {alg}: {e}", file=sys.stderr)
-        return 2
+        print(
+            f"python -m nimbus.token: cannot sign with {alg}: {e} "
+            f"(--private-key-file must hold a PEM private key for {alg})",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     print(token)
     return 0
 

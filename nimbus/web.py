@@ -1,21 +1,22 @@
 """The live web view (`python -m nimbus.web`, and the all-in-one on NIMBUS_WEB_PORT): clients by
 state, per-stage rates, Kafka lags, replays in progress, refreshed live.
 
-A small trio HTTP service (`nimbus.httpd`): `GET /` is one self-contained page that polls
-`GET /api/state` (JSON) every NIMBUS_WEB_REFRESH_MS; `GET /metrics` is this process's Prometheus
-registry. One sampler task reads the log and the state store once per refresh period, whatever
-the number of browsers watching (read-only: end offsets, committed offsets, client records).
-Per-stage counters come from this process's registry (the all-in-one has every role in it) plus
-the metrics endpoints listed in NIMBUS_WEB_SCRAPE (the pods and workers of a distributed run).
+Served by `nimbus.httpd` (hypercorn; Host header checked): `GET /` is one self-contained page
+that polls `GET /api/state` (JSON) every NIMBUS_WEB_REFRESH_MS; `GET /metrics` is this process's
+Prometheus registry. One sampler task reads the log and the state store once per refresh period,
+whatever the number of browsers watching (read-only: end offsets, committed offsets, client
+records). Per-stage counters come from this process's registry (the all-in-one has every role in
+it) plus the metrics endpoints listed in NIMBUS_WEB_SCRAPE (the pods and workers of a distributed
+run).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -27,7 +28,7 @@ from nimbus import event_consumer, httpd, metrics, router
 from nimbus.config import Settings
 from nimbus.engines import open_engine
 from nimbus.engines.murmur2 import partition_for
-from nimbus.entry import run_process, run_with_signals
+from nimbus.entry import ArgumentParser, run_process, run_with_signals
 from nimbus.lifecycle import Status
 
 # (label in the view, what it counts): nimbus_ops_total{op=...}, or another counter's name.
@@ -312,11 +313,14 @@ async def run_web(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(view.sample_forever)
         bound = await nursery.start(
-            httpd.serve,
-            settings.web_host,
-            settings.web_port if port is None else port,
-            view.handle,
-            "web",
+            partial(
+                httpd.serve,
+                settings.web_host,
+                settings.web_port if port is None else port,
+                view.handle,
+                "web",
+                allowed_hosts=settings.http_allowed_hosts,
+            )
         )
         logger.info("live web view on http://{}:{}/", settings.web_host, bound)
         task_status.started(bound)
@@ -388,8 +392,7 @@ async def main_async(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m nimbus.web", description=__doc__)
-    parser.parse_args(argv)
+    ArgumentParser(prog="python -m nimbus.web", description=__doc__).parse_args(argv)
     run_process("nimbus.web", "web", main_async)
 
 

@@ -15,7 +15,7 @@ from loguru import logger
 from nimbus import metrics
 from nimbus.config import Settings
 from nimbus.engines import open_engine
-from nimbus.entry import run_process, run_with_signals
+from nimbus.entry import ArgumentParser, run_process, run_with_signals
 from nimbus.event_consumer import EventConsumer
 from nimbus.ports import Log, StateStore
 from nimbus.replay import ReplayService
@@ -84,7 +84,7 @@ async def main_async(settings: Settings, roles: tuple[str, ...]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m nimbus.workers", description=__doc__)
+    parser = ArgumentParser(prog="python -m nimbus.workers", description=__doc__)
     parser.add_argument(
         "--roles",
         type=parse_roles,

@@ -21,6 +21,9 @@ Phases (progress on stderr, a table at the end, JSON + markdown written):
   conns    10,000 idle streams on one pod: RSS per stream, time to accept them all, and a live
            result on one of them
   profile  py-spy on the hottest Nimbus process during a saturation run (top functions)
+
+Exit status: 0 written; 2 usage error (one line); 3 Kafka or Redis cannot be started or reached
+(one line); 130 interrupted (Ctrl-C; the Nimbus processes it started are stopped).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import secrets
 import shutil
@@ -52,6 +56,12 @@ if str(ROOT) not in sys.path:
 from loguru import logger  # noqa: E402
 
 from nimbus.client import open_client  # noqa: E402
+from nimbus.entry import (  # noqa: E402
+    EXIT_INTERRUPTED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    ArgumentParser,
+)
 
 HOST = "127.0.0.1"
 INSIDE_STAGE = "(inside Nimbus) server/ProcessEvent -> server/deliver"  # load_client.INSIDE
@@ -1860,7 +1870,33 @@ async def services_up(args: argparse.Namespace) -> None:
             check=False,
         )
     if p.returncode != 0:
-        raise RuntimeError(f"services.sh up failed: {p.stderr.decode()[-1000:]}")
+        lines = [line for line in p.stderr.decode(errors="replace").splitlines() if line.strip()]
+        raise BrokersUnavailable(
+            f"bash scripts/services.sh up failed (exit {p.returncode}): "
+            f"{lines[-1] if lines else 'no message'}; run it yourself to see why"
+        )
+
+
+class BrokersUnavailable(Exception):
+    """Kafka or Redis cannot be started or reached: the run cannot begin."""
+
+
+async def check_brokers(args: argparse.Namespace) -> None:
+    """BrokersUnavailable unless something listens on the Kafka and Redis ports."""
+    for what, port, flag in (
+        ("Kafka", args.kafka_port, "--kafka-port / NIMBUS_KAFKA_PORT"),
+        ("Redis", args.redis_port, "--redis-port / NIMBUS_REDIS_PORT"),
+    ):
+        try:
+            with trio.fail_after(5):
+                stream = await trio.open_tcp_stream(HOST, port)
+        except (OSError, trio.TooSlowError):
+            hint = "drop --no-services-up" if args.no_services_up else "check " + flag
+            raise BrokersUnavailable(
+                f"{what} is not reachable on {HOST}:{port}: start it (bash scripts/services.sh "
+                f"up) or {hint}"
+            ) from None
+        await stream.aclose()
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -1882,6 +1918,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     say(f"machine: {res['machine']}")
     if not args.no_services_up:
         await services_up(args)
+    await check_brokers(args)
     fleet = Fleet(args, run_dir, kafka, redis)
     phases = set(args.phases.split(","))
     try:
@@ -1917,10 +1954,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+PHASES = ("live", "profile", "replay", "conns", "limits")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes: a few minutes")
     p.add_argument(
         "--render-only", metavar="JSON", help="only rewrite the markdown (--out) from a run's JSON"
@@ -1928,16 +1966,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--phases", default="live,profile,replay,conns,limits", help="comma list (default: all)"
     )
+    # String defaults go through `type` too: a bad NIMBUS_*_PORT is a usage error, one line.
     p.add_argument(
-        "--kafka-port", type=int, default=int(os.environ.get("NIMBUS_KAFKA_PORT", "19092"))
+        "--kafka-port",
+        type=int,
+        default=os.environ.get("NIMBUS_KAFKA_PORT") or "19092",
+        help="default $NIMBUS_KAFKA_PORT, else 19092",
     )
     p.add_argument(
         "--kafka-controller-port",
         type=int,
-        default=int(os.environ.get("NIMBUS_KAFKA_CONTROLLER_PORT", "0")),
+        default=os.environ.get("NIMBUS_KAFKA_CONTROLLER_PORT") or "0",
+        help="default $NIMBUS_KAFKA_CONTROLLER_PORT, else services.sh's",
     )
     p.add_argument(
-        "--redis-port", type=int, default=int(os.environ.get("NIMBUS_REDIS_PORT", "16379"))
+        "--redis-port",
+        type=int,
+        default=os.environ.get("NIMBUS_REDIS_PORT") or "16379",
+        help="default $NIMBUS_REDIS_PORT, else 16379",
     )
     p.add_argument(
         "--no-services-up",
@@ -1981,13 +2027,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--idle-seconds", type=float, default=5, help="idle CPU sample before the live runs"
     )
     p.add_argument(
-        "--linger-ms", type=int, default=int(os.environ.get("NIMBUS_PRODUCER_LINGER_MS", "2"))
+        "--linger-ms", type=int, default=os.environ.get("NIMBUS_PRODUCER_LINGER_MS") or "2"
     )
     p.add_argument("--load-timeout", type=float, default=300)
     p.add_argument("--prefix", default=f"bench-{secrets.token_hex(3)}")
     p.add_argument("--json", default=str(ROOT / "docs" / "benchmarks.json"))
     p.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     a = p.parse_args(argv)
+    bad = [ph for ph in a.phases.split(",") if ph not in PHASES]
+    if bad or not a.phases:
+        p.error(
+            f"--phases: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(PHASES)}"
+        )
+    for name in ("kafka_port", "redis_port"):
+        if not 0 < getattr(a, name) < 65536:
+            p.error(f"--{name.replace('_', '-')} must be a port (1-65535)")
+    if not 0 <= a.kafka_controller_port < 65536:
+        p.error("--kafka-controller-port must be a port (1-65535; 0: services.sh's)")
+    for name in ("workers", "partitions", "clients", "replay_ack_every"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in (
+        "events",
+        "paced_seconds",
+        "replay_backlog",
+        "streams",
+        "limit_count",
+        "profile_seconds",
+        "idle_seconds",
+        "linger_ms",
+    ):
+        if getattr(a, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
+    if not a.load_timeout > 0:
+        p.error("--load-timeout must be > 0")
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", a.prefix):
+        # it names topics (Kafka's characters), client ids and the Redis namespace
+        p.error(f"--prefix may hold only letters, digits, '.', '_', '-', got {a.prefix!r}")
+    if a.render_only and not Path(a.render_only).is_file():
+        p.error(f"--render-only {a.render_only}: no such file (a run's JSON)")
+    for flag, path in (("--json", a.json), ("--out", a.out)):
+        folder = Path(path).resolve().parent
+        if a.render_only and flag == "--json":
+            continue
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            p.error(f"{flag} {path}: {folder} is not a writable folder")
     q = a.quick
     a.events = a.events or (100 if q else 1000)
     a.paced_seconds = a.paced_seconds or (8 if q else 20)
@@ -2003,10 +2087,24 @@ def main(argv: list[str] | None = None) -> int:
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
     if args.render_only:
-        res = json.loads(Path(args.render_only).read_text())
+        try:
+            res = json.loads(Path(args.render_only).read_text())
+        except (OSError, ValueError) as e:
+            print(
+                f"bench.py: --render-only {args.render_only}: not a run's JSON: {e}",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         res["analysis"] = analysis(res)
     else:
-        res = trio.run(main_async, args)
+        try:
+            res = trio.run(main_async, args)
+        except BrokersUnavailable as e:
+            print(f"bench.py: {e}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        except KeyboardInterrupt:
+            print("bench.py: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=1, default=str) + "\n")
     md = render(res)

@@ -85,6 +85,7 @@ import logging
 import math
 import os
 import random
+import re
 import secrets
 import signal
 import socket
@@ -120,6 +121,7 @@ from nimbus.client import (  # noqa: E402
     open_client,
 )
 from nimbus.engines.redis import open_redis_state  # noqa: E402
+from nimbus.entry import ArgumentParser  # noqa: E402
 from nimbus.pod import FLIPS  # noqa: E402
 from nimbus.ports import EngineError  # noqa: E402
 
@@ -1580,9 +1582,7 @@ def _delays(raw: str) -> tuple[float, float]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=20, help="clients (default 20)")
     p.add_argument("--rate", type=float, default=5.0, help="events/s per client (default 5)")
     p.add_argument("--duration", type=float, default=90.0, help="seconds of chaos (default 90)")
@@ -1640,11 +1640,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--log-level", default="INFO", help="NIMBUS_LOG_LEVEL of the processes (default INFO)"
     )
+    # String defaults go through `type` too: a bad NIMBUS_*_PORT is a usage error, one line.
     p.add_argument(
-        "--kafka-port", type=int, default=int(os.environ.get("NIMBUS_KAFKA_PORT") or 19092)
+        "--kafka-port",
+        type=int,
+        default=os.environ.get("NIMBUS_KAFKA_PORT") or "19092",
+        help="default $NIMBUS_KAFKA_PORT, else 19092",
     )
     p.add_argument(
-        "--redis-port", type=int, default=int(os.environ.get("NIMBUS_REDIS_PORT") or 16379)
+        "--redis-port",
+        type=int,
+        default=os.environ.get("NIMBUS_REDIS_PORT") or "16379",
+        help="default $NIMBUS_REDIS_PORT, else 16379",
     )
     p.add_argument("--run-dir", type=Path, default=None, help="default artifacts/chaos-<timestamp>")
     p.add_argument(
@@ -1664,6 +1671,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         or args.duration <= 0
     ):
         p.error("need >= 1 client, pod and worker, a rate > 0 and a duration > 0")
+    for name in ("settle_timeout", "start_timeout", "progress"):
+        if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
+            p.error(f"--{name.replace('_', '-')} must be > 0")
+    for name in (
+        "switch_rate",
+        "cut_rate",
+        "pod_kill_rate",
+        "worker_kill_rate",
+        "redis_cut_rate",
+        "kafka_kills",
+        "redis_kills",
+        "shutdown_timeout",
+    ):
+        if not (getattr(args, name) >= 0 and math.isfinite(getattr(args, name))):
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
+    if args.partitions < 1:
+        p.error("--partitions must be >= 1")
+    if args.delivery_timeout_ms < 10 or args.status_interval_ms < 10:
+        p.error("--delivery-timeout-ms and --status-interval-ms must be >= 10")
+    for name in ("kafka_port", "redis_port"):
+        if not 0 < getattr(args, name) < 65536:
+            p.error(f"--{name.replace('_', '-')} must be a port (1-65535)")
+    levels = ("trace", "debug", "info", "success", "warning", "error")
+    if args.log_level.strip().lower() not in levels:
+        p.error(f"--log-level must be one of {', '.join(levels)}, got {args.log_level!r}")
+    if args.prefix is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", args.prefix):
+        # it names topics (Kafka's characters), client ids and the Redis namespace
+        p.error(f"--prefix may hold only letters, digits, '.', '_', '-', got {args.prefix!r}")
     if args.seed is None:
         args.seed = secrets.randbelow(1_000_000)
     args.prefix = args.prefix or f"chaos-{secrets.token_hex(4)}"
@@ -1671,7 +1706,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.run_dir = (
             ROOT / "artifacts" / f"chaos-{datetime.now():%Y%m%d-%H%M%S}-{args.prefix[-8:]}"
         )
-    args.run_dir.mkdir(parents=True, exist_ok=True)
+    if args.json:  # written after the run: find out now
+        folder = args.json.resolve().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            p.error(f"--json {args.json}: cannot create {folder}: {e.strerror}")
+        if not os.access(folder, os.W_OK):
+            p.error(f"--json {args.json}: {folder} is not writable")
+    try:
+        args.run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.error(f"--run-dir {args.run_dir}: cannot create it: {e.strerror}")
+    if not os.access(args.run_dir, os.W_OK):
+        p.error(f"--run-dir {args.run_dir}: not writable")
     return args
 
 

@@ -8,7 +8,9 @@ identify events: latency is measured per event, from the send() call to the resu
 application.
 
 Verdict: exit status 1 if any result is missing (including events refused by the server), out of
-order, seen twice by the application, or wrong, or if a client could not run; 0 otherwise.
+order, seen twice by the application, or wrong, or if a client could not run; 0 otherwise. Before
+any client starts: 2 for a usage error, 3 if a target cannot be reached or is no gRPC server (one
+line says which); 130 when interrupted (Ctrl-C).
 Results carrying an error (e.g. OUT_OF_RANGE for M > 46340) are reported, not failed; so is a
 reordering caused by the server refusing an event with UNAVAILABLE (the library resends it later).
 
@@ -47,12 +49,19 @@ if str(ROOT) not in sys.path:  # run as `python scripts/load_client.py` from any
 
 from nimbus.client import (  # noqa: E402
     ClientStats,
+    ConnectionFailed,
     NimbusClient,
     NimbusError,
     Notice,
     Refused,
+    check_target,
     open_client,
     parse_target,
+)
+from nimbus.entry import (  # noqa: E402
+    EXIT_INTERRUPTED,
+    EXIT_UNAVAILABLE,
+    ArgumentParser,
 )
 
 
@@ -414,9 +423,7 @@ async def watch_lag(lags: list[float], period: float = 0.01) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     port = os.environ.get("NIMBUS_PORT", "").strip()
     default_target = f"127.0.0.1:{port if port.isdigit() and port != '0' else 50051}"
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=10, help="number of clients (default 10)")
     p.add_argument(
         "--events", type=int, default=100, help="events per client: numbers 1..M (default 100)"
@@ -477,8 +484,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("need at least one target, one client and one event")
     if args.protocol == 1 and args.disconnect_every:
         p.error("--disconnect-every needs protocol 2 (protocol 1 has no replay to check)")
+    for name in ("concurrency", "disconnect_every", "trace_sample"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
+    if not (args.rate >= 0 and math.isfinite(args.rate)):
+        p.error("--rate must be >= 0")
+    for name in ("timeout", "connect_timeout"):
+        if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
+            p.error(f"--{name.replace('_', '-')} must be > 0")
+    if not (args.prefix.isascii() and args.prefix.isprintable()):
+        p.error(
+            f"--prefix must be printable ASCII (client ids are gRPC metadata), got {args.prefix!r}"
+        )
+    if args.json:
+        folder = Path(args.json).resolve().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            p.error(f"--json {args.json}: cannot create {folder}: {e.strerror}")
+        if not os.access(folder, os.W_OK):
+            p.error(f"--json {args.json}: {folder} is not writable")
     args.concurrency = args.concurrency or args.clients
     return args
+
+
+async def check_targets(targets: list[str]) -> str | None:
+    """Why the run cannot start (a target unreachable or no gRPC server), or None; every target
+    checked at once, so a wrong --targets costs a second, not a failed run of every client."""
+    problems: dict[str, str] = {}
+
+    async def check(target: str) -> None:
+        try:
+            why = await check_target(target)
+        except ConnectionFailed as e:
+            why = f"{e}: start the servers first, or check --targets"
+        if why:
+            problems[target] = why
+
+    async with trio.open_nursery() as nursery:
+        for t in targets:
+            nursery.start_soon(check, t)
+    return next((problems[t] for t in targets if t in problems), None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -486,7 +532,15 @@ def main(argv: list[str] | None = None) -> int:
     logger.remove()
     if args.verbose:
         logger.add(sys.stderr, level="DEBUG")
-    summary = trio.run(main_async, args)
+    try:
+        problem = trio.run(check_targets, args.targets)
+        if problem:
+            print(f"load_client.py: {problem}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        summary = trio.run(main_async, args)
+    except KeyboardInterrupt:
+        print("load_client.py: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(render(summary))
     if args.json:
         path = Path(args.json)

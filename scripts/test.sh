@@ -12,6 +12,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/bootstrap.sh
 bash scripts/chromium.sh install  # the web view's browser test (Debian's chromium)
+bash scripts/gotools.sh >/dev/null  # grpcurl, an independent client (tests/test_grpcurl.py)
 started=0
 if ! bash scripts/services.sh status >/dev/null 2>&1; then
   bash scripts/services.sh up >/dev/null

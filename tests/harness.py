@@ -6,6 +6,7 @@ The same scenarios run on the in-memory engine (always) and on the real Kafka + 
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -61,9 +62,12 @@ class Cluster:
 def real_engine(
     kafka_brokers: str, redis_address: str, unique: str, partitions: int = 4
 ) -> dict[str, Any]:
-    """open_cluster keywords for the real brokers, on topics and a Redis namespace of this test."""
+    """open_cluster keywords for the real brokers, on topics and a Redis namespace of this test.
+    The Kafka client library is NIMBUS_TEST_KAFKA_CLIENT's (kafka-python by default), so a whole
+    run can go through librdkafka: `NIMBUS_TEST_KAFKA_CLIENT=librdkafka`."""
     return {
         "engine": "real",
+        "kafka_client": os.environ.get("NIMBUS_TEST_KAFKA_CLIENT", "kafka-python"),
         "kafka_brokers": kafka_brokers,
         "redis_address": redis_address,
         "kafka_events_topic": f"events-{unique}",

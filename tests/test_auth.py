@@ -503,3 +503,59 @@ def test_any_authorization_value_is_refused_cleanly(header: str, client_id: str)
     for value in (header, f"Bearer {header}", "Bearer " + header.replace(" ", ".")):
         with pytest.raises(AuthError):
             hs().identify({"authorization": value, "client_id": client_id})
+
+
+# --- short secrets and claims that are not numbers (issue #14) -------------------------------
+
+
+def test_an_hmac_secret_shorter_than_its_hash_refuses_to_start() -> None:
+    """RFC 7518 3.2: HS256 needs a 32-byte key, HS384 48, HS512 64. PyJWT only warns."""
+    with pytest.raises(ValueError, match="NIMBUS_AUTH_SECRET is 31 bytes; HS256 needs at least 32"):
+        Verifier(("HS256",), secret="x" * 31)
+    assert Verifier(("HS256",), secret="x" * 32).algorithms == ("HS256",)
+    with pytest.raises(ValueError, match="HS512 needs at least 64"):
+        Verifier(("HS256", "HS512"), secret="x" * 48)
+    with pytest.raises(ConfigError, match="NIMBUS_AUTH_SECRET is 6 bytes.*openssl rand -hex 32"):
+        config.load(
+            env={"NIMBUS_AUTH": "jwt", "NIMBUS_AUTH_SECRET": "secret"},
+            dotenv=False,
+        )
+    # Auth off: the secret is not used, so not checked.
+    assert config.load(env={"NIMBUS_AUTH_SECRET": "secret"}, dotenv=False).auth == "off"
+
+
+def test_the_token_command_refuses_a_short_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nimbus import token
+
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    monkeypatch.setenv("NIMBUS_AUTH_SECRET", "short")
+    with pytest.raises(SystemExit) as e:
+        token.main(["--client-id", "alice"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "5 bytes; HS256 needs at least 32" in err, err
+    with pytest.raises(SystemExit):
+        token.main(["--client-id", "alice", "--algorithm", "HS384", "--secret", "y" * 40])
+    assert "HS384 needs at least 48" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("claim", "value"),
+    [
+        ("exp", str(int(time.time()) + 3600)),  # PyJWT takes a numeric string as a date
+        ("exp", "9999999999"),
+        ("nbf", "0"),
+        ("iat", "0"),
+    ],
+)
+def test_a_date_claim_that_is_not_a_number_is_unauthenticated(claim: str, value: Any) -> None:
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": "alice", "exp": now + 3600, "iat": now, claim: value}
+    tok = jwt.encode(claims, SECRET, algorithm="HS256")
+    err = refused(hs(), {"authorization": f"Bearer {tok}"})
+    assert err.status == "UNAUTHENTICATED"
+    # Numbers, integral or not (RFC 7519 NumericDate), are still accepted.
+    good = jwt.encode({**claims, claim: now + 3600.5 if claim == "exp" else now}, SECRET, "HS256")
+    assert hs().identify({"authorization": f"Bearer {good}"}) == "alice"

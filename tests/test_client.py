@@ -1204,7 +1204,7 @@ async def test_cli_standby_prints_replayed_results_until_ctrl_c() -> None:
                     == "sq(7) = 49  (delivery 5, from an earlier session)"
                 )
                 proc.send_signal(signal.SIGINT)
-                assert await proc.wait() == 0
+                assert await proc.wait() == 130  # interrupted, standing by too (--help)
             finally:
                 if proc.returncode is None:
                     proc.kill()
@@ -1258,3 +1258,74 @@ async def test_receive_takes_queued_results_fairly_and_a_cancel_loses_none() -> 
         assert scope.cancelled_caught
         assert (await c.receive()).number == 8 * _YIELD_EVERY
         nursery.cancel_scope.cancel()
+
+
+async def test_cli_ctrl_c_prints_what_was_sent_and_what_arrived_then_exits_130() -> None:
+    """Against a real all-in-one: Ctrl-C midway says how far it got; the same client standing by
+    on it gets what was still in flight, and its Ctrl-C says what arrived (standby exits 130 too)."""
+    import re
+
+    from tests.test_entrypoints import all_in_one, clean_env
+
+    interrupted = re.compile(
+        r"^interrupted after [\d.]+s: sent (\d+) of 100000 events \(last sq\((\d+)\)\), "
+        r"(\d+) results? arrived \(last sq\((\d+)\), delivery (\d+)\)$"
+    )
+    standing = re.compile(
+        r"^interrupted after [\d.]+s: standing by \(sends nothing\), (\d+) results? arrived"
+        r"( \(last sq\((\d+)\), delivery (\d+)\))?$"
+    )
+
+    async def cli(port: int, *args: str) -> trio.Process:
+        return await trio.lowlevel.open_process(
+            [sys.executable, "-m", "nimbus.client", "--client_id=ctrl-c", "-v", *args]
+            + ["--target", f"127.0.0.1:{port}"],
+            cwd=REPO,
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
+    async def interrupt(proc: trio.Process, ready: bytes, where: str) -> tuple[list[str], str]:
+        """Read `where` until `ready` shows, Ctrl-C, then everything to the end."""
+        out = {"stdout": b"", "stderr": b""}
+        seen = trio.Event()
+
+        async def drain(name: str) -> None:
+            stream = getattr(proc, name)
+            async for chunk in stream:
+                out[name] += chunk
+                if name == where and ready in out[name]:
+                    seen.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain, "stdout")
+            nursery.start_soon(drain, "stderr")
+            await seen.wait()
+            proc.send_signal(signal.SIGINT)
+            assert await proc.wait() == 130, out["stderr"].decode()[-2000:]
+        lines = [line for line in out["stderr"].decode().splitlines() if line.strip()]
+        return out["stdout"].decode().splitlines(), lines[-1]
+
+    with trio.fail_after(60):
+        async with all_in_one() as (port, _):
+            sender = await cli(port, "--start=1", "--end=100000", "--rate", "300")
+            results, summary = await interrupt(sender, b"sq(50) = 2500", "stdout")
+            m = interrupted.match(summary)
+            assert m, summary
+            sent, last_sent, arrived, last_number, last_delivery = map(int, m.groups())
+            assert sent == last_sent and sent >= arrived >= 50
+            assert arrived == len(results)
+            assert (
+                results[-1] == f"sq({last_number}) = {last_number**2}  (delivery {last_delivery})"
+            )
+
+            standby = await cli(port, "--start=0", "--end=0")
+            later, summary = await interrupt(standby, b"[Connected", "stderr")
+            m = standing.match(summary)
+            assert m, summary
+            assert int(m.group(1)) == len(later)
+            # What was in flight at the first Ctrl-C, if anything, is delivered here, in order.
+            assert [line.split("  (")[0] for line in later] == [
+                f"sq({n}) = {n * n}" for n in range(arrived + 1, arrived + 1 + len(later))
+            ]

@@ -55,6 +55,7 @@ from tests.wire import open_stream
 
 P2 = {"nimbus-protocol": "2"}
 TOPICS = ("events", "results", "dlq")
+MAX_CLIENT_ID_BYTES = 256  # NIMBUS_MAX_CLIENT_ID_BYTES's default: a longer id is refused, counted
 
 
 # -- what is bad (the test's own statement of the record contract) -----------------------------
@@ -253,14 +254,14 @@ def edge_case(draw: Any) -> EdgeCase:
 def edge_counted(case: EdgeCase) -> bool:
     """Whether Nimbus (not only grpclib) sees and counts this case as bad input."""
     if len(case.client_id or b"") > 65536:
-        return False  # over h2's header-list limit: grpclib closes the connection itself, uncounted
+        return True  # over h2's header-list limit: a protocol error, closed and counted (edge.py)
     values = [v for v in (case.client_id, case.protocol, case.content_type) if v is not None]
     if any(not v.isascii() for v in values):
         return True  # the connection cannot be parsed: closed, counted as a protocol error
     if case.content_type != b"application/grpc":
         return False  # grpclib answers 415 before Nimbus sees the stream
     cid = (case.client_id or b"").decode("ascii").strip()
-    if not cid or not cid.isprintable():
+    if not cid or not cid.isprintable() or len(cid) > MAX_CLIENT_ID_BYTES:
         return True
     for f in case.frames:
         if len(f) < 5 or f[0] != 0 or int.from_bytes(f[1:5], "big") != len(f) - 5:

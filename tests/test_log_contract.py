@@ -1,7 +1,8 @@
 """The Log port's contract, run against every engine: the in-memory one and real Kafka.
 
-Each test runs twice: `memory` (always) and `kafka` (marker `integration`; needs
-NIMBUS_TEST_KAFKA_BROKERS, topics and groups named with the `unique` fixture). Every test asserts
+Each test runs three times: `memory` (always), `kafka` (kafka-python) and `rdkafka` (librdkafka
+through confluent-kafka), the real ones with the marker `integration` (they need
+NIMBUS_TEST_KAFKA_BROKERS; topics and groups named with the `unique` fixture). Every test asserts
 on the data the log hands back, and every one runs under `trio.fail_after`.
 
 Rebalance news in a PollResult is read as: remove `revoked`, then add `assigned`, to the set of
@@ -14,8 +15,9 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import trio
@@ -38,16 +40,33 @@ from nimbus.ports import (
     Written,
 )
 
-ENGINES = ["memory", pytest.param("kafka", marks=pytest.mark.integration)]
+ENGINES = [
+    "memory",
+    pytest.param("kafka", marks=pytest.mark.integration),
+    pytest.param("rdkafka", marks=pytest.mark.integration),
+]
+# The real adapters, for the tests that only make sense on a real cluster.
+ADAPTERS = ["kafka", "rdkafka"]
 # Real Kafka needs seconds for group joins and rebalances; memory needs none of it.
 IO_TIMEOUT = 90
 
 
 @pytest.fixture(params=ENGINES)
 def engine(request: pytest.FixtureRequest) -> tuple[str, str]:
-    if request.param == "kafka":
-        return ("kafka", request.getfixturevalue("kafka_brokers"))
+    if request.param in ADAPTERS:
+        return (request.param, request.getfixturevalue("kafka_brokers"))
     return ("memory", "")
+
+
+def open_adapter(name: str, brokers: str, **kw: Any) -> AbstractAsyncContextManager[Log]:
+    """open_kafka_log (kafka-python) or open_rdkafka_log (librdkafka)."""
+    if name == "rdkafka":
+        from nimbus.engines.rdkafka import open_rdkafka_log
+
+        return open_rdkafka_log(brokers, **kw)
+    from nimbus.engines.kafka import open_kafka_log
+
+    return open_kafka_log(brokers, **kw)
 
 
 @pytest.fixture
@@ -56,12 +75,10 @@ async def log(engine: tuple[str, str]) -> AsyncIterator[Log]:
     if name == "memory":
         yield MemoryLog()
         return
-    from nimbus.engines.kafka import open_kafka_log
-
     async with AsyncExitStack() as stack:
         with trio.fail_after(30):  # the connect only: the fixture outlives this scope
             k = await stack.enter_async_context(
-                open_kafka_log(brokers, client_id="nimbus-contract")
+                open_adapter(name, brokers, client_id="nimbus-contract")
             )
         yield k
 
@@ -557,35 +574,77 @@ async def test_readers_are_independent_of_groups(log: Log, unique: str) -> None:
 
 
 @pytest.mark.integration
-async def test_kafka_oversized_record_is_produce_failed(kafka_brokers: str, unique: str) -> None:
-    """kafka-python refuses it before sending (MessageSizeTooLargeError): ours is ProduceFailed."""
-    from nimbus.engines.kafka import open_kafka_log
-
+@pytest.mark.parametrize("adapter", ADAPTERS)
+async def test_kafka_oversized_record_is_produce_failed(
+    adapter: str, kafka_brokers: str, unique: str
+) -> None:
+    """Both clients refuse it before sending (kafka-python's MessageSizeTooLargeError,
+    librdkafka's MSG_SIZE_TOO_LARGE): ours is ProduceFailed."""
     topic = f"big-{unique}"
     with trio.fail_after(IO_TIMEOUT):
-        async with open_kafka_log(kafka_brokers, client_id="nimbus-contract") as log:
+        async with open_adapter(adapter, kafka_brokers, client_id="nimbus-contract") as log:
             await log.ensure_topics([topic], 1)
             with pytest.raises(ProduceFailed):
                 await log.producer.send_batch(topic, [(b"k", b"x" * 2_000_000)])
             assert await log.end_offsets(topic) == {0: 0}
 
 
+@pytest.mark.parametrize("adapter", ADAPTERS)
 async def test_kafka_unreachable_cluster_is_log_unavailable(
-    monkeypatch: pytest.MonkeyPatch,
+    adapter: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No broker needed: a closed port must give our error, naming the address, promptly."""
+    import importlib
     import socket
 
-    from nimbus.engines import kafka as kafka_engine
-
+    module = importlib.import_module(f"nimbus.engines.{adapter}")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
-    monkeypatch.setattr(kafka_engine, "BOOTSTRAP_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(module, "BOOTSTRAP_TIMEOUT_S", 1.0)
+    t0 = trio.current_time()
     with trio.fail_after(20):
         with pytest.raises(LogUnavailable, match=address):
-            async with kafka_engine.open_kafka_log(address):
+            async with open_adapter(adapter, address):
                 pass  # pragma: no cover
+    assert trio.current_time() - t0 < 10
+
+
+@pytest.mark.integration
+async def test_both_adapters_put_a_key_in_the_same_partition(
+    kafka_brokers: str, unique: str
+) -> None:
+    """kafka-python and librdkafka (partitioner murmur2_random, not its default) write a key to
+    the same partition of a real topic: the one partition_for (nimbus.engines.murmur2) names,
+    whichever adapter is asked."""
+    topic = f"cross-{unique}"
+    keys = rng_keys(300, seed=11) + [b"", b"a", b"client-42"]
+    n = 7
+    landed: dict[str, list[int]] = {}
+    with trio.fail_after(IO_TIMEOUT):
+        async with (
+            open_adapter("kafka", kafka_brokers, client_id="nimbus-contract") as kp,
+            open_adapter("rdkafka", kafka_brokers, client_id="nimbus-contract") as rd,
+        ):
+            assert await kp.ensure_topics([topic], n) == {topic: n}
+            assert await rd.ensure_topics([topic], n) == {topic: n}
+            for name, log in (("kafka", kp), ("rdkafka", rd)):
+                written = await log.producer.send_batch(topic, [(k, name.encode()) for k in keys])
+                landed[name] = [w.partition for w in written]
+                for key, w in zip(keys, written, strict=True):
+                    assert log.producer.partition_for(topic, key) == w.partition, (name, key)
+            # What the broker holds agrees with what each producer was told.
+            stored: dict[tuple[bytes | None, bytes], set[int]] = {}
+            for p in range(n):
+                for rec in await read_partition(rd, topic, p):
+                    stored.setdefault((rec.key, rec.value), set()).add(rec.partition)
+    expected = [(murmur2(k) & 0x7FFFFFFF) % n for k in keys]
+    assert landed["kafka"] == expected
+    assert landed["rdkafka"] == expected
+    assert len(set(expected)) == n  # the keys reach every partition
+    for key, p in zip(keys, expected, strict=True):
+        assert stored[(key, b"kafka")] == {p}
+        assert stored[(key, b"rdkafka")] == {p}
 
 
 def test_kafka_refused_async_commit_is_retried_only_if_nothing_newer_went_out() -> None:

@@ -650,3 +650,40 @@ def test_store_is_the_lifecycle_fold(engine: str) -> None:
         trio.run(main)
 
     check()
+
+
+# -- expiry (issue #14): records that outlive their client ----------------------------------
+
+
+def _set_ttl(store: StateStore, seconds: float) -> None:
+    if isinstance(store, MemoryState):
+        store.record_ttl = seconds
+    else:
+        assert isinstance(store, RedisState)
+        store.record_ttl_ms = int(seconds * 1000)
+
+
+async def test_a_record_offline_with_nothing_pending_expires(store: StateStore) -> None:
+    _set_ttl(store, 0.3)
+    for cid in ("gone", "back", "owed"):
+        await store.connect(cid, "pod")
+        await store.disconnect(cid, 1)
+    await store.route([("owed", 7)])  # a result for it went to the DLQ: it must stay
+    await store.connect("back", "pod")  # back before the ttl: the record (and epoch) stay
+    await trio.sleep(0.6)
+    assert await store.get("gone") is None
+    assert (await _rec(store, "back")).epoch == 2
+    owed = await _rec(store, "owed")
+    assert owed.routed_dlq == 7 and owed.status is Status.OFFLINE
+    assert {r.client_id for r in await store.all_clients()} == {"back", "owed"}
+    # A client whose record expired starts again as a new one.
+    res = await store.connect("gone", "pod")
+    assert res.epoch == 1 and res.status is Status.LIVE
+
+
+async def test_no_ttl_keeps_records(store: StateStore) -> None:
+    _set_ttl(store, 0)
+    await store.connect("kept", "pod")
+    await store.disconnect("kept", 1)
+    await trio.sleep(0.2)
+    assert (await _rec(store, "kept")).status is Status.OFFLINE

@@ -45,6 +45,10 @@ class WireStream:
                     await self.ack(r.delivery_id)
         return out
 
+    async def status(self) -> None:
+        """After the last response: the stream's trailers; raises GRPCError unless it is OK."""
+        await trio_asyncio.aio_as_trio(self.stream.recv_trailing_metadata)()
+
     async def end(self) -> None:
         await trio_asyncio.aio_as_trio(self.stream.end)()
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
 from nimbus import metrics
@@ -22,20 +22,33 @@ async def open_engine(settings: Settings) -> AsyncIterator[OpenEngine]:
     """The engine the settings name, its calls timed and counted (nimbus.metrics). The real one
     needs a running trio_asyncio loop."""
     if settings.engine == "memory":
-        from nimbus.engines.memory import MemoryEngine
+        from nimbus.engines.memory import MemoryEngine, MemoryState
 
-        mem = MemoryEngine()
+        mem = MemoryEngine(state=MemoryState(record_ttl=settings.record_ttl_sec))
         yield OpenEngine(*metrics.instrument(mem.log, mem.state))
         return
-    from nimbus.engines.kafka import open_kafka_log
     from nimbus.engines.redis import open_redis_state
 
+    open_log: Callable[..., AbstractAsyncContextManager[Log]]
+    if settings.kafka_client == "librdkafka":
+        from nimbus.engines.rdkafka import open_rdkafka_log
+
+        open_log = open_rdkafka_log
+    else:
+        from nimbus.engines.kafka import open_kafka_log
+
+        open_log = open_kafka_log
+
     async with (
-        open_kafka_log(
+        open_log(
             settings.kafka_brokers,
             linger_ms=settings.producer_linger_ms,
             client_id=settings.instance_id,
         ) as log,
-        open_redis_state(settings.redis_address, prefix=settings.redis_prefix) as state,
+        open_redis_state(
+            settings.redis_address,
+            prefix=settings.redis_prefix,
+            record_ttl_ms=settings.record_ttl_sec * 1000,
+        ) as state,
     ):
         yield OpenEngine(*metrics.instrument(log, state))

@@ -266,7 +266,13 @@ class MemoryLog:
 
 
 class MemoryState:
-    def __init__(self, subscriber_buffer: int = 10_000) -> None:
+    """`record_ttl` (seconds, 0: never): a record left OFFLINE with nothing pending by a
+    disconnect expires this long after it, unless a connect or a backlog comes first (the Redis
+    store does the same with PEXPIRE/PERSIST)."""
+
+    def __init__(self, subscriber_buffer: int = 10_000, record_ttl: float = 0.0) -> None:
+        self.record_ttl = record_ttl
+        self._expires: dict[str, float] = {}  # client -> trio time its record expires
         self.records: dict[str, ClientRecord] = {}
         self.leases: dict[str, tuple[str, float]] = {}
         self.channels: dict[str, set[trio.MemorySendChannel[bytes]]] = {}
@@ -280,19 +286,33 @@ class MemoryState:
         if self.down:
             raise StateUnavailable("in-memory state store marked down")
 
+    def _rec(self, client_id: str) -> ClientRecord | None:
+        """The stored record, unless it has expired (then it is gone, as in Redis)."""
+        at = self._expires.get(client_id)
+        if at is not None and at <= trio.current_time():
+            del self._expires[client_id]
+            self.records.pop(client_id, None)
+        return self.records.get(client_id)
+
+    def _store(self, client_id: str, old: ClientRecord, new: ClientRecord) -> None:
+        self.records[client_id] = new
+        if new.status is not Status.OFFLINE or (new.backlog and not old.backlog):
+            self._expires.pop(client_id, None)  # connected, or something is pending again
+
     def _apply(
         self, client_id: str, fn: Callable[[ClientRecord, *Ts], tuple[ClientRecord, T]], *args: *Ts
     ) -> T:
-        rec = self.records.get(client_id) or lifecycle.new_record(client_id)
+        rec = self._rec(client_id) or lifecycle.new_record(client_id)
         new, out = fn(rec, *args)
-        self.records[client_id] = new
+        self._store(client_id, rec, new)
         return out
 
     def _update(
         self, client_id: str, fn: Callable[[ClientRecord, *Ts], ClientRecord], *args: *Ts
     ) -> ClientRecord:
-        rec = self.records.get(client_id) or lifecycle.new_record(client_id)
-        self.records[client_id] = new = fn(rec, *args)
+        rec = self._rec(client_id) or lifecycle.new_record(client_id)
+        new = fn(rec, *args)
+        self._store(client_id, rec, new)
         return new
 
     async def connect(self, client_id: str, pod: str) -> ConnectResult:
@@ -303,7 +323,11 @@ class MemoryState:
     async def disconnect(self, client_id: str, epoch: int) -> bool:
         await trio.lowlevel.checkpoint()
         self._check()
-        return self._apply(client_id, lifecycle.disconnect, epoch)
+        ok = self._apply(client_id, lifecycle.disconnect, epoch)
+        rec = self.records[client_id]
+        if ok and self.record_ttl and not rec.backlog:
+            self._expires[client_id] = trio.current_time() + self.record_ttl
+        return ok
 
     async def route(self, items: Sequence[tuple[str, int]]) -> list[RouteDecision]:
         await trio.lowlevel.checkpoint()
@@ -343,22 +367,24 @@ class MemoryState:
     async def get(self, client_id: str) -> ClientRecord | None:
         await trio.lowlevel.checkpoint()
         self._check()
-        return self.records.get(client_id)
+        return self._rec(client_id)
 
     async def get_many(self, client_ids: Sequence[str]) -> list[ClientRecord | None]:
         await trio.lowlevel.checkpoint()
         self._check()
-        return [self.records.get(c) for c in client_ids]
+        return [self._rec(c) for c in client_ids]
 
     async def replaying(self) -> list[str]:
         await trio.lowlevel.checkpoint()
         self._check()
-        return [c for c, r in self.records.items() if r.status is Status.REPLAYING]
+        return [
+            c for c in list(self.records) if (r := self._rec(c)) and r.status is Status.REPLAYING
+        ]
 
     async def all_clients(self) -> list[ClientRecord]:
         await trio.lowlevel.checkpoint()
         self._check()
-        return list(self.records.values())
+        return [r for c in list(self.records) if (r := self._rec(c)) is not None]
 
     async def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
         await trio.lowlevel.checkpoint()

@@ -166,9 +166,10 @@ class _Subscription:
 class RedisState:
     """`StateStore` on Redis. Build it with `open_redis_state`."""
 
-    def __init__(self, address: str, prefix: str, loop: Any) -> None:
+    def __init__(self, address: str, prefix: str, loop: Any, record_ttl_ms: int = 0) -> None:
         self.address = address
         self.prefix = prefix
+        self.record_ttl_ms = record_ttl_ms
         self.subscriber_buffer = SUBSCRIBER_BUFFER
         self._loop = loop  # the trio_asyncio loop; any trio task of this run may use the store
         self._redis: aioredis.Redis | None = None
@@ -255,7 +256,9 @@ class RedisState:
         )
 
     async def disconnect(self, client_id: str, epoch: int) -> bool:
-        return bool(await self._script("disconnect", (self.prefix, client_id, epoch)))
+        return bool(
+            await self._script("disconnect", (self.prefix, client_id, epoch, self.record_ttl_ms))
+        )
 
     async def route(self, items: Sequence[tuple[str, int]]) -> list[RouteDecision]:
         if not items:
@@ -347,7 +350,11 @@ class RedisState:
         # each record is consistent, the set of them is read across a few round trips).
         async def read() -> list[ClientRecord]:
             members = cast(set[bytes], await self._r.smembers(self._clients_key))
-            records = await self._hmget_records(sorted(m.decode() for m in members))
+            ids = sorted(m.decode() for m in members)
+            records = await self._hmget_records(ids)
+            gone = [c for c, rec in zip(ids, records, strict=True) if rec is None]
+            if gone:  # expired records (NIMBUS_RECORD_TTL_SEC): their ids leave the set too
+                await self._r.srem(self._clients_key, *gone)
             return [rec for rec in records if rec is not None]
 
         return await self._cross(read)
@@ -455,7 +462,9 @@ class RedisState:
 
 
 @asynccontextmanager
-async def open_redis_state(address: str, *, prefix: str = "nimbus:") -> AsyncIterator[RedisState]:
+async def open_redis_state(
+    address: str, *, prefix: str = "nimbus:", record_ttl_ms: int = 0
+) -> AsyncIterator[RedisState]:
     """A `RedisState` on the Redis at `address` ("host:port" or a redis:// URL).
 
     Must be used inside `trio_asyncio.open_loop()`. Raises StateUnavailable if Redis does not
@@ -464,7 +473,7 @@ async def open_redis_state(address: str, *, prefix: str = "nimbus:") -> AsyncIte
     loop = trio_asyncio.current_loop.get()
     if loop is None:
         raise RuntimeError("open_redis_state() must be used inside trio_asyncio.open_loop()")
-    state = RedisState(address, prefix, loop)
+    state = RedisState(address, prefix, loop, record_ttl_ms)
     try:
         await state._cross(state._open)
     except StateUnavailable as exc:

@@ -6,13 +6,15 @@ defaults. `tests/test_state_contract.py` checks it: the same concrete cases run 
 in-memory store and Redis, and a Hypothesis property test compares random operation sequences
 on Redis with a fold of the lifecycle functions in Python. Change both files together.
 
-Storage, under a key prefix (e.g. "nimbus:"):
+Storage, under a key prefix (e.g. "nimbus:"). A client's hash expires NIMBUS_RECORD_TTL_SEC
+after a disconnect left it OFFLINE with nothing pending (see DISCONNECT):
 
 - `{prefix}c:{client_id}`: one hash per client, fields status, pod, epoch, acked, routed_dlq,
   dlq_written, cursor (decimal integers; status one of OFFLINE/REPLAYING/LIVE);
 - `{prefix}replaying`: set of the client ids whose status is REPLAYING, kept in sync by every
   script that changes a status;
-- `{prefix}clients`: set of every client id that has a record;
+- `{prefix}clients`: set of every client id that has a record (an expired record's id is
+  removed by the next `all_clients`);
 - `{prefix}lease:{name}`: a lease, value = owner, expiry = PX.
 
 Like `MemoryState`, which stores the result of every transition it applies, a transition that
@@ -101,6 +103,8 @@ local function flush()
     end
     if t.new then
       redis.call('SADD', prefix .. 'clients', t.id)
+    elseif r.routed_dlq > r.acked and orig.routed_dlq <= orig.acked then
+      redis.call('PERSIST', t.key)  -- something is pending again: the record must stay
     end
     if r.status ~= orig.status then
       if r.status == 'REPLAYING' then
@@ -132,16 +136,20 @@ end
 r.pod = ARGV[3]
 r.epoch = r.epoch + 1
 flush()
+redis.call('PERSIST', prefix .. 'c:' .. ARGV[2])
 return {r.epoch, r.status, previous_pod, previous_epoch}
 """
 )
 
-# lifecycle.disconnect. ARGV: prefix, client_id, epoch. Returns 1 if the stream was current.
+# lifecycle.disconnect. ARGV: prefix, client_id, epoch, record ttl in ms (0: none).
+# Returns 1 if the stream was current. A record left OFFLINE with nothing pending expires after
+# the ttl, unless a connect (CONNECT) or a backlog (flush) PERSISTs it first.
 DISCONNECT = (
     _PRELUDE
     + r"""
 local r = load(ARGV[2])
 local epoch = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4]) or 0
 local ok = 0
 if r.epoch == epoch and r.status ~= 'OFFLINE' then
   r.status = 'OFFLINE'
@@ -149,6 +157,9 @@ if r.epoch == epoch and r.status ~= 'OFFLINE' then
   ok = 1
 end
 flush()
+if ok == 1 and ttl > 0 and r.routed_dlq <= r.acked then
+  redis.call('PEXPIRE', prefix .. 'c:' .. ARGV[2], ttl)
+end
 return ok
 """
 )

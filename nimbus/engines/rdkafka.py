@@ -1,0 +1,1127 @@
+"""The real log on librdkafka (confluent-kafka): the second adapter of the Log port.
+
+Chosen with NIMBUS_KAFKA_CLIENT=librdkafka (kafka-python, nimbus.engines.kafka, is the default).
+It keeps the kafka-python adapter's semantics, which the contract tests (tests/test_log_contract.py)
+hold both to; the bridge to trio is different because librdkafka's calls are different:
+
+- Producing never blocks: `produce()` only appends to librdkafka's queue, so a batch is appended
+  from the trio thread, whatever its size (a full local queue, BufferError, waits in trio).
+  Delivery reports are only handed out by `poll()`: one small thread per producer (`_Poller`)
+  polls every 50 ms (a report wakes it at once) and a batch wakes trio once, through the trio
+  token, when its last report lands. Partitions are chosen by librdkafka's `murmur2_random`,
+  the Java client's and kafka-python's partitioner (librdkafka's default, consistent_random, is
+  a different hash): `partition_for` (nimbus.engines.murmur2) names the same partition, and a
+  batch whose records land elsewhere (the topic grew) refreshes the partition count.
+- A consumer's queue is read without a thread when it already holds records: `consume(n, 0)`
+  never blocks. Only a poll that has to wait goes to a worker thread (`_in_thread`, waited for
+  even when cancelled), for `poll(slice)` and then `consume(n - 1, 0)` for what came with it
+  (librdkafka's `consume(n, timeout)` waits for all n, or the whole timeout). A consumer is used
+  by one thread at a time: each consumer/reader serialises its calls with a trio.Lock.
+- Rebalance callbacks (cooperative-sticky), offset-commit results, errors and log lines are
+  served inside those calls, on whichever thread makes them; they only record what happened.
+- Admin requests return concurrent futures completed on librdkafka's background thread; they
+  wake trio through the token too (no worker thread).
+- Nothing here creates topics except ensure_topics; an unknown topic is `LogUnavailable`.
+- Every librdkafka error becomes one of ours: `LogUnavailable`, `ProduceFailed`, `CommitFailed`.
+
+Group semantics are the kafka-python adapter's (and the memory engine's): each `PollResult`
+reports the rebalance news since the previous poll, to be applied as "remove `revoked`, then add
+`assigned`"; commits are checked on the client against the current assignment; `commit_later`
+offsets go out asynchronously with the next poll, are dropped for partitions no longer owned and
+retried, while owned, when refused.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import outcome
+import trio
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicCollection,
+    murmur2,
+)
+from confluent_kafka import TopicPartition as RdTP
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._listoffsets import OffsetSpec
+from confluent_kafka.cimpl import NewTopic
+from loguru import logger
+
+from nimbus.engines.kafka import _in_thread, _probe
+from nimbus.ports import (
+    CommitFailed,
+    EngineError,
+    LogProducer,
+    LogUnavailable,
+    PollResult,
+    ProduceFailed,
+    Record,
+    TopicPartition,
+    Written,
+)
+
+T = TypeVar("T")
+
+BOOTSTRAP_TIMEOUT_S = 15.0
+# Whole-call bound of send_batch; librdkafka's own message timeout is a little shorter, so a
+# stuck record normally fails with librdkafka's reason before this generic one fires.
+SEND_TIMEOUT_S = 30.0
+_REQUEST_TIMEOUT_S = 15.0
+_DELIVERY_TIMEOUT_MS = 28_000
+# How long one blocking librdkafka call may hold a worker thread (and delay a cancellation).
+_SLICE_S = 0.5
+_POLLER_WAIT_S = 0.05  # the delivery-report thread's poll (a report ends it at once)
+_TOPIC_READY_TIMEOUT_S = 15.0
+_READER_FETCH_WAIT_MS = 50
+_QUEUE_FULL_WAIT_S = 0.005
+
+_CLOSE_TIMEOUT_S = 10.0  # a consumer's close (LeaveGroup) or a producer's final flush, at most
+# A synchronous commit waits this long at most (librdkafka's has no timeout: a commit waits for
+# the group coordinator while there is none).
+_COMMIT_TIMEOUT_S = 10.0
+
+# Consumer errors after which polling on is pointless: the topic is not ours to read. (An unknown
+# topic is not among them: a consumer's first metadata may predate a just-created topic, as may
+# a restarted broker's; librdkafka keeps looking, and says so in the log.)
+_FATAL_CONSUMER_ERRORS = frozenset(
+    {KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED}
+)
+
+
+def _tp(topic: str | None, partition: int | None) -> TopicPartition:
+    return TopicPartition(topic or "", -1 if partition is None else partition)
+
+
+def _code(exc: BaseException) -> int | None:
+    """The KafkaError code inside a KafkaException (None for anything else)."""
+    if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
+        return exc.args[0].code()
+    return None
+
+
+# Errors of an admin request that a moment later may not recur: a just-created topic whose leader
+# does not know it leads yet, a coordinator loading, a broker restarting.
+_RETRIABLE = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_LEADER_EPOCH,
+        KafkaError.FENCED_LEADER_EPOCH,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError._TRANSPORT,
+    }
+)
+
+
+def _retriable(exc: KafkaException) -> bool:
+    err = exc.args[0] if exc.args else None
+    return isinstance(err, KafkaError) and (err.retriable() or err.code() in _RETRIABLE)
+
+
+async def _retrying(call: Callable[[], Awaitable[T]]) -> T:
+    """`call()`, again while it fails with a retriable error, for up to the request timeout."""
+    deadline = trio.current_time() + _REQUEST_TIMEOUT_S
+    while True:
+        try:
+            return await call()
+        except KafkaException as exc:
+            if not _retriable(exc) or trio.current_time() >= deadline:
+                raise
+            logger.debug("librdkafka admin request: {}; retrying", exc)
+        await trio.sleep(0.1)
+
+
+def _record(m: Message) -> Record:
+    ts_type, ts = m.timestamp()
+    return Record(
+        m.topic() or "",
+        -1 if (p := m.partition()) is None else p,
+        -1 if (o := m.offset()) is None else o,
+        m.key(),
+        m.value() or b"",
+        0 if ts_type == TIMESTAMP_NOT_AVAILABLE else ts,
+    )
+
+
+class _RdLog:
+    """librdkafka's log lines (served by poll/consume, as `logger` asks) into loguru."""
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        text = fmt % args
+        if level >= logging.ERROR:
+            logger.warning("librdkafka: {}", text)
+        elif level >= logging.WARNING:
+            logger.info("librdkafka: {}", text)
+        else:
+            logger.debug("librdkafka: {}", text)
+
+
+_RDLOG = _RdLog()
+
+
+def _on_error(what: str) -> Callable[[KafkaError], None]:
+    """An `error_cb`: librdkafka's client-wide errors (broker down, ...), retried by librdkafka
+    itself; only logged."""
+
+    def cb(err: KafkaError) -> None:
+        if err.fatal():
+            logger.error("librdkafka {}: fatal error {}", what, err)
+        else:
+            logger.info("librdkafka {}: {}", what, err)
+
+    return cb
+
+
+def _common(brokers: str, client_id: str) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": brokers,
+        "client.id": client_id,
+        "socket.connection.setup.timeout.ms": int(BOOTSTRAP_TIMEOUT_S * 1000),
+        # After a broker restart, reconnect within ~2 s rather than librdkafka's 10 s backoff.
+        "reconnect.backoff.max.ms": 2_000,
+        "logger": _RDLOG,
+    }
+
+
+async def _wait_future(fut: concurrent.futures.Future[T], timeout: float, what: str) -> T:  # noqa: ASYNC109
+    """The future's result, awaited in trio: librdkafka's background thread completes it and
+    wakes this task through the trio token. LogUnavailable if it takes longer than `timeout`;
+    the future's own exception (a KafkaException) otherwise."""
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+
+    def wake(_: object) -> None:
+        try:
+            token.run_sync_soon(done.set)
+        except trio.RunFinishedError:
+            pass
+
+    fut.add_done_callback(wake)
+    with trio.move_on_after(timeout):
+        await done.wait()
+    if not fut.done():
+        raise LogUnavailable(f"{what}: no answer within {timeout:.0f} s")
+    return fut.result()
+
+
+async def _in_thread_abandonable(fn: Callable[[], T]) -> T:
+    """`fn()` in a thread started at once (whatever happens to the caller); the caller may stop
+    waiting for it (cancelled) and leave it running."""
+    token = trio.lowlevel.current_trio_token()
+    send, receive = trio.open_memory_channel[outcome.Outcome[T]](1)
+
+    def deliver(result: outcome.Outcome[T]) -> None:
+        try:
+            token.run_sync_soon(send.send_nowait, result)
+        except trio.RunFinishedError:
+            pass
+
+    trio.lowlevel.start_thread_soon(fn, deliver)
+    return (await receive.receive()).unwrap()
+
+
+async def _close_bounded(fn: Callable[[], object], what: str) -> None:
+    """`fn()` (a close) in a thread, waited for up to _CLOSE_TIMEOUT_S, then left to finish on
+    its own: librdkafka's close has no timeout of its own, and a shutdown must not hang on an
+    unreachable broker."""
+    with trio.move_on_after(_CLOSE_TIMEOUT_S):
+        await _in_thread_abandonable(fn)
+        return
+    logger.warning("{}: not closed within {:.0f} s; left to finish", what, _CLOSE_TIMEOUT_S)
+
+
+class _Poller:
+    """A thread serving a producer's callbacks (delivery reports, errors, log lines), and the
+    admin client's (errors and log lines), until stopped."""
+
+    def __init__(self, name: str, producer: Producer, admin: AdminClient | None) -> None:
+        self.producer = producer
+        self._admin = admin
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.producer.poll(_POLLER_WAIT_S)
+                if self._admin is not None:
+                    self._admin.poll(0)
+            except Exception as exc:  # a callback raised: keep serving the others
+                logger.opt(exception=exc).warning("librdkafka poller: a callback failed")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await _in_thread(self._thread.join)
+
+
+@asynccontextmanager
+async def open_rdkafka_log(
+    brokers: str, *, linger_ms: int = 2, client_id: str = "nimbus"
+) -> AsyncIterator[RdkafkaLog]:
+    """Connect to the cluster; LogUnavailable if it does not answer within ~15 s."""
+    common = _common(brokers, client_id)
+
+    def make_producer() -> Producer:
+        return Producer(
+            {
+                **common,
+                "acks": "all",
+                "enable.idempotence": True,
+                # Kafka's (Java's, kafka-python's) partitioner: murmur2 of the key.
+                "partitioner": "murmur2_random",
+                "linger.ms": linger_ms,
+                "message.timeout.ms": _DELIVERY_TIMEOUT_MS,
+                "request.timeout.ms": int(_REQUEST_TIMEOUT_S * 1000),
+                "allow.auto.create.topics": False,
+                "error_cb": _on_error("producer"),
+            }
+        )
+
+    await _probe(brokers, BOOTSTRAP_TIMEOUT_S)
+    try:
+        admin_config: dict[str, Any] = {**common, "error_cb": _on_error("admin")}
+        admin = AdminClient(admin_config)
+        # A TCP port that accepts is not yet a broker that answers: ask it once, bounded.
+        await _wait_future(
+            admin.describe_cluster(request_timeout=BOOTSTRAP_TIMEOUT_S),
+            BOOTSTRAP_TIMEOUT_S + 1,
+            "describe cluster",
+        )
+        producer = make_producer()
+    except (KafkaException, LogUnavailable, ValueError, TypeError) as exc:
+        raise LogUnavailable(
+            f"Kafka at {brokers} is not reachable (waited {BOOTSTRAP_TIMEOUT_S:.0f} s): {exc}"
+        ) from exc
+    log = RdkafkaLog(brokers, client_id, admin, producer, make_producer)
+    try:
+        yield log
+    finally:
+        with trio.CancelScope(shield=True):
+            await log._close()
+
+
+class RdkafkaLog:
+    """The Log port over one Kafka cluster: a shared producer and admin client."""
+
+    def __init__(
+        self,
+        brokers: str,
+        client_id: str,
+        admin: AdminClient,
+        producer: Producer,
+        make_producer: Callable[[], Producer] | None = None,
+    ) -> None:
+        self.brokers = brokers
+        self.client_id = client_id
+        self._admin = admin
+        self._counts: dict[str, int] = {}
+        self._producer = RdkafkaLogProducer(self, producer, make_producer)
+        # Typed as the port: Log.producer is a plain (invariant) protocol attribute.
+        self.producer: LogProducer = self._producer
+
+    def __repr__(self) -> str:
+        return f"<RdkafkaLog {self.brokers} topics={sorted(self._counts)}>"
+
+    async def _close(self) -> None:
+        try:
+            await self._producer._close()
+        except Exception as exc:  # closing must not mask the body's error
+            logger.warning("librdkafka producer close failed: {}", exc)
+
+    # -- topics -----------------------------------------------------------------------------
+
+    async def _describe(self, names: Iterable[str]) -> dict[str, tuple[int, bool]]:
+        """(partition count, every partition has a leader) of the existing topics in `names`."""
+        unique = list(dict.fromkeys(names))
+
+        async def ask() -> dict[str, tuple[int, bool]]:
+            futures = self._admin.describe_topics(
+                TopicCollection(unique), request_timeout=_REQUEST_TIMEOUT_S
+            )
+            found: dict[str, tuple[int, bool]] = {}
+            for name, fut in futures.items():
+                try:
+                    desc = await _wait_future(fut, _REQUEST_TIMEOUT_S + 1, f"describe {name!r}")
+                except KafkaException as exc:
+                    if _code(exc) == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                        continue
+                    raise
+                parts = desc.partitions
+                if parts:
+                    found[name] = (len(parts), all(p.leader is not None for p in parts))
+            return found
+
+        try:
+            return await _retrying(ask)
+        except KafkaException as exc:
+            raise LogUnavailable(f"Kafka at {self.brokers}: describe {unique}: {exc}") from exc
+
+    async def partition_count(self, topic: str) -> int:
+        """The topic's partition count (cached); LogUnavailable if the topic does not exist."""
+        n = self._counts.get(topic)
+        if n is not None:
+            return n
+        found = await self._describe([topic])
+        if topic not in found:
+            raise LogUnavailable(f"unknown topic {topic!r}")
+        n = self._counts[topic] = found[topic][0]
+        return n
+
+    async def ensure_topics(self, names: Sequence[str], partitions: int) -> dict[str, int]:
+        existing = await self._describe(names)
+        missing = [n for n in dict.fromkeys(names) if n not in existing]
+        if missing:
+            futures = self._admin.create_topics(
+                [NewTopic(n, num_partitions=partitions, replication_factor=-1) for n in missing],
+                request_timeout=_REQUEST_TIMEOUT_S,
+                operation_timeout=_REQUEST_TIMEOUT_S,
+            )
+            for name, fut in futures.items():
+                try:
+                    await _wait_future(fut, _REQUEST_TIMEOUT_S + 1, f"create {name!r}")
+                except KafkaException as exc:
+                    if _code(exc) != KafkaError.TOPIC_ALREADY_EXISTS:  # lost a race: fine
+                        raise LogUnavailable(f"creating topic {name!r}: {exc}") from exc
+        # Ready when every partition has a leader in the metadata (kafka-python's
+        # wait_for_topics): a producer or group member that starts earlier may see none.
+        with trio.move_on_after(_TOPIC_READY_TIMEOUT_S):
+            while True:
+                existing = await self._describe(names)
+                if all(existing.get(n, (0, False))[1] for n in names):
+                    break
+                await trio.sleep(0.1)
+        absent = [n for n in names if n not in existing]
+        if absent:
+            raise LogUnavailable(f"Kafka at {self.brokers}: topics {absent} not ready")
+        counts = {n: existing[n][0] for n in names}
+        self._counts.update(counts)
+        return counts
+
+    # -- offsets ------------------------------------------------------------------------------
+
+    async def _offsets(self, topic: str, spec: OffsetSpec) -> dict[int, int]:
+        n = await self.partition_count(topic)
+
+        async def ask() -> dict[int, int]:
+            futures = self._admin.list_offsets(
+                {RdTP(topic, p): spec for p in range(n)}, request_timeout=_REQUEST_TIMEOUT_S
+            )
+            out: dict[int, int] = {}
+            for tp, fut in futures.items():
+                info = await _wait_future(fut, _REQUEST_TIMEOUT_S + 1, f"offsets of {topic!r}")
+                out[tp.partition] = int(info.offset)
+            return out
+
+        try:
+            out = await _retrying(ask)
+        except KafkaException as exc:
+            if _code(exc) == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                self._counts.pop(topic, None)
+                raise LogUnavailable(f"unknown topic {topic!r}") from exc
+            raise LogUnavailable(f"Kafka at {self.brokers}: offsets of {topic!r}: {exc}") from exc
+        return dict(sorted(out.items()))
+
+    async def end_offsets(self, topic: str) -> dict[int, int]:
+        return await self._offsets(topic, OffsetSpec.latest())  # type: ignore[no-untyped-call]
+
+    async def begin_offsets(self, topic: str) -> dict[int, int]:
+        return await self._offsets(topic, OffsetSpec.earliest())  # type: ignore[no-untyped-call]
+
+    async def committed(self, group: str, topic: str) -> dict[int, int]:
+        # All of the group's offsets, filtered: like the memory engine, an unknown group or
+        # topic simply has no committed offsets.
+        async def ask() -> ConsumerGroupTopicPartitions:
+            futures = self._admin.list_consumer_group_offsets(
+                [ConsumerGroupTopicPartitions(group)], request_timeout=_REQUEST_TIMEOUT_S
+            )
+            return await _wait_future(
+                futures[group], _REQUEST_TIMEOUT_S + 1, f"committed offsets of {group!r}"
+            )
+
+        try:
+            res = await _retrying(ask)
+        except KafkaException as exc:
+            if _code(exc) == KafkaError.GROUP_ID_NOT_FOUND:
+                return {}
+            raise LogUnavailable(f"Kafka at {self.brokers}: committed {group!r}: {exc}") from exc
+        return {
+            tp.partition: int(tp.offset)
+            for tp in sorted(res.topic_partitions or [], key=lambda t: t.partition)
+            if tp.topic == topic and tp.error is None and tp.offset >= 0
+        }
+
+    # -- consumers ----------------------------------------------------------------------------
+
+    def _consumer_config(self) -> dict[str, Any]:
+        return {
+            **_common(self.brokers, self.client_id),
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "allow.auto.create.topics": False,
+            # librdkafka prefetches up to this much per consumer (default 64 MB).
+            "queued.max.messages.kbytes": 16_384,
+        }
+
+    @asynccontextmanager
+    async def consumer(
+        self, topic: str, group: str, *, max_poll_records: int = 500
+    ) -> AsyncIterator[RdkafkaGroupConsumer]:
+        await self.partition_count(topic)
+        c = RdkafkaGroupConsumer(topic, group, max_poll_records)
+
+        def make() -> Consumer:
+            raw = Consumer(
+                {
+                    **self._consumer_config(),
+                    "group.id": group,
+                    "auto.offset.reset": "earliest",
+                    "partition.assignment.strategy": "cooperative-sticky",
+                    # A SIGKILLed member holds its partitions until this expires (the broker's
+                    # group.min.session.timeout.ms is 6 s), as in the kafka-python adapter.
+                    "session.timeout.ms": 6_000,
+                    "heartbeat.interval.ms": 1_000,
+                    # A topic created after this consumer's first metadata is seen within 5 s.
+                    "topic.metadata.refresh.interval.ms": 5_000,
+                    "on_commit": c._on_commit,
+                    "error_cb": c._on_error,
+                }
+            )
+            try:
+                raw.subscribe(
+                    [topic],
+                    on_assign=c._listener.on_assign,
+                    on_revoke=c._listener.on_revoke,
+                    on_lost=c._listener.on_lost,
+                )
+            except BaseException:
+                raw.close()
+                raise
+            return raw
+
+        try:
+            c._c = await _in_thread(make)
+        except (KafkaException, ValueError, TypeError) as exc:
+            raise LogUnavailable(f"Kafka at {self.brokers}: consumer of {topic!r}: {exc}") from exc
+        try:
+            yield c
+        finally:
+            with trio.CancelScope(shield=True):
+                await c.aclose()
+
+    @asynccontextmanager
+    async def reader(self) -> AsyncIterator[RdkafkaReader]:
+        def make() -> Consumer:
+            # librdkafka wants a group id even for a consumer that only assigns; it never joins
+            # or commits with it. auto.offset.reset "error": an out-of-range fetch is reported
+            # instead of silently jumping. A short fetch.wait.max.ms: a fetch parked at a
+            # partition's end (long poll) delays the first fetch after a switch to another one.
+            return Consumer(
+                {
+                    **self._consumer_config(),
+                    "group.id": f"{self.client_id}-reader",
+                    "auto.offset.reset": "error",
+                    "fetch.wait.max.ms": _READER_FETCH_WAIT_MS,
+                    "queued.max.messages.kbytes": 8_192,
+                    "error_cb": _on_error("reader"),
+                }
+            )
+
+        try:
+            raw = await _in_thread(make)
+        except (KafkaException, ValueError, TypeError) as exc:
+            raise LogUnavailable(f"Kafka at {self.brokers}: reader: {exc}") from exc
+        r = RdkafkaReader(self, raw)
+        try:
+            yield r
+        finally:
+            with trio.CancelScope(shield=True):
+                await r.aclose()
+
+
+# -- producing --------------------------------------------------------------------------------
+
+
+class _BatchAcks:
+    """Counts a batch's delivery reports down on the poller thread; wakes trio once at the end."""
+
+    __slots__ = ("results", "errors", "done", "_pending", "_lock", "_token")
+
+    def __init__(self, n: int, token: trio.lowlevel.TrioToken) -> None:
+        self.results: list[Written | None] = [None] * n
+        self.errors: list[tuple[int, KafkaError]] = []
+        self.done = trio.Event()
+        self._pending = n
+        self._lock = threading.Lock()
+        self._token = token
+
+    def report(self, i: int, err: KafkaError | None, msg: Message) -> None:
+        p, o = msg.partition(), msg.offset()
+        with self._lock:
+            if err is None and p is not None and o is not None and o >= 0:
+                self.results[i] = Written(p, o)
+            else:
+                self.errors.append((i, err or KafkaError(KafkaError._FAIL, "no offset")))
+            self._pending -= 1
+            last = self._pending == 0
+        if last:
+            try:
+                self._token.run_sync_soon(self.done.set)
+            except trio.RunFinishedError:
+                pass
+
+
+class RdkafkaLogProducer:
+    def __init__(
+        self, log: RdkafkaLog, producer: Producer, make_producer: Callable[[], Producer] | None
+    ) -> None:
+        self._log = log
+        self._make_producer = make_producer
+        self._poller = _Poller("rdkafka-producer-poll", producer, log._admin)
+        self._generation = 0  # bumped by each replacement of the producer
+
+    @property
+    def _producer(self) -> Producer:
+        return self._poller.producer
+
+    async def _close(self) -> None:
+        await self._poller.stop()
+        producer = self._producer
+
+        def close() -> None:
+            if producer.flush(5) > 0:
+                producer.purge()  # what could not be delivered: fail its reports now
+                producer.flush(1)
+            producer.close()
+
+        await _close_bounded(close, "librdkafka producer")
+
+    async def _replace(self, generation: int, why: str) -> None:
+        """A fatal error (librdkafka's idempotent producer fenced, or its sequence numbers out of
+        step) leaves the producer unusable: start over with a new one (a new producer id).
+        Once per failing generation."""
+        if self._make_producer is None or generation != self._generation:
+            return
+        self._generation += 1
+        old = self._poller
+        try:
+            self._poller = _Poller("rdkafka-producer-poll", self._make_producer(), self._log._admin)
+        except (KafkaException, ValueError, TypeError) as exc:
+            logger.warning("librdkafka producer: replacing it after {} failed: {!r}", why, exc)
+            return
+        logger.warning("librdkafka producer replaced after {}", why)
+        await old.stop()
+
+        def drop() -> None:
+            old.producer.purge()
+            old.producer.flush(1)
+
+        try:
+            await _in_thread(drop)
+        except Exception as exc:  # the old producer is broken anyway
+            logger.debug("closing the replaced librdkafka producer: {!r}", exc)
+
+    def partition_for(self, topic: str, key: bytes) -> int:
+        """Kafka's murmur2 partition; the topic's count must be known (ensure_topics or a send).
+        librdkafka's own murmur2 partitioner function (~0.1 µs; nimbus.engines.murmur2 in Python
+        ~2.5 µs), the same result (tests/test_log_contract.py)."""
+        n = self._log._counts.get(topic)
+        if n is None:
+            raise LogUnavailable(f"partition count of topic {topic!r} unknown: ensure_topics first")
+        return murmur2(key, n)
+
+    async def send_batch(self, topic: str, items: Sequence[tuple[bytes, bytes]]) -> list[Written]:
+        n = await self._log.partition_count(topic)  # LogUnavailable for an unknown topic
+        if not items:
+            return []
+        generation = self._generation
+        producer = self._producer
+        acks = _BatchAcks(len(items), trio.lowlevel.current_trio_token())
+        report = acks.report
+        produce = producer.produce
+        with trio.move_on_after(SEND_TIMEOUT_S):
+            # Appended from this thread: produce() never blocks (no metadata wait, no I/O).
+            for i, (key, value) in enumerate(items):
+                while True:
+                    try:
+                        produce(topic, value, key, on_delivery=functools.partial(report, i))
+                        break
+                    except BufferError:  # librdkafka's local queue is full: let it drain
+                        await trio.sleep(_QUEUE_FULL_WAIT_S)
+                    except KafkaException as exc:
+                        err = exc.args[0] if exc.args else exc
+                        raise ProduceFailed(
+                            f"send to {topic!r} failed (item {i} of {len(items)}): {err}"
+                        ) from exc
+                    except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: closed
+                        raise ProduceFailed(f"send to {topic!r} failed: {exc!r}") from exc
+            await acks.done.wait()
+        if not acks.done.is_set():
+            raise ProduceFailed(
+                f"{len(items)} records to {topic!r} not acknowledged within {SEND_TIMEOUT_S:.0f} s"
+            )
+        if acks.errors:
+            i, first = min(acks.errors, key=lambda e: e[0])
+            if any(err.fatal() for _, err in acks.errors):
+                await self._replace(generation, f"a fatal error ({first})")
+            raise ProduceFailed(
+                f"{len(acks.errors)} of {len(items)} records to {topic!r} failed; "
+                f"first (item {i}): {first}"
+            )
+        written = [w for w in acks.results if w is not None]
+        await self._check_partitions(topic, n, items, written)
+        return written
+
+    async def _check_partitions(
+        self, topic: str, n: int, items: Sequence[tuple[bytes, bytes]], written: list[Written]
+    ) -> None:
+        """librdkafka partitions over the count in its own metadata: if records landed where
+        partition_for() would not put them, the topic's count changed; learn the new one."""
+        for (key, _), w in zip(items, written, strict=True):
+            if murmur2(key, n) != w.partition:
+                break
+        else:
+            return
+        self._log._counts.pop(topic, None)
+        try:
+            now = await self._log.partition_count(topic)
+        except LogUnavailable as exc:
+            logger.warning("topic {}: records landed off their partition; {}", topic, exc)
+            return
+        logger.warning("topic {} now has {} partitions (was {})", topic, now, n)
+
+
+# -- consuming --------------------------------------------------------------------------------
+
+
+class _RebalanceListener:
+    """Ordered rebalance events; librdkafka calls it inside poll/consume/close."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: list[tuple[bool, frozenset[TopicPartition]]] = []
+
+    def _add(self, assigned: bool, tps: Iterable[RdTP]) -> None:
+        s = frozenset(_tp(t.topic, t.partition) for t in tps)
+        if s:
+            with self._lock:
+                self._events.append((assigned, s))
+
+    # With cooperative-sticky these are the incremental changes; confluent-kafka applies them
+    # (incremental_assign/unassign) after the callback returns.
+    def on_assign(self, _consumer: Consumer, partitions: list[RdTP]) -> None:
+        self._add(True, partitions)
+
+    def on_revoke(self, _consumer: Consumer, partitions: list[RdTP]) -> None:
+        self._add(False, partitions)
+
+    def on_lost(self, _consumer: Consumer, partitions: list[RdTP]) -> None:
+        self._add(False, partitions)
+
+    def pending(self) -> bool:
+        return bool(self._events)
+
+    def drain(self) -> list[tuple[bool, frozenset[TopicPartition]]]:
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+
+class RdkafkaGroupConsumer:
+    """A LogConsumer: one librdkafka consumer in a group, subscribed to one topic."""
+
+    def __init__(self, topic: str, group: str, max_poll_records: int) -> None:
+        self._c: Consumer = None  # type: ignore[assignment]  # set by RdkafkaLog.consumer
+        self._listener = _RebalanceListener()
+        self.topic = topic
+        self.group = group
+        self.max_poll_records = max_poll_records
+        self._lock = trio.Lock()
+        # What the caller has been told it owns, and what the consumer really owns now.
+        self._reported: set[TopicPartition] = set()
+        self._owned: set[TopicPartition] = set()
+        # Owned partitions that were revoked (and re-assigned) since the last report: their
+        # position was reset to the committed offset, so the caller must hear about it.
+        self._churned: set[TopicPartition] = set()
+        # commit_later: offsets waiting for the next poll; refused async commits (callback).
+        self._later: dict[TopicPartition, int] = {}
+        self._refused: list[dict[TopicPartition, int]] = []
+        self._refused_lock = threading.Lock()
+        self._sent: dict[TopicPartition, int] = {}  # highest offset sent in a commit, per partition
+        self._error: EngineError | None = None  # to raise from the next poll
+        # Commits running in threads, abandoned ones included: the consumer is not closed (its
+        # handle destroyed) under a call still using it.
+        self._running = 0
+        self._running_lock = threading.Lock()
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<RdkafkaGroupConsumer {self.group}/{self.topic} owned={len(self._owned)}>"
+
+    # -- callbacks (served inside consume/poll/close, on the thread making the call) ----------
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[RdTP]) -> None:
+        """The answer to an asynchronous commit: keep what was refused for a retry."""
+        refused = {
+            _tp(p.topic, p.partition): p.offset
+            for p in partitions
+            if (err is not None or p.error is not None) and p.offset >= 0
+        }
+        if refused:
+            with self._refused_lock:
+                self._refused.append(refused)
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            logger.error("librdkafka consumer {}/{}: fatal error {}", self.group, self.topic, err)
+            self._error = LogUnavailable(f"consumer {self.group}/{self.topic}: {err}")
+        else:
+            logger.info("librdkafka consumer {}/{}: {}", self.group, self.topic, err)
+
+    # -- rebalance news ------------------------------------------------------------------------
+
+    def _apply_events(self) -> None:
+        for assigned, tps in self._listener.drain():
+            if assigned:
+                self._owned |= tps
+            else:
+                self._owned -= tps
+                self._churned |= tps & self._reported
+
+    def _news(self) -> tuple[set[TopicPartition], set[TopicPartition]]:
+        self._apply_events()
+        churn = self._churned & self._owned
+        revoked = (self._reported - self._owned) | churn
+        assigned = (self._owned - self._reported) | churn
+        self._reported = set(self._owned)
+        self._churned = set()
+        return revoked, assigned
+
+    # -- polling -------------------------------------------------------------------------------
+
+    def _records(self, msgs: list[Message]) -> list[Record]:
+        out: list[Record] = []
+        for m in msgs:
+            err = m.error()
+            if err is None:
+                out.append(_record(m))
+            elif err.code() == KafkaError._PARTITION_EOF:
+                continue
+            elif err.fatal() or err.code() in _FATAL_CONSUMER_ERRORS:
+                self._error = LogUnavailable(f"poll {self.group}/{self.topic}: {err}")
+            else:  # transient: librdkafka retries it
+                logger.info("librdkafka consumer {}/{}: {}", self.group, self.topic, err)
+        return out
+
+    def _wait_sync(self, budget: int, wait_s: float) -> list[Message]:
+        """Wait up to `wait_s` for a record (worker thread), then take what came with it."""
+        m = self._c.poll(wait_s)
+        if m is None:
+            return []
+        return [m, *self._c.consume(budget - 1, 0)] if budget > 1 else [m]
+
+    async def poll(self, max_records: int, timeout: float) -> PollResult:  # noqa: ASYNC109 (port)
+        if self.closed:
+            raise LogUnavailable("consumer is closed")
+        budget = max(1, min(max_records, self.max_poll_records))
+        deadline = trio.current_time() + max(timeout, 0.0)
+        async with self._lock:
+            while True:
+                if self._error is not None:
+                    err, self._error = self._error, None
+                    raise err
+                commit = self._take_later()
+                try:
+                    if commit:
+                        self._commit_async(commit)
+                    # What librdkafka already holds, without a thread: never blocks.
+                    msgs = self._c.consume(budget, 0)
+                    left = deadline - trio.current_time()
+                    if not msgs and not self._listener.pending() and left > 0:
+                        # Not abandoned on cancel: records handed over by librdkafka (its
+                        # position moved past them) are returned before any checkpoint.
+                        msgs = await _in_thread(self._wait_sync, budget, min(left, _SLICE_S))
+                except (KafkaException, RuntimeError) as exc:
+                    for tp, off in commit.items():
+                        self._later.setdefault(tp, off)
+                    raise LogUnavailable(f"poll {self.group}/{self.topic}: {exc!r}") from exc
+                fetched = self._records(msgs)
+                revoked, assigned = self._news()
+                # Records of partitions lost meanwhile belong to their new owner now.
+                records = [r for r in fetched if _tp(r.topic, r.partition) in self._owned]
+                if records or revoked or assigned or trio.current_time() >= deadline:
+                    return PollResult(records, revoked, assigned)
+
+    # -- commits -------------------------------------------------------------------------------
+
+    def _assigned_only(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """The offsets of partitions assigned to this member now (the rebalance callbacks are
+        the only way an assignment changes here)."""
+        self._apply_events()
+        return {tp: off for tp, off in offsets.items() if tp in self._owned}
+
+    def _commit_async(self, offsets: dict[TopicPartition, int]) -> None:
+        """Send an offset commit for the owned partitions among `offsets` without waiting for it
+        (never blocks); its answer comes to _on_commit in a later poll. A refused commit is kept
+        for the next one."""
+        mine = self._assigned_only(offsets)
+        if not mine:
+            return
+        for tp, off in mine.items():
+            self._sent[tp] = max(off, self._sent.get(tp, off))
+        try:
+            self._c.commit(
+                offsets=[RdTP(tp.topic, tp.partition, off) for tp, off in mine.items()],
+                asynchronous=True,
+            )
+        except KafkaException:
+            with self._refused_lock:
+                self._refused.append(mine)
+
+    def _tracked(self, fn: Callable[..., None], *args: Any) -> Callable[[], None]:
+        """`fn(*args)`, counted in _running while it runs (for a thread that may be abandoned)."""
+        with self._running_lock:
+            self._running += 1
+
+        def run() -> None:
+            try:
+                fn(*args)
+            finally:
+                with self._running_lock:
+                    self._running -= 1
+
+        return run
+
+    def commit_later(self, offsets: dict[TopicPartition, int]) -> None:
+        if not self.closed:
+            self._later.update(offsets)
+
+    def _take_later(self) -> dict[TopicPartition, int]:
+        with self._refused_lock:
+            refused, self._refused = self._refused, []
+        later, self._later = self._later, {}
+        if refused:
+            self._apply_events()
+        for offsets in refused:  # older than anything in _later: newer offsets win
+            for tp, off in offsets.items():
+                # Not if a newer commit went out since (retrying would move the group back).
+                if tp in self._owned and off >= self._sent.get(tp, off):
+                    later.setdefault(tp, off)
+        if refused:
+            logger.info(
+                "{}/{}: an offset commit was refused; retrying it with this poll",
+                self.group,
+                self.topic,
+            )
+        return later
+
+    def _commit_sync(self, offsets: dict[TopicPartition, int]) -> None:
+        owned = {_tp(t.topic, t.partition) for t in self._c.assignment()}
+        foreign = set(offsets) - owned
+        if foreign:
+            raise CommitFailed(
+                f"partitions not assigned to this member: {sorted(foreign, key=str)}"
+            )
+        done = self._c.commit(
+            offsets=[RdTP(tp.topic, tp.partition, off) for tp, off in offsets.items()],
+            asynchronous=False,
+        )
+        refused = [t for t in done or [] if t.error is not None]
+        if refused:
+            raise CommitFailed(
+                f"commit {self.group}/{self.topic} refused: "
+                + ", ".join(f"{t.topic}[{t.partition}]: {t.error}" for t in refused)
+            )
+
+    def _commit_owned_sync(self, offsets: dict[TopicPartition, int]) -> None:
+        owned = {_tp(t.topic, t.partition) for t in self._c.assignment()}
+        mine = {tp: off for tp, off in offsets.items() if tp in owned}
+        if mine:
+            self._commit_sync(mine)
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if self.closed:
+            raise CommitFailed("consumer is closed")
+        if not offsets:
+            return
+        async with self._lock:
+            # Abandoned after _COMMIT_TIMEOUT_S (or on cancel): the commit may still land later,
+            # which only commits offsets the caller processed (at least once).
+            with trio.move_on_after(_COMMIT_TIMEOUT_S):
+                try:
+                    await _in_thread_abandonable(self._tracked(self._commit_sync, offsets))
+                except EngineError:
+                    raise
+                except (KafkaException, RuntimeError) as exc:
+                    raise CommitFailed(f"commit {self.group}/{self.topic}: {exc!r}") from exc
+                return
+            raise CommitFailed(
+                f"commit {self.group}/{self.topic}: no answer within {_COMMIT_TIMEOUT_S:.0f} s"
+            )
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._c is None:
+            return
+        async with self._lock:
+            later = self._take_later()
+            if later:  # what commit_later left for a poll that will not come
+                try:
+                    with trio.move_on_after(_COMMIT_TIMEOUT_S):
+                        await _in_thread_abandonable(self._tracked(self._commit_owned_sync, later))
+                except Exception as exc:
+                    logger.info("{}/{}: final commit failed: {!r}", self.group, self.topic, exc)
+            try:
+                # Leaves the group (LeaveGroup), so the others rebalance at once.
+                with trio.move_on_after(_CLOSE_TIMEOUT_S):
+                    while self._running:  # noqa: ASYNC110 (a thread's counter)
+                        await trio.sleep(0.05)
+                if self._running:
+                    logger.warning(
+                        "consumer {}/{}: a commit is still running; not closed",
+                        self.group,
+                        self.topic,
+                    )
+                    return
+                await _close_bounded(self._c.close, f"consumer {self.group}/{self.topic}")
+            except Exception as exc:
+                logger.warning("closing consumer {}/{} failed: {}", self.group, self.topic, exc)
+
+
+class RdkafkaReader:
+    """A LogReader: one group-less librdkafka consumer, re-assigned only when needed."""
+
+    def __init__(self, log: RdkafkaLog, raw: Consumer) -> None:
+        self._log = log
+        self._c = raw
+        self._lock = trio.Lock()
+        self._assigned: tuple[str, int] | None = None  # the partition assigned now
+        self._next: int | None = None  # the consumer's position, when we know it
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<RdkafkaReader at {self._assigned} next={self._next}>"
+
+    def _take(self, msgs: list[Message], topic: str, partition: int) -> tuple[list[Record], bool]:
+        """The records of the assigned partition among `msgs`, and whether its position was out
+        of range."""
+        out: list[Record] = []
+        out_of_range = False
+        for m in msgs:
+            err = m.error()
+            if err is None:
+                if m.partition() == partition and m.topic() == topic:
+                    out.append(_record(m))
+            elif err.code() == KafkaError._AUTO_OFFSET_RESET:
+                out_of_range = True
+            elif err.fatal() or err.code() in _FATAL_CONSUMER_ERRORS:
+                self._next = None
+                raise LogUnavailable(f"fetch {topic}[{partition}]: {err}")
+            elif err.code() != KafkaError._PARTITION_EOF:
+                logger.info("librdkafka reader {}[{}]: {}", topic, partition, err)
+        if out:
+            self._next = out[-1].offset + 1
+        return out, out_of_range
+
+    def _fetch_sync(
+        self, topic: str, partition: int, offset: int, max_records: int, wait_s: float
+    ) -> list[Record]:
+        c = self._c
+        if self._assigned != (topic, partition) or self._next != offset:
+            c.assign([RdTP(topic, partition, offset)])
+            self._assigned = (topic, partition)
+            self._next = offset
+        records, out_of_range = self._take(self._wait(max_records, wait_s), topic, partition)
+        if records or not out_of_range:
+            return records
+        begin, _end = c.get_watermark_offsets(
+            RdTP(topic, partition), timeout=_REQUEST_TIMEOUT_S, cached=False
+        )
+        if offset < begin:  # deleted by retention: continue from the oldest record kept
+            c.assign([RdTP(topic, partition, begin)])
+            self._next = begin
+            return self._take(self._wait(max_records, wait_s), topic, partition)[0]
+        # Beyond the end: nothing yet; look again (re-assigned) on the next slice.
+        self._next = None
+        time.sleep(wait_s)
+        return []
+
+    def _wait(self, max_records: int, wait_s: float) -> list[Message]:
+        msgs = self._c.consume(max_records, 0)
+        if msgs or wait_s <= 0:
+            return msgs
+        m = self._c.poll(wait_s)
+        if m is None:
+            return []
+        return [m, *self._c.consume(max_records - 1, 0)] if max_records > 1 else [m]
+
+    async def fetch(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        max_records: int,
+        timeout: float,  # noqa: ASYNC109 (the port's signature)
+    ) -> list[Record]:
+        if self.closed:
+            raise LogUnavailable("reader is closed")
+        n = await self._log.partition_count(topic)
+        if not 0 <= partition < n:
+            raise LogUnavailable(f"topic {topic!r} has no partition {partition}")
+        offset, max_records = max(offset, 0), max(1, max_records)
+        deadline = trio.current_time() + max(timeout, 0.0)
+        async with self._lock:
+            try:
+                if self._assigned == (topic, partition) and self._next == offset:
+                    # Already there: what librdkafka prefetched, without a thread.
+                    records, out_of_range = self._take(
+                        self._c.consume(max_records, 0), topic, partition
+                    )
+                    if records:
+                        return records
+                    if out_of_range:
+                        self._next = None  # the thread call below re-assigns and handles it
+                while True:
+                    left = deadline - trio.current_time()
+                    records = await _in_thread(
+                        self._fetch_sync,
+                        topic,
+                        partition,
+                        offset,
+                        max_records,
+                        max(0.0, min(left, _SLICE_S)),
+                    )
+                    if records or trio.current_time() >= deadline:
+                        return records
+            except (KafkaException, RuntimeError) as exc:
+                self._next = None
+                raise LogUnavailable(f"fetch {topic}[{partition}]@{offset}: {exc!r}") from exc
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        async with self._lock:
+            try:
+                await _close_bounded(self._c.close, "reader")
+            except Exception as exc:
+                logger.warning("closing reader failed: {}", exc)

@@ -1,0 +1,170 @@
+"""The librdkafka adapter (nimbus.engines.rdkafka) beyond the Log contract: its choice by
+configuration, its bridge to trio (no worker thread for produce batches, nor for polls that find
+records already fetched) and its commit_later bookkeeping. The contract itself runs on it in
+tests/test_log_contract.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+from confluent_kafka import KafkaError
+from confluent_kafka import TopicPartition as RdTP
+
+from nimbus import config
+from nimbus.engines import rdkafka as rdkafka_engine
+from nimbus.ports import TopicPartition
+
+IO_TIMEOUT = 90
+
+
+def test_the_client_library_is_chosen_by_configuration() -> None:
+    assert config.load(env={}, dotenv=False).kafka_client == "kafka-python"
+    s = config.load(env={"NIMBUS_KAFKA_CLIENT": "librdkafka"}, dotenv=False)
+    assert s.kafka_client == "librdkafka"
+    with pytest.raises(config.ConfigError, match="NIMBUS_KAFKA_CLIENT"):
+        config.load(env={"NIMBUS_KAFKA_CLIENT": "java"}, dotenv=False)
+
+
+@pytest.mark.integration
+async def test_open_engine_uses_librdkafka_when_configured(
+    kafka_brokers: str, redis_address: str, unique: str
+) -> None:
+    import trio_asyncio
+
+    from nimbus.engines import open_engine
+
+    s = config.load(
+        env={},
+        dotenv=False,
+        engine="real",
+        kafka_client="librdkafka",
+        kafka_brokers=kafka_brokers,
+        redis_address=redis_address,
+        redis_prefix=f"t-{unique}:",
+    )
+    with trio.fail_after(IO_TIMEOUT):
+        async with trio_asyncio.open_loop(), open_engine(s) as eng:
+            inner = eng.log._target  # type: ignore[attr-defined]  # the metrics proxy's target
+            assert isinstance(inner, rdkafka_engine.RdkafkaLog)
+            topic = f"eng-{unique}"
+            assert await eng.log.ensure_topics([topic], 3) == {topic: 3}
+            (w,) = await eng.log.producer.send_batch(topic, [(b"k", b"v")])
+            assert w.partition == eng.log.producer.partition_for(topic, b"k")
+
+
+@pytest.mark.integration
+async def test_produce_and_prefetched_polls_need_no_thread(
+    kafka_brokers: str, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """produce() only queues: every batch, small or large, is appended on the trio thread and
+    its delivery reports reach trio from the poller thread. A poll that finds records librdkafka
+    already fetched takes them without a thread; only a poll that has to wait uses one."""
+    calls: list[str] = []
+    real = rdkafka_engine._in_thread  # noqa: SLF001
+
+    async def counting(fn: Any, *args: Any) -> Any:
+        calls.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *args)
+
+    topic = f"nothread-{unique}"
+    with trio.fail_after(IO_TIMEOUT):
+        async with rdkafka_engine.open_rdkafka_log(kafka_brokers, client_id="t") as log:
+            await log.ensure_topics([topic], 1)
+            monkeypatch.setattr(rdkafka_engine, "_in_thread", counting)
+            assert len(await log.producer.send_batch(topic, [(b"k", b"1")])) == 1
+            big = await log.producer.send_batch(topic, [(b"k", b"%d" % i) for i in range(5000)])
+            assert [w.offset for w in big] == list(range(1, 5001))
+            assert calls == []
+            async with log.consumer(topic, f"g-{unique}", max_poll_records=100) as c:
+                polls, seen = 0, 0
+                while seen < 5001:
+                    r = await c.poll(100, 5)
+                    polls += 1
+                    seen += len(r.records)
+                waits = calls.count("_wait_sync")
+                # The first polls wait for the join and the first fetch; the rest find records.
+                assert polls >= 50 and waits <= polls // 4, (polls, waits)
+
+
+def _consumer() -> rdkafka_engine.RdkafkaGroupConsumer:
+    return rdkafka_engine.RdkafkaGroupConsumer("t", "g", 500)
+
+
+def test_refused_async_commit_is_retried_only_if_nothing_newer_went_out() -> None:
+    """commit_later on librdkafka: an asynchronous commit that the group refused (its answer
+    comes to on_commit) is sent again with the next poll while the partition is owned, unless a
+    newer commit was sent meanwhile (retrying then would move the group's offset back)."""
+    tp, other = TopicPartition("t", 0), TopicPartition("t", 1)
+    c = _consumer()
+    c._owned = {tp}
+    c._sent = {tp: 20, other: 5}
+    refused = KafkaError(KafkaError.REBALANCE_IN_PROGRESS)
+    c._on_commit(refused, [RdTP("t", 0, 10), RdTP("t", 1, 5)])  # tp: stale; other: not owned
+    assert c._take_later() == {}
+    c._on_commit(refused, [RdTP("t", 0, 20)])
+    assert c._take_later() == {tp: 20}
+    c._on_commit(refused, [RdTP("t", 0, 20)])
+    c.commit_later({tp: 25})
+    assert c._take_later() == {tp: 25}  # the newer offset wins
+    c._on_commit(None, [RdTP("t", 0, 25)])  # accepted: nothing to retry
+    assert c._take_later() == {}
+
+
+def test_rebalance_news_reports_a_partition_taken_and_given_back_in_both_sets() -> None:
+    """As the kafka-python adapter: remove `revoked`, then add `assigned`; a reported partition
+    revoked and re-assigned between two polls is in both (its position restarts)."""
+    c = _consumer()
+    a, b = RdTP("t", 0), RdTP("t", 1)
+    c._listener.on_assign(None, [a, b])  # type: ignore[arg-type]
+    assert c._news() == (set(), {TopicPartition("t", 0), TopicPartition("t", 1)})
+    c._listener.on_revoke(None, [a])  # type: ignore[arg-type]
+    c._listener.on_assign(None, [a])  # type: ignore[arg-type]
+    c._listener.on_lost(None, [b])  # type: ignore[arg-type]
+    assert c._news() == ({TopicPartition("t", 0), TopicPartition("t", 1)}, {TopicPartition("t", 0)})
+    assert c._news() == (set(), set())
+
+
+async def test_a_commit_without_answer_fails_and_close_waits_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """librdkafka's synchronous commit has no timeout (it waits for a coordinator while there is
+    none): ours gives up after _COMMIT_TIMEOUT_S with CommitFailed, and the close waits for the
+    abandoned call before destroying the consumer under it."""
+    import threading
+
+    events: list[str] = []
+    release = threading.Event()
+
+    class Stuck:
+        def assignment(self) -> list[RdTP]:
+            return [RdTP("t", 0)]
+
+        def commit(self, **_: Any) -> list[RdTP]:
+            events.append("commit")
+            release.wait(5)
+            events.append("commit done")
+            return []
+
+        def close(self) -> None:
+            events.append("close")
+
+    monkeypatch.setattr(rdkafka_engine, "_COMMIT_TIMEOUT_S", 0.2)
+    c = _consumer()
+    c._c = Stuck()  # type: ignore[assignment]
+    with trio.fail_after(10):
+        t0 = trio.current_time()
+        with pytest.raises(rdkafka_engine.CommitFailed, match="no answer"):
+            await c.commit({TopicPartition("t", 0): 1})
+        assert trio.current_time() - t0 < 2
+        assert c._running == 1
+
+        async def answer() -> None:
+            await trio.sleep(0.3)
+            release.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer)
+            await c.aclose()
+    assert events == ["commit", "commit done", "close"]
