@@ -25,10 +25,10 @@ from nimbus.lifecycle import Status
 from nimbus.messages import KafkaEventResponse
 from nimbus.pod import Pod
 from nimbus.ports import DlqWrite
-from nimbus.proto_gen.nimbus import ResponseKind
+from nimbus.proto_gen.nimbus import EventResponse, ResponseKind
 from tests.test_pipeline import P2, cluster, engine, wait_status  # noqa: F401 (fixture)
 from tests.test_retention import reconnect_and_ack, send_and_leave, wait_in_dlq
-from tests.wire import open_stream
+from tests.wire import WireStream, open_stream
 
 
 def result(cid: str, n: int, did: int) -> KafkaEventResponse:
@@ -48,6 +48,27 @@ def record(rs: list[KafkaEventResponse]) -> bytes:
     if len(rs) == 1:
         return bytes(rs[0].SerializeToString())
     return packs.encode_pack([r.SerializeToString() for r in rs])
+
+
+async def take_once(st: WireStream, n: int, *, ack: bool) -> list[EventResponse]:
+    """The next n results on a raw stream (receipts skipped), acking each if asked."""
+    got: list[EventResponse] = []
+    while len(got) < n:
+        with trio.fail_after(20):
+            r = await st.recv()
+        assert r is not None, f"stream ended after {[x.number for x in got]}"
+        if r.kind == ResponseKind.RESULT:
+            got.append(r)
+            if ack:
+                await st.ack(r.delivery_id)
+    return got
+
+
+async def nothing_more(st: WireStream, wait: float) -> None:
+    """No repeat was queued behind the last result."""
+    with trio.move_on_after(wait):
+        extra = await st.recv()
+        raise AssertionError(f"a repeat reached the wire: {extra}")
 
 
 def overlapping(rs: list[KafkaEventResponse]) -> list[list[KafkaEventResponse]]:
@@ -88,20 +109,10 @@ async def test_a_dlq_with_overlapping_packs_replays_each_result_once(
             assert {w.partition for w in written} == {
                 partition_for(cid.encode(), s.kafka_partitions)
             }
-            got = []
             async with open_stream(c.ports[0], {"client_id": cid, **P2}) as st:
-                while len(got) < 40:
-                    with trio.fail_after(20):
-                        r = await st.recv()
-                    assert r is not None, f"stream ended after {[x.number for x in got]}"
-                    if r.kind == ResponseKind.RESULT:
-                        got.append(r)
-                        await st.ack(r.delivery_id)
+                got = await take_once(st, 40, ack=True)
                 await wait_status(c, cid, Status.LIVE)
-                # Nothing more comes: no repeat was queued behind the last result.
-                with trio.move_on_after(0.5):
-                    extra = await st.recv()
-                    raise AssertionError(f"a repeat reached the wire: {extra}")
+                await nothing_more(st, 0.5)
             assert [r.number for r in got] == list(range(1, 41))
             assert [r.delivery_id for r in got] == [r.delivery_id for r in rs]
 
@@ -123,18 +134,8 @@ async def test_a_results_topic_with_overlapping_packs_delivers_each_result_once(
                         s.kafka_results_topic,
                         [(cid.encode(), record(g)) for g in overlapping(rs)],
                     )
-                    got = []
-                    while len(got) < 40:
-                        with trio.fail_after(20):
-                            r = await st.recv()
-                        assert r is not None, f"stream ended after {[x.number for x in got]}"
-                        if r.kind == ResponseKind.RESULT:
-                            got.append(r)
-                            if protocol == 2:
-                                await st.ack(r.delivery_id)
-                    with trio.move_on_after(1.0):
-                        extra = await st.recv()
-                        raise AssertionError(f"p{protocol}: a repeat reached the wire: {extra}")
+                    got = await take_once(st, 40, ack=protocol == 2)
+                    await nothing_more(st, 1.0)
                 assert [r.number for r in got] == list(range(1, 41)), protocol
                 assert [r.result for r in got] == [n * n for n in range(1, 41)]
                 if protocol == 2:
