@@ -531,6 +531,7 @@ class ClientLedger:
         # server may have accepted an event twice (receipt lost with its stream). Bounded.
         self._resent: dict[int, int] = {}
         self._resent_handed: set[int] = set()
+        self.settled_by_result = False  # the last on_result settled its unreceipted event
         self.last_resend_duplicate = 0
         self.ack_position = 0  # highest delivery id the application has taken
         self.ack_sent = 0  # highest ack handed to a stream
@@ -591,11 +592,7 @@ class ClientLedger:
         for ev in resend:
             if ev.transmissions:
                 self.stats.resent += 1
-                self._resent[ev.wire_seq] = ev.seq
-                if len(self._resent) > RESENT_MEMORY:
-                    oldest = next(iter(self._resent))
-                    del self._resent[oldest]
-                    self._resent_handed.discard(oldest)
+                self._remember_resent(ev.wire_seq, ev.seq)
             self._transmit(ev)
         # Refused with UNAVAILABLE: a new stream (maybe another pod) is worth an immediate retry.
         retry = [ev for ev in self._events.values() if ev.retry_at is not None]
@@ -645,7 +642,10 @@ class ClientLedger:
         """RECEIPT: the event is durable and its result will carry `delivery_id`."""
         seq = self._in_flight.pop(wire_seq, None)
         if seq is None:
-            self.stats.unexpected += 1
+            if wire_seq not in self._resent_handed:
+                self.stats.unexpected += 1
+            # else: the receipt of an event already settled by its result (see on_result), or
+            # of a resent copy of it; that copy's result will be dropped by its seq.
             return None
         ev = self._events.pop(seq)
         ev.in_flight = False
@@ -684,6 +684,7 @@ class ClientLedger:
         Not handed over: a redelivery (nothing to do), or a second result of a resent event —
         see `is_resend_duplicate`, which then must be consumed in order like a result."""
         self.last_resend_duplicate = 0
+        self.settled_by_result = False
         if self.protocol == 1 or delivery_id == 0:
             # Nothing to dedupe on: the original semantics, results as they come.
             self._count_result(failed)
@@ -694,6 +695,7 @@ class ClientLedger:
         self.highest_received = delivery_id
         seq = self._expected.pop(delivery_id, None)
         self._forget_expected_up_to(delivery_id)
+        self.settled_by_result = self._settle_by_result(wire_seq)
         if wire_seq in self._resent:
             if wire_seq in self._resent_handed:
                 self.stats.resend_duplicates_dropped += 1
@@ -703,6 +705,30 @@ class ClientLedger:
             seq = self._resent[wire_seq]  # also when this is the copy whose receipt was lost
         self._count_result(failed)
         return True, seq
+
+    def _settle_by_result(self, wire_seq: int) -> bool:
+        """A result whose event has no receipt yet: the event is durable (its result exists), so
+        it is settled now and never resent. The receipt waits for the pod's whole produce batch,
+        so a result can come first; before this, the event was resent on the next stream after
+        a failed batch and its second result, with a new delivery id, reached the application
+        (chaos seed 7459). Any later copy of it is dropped by its seq, as a resend's is."""
+        seq = self._in_flight.pop(wire_seq, None)
+        ev = self._events.get(wire_seq if seq is None else seq)
+        if ev is None or ev.wire_seq != wire_seq or ev.retry_at is not None:
+            return False
+        del self._events[ev.seq]
+        ev.in_flight = False
+        self.stats.receipted += 1
+        self._remember_resent(wire_seq, ev.seq)
+        return True
+
+    def _remember_resent(self, wire_seq: int, seq: int) -> None:
+        """An event that may be accepted more than once: its results are told apart by seq."""
+        self._resent[wire_seq] = seq
+        if len(self._resent) > RESENT_MEMORY:
+            oldest = next(iter(self._resent))
+            del self._resent[oldest]
+            self._resent_handed.discard(oldest)
 
     def is_resend_duplicate(self, delivery_id: int) -> bool:
         """Whether the result `on_result` just refused was a resend's second result (it has a
@@ -1338,6 +1364,8 @@ class NimbusClient:
             failed = resp.HasField("error")
             delivery_id = resp.delivery_id if self.protocol == 2 else 0
             deliver, seq = self._ledger.on_result(delivery_id, failed=failed, wire_seq=resp.seq)
+            if self._ledger.settled_by_result:
+                self._capacity_freed()
             if not deliver and self._ledger.is_resend_duplicate(resp.delivery_id):
                 # Not for the application, but its ack must pass it in order.
                 await self._hand_result(_Skip(resp.delivery_id))

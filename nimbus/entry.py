@@ -22,6 +22,7 @@ import socket
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 import trio
@@ -78,6 +79,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+    def check_output_file(self, option: str, path: str | os.PathLike[str]) -> None:
+        """A usage error now, not a file left unwritten at the end of a run: the folder of `path`
+        (the value of `option`) must exist or be creatable, and be writable."""
+        folder = Path(path).resolve().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self.error(f"{option} {path}: cannot create {folder}: {e.strerror}")
+        if not os.access(folder, os.W_OK):
+            self.error(f"{option} {path}: {folder} is not writable")
 
 
 class CannotListen(Exception):

@@ -1707,13 +1707,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ROOT / "artifacts" / f"chaos-{datetime.now():%Y%m%d-%H%M%S}-{args.prefix[-8:]}"
         )
     if args.json:  # written after the run: find out now
-        folder = args.json.resolve().parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            p.error(f"--json {args.json}: cannot create {folder}: {e.strerror}")
-        if not os.access(folder, os.W_OK):
-            p.error(f"--json {args.json}: {folder} is not writable")
+        p.check_output_file("--json", args.json)
     try:
         args.run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -496,14 +496,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(
             f"--prefix must be printable ASCII (client ids are gRPC metadata), got {args.prefix!r}"
         )
-    if args.json:
-        folder = Path(args.json).resolve().parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            p.error(f"--json {args.json}: cannot create {folder}: {e.strerror}")
-        if not os.access(folder, os.W_OK):
-            p.error(f"--json {args.json}: {folder} is not writable")
+    if args.json:  # written after the run: find out now
+        p.check_output_file("--json", args.json)
     args.concurrency = args.concurrency or args.clients
     return args
 

@@ -10,8 +10,10 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
+import pytest
 import trio
 
 from nimbus import config
@@ -77,6 +79,36 @@ def real_engine(
         "redis_events_channel": f"pod-{unique}",
         "redis_prefix": f"t-{unique}:",
     }
+
+
+def real_env(kafka_brokers: str, redis_address: str, unique: str, **extra: str) -> dict[str, str]:
+    """The environment of a Nimbus process on the real brokers, on topics and a Redis namespace
+    of this test (this process's environment, then these, then `extra`: NIMBUS_* values)."""
+    return {
+        **os.environ,
+        "NIMBUS_ENGINE": "real",
+        "NIMBUS_KAFKA_BROKERS": kafka_brokers,
+        "NIMBUS_REDIS_ADDRESS": redis_address,
+        "NIMBUS_KAFKA_EVENTS_TOPIC": f"events-{unique}",
+        "NIMBUS_KAFKA_RESULTS_TOPIC": f"results-{unique}",
+        "NIMBUS_KAFKA_DLQ_TOPIC": f"dlq-{unique}",
+        "NIMBUS_REDIS_PREFIX": f"t-{unique}:",
+        **extra,
+    }
+
+
+def record_thread_calls(monkeypatch: pytest.MonkeyPatch, module: ModuleType) -> list[str]:
+    """From now on, the name of each function a Kafka adapter `module` (nimbus.engines.kafka or
+    .rdkafka) runs in a worker thread (its `in_thread`), in order."""
+    calls: list[str] = []
+    real = module.in_thread
+
+    async def recording(fn: Any, *args: Any) -> Any:
+        calls.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *args)
+
+    monkeypatch.setattr(module, "in_thread", recording)
+    return calls
 
 
 def _fields(s: Settings) -> dict[str, Any]:

@@ -4,7 +4,6 @@ command itself as a process against the real Kafka and Redis."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import trio_asyncio
 
 from nimbus import admin
 from nimbus.lifecycle import ClientRecord, Status
-from tests.harness import Cluster, open_cluster, real_engine
+from tests.harness import Cluster, open_cluster, real_engine, real_env
 from tests.test_metrics import P2
 from tests.wire import open_stream
 
@@ -117,16 +116,7 @@ async def test_the_command_on_real_brokers(
     kafka_brokers: str, redis_address: str, unique: str
 ) -> None:
     engine = real_engine(kafka_brokers, redis_address, unique, partitions=2)
-    env = {
-        **os.environ,
-        "NIMBUS_ENGINE": "real",
-        "NIMBUS_KAFKA_BROKERS": kafka_brokers,
-        "NIMBUS_REDIS_ADDRESS": redis_address,
-        "NIMBUS_KAFKA_EVENTS_TOPIC": f"events-{unique}",
-        "NIMBUS_KAFKA_RESULTS_TOPIC": f"results-{unique}",
-        "NIMBUS_KAFKA_DLQ_TOPIC": f"dlq-{unique}",
-        "NIMBUS_REDIS_PREFIX": f"t-{unique}:",
-    }
+    env = real_env(kafka_brokers, redis_address, unique)
     cid = f"adm-{unique}"
 
     async def cmd(*args: str) -> tuple[int, str]:

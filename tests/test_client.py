@@ -1329,3 +1329,25 @@ async def test_cli_ctrl_c_prints_what_was_sent_and_what_arrived_then_exits_130()
             assert [line.split("  (")[0] for line in later] == [
                 f"sq({n}) = {n * n}" for n in range(arrived + 1, arrived + 1 + len(later))
             ]
+
+
+def test_a_result_before_its_receipt_settles_the_event_and_a_second_copy_is_dropped() -> None:
+    """Chaos seed 7459: the pod receipts an event only when its whole produce batch returns; a
+    batch held by another partition's failure let the event's result arrive first, then the
+    batch failed, the stream ended with UNAVAILABLE, and the library resent the event: the
+    server accepted it twice and the application got its result twice (two delivery ids)."""
+    led = ClientLedger(2)
+    led.on_connected()
+    ev = led.add("sq", 90)
+    assert led.on_result(451, wire_seq=ev.wire_seq) == (True, ev.seq)
+    assert led.settled_by_result and led.pending == 0  # durable: its result exists
+    led.on_stream_lost()
+    led.on_disconnected()
+    _, resend = led.on_connected()
+    assert resend == []  # not sent again
+    # Had a copy been accepted anyway (resent before the first result came), its result and
+    # its receipt are dropped quietly.
+    assert led.on_receipt(ev.wire_seq, 452) is None and led.stats.unexpected == 0
+    assert led.on_result(452, wire_seq=ev.wire_seq) == (False, None)
+    assert led.is_resend_duplicate(452)
+    assert led.stats.results == 1 and led.stats.resend_duplicates_dropped == 1

@@ -30,6 +30,7 @@ from nimbus.engines.memory import MemoryLog, MemoryState
 from nimbus.lifecycle import Status
 from nimbus.pod import ITEM_OVERHEAD, Budget, Close, Outbox, Pod, Session, item_bytes
 from nimbus.proto_gen.nimbus import EventRequest, ResponseKind
+from tests.harness import real_env
 from tests.test_auth import grpcio_stream
 from tests.test_interop_grpcio import stubs  # noqa: F401 (fixture)
 from tests.test_pipeline import P2, cluster, wait_status
@@ -365,22 +366,17 @@ def test_slow_readers_stay_within_the_stated_memory_bound(
     in a process of its own on the real brokers, so its RSS is the pod's alone."""
     port = _free_port()
     bound = 2 << 20
-    env = {
-        **os.environ,
-        "NIMBUS_ENGINE": "real",
-        "NIMBUS_KAFKA_BROKERS": kafka_brokers,
-        "NIMBUS_REDIS_ADDRESS": redis_address,
-        "NIMBUS_KAFKA_EVENTS_TOPIC": f"events-{unique}",
-        "NIMBUS_KAFKA_RESULTS_TOPIC": f"results-{unique}",
-        "NIMBUS_KAFKA_DLQ_TOPIC": f"dlq-{unique}",
-        "NIMBUS_KAFKA_PARTITIONS": "4",
-        "NIMBUS_REDIS_PREFIX": f"t-{unique}:",
-        "NIMBUS_REDIS_EVENTS_CHANNEL": f"pod-{unique}",
-        "NIMBUS_HOST": "127.0.0.1",
-        "NIMBUS_PORT": str(port),
-        "NIMBUS_STREAM_QUEUE_BYTES": str(bound),
-        "NIMBUS_STREAM_QUEUE": "1000000",
-    }
+    env = real_env(
+        kafka_brokers,
+        redis_address,
+        unique,
+        NIMBUS_KAFKA_PARTITIONS="4",
+        NIMBUS_REDIS_EVENTS_CHANNEL=f"pod-{unique}",
+        NIMBUS_HOST="127.0.0.1",
+        NIMBUS_PORT=str(port),
+        NIMBUS_STREAM_QUEUE_BYTES=str(bound),
+        NIMBUS_STREAM_QUEUE="1000000",
+    )
     procs = {}
     for module in ("nimbus.workers", "nimbus.server"):
         with (tmp_path / f"{module}.log").open("w") as log:

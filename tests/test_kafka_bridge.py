@@ -1,17 +1,19 @@
-"""The trio <-> kafka-python bridge of nimbus.engines.kafka: its thread calls and the produce
-path that needs none once the topic's metadata is known."""
+"""The trio <-> kafka-python bridge of nimbus.engines.kafka: its thread calls (`in_thread`, of
+nimbus.engines.kafka_common) and the produce path that needs none once the topic's metadata is
+known."""
 
 from __future__ import annotations
 
 import contextvars
 import threading
 import time
-from typing import Any
 
 import pytest
 import trio
 
 from nimbus.engines import kafka as kafka_engine
+from nimbus.engines.kafka_common import in_thread
+from tests.harness import record_thread_calls
 
 _VAR: contextvars.ContextVar[str] = contextvars.ContextVar("_VAR", default="unset")
 
@@ -22,13 +24,13 @@ async def test_in_thread_returns_raises_and_keeps_the_context() -> None:
     def work(x: int) -> tuple[int, str, bool]:
         return x * 2, _VAR.get(), threading.current_thread() is threading.main_thread()
 
-    assert await kafka_engine._in_thread(work, 21) == (42, "caller's", False)  # noqa: SLF001
+    assert await in_thread(work, 21) == (42, "caller's", False)
 
     def boom() -> None:
         raise ValueError("from the thread")
 
     with pytest.raises(ValueError, match="from the thread"):
-        await kafka_engine._in_thread(boom)  # noqa: SLF001
+        await in_thread(boom)
 
 
 async def test_in_thread_waits_for_the_thread_when_cancelled() -> None:
@@ -41,7 +43,7 @@ async def test_in_thread_waits_for_the_thread_when_cancelled() -> None:
         finished.append(time.monotonic())
 
     with trio.move_on_after(0.05) as scope:
-        await kafka_engine._in_thread(slow)  # noqa: SLF001
+        await in_thread(slow)
         await trio.sleep(10)  # the deferred cancellation lands at this checkpoint
     assert scope.cancelled_caught
     assert len(finished) == 1
@@ -50,18 +52,11 @@ async def test_in_thread_waits_for_the_thread_when_cancelled() -> None:
 async def test_small_batches_need_no_thread_once_the_topic_is_known(
     kafka_brokers: str, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[str] = []
-    real = kafka_engine._in_thread  # noqa: SLF001
-
-    async def counting(fn: Any, *args: Any) -> Any:
-        calls.append(getattr(fn, "__name__", repr(fn)))
-        return await real(fn, *args)
-
     topic = f"{unique}-bridge"
     async with kafka_engine.open_kafka_log(kafka_brokers) as log:
         await log.ensure_topics([topic], 2)
         first = await log.producer.send_batch(topic, [(b"a", b"1")])
-        monkeypatch.setattr(kafka_engine, "_in_thread", counting)
+        calls = record_thread_calls(monkeypatch, kafka_engine)
         more = await log.producer.send_batch(topic, [(b"a", b"2"), (b"b", b"3")])
         assert calls == []
         # A large batch is encoded in a thread: the event loop is not held for all of it.

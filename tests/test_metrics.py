@@ -8,7 +8,6 @@ and reads each one's metrics port over HTTP, as `curl` would.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from loguru import logger
 from nimbus import metrics
 from nimbus.lifecycle import Status
 from nimbus.stats import Counters
-from tests.harness import Cluster, open_cluster
+from tests.harness import Cluster, open_cluster, real_env
 from tests.wire import open_stream
 
 P2 = {"nimbus-protocol": "2"}
@@ -277,21 +276,16 @@ def processes(
     kafka_brokers: str, redis_address: str, unique: str, tmp_path: Path
 ) -> Iterator[dict[str, int]]:
     """One pod and one workers process, each with its own metrics port."""
-    env = {
-        **os.environ,
-        "NIMBUS_ENGINE": "real",
-        "NIMBUS_KAFKA_BROKERS": kafka_brokers,
-        "NIMBUS_REDIS_ADDRESS": redis_address,
-        "NIMBUS_KAFKA_EVENTS_TOPIC": f"events-{unique}",
-        "NIMBUS_KAFKA_RESULTS_TOPIC": f"results-{unique}",
-        "NIMBUS_KAFKA_DLQ_TOPIC": f"dlq-{unique}",
-        "NIMBUS_KAFKA_PARTITIONS": "2",
-        "NIMBUS_REDIS_PREFIX": f"t-{unique}:",
-        "NIMBUS_HOST": "127.0.0.1",
-        "NIMBUS_SHUTDOWN_TIMEOUT_SEC": "5",
-        "NIMBUS_METRICS_INTERVAL_MS": "200",
-        "NIMBUS_LOG_FORMAT": "json",
-    }
+    env = real_env(
+        kafka_brokers,
+        redis_address,
+        unique,
+        NIMBUS_KAFKA_PARTITIONS="2",
+        NIMBUS_HOST="127.0.0.1",
+        NIMBUS_SHUTDOWN_TIMEOUT_SEC="5",
+        NIMBUS_METRICS_INTERVAL_MS="200",
+        NIMBUS_LOG_FORMAT="json",
+    )
     ports = {"grpc": free_port(), "pod_metrics": free_port(), "workers_metrics": free_port()}
     procs = []
     for module, extra in (

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -19,6 +18,7 @@ import trio_asyncio
 from nimbus.engines.redis import open_redis_state
 from nimbus.lifecycle import Status
 from nimbus.proto_gen.nimbus import EventResponse
+from tests.harness import real_env
 from tests.wire import open_stream
 
 pytestmark = pytest.mark.integration
@@ -51,21 +51,16 @@ def _spawn(module: str, env: dict[str, str], log: Path) -> subprocess.Popen[byte
 def deployment(
     kafka_brokers: str, redis_address: str, unique: str, tmp_path: Path
 ) -> Iterator[Deployment]:
-    env = {
-        **os.environ,
-        "NIMBUS_ENGINE": "real",
-        "NIMBUS_KAFKA_BROKERS": kafka_brokers,
-        "NIMBUS_REDIS_ADDRESS": redis_address,
-        "NIMBUS_KAFKA_EVENTS_TOPIC": f"events-{unique}",
-        "NIMBUS_KAFKA_RESULTS_TOPIC": f"results-{unique}",
-        "NIMBUS_KAFKA_DLQ_TOPIC": f"dlq-{unique}",
-        "NIMBUS_KAFKA_PARTITIONS": "4",
-        "NIMBUS_REDIS_PREFIX": f"t-{unique}:",
-        "NIMBUS_HOST": "127.0.0.1",
-        "NIMBUS_SHUTDOWN_TIMEOUT_SEC": "5",
-        "NIMBUS_DELIVERY_TIMEOUT_MS": "3000",
-        "NIMBUS_STATUS_INTERVAL_MS": "200",
-    }
+    env = real_env(
+        kafka_brokers,
+        redis_address,
+        unique,
+        NIMBUS_KAFKA_PARTITIONS="4",
+        NIMBUS_HOST="127.0.0.1",
+        NIMBUS_SHUTDOWN_TIMEOUT_SEC="5",
+        NIMBUS_DELIVERY_TIMEOUT_MS="3000",
+        NIMBUS_STATUS_INTERVAL_MS="200",
+    )
     workers = _spawn("nimbus.workers", env, tmp_path / "workers.log")
     pods = []
     for i in range(2):

@@ -15,6 +15,7 @@ from confluent_kafka import TopicPartition as RdTP
 from nimbus import config
 from nimbus.engines import rdkafka as rdkafka_engine
 from nimbus.ports import TopicPartition
+from tests.harness import record_thread_calls
 
 IO_TIMEOUT = 90
 
@@ -61,18 +62,11 @@ async def test_produce_and_prefetched_polls_need_no_thread(
     """produce() only queues: every batch, small or large, is appended on the trio thread and
     its delivery reports reach trio from the poller thread. A poll that finds records librdkafka
     already fetched takes them without a thread; only a poll that has to wait uses one."""
-    calls: list[str] = []
-    real = rdkafka_engine._in_thread  # noqa: SLF001
-
-    async def counting(fn: Any, *args: Any) -> Any:
-        calls.append(getattr(fn, "__name__", repr(fn)))
-        return await real(fn, *args)
-
     topic = f"nothread-{unique}"
     with trio.fail_after(IO_TIMEOUT):
         async with rdkafka_engine.open_rdkafka_log(kafka_brokers, client_id="t") as log:
             await log.ensure_topics([topic], 1)
-            monkeypatch.setattr(rdkafka_engine, "_in_thread", counting)
+            calls = record_thread_calls(monkeypatch, rdkafka_engine)
             assert len(await log.producer.send_batch(topic, [(b"k", b"1")])) == 1
             big = await log.producer.send_batch(topic, [(b"k", b"%d" % i) for i in range(5000)])
             assert [w.offset for w in big] == list(range(1, 5001))

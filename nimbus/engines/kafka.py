@@ -3,8 +3,8 @@
 kafka-python is a threaded library. This module owns the bridge and its rules:
 
 - Every blocking call (bootstrap, consumer poll/commit/close, admin requests, producer flush)
-  runs in a worker thread that the calling task waits for even when cancelled (`_in_thread`,
-  as `trio.to_thread.run_sync(abandon_on_cancel=False)`), so a cancelled trio task
+  runs in a worker thread that the calling task waits for even when cancelled (`in_thread`, in
+  nimbus.engines.kafka_common, as `trio.to_thread.run_sync(abandon_on_cancel=False)`), so a cancelled trio task
   never leaves a kafka-python object in use by a thread nobody waits for. Those calls are kept
   short (polls are sliced into <= 0.5 s pieces) so cancellation stays prompt.
 - A KafkaConsumer is used by one thread at a time: each consumer/reader serialises its calls
@@ -25,20 +25,18 @@ Group semantics follow the memory engine (the reference): members split the part
 (KIP-429) is used so a rebalance only moves the partitions that change owner; a partition kept
 across a rebalance keeps its position. Commits are checked on the client against the current
 assignment (Kafka's broker would accept a commit for any partition from a current member).
+That bookkeeping is the librdkafka adapter's too: nimbus.engines.kafka_common.
 """
 
 from __future__ import annotations
 
-import contextvars
 import functools
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import kafka.errors as kerr
-import outcome
 import trio
 from kafka import KafkaConsumer, KafkaProducer
 from kafka import TopicPartition as KafkaTP
@@ -48,6 +46,8 @@ from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssi
 from kafka.structs import OffsetAndMetadata
 from loguru import logger
 
+from nimbus.engines import kafka_common as kc
+from nimbus.engines.kafka_common import BOOTSTRAP_TIMEOUT_S, in_thread
 from nimbus.engines.murmur2 import partition_for
 from nimbus.ports import (
     CommitFailed,
@@ -61,51 +61,14 @@ from nimbus.ports import (
     Written,
 )
 
-T = TypeVar("T")
-
-BOOTSTRAP_TIMEOUT_S = 15.0
-# Whole-call bound of send_batch. The producer's own delivery timeout is a little shorter, so a
-# stuck record normally fails with Kafka's reason before this generic one fires.
-SEND_TIMEOUT_S = 30.0
 _REQUEST_TIMEOUT_MS = 15_000
-_DELIVERY_TIMEOUT_MS = 28_000
-# How long one blocking kafka-python call may hold a worker thread (and delay a cancellation).
-_SLICE_S = 0.5
 _COMMIT_TIMEOUT_MS = 10_000
 _CLOSE_TIMEOUT_MS = 5_000
 _TOPIC_READY_TIMEOUT_MS = 15_000
-_READER_FETCH_WAIT_MS = 50
 _INLINE_SEND = (
     32  # records of a produce batch appended on the trio thread, at most (see send_batch)
 )
 _PARTITION_CACHE = 200_000  # keys whose partition is remembered (cleared when full)
-
-
-_THREADS = trio.CapacityLimiter(64)  # blocking kafka-python calls in flight at once, per process
-
-
-async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` in a worker thread; this task waits for it, even if cancelled meanwhile (the
-    cancellation is delivered at the next checkpoint), as `trio.to_thread.run_sync` with
-    `abandon_on_cancel=False` does. Built on `trio.lowlevel.start_thread_soon` because
-    to_thread.run_sync renames the OS thread twice per call (two prctl calls through ctypes,
-    and formatting the name): measured here ~190 µs of CPU per call against ~130."""
-    async with _THREADS:
-        task = trio.lowlevel.current_task()
-        token = trio.lowlevel.current_trio_token()
-        call = functools.partial(contextvars.copy_context().run, fn, *args)
-
-        def deliver(result: outcome.Outcome[T]) -> None:
-            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
-
-        trio.lowlevel.start_thread_soon(call, deliver)
-        return cast(
-            T, await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
-        )
-
-
-def _tp(topic: str, partition: int) -> TopicPartition:
-    return TopicPartition(topic, partition)
 
 
 def _record(r: Any) -> Record:
@@ -117,34 +80,6 @@ def _flatten(raw: dict[Any, list[Any]]) -> list[Record]:
     for ktp in sorted(raw, key=lambda t: (t.topic, t.partition)):
         out.extend(_record(r) for r in raw[ktp])
     return out
-
-
-async def _probe(brokers: str, timeout: float) -> None:
-    """Wait until some bootstrap address accepts a TCP connection, or raise LogUnavailable.
-
-    Done in trio before kafka-python bootstraps: cancellable, and a KafkaAdminClient whose
-    bootstrap fails leaks its socket (a ResourceWarning at garbage collection).
-    """
-    addresses: list[tuple[str, int]] = []
-    for item in brokers.split(","):
-        host, sep, port = item.strip().rpartition(":")
-        if not sep or "]" in port:  # no port given
-            host, port = item.strip(), "9092"
-        addresses.append((host.strip("[]") or "localhost", int(port or 9092)))
-    last: Exception | None = None
-    with trio.move_on_after(timeout):
-        while True:
-            for host, port_no in addresses:
-                try:
-                    with trio.fail_after(min(timeout, 3.0)):
-                        stream = await trio.open_tcp_stream(host, port_no)
-                except (OSError, trio.TooSlowError) as exc:
-                    last = exc
-                    continue
-                await stream.aclose()
-                return
-            await trio.sleep(0.25)
-    raise LogUnavailable(f"Kafka at {brokers} is not reachable (waited {timeout:.0f} s): {last!r}")
 
 
 @asynccontextmanager
@@ -167,57 +102,47 @@ async def open_kafka_log(
             linger_ms=linger_ms,
             batch_size=256 * 1024,
             max_block_ms=10_000,
-            delivery_timeout_ms=_DELIVERY_TIMEOUT_MS,
+            delivery_timeout_ms=kc.DELIVERY_TIMEOUT_MS,
             allow_auto_create_topics=False,
         )
 
     def make_admin() -> Any:
         return KafkaAdminClient(**common)
 
-    await _probe(brokers, BOOTSTRAP_TIMEOUT_S)
+    await kc.probe(brokers, BOOTSTRAP_TIMEOUT_S)
     admin: Any = None
     producer: Any = None
     try:
-        admin = await _in_thread(make_admin)
-        producer = await _in_thread(make_producer)
+        admin = await in_thread(make_admin)
+        producer = await in_thread(make_producer)
     except (kerr.KafkaError, OSError, ValueError) as exc:
         if admin is not None:
-            await _in_thread(admin.close)
-        raise LogUnavailable(
-            f"Kafka at {brokers} is not reachable (waited {BOOTSTRAP_TIMEOUT_S:.0f} s): {exc}"
-        ) from exc
+            await in_thread(admin.close)
+        raise kc.not_reachable(brokers, BOOTSTRAP_TIMEOUT_S, exc) from exc
     log = KafkaLog(brokers, client_id, producer, admin, make_producer)
-    try:
+    async with kc.closed_after(log._close):
         yield log
-    finally:
-        with trio.CancelScope(shield=True):
-            await log._close()
 
 
-class KafkaLog:
+class KafkaLog(kc.LogBase):
     """The Log port over one Kafka cluster: a shared producer and admin client."""
 
     def __init__(
         self, brokers: str, client_id: str, producer: Any, admin: Any, make_producer: Any = None
     ) -> None:
-        self.brokers = brokers
-        self.client_id = client_id
+        super().__init__(brokers, client_id)
         self._admin = admin
-        self._counts: dict[str, int] = {}
         self._producer = KafkaLogProducer(self, producer, make_producer)
         # Typed as the port: Log.producer is a plain (invariant) protocol attribute.
         self.producer: LogProducer = self._producer
 
-    def __repr__(self) -> str:
-        return f"<KafkaLog {self.brokers} topics={sorted(self._counts)}>"
-
     async def _close(self) -> None:
         try:
-            await _in_thread(functools.partial(self._producer._producer.close, timeout=5))
+            await in_thread(functools.partial(self._producer._producer.close, timeout=5))
         except Exception as exc:  # closing must not mask the body's error
             logger.warning("kafka producer close failed: {}", exc)
         try:
-            await _in_thread(self._admin.close)
+            await in_thread(self._admin.close)
         except Exception as exc:
             logger.warning("kafka admin close failed: {}", exc)
 
@@ -232,24 +157,17 @@ class KafkaLog:
                 found[t["name"]] = len(parts)
         return found
 
-    async def partition_count(self, topic: str) -> int:
-        """The topic's partition count (cached); LogUnavailable if the topic does not exist."""
-        n = self._counts.get(topic)
-        if n is not None:
-            return n
+    async def _count_of(self, topic: str) -> int | None:
         try:
-            found = await _in_thread(self._describe, [topic])
+            found = await in_thread(self._describe, [topic])
         except kerr.KafkaError as exc:
-            raise LogUnavailable(f"Kafka at {self.brokers}: describe {topic!r}: {exc}") from exc
-        if topic not in found:
-            raise LogUnavailable(f"unknown topic {topic!r}")
-        self._counts[topic] = found[topic]
-        return found[topic]
+            raise kc.unavailable(self.brokers, f"describe {topic!r}", exc) from exc
+        return found.get(topic)
 
     async def ensure_topics(self, names: Sequence[str], partitions: int) -> dict[str, int]:
         def work() -> dict[str, int]:
             existing = self._describe(names)
-            missing = [n for n in dict.fromkeys(names) if n not in existing]
+            missing = kc.missing_topics(names, existing)
             if missing:
                 spec = {
                     n: {"num_partitions": partitions, "replication_factor": -1} for n in missing
@@ -267,9 +185,9 @@ class KafkaLog:
             return self._describe(names)
 
         try:
-            counts = await _in_thread(work)
+            counts = await in_thread(work)
         except kerr.KafkaError as exc:
-            raise LogUnavailable(f"Kafka at {self.brokers}: ensure_topics {names}: {exc}") from exc
+            raise kc.unavailable(self.brokers, f"ensure_topics {names}", exc) from exc
         self._counts.update(counts)
         return {n: counts[n] for n in names}
 
@@ -279,9 +197,9 @@ class KafkaLog:
         n = await self.partition_count(topic)
         query = {KafkaTP(topic, p): spec for p in range(n)}
         try:
-            res = await _in_thread(self._admin.list_partition_offsets, query)
+            res = await in_thread(self._admin.list_partition_offsets, query)
         except kerr.KafkaError as exc:
-            raise LogUnavailable(f"Kafka at {self.brokers}: offsets of {topic!r}: {exc}") from exc
+            raise kc.unavailable(self.brokers, f"offsets of {topic!r}", exc) from exc
         return {ktp.partition: int(v.offset) for ktp, v in sorted(res.items())}
 
     async def end_offsets(self, topic: str) -> dict[int, int]:
@@ -294,11 +212,11 @@ class KafkaLog:
         # All of the group's offsets, filtered: like the memory engine, an unknown group or
         # topic simply has no committed offsets.
         try:
-            res = await _in_thread(self._admin.list_group_offsets, {group: None})
+            res = await in_thread(self._admin.list_group_offsets, {group: None})
         except kerr.GroupIdNotFoundError:
             return {}
         except kerr.KafkaError as exc:
-            raise LogUnavailable(f"Kafka at {self.brokers}: committed {group!r}: {exc}") from exc
+            raise kc.unavailable(self.brokers, f"committed {group!r}", exc) from exc
         return {
             ktp.partition: int(om.offset)
             for ktp, om in sorted(res.get(group, {}).items())
@@ -354,72 +272,43 @@ class KafkaLog:
             return c
 
         try:
-            raw = await _in_thread(make)
+            raw = await in_thread(make)
         except kerr.KafkaError as exc:
-            raise LogUnavailable(f"Kafka at {self.brokers}: consumer of {topic!r}: {exc}") from exc
+            raise kc.unavailable(self.brokers, f"consumer of {topic!r}", exc) from exc
         c = KafkaGroupConsumer(raw, listener, topic, group, max_poll_records)
-        try:
+        async with kc.closed_after(c.aclose):
             yield c
-        finally:
-            with trio.CancelScope(shield=True):
-                await c.aclose()
 
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[KafkaReader]:
         def make() -> Any:
             # auto_offset_reset "none": an out-of-range fetch raises instead of silently jumping.
-            # A short fetch_max_wait_ms: a fetch parked at a partition's end (long poll) delays
-            # the first fetch after a switch to another partition by up to that much.
             return KafkaConsumer(
                 **self._consumer_config(),
                 group_id=None,
                 auto_offset_reset="none",
-                fetch_max_wait_ms=_READER_FETCH_WAIT_MS,
+                fetch_max_wait_ms=kc.READER_FETCH_WAIT_MS,
             )
 
         try:
-            raw = await _in_thread(make)
+            raw = await in_thread(make)
         except kerr.KafkaError as exc:
-            raise LogUnavailable(f"Kafka at {self.brokers}: reader: {exc}") from exc
+            raise kc.unavailable(self.brokers, "reader", exc) from exc
         r = KafkaReader(self, raw)
-        try:
+        async with kc.closed_after(r.aclose):
             yield r
-        finally:
-            with trio.CancelScope(shield=True):
-                await r.aclose()
 
 
-class _BatchAcks:
-    """Counts a batch's produce futures down on the sender thread; wakes trio once at the end."""
+class _BatchAcks(kc.BatchAcks[BaseException]):
+    """A batch's produce futures, counted down on the sender thread."""
 
-    __slots__ = ("results", "errors", "done", "_pending", "_lock", "_token")
-
-    def __init__(self, n: int, token: trio.lowlevel.TrioToken) -> None:
-        self.results: list[Written | None] = [None] * n
-        self.errors: list[tuple[int, BaseException]] = []
-        self.done = trio.Event()
-        self._pending = n
-        self._lock = threading.Lock()
-        self._token = token
+    __slots__ = ()
 
     def ok(self, i: int, md: Any) -> None:
-        self.results[i] = Written(md.partition, md.offset)
-        self._one()
+        self.written(i, Written(md.partition, md.offset))
 
     def fail(self, i: int, exc: BaseException) -> None:
-        with self._lock:
-            self.errors.append((i, exc))
-        self._one()
-
-    def _one(self) -> None:
-        with self._lock:
-            self._pending -= 1
-            last = self._pending == 0
-        if last:
-            try:
-                self._token.run_sync_soon(self.done.set)
-            except trio.RunFinishedError:
-                pass
+        self.failed(i, exc)
 
 
 class KafkaLogProducer:
@@ -440,7 +329,7 @@ class KafkaLogProducer:
         self._generation += 1
         old = self._producer
         try:
-            self._producer = await _in_thread(self._make_producer)
+            self._producer = await in_thread(self._make_producer)
         except (kerr.KafkaError, OSError, ValueError) as exc:
             logger.warning(
                 "kafka producer: replacing it after {} failed: {!r}; keeping the old one", why, exc
@@ -448,16 +337,13 @@ class KafkaLogProducer:
             return
         logger.warning("kafka producer replaced after {}", why)
         try:
-            await _in_thread(functools.partial(old.close, timeout=0))
+            await in_thread(functools.partial(old.close, timeout=0))
         except Exception as exc:  # the old producer is broken anyway
             logger.debug("closing the replaced kafka producer: {!r}", exc)
 
     def partition_for(self, topic: str, key: bytes) -> int:
         """Kafka's murmur2 partition; the topic's count must be known (ensure_topics or a send)."""
-        n = self._log._counts.get(topic)
-        if n is None:
-            raise LogUnavailable(f"partition count of topic {topic!r} unknown: ensure_topics first")
-        return partition_for(key, n)
+        return partition_for(key, kc.known_count(self._log._counts, topic))
 
     def _send_all(self, topic: str, items: Sequence[tuple[bytes, bytes]], acks: _BatchAcks) -> int:
         # The producer's own view of the partition count is the one its partitioner uses; keep
@@ -496,101 +382,45 @@ class KafkaLogProducer:
                 # the event loop is not held for its whole encoding.
                 n = self._send_all(topic, items, acks)
             else:
-                n = await _in_thread(self._send_all, topic, items, acks)
+                n = await in_thread(self._send_all, topic, items, acks)
         except (kerr.KafkaError, ValueError, TypeError) as exc:
             raise ProduceFailed(f"send to {topic!r} failed: {exc!r}") from exc
         if self._log._counts.get(topic) != n:
             logger.warning("topic {} now has {} partitions", topic, n)
             self._log._counts[topic] = n
-        with trio.move_on_after(SEND_TIMEOUT_S):
+        with trio.move_on_after(kc.SEND_TIMEOUT_S):
             await acks.done.wait()
         if not acks.done.is_set():
             await self._replace(generation, "a batch timed out")
-            raise ProduceFailed(
-                f"{len(items)} records to {topic!r} not acknowledged within {SEND_TIMEOUT_S:.0f} s"
-            )
+            raise acks.timed_out(topic)
         if acks.errors:
-            i, first = min(acks.errors, key=lambda e: e[0])
+            _i, first = acks.first_error()
             await self._replace(generation, f"a failed batch ({first!r})")
-            raise ProduceFailed(
-                f"{len(acks.errors)} of {len(items)} records to {topic!r} failed; "
-                f"first (item {i}): {first!r}"
-            ) from first
+            raise acks.failure(topic, repr(first)) from first
         return [w for w in acks.results if w is not None]
 
 
-class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
+class _RebalanceListener(kc.RebalanceEvents, ConsumerRebalanceListener):  # type: ignore[misc]
     """Ordered rebalance events; kafka-python calls it on its IO thread."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._events: list[tuple[bool, frozenset[TopicPartition]]] = []
-
-    def _add(self, assigned: bool, tps: Iterable[Any]) -> None:
-        s = frozenset(_tp(t.topic, t.partition) for t in tps)
-        if s:
-            with self._lock:
-                self._events.append((assigned, s))
-
     def on_partitions_revoked(self, revoked: Any) -> None:
-        self._add(False, revoked)
+        self.add(False, revoked)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        self._add(True, assigned)
+        self.add(True, assigned)
 
     def on_partitions_lost(self, lost: Any) -> None:
-        self._add(False, lost)
-
-    def drain(self) -> list[tuple[bool, frozenset[TopicPartition]]]:
-        with self._lock:
-            events, self._events = self._events, []
-        return events
+        self.add(False, lost)
 
 
-class KafkaGroupConsumer:
+class KafkaGroupConsumer(kc.GroupConsumerBase):
     """A LogConsumer: one KafkaConsumer in a group, subscribed to one topic."""
 
     def __init__(
         self, raw: Any, listener: _RebalanceListener, topic: str, group: str, max_poll_records: int
     ) -> None:
+        super().__init__(listener, topic, group, max_poll_records)
         self._c = raw
-        self._listener = listener
-        self.topic = topic
-        self.group = group
-        self.max_poll_records = max_poll_records
-        self._lock = trio.Lock()
-        # What the caller has been told it owns, and what the consumer really owns now.
-        self._reported: set[TopicPartition] = set()
-        self._owned: set[TopicPartition] = set()
-        # Owned partitions that were revoked (and re-assigned) since the last report: their
-        # position was reset to the committed offset, so the caller must hear about it.
-        self._churned: set[TopicPartition] = set()
-        # commit_later: offsets waiting for the next poll; failed async commits (IO thread).
-        self._later: dict[TopicPartition, int] = {}
-        self._refused: list[dict[TopicPartition, int]] = []
-        self._refused_lock = threading.Lock()
-        self._sent: dict[TopicPartition, int] = {}  # highest offset sent in a commit, per partition
-        self.closed = False
-
-    def __repr__(self) -> str:
-        return f"<KafkaGroupConsumer {self.group}/{self.topic} owned={len(self._owned)}>"
-
-    def _apply_events(self) -> None:
-        for assigned, tps in self._listener.drain():
-            if assigned:
-                self._owned |= tps
-            else:
-                self._owned -= tps
-                self._churned |= tps & self._reported
-
-    def _news(self) -> tuple[set[TopicPartition], set[TopicPartition]]:
-        self._apply_events()
-        churn = self._churned & self._owned
-        revoked = (self._reported - self._owned) | churn
-        assigned = (self._owned - self._reported) | churn
-        self._reported = set(self._owned)
-        self._churned = set()
-        return revoked, assigned
 
     def _poll_sync(
         self, max_records: int, timeout_ms: int, commit: dict[TopicPartition, int] | None = None
@@ -599,15 +429,8 @@ class KafkaGroupConsumer:
             self._commit_async(commit)
         return _flatten(self._c.poll(timeout_ms=timeout_ms, max_records=max_records))
 
-    def _commit_async(self, offsets: dict[TopicPartition, int]) -> None:
-        """Send an offset commit for the owned partitions among `offsets` without waiting for
-        it (poll thread); its answer is handled by a later poll. A refused commit is kept for
-        the next one."""
-        mine = self._assigned_only(offsets)
-        if not mine:
-            return
-        for tp, off in mine.items():
-            self._sent[tp] = max(off, self._sent.get(tp, off))
+    def _send_commit(self, mine: dict[TopicPartition, int]) -> None:
+        """Sends the commit (poll thread); `done` hears its answer in a later poll."""
         payload = {
             KafkaTP(tp.topic, tp.partition): OffsetAndMetadata(off, "", -1)
             for tp, off in mine.items()
@@ -615,68 +438,33 @@ class KafkaGroupConsumer:
 
         def done(_offsets: Any, result: Any) -> None:
             if isinstance(result, BaseException):
-                with self._refused_lock:
-                    self._refused.append(mine)
+                self._refuse(mine)
 
         try:
             self._c.commit_async(payload, callback=done)
         except kerr.KafkaError:
-            with self._refused_lock:
-                self._refused.append(mine)
-
-    def commit_later(self, offsets: dict[TopicPartition, int]) -> None:
-        if not self.closed:
-            self._later.update(offsets)
-
-    def _take_later(self) -> dict[TopicPartition, int]:
-        with self._refused_lock:
-            refused, self._refused = self._refused, []
-        later, self._later = self._later, {}
-        for offsets in refused:  # older than anything in _later: newer offsets win
-            for tp, off in offsets.items():
-                # Not if a newer commit went out since (retrying would move the group back).
-                if tp in self._owned and off >= self._sent.get(tp, off):
-                    later.setdefault(tp, off)
-        if refused:
-            logger.info(
-                "{}/{}: an offset commit was refused; retrying it with this poll",
-                self.group,
-                self.topic,
-            )
-        return later
+            self._refuse(mine)
 
     async def poll(self, max_records: int, timeout: float) -> PollResult:  # noqa: ASYNC109 (port)
-        if self.closed:
-            raise LogUnavailable("consumer is closed")
-        budget = max(1, min(max_records, self.max_poll_records))
-        deadline = trio.current_time() + max(timeout, 0.0)
+        budget, deadline = self._poll_window(max_records, timeout)
         async with self._lock:
             while True:
                 left = deadline - trio.current_time()
-                slice_ms = int(max(0.0, min(left, _SLICE_S)) * 1000)
+                slice_ms = int(max(0.0, min(left, kc.SLICE_S)) * 1000)
                 # Not abandoned on cancel: once kafka-python has handed records over (and moved
                 # its position past them), to_thread returns them and this method returns them
                 # before any checkpoint, so a cancelled poll never loses records.
                 commit = self._take_later()
                 try:
-                    fetched = await _in_thread(self._poll_sync, budget, slice_ms, commit)
+                    fetched = await in_thread(self._poll_sync, budget, slice_ms, commit)
                 except kerr.KafkaError as exc:
-                    for tp, off in commit.items():
-                        self._later.setdefault(tp, off)
-                    raise LogUnavailable(f"poll {self.group}/{self.topic}: {exc!r}") from exc
-                revoked, assigned = self._news()
-                # Records of partitions lost meanwhile belong to their new owner now.
-                records = [r for r in fetched if _tp(r.topic, r.partition) in self._owned]
-                if records or revoked or assigned or trio.current_time() >= deadline:
-                    return PollResult(records, revoked, assigned)
+                    raise self._poll_failed(commit, exc) from exc
+                result = self._result(fetched, deadline)
+                if result is not None:
+                    return result
 
     def _commit_sync(self, offsets: dict[TopicPartition, int]) -> None:
-        owned = {_tp(t.topic, t.partition) for t in self._c.assignment()}
-        foreign = set(offsets) - owned
-        if foreign:
-            raise CommitFailed(
-                f"partitions not assigned to this member: {sorted(foreign, key=str)}"
-            )
+        kc.check_assigned(offsets, kc.as_tps(self._c.assignment()))
         payload = {
             KafkaTP(tp.topic, tp.partition): OffsetAndMetadata(off, "", -1)
             for tp, off in offsets.items()
@@ -685,8 +473,7 @@ class KafkaGroupConsumer:
 
     def _assigned_only(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
         """The offsets of partitions assigned to this member now (poll thread)."""
-        owned = {_tp(t.topic, t.partition) for t in self._c.assignment()}
-        return {tp: off for tp, off in offsets.items() if tp in owned}
+        return kc.owned_only(offsets, kc.as_tps(self._c.assignment()))
 
     def _commit_owned_sync(self, offsets: dict[TopicPartition, int]) -> None:
         mine = self._assigned_only(offsets)
@@ -694,13 +481,11 @@ class KafkaGroupConsumer:
             self._commit_sync(mine)
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
-        if self.closed:
-            raise CommitFailed("consumer is closed")
-        if not offsets:
+        if not self._commit_wanted(offsets):
             return
         async with self._lock:
             try:
-                await _in_thread(self._commit_sync, offsets)
+                await in_thread(self._commit_sync, offsets)
             except EngineError:
                 raise
             except kerr.KafkaError as exc:
@@ -714,12 +499,12 @@ class KafkaGroupConsumer:
             later = self._take_later()
             if later:  # what commit_later left for a poll that will not come
                 try:
-                    await _in_thread(self._commit_owned_sync, later)
+                    await in_thread(self._commit_owned_sync, later)
                 except Exception as exc:
                     logger.info("{}/{}: final commit failed: {!r}", self.group, self.topic, exc)
             try:
                 # Leaves the group (LeaveGroup), so the others rebalance at once.
-                await _in_thread(
+                await in_thread(
                     functools.partial(self._c.close, autocommit=False, timeout_ms=_CLOSE_TIMEOUT_MS)
                 )
             except Exception as exc:
@@ -776,17 +561,15 @@ class KafkaReader:
     ) -> list[Record]:
         if self.closed:
             raise LogUnavailable("reader is closed")
-        n = await self._log.partition_count(topic)
-        if not 0 <= partition < n:
-            raise LogUnavailable(f"topic {topic!r} has no partition {partition}")
+        await kc.check_partition(self._log, topic, partition)
         ktp = KafkaTP(topic, partition)
         deadline = trio.current_time() + max(timeout, 0.0)
         async with self._lock:
             while True:
                 left = deadline - trio.current_time()
-                slice_ms = int(max(0.0, min(left, _SLICE_S)) * 1000)
+                slice_ms = int(max(0.0, min(left, kc.SLICE_S)) * 1000)
                 try:
-                    records = await _in_thread(
+                    records = await in_thread(
                         self._fetch_sync, ktp, max(offset, 0), max(1, max_records), slice_ms
                     )
                 except kerr.KafkaError as exc:
@@ -801,7 +584,7 @@ class KafkaReader:
         self.closed = True
         async with self._lock:
             try:
-                await _in_thread(
+                await in_thread(
                     functools.partial(self._c.close, autocommit=False, timeout_ms=_CLOSE_TIMEOUT_MS)
                 )
             except Exception as exc:

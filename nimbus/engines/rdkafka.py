@@ -13,7 +13,7 @@ hold both to; the bridge to trio is different because librdkafka's calls are dif
   a different hash): `partition_for` (nimbus.engines.murmur2) names the same partition, and a
   batch whose records land elsewhere (the topic grew) refreshes the partition count.
 - A consumer's queue is read without a thread when it already holds records: `consume(n, 0)`
-  never blocks. Only a poll that has to wait goes to a worker thread (`_in_thread`, waited for
+  never blocks. Only a poll that has to wait goes to a worker thread (`in_thread`, waited for
   even when cancelled), for `poll(slice)` and then `consume(n - 1, 0)` for what came with it
   (librdkafka's `consume(n, timeout)` waits for all n, or the whole timeout). A consumer is used
   by one thread at a time: each consumer/reader serialises its calls with a trio.Lock.
@@ -28,7 +28,7 @@ Group semantics are the kafka-python adapter's (and the memory engine's): each `
 reports the rebalance news since the previous poll, to be applied as "remove `revoked`, then add
 `assigned`"; commits are checked on the client against the current assignment; `commit_later`
 offsets go out asynchronously with the next poll, are dropped for partitions no longer owned and
-retried, while owned, when refused.
+retried, while owned, when refused. That bookkeeping is shared: nimbus.engines.kafka_common.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ from confluent_kafka.admin._listoffsets import OffsetSpec
 from confluent_kafka.cimpl import NewTopic
 from loguru import logger
 
-from nimbus.engines.kafka import _in_thread, _probe
+from nimbus.engines import kafka_common as kc
+from nimbus.engines.kafka_common import BOOTSTRAP_TIMEOUT_S, in_thread
 from nimbus.ports import (
     CommitFailed,
     EngineError,
@@ -76,17 +77,9 @@ from nimbus.ports import (
 
 T = TypeVar("T")
 
-BOOTSTRAP_TIMEOUT_S = 15.0
-# Whole-call bound of send_batch; librdkafka's own message timeout is a little shorter, so a
-# stuck record normally fails with librdkafka's reason before this generic one fires.
-SEND_TIMEOUT_S = 30.0
 _REQUEST_TIMEOUT_S = 15.0
-_DELIVERY_TIMEOUT_MS = 28_000
-# How long one blocking librdkafka call may hold a worker thread (and delay a cancellation).
-_SLICE_S = 0.5
 _POLLER_WAIT_S = 0.05  # the delivery-report thread's poll (a report ends it at once)
 _TOPIC_READY_TIMEOUT_S = 15.0
-_READER_FETCH_WAIT_MS = 50
 _QUEUE_FULL_WAIT_S = 0.005
 
 _CLOSE_TIMEOUT_S = 10.0  # a consumer's close (LeaveGroup) or a producer's final flush, at most
@@ -100,10 +93,6 @@ _COMMIT_TIMEOUT_S = 10.0
 _FATAL_CONSUMER_ERRORS = frozenset(
     {KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED}
 )
-
-
-def _tp(topic: str | None, partition: int | None) -> TopicPartition:
-    return TopicPartition(topic or "", -1 if partition is None else partition)
 
 
 def _code(exc: BaseException) -> int | None:
@@ -269,7 +258,7 @@ class _Poller:
 
     async def stop(self) -> None:
         self._stop.set()
-        await _in_thread(self._thread.join)
+        await in_thread(self._thread.join)
 
 
 @asynccontextmanager
@@ -288,14 +277,14 @@ async def open_rdkafka_log(
                 # Kafka's (Java's, kafka-python's) partitioner: murmur2 of the key.
                 "partitioner": "murmur2_random",
                 "linger.ms": linger_ms,
-                "message.timeout.ms": _DELIVERY_TIMEOUT_MS,
+                "message.timeout.ms": kc.DELIVERY_TIMEOUT_MS,
                 "request.timeout.ms": int(_REQUEST_TIMEOUT_S * 1000),
                 "allow.auto.create.topics": False,
                 "error_cb": _on_error("producer"),
             }
         )
 
-    await _probe(brokers, BOOTSTRAP_TIMEOUT_S)
+    await kc.probe(brokers, BOOTSTRAP_TIMEOUT_S)
     try:
         admin_config: dict[str, Any] = {**common, "error_cb": _on_error("admin")}
         admin = AdminClient(admin_config)
@@ -307,18 +296,13 @@ async def open_rdkafka_log(
         )
         producer = make_producer()
     except (KafkaException, LogUnavailable, ValueError, TypeError) as exc:
-        raise LogUnavailable(
-            f"Kafka at {brokers} is not reachable (waited {BOOTSTRAP_TIMEOUT_S:.0f} s): {exc}"
-        ) from exc
+        raise kc.not_reachable(brokers, BOOTSTRAP_TIMEOUT_S, exc) from exc
     log = RdkafkaLog(brokers, client_id, admin, producer, make_producer)
-    try:
+    async with kc.closed_after(log._close):
         yield log
-    finally:
-        with trio.CancelScope(shield=True):
-            await log._close()
 
 
-class RdkafkaLog:
+class RdkafkaLog(kc.LogBase):
     """The Log port over one Kafka cluster: a shared producer and admin client."""
 
     def __init__(
@@ -329,16 +313,11 @@ class RdkafkaLog:
         producer: Producer,
         make_producer: Callable[[], Producer] | None = None,
     ) -> None:
-        self.brokers = brokers
-        self.client_id = client_id
+        super().__init__(brokers, client_id)
         self._admin = admin
-        self._counts: dict[str, int] = {}
         self._producer = RdkafkaLogProducer(self, producer, make_producer)
         # Typed as the port: Log.producer is a plain (invariant) protocol attribute.
         self.producer: LogProducer = self._producer
-
-    def __repr__(self) -> str:
-        return f"<RdkafkaLog {self.brokers} topics={sorted(self._counts)}>"
 
     async def _close(self) -> None:
         try:
@@ -372,22 +351,15 @@ class RdkafkaLog:
         try:
             return await _retrying(ask)
         except KafkaException as exc:
-            raise LogUnavailable(f"Kafka at {self.brokers}: describe {unique}: {exc}") from exc
+            raise kc.unavailable(self.brokers, f"describe {unique}", exc) from exc
 
-    async def partition_count(self, topic: str) -> int:
-        """The topic's partition count (cached); LogUnavailable if the topic does not exist."""
-        n = self._counts.get(topic)
-        if n is not None:
-            return n
+    async def _count_of(self, topic: str) -> int | None:
         found = await self._describe([topic])
-        if topic not in found:
-            raise LogUnavailable(f"unknown topic {topic!r}")
-        n = self._counts[topic] = found[topic][0]
-        return n
+        return found[topic][0] if topic in found else None
 
     async def ensure_topics(self, names: Sequence[str], partitions: int) -> dict[str, int]:
         existing = await self._describe(names)
-        missing = [n for n in dict.fromkeys(names) if n not in existing]
+        missing = kc.missing_topics(names, existing)
         if missing:
             futures = self._admin.create_topics(
                 [NewTopic(n, num_partitions=partitions, replication_factor=-1) for n in missing],
@@ -425,9 +397,9 @@ class RdkafkaLog:
                 {RdTP(topic, p): spec for p in range(n)}, request_timeout=_REQUEST_TIMEOUT_S
             )
             out: dict[int, int] = {}
-            for tp, fut in futures.items():
+            for rtp, fut in futures.items():
                 info = await _wait_future(fut, _REQUEST_TIMEOUT_S + 1, f"offsets of {topic!r}")
-                out[tp.partition] = int(info.offset)
+                out[rtp.partition] = int(info.offset)
             return out
 
         try:
@@ -436,7 +408,7 @@ class RdkafkaLog:
             if _code(exc) == KafkaError.UNKNOWN_TOPIC_OR_PART:
                 self._counts.pop(topic, None)
                 raise LogUnavailable(f"unknown topic {topic!r}") from exc
-            raise LogUnavailable(f"Kafka at {self.brokers}: offsets of {topic!r}: {exc}") from exc
+            raise kc.unavailable(self.brokers, f"offsets of {topic!r}", exc) from exc
         return dict(sorted(out.items()))
 
     async def end_offsets(self, topic: str) -> dict[int, int]:
@@ -461,11 +433,11 @@ class RdkafkaLog:
         except KafkaException as exc:
             if _code(exc) == KafkaError.GROUP_ID_NOT_FOUND:
                 return {}
-            raise LogUnavailable(f"Kafka at {self.brokers}: committed {group!r}: {exc}") from exc
+            raise kc.unavailable(self.brokers, f"committed {group!r}", exc) from exc
         return {
-            tp.partition: int(tp.offset)
-            for tp in sorted(res.topic_partitions or [], key=lambda t: t.partition)
-            if tp.topic == topic and tp.error is None and tp.offset >= 0
+            t.partition: int(t.offset)
+            for t in sorted(res.topic_partitions or [], key=lambda t: t.partition)
+            if t.topic == topic and t.error is None and t.offset >= 0
         }
 
     # -- consumers ----------------------------------------------------------------------------
@@ -517,75 +489,52 @@ class RdkafkaLog:
             return raw
 
         try:
-            c._c = await _in_thread(make)
+            c._c = await in_thread(make)
         except (KafkaException, ValueError, TypeError) as exc:
-            raise LogUnavailable(f"Kafka at {self.brokers}: consumer of {topic!r}: {exc}") from exc
-        try:
+            raise kc.unavailable(self.brokers, f"consumer of {topic!r}", exc) from exc
+        async with kc.closed_after(c.aclose):
             yield c
-        finally:
-            with trio.CancelScope(shield=True):
-                await c.aclose()
 
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[RdkafkaReader]:
         def make() -> Consumer:
             # librdkafka wants a group id even for a consumer that only assigns; it never joins
             # or commits with it. auto.offset.reset "error": an out-of-range fetch is reported
-            # instead of silently jumping. A short fetch.wait.max.ms: a fetch parked at a
-            # partition's end (long poll) delays the first fetch after a switch to another one.
+            # instead of silently jumping.
             return Consumer(
                 {
                     **self._consumer_config(),
                     "group.id": f"{self.client_id}-reader",
                     "auto.offset.reset": "error",
-                    "fetch.wait.max.ms": _READER_FETCH_WAIT_MS,
+                    "fetch.wait.max.ms": kc.READER_FETCH_WAIT_MS,
                     "queued.max.messages.kbytes": 8_192,
                     "error_cb": _on_error("reader"),
                 }
             )
 
         try:
-            raw = await _in_thread(make)
+            raw = await in_thread(make)
         except (KafkaException, ValueError, TypeError) as exc:
-            raise LogUnavailable(f"Kafka at {self.brokers}: reader: {exc}") from exc
+            raise kc.unavailable(self.brokers, "reader", exc) from exc
         r = RdkafkaReader(self, raw)
-        try:
+        async with kc.closed_after(r.aclose):
             yield r
-        finally:
-            with trio.CancelScope(shield=True):
-                await r.aclose()
 
 
 # -- producing --------------------------------------------------------------------------------
 
 
-class _BatchAcks:
-    """Counts a batch's delivery reports down on the poller thread; wakes trio once at the end."""
+class _BatchAcks(kc.BatchAcks[KafkaError]):
+    """A batch's delivery reports, counted down on the poller thread."""
 
-    __slots__ = ("results", "errors", "done", "_pending", "_lock", "_token")
-
-    def __init__(self, n: int, token: trio.lowlevel.TrioToken) -> None:
-        self.results: list[Written | None] = [None] * n
-        self.errors: list[tuple[int, KafkaError]] = []
-        self.done = trio.Event()
-        self._pending = n
-        self._lock = threading.Lock()
-        self._token = token
+    __slots__ = ()
 
     def report(self, i: int, err: KafkaError | None, msg: Message) -> None:
         p, o = msg.partition(), msg.offset()
-        with self._lock:
-            if err is None and p is not None and o is not None and o >= 0:
-                self.results[i] = Written(p, o)
-            else:
-                self.errors.append((i, err or KafkaError(KafkaError._FAIL, "no offset")))
-            self._pending -= 1
-            last = self._pending == 0
-        if last:
-            try:
-                self._token.run_sync_soon(self.done.set)
-            except trio.RunFinishedError:
-                pass
+        if err is None and p is not None and o is not None and o >= 0:
+            self.written(i, Written(p, o))
+        else:
+            self.failed(i, err or KafkaError(KafkaError._FAIL, "no offset"))
 
 
 class RdkafkaLogProducer:
@@ -634,7 +583,7 @@ class RdkafkaLogProducer:
             old.producer.flush(1)
 
         try:
-            await _in_thread(drop)
+            await in_thread(drop)
         except Exception as exc:  # the old producer is broken anyway
             logger.debug("closing the replaced librdkafka producer: {!r}", exc)
 
@@ -642,10 +591,7 @@ class RdkafkaLogProducer:
         """Kafka's murmur2 partition; the topic's count must be known (ensure_topics or a send).
         librdkafka's own murmur2 partitioner function (~0.1 µs; nimbus.engines.murmur2 in Python
         ~2.5 µs), the same result (tests/test_log_contract.py)."""
-        n = self._log._counts.get(topic)
-        if n is None:
-            raise LogUnavailable(f"partition count of topic {topic!r} unknown: ensure_topics first")
-        return murmur2(key, n)
+        return murmur2(key, kc.known_count(self._log._counts, topic))
 
     async def send_batch(self, topic: str, items: Sequence[tuple[bytes, bytes]]) -> list[Written]:
         n = await self._log.partition_count(topic)  # LogUnavailable for an unknown topic
@@ -656,7 +602,7 @@ class RdkafkaLogProducer:
         acks = _BatchAcks(len(items), trio.lowlevel.current_trio_token())
         report = acks.report
         produce = producer.produce
-        with trio.move_on_after(SEND_TIMEOUT_S):
+        with trio.move_on_after(kc.SEND_TIMEOUT_S):
             # Appended from this thread: produce() never blocks (no metadata wait, no I/O).
             for i, (key, value) in enumerate(items):
                 while True:
@@ -674,17 +620,12 @@ class RdkafkaLogProducer:
                         raise ProduceFailed(f"send to {topic!r} failed: {exc!r}") from exc
             await acks.done.wait()
         if not acks.done.is_set():
-            raise ProduceFailed(
-                f"{len(items)} records to {topic!r} not acknowledged within {SEND_TIMEOUT_S:.0f} s"
-            )
+            raise acks.timed_out(topic)
         if acks.errors:
-            i, first = min(acks.errors, key=lambda e: e[0])
+            _i, first = acks.first_error()
             if any(err.fatal() for _, err in acks.errors):
                 await self._replace(generation, f"a fatal error ({first})")
-            raise ProduceFailed(
-                f"{len(acks.errors)} of {len(items)} records to {topic!r} failed; "
-                f"first (item {i}): {first}"
-            )
+            raise acks.failure(topic, str(first))
         written = [w for w in acks.results if w is not None]
         await self._check_partitions(topic, n, items, written)
         return written
@@ -711,82 +652,46 @@ class RdkafkaLogProducer:
 # -- consuming --------------------------------------------------------------------------------
 
 
-class _RebalanceListener:
+class _RebalanceListener(kc.RebalanceEvents):
     """Ordered rebalance events; librdkafka calls it inside poll/consume/close."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._events: list[tuple[bool, frozenset[TopicPartition]]] = []
-
-    def _add(self, assigned: bool, tps: Iterable[RdTP]) -> None:
-        s = frozenset(_tp(t.topic, t.partition) for t in tps)
-        if s:
-            with self._lock:
-                self._events.append((assigned, s))
 
     # With cooperative-sticky these are the incremental changes; confluent-kafka applies them
     # (incremental_assign/unassign) after the callback returns.
     def on_assign(self, _consumer: Consumer, partitions: list[RdTP]) -> None:
-        self._add(True, partitions)
+        self.add(True, partitions)
 
     def on_revoke(self, _consumer: Consumer, partitions: list[RdTP]) -> None:
-        self._add(False, partitions)
+        self.add(False, partitions)
 
     def on_lost(self, _consumer: Consumer, partitions: list[RdTP]) -> None:
-        self._add(False, partitions)
-
-    def pending(self) -> bool:
-        return bool(self._events)
-
-    def drain(self) -> list[tuple[bool, frozenset[TopicPartition]]]:
-        with self._lock:
-            events, self._events = self._events, []
-        return events
+        self.add(False, partitions)
 
 
-class RdkafkaGroupConsumer:
+class RdkafkaGroupConsumer(kc.GroupConsumerBase):
     """A LogConsumer: one librdkafka consumer in a group, subscribed to one topic."""
 
+    _listener: _RebalanceListener
+
     def __init__(self, topic: str, group: str, max_poll_records: int) -> None:
+        super().__init__(_RebalanceListener(), topic, group, max_poll_records)
         self._c: Consumer = None  # type: ignore[assignment]  # set by RdkafkaLog.consumer
-        self._listener = _RebalanceListener()
-        self.topic = topic
-        self.group = group
-        self.max_poll_records = max_poll_records
-        self._lock = trio.Lock()
-        # What the caller has been told it owns, and what the consumer really owns now.
-        self._reported: set[TopicPartition] = set()
-        self._owned: set[TopicPartition] = set()
-        # Owned partitions that were revoked (and re-assigned) since the last report: their
-        # position was reset to the committed offset, so the caller must hear about it.
-        self._churned: set[TopicPartition] = set()
-        # commit_later: offsets waiting for the next poll; refused async commits (callback).
-        self._later: dict[TopicPartition, int] = {}
-        self._refused: list[dict[TopicPartition, int]] = []
-        self._refused_lock = threading.Lock()
-        self._sent: dict[TopicPartition, int] = {}  # highest offset sent in a commit, per partition
         self._error: EngineError | None = None  # to raise from the next poll
         # Commits running in threads, abandoned ones included: the consumer is not closed (its
         # handle destroyed) under a call still using it.
         self._running = 0
         self._running_lock = threading.Lock()
-        self.closed = False
-
-    def __repr__(self) -> str:
-        return f"<RdkafkaGroupConsumer {self.group}/{self.topic} owned={len(self._owned)}>"
 
     # -- callbacks (served inside consume/poll/close, on the thread making the call) ----------
 
     def _on_commit(self, err: KafkaError | None, partitions: list[RdTP]) -> None:
         """The answer to an asynchronous commit: keep what was refused for a retry."""
         refused = {
-            _tp(p.topic, p.partition): p.offset
+            kc.tp(p.topic, p.partition): p.offset
             for p in partitions
             if (err is not None or p.error is not None) and p.offset >= 0
         }
         if refused:
-            with self._refused_lock:
-                self._refused.append(refused)
+            self._refuse(refused)
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -794,25 +699,6 @@ class RdkafkaGroupConsumer:
             self._error = LogUnavailable(f"consumer {self.group}/{self.topic}: {err}")
         else:
             logger.info("librdkafka consumer {}/{}: {}", self.group, self.topic, err)
-
-    # -- rebalance news ------------------------------------------------------------------------
-
-    def _apply_events(self) -> None:
-        for assigned, tps in self._listener.drain():
-            if assigned:
-                self._owned |= tps
-            else:
-                self._owned -= tps
-                self._churned |= tps & self._reported
-
-    def _news(self) -> tuple[set[TopicPartition], set[TopicPartition]]:
-        self._apply_events()
-        churn = self._churned & self._owned
-        revoked = (self._reported - self._owned) | churn
-        assigned = (self._owned - self._reported) | churn
-        self._reported = set(self._owned)
-        self._churned = set()
-        return revoked, assigned
 
     # -- polling -------------------------------------------------------------------------------
 
@@ -838,10 +724,7 @@ class RdkafkaGroupConsumer:
         return [m, *self._c.consume(budget - 1, 0)] if budget > 1 else [m]
 
     async def poll(self, max_records: int, timeout: float) -> PollResult:  # noqa: ASYNC109 (port)
-        if self.closed:
-            raise LogUnavailable("consumer is closed")
-        budget = max(1, min(max_records, self.max_poll_records))
-        deadline = trio.current_time() + max(timeout, 0.0)
+        budget, deadline = self._poll_window(max_records, timeout)
         async with self._lock:
             while True:
                 if self._error is not None:
@@ -857,17 +740,12 @@ class RdkafkaGroupConsumer:
                     if not msgs and not self._listener.pending() and left > 0:
                         # Not abandoned on cancel: records handed over by librdkafka (its
                         # position moved past them) are returned before any checkpoint.
-                        msgs = await _in_thread(self._wait_sync, budget, min(left, _SLICE_S))
+                        msgs = await in_thread(self._wait_sync, budget, min(left, kc.SLICE_S))
                 except (KafkaException, RuntimeError) as exc:
-                    for tp, off in commit.items():
-                        self._later.setdefault(tp, off)
-                    raise LogUnavailable(f"poll {self.group}/{self.topic}: {exc!r}") from exc
-                fetched = self._records(msgs)
-                revoked, assigned = self._news()
-                # Records of partitions lost meanwhile belong to their new owner now.
-                records = [r for r in fetched if _tp(r.topic, r.partition) in self._owned]
-                if records or revoked or assigned or trio.current_time() >= deadline:
-                    return PollResult(records, revoked, assigned)
+                    raise self._poll_failed(commit, exc) from exc
+                result = self._result(self._records(msgs), deadline)
+                if result is not None:
+                    return result
 
     # -- commits -------------------------------------------------------------------------------
 
@@ -875,25 +753,17 @@ class RdkafkaGroupConsumer:
         """The offsets of partitions assigned to this member now (the rebalance callbacks are
         the only way an assignment changes here)."""
         self._apply_events()
-        return {tp: off for tp, off in offsets.items() if tp in self._owned}
+        return kc.owned_only(offsets, self._owned)
 
-    def _commit_async(self, offsets: dict[TopicPartition, int]) -> None:
-        """Send an offset commit for the owned partitions among `offsets` without waiting for it
-        (never blocks); its answer comes to _on_commit in a later poll. A refused commit is kept
-        for the next one."""
-        mine = self._assigned_only(offsets)
-        if not mine:
-            return
-        for tp, off in mine.items():
-            self._sent[tp] = max(off, self._sent.get(tp, off))
+    def _send_commit(self, mine: dict[TopicPartition, int]) -> None:
+        """Sends the commit (never blocks); _on_commit hears its answer in a later poll."""
         try:
             self._c.commit(
-                offsets=[RdTP(tp.topic, tp.partition, off) for tp, off in mine.items()],
+                offsets=[RdTP(p.topic, p.partition, off) for p, off in mine.items()],
                 asynchronous=True,
             )
         except KafkaException:
-            with self._refused_lock:
-                self._refused.append(mine)
+            self._refuse(mine)
 
     def _tracked(self, fn: Callable[..., None], *args: Any) -> Callable[[], None]:
         """`fn(*args)`, counted in _running while it runs (for a thread that may be abandoned)."""
@@ -909,38 +779,14 @@ class RdkafkaGroupConsumer:
 
         return run
 
-    def commit_later(self, offsets: dict[TopicPartition, int]) -> None:
-        if not self.closed:
-            self._later.update(offsets)
-
-    def _take_later(self) -> dict[TopicPartition, int]:
-        with self._refused_lock:
-            refused, self._refused = self._refused, []
-        later, self._later = self._later, {}
-        if refused:
-            self._apply_events()
-        for offsets in refused:  # older than anything in _later: newer offsets win
-            for tp, off in offsets.items():
-                # Not if a newer commit went out since (retrying would move the group back).
-                if tp in self._owned and off >= self._sent.get(tp, off):
-                    later.setdefault(tp, off)
-        if refused:
-            logger.info(
-                "{}/{}: an offset commit was refused; retrying it with this poll",
-                self.group,
-                self.topic,
-            )
-        return later
+    def _before_retry(self) -> None:
+        # Refused commits are kept only for partitions owned now: the callbacks' latest news.
+        self._apply_events()
 
     def _commit_sync(self, offsets: dict[TopicPartition, int]) -> None:
-        owned = {_tp(t.topic, t.partition) for t in self._c.assignment()}
-        foreign = set(offsets) - owned
-        if foreign:
-            raise CommitFailed(
-                f"partitions not assigned to this member: {sorted(foreign, key=str)}"
-            )
+        kc.check_assigned(offsets, kc.as_tps(self._c.assignment()))
         done = self._c.commit(
-            offsets=[RdTP(tp.topic, tp.partition, off) for tp, off in offsets.items()],
+            offsets=[RdTP(p.topic, p.partition, off) for p, off in offsets.items()],
             asynchronous=False,
         )
         refused = [t for t in done or [] if t.error is not None]
@@ -951,15 +797,12 @@ class RdkafkaGroupConsumer:
             )
 
     def _commit_owned_sync(self, offsets: dict[TopicPartition, int]) -> None:
-        owned = {_tp(t.topic, t.partition) for t in self._c.assignment()}
-        mine = {tp: off for tp, off in offsets.items() if tp in owned}
+        mine = kc.owned_only(offsets, kc.as_tps(self._c.assignment()))
         if mine:
             self._commit_sync(mine)
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
-        if self.closed:
-            raise CommitFailed("consumer is closed")
-        if not offsets:
+        if not self._commit_wanted(offsets):
             return
         async with self._lock:
             # Abandoned after _COMMIT_TIMEOUT_S (or on cancel): the commit may still land later,
@@ -1084,9 +927,7 @@ class RdkafkaReader:
     ) -> list[Record]:
         if self.closed:
             raise LogUnavailable("reader is closed")
-        n = await self._log.partition_count(topic)
-        if not 0 <= partition < n:
-            raise LogUnavailable(f"topic {topic!r} has no partition {partition}")
+        await kc.check_partition(self._log, topic, partition)
         offset, max_records = max(offset, 0), max(1, max_records)
         deadline = trio.current_time() + max(timeout, 0.0)
         async with self._lock:
@@ -1102,13 +943,13 @@ class RdkafkaReader:
                         self._next = None  # the thread call below re-assigns and handles it
                 while True:
                     left = deadline - trio.current_time()
-                    records = await _in_thread(
+                    records = await in_thread(
                         self._fetch_sync,
                         topic,
                         partition,
                         offset,
                         max_records,
-                        max(0.0, min(left, _SLICE_S)),
+                        max(0.0, min(left, kc.SLICE_S)),
                     )
                     if records or trio.current_time() >= deadline:
                         return records
