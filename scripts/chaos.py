@@ -21,8 +21,9 @@ reach Kafka while the broker is down) is restarted with a backoff and reported a
 
 After `--duration` seconds the chaos stops and the settle phase begins: the clients stop sending,
 Kafka, Redis and every process are brought up, every client reconnects, and the harness waits
-(at most `--settle-timeout` s from the end of the chaos) until every event is receipted and every
-receipted event's result has reached the application.
+(at most `--settle-timeout` s from the end of the chaos) until every event is receipted (or
+answered: a result that comes before its receipt settles the event) and every receipted event's
+result has reached the application.
 
 The checker, per client and in total (the delivery contract of ../shared/DESIGN.md):
 

@@ -91,7 +91,9 @@ def test_delivery_contract_holds_under_chaos(
     }
     assert not any(problems.values()), (problems, s["violations"][:3])
     assert s["settled"] and t["unanswered"] == 0, f"did not settle: {t}"
-    assert t["sent"] > 1000 and t["results"] >= t["receipted"] == t["sent"], t
+    # Every event got its result. Not every one its receipt: an event whose result arrives first
+    # (its produce batch was held, then failed) is settled by that result and not resent.
+    assert t["sent"] > 1000 and t["results"] >= t["sent"] >= t["receipted"], t
     assert chaos["kills"] > 0 and chaos["pod_kills"] > 0 and chaos["worker_kills"] > 0, chaos
     assert chaos["kafka_kills"] == 1 and chaos["redis_kills"] == 1, chaos
     assert chaos["redis_cuts_normal"] + chaos["redis_cuts_pubsub"] > 0, chaos
