@@ -72,8 +72,9 @@ class Close:
 OutboxItem = tuple[int, EventResponse | bytes | None] | Close  # bytes: encoded; None: confirm only
 
 
-# What a queued response costs beyond its encoded bytes: the deque slot, the (id, payload) tuple,
-# the bytes object's header (measured: tests/test_stream_memory.py).
+# What a queued response is counted for beyond its encoded bytes: the deque slot, the
+# (id, payload) tuple, the bytes object's header (an estimate; tests/test_edge.py checks the RSS
+# of a doorman with slow readers against the bound it gives).
 ITEM_OVERHEAD = 160
 
 
