@@ -1412,6 +1412,9 @@ def build_fleet(run: Run, args: argparse.Namespace, kafka: str, redis: str) -> F
         "NIMBUS_LOG_LEVEL": args.log_level,
         "NIMBUS_LOG_FORMAT": "human",
         "PYTHONUNBUFFERED": "1",
+        # A process that crashes (e.g. SIGSEGV in a C library) prints every thread's stack
+        # into its log, so the crash can be traced afterwards.
+        "PYTHONFAULTHANDLER": "1",
     }
     procs = []
     for i in range(args.pods):

@@ -152,7 +152,7 @@ async def test_a_commit_without_answer_fails_and_close_waits_for_it(
         with pytest.raises(rdkafka_engine.CommitFailed, match="no answer"):
             await c.commit({TopicPartition("t", 0): 1})
         assert trio.current_time() - t0 < 2
-        assert c._running == 1
+        assert c._handle.busy()  # the abandoned commit still holds the consumer
 
         async def answer() -> None:
             await trio.sleep(0.3)
@@ -162,3 +162,108 @@ async def test_a_commit_without_answer_fails_and_close_waits_for_it(
             nursery.start_soon(answer)
             await c.aclose()
     assert events == ["commit", "commit done", "close"]
+
+
+class _OneThreadAtATime:
+    """A stand-in for a confluent-kafka Consumer that fails the test (as the real one would
+    crash the process) when two threads are inside it at once, or when it is called after
+    close(). `commit` blocks until `release` is set, like a commit without a coordinator."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.release = threading.Event()
+        self.inside = 0
+        self.closed = False
+        self.errors: list[str] = []
+        self.calls: list[str] = []
+        self._guard = threading.Lock()
+
+    def _enter(self, name: str) -> None:
+        with self._guard:
+            self.calls.append(name)
+            if self.closed:
+                self.errors.append(f"{name} after close")
+            self.inside += 1
+            if self.inside > 1:
+                self.errors.append(f"{name} while another thread is inside")
+
+    def _leave(self) -> None:
+        with self._guard:
+            self.inside -= 1
+
+    def assignment(self) -> list[RdTP]:
+        self._enter("assignment")
+        self._leave()
+        return [RdTP("t", 0)]
+
+    def commit(self, **kw: Any) -> list[RdTP] | None:
+        self._enter("commit")
+        try:
+            if not kw.get("asynchronous"):
+                self.release.wait(5)
+            return []
+        finally:
+            self._leave()
+
+    def consume(self, n: int, timeout: float) -> list[Any]:
+        import time
+
+        self._enter("consume")
+        time.sleep(min(timeout, 0.01))
+        self._leave()
+        return []
+
+    def poll(self, timeout: float) -> None:
+        import time
+
+        self._enter("poll")
+        time.sleep(min(timeout, 0.05))
+        self._leave()
+
+    def close(self) -> None:
+        self._enter("close")
+        self.closed = True
+        self._leave()
+
+
+async def test_no_call_overlaps_an_abandoned_commit_and_none_follows_the_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The SIGSEGV of a worker (chaos run 20261206-102358): confluent-kafka's Consumer is not safe
+    for two threads at once (its close destroys the C handle under a poll in flight). A commit
+    whose caller gave up keeps running in its thread: polls meanwhile neither enter the consumer
+    nor hang (they wait in a worker thread, slice by slice), the close waits for the commit to
+    return, and nothing touches the consumer after its close."""
+    monkeypatch.setattr(rdkafka_engine, "_COMMIT_TIMEOUT_S", 0.2)
+    fake = _OneThreadAtATime()
+    c = _consumer()
+    c._c = fake  # type: ignore[assignment]
+    tp = TopicPartition("t", 0)
+    with trio.fail_after(10):
+        with pytest.raises(rdkafka_engine.CommitFailed, match="no answer"):
+            await c.commit({tp: 1})
+        assert c._handle.busy()
+        c.commit_later({tp: 2})  # waits: the commit in flight holds the consumer
+        for _ in range(3):
+            t0 = trio.current_time()
+            r = await c.poll(10, 0.1)
+            assert r.records == [] and trio.current_time() - t0 < 2
+        assert c._later == {tp: 2}
+        with trio.move_on_after(0.05):  # a poll cancelled while it waits for the consumer
+            await c.poll(10, 5)
+
+        async def answer() -> None:
+            await trio.sleep(0.3)
+            fake.release.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer)
+            await c.aclose()
+        with pytest.raises(rdkafka_engine.LogUnavailable, match="closed"):
+            await c.poll(10, 0.1)
+    assert fake.errors == []
+    assert fake.calls[-1] == "close" and fake.calls.count("close") == 1
+    # No poll entered while the commit held it; the commit_later offsets went out before the
+    # close, after the stuck commit.
+    assert fake.calls == ["assignment", "commit", "assignment", "assignment", "commit", "close"]

@@ -16,7 +16,13 @@ hold both to; the bridge to trio is different because librdkafka's calls are dif
   never blocks. Only a poll that has to wait goes to a worker thread (`in_thread`, waited for
   even when cancelled), for `poll(slice)` and then `consume(n - 1, 0)` for what came with it
   (librdkafka's `consume(n, timeout)` waits for all n, or the whole timeout). A consumer is used
-  by one thread at a time: each consumer/reader serialises its calls with a trio.Lock.
+  by one thread at a time, and never after its close: each consumer/reader serialises its calls
+  with a trio.Lock, and every call into the librdkafka handle, from whichever thread, holds the
+  handle's own threading.Lock (`_Handle`). That second lock also covers the threads a caller
+  stops waiting for (a commit or a close given up on keeps running): the trio thread never
+  blocks on it (a busy handle sends the poll to a worker thread, or waits for the next one), a
+  close waits for the call in flight to return, and nothing calls the handle once it is closed
+  (confluent-kafka's close destroys the C handle under any call still inside it: a segfault).
 - Rebalance callbacks (cooperative-sticky), offset-commit results, errors and log lines are
   served inside those calls, on whichever thread makes them; they only record what happened.
 - Admin requests return concurrent futures completed on librdkafka's background thread; they
@@ -224,6 +230,50 @@ async def _in_thread_abandonable(fn: Callable[[], T]) -> T:
 
     trio.lowlevel.start_thread_soon(fn, deliver)
     return (await receive.receive()).unwrap()
+
+
+class _Busy(Exception):
+    """The librdkafka handle is in use by another thread (a call its caller gave up on)."""
+
+
+class _Handle:
+    """The one-thread-at-a-time guard of a librdkafka consumer: every call into it holds `_lock`
+    (whichever thread makes it), and none is made after `close` (which waits for the call in
+    flight). confluent-kafka's calls are not safe against one another on one consumer: `close()`
+    destroys the C handle under a `poll()`/`consume()`/`commit()` still using it (SIGSEGV), and a
+    trio task that stops waiting for a thread (`_in_thread_abandonable`) leaves that thread
+    inside the handle while the task's next call goes on."""
+
+    __slots__ = ("_lock", "_what", "closed")
+
+    def __init__(self, what: str) -> None:
+        self._lock = threading.Lock()
+        self._what = what
+        self.closed = False  # set under _lock by close(): no call into the handle after it
+
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+    def call(self, fn: Callable[..., T], *args: Any, wait: float = -1) -> T:
+        """`fn(*args)` holding the handle, waiting up to `wait` s for it (-1: as long as it
+        takes; 0: not at all, for the trio thread): `_Busy` if not got; RuntimeError (as
+        confluent-kafka's own, for a closed consumer) once closed."""
+        if not self._lock.acquire(True, wait):
+            raise _Busy(self._what)
+        try:
+            if self.closed:
+                raise RuntimeError(f"{self._what} is closed")
+            return fn(*args)
+        finally:
+            self._lock.release()
+
+    def close(self, close: Callable[[], object]) -> None:
+        """`close()` once the call in flight, if any, has returned; the last call (a thread)."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            close()
 
 
 async def _close_bounded(fn: Callable[[], object], what: str) -> None:
@@ -676,10 +726,9 @@ class RdkafkaGroupConsumer(kc.GroupConsumerBase):
         super().__init__(_RebalanceListener(), topic, group, max_poll_records)
         self._c: Consumer = None  # type: ignore[assignment]  # set by RdkafkaLog.consumer
         self._error: EngineError | None = None  # to raise from the next poll
-        # Commits running in threads, abandoned ones included: the consumer is not closed (its
-        # handle destroyed) under a call still using it.
-        self._running = 0
-        self._running_lock = threading.Lock()
+        # Every call into _c holds it, on any thread, abandoned commits included; the close
+        # waits for the call in flight, and nothing calls _c after it.
+        self._handle = _Handle(f"consumer {group}/{topic}")
 
     # -- callbacks (served inside consume/poll/close, on the thread making the call) ----------
 
@@ -716,26 +765,45 @@ class RdkafkaGroupConsumer(kc.GroupConsumerBase):
                 logger.info("librdkafka consumer {}/{}: {}", self.group, self.topic, err)
         return out
 
-    def _wait_sync(self, budget: int, wait_s: float) -> list[Message]:
-        """Wait up to `wait_s` for a record (worker thread), then take what came with it."""
+    def _take_ready(self, commit: dict[TopicPartition, int], budget: int) -> list[Message]:
+        """Send `commit`, take what librdkafka already holds: never blocks (trio thread, the
+        handle held)."""
+        if commit:
+            self._commit_async(commit)
+        return self._c.consume(budget, 0)
+
+    def _poll_wait(self, budget: int, wait_s: float) -> list[Message]:
         m = self._c.poll(wait_s)
         if m is None:
             return []
         return [m, *self._c.consume(budget - 1, 0)] if budget > 1 else [m]
 
+    def _wait_sync(self, budget: int, wait_s: float) -> list[Message]:
+        """Wait up to `wait_s` for a record (worker thread), then take what came with it; for
+        the handle too, if an abandoned call still holds it (nothing then, this slice)."""
+        try:
+            return self._handle.call(self._poll_wait, budget, wait_s, wait=wait_s)
+        except _Busy:
+            return []
+
     async def poll(self, max_records: int, timeout: float) -> PollResult:  # noqa: ASYNC109 (port)
         budget, deadline = self._poll_window(max_records, timeout)
         async with self._lock:
+            if self.closed:  # closed while this poll waited for the lock
+                raise LogUnavailable("consumer is closed")
             while True:
                 if self._error is not None:
                     err, self._error = self._error, None
                     raise err
                 commit = self._take_later()
                 try:
-                    if commit:
-                        self._commit_async(commit)
-                    # What librdkafka already holds, without a thread: never blocks.
-                    msgs = self._c.consume(budget, 0)
+                    try:
+                        # What librdkafka already holds, without a thread: never blocks.
+                        msgs = self._handle.call(self._take_ready, commit, budget, wait=0)
+                    except _Busy:  # an abandoned commit still runs: the commit waits, as we do
+                        for p, off in commit.items():
+                            self._later.setdefault(p, off)
+                        commit, msgs = {}, []
                     left = deadline - trio.current_time()
                     if not msgs and not self._listener.pending() and left > 0:
                         # Not abandoned on cancel: records handed over by librdkafka (its
@@ -765,19 +833,9 @@ class RdkafkaGroupConsumer(kc.GroupConsumerBase):
         except KafkaException:
             self._refuse(mine)
 
-    def _tracked(self, fn: Callable[..., None], *args: Any) -> Callable[[], None]:
-        """`fn(*args)`, counted in _running while it runs (for a thread that may be abandoned)."""
-        with self._running_lock:
-            self._running += 1
-
-        def run() -> None:
-            try:
-                fn(*args)
-            finally:
-                with self._running_lock:
-                    self._running -= 1
-
-        return run
+    def _held(self, fn: Callable[..., None], *args: Any) -> Callable[[], None]:
+        """`fn(*args)` holding the handle, for a thread that may be abandoned."""
+        return functools.partial(self._handle.call, fn, *args)
 
     def _before_retry(self) -> None:
         # Refused commits are kept only for partitions owned now: the callbacks' latest news.
@@ -805,11 +863,14 @@ class RdkafkaGroupConsumer(kc.GroupConsumerBase):
         if not self._commit_wanted(offsets):
             return
         async with self._lock:
+            if self.closed:  # closed while this commit waited for the lock
+                raise CommitFailed("consumer is closed")
             # Abandoned after _COMMIT_TIMEOUT_S (or on cancel): the commit may still land later,
-            # which only commits offsets the caller processed (at least once).
+            # which only commits offsets the caller processed (at least once). It keeps the
+            # handle meanwhile: polls wait for it, the close too.
             with trio.move_on_after(_COMMIT_TIMEOUT_S):
                 try:
-                    await _in_thread_abandonable(self._tracked(self._commit_sync, offsets))
+                    await _in_thread_abandonable(self._held(self._commit_sync, offsets))
                 except EngineError:
                     raise
                 except (KafkaException, RuntimeError) as exc:
@@ -830,22 +891,17 @@ class RdkafkaGroupConsumer(kc.GroupConsumerBase):
             if later:  # what commit_later left for a poll that will not come
                 try:
                     with trio.move_on_after(_COMMIT_TIMEOUT_S):
-                        await _in_thread_abandonable(self._tracked(self._commit_owned_sync, later))
+                        await _in_thread_abandonable(self._held(self._commit_owned_sync, later))
                 except Exception as exc:
                     logger.info("{}/{}: final commit failed: {!r}", self.group, self.topic, exc)
             try:
-                # Leaves the group (LeaveGroup), so the others rebalance at once.
-                with trio.move_on_after(_CLOSE_TIMEOUT_S):
-                    while self._running:  # noqa: ASYNC110 (a thread's counter)
-                        await trio.sleep(0.05)
-                if self._running:
-                    logger.warning(
-                        "consumer {}/{}: a commit is still running; not closed",
-                        self.group,
-                        self.topic,
-                    )
-                    return
-                await _close_bounded(self._c.close, f"consumer {self.group}/{self.topic}")
+                # Leaves the group (LeaveGroup), so the others rebalance at once. After the call
+                # in flight (an abandoned commit), if any: if that outlasts the bound, the close
+                # is left to happen when it returns.
+                await _close_bounded(
+                    functools.partial(self._handle.close, self._c.close),
+                    f"consumer {self.group}/{self.topic}",
+                )
             except Exception as exc:
                 logger.warning("closing consumer {}/{} failed: {}", self.group, self.topic, exc)
 
@@ -856,6 +912,7 @@ class RdkafkaReader:
     def __init__(self, log: RdkafkaLog, raw: Consumer) -> None:
         self._log = log
         self._c = raw
+        self._handle = _Handle("reader")  # every call into _c holds it (see _Handle)
         self._lock = trio.Lock()
         self._assigned: tuple[str, int] | None = None  # the partition assigned now
         self._next: int | None = None  # the consumer's position, when we know it
@@ -886,6 +943,18 @@ class RdkafkaReader:
         return out, out_of_range
 
     def _fetch_sync(
+        self, topic: str, partition: int, offset: int, max_records: int, wait_s: float
+    ) -> list[Record]:
+        """`_fetch_now` (worker thread) holding the handle; nothing this slice if an abandoned
+        call still holds it."""
+        try:
+            return self._handle.call(
+                self._fetch_now, topic, partition, offset, max_records, wait_s, wait=wait_s
+            )
+        except _Busy:
+            return []
+
+    def _fetch_now(
         self, topic: str, partition: int, offset: int, max_records: int, wait_s: float
     ) -> list[Record]:
         c = self._c
@@ -931,12 +1000,16 @@ class RdkafkaReader:
         offset, max_records = max(offset, 0), max(1, max_records)
         deadline = trio.current_time() + max(timeout, 0.0)
         async with self._lock:
+            if self.closed:  # closed while this fetch waited for the lock
+                raise LogUnavailable("reader is closed")
             try:
                 if self._assigned == (topic, partition) and self._next == offset:
                     # Already there: what librdkafka prefetched, without a thread.
-                    records, out_of_range = self._take(
-                        self._c.consume(max_records, 0), topic, partition
-                    )
+                    try:
+                        ready = self._handle.call(self._c.consume, max_records, 0, wait=0)
+                    except _Busy:
+                        ready = []
+                    records, out_of_range = self._take(ready, topic, partition)
                     if records:
                         return records
                     if out_of_range:
@@ -963,6 +1036,6 @@ class RdkafkaReader:
         self.closed = True
         async with self._lock:
             try:
-                await _close_bounded(self._c.close, "reader")
+                await _close_bounded(functools.partial(self._handle.close, self._c.close), "reader")
             except Exception as exc:
                 logger.warning("closing reader failed: {}", exc)
