@@ -107,7 +107,6 @@ class RouterWindow:
         self.pending = 0  # entries not DONE
         # client -> (partition, highest delivery id added), least recently added first
         self._taken: OrderedDict[str, tuple[TopicPartition, int]] = OrderedDict()
-        self.repeats = 0  # results skipped by `add` as repeats
 
     def __repr__(self) -> str:
         return (
@@ -137,7 +136,6 @@ class RouterWindow:
         docstring). A record none of whose results is added needs `add_skipped` for the commit."""
         taken = self._taken.get(client_id)
         if taken is not None and taken[0] == tp and delivery_id <= taken[1]:
-            self.repeats += 1
             return None
         self._taken[client_id] = (tp, delivery_id)
         self._taken.move_to_end(client_id)
