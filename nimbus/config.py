@@ -31,6 +31,17 @@ def _int(lo: int, hi: int) -> Callable[[str], int]:
     return parse
 
 
+# NIMBUS_PRODUCER_LINGER_MS when unset, per NIMBUS_KAFKA_CLIENT: kafka-python's produce batches
+# cost ~1-2 ms of CPU each, so it gathers 2 ms of records; librdkafka's cost ~0.4 ms and it
+# batches by itself while requests are in flight, so it sends at once (lower paced latency).
+DEFAULT_LINGER_MS = {"kafka-python": 2, "librdkafka": 0}
+
+
+def _linger(raw: str) -> int:
+    """-1 (the client's default, DEFAULT_LINGER_MS) when empty, else 0..10,000 ms."""
+    return -1 if not raw.strip() else _int(0, 10_000)(raw.strip())
+
+
 def _choice(*options: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         v = raw.strip().lower()
@@ -145,12 +156,25 @@ VARIABLES: dict[str, Var] = {
             _int(1, 10_000_000),
             "results buffered per stream before the stream is cut as a slow reader",
         ),
-        Var("NIMBUS_PRODUCER_LINGER_MS", "2", _int(0, 10_000), "Kafka producer linger"),
+        Var(
+            "NIMBUS_PRODUCER_LINGER_MS",
+            "",
+            _linger,
+            "Kafka producer linger, ms (empty: the client's default here, kafka-python 2,"
+            " librdkafka 0)",
+        ),
         Var(
             "NIMBUS_KAFKA_CLIENT",
             "kafka-python",
             _choice("kafka-python", "librdkafka"),
             "Kafka client library (engine=real): kafka-python or librdkafka (confluent-kafka)",
+        ),
+        Var(
+            "NIMBUS_KAFKA_FETCH_WAIT_MS",
+            "0",
+            _int(0, 500),
+            "librdkafka only: a group consumer's fetch waits this long at the broker for records"
+            " to gather (0: it returns with the first record; librdkafka's default)",
         ),
         Var(
             "NIMBUS_ROUTER_WINDOW",
@@ -375,6 +399,7 @@ class Settings:
     status_interval_ms: int
     stream_queue: int
     producer_linger_ms: int
+    kafka_fetch_wait_ms: int
     kafka_client: str
     router_window: int
     replay_window: int
@@ -445,6 +470,8 @@ def load(
             raise ConfigError(f"invalid {var.name}: {e}") from None
     if not values["redis_events_channel"]:
         values["redis_events_channel"] = _POD
+    if values["producer_linger_ms"] < 0:
+        values["producer_linger_ms"] = DEFAULT_LINGER_MS[values["kafka_client"]]
     if not values["instance_id"]:
         values["instance_id"] = f"{socket.gethostname()}-{os.getpid()}"
     names = {f.name for f in fields(Settings)}

@@ -267,3 +267,39 @@ async def test_no_call_overlaps_an_abandoned_commit_and_none_follows_the_close(
     # No poll entered while the commit held it; the commit_later offsets went out before the
     # close, after the stuck commit.
     assert fake.calls == ["assignment", "commit", "assignment", "assignment", "commit", "close"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("wakeup", ["fd", "thread"])
+async def test_a_waiting_poll_wakes_when_a_record_lands(
+    kafka_brokers: str, unique: str, monkeypatch: pytest.MonkeyPatch, wakeup: str
+) -> None:
+    """A poll with nothing to take waits, and returns the record produced meanwhile: woken by
+    librdkafka through the consumer queue's pipe (no thread at all), or, where that cannot be
+    set up, by a worker thread waiting in poll(). The wait slice is made longer than the poll's
+    deadline, so a wake-up that never came would return nothing."""
+    if wakeup == "thread":
+        monkeypatch.setattr(rdkafka_engine, "_LIB", None)  # as if librdkafka were not found
+    monkeypatch.setattr(rdkafka_engine.kc, "SLICE_S", 120.0)
+    topic = f"wake-{unique}"
+    with trio.fail_after(IO_TIMEOUT):
+        async with rdkafka_engine.open_rdkafka_log(kafka_brokers, client_id="t") as log:
+            await log.ensure_topics([topic], 1)
+            assert (log._producer._poller._fd is not None) == (wakeup == "fd")
+            async with log.consumer(topic, f"g-{unique}", max_poll_records=10) as c:
+                assert (c._fd is not None) == (wakeup == "fd")
+                while not c._owned:  # joined, partition assigned
+                    await c.poll(10, 0.2)
+                calls = record_thread_calls(monkeypatch, rdkafka_engine)
+                for i in range(3):
+                    async with trio.open_nursery() as n:
+
+                        async def produce_later(i: int = i) -> None:
+                            await trio.sleep(0.3)
+                            await log.producer.send_batch(topic, [(b"k", b"%d" % i)])
+
+                        n.start_soon(produce_later)
+                        got = await c.poll(10, 20)
+                    assert [r.value for r in got.records] == [b"%d" % i]
+                waits = calls.count("_wait_sync")
+                assert waits == 0 if wakeup == "fd" else waits >= 3, calls

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ async def open_engine(settings: Settings) -> AsyncIterator[OpenEngine]:
     if settings.kafka_client == "librdkafka":
         from nimbus.engines.rdkafka import open_rdkafka_log
 
-        open_log = open_rdkafka_log
+        open_log = functools.partial(open_rdkafka_log, fetch_wait_ms=settings.kafka_fetch_wait_ms)
     else:
         from nimbus.engines.kafka import open_kafka_log
 

@@ -40,14 +40,18 @@ retried, while owned, when refused. That bookkeeping is shared: nimbus.engines.k
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import functools
+import glob
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import confluent_kafka
 import outcome
 import trio
 from confluent_kafka import (
@@ -191,6 +195,8 @@ def _common(brokers: str, client_id: str) -> dict[str, Any]:
         "socket.connection.setup.timeout.ms": int(BOOTSTRAP_TIMEOUT_S * 1000),
         # After a broker restart, reconnect within ~2 s rather than librdkafka's 10 s backoff.
         "reconnect.backoff.max.ms": 2_000,
+        # Small requests go out at once (librdkafka leaves Nagle's algorithm on by default).
+        "socket.nagle.disable": True,
         "logger": _RDLOG,
     }
 
@@ -286,34 +292,188 @@ async def _close_bounded(fn: Callable[[], object], what: str) -> None:
     logger.warning("{}: not closed within {:.0f} s; left to finish", what, _CLOSE_TIMEOUT_S)
 
 
-class _Poller:
-    """A thread serving a producer's callbacks (delivery reports, errors, log lines), and the
-    admin client's (errors and log lines), until stopped."""
+# -- waking trio from librdkafka's queues, without a thread ----------------------------------
+#
+# librdkafka can write a byte to a file descriptor when one of its queues gets an item after it
+# was last served (rd_kafka_queue_io_event_enable): a consumer's queue (records, rebalances,
+# commit answers, errors) or a producer's main queue (delivery reports). trio then waits for
+# the pipe like for a socket and serves the queue from its own thread with calls that never
+# block (`consume(n, 0)`, `poll(0)`): no thread hand-off, no GIL hand-over, no trio-token wake
+# per poll. confluent-kafka does not wrap that call, so it is made through ctypes, on the
+# rd_kafka_t pointer that confluent-kafka keeps right after the object's header (checked: the
+# handle's name must be the one this client was given, else the thread path is used).
+# NIMBUS_RDKAFKA_FD_WAKEUP=0 turns it off (the thread path: a worker thread waits in poll()).
 
-    def __init__(self, name: str, producer: Producer, admin: AdminClient | None) -> None:
+_FD_WAKEUP = os.environ.get("NIMBUS_RDKAFKA_FD_WAKEUP", "1").strip() not in ("0", "false", "no")
+
+
+def _load_librdkafka() -> ctypes.CDLL | None:
+    """The librdkafka that confluent-kafka's extension is linked with (its wheel bundles one),
+    with the few functions used here typed; None if it cannot be found or is another version."""
+    here = os.path.dirname(confluent_kafka.__file__)
+    paths = sorted(glob.glob(os.path.join(here, "..", "confluent_kafka.libs", "librdkafka*.so*")))
+    try:
+        lib = ctypes.CDLL(paths[0]) if paths else ctypes.CDLL("librdkafka.so.1")
+        lib.rd_kafka_version.restype = ctypes.c_int
+        if lib.rd_kafka_version() != confluent_kafka.libversion()[1]:
+            return None
+        lib.rd_kafka_name.restype = ctypes.c_char_p
+        lib.rd_kafka_name.argtypes = [ctypes.c_void_p]
+        for name in ("rd_kafka_queue_get_consumer", "rd_kafka_queue_get_main"):
+            fn = getattr(lib, name)
+            fn.restype = ctypes.c_void_p
+            fn.argtypes = [ctypes.c_void_p]
+        lib.rd_kafka_queue_destroy.restype = None
+        lib.rd_kafka_queue_destroy.argtypes = [ctypes.c_void_p]
+        lib.rd_kafka_queue_io_event_enable.restype = None
+        lib.rd_kafka_queue_io_event_enable.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+        ]
+    except (OSError, AttributeError):
+        return None
+    return lib
+
+
+_LIB: ctypes.CDLL | None | bool = False  # not looked for yet
+_WAKE_BYTE = ctypes.create_string_buffer(b"!", 1)  # what librdkafka writes (kept alive here)
+
+
+def _lib() -> ctypes.CDLL | None:
+    global _LIB
+    if _LIB is False:
+        _LIB = _load_librdkafka() if _FD_WAKEUP else None
+        if _FD_WAKEUP and _LIB is None:
+            logger.info(
+                "librdkafka: no io-event wake-ups (library not found); threads wait instead"
+            )
+    return _LIB  # type: ignore[return-value]
+
+
+class _QueueFd:
+    """A pipe librdkafka writes to when a queue of `handle` gets an item: `main` (a producer's
+    delivery reports) or the consumer queue. `close()` before the handle's own close."""
+
+    __slots__ = ("_lib", "_q", "r", "w")
+
+    def __init__(self, lib: ctypes.CDLL, q: int) -> None:
+        self._lib = lib
+        self._q: int | None = q
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        lib.rd_kafka_queue_io_event_enable(q, self.w, ctypes.addressof(_WAKE_BYTE), 1)
+
+    @classmethod
+    def open(cls, handle: Consumer | Producer, client_id: str, kind: str) -> _QueueFd | None:
+        lib = _lib()
+        if lib is None:
+            return None
+        # confluent-kafka's Handle: PyObject_HEAD, then `rd_kafka_t *rk`.
+        rk = ctypes.c_void_p.from_address(id(handle) + 2 * ctypes.sizeof(ctypes.c_void_p)).value
+        name = lib.rd_kafka_name(rk) if rk else None
+        role = "consumer" if isinstance(handle, Consumer) else "producer"
+        if not name or not name.decode(errors="replace").startswith(f"{client_id}#{role}-"):
+            logger.warning("librdkafka: {} handle not recognised; threads wait instead", role)
+            return None
+        get = lib.rd_kafka_queue_get_main if kind == "main" else lib.rd_kafka_queue_get_consumer
+        q = get(rk)
+        return cls(lib, q) if q else None
+
+    def drain(self) -> None:
+        try:
+            while len(os.read(self.r, 512)) == 512:
+                pass
+        except BlockingIOError:
+            pass
+
+    async def wait(self, timeout: float) -> None:  # noqa: ASYNC109 (a slice, not a deadline)
+        with trio.move_on_after(timeout):
+            await trio.lowlevel.wait_readable(self.r)
+
+    def close(self) -> None:
+        """No more wake-ups (librdkafka's queue lock makes this wait for a write in flight),
+        then the queue reference and the pipe go; idempotent."""
+        if self._q is None:
+            return
+        q, self._q = self._q, None
+        self._lib.rd_kafka_queue_io_event_enable(q, -1, None, 0)
+        self._lib.rd_kafka_queue_destroy(q)
+        for fd in (self.r, self.w):
+            try:
+                trio.lowlevel.notify_closing(fd)
+            except RuntimeError:  # not in trio (a thread's close)
+                pass
+            os.close(fd)
+
+
+class _Poller:
+    """Serves a producer's callbacks (delivery reports, errors, log lines) and the admin
+    client's (errors, log lines) until stopped: on the trio thread, woken by librdkafka through
+    a pipe (_QueueFd), when it can; else on a thread of its own that waits in `poll()`."""
+
+    def __init__(
+        self,
+        name: str,
+        producer: Producer,
+        admin: AdminClient | None,
+        nursery: trio.Nursery | None,
+        client_id: str,
+    ) -> None:
         self.producer = producer
         self._admin = admin
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        # Without a nursery (a log made outside open_rdkafka_log) a thread serves it.
+        self._fd = None if nursery is None else _QueueFd.open(producer, client_id, "main")
+        self._scope = trio.CancelScope()
+        self._done = trio.Event()
+        if self._fd is None:
+            self._done.set()
+            self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+            self._thread.start()
+        else:
+            assert nursery is not None
+            nursery.start_soon(self._pump, name=name)
+
+    def _serve(self, wait_s: float) -> None:
+        try:
+            self.producer.poll(wait_s)
+            if self._admin is not None:
+                self._admin.poll(0)
+        except Exception as exc:  # a callback raised: keep serving the others
+            logger.opt(exception=exc).warning("librdkafka poller: a callback failed")
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                self.producer.poll(_POLLER_WAIT_S)
-                if self._admin is not None:
-                    self._admin.poll(0)
-            except Exception as exc:  # a callback raised: keep serving the others
-                logger.opt(exception=exc).warning("librdkafka poller: a callback failed")
+            self._serve(_POLLER_WAIT_S)
+
+    async def _pump(self) -> None:
+        assert self._fd is not None
+        try:
+            with self._scope:
+                while True:
+                    self._fd.drain()
+                    self._serve(0)
+                    # Log lines and errors of the admin client come without a wake-up.
+                    await self._fd.wait(1.0)
+        finally:
+            self._done.set()
 
     async def stop(self) -> None:
         self._stop.set()
-        await in_thread(self._thread.join)
+        self._scope.cancel()
+        await self._done.wait()
+        if self._fd is not None:
+            self._fd.close()
+            self._serve(0)  # reports that landed since the last wake-up
+        if self._thread is not None:
+            await in_thread(self._thread.join)
 
 
 @asynccontextmanager
 async def open_rdkafka_log(
-    brokers: str, *, linger_ms: int = 2, client_id: str = "nimbus"
+    brokers: str, *, linger_ms: int = 2, client_id: str = "nimbus", fetch_wait_ms: int = 0
 ) -> AsyncIterator[RdkafkaLog]:
     """Connect to the cluster; LogUnavailable if it does not answer within ~15 s."""
     common = _common(brokers, client_id)
@@ -347,9 +507,11 @@ async def open_rdkafka_log(
         producer = make_producer()
     except (KafkaException, LogUnavailable, ValueError, TypeError) as exc:
         raise kc.not_reachable(brokers, BOOTSTRAP_TIMEOUT_S, exc) from exc
-    log = RdkafkaLog(brokers, client_id, admin, producer, make_producer)
-    async with kc.closed_after(log._close):
-        yield log
+    async with trio.open_nursery() as nursery:
+        log = RdkafkaLog(brokers, client_id, admin, producer, make_producer, nursery)
+        log.fetch_wait_ms = fetch_wait_ms
+        async with kc.closed_after(log._close):
+            yield log
 
 
 class RdkafkaLog(kc.LogBase):
@@ -362,9 +524,14 @@ class RdkafkaLog(kc.LogBase):
         admin: AdminClient,
         producer: Producer,
         make_producer: Callable[[], Producer] | None = None,
+        nursery: trio.Nursery | None = None,
     ) -> None:
         super().__init__(brokers, client_id)
         self._admin = admin
+        self._nursery = nursery  # the producer's poller task (none: a poller thread)
+        # > 0: a group consumer's fetch waits this long for records to gather at the broker
+        # (fewer, larger fetches at paced rates: less CPU here and in the broker).
+        self.fetch_wait_ms = 0
         self._producer = RdkafkaLogProducer(self, producer, make_producer)
         # Typed as the port: Log.producer is a plain (invariant) protocol attribute.
         self.producer: LogProducer = self._producer
@@ -522,6 +689,11 @@ class RdkafkaLog(kc.LogBase):
                     "heartbeat.interval.ms": 1_000,
                     # A topic created after this consumer's first metadata is seen within 5 s.
                     "topic.metadata.refresh.interval.ms": 5_000,
+                    **(
+                        {"fetch.wait.max.ms": self.fetch_wait_ms, "fetch.min.bytes": 1 << 20}
+                        if self.fetch_wait_ms > 0
+                        else {}
+                    ),
                     "on_commit": c._on_commit,
                     "error_cb": c._on_error,
                 }
@@ -542,6 +714,7 @@ class RdkafkaLog(kc.LogBase):
             c._c = await in_thread(make)
         except (KafkaException, ValueError, TypeError) as exc:
             raise kc.unavailable(self.brokers, f"consumer of {topic!r}", exc) from exc
+        c._fd = _QueueFd.open(c._c, self.client_id, "consumer")
         async with kc.closed_after(c.aclose):
             yield c
 
@@ -593,8 +766,12 @@ class RdkafkaLogProducer:
     ) -> None:
         self._log = log
         self._make_producer = make_producer
-        self._poller = _Poller("rdkafka-producer-poll", producer, log._admin)
+        self._poller = self._new_poller(producer)
         self._generation = 0  # bumped by each replacement of the producer
+
+    def _new_poller(self, producer: Producer) -> _Poller:
+        log = self._log
+        return _Poller("rdkafka-producer-poll", producer, log._admin, log._nursery, log.client_id)
 
     @property
     def _producer(self) -> Producer:
@@ -621,7 +798,7 @@ class RdkafkaLogProducer:
         self._generation += 1
         old = self._poller
         try:
-            self._poller = _Poller("rdkafka-producer-poll", self._make_producer(), self._log._admin)
+            self._poller = self._new_poller(self._make_producer())
         except (KafkaException, ValueError, TypeError) as exc:
             logger.warning("librdkafka producer: replacing it after {} failed: {!r}", why, exc)
             return
@@ -729,6 +906,8 @@ class RdkafkaGroupConsumer(kc.GroupConsumerBase):
         # Every call into _c holds it, on any thread, abandoned commits included; the close
         # waits for the call in flight, and nothing calls _c after it.
         self._handle = _Handle(f"consumer {group}/{topic}")
+        # Set when librdkafka can wake this consumer's polls through a pipe (no thread waits).
+        self._fd: _QueueFd | None = None
 
     # -- callbacks (served inside consume/poll/close, on the thread making the call) ----------
 
@@ -796,6 +975,9 @@ class RdkafkaGroupConsumer(kc.GroupConsumerBase):
                     err, self._error = self._error, None
                     raise err
                 commit = self._take_later()
+                fd = self._fd
+                if fd is not None:
+                    fd.drain()  # before the queue is served: a later item writes again
                 try:
                     try:
                         # What librdkafka already holds, without a thread: never blocks.
@@ -804,11 +986,16 @@ class RdkafkaGroupConsumer(kc.GroupConsumerBase):
                         for p, off in commit.items():
                             self._later.setdefault(p, off)
                         commit, msgs = {}, []
+                        fd = None  # the handle is busy: the thread path waits for it
                     left = deadline - trio.current_time()
                     if not msgs and not self._listener.pending() and left > 0:
-                        # Not abandoned on cancel: records handed over by librdkafka (its
-                        # position moved past them) are returned before any checkpoint.
-                        msgs = await in_thread(self._wait_sync, budget, min(left, kc.SLICE_S))
+                        if fd is not None:
+                            # librdkafka writes to the pipe when the queue gets an item.
+                            await fd.wait(min(left, kc.SLICE_S))
+                        else:
+                            # Not abandoned on cancel: records handed over by librdkafka (its
+                            # position moved past them) are returned before any checkpoint.
+                            msgs = await in_thread(self._wait_sync, budget, min(left, kc.SLICE_S))
                 except (KafkaException, RuntimeError) as exc:
                     raise self._poll_failed(commit, exc) from exc
                 result = self._result(self._records(msgs), deadline)
@@ -894,6 +1081,9 @@ class RdkafkaGroupConsumer(kc.GroupConsumerBase):
                         await _in_thread_abandonable(self._held(self._commit_owned_sync, later))
                 except Exception as exc:
                     logger.info("{}/{}: final commit failed: {!r}", self.group, self.topic, exc)
+            if self._fd is not None:  # before the handle goes: no write to a closed pipe
+                self._fd.close()
+                self._fd = None
             try:
                 # Leaves the group (LeaveGroup), so the others rebalance at once. After the call
                 # in flight (an abandoned commit), if any: if that outlasts the bound, the close
