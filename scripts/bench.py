@@ -1294,6 +1294,14 @@ def analysis(res: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _realtime_lines(res: dict[str, Any]) -> list[str]:
+    if not res.get("realtime"):
+        return []
+    import bench_realtime
+
+    return [*bench_realtime.render(res["realtime"]), ""]
+
+
 def render(res: dict[str, Any]) -> str:
     m = res["machine"]
     lim = res.get("limits", {})
@@ -1465,6 +1473,7 @@ def render(res: dict[str, Any]) -> str:
         f" {res['config']['clients']} clients (scripts/load_client.py, protocol 2, delivery contract on)",
         f"- message sizes on the wire: events record {res['sizes'].get('event')} B, results record {res['sizes'].get('result')} B",
         "",
+        *(_realtime_lines(res)),
         "## Summary",
         "",
         "| figure | Nimbus | limit (same run) | ratio | target |",
@@ -1919,14 +1928,19 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_services_up:
         await services_up(args)
     await check_brokers(args)
-    fleet = Fleet(args, run_dir, kafka, redis)
     phases = set(args.phases.split(","))
+    if "realtime" in phases:  # fleets of its own, one per Kafka adapter, before the others
+        import bench_realtime
+
+        res["realtime"] = await bench_realtime.realtime(args, kafka, redis, run_dir)
+    fleet = Fleet(args, run_dir, kafka, redis)
     try:
         async with trio_asyncio.open_loop():
             say(
                 f"fleet: 2 pods + {len(fleet.workers)} worker(s), topics {fleet.rid}-*, logs in {run_dir}"
             )
-            await fleet.start()
+            if phases - {"realtime", "limits"}:
+                await fleet.start()
             if "live" in phases:
                 res["live"] = await live(args, fleet, run_dir)
             sizes = await trio.to_thread.run_sync(message_sizes, kafka, fleet.rid)
@@ -1954,7 +1968,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-PHASES = ("live", "profile", "replay", "conns", "limits")
+PHASES = ("realtime", "live", "profile", "replay", "conns", "limits")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1964,7 +1978,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--render-only", metavar="JSON", help="only rewrite the markdown (--out) from a run's JSON"
     )
     p.add_argument(
-        "--phases", default="live,profile,replay,conns,limits", help="comma list (default: all)"
+        "--phases",
+        default="realtime,live,profile,replay,conns,limits",
+        help="comma list (default: all)",
+    )
+    p.add_argument(
+        "--adapters",
+        default="kafka-python,librdkafka",
+        help="Kafka adapters the realtime phase runs on, in this order (comma list)",
+    )
+    p.add_argument(
+        "--rt-seconds",
+        type=float,
+        default=0,
+        help="length of each realtime run (default 20; quick 8)",
     )
     # String defaults go through `type` too: a bad NIMBUS_*_PORT is a usage error, one line.
     p.add_argument(
@@ -2072,7 +2099,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             continue
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             p.error(f"{flag} {path}: {folder} is not a writable folder")
+    bad = [x for x in a.adapters.split(",") if x not in ("kafka-python", "librdkafka")]
+    if bad or not a.adapters:
+        p.error(
+            f"--adapters: unknown {', '.join(bad) or 'empty list'}; choose from kafka-python, librdkafka"
+        )
+    if a.rt_seconds < 0:
+        p.error("--rt-seconds must be >= 0")
     q = a.quick
+    a.rt_seconds = a.rt_seconds or (8 if q else 20)
     a.events = a.events or (100 if q else 1000)
     a.paced_seconds = a.paced_seconds or (8 if q else 20)
     a.replay_backlog = a.replay_backlog or (10_000 if q else 100_000)

@@ -197,13 +197,96 @@ def _path_consumer(args: argparse.Namespace, topic: str, group: str) -> Any:
     return c
 
 
+def _rd_config(args: argparse.Namespace) -> dict[str, Any]:
+    """librdkafka settings as nimbus.engines.rdkafka's."""
+    extra = json.loads(os.environ.get("BENCH_RDKAFKA_EXTRA") or "{}")  # experiments
+    return {"bootstrap.servers": args.brokers, "socket.nagle.disable": True, **extra}
+
+
+def _rd_producer(args: argparse.Namespace) -> Any:
+    from confluent_kafka import Producer
+
+    return Producer(
+        {
+            **_rd_config(args),
+            "acks": "all",
+            "enable.idempotence": True,
+            "partitioner": "murmur2_random",
+            "linger.ms": args.linger_ms,
+        }
+    )
+
+
+class _RdConsumer:
+    """A confluent-kafka group consumer with kafka-python's poll()/commit_async() shape."""
+
+    def __init__(self, args: argparse.Namespace, topic: str, group: str) -> None:
+        from confluent_kafka import Consumer
+
+        self.c = Consumer(
+            {
+                **_rd_config(args),
+                "group.id": group,
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "topic.metadata.refresh.interval.ms": 2_000,
+            }
+        )
+        assigned: list[object] = []
+        self.c.subscribe([topic], on_assign=lambda _c, ps: assigned.extend(ps))
+        deadline = time.monotonic() + 60
+        self._held: list[Any] = []
+        while not assigned:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"topic {topic!r}: no partitions assigned after 60 s")
+            m = self.c.poll(0.2)
+            if m is not None and m.error() is None:
+                self._held.append(m)
+
+    def poll(self, timeout_ms: int) -> dict[int, list[Any]]:
+        msgs, self._held = self._held, []
+        if not msgs:
+            m = self.c.poll(timeout_ms / 1000)
+            if m is not None:
+                msgs = [m, *self.c.consume(499, 0)]
+        good = [m for m in msgs if m.error() is None]
+        return {0: [_RdRecord(m) for m in good]} if good else {}
+
+    def commit_async(self) -> None:
+        self.c.commit(asynchronous=True)
+
+    def close(self) -> None:
+        self.c.close()
+
+
+class _RdRecord:
+    __slots__ = ("key", "value")
+
+    def __init__(self, m: Any) -> None:
+        self.key, self.value = m.key(), m.value()
+
+
+def _path_consumer_for(args: argparse.Namespace, topic: str, group: str) -> Any:
+    if getattr(args, "client", "kafka-python") == "librdkafka":
+        return _RdConsumer(args, topic, group)
+    return _path_consumer(args, topic, group)
+
+
 def path_relay(args: argparse.Namespace) -> None:
     """kafka-path's middle process (the worker's place): consume from `src`, stamp the time into
     bytes 8..16, produce to `dst` under the same key, commit per poll batch."""
-    from kafka import KafkaProducer
+    c = _path_consumer_for(args, args.src, f"{args.src}-relay")
+    rd = args.client == "librdkafka"
+    if rd:
+        producer = _rd_producer(args)
+        send = lambda k, v: producer.produce(args.dst, v, k)  # noqa: E731
+    else:
+        from kafka import KafkaProducer
 
-    c = _path_consumer(args, args.src, f"{args.src}-relay")
-    producer = KafkaProducer(bootstrap_servers=args.brokers, linger_ms=args.linger_ms, acks="all")
+        producer = KafkaProducer(
+            bootstrap_servers=args.brokers, linger_ms=args.linger_ms, acks="all"
+        )
+        send = lambda k, v: producer.send(args.dst, key=k, value=v)  # noqa: E731
     print("ready", flush=True)
     _exit_on_stdin_eof()
     cpu0, n = cpu_now(), 0
@@ -212,20 +295,23 @@ def path_relay(args: argparse.Namespace) -> None:
         for recs in batch.values():
             for r in recs:
                 v = r.value[:8] + struct.pack("d", time.time()) + r.value[16:]
-                producer.send(args.dst, key=r.key, value=v)
+                send(r.key, v)
                 n += 1
+        if rd:
+            producer.poll(0)  # delivery reports
         if batch:
             c.commit_async()
     producer.flush()
     print(json.dumps({"relayed": n, "cpu_s": cpu_now() - cpu0}), flush=True)
-    producer.close()
+    if not rd:
+        producer.close()
     c.close()
 
 
 def path_sink(args: argparse.Namespace) -> None:
     """kafka-path's last process (the result router's place): consume from `src`, note each
     record's two hop latencies, commit per poll batch."""
-    c = _path_consumer(args, args.src, f"{args.src}-sink")
+    c = _path_consumer_for(args, args.src, f"{args.src}-sink")
     print("ready", flush=True)
     _exit_on_stdin_eof()
     cpu0 = cpu_now()
@@ -233,12 +319,18 @@ def path_sink(args: argparse.Namespace) -> None:
     hop2: list[float] = []
     total: list[float] = []
     deadline = time.monotonic() + args.timeout
-    while len(total) < args.count and time.monotonic() < deadline:
+    received, first = 0, None
+    while received < args.count and time.monotonic() < deadline:
         batch = c.poll(timeout_ms=200)
         now = time.time()
         for recs in batch.values():
             for r in recs:
                 t0, t1 = struct.unpack_from("dd", r.value)
+                received += 1
+                if first is None:
+                    first = t0
+                if t0 < first + args.warmup:  # the first second: connections, metadata
+                    continue
                 hop1.append(t1 - t0)
                 hop2.append(now - t1)
                 total.append(now - t0)
@@ -255,7 +347,8 @@ def path_sink(args: argparse.Namespace) -> None:
     print(
         json.dumps(
             {
-                "received": len(total),
+                "received": received,
+                "warmup_s": args.warmup,
                 "cpu_s": cpu_now() - cpu0,
                 "latency_ms": q(total),
                 "hop1_ms": q(hop1),
@@ -285,6 +378,7 @@ def kafka_path(args: argparse.Namespace) -> None:
     admin.close()
     me = [sys.executable, str(Path(__file__).resolve())]
     common = ["--brokers", args.brokers, "--count", str(args.count)]
+    common += ["--client", args.client]
     relay = _Child(
         "relay",
         [
@@ -305,9 +399,15 @@ def kafka_path(args: argparse.Namespace) -> None:
         sink.expect("ready", 90)
         value = b"x" * max(args.size, 16)
         keys = [f"client-{i}".encode() for i in range(1000)]
-        producer = KafkaProducer(
-            bootstrap_servers=args.brokers, linger_ms=args.linger_ms, acks="all"
-        )
+        rd = args.client == "librdkafka"
+        if rd:
+            producer = _rd_producer(args)
+            send = lambda k, v: producer.produce(src, v, k)  # noqa: E731
+        else:
+            producer = KafkaProducer(
+                bootstrap_servers=args.brokers, linger_ms=args.linger_ms, acks="all"
+            )
+            send = lambda k, v: producer.send(src, value=v, key=k)  # noqa: E731
         cpu0 = cpu_now()
         t0 = time.perf_counter()
 
@@ -320,8 +420,10 @@ def kafka_path(args: argparse.Namespace) -> None:
                 due = min(args.count, int((trio.current_time() - start) * args.rate) + 1)
                 while i < due:
                     v = struct.pack("d", time.time()) + value[8:]
-                    producer.send(src, value=v, key=keys[i % len(keys)])
+                    send(keys[i % len(keys)], v)
                     i += 1
+                if rd:
+                    producer.poll(0)  # delivery reports
                 await trio.sleep_until(
                     start + i / args.rate if not tick else trio.current_time() + tick
                 )
@@ -332,7 +434,8 @@ def kafka_path(args: argparse.Namespace) -> None:
         got = json.loads(sink.expect("{", 180))
         seconds = time.perf_counter() - t0
         relayed = json.loads(relay.expect("{", 60))
-        producer.close()
+        if not rd:
+            producer.close()
     finally:
         relay.stop()
         sink.stop()
@@ -342,6 +445,7 @@ def kafka_path(args: argparse.Namespace) -> None:
         seconds,
         cpu + relayed["cpu_s"] + got["cpu_s"],
         sent=args.count,
+        client=args.client,
         paced_rate=args.rate,
         tick_ms=args.tick_ms,
         size=args.size,
@@ -1041,6 +1145,7 @@ def main() -> None:
     kp.add_argument("--size", type=int, default=120)
     kp.add_argument("--linger-ms", type=int, default=2)
     kp.add_argument("--rate", type=float, required=True, help="paced records/s")
+    kp.add_argument("--client", choices=("kafka-python", "librdkafka"), default="kafka-python")
     kp.add_argument(
         "--tick-ms", type=float, default=1.0, help="the producer's wake-up interval (0: per record)"
     )
@@ -1052,6 +1157,8 @@ def main() -> None:
         w.add_argument("--dst")
         w.add_argument("--linger-ms", type=int, default=2)
         w.add_argument("--timeout", type=float, default=120)
+        w.add_argument("--warmup", type=float, default=1.0, help="seconds left out of latency")
+        w.add_argument("--client", choices=("kafka-python", "librdkafka"), default="kafka-python")
     r = sub.add_parser("redis-pubsub")
     r.add_argument("--redis", required=True)
     r.add_argument("--count", type=int, default=50000)

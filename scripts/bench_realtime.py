@@ -1,0 +1,310 @@
+"""The bench's `realtime` phase: paced latency and CPU per event with each Kafka adapter, measured
+with a compiled load generator (loadgen/, Go: nimbus-loadgen) so the load side is not the bound.
+
+For each adapter (NIMBUS_KAFKA_CLIENT=kafka-python, librdkafka) a fresh fleet (2 pods, a worker
+process with the events/results/replay roles and a status-manager process; 8 partitions; own
+topics) takes, after a warm-up:
+
+    one_200         1 client at 200 events/s
+    c50_1000        50 clients at 1,000 events/s in all
+    c50_3000        50 clients at 3,000 events/s
+    unpaced         50 clients, each with up to 100 events unanswered (the maximum rate)
+    reconnect_1000  20 clients at 1,000 events/s; halfway, each cuts its stream and reconnects to
+                    the other pod: its backlog comes by replay, then it is live again
+
+Latency is end to end, from the event's scheduled send time to its result at the client (open
+loop: a late sender shows as latency). CPU is read from /proc for every process: the Nimbus
+processes, the load generator, Kafka and redis-server. "Nimbus CPU per event" is the pods' and
+workers' CPU over the run divided by the results delivered.
+
+Limits measured beside it, per adapter: Nimbus's two Kafka hops with that client library and no
+Nimbus logic (scripts/bench_limits.py kafka-path: producer -> relay -> sink, a process each,
+paced at 1,000/s, linger as Nimbus's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import bench
+import trio
+from fleet import make_fleet
+
+ROOT = bench.ROOT
+ADAPTERS = ("kafka-python", "librdkafka")
+# label -> (clients, events/s in all (0: unpaced), reconnect halfway)
+SCENARIOS: dict[str, tuple[int, int, bool]] = {
+    "one_200": (1, 200, False),
+    "c50_1000": (50, 1000, False),
+    "c50_3000": (50, 3000, False),
+    "unpaced": (50, 0, False),
+    "reconnect_1000": (20, 1000, True),
+}
+TARGETS = {
+    "one_200": "p50 ≤ 5 ms, p99 ≤ 10 ms",
+    "c50_1000": "p99 ≤ 20 ms; Nimbus CPU ≤ 200 µs/event",
+    "c50_3000": "p99 ≤ 30 ms; Nimbus CPU ≤ 150 µs/event",
+    "unpaced": "≥ 12,000 events/s",
+    "reconnect_1000": "backlog's last result ≤ 100 ms (p99) after the reconnect's first; 0 lost",
+}
+
+
+def loadgen_binary() -> Path:
+    """Builds loadgen/ (once, or when its sources changed) with scripts/gotools.sh."""
+    out = subprocess.run(
+        ["bash", "scripts/gotools.sh", "nimbus-loadgen"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"building nimbus-loadgen failed: {out.stderr.strip()[-500:]}")
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def met(label: str, r: dict[str, Any]) -> bool | None:
+    """Whether a scenario's run meets its target (None: no figure)."""
+    lat = r.get("latency_ms") or {}
+    cpu = r.get("nimbus_cpu_us_per_event")
+    if not r.get("results"):
+        return None
+    if label == "one_200":
+        return lat.get("p50", 1e9) <= 5 and lat.get("p99", 1e9) <= 10
+    if label == "c50_1000":
+        return lat.get("p99", 1e9) <= 20 and cpu is not None and cpu <= 200
+    if label == "c50_3000":
+        return lat.get("p99", 1e9) <= 30 and cpu is not None and cpu <= 150
+    if label == "unpaced":
+        return (r.get("rate_achieved") or 0) >= 12000
+    if label == "reconnect_1000":
+        rc = r.get("reconnect") or {}
+        last = (rc.get("backlog_last_ms") or {}).get("p99")
+        return last is not None and last <= 100 and r.get("lost", 1) == 0
+    return None
+
+
+async def run_scenario(
+    binary: Path,
+    fleet: bench.Fleet,
+    run_dir: Path,
+    label: str,
+    clients: int,
+    rate: int,
+    seconds: float,
+    reconnect: bool,
+    prefix: str,
+) -> dict[str, Any]:
+    out = run_dir / f"loadgen-{label}.json"
+    cmd = [
+        str(binary),
+        "--targets", ",".join(fleet.targets),
+        "--clients", str(clients),
+        "--rate", str(rate),
+        "--duration", f"{seconds:g}",
+        "--warmup", "1",
+        "--prefix", f"{prefix}-{label}",
+        "--timeout", "60",
+        "--json", str(out),
+    ]  # fmt: skip
+    if reconnect:
+        cmd += ["--reconnect-at", f"{seconds / 2:g}"]
+    idle = {k: v for k, v in fleet.idle_util.items()}
+    before, brokers0, t0 = fleet.cpu(), bench.broker_cpu(), time.monotonic()
+    with trio.fail_after(seconds + 180):
+        proc = await trio.run_process(
+            cmd, cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False
+        )
+    wall = time.monotonic() - t0
+    nimbus = bench.cpu_delta(before, fleet.cpu())
+    brokers = bench.cpu_delta(brokers0, bench.broker_cpu())
+    r: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+    results = r.get("results") or 0
+    total = sum(v for k, v in nimbus.items() if k != "status") + nimbus.get("status", 0.0)
+    r.update(
+        {
+            "label": label,
+            "clients": clients,
+            "target_rate": rate,
+            "rc": proc.returncode,
+            "wall_s": round(wall, 2),
+            "nimbus_cpu_s": nimbus,
+            "nimbus_utilisation": {k: round(v / wall, 3) for k, v in nimbus.items()},
+            "broker_cpu_s": brokers,
+            "broker_utilisation": {k: round(v / wall, 3) for k, v in brokers.items()},
+            "nimbus_cpu_us_per_event": round(total / results * 1e6, 1) if results else None,
+            "nimbus_cpu_us_per_event_net_of_idle": round(
+                max(0.0, total - sum(idle.values()) * wall) / results * 1e6, 1
+            )
+            if results
+            else None,
+            "loadgen_utilisation": round((r.get("cpu_s") or 0) / wall, 3),
+            "loadavg": bench.loadavg(),
+        }
+    )
+    r["met"] = met(label, r)
+    if proc.returncode != 0:
+        r["stderr_tail"] = proc.stderr.decode(errors="replace")[-1500:]
+    return r
+
+
+async def kafka_path_limit(
+    args: argparse.Namespace, kafka: str, adapter: str, linger_ms: int, rate: int, count: int
+) -> dict[str, Any]:
+    cmd = [
+        bench.PY, "scripts/bench_limits.py", "kafka-path", "--brokers", kafka,
+        "--topic", f"{args.prefix}-rtpath-{adapter}", "--count", str(count),
+        "--rate", str(rate), "--linger-ms", str(linger_ms), "--client", adapter,
+        "--partitions", str(args.partitions),
+    ]  # fmt: skip
+    try:
+        return await bench.run_json(cmd, 300)
+    except (RuntimeError, trio.TooSlowError, ValueError) as e:
+        return {"error": str(e)[:500]}
+
+
+def linger_for(adapter: str) -> int:
+    from nimbus.config import DEFAULT_LINGER_MS
+
+    env = os.environ.get("NIMBUS_PRODUCER_LINGER_MS", "").strip()
+    return int(env) if env else DEFAULT_LINGER_MS[adapter]
+
+
+async def realtime(
+    args: argparse.Namespace, kafka: str, redis: str, run_dir: Path
+) -> dict[str, Any]:
+    binary = loadgen_binary()
+    seconds = args.rt_seconds
+    res: dict[str, Any] = {
+        "seconds": seconds,
+        "loadgen": str(binary.relative_to(ROOT)) if binary.is_relative_to(ROOT) else str(binary),
+        "adapters": {},
+    }
+    for adapter in args.adapters.split(","):
+        a_dir = run_dir / f"realtime-{adapter}"
+        a_dir.mkdir(parents=True, exist_ok=True)
+        ns = argparse.Namespace(
+            prefix=f"{args.prefix}-rt-{adapter[:5]}",
+            partitions=args.partitions,
+            streams=0,
+            status_process=True,
+            split_roles=False,
+            workers=1,
+        )
+        fleet = make_fleet(ns, a_dir, kafka, redis, adapter)
+        out: dict[str, Any] = {"linger_ms": linger_for(adapter), "runs": {}}
+        res["adapters"][adapter] = out
+        bench.say(f"realtime [{adapter}]: fleet up, logs in {a_dir}")
+        try:
+            await fleet.start()
+            await run_scenario(
+                binary, fleet, a_dir, "warmup", 20, 500, 3, False, ns.prefix
+            )  # connections, metadata, JIT-less caches
+            before, t0 = fleet.cpu(), time.monotonic()
+            await trio.sleep(3)
+            fleet.idle_util = {
+                k: v / (time.monotonic() - t0)
+                for k, v in bench.cpu_delta(before, fleet.cpu()).items()
+            }
+            out["idle_utilisation"] = {k: round(v, 3) for k, v in fleet.idle_util.items()}
+            for label, (clients, rate, reconnect) in SCENARIOS.items():
+                r = await run_scenario(
+                    binary, fleet, a_dir, label, clients, rate, seconds, reconnect, ns.prefix
+                )
+                out["runs"][label] = r
+                lat = r.get("latency_ms") or {}
+                bench.say(
+                    f"  {label}: {r.get('rate_achieved', 0):,.0f}/s, p50 {lat.get('p50', 0):.1f}"
+                    f" p99 {lat.get('p99', 0):.1f} ms, Nimbus {r.get('nimbus_cpu_us_per_event')} µs/event,"
+                    f" loadgen {r.get('loadgen_utilisation')} CPU, lost {r.get('lost')}, ok={r.get('ok')}"
+                )
+        finally:
+            fleet.stop()
+        bench.say(f"realtime [{adapter}]: limit: the two Kafka hops alone, paced at 1,000/s")
+        out["kafka_path_1000"] = await kafka_path_limit(
+            args, kafka, adapter, out["linger_ms"], 1000, int(1000 * max(seconds, 5))
+        )
+        kp = out["kafka_path_1000"].get("latency_ms") or {}
+        bench.say(f"  p50 {kp.get('p50', 0):.1f} p99 {kp.get('p99', 0):.1f} ms")
+    return res
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+
+def _f(v: Any, fmt: str = "{:,.1f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def _procs(util: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in util.items() if v >= 0.005) or "-"
+
+
+def render(rt: dict[str, Any]) -> list[str]:
+    adapters = rt.get("adapters", {})
+    if not adapters:
+        return []
+    names = list(adapters)
+    lines = [
+        "## Real time: paced load on both Kafka adapters",
+        "",
+        f"Load: `{rt.get('loadgen')}` (loadgen/, Go, grpc-go; protocol 2, cumulative acks every"
+        f" 5 ms or 100 results), {rt.get('seconds')} s per run after a 1 s warm-up left out of"
+        " the figures. Latency: scheduled send → result at the client. Nimbus CPU: 2 pods + the"
+        " worker + the status manager, per result delivered. CPU columns are CPUs used"
+        " (1.00 = one core) during the run.",
+        "",
+        "| run | adapter | results/s | p50 / p99 / p99.9 ms | Nimbus µs/event (net of idle) |"
+        " Nimbus CPUs | load generator CPUs (µs/event) | Kafka / Redis CPUs | lost / dup / order |"
+        " target | met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label in SCENARIOS:
+        for name in names:
+            r = adapters[name].get("runs", {}).get(label)
+            if not r:
+                continue
+            lat = r.get("latency_ms") or {}
+            bu = r.get("broker_utilisation") or {}
+            rc = r.get("reconnect") or {}
+            extra = ""
+            if rc:
+                last = rc.get("backlog_last_ms") or {}
+                extra = f"; backlog's last result after the first: p50 {_f(last.get('p50'))} / p99 {_f(last.get('p99'))} ms ({rc.get('backlog_results', 0):,} results)"
+            lines.append(
+                f"| {label} | {name} | {_f(r.get('rate_achieved'), '{:,.0f}')} |"
+                f" {_f(lat.get('p50'))} / {_f(lat.get('p99'))} / {_f(lat.get('p999'))}{extra} |"
+                f" {_f(r.get('nimbus_cpu_us_per_event'), '{:,.0f}')}"
+                f" ({_f(r.get('nimbus_cpu_us_per_event_net_of_idle'), '{:,.0f}')}) |"
+                f" {_procs(r.get('nimbus_utilisation') or {})} |"
+                f" {r.get('loadgen_utilisation', 0):.2f} ({_f(r.get('cpu_us_per_event'), '{:,.0f}')}) |"
+                f" {bu.get('kafka', 0):.2f} / {bu.get('redis', 0):.2f} |"
+                f" {r.get('lost', '-')} / {r.get('app_duplicates', '-')} / {r.get('out_of_order', '-')} |"
+                f" {TARGETS[label]} | {bench.verdict(r.get('met'))} |"
+            )
+    lines += [
+        "",
+        "The two Kafka hops alone (no Nimbus logic: producer → relay → sink, a process each,"
+        " paced at 1,000/s, each adapter's client library and linger):",
+        "",
+        "| client library | linger ms | p50 / p99 / p99.9 ms | CPU µs per record (producer + relay + sink) |",
+        "|---|---|---|---|",
+    ]
+    for name in names:
+        kp = adapters[name].get("kafka_path_1000") or {}
+        lat = kp.get("latency_ms") or {}
+        by = kp.get("cpu_s_by_process") or {}
+        n = kp.get("count") or 0
+        per = " + ".join(f"{v / n * 1e6:,.0f}" for v in by.values()) if n else "-"
+        lines.append(
+            f"| {name} | {adapters[name].get('linger_ms')} | {_f(lat.get('p50'))} / {_f(lat.get('p99'))} /"
+            f" {_f(lat.get('p999'))} | {per} |"
+            + (f" error: {kp['error'][:200]}" if kp.get("error") else "")
+        )
+    return lines
