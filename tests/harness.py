@@ -83,10 +83,12 @@ def real_engine(
 
 def real_env(kafka_brokers: str, redis_address: str, unique: str, **extra: str) -> dict[str, str]:
     """The environment of a Nimbus process on the real brokers, on topics and a Redis namespace
-    of this test (this process's environment, then these, then `extra`: NIMBUS_* values)."""
+    of this test (this process's environment, then these, then `extra`: NIMBUS_* values). The
+    Kafka client library is NIMBUS_TEST_KAFKA_CLIENT's, as in `open_cluster`."""
     return {
         **os.environ,
         "NIMBUS_ENGINE": "real",
+        "NIMBUS_KAFKA_CLIENT": os.environ.get("NIMBUS_TEST_KAFKA_CLIENT", "kafka-python"),
         "NIMBUS_KAFKA_BROKERS": kafka_brokers,
         "NIMBUS_REDIS_ADDRESS": redis_address,
         "NIMBUS_KAFKA_EVENTS_TOPIC": f"events-{unique}",

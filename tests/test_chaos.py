@@ -56,13 +56,20 @@ def _port(address: str) -> str:
     return address.split(",")[0].rpartition(":")[2]
 
 
+@pytest.mark.parametrize("kafka_client", ["kafka-python", "librdkafka"])
 def test_delivery_contract_holds_under_chaos(
-    kafka_brokers: str, redis_address: str, capsys: pytest.CaptureFixture[str]
+    kafka_brokers: str, redis_address: str, capsys: pytest.CaptureFixture[str], kafka_client: str
 ) -> None:
     seed = os.environ.get("NIMBUS_CHAOS_SEED") or str(secrets.randbelow(1_000_000))
     with capsys.disabled():
-        print(f"\nchaos seed {seed} (replay it with NIMBUS_CHAOS_SEED={seed})", flush=True)
-    run_dir = ROOT / "artifacts" / f"chaos-ci-{time.strftime('%Y%m%d-%H%M%S')}-{seed}"
+        print(
+            f"\nchaos seed {seed} on {kafka_client} (replay it with NIMBUS_CHAOS_SEED={seed}"
+            f" NIMBUS_KAFKA_CLIENT={kafka_client})",
+            flush=True,
+        )
+    run_dir = (
+        ROOT / "artifacts" / f"chaos-ci-{time.strftime('%Y%m%d-%H%M%S')}-{kafka_client}-{seed}"
+    )
     summary_path = run_dir / "ci-summary.json"
     cmd = [
         sys.executable,
@@ -76,7 +83,13 @@ def test_delivery_contract_holds_under_chaos(
     ]  # fmt: skip
     started = time.monotonic()
     proc = subprocess.run(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, "NIMBUS_KAFKA_CLIENT": kafka_client},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
     )
     took = time.monotonic() - started
     output = proc.stdout
