@@ -687,3 +687,57 @@ async def test_no_ttl_keeps_records(store: StateStore) -> None:
     await store.disconnect("kept", 1)
     await trio.sleep(0.2)
     assert (await _rec(store, "kept")).status is Status.OFFLINE
+
+
+@pytest.mark.integration
+async def test_redis_lane_pipelines_concurrent_calls_and_survives_a_cut(
+    redis_store: RedisState, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The script calls of many trio tasks share one connection: calls made while a batch is out
+    go together in the next batch (fewer writes than calls), each gets its own reply in order.
+    A cut connection fails only what it carried (StateUnavailable); the next call reconnects."""
+    from nimbus.engines import redis as redis_engine
+
+    batches: list[int] = []
+    lane = redis_store._lane
+    assert lane is not None
+    carry = lane._carry
+
+    async def counting(batch: list[Any]) -> None:
+        batches.append(len(batch))
+        await carry(batch)
+
+    monkeypatch.setattr(lane, "_carry", counting)
+    n = 200
+    with trio.fail_after(TIMEOUT):
+        results: dict[int, ConnectResult] = {}
+        async with trio.open_nursery() as nursery:
+            for i in range(n):
+
+                async def one(i: int = i) -> None:
+                    results[i] = await redis_store.connect(f"lane-{unique}-{i}", f"pod-{i}")
+
+                nursery.start_soon(one)
+        assert sorted(results) == list(range(n))
+        assert all(r.epoch == 1 and r.status is Status.LIVE for r in results.values()), results
+        assert sum(batches) == n and len(batches) < n / 4, batches
+        # Each client's record names its own pod: replies went to their callers.
+        recs = await redis_store.get_many([f"lane-{unique}-{i}" for i in range(n)])
+        assert [r.pod if r else None for r in recs] == [f"pod-{i}" for i in range(n)]
+
+        name = redis_engine._client_name(redis_store.prefix)
+        clients = await _raw(redis_store, lambda r: r.client_list(_type="normal"))
+        mine = [c["id"] for c in clients if c["name"] == name and c["cmd"] != "client|list"]
+        for cid in mine:  # every connection of this store but the one asking
+            await _raw(redis_store, lambda r, cid=cid: r.client_kill_filter(_id=cid))
+        # The lane learns of the cut on its next write or read: at most one call fails with it.
+        failures = 0
+        for i in range(3):
+            try:
+                await redis_store.connect(f"lane-{unique}-after-{i}", "pod-z")
+            except StateUnavailable:
+                failures += 1
+        assert failures <= 1
+        assert await redis_store.connect(f"lane-{unique}-final", "pod-z") == ConnectResult(
+            1, Status.LIVE, "", 0
+        )
