@@ -303,3 +303,37 @@ async def test_a_waiting_poll_wakes_when_a_record_lands(
                     assert [r.value for r in got.records] == [b"%d" % i]
                 waits = calls.count("_wait_sync")
                 assert waits == 0 if wakeup == "fd" else waits >= 3, calls
+
+
+@pytest.mark.integration
+async def test_committed_offsets_come_from_a_bounded_set_of_group_consumers(
+    kafka_brokers: str, unique: str
+) -> None:
+    """committed() asks through a never-subscribed consumer of the group (librdkafka's admin
+    OffsetFetch crashes the process when a (re)starting coordinator answers NOT_COORDINATOR,
+    librdkafka #5040); at most _OFFSET_CONSUMERS of them stay open, the least recently asked go."""
+    topic = f"committed-{unique}"
+    limit = rdkafka_engine._OFFSET_CONSUMERS
+    with trio.fail_after(IO_TIMEOUT):
+        async with rdkafka_engine.open_rdkafka_log(kafka_brokers, client_id="t") as log:
+            await log.ensure_topics([topic], 2)
+            await log.producer.send_batch(topic, [(b"a", b"1"), (b"b", b"2"), (b"c", b"3")])
+            group = f"g-{unique}"
+            async with log.consumer(topic, group) as c:
+                seen = 0
+                while seen < 3:
+                    r = await c.poll(10, 1)
+                    seen += len(r.records)
+                    if r.records:
+                        last: dict[TopicPartition, int] = {}
+                        for rec in r.records:
+                            last[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
+                        await c.commit(last)
+            want = {p: off for p, off in (await log.end_offsets(topic)).items() if off > 0}
+            assert await log.committed(group, topic) == want
+            for i in range(limit + 3):  # groups that never committed: nothing
+                assert await log.committed(f"none-{i}-{unique}", topic) == {}
+                assert len(log._offset_consumers) <= limit
+            assert group not in log._offset_consumers  # the least recently asked went first
+            assert await log.committed(group, topic) == want  # asked again: made again
+            assert await log.committed(group, f"no-such-topic-{unique}") == {}

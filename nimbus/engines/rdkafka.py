@@ -57,7 +57,6 @@ import trio
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
-    ConsumerGroupTopicPartitions,
     KafkaError,
     KafkaException,
     Message,
@@ -92,6 +91,7 @@ _POLLER_WAIT_S = 0.05  # the delivery-report thread's poll (a report ends it at 
 _TOPIC_READY_TIMEOUT_S = 15.0
 _QUEUE_FULL_WAIT_S = 0.005
 
+_OFFSET_CONSUMERS = 8  # committed(): group consumers kept open (the web view asks for a few)
 _CLOSE_TIMEOUT_S = 10.0  # a consumer's close (LeaveGroup) or a producer's final flush, at most
 # A synchronous commit waits this long at most (librdkafka's has no timeout: a commit waits for
 # the group coordinator while there is none).
@@ -533,10 +533,20 @@ class RdkafkaLog(kc.LogBase):
         # (fewer, larger fetches at paced rates: less CPU here and in the broker).
         self.fetch_wait_ms = 0
         self._producer = RdkafkaLogProducer(self, producer, make_producer)
+        # committed(): one never-subscribed consumer per group asked (see there)
+        self._offset_consumers: dict[str, tuple[Consumer, _Handle]] = {}
         # Typed as the port: Log.producer is a plain (invariant) protocol attribute.
         self.producer: LogProducer = self._producer
 
     async def _close(self) -> None:
+        consumers, self._offset_consumers = self._offset_consumers, {}
+        for group, (raw, handle) in consumers.items():
+            try:
+                await _close_bounded(
+                    functools.partial(handle.close, raw.close), f"offsets consumer {group!r}"
+                )
+            except Exception as exc:
+                logger.warning("closing the offsets consumer of {!r} failed: {}", group, exc)
         try:
             await self._producer._close()
         except Exception as exc:  # closing must not mask the body's error
@@ -635,27 +645,66 @@ class RdkafkaLog(kc.LogBase):
         return await self._offsets(topic, OffsetSpec.earliest())  # type: ignore[no-untyped-call]
 
     async def committed(self, group: str, topic: str) -> dict[int, int]:
-        # All of the group's offsets, filtered: like the memory engine, an unknown group or
-        # topic simply has no committed offsets.
-        async def ask() -> ConsumerGroupTopicPartitions:
-            futures = self._admin.list_consumer_group_offsets(
-                [ConsumerGroupTopicPartitions(group)], request_timeout=_REQUEST_TIMEOUT_S
-            )
-            return await _wait_future(
-                futures[group], _REQUEST_TIMEOUT_S + 1, f"committed offsets of {group!r}"
-            )
-
-        try:
-            res = await _retrying(ask)
-        except KafkaException as exc:
-            if _code(exc) == KafkaError.GROUP_ID_NOT_FOUND:
+        # Like the memory engine, an unknown group or topic simply has no committed offsets.
+        # Asked through a consumer of the group (never subscribed: it does not join), not
+        # AdminClient.list_consumer_group_offsets: librdkafka's admin OffsetFetch crashes the
+        # process when the coordinator answers NOT_COORDINATOR / COORDINATOR_NOT_AVAILABLE (a
+        # broker (re)starting: rd_kafka_handle_OffsetFetch calls rd_kafka_cgrp_op on the admin
+        # handle's NULL rk_cgrp, SIGSEGV; librdkafka #5040) and can trip an assertion when a
+        # coordinator answer comes after the request's timeout (rd_kafka_admin_coord_response_
+        # parse: `eonce->refcnt > 0`, SIGABRT; #3663). A group consumer's committed() goes
+        # through its own group handle, which looks the coordinator up again instead.
+        n = self._counts.get(topic)
+        if n is None:
+            n = await self._count_of(topic)  # LogUnavailable if the cluster does not answer
+            if n is None:
                 return {}
-            raise kc.unavailable(self.brokers, f"committed {group!r}", exc) from exc
-        return {
-            t.partition: int(t.offset)
-            for t in sorted(res.topic_partitions or [], key=lambda t: t.partition)
-            if t.topic == topic and t.error is None and t.offset >= 0
-        }
+            self._counts[topic] = n
+        c, handle = await self._offsets_consumer(group)
+        tps = [RdTP(topic, p) for p in range(n)]
+
+        def ask() -> list[RdTP]:
+            c.poll(0)  # its log lines and errors (never polled otherwise)
+            return c.committed(tps, timeout=_REQUEST_TIMEOUT_S)
+
+        with trio.move_on_after(_REQUEST_TIMEOUT_S + 1):
+            try:
+                res = await _in_thread_abandonable(functools.partial(handle.call, ask))
+            except (KafkaException, RuntimeError) as exc:
+                raise kc.unavailable(self.brokers, f"committed {group!r}", exc) from exc
+            return {
+                t.partition: int(t.offset)
+                for t in sorted(res, key=lambda t: t.partition)
+                if t.error is None and t.offset >= 0
+            }
+        raise LogUnavailable(f"Kafka at {self.brokers}: committed {group!r}: no answer")
+
+    async def _offsets_consumer(self, group: str) -> tuple[Consumer, _Handle]:
+        """The group's committed-offsets consumer (made once, closed with the log; at most
+        _OFFSET_CONSUMERS kept, the least recently asked closed first)."""
+        got = self._offset_consumers.pop(group, None)
+        if got is not None:
+            self._offset_consumers[group] = got  # most recent last
+        else:
+            while len(self._offset_consumers) >= _OFFSET_CONSUMERS:
+                old, (old_raw, old_handle) = next(iter(self._offset_consumers.items()))
+                del self._offset_consumers[old]
+                await _close_bounded(
+                    functools.partial(old_handle.close, old_raw.close), f"offsets consumer {old!r}"
+                )
+            config = {
+                **self._consumer_config(),
+                "group.id": group,
+                "error_cb": _on_error(f"offsets of {group!r}"),
+            }
+            try:
+                raw = await in_thread(Consumer, config)
+            except (KafkaException, ValueError, TypeError) as exc:
+                raise kc.unavailable(self.brokers, f"committed {group!r}", exc) from exc
+            got = self._offset_consumers.setdefault(group, (raw, _Handle(f"offsets {group}")))
+            if got[0] is not raw:  # another task made one meanwhile
+                await _close_bounded(raw.close, f"offsets consumer {group!r}")
+        return got
 
     # -- consumers ----------------------------------------------------------------------------
 
