@@ -1943,7 +1943,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 await fleet.start()
             if "live" in phases:
                 res["live"] = await live(args, fleet, run_dir)
-            sizes = await trio.to_thread.run_sync(message_sizes, kafka, fleet.rid)
+            sizes = (
+                await trio.to_thread.run_sync(message_sizes, kafka, fleet.rid)
+                if phases - {"realtime", "limits"}
+                else {}
+            )
             res["sizes"] = {
                 "event": sizes.get("events") or 120,
                 "result": sizes.get("results") or 200,

@@ -4,6 +4,7 @@ with no Nimbus logic (used by scripts/bench.py, one probe per process so its CPU
     python scripts/bench_limits.py kafka-rtt --brokers 127.0.0.1:19092 --topic t --count 20000 --size 120
     python scripts/bench_limits.py redis-pubsub --redis 127.0.0.1:16379 --count 50000 --size 90
     python scripts/bench_limits.py grpc-echo --count 50000 --streams 50 --size 20
+    python scripts/bench_limits.py grpc-pod --port 50999     # served until stdin closes
     python scripts/bench_limits.py replay-chain --brokers 127.0.0.1:19092 --redis 127.0.0.1:16379 --topic t --count 100000
 
 Each prints one JSON line: {"probe": ..., "count": n, "seconds": s, "rate": n/s, "cpu_s": ...}.
@@ -546,6 +547,55 @@ def grpc_server(args: argparse.Namespace) -> None:
             await trio_asyncio.aio_as_trio(server.start)("127.0.0.1", args.port)
             print("ready", flush=True)
             await trio.sleep_forever()
+
+    trio.run(main)
+
+
+def grpc_pod(args: argparse.Namespace) -> None:
+    """The gRPC side of a pod and nothing else, for the bench's paced runs (driven by the
+    load generator): a grpclib server under trio (trio-asyncio) answering each protocol-2 event
+    with its RECEIPT and its RESULT at once (no Kafka, no Redis), acks read and ignored. Prints
+    "ready", then serves until stdin closes."""
+    import trio
+    import trio_asyncio
+    from grpclib.const import Cardinality, Handler
+    from grpclib.server import Server
+
+    from nimbus import messages as m
+    from nimbus.messages import EventRequest, EventResponse
+
+    class Pod:
+        def __mapping__(self) -> dict[str, Handler]:
+            return {
+                "/nimbus.NimbusService/ProcessEvent": Handler(
+                    self.handle, Cardinality.STREAM_STREAM, EventRequest, EventResponse
+                )
+            }
+
+        async def handle(self, stream) -> None:  # type: ignore[no-untyped-def]
+            async for req in stream:
+                if not req.event_name:
+                    continue  # an ack or a hello
+                await stream.send_message(
+                    EventResponse(kind=m.RECEIPT, seq=req.seq, delivery_id=req.seq)
+                )
+                await stream.send_message(
+                    EventResponse(
+                        kind=m.RESULT,
+                        event_name=req.event_name,
+                        number=req.number,
+                        result=req.number * req.number,
+                        seq=req.seq,
+                        delivery_id=req.seq,
+                    )
+                )
+
+    async def main() -> None:
+        async with trio_asyncio.open_loop():
+            server = Server([Pod()])
+            await trio_asyncio.aio_as_trio(server.start)("127.0.0.1", args.port)
+            print("ready", flush=True)
+            await trio.to_thread.run_sync(sys.stdin.read)  # until stdin closes
 
     trio.run(main)
 
@@ -1175,6 +1225,8 @@ def main() -> None:
     g.add_argument("--streams", type=int, default=50)
     s = sub.add_parser("_grpc-server")
     s.add_argument("--port", type=int, required=True)
+    gp = sub.add_parser("grpc-pod")
+    gp.add_argument("--port", type=int, required=True)
     c = sub.add_parser("replay-chain")
     c.add_argument("--brokers", required=True)
     c.add_argument("--redis", required=True)
@@ -1210,6 +1262,7 @@ def main() -> None:
         "redis-pubsub": redis_pubsub,
         "grpc-echo": grpc_echo,
         "_grpc-server": grpc_server,
+        "grpc-pod": grpc_pod,
         "replay-chain": replay_chain,
         "_chain-worker": chain_worker,
         "_chain-pod": chain_pod,

@@ -169,6 +169,62 @@ async def kafka_path_limit(
         return {"error": str(e)[:500]}
 
 
+async def grpc_floor(binary: Path, run_dir: Path, seconds: float) -> dict[str, Any]:
+    """The gRPC side of a pod alone (bench_limits.py grpc-pod: grpclib under trio-asyncio, a
+    RECEIPT and a RESULT sent at once for each event, no Kafka, no Redis) under the same
+    load-generator runs but the reconnect: the server's CPU per event and the latency."""
+    port = bench.free_port()
+    log = (run_dir / "grpc-pod.log").open("wb")
+    proc = subprocess.Popen(  # noqa: ASYNC220 (starts it and returns, as bench.Proc does)
+        [bench.PY, "scripts/bench_limits.py", "grpc-pod", "--port", str(port)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    out: dict[str, Any] = {}
+    try:
+        with trio.fail_after(60):
+            while b"ready" not in (run_dir / "grpc-pod.log").read_bytes():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"grpc-pod exited: see {run_dir / 'grpc-pod.log'}")
+                await trio.sleep(0.1)
+        for label, (clients, rate, reconnect) in SCENARIOS.items():
+            if reconnect:
+                continue
+            js = run_dir / f"grpc-pod-{label}.json"
+            c0, t0 = bench.proc_cpu(proc.pid), time.monotonic()
+            cmd = [
+                str(binary), "--quiet", "--targets", f"{bench.HOST}:{port}",
+                "--clients", str(clients), "--rate", str(rate), "--duration", f"{seconds:g}",
+                "--warmup", "1", "--json", str(js),
+            ]  # fmt: skip
+            with trio.fail_after(seconds + 120):
+                await trio.run_process(cmd, cwd=ROOT, capture_stdout=True, capture_stderr=True)
+            cpu, wall = bench.proc_cpu(proc.pid) - c0, time.monotonic() - t0
+            r = json.loads(js.read_text())
+            n = r.get("results") or 0
+            out[label] = {
+                "rate_achieved": r.get("rate_achieved"),
+                "latency_ms": r.get("latency_ms"),
+                "server_cpu_us_per_event": round(cpu / n * 1e6, 1) if n else None,
+                "server_utilisation": round(cpu / wall, 3),
+                "loadgen_cpu_us_per_event": r.get("cpu_us_per_event"),
+                "ok": r.get("ok"),
+            }
+    except (RuntimeError, OSError, ValueError, trio.TooSlowError) as e:
+        out["error"] = str(e)[:500]
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    return out
+
+
 def linger_for(adapter: str) -> int:
     from nimbus.config import DEFAULT_LINGER_MS
 
@@ -186,6 +242,15 @@ async def realtime(
         "loadgen": str(binary.relative_to(ROOT)) if binary.is_relative_to(ROOT) else str(binary),
         "adapters": {},
     }
+    bench.say("realtime: limit: the gRPC side of a pod alone (grpc-pod), same load generator")
+    res["grpc_pod"] = await grpc_floor(binary, run_dir, seconds)
+    for label, r in res["grpc_pod"].items():
+        if isinstance(r, dict):
+            lat = r.get("latency_ms") or {}
+            bench.say(
+                f"  {label}: {r.get('rate_achieved', 0):,.0f}/s, p50 {lat.get('p50', 0):.1f}"
+                f" p99 {lat.get('p99', 0):.1f} ms, server {r.get('server_cpu_us_per_event')} µs/event"
+            )
     for adapter in args.adapters.split(","):
         a_dir = run_dir / f"realtime-{adapter}"
         a_dir.mkdir(parents=True, exist_ok=True)
@@ -288,6 +353,30 @@ def render(rt: dict[str, Any]) -> list[str]:
                 f" {r.get('lost', '-')} / {r.get('app_duplicates', '-')} / {r.get('out_of_order', '-')} |"
                 f" {TARGETS[label]} | {bench.verdict(r.get('met'))} |"
             )
+    gp = rt.get("grpc_pod") or {}
+    if gp:
+        lines += [
+            "",
+            "The gRPC side of a pod alone, under the same load generator (`bench_limits.py"
+            " grpc-pod`: grpclib under trio-asyncio, as the pods run it, answering each event with"
+            " its RECEIPT and RESULT at once; no Kafka, no Redis, no Nimbus logic): the floor of"
+            " the pods' share of the work.",
+            "",
+            "| run | results/s | p50 / p99 ms | server CPU µs/event | server CPUs |",
+            "|---|---|---|---|---|",
+        ]
+        for label in SCENARIOS:
+            r = gp.get(label)
+            if not isinstance(r, dict):
+                continue
+            lat = r.get("latency_ms") or {}
+            lines.append(
+                f"| {label} | {_f(r.get('rate_achieved'), '{:,.0f}')} | {_f(lat.get('p50'))} /"
+                f" {_f(lat.get('p99'))} | {_f(r.get('server_cpu_us_per_event'), '{:,.0f}')} |"
+                f" {r.get('server_utilisation', 0):.2f} |"
+            )
+        if gp.get("error"):
+            lines.append(f"\n(grpc-pod failed: {gp['error'][:300]})")
     lines += [
         "",
         "The two Kafka hops alone (no Nimbus logic: producer → relay → sink, a process each,"
