@@ -139,7 +139,8 @@ func (c *client) poke() {
 
 func (c *client) conn(target int) (*grpc.ClientConn, error) {
 	if c.r.shared != nil {
-		return c.r.shared[target], nil
+		pool := c.r.shared[target]
+		return pool[(c.i/len(c.r.shared))%len(pool)], nil
 	}
 	if cc := c.conns[target]; cc != nil {
 		return cc, nil
@@ -572,7 +573,8 @@ func (c *client) step(now int64) (int64, bool) {
 				c.j++
 			}
 		} else {
-			for c.outstanding < cfg.window && c.j < r.perClient && now-r.schedStart <= r.sendFor {
+			// (protocol 1: events of a failed stream wait for a result as backlog, outside the window)
+			for c.outstanding-len(c.orphans) < cfg.window && c.j < r.perClient && now-r.schedStart <= r.sendFor {
 				batch = append(batch, c.newEvent(now, now))
 				c.j++
 			}

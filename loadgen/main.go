@@ -35,6 +35,7 @@ import (
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 )
 
 // defaultProcs is GOMAXPROCS unless the environment sets it: measured against a real-engine
@@ -56,7 +57,7 @@ type config struct {
 	timeout        float64
 	jsonPath       string
 	reconnectAt    float64
-	shareConns     bool
+	connsPer       int // connections per target shared by its clients (0: one per client)
 	connectTimeout float64
 	tickMs         float64
 	quiet          bool
@@ -82,7 +83,7 @@ func parseFlags(args []string) (*config, error) {
 	fs.Float64Var(&cfg.timeout, "timeout", 30, "seconds to wait for the last results once sending stops")
 	fs.StringVar(&cfg.jsonPath, "json", "", "write the JSON summary here (and print it as stdout's last line)")
 	fs.Float64Var(&cfg.reconnectAt, "reconnect-at", 0, "seconds after its start: each client cuts its stream and moves to the next target (protocol 2)")
-	conns := fs.String("conns", "client", "client: one connection per client (as the client library); shared: one per target")
+	conns := fs.String("conns", "client", "client: one connection per client (as the client library); N: N per target, shared by its clients (shared = 1)")
 	fs.Float64Var(&cfg.connectTimeout, "connect-timeout", 5, "seconds to reach each target before the run")
 	fs.Float64Var(&cfg.tickMs, "tick-ms", 1, "ms: sockets are read and sends made once per tick (low CPU); 0: on every message (exact times, more CPU)")
 	fs.BoolVar(&cfg.quiet, "quiet", false, "no progress lines on stderr")
@@ -132,8 +133,8 @@ func parseFlags(args []string) (*config, error) {
 		return bad("--reconnect-at must be > 0 seconds")
 	case cfg.reconnectAt > 0 && cfg.protocol != 2:
 		return bad("--reconnect-at needs --protocol 2 (protocol 1 has no receipts to resend by)")
-	case *conns != "client" && *conns != "shared":
-		return bad("--conns must be client or shared, not %q", *conns)
+	case *conns != "client" && *conns != "shared" && !positiveInt(*conns):
+		return bad("--conns must be client, shared or a number of connections per target, not %q", *conns)
 	case cfg.connectTimeout <= 0:
 		return bad("--connect-timeout must be > 0 seconds")
 	case cfg.tickMs < 0 || cfg.tickMs > 1000 || cfg.tickMs != cfg.tickMs:
@@ -148,7 +149,13 @@ func parseFlags(args []string) (*config, error) {
 	if cfg.duration > 0 && cfg.reconnectAt >= cfg.duration {
 		return bad("--reconnect-at (%g s) must be within --duration (%g s)", cfg.reconnectAt, cfg.duration)
 	}
-	cfg.shareConns = *conns == "shared"
+	switch *conns {
+	case "client":
+	case "shared":
+		cfg.connsPer = 1
+	default:
+		cfg.connsPer, _ = strconv.Atoi(*conns)
+	}
 	if cfg.prefix == "" {
 		b := make([]byte, 4)
 		_, _ = rand.Read(b)
@@ -173,7 +180,7 @@ type runner struct {
 	paced      bool
 	warmupEnd  int64
 	live       liveHist
-	shared     []*grpc.ClientConn
+	shared     [][]*grpc.ClientConn // [target][k] with --conns N
 	stopCh     chan struct{}
 	stopOnce   sync.Once
 	clients    []*client
@@ -287,6 +294,7 @@ func run(args []string) (code int) {
 			return 1
 		}
 		go r.poll.run(r)
+		go r.poll.stepper(r)
 		defer r.poll.stop()
 	}
 	for _, t := range cfg.targets {
@@ -295,8 +303,17 @@ func run(args []string) (code int) {
 			fmt.Fprintf(os.Stderr, "nimbus-loadgen: cannot reach %s: %s\n", t, oneLine(err))
 			return 3
 		}
-		if cfg.shareConns {
-			r.shared = append(r.shared, cc)
+		if cfg.connsPer > 0 {
+			pool := []*grpc.ClientConn{cc}
+			for len(pool) < cfg.connsPer {
+				more, err := r.dial(t)
+				if err != nil {
+					fmt.Fprintf(os.Stderr, "nimbus-loadgen: cannot reach %s: %s\n", t, oneLine(err))
+					return 3
+				}
+				pool = append(pool, more)
+			}
+			r.shared = append(r.shared, pool)
 		} else {
 			_ = cc.Close()
 		}
@@ -364,7 +381,7 @@ func run(args []string) (code int) {
 			defer func() { <-sem }()
 			if err := c.open(i % len(cfg.targets)); err != nil {
 				c.mu.Lock()
-				c.streamErrors["OPEN:"+oneLine(err)]++
+				c.streamErrors["OPEN:"+status.Code(err).String()]++
 				c.target = i % len(cfg.targets)
 				c.mu.Unlock()
 			}
@@ -405,8 +422,10 @@ func run(args []string) (code int) {
 	close(progressDone)
 	var ru syscall.Rusage
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-	for _, cc := range r.shared {
-		_ = cc.Close()
+	for _, pool := range r.shared {
+		for _, cc := range pool {
+			_ = cc.Close()
+		}
 	}
 
 	sum := r.summary(&ru0, &ru)
@@ -427,6 +446,11 @@ func run(args []string) (code int) {
 }
 
 func (r *runner) stop() { r.stopOnce.Do(func() { close(r.stopCh) }) }
+
+func positiveInt(s string) bool {
+	n, err := strconv.Atoi(s)
+	return err == nil && n > 0 && n <= 10000
+}
 
 func oneLine(err error) string {
 	return strings.Join(strings.Fields(err.Error()), " ")
@@ -453,7 +477,8 @@ Flags:
   --json PATH                write the JSON summary; also printed as stdout's last line
   --reconnect-at S           each client cuts its stream S s after its start and resumes on the
                              next target (protocol 2)
-  --conns client|shared      one connection per client (default) or one per target
+  --conns client|shared|N    one connection per client (default, as the client library), or
+                             N per target shared by its clients (shared = 1): less CPU here
   --connect-timeout S        reaching each target before the run (default 5)
   --quiet                    no progress lines
 

@@ -17,7 +17,6 @@ import (
 	"net"
 	"os"
 	"runtime"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -33,6 +32,7 @@ type poller struct {
 	conns map[int32]*pconn
 	tickM sync.Mutex
 	tickC chan struct{} // closed at each tick (for writers waiting for room, and deadlines)
+	steps chan struct{} // a tick for the stepper
 	done  chan struct{}
 }
 
@@ -41,7 +41,8 @@ func newPoller(tick time.Duration) (*poller, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &poller{epfd: epfd, tick: tick, conns: map[int32]*pconn{}, tickC: make(chan struct{}), done: make(chan struct{})}, nil
+	return &poller{epfd: epfd, tick: tick, conns: map[int32]*pconn{}, tickC: make(chan struct{}),
+		steps: make(chan struct{}, 1), done: make(chan struct{})}, nil
 }
 
 func (p *poller) tickChan() chan struct{} {
@@ -112,13 +113,28 @@ func (p *poller) run(r *runner) {
 		close(p.tickC)
 		p.tickC = make(chan struct{})
 		p.tickM.Unlock()
-		clients := r.scheduled.Load()
-		if clients == nil {
-			settle()
-			continue
+		if r.scheduled.Load() != nil {
+			select {
+			case p.steps <- struct{}{}:
+			default: // the stepper is still at the last tick's (a send waits for flow control)
+			}
 		}
-		// the clients' steps, here: their sends of this tick go out together (one write per
-		// connection when the loop is done)
+		settle()
+	}
+}
+
+// stepper runs the due clients' steps, once per tick, all in one goroutine: their sends of a
+// tick go out together (one write per connection). Not in the poller's goroutine: a send that
+// waits for the server's flow-control window needs the poller to keep ticking (that window
+// arrives as a read).
+func (p *poller) stepper(r *runner) {
+	for {
+		select {
+		case <-p.steps:
+		case <-p.done:
+			return
+		}
+		clients := r.scheduled.Load()
 		now := r.now()
 		for _, c := range *clients {
 			if c.done {
@@ -135,17 +151,14 @@ func (p *poller) run(r *runner) {
 				go c.finish(&r.wg)
 			}
 		}
-		settle()
 	}
 }
 
 // settle lets every goroutine the tick made runnable run before the poller sleeps again (the
 // sleep keeps the P). Gosched queues the poller behind them; a few rounds, as gRPC's writer
 // itself yields once before it flushes and readers wake receivers.
-var settleRounds = envInt("NIMBUS_LOADGEN_SETTLE", 4)
-
 func settle() {
-	for range settleRounds {
+	for range 4 {
 		runtime.Gosched()
 	}
 }
@@ -377,10 +390,3 @@ func (c *pconn) SetReadDeadline(t time.Time) error  { c.rdl.Store(deadlineNs(t))
 func (c *pconn) SetWriteDeadline(t time.Time) error { c.wdl.Store(deadlineNs(t)); return nil }
 
 var _ net.Conn = (*pconn)(nil)
-
-func envInt(name string, def int) int {
-	if v, err := strconv.Atoi(os.Getenv(name)); err == nil {
-		return v
-	}
-	return def
-}
