@@ -51,6 +51,7 @@ type event struct {
 type stream struct {
 	c      *client
 	target int
+	conn   *conn
 	cs     grpc.ClientStream
 	cancel context.CancelFunc
 	opened int64
@@ -75,11 +76,11 @@ type client struct {
 	md     metadata.MD
 	phase  int64
 	rng    *rand.Rand
-	conns  map[int]*grpc.ClientConn // per-client connections (unless shared); opener's
-	wake   chan struct{}            // event mode: a poke
-	poked  atomic.Bool              // tick mode: a poke, seen by the poller's next tick
-	wakeAt int64                    // when step wants to run again (-1: only if poked); its driver's
-	done   bool                     // the driver's: step said finished
+	conns  map[int]*conn // per-client connections (unless shared); opener's
+	wake   chan struct{} // event mode: a poke
+	poked  atomic.Bool   // tick mode: a poke, seen by the poller's next tick
+	wakeAt int64         // when step wants to run again (-1: only if poked); its driver's
+	done   bool          // the driver's: step said finished
 
 	// step's own (only the driver's goroutine runs step)
 	j        int64 // next event of the schedule
@@ -137,7 +138,7 @@ func (c *client) poke() {
 	}
 }
 
-func (c *client) conn(target int) (*grpc.ClientConn, error) {
+func (c *client) conn(target int) (*conn, error) {
 	if c.r.shared != nil {
 		pool := c.r.shared[target]
 		return pool[(c.i/len(c.r.shared))%len(pool)], nil
@@ -182,12 +183,12 @@ func (c *client) open(target int) error {
 		return err
 	}
 	ctx, cancel := context.WithCancel(metadata.NewOutgoingContext(c.r.ctx, c.md))
-	cs, err := cc.NewStream(ctx, &streamDesc, method)
+	cs, err := cc.cc.NewStream(ctx, &streamDesc, method)
 	if err != nil {
 		cancel()
 		return err
 	}
-	st := &stream{c: c, target: target, cs: cs, cancel: cancel, done: make(chan struct{})}
+	st := &stream{c: c, target: target, conn: cc, cs: cs, cancel: cancel, done: make(chan struct{})}
 	var reqs []request
 	st.sendMu.Lock()
 	defer st.sendMu.Unlock()
@@ -257,7 +258,7 @@ func (st *stream) receive() {
 	defer close(st.done)
 	for {
 		err := st.cs.RecvMsg(&resp)
-		now := r.now()
+		now := st.arrival(r.now())
 		if err != nil {
 			st.ended(err)
 			return
@@ -286,6 +287,20 @@ func (st *stream) receive() {
 		}
 		c.mu.Unlock()
 	}
+}
+
+// arrival is when the message just received reached this machine: in tick mode the kernel's
+// timestamp of the last read on the stream's socket (the read that brought the message, or a
+// later one: never earlier), else now.
+func (st *stream) arrival(now int64) int64 {
+	if pc := st.conn.pc.Load(); pc != nil {
+		if ts := pc.stamp.Load(); ts != 0 {
+			if a := ts - st.c.r.t0Real; a > 0 && a < now {
+				return a
+			}
+		}
+	}
+	return now
 }
 
 func (st *stream) ended(err error) {
@@ -734,7 +749,7 @@ func (c *client) finish(wg *sync.WaitGroup) {
 	defer wg.Done()
 	c.close()
 	for _, cc := range c.conns {
-		_ = cc.Close()
+		_ = cc.cc.Close()
 	}
 }
 

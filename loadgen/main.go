@@ -173,6 +173,7 @@ type runner struct {
 	cfg        *config
 	ctx        context.Context
 	t0         time.Time
+	t0Real     int64 // t0 on the wall clock (the kernel's arrival stamps are wall-clock)
 	schedStart int64 // ns: the schedule's origin
 	sendFor    int64 // ns of sending after schedStart
 	perClient  int64 // events per client at most
@@ -180,7 +181,7 @@ type runner struct {
 	paced      bool
 	warmupEnd  int64
 	live       liveHist
-	shared     [][]*grpc.ClientConn // [target][k] with --conns N
+	shared     [][]*conn // [target][k] with --conns N
 	stopCh     chan struct{}
 	stopOnce   sync.Once
 	clients    []*client
@@ -200,12 +201,27 @@ func (r *runner) stopped() bool {
 	}
 }
 
-func (r *runner) dial(target string) (*grpc.ClientConn, error) {
+// conn is a gRPC connection and, in tick mode, the socket it currently runs on (whose last
+// read's arrival time the receivers take as their messages').
+type conn struct {
+	cc *grpc.ClientConn
+	pc atomic.Pointer[pconn]
+}
+
+func (r *runner) dial(target string) (*conn, error) {
+	c := &conn{}
 	opts := []grpc.DialOption{}
 	if r.poll != nil {
-		opts = append(opts, grpc.WithContextDialer(r.poll.dial))
+		opts = append(opts, grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+			pc, err := r.poll.dial(ctx, addr)
+			if err != nil {
+				return nil, err
+			}
+			c.pc.Store(pc.(*pconn))
+			return pc, nil
+		}))
 	}
-	return grpc.NewClient("passthrough:///"+target, append(opts,
+	cc, err := grpc.NewClient("passthrough:///"+target, append(opts,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		// Fixed windows turn off the BDP pings (the server would answer each one).
 		grpc.WithInitialWindowSize(1<<20),
@@ -216,27 +232,33 @@ func (r *runner) dial(target string) (*grpc.ClientConn, error) {
 		grpc.WithUserAgent("nimbus-loadgen"),
 		grpc.WithDefaultCallOptions(grpc.ForceCodecV2(codec{})),
 	)...)
+	if err != nil {
+		return nil, err
+	}
+	c.cc = cc
+	return c, nil
 }
 
 // probe checks a target answers TCP and completes the HTTP/2 handshake of a gRPC connection.
-func (r *runner) probe(target string) (*grpc.ClientConn, error) {
+func (r *runner) probe(target string) (*conn, error) {
 	timeout := time.Duration(r.cfg.connectTimeout * float64(time.Second))
 	nc, err := net.DialTimeout("tcp", target, timeout)
 	if err != nil {
 		return nil, err
 	}
 	_ = nc.Close()
-	cc, err := r.dial(target)
+	c, err := r.dial(target)
 	if err != nil {
 		return nil, err
 	}
+	cc := c.cc
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	cc.Connect()
 	for {
 		s := cc.GetState()
 		if s == connectivity.Ready {
-			return cc, nil
+			return c, nil
 		}
 		if s == connectivity.TransientFailure || s == connectivity.Shutdown {
 			_ = cc.Close()
@@ -283,6 +305,7 @@ func run(args []string) (code int) {
 		debug.SetGCPercent(400) // a small heap: fewer collections for the same memory
 	}
 	r := &runner{cfg: cfg, t0: time.Now(), stopCh: make(chan struct{})}
+	r.t0Real = r.t0.UnixNano()
 	var cancel context.CancelFunc
 	r.ctx, cancel = context.WithCancel(context.Background())
 	defer cancel()
@@ -304,7 +327,7 @@ func run(args []string) (code int) {
 			return 3
 		}
 		if cfg.connsPer > 0 {
-			pool := []*grpc.ClientConn{cc}
+			pool := []*conn{cc}
 			for len(pool) < cfg.connsPer {
 				more, err := r.dial(t)
 				if err != nil {
@@ -315,7 +338,7 @@ func run(args []string) (code int) {
 			}
 			r.shared = append(r.shared, pool)
 		} else {
-			_ = cc.Close()
+			_ = cc.cc.Close()
 		}
 	}
 
@@ -349,7 +372,7 @@ func run(args []string) (code int) {
 		c := &client{
 			r: r, i: i, id: fmt.Sprintf("%s-%d", cfg.prefix, i),
 			rng:          mrand.New(mrand.NewPCG(seed, uint64(i))),
-			conns:        map[int]*grpc.ClientConn{},
+			conns:        map[int]*conn{},
 			wake:         make(chan struct{}, 1),
 			streamErrors: map[string]int{},
 			reconnFirst:  -1,
@@ -424,7 +447,7 @@ func run(args []string) (code int) {
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
 	for _, pool := range r.shared {
 		for _, cc := range pool {
-			_ = cc.Close()
+			_ = cc.cc.Close()
 		}
 	}
 

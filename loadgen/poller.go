@@ -8,8 +8,9 @@ package main
 // poller does not watch (an arriving message wakes nothing): once per tick one goroutine asks a
 // private epoll set, without waiting, which sockets have data, lets their gRPC readers read, and
 // wakes the clients whose sends, acks or timers are due. A tick is a timer wake-up of ~20 µs;
-// between ticks the process sleeps. Latency is then resolved to about one tick (messages are
-// read and timestamped on the tick after they arrive; events due within a tick are sent on it).
+// between ticks the process sleeps. Messages are read on the tick after they arrive but timed by
+// the kernel's receive stamp (SO_TIMESTAMPNS) of the read that brought them; events due within a
+// tick are sent on it (up to a tick of send lag, part of the latency from the schedule).
 
 import (
 	"context"
@@ -192,6 +193,7 @@ func (p *poller) dial(ctx context.Context, addr string) (net.Conn, error) {
 		return nil, &net.OpError{Op: "dial", Net: "tcp", Addr: ra, Err: os.NewSyscallError(op, err)}
 	}
 	_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TIMESTAMPNS, 1) // arrival times
 	if err := unix.Connect(fd, sa); err != nil && err != unix.EINPROGRESS && err != unix.EINTR {
 		return fail("connect", err)
 	}
@@ -255,6 +257,8 @@ type pconn struct {
 	rw       sync.RWMutex
 	fd       int  // -1 once closed
 	drained  bool // the reader's: its last read was short (the socket had no more)
+	oob      [64]byte
+	stamp    atomic.Int64 // kernel arrival time (wall ns) of the last read's data, 0 if none
 	readable chan struct{}
 	closed   chan struct{}
 	once     sync.Once
@@ -283,12 +287,18 @@ func (c *pconn) Read(b []byte) (int, error) {
 			}
 			continue
 		}
-		r1, _, e := unix.RawSyscall(unix.SYS_READ, uintptr(c.fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
+		iov := unix.Iovec{Base: &b[0]}
+		iov.SetLen(len(b))
+		msg := unix.Msghdr{Iov: &iov, Control: &c.oob[0]}
+		msg.SetIovlen(1)
+		msg.SetControllen(len(c.oob))
+		r1, _, e := unix.RawSyscall(unix.SYS_RECVMSG, uintptr(c.fd), uintptr(unsafe.Pointer(&msg)), 0)
 		c.rw.RUnlock()
 		n := int(r1)
 		switch {
 		case e == 0 && n > 0:
 			c.drained = n < len(b)
+			c.stamp.Store(rxStamp(c.oob[:msg.Controllen]))
 			return n, nil
 		case e == 0:
 			return 0, io.EOF
@@ -390,3 +400,23 @@ func (c *pconn) SetReadDeadline(t time.Time) error  { c.rdl.Store(deadlineNs(t))
 func (c *pconn) SetWriteDeadline(t time.Time) error { c.wdl.Store(deadlineNs(t)); return nil }
 
 var _ net.Conn = (*pconn)(nil)
+
+// rxStamp: the SO_TIMESTAMPNS control message's time (wall ns), 0 if there is none.
+func rxStamp(oob []byte) int64 {
+	for len(oob) >= unix.SizeofCmsghdr {
+		h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
+		if h.Len < unix.SizeofCmsghdr || int(h.Len) > len(oob) {
+			return 0
+		}
+		if h.Level == unix.SOL_SOCKET && h.Type == unix.SO_TIMESTAMPNS && int(h.Len) >= unix.SizeofCmsghdr+16 {
+			ts := (*unix.Timespec)(unsafe.Pointer(&oob[unix.SizeofCmsghdr]))
+			return ts.Nano()
+		}
+		next := unix.CmsgSpace(int(h.Len) - unix.SizeofCmsghdr)
+		if next > len(oob) {
+			return 0
+		}
+		oob = oob[next:]
+	}
+	return 0
+}
