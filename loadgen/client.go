@@ -580,7 +580,7 @@ func (c *client) step(now int64) (int64, bool) {
 	if c.sending {
 		if r.paced {
 			for c.j < r.perClient && c.phase+c.j*r.interval <= r.sendFor {
-				sched := r.schedStart + c.phase + c.j*r.interval
+				sched := r.grid(r.schedStart + c.phase + c.j*r.interval)
 				if sched > now {
 					break
 				}
@@ -674,7 +674,7 @@ func (c *client) step(now int64) (int64, bool) {
 		}
 	}
 	if sending && r.paced {
-		at(r.schedStart + c.phase + c.j*r.interval)
+		at(r.grid(r.schedStart + c.phase + c.j*r.interval))
 	}
 	if sending && !r.paced {
 		at(r.schedStart + r.sendFor + 1)

@@ -36,6 +36,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+
+	"golang.org/x/sys/unix"
 )
 
 // defaultProcs is GOMAXPROCS unless the environment sets it: measured against a real-engine
@@ -174,6 +176,8 @@ type runner struct {
 	ctx        context.Context
 	t0         time.Time
 	t0Real     int64 // t0 on the wall clock (the kernel's arrival stamps are wall-clock)
+	t0Mono     int64 // t0 on CLOCK_MONOTONIC (the poller's ticks)
+	tick       int64 // ns, 0: event mode
 	schedStart int64 // ns: the schedule's origin
 	sendFor    int64 // ns of sending after schedStart
 	perClient  int64 // events per client at most
@@ -191,6 +195,15 @@ type runner struct {
 }
 
 func (r *runner) now() int64 { return int64(time.Since(r.t0)) }
+
+// grid rounds a time up to the ticks' grid (tick mode): events are scheduled on ticks, so the
+// tick does not add send lag (what lag remains is the sender's own).
+func (r *runner) grid(t int64) int64 {
+	if r.tick == 0 {
+		return t
+	}
+	return (t + r.tick - 1) / r.tick * r.tick
+}
 
 func (r *runner) stopped() bool {
 	select {
@@ -306,6 +319,10 @@ func run(args []string) (code int) {
 	}
 	r := &runner{cfg: cfg, t0: time.Now(), stopCh: make(chan struct{})}
 	r.t0Real = r.t0.UnixNano()
+	var mono unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &mono) // Go's monotonic clock, read now
+	r.t0Mono = mono.Nano()
+	r.tick = int64(cfg.tickMs * float64(time.Millisecond))
 	var cancel context.CancelFunc
 	r.ctx, cancel = context.WithCancel(context.Background())
 	defer cancel()

@@ -60,15 +60,13 @@ func (p *poller) tickChan() chan struct{} {
 // (non-blocking: they never wait), so no P is handed off around them.
 func (p *poller) run(r *runner) {
 	evs := make([]unix.EpollEvent, 256)
-	var next unix.Timespec
-	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &next)
+	tick := int64(p.tick)
 	for {
-		next = unix.NsecToTimespec(next.Nano() + int64(p.tick))
+		// the next tick of the grid k·tick from the run's clock origin (r.grid), after now: a
+		// late tick (a stall) is skipped, not caught up in a burst
 		var cur unix.Timespec
 		_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &cur)
-		if cur.Nano() > next.Nano()+int64(p.tick) {
-			next = cur // late by more than a tick (a GC, a stall): no burst of catch-up ticks
-		}
+		next := unix.NsecToTimespec(r.t0Mono + ((cur.Nano()-r.t0Mono)/tick+1)*tick)
 		for {
 			_, _, e := unix.RawSyscall6(unix.SYS_CLOCK_NANOSLEEP, unix.CLOCK_MONOTONIC, unix.TIMER_ABSTIME,
 				uintptr(unsafe.Pointer(&next)), 0, 0, 0)
