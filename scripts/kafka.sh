@@ -78,7 +78,12 @@ AUTO_CREATE="${NIMBUS_KAFKA_AUTO_CREATE_TOPICS:-true}"
 START_TIMEOUT="${NIMBUS_KAFKA_START_TIMEOUT:-90}"
 STOP_TIMEOUT="${NIMBUS_KAFKA_STOP_TIMEOUT:-30}"
 BOOTSTRAP="$HOST:$PORT"
-PYTHON="${NIMBUS_KAFKA_PYTHON:-python3}"
+# The metadata check's Python: the project's venv (it has kafka-python) unless told otherwise.
+if [[ -z "${NIMBUS_KAFKA_PYTHON:-}" && -x "$ROOT/.venv/bin/python" ]]; then
+  PYTHON="$ROOT/.venv/bin/python"
+else
+  PYTHON="${NIMBUS_KAFKA_PYTHON:-python3}"
+fi
 
 log() { echo "[kafka] $*" >&2; }
 die() { echo "[kafka] ERROR: $*" >&2; exit 1; }
@@ -148,7 +153,10 @@ started_in_log() {
   [[ -f "$START_MARK" ]] && pos="$(tr -dc '0-9' <"$START_MARK")"
   size="$(stat -c %s "$SERVER_LOG")"
   if [[ -z "$pos" || "$size" -lt "$pos" ]]; then pos=0; fi   # rotated
-  tail -c +"$((pos + 1))" "$SERVER_LOG" | grep -qE 'Kafka Server started|\[KafkaRaftServer nodeId=[0-9]+\] Kafka Server started'
+  # `|| true`: grep -q stops at the first match and tail then dies of SIGPIPE, which under
+  # pipefail would make a found line look like a missing one once the log has grown past it.
+  { tail -c +"$((pos + 1))" "$SERVER_LOG" || true; } |
+    grep -qE 'Kafka Server started|\[KafkaRaftServer nodeId=[0-9]+\] Kafka Server started'
 }
 
 show_log_tail() {
