@@ -1848,6 +1848,18 @@ def render(res: dict[str, Any]) -> str:
         " records/s (three runs), so that figure was not the hop's own bound. The two-hop path at"
         " 4,000 records/s, standalone: p99 183 ms with a send per wake-up, 96 ms waking every"
         " 1 ms, 78 ms every 5 ms, its three processes using ~1.4-1.5 CPUs.",
+        "- 2026-12-06 (issue 15; one run each unless said, scripts/fleet.py + the Go load"
+        " generator or scripts/load_client.py): the librdkafka adapter with Nagle off and no"
+        " linger: 1 client at 200/s p50 14.2 -> 6.5 ms, p99 39 -> 27 ms (Python client). Its"
+        " waits on a pipe librdkafka writes instead of a thread per waiting poll: context"
+        " switches per event at 1,000/s 12.2 -> 4.1 in the worker, 2.6 -> 1.3 per pod; CPU about"
+        " the same (worker 0.48 -> 0.43). Redis script calls pipelined on one connection (the"
+        " lane): per call 213 -> 157 µs of CPU alone, 118 -> 27 µs with 20 callers at once"
+        " (scripts/bench_calls.py). Tried and not kept: `NIMBUS_KAFKA_FETCH_WAIT_MS=2` (fewer,"
+        " larger fetches): the two Kafka hops alone fell from 416 to 227 µs of CPU per record at"
+        " 1,000/s, but Nimbus's CPU per event did not fall and one client's p50 rose 5.1 -> 9.8 ms"
+        " (two runs); `gc.freeze()` at start: GC pauses were small (gen0 p50 0.1-0.3 ms, a rare"
+        " gen1 of 25 ms), latency unchanged.",
         "",
         "## Raw",
         "",
