@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -79,6 +80,18 @@ def reconnect_p99(r: dict[str, Any]) -> float | None:
     return None if first is None or last is None else first + last
 
 
+_DIVERTED = re.compile(rb"diverted (\d+) failed live deliveries")
+
+
+def diverts_in(log: Path, start: int = 0) -> int:
+    """Live deliveries the result routers diverted to the DLQ, from a worker log's lines after
+    byte `start` (a divert without a fault costs a replay's latency: 0 expected unless a run cuts
+    streams)."""
+    with log.open("rb") as f:
+        f.seek(start)
+        return sum(int(m.group(1)) for m in _DIVERTED.finditer(f.read()))
+
+
 def met(label: str, r: dict[str, Any]) -> bool | None:
     """Whether a scenario's run meets its target (None: no figure)."""
     lat = r.get("latency_ms") or {}
@@ -125,6 +138,7 @@ async def run_scenario(
     if reconnect:
         cmd += ["--reconnect-at", f"{seconds / 2:g}"]
     idle = {k: v for k, v in fleet.idle_util.items()}
+    log_marks = {p.name: p.log.stat().st_size for p in fleet.workers if p.log.exists()}
     before, brokers0, t0 = fleet.cpu(), bench.broker_cpu(), time.monotonic()
     with trio.fail_after(seconds + 180):
         proc = await trio.run_process(
@@ -156,6 +170,9 @@ async def run_scenario(
             "loadgen_utilisation": round((r.get("cpu_s") or 0) / wall, 3),
             "loadavg": bench.loadavg(),
         }
+    )
+    r["diverts"] = sum(
+        diverts_in(p.log, log_marks.get(p.name, 0)) for p in fleet.workers if p.log.exists()
     )
     r["met"] = met(label, r)
     if proc.returncode != 0:
@@ -346,7 +363,7 @@ def render(rt: dict[str, Any]) -> list[str]:
         "",
         "| run | adapter | results/s | p50 / p99 / p99.9 ms | Nimbus µs/event (net of idle) |"
         " Nimbus CPUs | load generator CPUs (µs/event) | Kafka / Redis CPUs |"
-        " lost / app duplicates / out of order |"
+        " lost / app duplicates / out of order / diverted |"
         " target | met |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -375,7 +392,8 @@ def render(rt: dict[str, Any]) -> list[str]:
                 f" {_procs(r.get('nimbus_utilisation') or {})} |"
                 f" {r.get('loadgen_utilisation', 0):.2f} ({_f(r.get('cpu_us_per_event'), '{:,.0f}')}) |"
                 f" {bu.get('kafka', 0):.2f} / {bu.get('redis', 0):.2f} |"
-                f" {r.get('lost', '-')} / {dups(r)} / {r.get('out_of_order', '-')} |"
+                f" {r.get('lost', '-')} / {dups(r)} / {r.get('out_of_order', '-')} /"
+                f" {r.get('diverts', '-')} |"
                 f" {TARGETS[label]} | {bench.verdict(met(label, r))} |"
             )
     gp = rt.get("grpc_pod") or {}
