@@ -278,3 +278,93 @@ def test_kafka_path_probe_relays_every_record_and_times_both_hops(
     # larger hop's median and the sum of the two hops' maxima.
     assert max(got["hop1_ms"]["p50"], got["hop2_ms"]["p50"]) <= got["latency_ms"]["p50"]
     assert got["latency_ms"]["max"] <= got["hop1_ms"]["max"] + got["hop2_ms"]["max"] + 1e-6
+
+
+# --- the realtime phase's pure parts (scripts/bench_realtime.py) ---------------------------------
+
+
+def _realtime() -> ModuleType:
+    sys.path.insert(0, str(ROOT / "scripts"))  # it imports bench and fleet as siblings
+    return _load("bench_realtime")
+
+
+def test_realtime_verdicts_follow_the_issue_targets() -> None:
+    rt = _realtime()
+    ok200 = {"results": 10, "latency_ms": {"p50": 4.9, "p99": 9.9}}
+    assert rt.met("one_200", ok200) is True
+    assert rt.met("one_200", {**ok200, "latency_ms": {"p50": 4.9, "p99": 10.1}}) is False
+    r1000 = {"results": 10, "latency_ms": {"p99": 19}, "nimbus_cpu_us_per_event": 199}
+    assert rt.met("c50_1000", r1000) is True
+    assert rt.met("c50_1000", {**r1000, "nimbus_cpu_us_per_event": 201}) is False
+    assert rt.met("unpaced", {"results": 10, "rate_achieved": 11_999}) is False
+    assert rt.met("unpaced", {"results": 10, "rate_achieved": 12_000}) is True
+    assert rt.met("c50_3000", {"results": 0}) is None  # no figure, no verdict
+    # The reconnect: from the new stream's open to the backlog's last result, and nothing lost.
+    rc = {
+        "results": 10,
+        "lost": 0,
+        "reconnect": {"reconnect_first_ms": {"p99": 60.0}, "backlog_last_ms": {"p99": 39.0}},
+    }
+    assert rt.met("reconnect_1000", rc) is True
+    rc["reconnect"]["backlog_last_ms"]["p99"] = 41.0
+    assert rt.met("reconnect_1000", rc) is False
+    rc["reconnect"]["backlog_last_ms"]["p99"] = 1.0
+    assert rt.met("reconnect_1000", {**rc, "lost": 1}) is False
+
+
+def test_realtime_duplicates_and_diverts(tmp_path: Path) -> None:
+    rt = _realtime()
+    assert rt.dups({"app_duplicates": 5, "resend_duplicates": 5}) == "0 (5 resend)"
+    assert rt.dups({"app_duplicates": 7, "resend_duplicates": 5}) == "2 (5 resend)"
+    assert rt.dups({"app_duplicates": 0}) == "0"
+    log = tmp_path / "worker0.log"
+    log.write_bytes(
+        b"12:00:00 INFO result router: diverted 3 failed live deliveries to the DLQ\n"
+        b"12:00:01 INFO something else\n"
+    )
+    start = log.stat().st_size
+    with log.open("ab") as f:
+        f.write(b"12:00:02 INFO result router: diverted 21 failed live deliveries to the DLQ\n")
+        f.write(b"12:00:03 INFO result router: diverted 18 failed live deliveries to the DLQ\n")
+    assert rt.diverts_in(log) == 42
+    assert rt.diverts_in(log, start) == 39  # only what a run added
+
+
+def test_realtime_render_shows_both_adapters_the_floors_and_the_verdicts() -> None:
+    rt = _realtime()
+    run = {
+        "results": 1000,
+        "rate_achieved": 999.0,
+        "latency_ms": {"p50": 50.0, "p99": 300.0, "p999": 400.0},
+        "nimbus_cpu_us_per_event": 1200.0,
+        "nimbus_cpu_us_per_event_net_of_idle": 1150.0,
+        "nimbus_utilisation": {"pod0": 0.3, "pod1": 0.3, "worker0": 0.6},
+        "broker_utilisation": {"kafka": 0.5, "redis": 0.05},
+        "loadgen_utilisation": 0.09,
+        "cpu_us_per_event": 90.0,
+        "lost": 0,
+        "app_duplicates": 0,
+        "out_of_order": 0,
+        "diverts": 0,
+    }
+    path = {
+        "count": 1000,
+        "cpu_s_by_process": {"producer": 0.15, "relay": 0.27, "sink": 0.21},
+        "latency_ms": {"p50": 1.4, "p99": 19.8, "p999": 35.5},
+    }
+    res = {
+        "seconds": 20,
+        "loadgen": ".local/go-bin/nimbus-loadgen",
+        "grpc_pod": {"c50_1000": {"rate_achieved": 1000, "latency_ms": {"p50": 0.6, "p99": 1.9},
+                                  "server_cpu_us_per_event": 430.0, "server_utilisation": 0.43}},
+        "adapters": {
+            name: {"linger_ms": 0, "runs": {"c50_1000": run}, "kafka_path_1000": path}
+            for name in ("kafka-python", "librdkafka")
+        },
+    }  # fmt: skip
+    text = "\n".join(rt.render(res))
+    assert text.count("| c50_1000 | ") == 3  # one row per adapter, one in the gRPC floor table
+    assert "| c50_1000 | kafka-python | 999 | 50.0 / 300.0 / 400.0 |" in text
+    assert "**not met**" in text
+    assert "430 µs/event" in text and "= 910 µs/event" in text  # 430 + (270 + 210) µs
+    assert "1.84 of the machine's 2 CPUs" in text  # 1.2 Nimbus + 0.55 brokers + 0.09 load
