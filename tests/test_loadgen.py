@@ -150,9 +150,12 @@ async def test_loadgen_reconnects_to_the_other_pod(
             rc_ = s["reconnect"]
             assert rc_["clients"] == 5 and rc_["reconnect_first_ms"]["n"] == 5
             assert rc_["reconnect_first_ms"]["max"] > 0
-            assert rc_["backlog_events"] >= 5  # each had at least the event it had just sent
+            # The cut comes right after a send, so a client usually has that event's result
+            # still to come; on the fast memory engine it may already be in (4 of 5 clients
+            # had a backlog in one CI run): some client must have one, and all of it arrives.
+            assert rc_["backlog_events"] >= 1
             assert rc_["backlog_results"] == rc_["backlog_events"]
-            assert rc_["backlog_last_ms"]["n"] == 5
+            assert 1 <= rc_["backlog_last_ms"]["n"] <= 5
             await check_acked(c, prefix, 5)
 
 
