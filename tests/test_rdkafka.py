@@ -337,3 +337,17 @@ async def test_committed_offsets_come_from_a_bounded_set_of_group_consumers(
             assert group not in log._offset_consumers  # the least recently asked went first
             assert await log.committed(group, topic) == want  # asked again: made again
             assert await log.committed(group, f"no-such-topic-{unique}") == {}
+
+
+def test_the_pipe_wake_up_is_only_used_with_a_tested_confluent_kafka(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pipe path reads the `rd_kafka_t *` out of confluent-kafka's objects: with a release it
+    was not tested on, the adapter takes the thread path instead of guessing the layout."""
+    import confluent_kafka
+
+    assert rdkafka_engine._load_librdkafka() is not None  # the installed, tested release
+    monkeypatch.setattr(confluent_kafka, "version", lambda: "2.99.0")
+    assert rdkafka_engine._load_librdkafka() is None
+    monkeypatch.setattr(confluent_kafka, "version", lambda: ("2.16.9", 0x021009FF))
+    assert rdkafka_engine._load_librdkafka() is not None

@@ -307,9 +307,24 @@ async def _close_bounded(fn: Callable[[], object], what: str) -> None:
 _FD_WAKEUP = os.environ.get("NIMBUS_RDKAFKA_FD_WAKEUP", "1").strip() not in ("0", "false", "no")
 
 
+# confluent-kafka releases whose object layout (the `rd_kafka_t *` right after the header) this
+# was tested with; another release takes the thread path rather than read an unknown layout.
+_FD_TESTED_RELEASES = ("2.16.",)
+
+
+def _release() -> str:
+    """confluent-kafka's release, e.g. "2.16.2" (its version() is that string; older releases
+    returned a (string, int) tuple)."""
+    v: Any = confluent_kafka.version()
+    return str(v[0] if isinstance(v, tuple) else v)
+
+
 def _load_librdkafka() -> ctypes.CDLL | None:
     """The librdkafka that confluent-kafka's extension is linked with (its wheel bundles one),
-    with the few functions used here typed; None if it cannot be found or is another version."""
+    with the few functions used here typed; None if it cannot be found, is another version, or
+    confluent-kafka is a release this was not tested with."""
+    if not _release().startswith(_FD_TESTED_RELEASES):
+        return None
     here = os.path.dirname(confluent_kafka.__file__)
     paths = sorted(glob.glob(os.path.join(here, "..", "confluent_kafka.libs", "librdkafka*.so*")))
     try:
@@ -347,7 +362,9 @@ def _lib() -> ctypes.CDLL | None:
         _LIB = _load_librdkafka() if _FD_WAKEUP else None
         if _FD_WAKEUP and _LIB is None:
             logger.info(
-                "librdkafka: no io-event wake-ups (library not found); threads wait instead"
+                "librdkafka: no io-event wake-ups (confluent-kafka {} untested, or its library"
+                " not found); threads wait instead",
+                _release(),
             )
     return _LIB  # type: ignore[return-value]
 
