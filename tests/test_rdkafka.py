@@ -351,3 +351,33 @@ def test_the_pipe_wake_up_is_only_used_with_a_tested_confluent_kafka(
     assert rdkafka_engine._load_librdkafka() is None
     monkeypatch.setattr(confluent_kafka, "version", lambda: ("2.16.9", 0x021009FF))
     assert rdkafka_engine._load_librdkafka() is not None
+
+
+async def test_a_stale_leader_epoch_refreshes_the_metadata_before_the_retry() -> None:
+    """After a broker restart an admin request sent with the old leader epoch is refused
+    (FENCED_LEADER_EPOCH) for as long as the client's metadata is stale (chaos seed 6892 on
+    librdkafka: replays failed for 90 s on ListOffsets): the retry asks for metadata first."""
+    from confluent_kafka import KafkaException
+
+    calls: list[str] = []
+
+    async def ask() -> str:
+        calls.append("ask")
+        if calls.count("refresh") == 0:
+            raise KafkaException(KafkaError(KafkaError.FENCED_LEADER_EPOCH))
+        return "offsets"
+
+    async def refresh() -> None:
+        calls.append("refresh")
+
+    with trio.fail_after(5):
+        assert await rdkafka_engine._retrying(ask, refresh) == "offsets"
+    assert calls == ["ask", "refresh", "ask"]
+
+    async def refused() -> str:  # not about the leader: no refresh, no retry
+        raise KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))
+
+    calls.clear()
+    with pytest.raises(KafkaException):
+        await rdkafka_engine._retrying(refused, refresh)
+    assert calls == []

@@ -134,8 +134,22 @@ def _retriable(exc: KafkaException) -> bool:
     return isinstance(err, KafkaError) and (err.retriable() or err.code() in _RETRIABLE)
 
 
-async def _retrying(call: Callable[[], Awaitable[T]]) -> T:
-    """`call()`, again while it fails with a retriable error, for up to the request timeout."""
+# Errors that say the client's idea of a partition's leader is out of date.
+_STALE_LEADER = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_LEADER_EPOCH,
+        KafkaError.FENCED_LEADER_EPOCH,
+    }
+)
+
+
+async def _retrying(
+    call: Callable[[], Awaitable[T]], refresh: Callable[[], Awaitable[object]] | None = None
+) -> T:
+    """`call()`, again while it fails with a retriable error, for up to the request timeout;
+    `refresh()` (a metadata request) first when the error says the leader is out of date."""
     deadline = trio.current_time() + _REQUEST_TIMEOUT_S
     while True:
         try:
@@ -144,6 +158,11 @@ async def _retrying(call: Callable[[], Awaitable[T]]) -> T:
             if not _retriable(exc) or trio.current_time() >= deadline:
                 raise
             logger.debug("librdkafka admin request: {}; retrying", exc)
+            if refresh is not None and _code(exc) in _STALE_LEADER:
+                try:
+                    await refresh()
+                except (KafkaException, LogUnavailable) as again:
+                    logger.debug("librdkafka metadata refresh: {}", again)
         await trio.sleep(0.1)
 
 
@@ -197,6 +216,10 @@ def _common(brokers: str, client_id: str) -> dict[str, Any]:
         "reconnect.backoff.max.ms": 2_000,
         # Small requests go out at once (librdkafka leaves Nagle's algorithm on by default).
         "socket.nagle.disable": True,
+        # Leaders and their epochs as the cluster has them now, within 5 s (librdkafka's default
+        # is 5 min): after a broker restart, an admin ListOffsets sent with a stale leader epoch
+        # is refused (FENCED_LEADER_EPOCH) until the cache is refreshed.
+        "topic.metadata.refresh.interval.ms": 5_000,
         "logger": _RDLOG,
     }
 
@@ -646,8 +669,15 @@ class RdkafkaLog(kc.LogBase):
                 out[rtp.partition] = int(info.offset)
             return out
 
+        async def refresh() -> object:
+            # A metadata request for the topic: its answer updates the leaders and epochs the
+            # admin client sends ListOffsets with (a broker restart moves the epoch on).
+            return await in_thread(
+                functools.partial(self._admin.list_topics, topic, timeout=_REQUEST_TIMEOUT_S)
+            )
+
         try:
-            out = await _retrying(ask)
+            out = await _retrying(ask, refresh)
         except KafkaException as exc:
             if _code(exc) == KafkaError.UNKNOWN_TOPIC_OR_PART:
                 self._counts.pop(topic, None)
