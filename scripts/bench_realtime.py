@@ -35,7 +35,7 @@ from typing import Any
 
 import bench
 import trio
-from fleet import make_fleet
+from fleet import fleet_args, make_fleet
 
 ROOT = bench.ROOT
 ADAPTERS = ("kafka-python", "librdkafka")
@@ -137,7 +137,7 @@ async def run_scenario(
     ]  # fmt: skip
     if reconnect:
         cmd += ["--reconnect-at", f"{seconds / 2:g}"]
-    idle = {k: v for k, v in fleet.idle_util.items()}
+    idle = dict(fleet.idle_util)
     log_marks = {p.name: p.log.stat().st_size for p in fleet.workers if p.log.exists()}
     before, brokers0, t0 = fleet.cpu(), bench.broker_cpu(), time.monotonic()
     with trio.fail_after(seconds + 180):
@@ -149,7 +149,7 @@ async def run_scenario(
     brokers = bench.cpu_delta(brokers0, bench.broker_cpu())
     r: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     results = r.get("results") or 0
-    total = sum(v for k, v in nimbus.items() if k != "status") + nimbus.get("status", 0.0)
+    total = sum(nimbus.values())
     r.update(
         {
             "label": label,
@@ -280,14 +280,7 @@ async def realtime(
     for adapter in args.adapters.split(","):
         a_dir = run_dir / f"realtime-{adapter}"
         a_dir.mkdir(parents=True, exist_ok=True)
-        ns = argparse.Namespace(
-            prefix=f"{args.prefix}-rt-{adapter[:5]}",
-            partitions=args.partitions,
-            streams=0,
-            status_process=True,
-            split_roles=False,
-            workers=1,
-        )
+        ns = fleet_args(partitions=args.partitions, prefix=f"{args.prefix}-rt-{adapter[:5]}")
         fleet = make_fleet(ns, a_dir, kafka, redis, adapter)
         out: dict[str, Any] = {"linger_ms": linger_for(adapter), "runs": {}}
         res["adapters"][adapter] = out

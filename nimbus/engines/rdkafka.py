@@ -548,8 +548,7 @@ async def open_rdkafka_log(
     except (KafkaException, LogUnavailable, ValueError, TypeError) as exc:
         raise kc.not_reachable(brokers, BOOTSTRAP_TIMEOUT_S, exc) from exc
     async with trio.open_nursery() as nursery:
-        log = RdkafkaLog(brokers, client_id, admin, producer, make_producer, nursery)
-        log.fetch_wait_ms = fetch_wait_ms
+        log = RdkafkaLog(brokers, client_id, admin, producer, make_producer, nursery, fetch_wait_ms)
         async with kc.closed_after(log._close):
             yield log
 
@@ -565,13 +564,14 @@ class RdkafkaLog(kc.LogBase):
         producer: Producer,
         make_producer: Callable[[], Producer] | None = None,
         nursery: trio.Nursery | None = None,
+        fetch_wait_ms: int = 0,
     ) -> None:
         super().__init__(brokers, client_id)
         self._admin = admin
         self._nursery = nursery  # the producer's poller task (none: a poller thread)
         # > 0: a group consumer's fetch waits this long for records to gather at the broker
         # (fewer, larger fetches at paced rates: less CPU here and in the broker).
-        self.fetch_wait_ms = 0
+        self.fetch_wait_ms = fetch_wait_ms
         self._producer = RdkafkaLogProducer(self, producer, make_producer)
         # committed(): one never-subscribed consumer per group asked (see there)
         self._offset_consumers: dict[str, tuple[Consumer, _Handle]] = {}
