@@ -431,60 +431,66 @@ class Pod:
         """Events -> events topic, in batches; receipts or errors back to the streams."""
         while True:
             batch = await receive_batch(self._ingest_recv, INGEST_BATCH)
-            accepted: list[tuple[Session, EventRequest]] = []
-            records: list[tuple[bytes, bytes]] = []
-            for s, _, size in batch:
+            for _, _, size in batch:
                 self._ingest_bytes -= size
-                s.in_ingest -= 1
             self._ingest_room.set()
             self._ingest_room = trio.Event()
-            for s, req, _ in batch:
-                if s.closed:
-                    # Never receipted, so the client resends it on its next stream; producing it
-                    # now would put it behind (and beside) the resent copy.
-                    self.counters.inc("pod.dropped_unreceipted")
-                    continue
-                if not events.is_known(req.event_name):
-                    self.counters.inc("pod.unknown_event")
-                    self._send(
-                        s, self._error(s, req, UNKNOWN_EVENT, f"unknown event {req.event_name!r}")
-                    )
+            try:
+                await self._produce(batch)
+            finally:
+                # Only now are these events receipted (or refused): until then a half-closed
+                # stream must not end, or it would end before the receipt of its last event.
+                for s, _, _ in batch:
+                    s.in_ingest -= 1
                     if s.half_closed_at is not None:
                         self._maybe_finish(s)
-                    continue
-                kreq = KafkaEventRequest(
-                    event_name=req.event_name,
-                    number=req.number,
-                    client_id=s.client_id,
-                    redis_channel=self.channel,
-                    epoch=s.epoch,
-                    seq=req.seq,
+
+    async def _produce(self, batch: list[tuple[Session, EventRequest, int]]) -> None:
+        accepted: list[tuple[Session, EventRequest]] = []
+        records: list[tuple[bytes, bytes]] = []
+        for s, req, _ in batch:
+            if s.closed:
+                # Never receipted, so the client resends it on its next stream; producing it
+                # now would put it behind (and beside) the resent copy.
+                self.counters.inc("pod.dropped_unreceipted")
+                continue
+            if not events.is_known(req.event_name):
+                self.counters.inc("pod.unknown_event")
+                self._send(
+                    s, self._error(s, req, UNKNOWN_EVENT, f"unknown event {req.event_name!r}")
                 )
-                trace.step(kreq.log, "server", self.s.instance_id, "ProcessEvent", epoch=s.epoch)
-                accepted.append((s, req))
-                records.append((s.client_id.encode(), kreq.SerializeToString()))
-            if not records:
                 continue
-            try:
-                written = await self.log.producer.send_batch(self.s.kafka_events_topic, records)
-            except EngineError as e:
-                logger.error("producing {} events failed: {}", len(records), e)
-                self.counters.inc("pod.produce_failed", len(records))
-                for s, _ in accepted:
-                    if not s.closed:
-                        # Fail the stream rather than refuse this one event: events queued behind
-                        # it are dropped with the stream (see above), and the client resends
-                        # everything unreceipted, in order, on its next stream. A per-event
-                        # refusal would let later events overtake it. Never silent (hole 9).
-                        self._end(s, Close("UNAVAILABLE", f"event not accepted: {e}"))
-                continue
-            self.counters.inc("pod.events", len(records))
-            for (s, req), w in zip(accepted, written, strict=True):
-                s.last_receipted = max(s.last_receipted, w.offset + 1)
-                if s.protocol >= 2:
-                    self._send(
-                        s, EventResponse(kind=RECEIPT, seq=req.seq, delivery_id=w.offset + 1)
-                    )
+            kreq = KafkaEventRequest(
+                event_name=req.event_name,
+                number=req.number,
+                client_id=s.client_id,
+                redis_channel=self.channel,
+                epoch=s.epoch,
+                seq=req.seq,
+            )
+            trace.step(kreq.log, "server", self.s.instance_id, "ProcessEvent", epoch=s.epoch)
+            accepted.append((s, req))
+            records.append((s.client_id.encode(), kreq.SerializeToString()))
+        if not records:
+            return
+        try:
+            written = await self.log.producer.send_batch(self.s.kafka_events_topic, records)
+        except EngineError as e:
+            logger.error("producing {} events failed: {}", len(records), e)
+            self.counters.inc("pod.produce_failed", len(records))
+            for s, _ in accepted:
+                if not s.closed:
+                    # Fail the stream rather than refuse this one event: events queued behind
+                    # it are dropped with the stream (see above), and the client resends
+                    # everything unreceipted, in order, on its next stream. A per-event
+                    # refusal would let later events overtake it. Never silent (hole 9).
+                    self._end(s, Close("UNAVAILABLE", f"event not accepted: {e}"))
+            return
+        self.counters.inc("pod.events", len(records))
+        for (s, req), w in zip(accepted, written, strict=True):
+            s.last_receipted = max(s.last_receipted, w.offset + 1)
+            if s.protocol >= 2:
+                self._send(s, EventResponse(kind=RECEIPT, seq=req.seq, delivery_id=w.offset + 1))
 
     @staticmethod
     def _error(s: Session, req: EventRequest, code: int, message: str) -> EventResponse:

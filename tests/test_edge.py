@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 import trio_asyncio
 from grpclib.const import Status as GStatus
 from grpclib.exceptions import GRPCError, StreamTerminatedError
@@ -29,7 +30,8 @@ from nimbus import config
 from nimbus.engines.memory import MemoryLog, MemoryState
 from nimbus.lifecycle import Status
 from nimbus.pod import ITEM_OVERHEAD, Budget, Close, Outbox, Pod, Session, item_bytes
-from nimbus.proto_gen.nimbus import EventRequest, ResponseKind
+from nimbus.proto_gen.nimbus import EventRequest, EventResponse, ResponseKind
+from nimbus.topics import ensure_topics
 from tests.harness import real_env
 from tests.test_auth import grpcio_stream
 from tests.test_interop_grpcio import stubs  # noqa: F401 (fixture)
@@ -176,6 +178,57 @@ async def test_a_half_closed_stream_whose_results_do_not_come_ends_at_its_limit(
                 assert e.value.status is GStatus.DEADLINE_EXCEEDED
                 assert kinds == [ResponseKind.RECEIPT]
                 assert 0.8 < trio.current_time() - t0 < 4
+
+
+async def test_a_half_closed_stream_is_not_ended_while_its_last_event_is_being_produced() -> None:
+    """The race CI once hit (the test above ended OK with no result): the ingest task had taken
+    the event from its queue and was still producing it when the client half-closed, and the
+    stream was ended before its receipt. It must wait for the receipt, then for its result."""
+    settings = config.load(env={"NIMBUS_HALF_CLOSED_SEC": "30"}, dotenv=False, instance_id="p")
+    pod = Pod(settings, MemoryLog(), MemoryState())
+    gate, entered = trio.Event(), trio.Event()
+    send_batch = pod.log.producer.send_batch
+
+    async def slow_send_batch(topic: str, items: Any) -> Any:
+        entered.set()
+        await gate.wait()
+        return await send_batch(topic, items)
+
+    pod.log.producer.send_batch = slow_send_batch  # type: ignore[method-assign]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await ensure_topics(pod.log, settings)
+            await nursery.start(pod.run)
+            s = await pod.open_session("racer", 2)
+            s2 = await pod.open_session("unknown", 2)
+            assert pod.submit(s, EventRequest(event_name="sq", number=5, seq=1))
+            assert pod.submit(s2, EventRequest(event_name="nope", number=1, seq=1))
+            await entered.wait()  # taken from the queue, being produced
+            pod.half_close(s)
+            pod.half_close(s2)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not s.closed and not s2.closed
+            gate.set()
+            await trio.testing.wait_all_tasks_blocked()
+            # The receipt went out; its result is still due, so the stream stays open.
+            assert [item[1].kind for item in _drain(s.outbox)] == [ResponseKind.RECEIPT]
+            assert not s.closed and s.last_receipted == 1
+            # The unknown event's error was the last thing due: that stream ends cleanly.
+            kinds = _drain(s2.outbox)
+            assert [k[1].kind for k in kinds[:-1]] == [ResponseKind.ERROR]
+            assert isinstance(kinds[-1], Close) and kinds[-1].status is None
+            assert s2.closed
+            nursery.cancel_scope.cancel()
+
+
+def _drain(outbox: Outbox) -> list[Any]:
+    out = []
+    while not outbox.empty():
+        item = outbox.get_nowait()
+        if isinstance(item, tuple) and isinstance(item[1], bytes):
+            item = (item[0], EventResponse().parse(item[1]))
+        out.append(item)
+    return out
 
 
 async def test_a_client_id_over_the_limit_is_refused_before_any_state_changes(

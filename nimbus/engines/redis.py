@@ -46,6 +46,7 @@ import trio
 import trio_asyncio
 from loguru import logger
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
@@ -199,7 +200,7 @@ class _Lane:
         self._state = state
         self._queue: list[_Call] = []
         self._wake = asyncio.Event()  # (asyncio side) a call was queued
-        self._conn: aioredis.Connection | None = None
+        self._conn: AbstractConnection | None = None
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def call(self, *args: Any) -> Any:
@@ -226,7 +227,7 @@ class _Lane:
             ) from c.error
         return c.reply
 
-    async def _connection(self) -> aioredis.Connection:
+    async def _connection(self) -> AbstractConnection:
         conn = self._conn
         if conn is None:
             pool = self._state._r.connection_pool
@@ -235,7 +236,7 @@ class _Lane:
             kwargs = {**pool.connection_kwargs, "socket_timeout": None}
             conn = self._conn = pool.connection_class(**kwargs)
         if not conn.is_connected:
-            await conn.connect()
+            await conn.connect()  # type: ignore[no-untyped-call]
         return conn
 
     async def _run(self) -> None:
@@ -564,7 +565,7 @@ class RedisState:
                     break
             reader = loop.create_task(self._read_subscription(pubsub, send, sub))
         except BaseException:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()
             raise
         return pubsub, reader
 
@@ -592,7 +593,7 @@ class RedisState:
     async def _stop_subscription(self, pubsub: PubSub, reader: asyncio.Task[None]) -> None:
         reader.cancel()
         await asyncio.wait([reader])
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
 
 
 @asynccontextmanager
