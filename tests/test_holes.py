@@ -1,5 +1,6 @@
 """The nine holes of the original (../shared/DESIGN.md), one named test each, reproducing the
-scenario against the whole system (in-memory engine and, where marked, the real brokers).
+scenario against the whole system (in-memory engine and, where marked, the real brokers through
+both Kafka adapters: kafka-python and librdkafka).
 
 Where a hole is closed by pure logic, the scenario is also pinned in tests/test_lifecycle.py and
 tests/test_router_window.py; these tests show it end to end.
@@ -15,8 +16,26 @@ import trio
 from nimbus.engines.murmur2 import partition_for
 from nimbus.lifecycle import Status
 from nimbus.proto_gen.nimbus import ResponseKind
-from tests.test_pipeline import P2, cluster, engine, wait_status  # noqa: F401 (fixture)
+from tests.harness import real_engine
+from tests.test_pipeline import P2, cluster, wait_status
 from tests.wire import open_stream
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("kafka-python", marks=pytest.mark.integration),
+        pytest.param("librdkafka", marks=pytest.mark.integration),
+    ]
+)
+def engine(request: pytest.FixtureRequest, unique: str) -> dict[str, Any]:
+    """The in-memory engine, then the real brokers through each Kafka adapter: a hole closed
+    on one client library must stay closed on the other."""
+    if request.param == "memory":
+        return {"engine": "memory"}
+    brokers = request.getfixturevalue("kafka_brokers")
+    redis = request.getfixturevalue("redis_address")
+    return {**real_engine(brokers, redis, unique), "kafka_client": request.param}
 
 
 def same_partition_ids(prefix: str, partitions: int, n: int) -> list[str]:
