@@ -32,6 +32,7 @@ const (
 	fPreCut                    // sent before the reconnect cut, without a result then: the backlog
 	fResent                    // transmitted again on a new stream (its receipt may have died)
 	fWrong                     // its result did not match (number or square)
+	fLate                      // transmitted later than its sent time (a retry, or held for a stream)
 )
 
 // event is one logical event of a client (a refused-and-retried event keeps its slot and gets
@@ -96,6 +97,7 @@ type client struct {
 	events      []event
 	bySeq       []int32 // seq-1 -> index in events
 	nextSeq     uint64
+	resultMsgs  int64    // RESULTs received (with --stage-sample: every Nth has its stages decoded)
 	highest     uint64   // dedupe watermark: highest delivery id received
 	seen        []uint64 // delivery ids received, increasing (to tell a repeat from a reordering)
 	ackSent     uint64
@@ -254,8 +256,13 @@ func (st *stream) receive() {
 	c := st.c
 	r := c.r
 	p1 := r.cfg.protocol == 1
+	sample := int64(r.cfg.stageSample)
 	var resp response
+	var sc stageScratch
 	defer close(st.done)
+	c.mu.Lock()
+	resp.keepLog = sample > 0 && (c.resultMsgs+1)%sample == 0
+	c.mu.Unlock()
 	for {
 		err := st.cs.RecvMsg(&resp)
 		now := st.arrival(r.now())
@@ -267,6 +274,9 @@ func (st *stream) receive() {
 		if c.st != st {
 			c.mu.Unlock()
 			continue
+		}
+		if sample > 0 && (p1 || resp.kind == kindResult) {
+			c.resultMsgs++
 		}
 		if p1 {
 			c.onResult1(st, &resp, now)
@@ -285,7 +295,12 @@ func (st *stream) receive() {
 				c.unmatched++
 			}
 		}
+		// the next RESULT is a sampled one: its log is kept when it is decoded
+		resp.keepLog = sample > 0 && (c.resultMsgs+1)%sample == 0
 		c.mu.Unlock()
+		if resp.sampled {
+			r.stages.record(&sc, resp.log, r.t0Real+resp.sentAt, r.t0Real+now)
+		}
 	}
 }
 
@@ -466,6 +481,10 @@ func (c *client) settle(ev *event, resp *response, d uint64, now int64) {
 	}
 	if ev.sched >= c.r.warmupEnd {
 		c.r.live.add(now - ev.sched)
+		// a sampled result's stages, if its event went out once, at its sent time
+		if resp.keepLog && ev.flags&(fResent|fLate) == 0 {
+			resp.sampled, resp.sentAt = true, ev.sent
+		}
 	}
 	if ev.flags&fPreCut != 0 {
 		c.backlogResults++
@@ -612,6 +631,7 @@ func (c *client) step(now int64) (int64, bool) {
 			}
 			if ev.retryAt <= now {
 				ev.retryAt = 0
+				ev.flags |= fLate
 				c.nextSeq++
 				ev.seq = c.nextSeq
 				c.bySeq = append(c.bySeq, idx)
@@ -631,6 +651,9 @@ func (c *client) step(now int64) (int64, bool) {
 				st.fifo = append(st.fifo, batch...)
 			} else {
 				c.unsent1 = append(c.unsent1, batch...)
+				for _, idx := range batch {
+					c.events[idx].flags |= fLate
+				}
 			}
 		}
 		if up { // else they go on the next stream

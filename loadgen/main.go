@@ -8,6 +8,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -62,6 +63,7 @@ type config struct {
 	connsPer       int // connections per target shared by its clients (0: one per client)
 	connectTimeout float64
 	tickMs         float64
+	stageSample    int // every Nth result of a client has its trace decoded into stages (0: none)
 	quiet          bool
 }
 
@@ -88,6 +90,7 @@ func parseFlags(args []string) (*config, error) {
 	conns := fs.String("conns", "client", "client: one connection per client (as the client library); N: N per target, shared by its clients (shared = 1)")
 	fs.Float64Var(&cfg.connectTimeout, "connect-timeout", 5, "seconds to reach each target before the run")
 	fs.Float64Var(&cfg.tickMs, "tick-ms", 1, "ms: sockets are read and sends made once per tick (low CPU); 0: on every message (exact times, more CPU)")
+	fs.IntVar(&cfg.stageSample, "stage-sample", 10, "every Nth result of each client: its trace timed per pipeline stage (0: off)")
 	fs.BoolVar(&cfg.quiet, "quiet", false, "no progress lines on stderr")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -141,6 +144,8 @@ func parseFlags(args []string) (*config, error) {
 		return bad("--connect-timeout must be > 0 seconds")
 	case cfg.tickMs < 0 || cfg.tickMs > 1000 || cfg.tickMs != cfg.tickMs:
 		return bad("--tick-ms must be 0..1000, not %g", cfg.tickMs)
+	case cfg.stageSample < 0:
+		return bad("--stage-sample must be >= 0 (0: off), not %d", cfg.stageSample)
 	}
 	if set["events"] && !set["duration"] {
 		cfg.duration = 0 // the count ends it
@@ -185,6 +190,7 @@ type runner struct {
 	paced      bool
 	warmupEnd  int64
 	live       liveHist
+	stages     stageSet  // per-stage latency of the sampled results' traces
 	shared     [][]*conn // [target][k] with --conns N
 	stopCh     chan struct{}
 	stopOnce   sync.Once
@@ -469,11 +475,14 @@ func run(args []string) (code int) {
 	}
 
 	sum := r.summary(&ru0, &ru)
-	out, err := json.Marshal(sum)
-	if err != nil {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false) // the stages' "->" as is, not \u003e
+	if err := enc.Encode(sum); err != nil {
 		fmt.Fprintf(os.Stderr, "nimbus-loadgen: internal error: %s\n", err)
 		return 1
 	}
+	out := bytes.TrimSuffix(buf.Bytes(), []byte("\n"))
 	printHuman(sum)
 	if cfg.jsonPath != "" {
 		if err := os.WriteFile(cfg.jsonPath, append(out, '\n'), 0o644); err != nil {
@@ -520,6 +529,8 @@ Flags:
   --conns client|shared|N    one connection per client (default, as the client library), or
                              N per target shared by its clients (shared = 1): less CPU here
   --connect-timeout S        reaching each target before the run (default 5)
+  --stage-sample N           every Nth result of each client: its trace timed per pipeline
+                             stage, "stages_ms" (default 10; 0: off)
   --quiet                    no progress lines
 
 Exit: 0 the run completed (see "ok" in the summary), 1 internal failure, 2 bad flags,
@@ -614,6 +625,7 @@ type summary struct {
 	StreamErrors        map[string]int    `json:"stream_errors"`
 	CloseTimeouts       int               `json:"close_timeouts"`
 	Reconnect           *reconnectSummary `json:"reconnect,omitempty"`
+	StagesMs            []stageOut        `json:"stages_ms"`
 	Clients             int               `json:"clients"`
 	Protocol            int               `json:"protocol"`
 	Targets             []string          `json:"targets"`
@@ -728,6 +740,7 @@ func (r *runner) summary(ru0, ru *syscall.Rusage) *summary {
 	s.LatencyActualMs = percentiles(latActual)
 	s.ReceiptMs = percentiles2(receipt)
 	s.MaxScheduleLagMs = ms(maxLag)
+	s.StagesMs = r.stages.summary()
 	s.CPUS = round(cpuSeconds(ru), 3)
 	s.CPURunS = round(cpuSeconds(ru)-cpuSeconds(ru0), 3)
 	if s.Sent > 0 {
@@ -757,6 +770,16 @@ func printHuman(s *summary) {
 	fmt.Printf("latency from send (ms):     p50 %.2f  p90 %.2f  p99 %.2f  p99.9 %.2f  max %.2f\n", l.P50, l.P90, l.P99, l.P999, l.Max)
 	fmt.Printf("receipt (ms): p50 %.2f  p99 %.2f; max schedule lag %.2f ms\n", s.ReceiptMs.P50, s.ReceiptMs.P99, s.MaxScheduleLagMs)
 	fmt.Printf("cpu %.3fs (%.1f µs/event; %.1f µs/event after setup), GOMAXPROCS %d\n", s.CPUS, s.CPUUsPerEvent, s.CPURunUsPerEvent, s.Gomaxprocs)
+	if len(s.StagesMs) > 0 {
+		fmt.Println("latency by stage (ms, sampled traces):")
+		w := 0
+		for _, st := range s.StagesMs {
+			w = max(w, len(st.Stage))
+		}
+		for _, st := range s.StagesMs {
+			fmt.Printf("  %-*s  p50 %7.2f  p99 %7.2f  (n %d)\n", w, st.Stage, st.P50, st.P99, st.N)
+		}
+	}
 	if len(s.StreamErrors) > 0 {
 		keys := make([]string, 0, len(s.StreamErrors))
 		for k := range s.StreamErrors {

@@ -56,8 +56,8 @@ func (r *request) appendTo(b []byte) []byte {
 	return b
 }
 
-// response is the part of an EventResponse the load generator reads (log and event_name are
-// skipped; errMsg is only kept on an ERROR, where it tells a rate-limit refusal).
+// response is the part of an EventResponse the load generator reads (event_name is skipped, and
+// the log unless keepLog; errMsg is only kept on an ERROR, where it tells a rate-limit refusal).
 type response struct {
 	number     int32
 	result     int32
@@ -68,12 +68,19 @@ type response struct {
 	seq        uint64
 	gapFrom    uint64
 	gapTo      uint64
+
+	// Per-stage latency (stages.go). keepLog is set by the receiver before decoding (a sampled
+	// result) and kept across decodes, as is log's buffer; sampled and sentAt are set by settle.
+	keepLog bool
+	log     []byte // keepLog: the bytes of the log (LogEntry, every occurrence, concatenated)
+	sampled bool   // the result settled an event whose stages are to be recorded
+	sentAt  int64  // that event's send (ns since the run's clock started)
 }
 
 var errMalformed = errors.New("malformed EventResponse")
 
 func (r *response) decode(b []byte) error {
-	*r = response{}
+	*r = response{keepLog: r.keepLog, log: r.log[:0]}
 	var errBytes []byte
 	for len(b) > 0 {
 		num, typ, n := protowire.ConsumeTag(b)
@@ -105,6 +112,17 @@ func (r *response) decode(b []byte) error {
 			}
 			continue
 		}
+		if num == 4 && typ == protowire.BytesType && r.keepLog {
+			v, m := protowire.ConsumeBytes(b)
+			if m < 0 {
+				return errMalformed
+			}
+			// A message field seen twice is merged: for LogEntry (repeated steps only), the
+			// concatenation of its occurrences. Copied: gRPC frees b once decoded.
+			r.log = append(r.log, v...)
+			b = b[m:]
+			continue
+		}
 		if num == 12 && typ == protowire.BytesType {
 			v, m := protowire.ConsumeBytes(b)
 			if m < 0 {
@@ -114,7 +132,7 @@ func (r *response) decode(b []byte) error {
 			b = b[m:]
 			continue
 		}
-		m := protowire.ConsumeFieldValue(num, typ, b) // event_name, log, anything unknown
+		m := protowire.ConsumeFieldValue(num, typ, b) // event_name, log (unsampled), anything unknown
 		if m < 0 {
 			return errMalformed
 		}

@@ -389,6 +389,7 @@ def render(rt: dict[str, Any]) -> list[str]:
                 f" {r.get('diverts', '-')} |"
                 f" {TARGETS[label]} | {bench.verdict(met(label, r))} |"
             )
+    lines += stage_tables(adapters)
     gp = rt.get("grpc_pod") or {}
     if gp:
         lines += [
@@ -434,6 +435,59 @@ def render(rt: dict[str, Any]) -> list[str]:
         )
     lines += ["", *floors(rt)]
     return lines
+
+
+def _stages(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """A run's `stages_ms`: the loadgen's list of {stage, n, p50, p99}, in pipeline order (or
+    load_client.py's {stage: {n, p50, p99}})."""
+    st = r.get("stages_ms") or []
+    if isinstance(st, dict):
+        return [{"stage": k, **v} for k, v in st.items()]
+    return [x for x in st if isinstance(x, dict) and "stage" in x]
+
+
+def stage_tables(adapters: dict[str, Any]) -> list[str]:
+    """Latency by pipeline stage from the load generator's sampled traces: a table per adapter,
+    a row per stage (in the order first seen), a p50 / p99 column per scenario that has them."""
+    out: list[str] = []
+    for name, a in adapters.items():
+        runs = {label: _stages(r) for label in SCENARIOS if (r := a.get("runs", {}).get(label))}
+        runs = {label: st for label, st in runs.items() if st}
+        if not runs:
+            continue
+        if not out:
+            out += [
+                "",
+                "### Latency by stage (sampled traces)",
+                "",
+                "Every 10th result of each load-generator client (its default `--stage-sample 10`)"
+                " after the warm-up, timed between the steps of its trace (each hop's wall"
+                " clock; one machine): p50 / p99 ms per run, n the sampled results. The"
+                " consecutive stages' p50s add up to about the latency p50 from the actual send"
+                " (not exactly: a sum of medians); `(inside Nimbus)` is from the pod taking the"
+                " event to the pod handing its result to the stream. A replayed result has a"
+                " `replay/replay` step where a live one has the router's.",
+            ]
+        order: list[str] = []
+        for st in runs.values():
+            order += [x["stage"] for x in st if x["stage"] not in order]
+        n = {label: max(x.get("n") or 0 for x in st) for label, st in runs.items()}
+        out += [
+            "",
+            f"{name}:",
+            "",
+            "| stage | " + " | ".join(f"{label} (n {n[label]:,})" for label in runs) + " |",
+            "|---|" + "---|" * len(runs),
+        ]
+        for stage in order:
+            cells = []
+            for st in runs.values():
+                x = next((x for x in st if x["stage"] == stage), None)
+                cells.append(
+                    f"{_f(x.get('p50'), '{:,.2f}')} / {_f(x.get('p99'), '{:,.2f}')}" if x else "-"
+                )
+            out.append(f"| {stage} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _machine_cpus(r: dict[str, Any]) -> float:

@@ -368,3 +368,62 @@ def test_realtime_render_shows_both_adapters_the_floors_and_the_verdicts() -> No
     assert "**not met**" in text
     assert "430 µs/event" in text and "= 910 µs/event" in text  # 430 + (270 + 210) µs
     assert "1.84 of the machine's 2 CPUs" in text  # 1.2 Nimbus + 0.55 brokers + 0.09 load
+    assert "Latency by stage" not in text  # no run with stages_ms: no table
+
+
+def test_realtime_render_tables_the_stages_per_adapter() -> None:
+    """The loadgen's stages_ms (a list in pipeline order) of each run: a table per adapter that
+    has them, a row per stage in the order first seen, a p50 / p99 column per scenario."""
+    rt = _realtime()
+
+    def st(stage: str, n: int, p50: float, p99: float) -> dict[str, object]:
+        return {"stage": stage, "n": n, "p50": p50, "p99": p99}
+
+    live = [
+        st("client send -> server/ProcessEvent", 100, 0.4, 3.2),
+        st("server/ProcessEvent -> event-consumer/compute", 100, 2.5, 12.0),
+        st("event-consumer/compute -> result-router/route", 100, 1.25, 8.0),
+        st("result-router/route -> server/deliver", 100, 0.1, 1.0),
+        st("server/deliver -> client receive", 100, 0.12, 0.9),
+        st("(inside Nimbus) server/ProcessEvent -> server/deliver", 100, 4.0, 20.0),
+    ]
+    replay = [
+        st("client send -> server/ProcessEvent", 40, 0.5, 4.0),
+        st("event-consumer/compute -> replay/replay", 3, 30.0, 45.0),
+    ]
+    res = {
+        "adapters": {
+            "kafka-python": {
+                "runs": {
+                    "c50_1000": {"results": 1000, "stages_ms": live},
+                    "reconnect_1000": {"results": 400, "stages_ms": replay},
+                    "one_200": {"results": 10},  # an older loadgen's JSON: no column
+                }
+            },
+            "librdkafka": {"runs": {"c50_1000": {"results": 1000, "stages_ms": []}}},
+        }
+    }
+    lines = rt.stage_tables(res["adapters"])
+    text = "\n".join(lines)
+    assert text.count("### Latency by stage (sampled traces)") == 1
+    assert "kafka-python:" in text and "librdkafka:" not in text  # no stages: no table
+    assert "| stage | c50_1000 (n 100) | reconnect_1000 (n 40) |" in text
+    rows = [line for line in lines if line.startswith("| ") and " -> " in line]
+    assert [r.split(" | ")[0][2:] for r in rows] == [x["stage"] for x in live] + [
+        "event-consumer/compute -> replay/replay"
+    ]
+    assert "| server/ProcessEvent -> event-consumer/compute | 2.50 / 12.00 | - |" in text
+    assert "| client send -> server/ProcessEvent | 0.40 / 3.20 | 0.50 / 4.00 |" in text
+    assert "| event-consumer/compute -> replay/replay | - | 30.00 / 45.00 |" in text
+    # within render, after the main table
+    full = {**res, "seconds": 20, "loadgen": "x"}
+    out = rt.render(full)
+    assert out.index("### Latency by stage (sampled traces)") > out.index(
+        "|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    # load_client.py's form ({stage: {n, p50, p99}}) reads the same
+    as_dict = {x["stage"]: {k: v for k, v in x.items() if k != "stage"} for x in live}
+    runs = {"kafka-python": {"runs": {"c50_1000": {"stages_ms": as_dict}}}}
+    assert "| result-router/route -> server/deliver | 0.10 / 1.00 |" in "\n".join(
+        rt.stage_tables(runs)
+    )

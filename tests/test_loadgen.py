@@ -10,6 +10,7 @@ skip, except under CI, where they fail.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -83,6 +84,46 @@ def check_complete(s: dict[str, Any], protocol: int) -> None:
     assert s["rate_achieved"] > 0 and s["cpu_s"] > 0 and s["cpu_us_per_event"] > 0
 
 
+LIVE_PATH = [
+    "server/ProcessEvent",
+    "event-consumer/compute",
+    "result-router/route",
+    "server/deliver",
+]
+INSIDE = "(inside Nimbus) server/ProcessEvent -> server/deliver"
+
+
+def check_stages(s: dict[str, Any], stdout: str, sample: int, clients: int) -> None:
+    """The sampled traces' stages (named as scripts/load_client.py names them): the live path's
+    in pipeline order, each with values, and together about the end-to-end latency."""
+    stages = s["stages_ms"]
+    names = [x["stage"] for x in stages]
+    by = {x["stage"]: x for x in stages}
+    hops = ["client send", *LIVE_PATH, "client receive"]
+    live = [f"{a} -> {b}" for a, b in itertools.pairwise(hops)]
+    assert all(n in by for n in [*live, INSIDE]), names
+    assert [names.index(n) for n in live] == sorted(names.index(n) for n in live), names
+    for x in stages:
+        assert x["n"] > 0 and 0 <= x["p50"] <= x["p99"], x
+    # every `sample`-th result of each client, all of them here (no warm-up, nothing resent)
+    n = by[live[0]]["n"]
+    assert s["results"] // sample - clients <= n <= s["results"] // sample, (n, s["results"])
+    assert all(by[k]["n"] <= n for k in [*live, INSIDE])
+    # The consecutive stages add up to the trip from the actual send. Their p50s' sum is not the
+    # p50 of the sums, but close (a wrong clock or unit would be off by orders of magnitude);
+    # and the trip is above the sum of the stages' p99s in only a few % of the cases.
+    e2e = s["latency_actual_ms"]["p50"]
+    total = sum(by[k]["p50"] for k in live)
+    assert e2e / 4 - 0.2 <= total <= e2e * 3 + 0.2, (total, e2e, stages)
+    assert sum(by[k]["p99"] for k in live) >= 0.9 * e2e, (e2e, stages)
+    # inside Nimbus: the three stages between the pod's two steps, each at most the whole
+    inner = [by[k]["p50"] for k in live[1:-1]]
+    assert max(inner) <= by[INSIDE]["p99"] and by[INSIDE]["p50"] <= 3 * sum(inner) + 0.2
+    assert "latency by stage (ms, sampled traces):" in stdout
+    for k in live:
+        assert f"  {k} " in stdout
+
+
 async def check_acked(c: Cluster, prefix: str, clients: int) -> None:
     """The server holds every client's acks: none has results left owed (a backlog)."""
     with trio.fail_after(10):
@@ -98,6 +139,7 @@ async def check_acked(c: Cluster, prefix: str, clients: int) -> None:
 async def test_loadgen_gets_every_result(
     loadgen: Path, tmp_path: Path, unique: str, protocol: int
 ) -> None:
+    sample = 10 if protocol == 2 else 1  # the default; every result
     prefix = f"lg{protocol}-{unique}"
     with trio.fail_after(90):
         async with cluster({"engine": "memory"}) as c:
@@ -110,6 +152,7 @@ async def test_loadgen_gets_every_result(
                 "--duration", "3",
                 "--protocol", str(protocol),
                 "--prefix", prefix,
+                *(["--stage-sample", str(sample)] if sample != 10 else []),
             )  # fmt: skip
             assert rc == 0, (rc, stdout, stderr)
             assert s is not None
@@ -117,6 +160,7 @@ async def test_loadgen_gets_every_result(
             check_complete(s, protocol)
             assert s["streams_opened"] == 5
             assert 500 <= s["sent"] <= 700  # 200/s for 3 s
+            check_stages(s, stdout, sample, 5)
             await check_acked(c, prefix, 5)
 
 
@@ -138,6 +182,7 @@ async def test_loadgen_reconnects_to_the_other_pod(
                 "--duration", "3",
                 "--reconnect-at", "1.5",
                 "--prefix", prefix,
+                "--stage-sample", "0",
             )  # fmt: skip
             assert rc == 0, (rc, stdout, stderr)
             assert s is not None
@@ -147,6 +192,7 @@ async def test_loadgen_reconnects_to_the_other_pod(
             assert s["app_duplicates"] == s["resend_duplicates"]
             assert s["ok"] is True
             assert s["streams_opened"] == 10 and s["stream_errors"] == {}
+            assert s["stages_ms"] == [] and "latency by stage" not in stdout  # sampling off
             rc_ = s["reconnect"]
             assert rc_["clients"] == 5 and rc_["reconnect_first_ms"]["n"] == 5
             assert rc_["reconnect_first_ms"]["max"] > 0
@@ -160,7 +206,13 @@ async def test_loadgen_reconnects_to_the_other_pod(
 
 
 async def test_loadgen_usage_and_unreachable(loadgen: Path, tmp_path: Path) -> None:
-    for bad in (["--clients", "0"], ["--protocol", "3"], ["--no-such-flag"], ["--targets", "x"]):
+    for bad in (
+        ["--clients", "0"],
+        ["--protocol", "3"],
+        ["--no-such-flag"],
+        ["--targets", "x"],
+        ["--stage-sample", "-1"],
+    ):
         rc, stdout, stderr, s = await run_loadgen(loadgen, tmp_path, *bad)
         assert rc == 2, (bad, rc, stderr)
         assert stdout == "" and s is None
