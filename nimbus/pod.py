@@ -53,6 +53,9 @@ from nimbus.subscriptions import listen
 REPLAY_REQUESTS = "nimbus:replay-requests"
 STATUS_CHECKS = "nimbus:status-checks"  # "client_id\tlast_ack_ns" from pods and replays
 FLIPS = "nimbus:flips"  # "client_id\tlast_ack_ns\tflip_ns" from the status manager
+# "client_id\n..." from result routers after each DLQ write: wakes those clients' replays now
+# (a hint; a replay also finds new records by itself, within its wait at the partition's end)
+DLQ_WRITES = "nimbus:dlq-writes"
 
 
 def status_check(client_id: str, last_ack_ns: int) -> tuple[str, bytes]:

@@ -39,7 +39,7 @@ from nimbus.channels import receive_batch
 from nimbus.config import Settings
 from nimbus.lifecycle import ClientRecord, Status
 from nimbus.messages import GAP, DeliveryReport, EventResponse, KafkaEventResponse, ReportItem
-from nimbus.pod import REPLAY_REQUESTS, status_check
+from nimbus.pod import DLQ_WRITES, REPLAY_REQUESTS, status_check
 from nimbus.ports import EngineError, Log, LogReader, Record, StateStore, TopicPartition
 from nimbus.replay_cache import FetchCache
 from nimbus.router import pod_messages, run_message
@@ -140,6 +140,9 @@ class ReplayPipeline:
         self.fetched_to = cursor  # next DLQ offset the fetch stage will read
         self.published_to = cursor  # every record below it is published (or not ours)
         self.caught_up = trio.Event()
+        # Set when a result router wrote this client's results to the DLQ (DLQ_WRITES): cuts the
+        # fetch stage's wait short. Replaced before each fetch, so a notice during one is kept.
+        self.nudged = trio.Event()
         self.delivered = 0
         self.last_published = (0, 0)  # (token, delivery id)
         self.last_ack_ns = 0
@@ -184,11 +187,18 @@ class ReplayPipeline:
         async with send:
             while True:
                 if self.fetched_to < 0:
-                    await trio.sleep(0.02)  # no DLQ write recorded yet; _watch picks it up
+                    # No DLQ write recorded yet: _watch picks it up, or a notice says it came.
+                    with trio.move_on_after(0.02):
+                        await self.nudged.wait()
+                    if self.nudged.is_set() and self.fetched_to < 0:
+                        self.nudged = trio.Event()
+                        if self.on_record(await self.svc.state.get(self.client_id)):
+                            await self.svc.request_flip(self.client_id, self.last_ack_ns)
                     continue
                 if check_start is not None:
                     await self._check_retention(check_start)
                     check_start = None
+                self.nudged = trio.Event()
                 records = await self.svc.fetch(self, self.fetched_to, 500, 0.1)
                 if records and records[0].offset > self.fetched_to:
                     await self._check_retention()  # the reader skipped records: aged out?
@@ -564,7 +574,8 @@ class ReplayService:
                 else:
                     feed.end = (offset, trio.current_time())
         if not records:
-            await trio.sleep_until(until)
+            with trio.move_on_at(until):
+                await p.nudged.wait()  # new records of p's client: read again now
             return []
         return records
 
@@ -641,6 +652,7 @@ class ReplayService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(listen, self.state, REPLAY_REQUESTS, self._on_request)
+            await nursery.start(listen, self.state, DLQ_WRITES, self._on_dlq_writes)
             await nursery.start(listen, self.state, self.reply_to, self._on_report)
             nursery.start_soon(self._scan)
             nursery.start_soon(self._cursor_writer)
@@ -776,6 +788,17 @@ class ReplayService:
             badinput.message("replay requests", badinput.UNDECODABLE, repr(payload[:64]))
             return
         await self._requests_send.send(client_id)
+
+    async def _on_dlq_writes(self, payload: bytes) -> None:
+        """A result router wrote these clients' results to the DLQ: their replays here read
+        now rather than after their wait at the partition's end (most clients in it have none)."""
+        for cid in payload.decode(errors="replace").split("\n"):
+            p = self.active.get(cid)
+            if p is not None:
+                feed = self._feeds.get(p.partition)
+                if feed is not None:
+                    feed.end = (-1, 0.0)  # the end seen before is not the end any more
+                p.nudged.set()
 
     async def _on_report(self, payload: bytes) -> None:
         try:

@@ -30,6 +30,7 @@ from nimbus.messages import (
     length_delimited,
     response_with_log,
 )
+from nimbus.pod import DLQ_WRITES, REPLAY_REQUESTS
 from nimbus.ports import (
     CommitFailed,
     DlqWrite,
@@ -302,6 +303,15 @@ class ResultRouter:
                 logger.info(
                     "result router: diverted {} failed live deliveries to the DLQ", len(diverts)
                 )
+                # A divert makes a connected client REPLAYING: ask for its replay now, not at
+                # the replay service's next periodic scan (NIMBUS_STATUS_INTERVAL_MS), which
+                # stays the safety net if this request is lost.
+                try:
+                    await self.state.publish(
+                        [(REPLAY_REQUESTS, cid.encode()) for cid in {e.client_id for e in diverts}]
+                    )
+                except EngineError as e:
+                    logger.debug("result router: replay requests not sent: {}", e)
             decide = w.decidable()
             if decide:
                 try:
@@ -353,6 +363,15 @@ class ResultRouter:
         self.window.dlq_done(writes)
         self.counters.inc("router.dlq", len(writes))
         self.counters.inc("router.dlq_records", len(records))
+        # Wake the replays of these clients, if any is running (a client reconnecting while its
+        # results were on their way to its old pod is replaying now, waiting for exactly these).
+        # Only a hint: a replay finds the records by itself too, a wait at the partition's end
+        # later, so a lost one costs latency, never a result.
+        clients = "\n".join(dict.fromkeys(cid for cid, _, _ in records))
+        try:
+            await self.state.publish([(DLQ_WRITES, clients.encode())])
+        except EngineError as e:
+            logger.debug("result router: DLQ write notice not sent: {}", e)
 
     async def _commit(self, consumer: LogConsumer, force: bool = False) -> None:
         self._pending_commit.update(self.window.commits())

@@ -194,3 +194,53 @@ async def test_a_replay_with_nothing_confirmed_within_the_delivery_timeout_stops
         await p._watchdog(cs)
     assert cs.cancel_called and p.stopped and "no delivery confirmed" in p.fault
     assert 2.0 < trio.current_time() <= 2.6
+
+
+async def test_a_dlq_write_notice_ends_a_replays_wait_at_the_partitions_end() -> None:
+    """A reconnecting client's replay often starts before the results on their way to its old
+    pod are diverted: it waits at the DLQ partition's end. The router's notice (DLQ_WRITES)
+    must end that wait now, not after it (here 30 s, so a missed wake-up fails the test), and
+    the partition's end seen before must be forgotten, or the next read would wait again."""
+    svc, log, _ = await service(CountingLog())
+    a, b = same_partition_ids("nudge", 4, 2)
+    pa = ReplayPipeline(svc, a, 1, "pod", 0, 0)
+    svc.active = {a: pa, b: ReplayPipeline(svc, b, 1, "pod", 0, 0)}  # b: not waiting, no harm
+    got: dict[str, list[int]] = {}
+
+    async def read(p: ReplayPipeline) -> None:
+        async with svc._feed(p.partition):
+            assert await svc.fetch(p, 0, 500, 30) == []  # at the end: waits
+            got[p.client_id] = [r.offset for r in await svc.fetch(p, 0, 500, 30)]
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            n.start_soon(read, pa)
+            await trio.sleep(0.2)  # past its short poll at the end (_END_POLL_S): it sleeps
+            await log.producer.send_batch(svc.s.kafka_dlq_topic, [(a.encode(), b"r")])
+            await svc._on_dlq_writes(f"{a}\nsomeone-else".encode())
+    assert got == {a: [0]}
+    assert isinstance(log, CountingLog) and log.fetches == [0, 0]
+
+
+async def test_the_router_sends_a_notice_after_each_dlq_write() -> None:
+    """Results of a client that left go to the DLQ; each write is followed by a notice naming
+    the clients written for (the replays' wake-up)."""
+    from nimbus.pod import DLQ_WRITES
+    from nimbus.subscriptions import listen
+    from tests.test_holes import send_and_leave
+    from tests.test_pipeline import cluster
+
+    notices: list[bytes] = []
+    came = trio.Event()
+
+    async def handle(payload: bytes) -> None:
+        notices.append(payload)
+        came.set()
+
+    with trio.fail_after(20):
+        async with cluster({"engine": "memory"}) as c:
+            await c.nursery.start(listen, c.engine.state, DLQ_WRITES, handle)
+            await send_and_leave(c.ports[0], "gone", range(1, 6))
+            await came.wait()
+            c.nursery.cancel_scope.cancel()
+    assert set(b"\n".join(notices).split(b"\n")) == {b"gone"}
