@@ -18,7 +18,7 @@ from loguru import logger
 
 from nimbus import badinput, packs, trace
 from nimbus.channels import receive_batch
-from nimbus.config import Settings
+from nimbus.config import RESULTS_GROUP, Settings
 from nimbus.messages import (
     DELIVERY_RESPONSE,
     POD_DELIVERY,
@@ -43,13 +43,6 @@ from nimbus.ports import (
 from nimbus.router_window import Entry, RouterWindow
 from nimbus.stats import Counters
 from nimbus.subscriptions import listen
-
-GROUP = "nimbus-result-router"
-
-
-def group_for(settings: Settings) -> str:
-    """Per topic, so deployments (and tests) sharing a cluster never share a group."""
-    return f"{GROUP}.{settings.kafka_results_topic}"
 
 
 @dataclass
@@ -175,7 +168,7 @@ class ResultRouter:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         send, recv = trio.open_memory_channel[PollResult | DeliveryReport | _Tick](64)
         async with (
-            self.log.consumer(self.s.kafka_results_topic, group_for(self.s)) as consumer,
+            self.log.consumer(self.s.kafka_results_topic, self.s.results_group) as consumer,
             trio.open_nursery() as nursery,
         ):
             reports = send.clone()
@@ -194,7 +187,7 @@ class ResultRouter:
             nursery.start_soon(self._ticker, send.clone())
             send.close()
             task_status.started()
-            logger.info("result router up: group {} reply channel {}", GROUP, self.reply_to)
+            logger.info("result router up: group {} reply channel {}", RESULTS_GROUP, self.reply_to)
             try:
                 await self._drive(consumer, recv)
             finally:
