@@ -765,7 +765,7 @@ async def test_bad_channel_messages_are_counted_and_the_workers_keep_going() -> 
     """Found: a non-UTF-8 replay request (payload.decode()) and a status check that is not
     "client_id<TAB>ns" (or whose client id holds a tab) raised out of the channel listeners and
     ended the workers process. Also: the replay's undecodable delivery reports went uncounted."""
-    from nimbus.pod import REPLAY_REQUESTS, STATUS_CHECKS
+    from nimbus.pod_channel import REPLAY_REQUESTS, STATUS_CHECKS
 
     with trio.fail_after(60):
         async with cluster({"engine": "memory"}) as c:
