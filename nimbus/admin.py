@@ -18,7 +18,7 @@ from typing import Any
 
 import trio_asyncio
 
-from nimbus import event_consumer, packs, router
+from nimbus import packs
 from nimbus.config import ConfigError, Settings
 from nimbus.engines import open_engine
 from nimbus.engines.murmur2 import partition_for
@@ -153,8 +153,8 @@ async def client(settings: Settings, log: Any, state: Any, client_id: str) -> di
 async def lags(settings: Settings, log: Any) -> list[dict[str, Any]]:
     rows = []
     for topic, group in (
-        (settings.kafka_events_topic, event_consumer.group_for(settings)),
-        (settings.kafka_results_topic, router.group_for(settings)),
+        (settings.kafka_events_topic, settings.events_group),
+        (settings.kafka_results_topic, settings.results_group),
         (settings.kafka_dlq_topic, ""),
     ):
         ends = await log.end_offsets(topic)

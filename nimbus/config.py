@@ -18,6 +18,11 @@ class ConfigError(ValueError):
     pass
 
 
+# Kafka consumer groups, one per topic (see Settings.events_group, Settings.results_group).
+EVENTS_GROUP = "nimbus-event-consumer"
+RESULTS_GROUP = "nimbus-result-router"
+
+
 def _int(lo: int, hi: int) -> Callable[[str], int]:
     def parse(raw: str) -> int:
         try:
@@ -447,6 +452,18 @@ class Settings:
     @property
     def topics(self) -> tuple[str, str, str]:
         return (self.kafka_events_topic, self.kafka_results_topic, self.kafka_dlq_topic)
+
+    # Per topic, so deployments (and tests) sharing a cluster never share a group. The replay has
+    # no group: it reads the DLQ from each client's own cursor.
+    @property
+    def events_group(self) -> str:
+        """The event consumers' Kafka group (on the events topic)."""
+        return f"{EVENTS_GROUP}.{self.kafka_events_topic}"
+
+    @property
+    def results_group(self) -> str:
+        """The result routers' Kafka group (on the results topic)."""
+        return f"{RESULTS_GROUP}.{self.kafka_results_topic}"
 
 
 def load(

@@ -17,13 +17,6 @@ from nimbus.messages import KafkaEventRequest, KafkaEventResponse
 from nimbus.ports import EngineError, Log, LogConsumer, Record, TopicPartition
 from nimbus.stats import Counters
 
-GROUP = "nimbus-event-consumer"
-
-
-def group_for(settings: Settings) -> str:
-    """Per topic, so deployments (and tests) sharing a cluster never share a group."""
-    return f"{GROUP}.{settings.kafka_events_topic}"
-
 
 def process(rec: Record, instance: str) -> KafkaEventResponse:
     """The result of one events-topic record; raises BadRecord if the record is not an event."""
@@ -72,12 +65,12 @@ class EventConsumer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         send, recv = trio.open_memory_channel[_Batch](PIPELINE_BATCHES)
         async with (
-            self.log.consumer(self.s.kafka_events_topic, group_for(self.s)) as consumer,
+            self.log.consumer(self.s.kafka_events_topic, self.s.events_group) as consumer,
             trio.open_nursery() as nursery,
         ):
             nursery.start_soon(self._produce, consumer, recv)
             task_status.started()
-            logger.info("event consumer up: group {}", group_for(self.s))
+            logger.info("event consumer up: group {}", self.s.events_group)
             async with send:
                 while True:
                     try:

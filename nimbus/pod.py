@@ -42,26 +42,19 @@ from nimbus.messages import (
     EventResponse,
     KafkaEventRequest,
     LogEntry,
-    PodMessage,
     ReportItem,
     response_with_log,
+)
+from nimbus.pod_channel import (
+    kick_message,
+    parse_pod_message,
+    replay_request,
+    run_problem,
+    status_check,
 )
 from nimbus.ports import AckItem, EngineError, Log, StateStore
 from nimbus.stats import Counters
 from nimbus.subscriptions import listen
-
-REPLAY_REQUESTS = "nimbus:replay-requests"
-STATUS_CHECKS = "nimbus:status-checks"  # "client_id\tlast_ack_ns" from pods and replays
-FLIPS = "nimbus:flips"  # "client_id\tlast_ack_ns\tflip_ns" from the status manager
-# "client_id\n..." from result routers after each DLQ write: wakes those clients' replays now
-# (a hint; a replay also finds new records by itself, within its wait at the partition's end)
-DLQ_WRITES = "nimbus:dlq-writes"
-
-
-def status_check(client_id: str, last_ack_ns: int) -> tuple[str, bytes]:
-    """A request for the flip to LIVE (channel, payload); `last_ack_ns` (wall clock, 0 if not
-    known) is when the ack that completed the backlog arrived, so the flip's delay is measured."""
-    return STATUS_CHECKS, f"{client_id}\t{last_ack_ns}".encode()
 
 
 class Close:
@@ -260,11 +253,10 @@ class Pod:
         if old is not None:
             self._end(old, Close("ABORTED", "superseded by a newer stream for this client_id"))
         elif res.previous_pod and res.previous_pod != self.channel:
-            kick = PodMessage()
-            kick.kicks.add(client_id=client_id, epoch=res.previous_epoch)
-            await self.state.publish([(res.previous_pod, kick.SerializeToString())])
+            kick = kick_message(client_id, res.previous_epoch)
+            await self.state.publish([(res.previous_pod, kick)])
         if res.status is Status.REPLAYING:
-            await self.state.publish([(REPLAY_REQUESTS, client_id.encode())])
+            await self.state.publish([replay_request(client_id)])
         self.counters.inc("pod.connects")
         logger.info("client {} connected (epoch {}, {})", client_id, s.epoch, res.status.value)
         steps: dict[int, bytes] = {}
@@ -533,7 +525,7 @@ class Pod:
     async def _on_message(self, payload: bytes) -> None:
         """A message on this pod's channel: kicks, then deliveries."""
         try:
-            msg = PodMessage.FromString(payload)
+            msg = parse_pod_message(payload)
         except Exception:
             self.counters.inc("pod.bad_message")
             badinput.message("pod channel", badinput.UNDECODABLE, self.channel)
@@ -592,7 +584,7 @@ class Pod:
             out = self._original(s, resp, resp.log)
         else:
             # Encoded here, with this hop's trace step appended to the log on the wire (see
-            # nimbus.router.pod_messages): no step built per result, no message re-encoded later.
+            # nimbus.pod_channel.pod_messages): no step built per result, nothing re-encoded later.
             step = self._step(s, steps)
             log = resp.log.SerializeToString() + step
             resp.ClearField("log")
@@ -648,13 +640,13 @@ class Pod:
         hold a result twice) are skipped. The run is confirmed, as one delivery, once the client
         has acked its last. Only a run that cannot be read (its lists of different lengths, its
         last id not the delivery's) is refused, with the reason, so its sender changes it."""
-        ids, heads, encoded_logs = d.run_ids, d.run_heads, d.run_logs
-        n = len(ids)
-        if len(heads) != n or len(encoded_logs) != n or ids[n - 1] != d.delivery_id:
-            reason = f"run of {d.client_id}: {n} ids, {len(heads)} heads, {len(encoded_logs)} logs"
+        reason = run_problem(d)
+        if reason:
             badinput.message("pod channel", badinput.MALFORMED_MESSAGE, reason)
             self._report(reply_to, d, delivered=False, refused=reason)
             return
+        ids, heads, encoded_logs = d.run_ids, d.run_heads, d.run_logs
+        n = len(ids)
         # The delivery latency histogram gets one observation per run (its first result).
         metrics.delivered(LogEntry.FromString(encoded_logs[0]))
         taken = max(s.acked, s.last_queued)

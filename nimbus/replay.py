@@ -39,11 +39,19 @@ from nimbus.channels import receive_batch
 from nimbus.config import Settings
 from nimbus.lifecycle import ClientRecord, Status
 from nimbus.messages import GAP, DeliveryReport, EventResponse, KafkaEventResponse, ReportItem
-from nimbus.pod import DLQ_WRITES, REPLAY_REQUESTS, status_check
-from nimbus.ports import EngineError, Log, LogReader, Record, StateStore, TopicPartition
+from nimbus.pod_channel import (
+    DLQ_WRITES,
+    REPLAY_REQUESTS,
+    Outgoing,
+    parse_dlq_writes,
+    parse_replay_request,
+    pod_messages,
+    reply_channel,
+    run_message,
+    status_check,
+)
+from nimbus.ports import EngineError, Log, LogReader, Record, StateStore
 from nimbus.replay_cache import FetchCache
-from nimbus.router import pod_messages, run_message
-from nimbus.router_window import Entry
 from nimbus.stats import Counters
 from nimbus.subscriptions import listen
 
@@ -53,7 +61,6 @@ _BEGINS_MAX_AGE_S = 1.0  # see ReplayPipeline._fetch
 _START_BEGINS_MAX_AGE_S = 0.25
 _SHARED_FETCH = 2_000  # records per fetch through a partition's shared reader
 _WATCH_S = 0.2  # how often the service reads its replaying clients' records
-_NO_TP = TopicPartition("", 0)  # a replay's entries come from no results partition
 # Results per run (one pod message, one delivery, one report) at most, and at most a quarter of
 # the window: a window holds several runs, so the pod, the stream and the acks work on one while
 # the next is on its way (a fetch of packed records holds thousands of results; published at
@@ -337,18 +344,8 @@ class ReplayPipeline:
         if len(items) == 1:
             # One result (or a GAP notice) as a delivery of its own: the form a pod takes even
             # when it refused a run (see _Retry.singles).
-            entry = Entry(
-                _NO_TP,
-                first.offset,
-                self.client_id,
-                last,
-                first.result,
-                token=token,
-                pod=self.pod,
-                epoch=self.epoch,
-                prev=prev,
-            )
-            messages = pod_messages(svc.reply_to, [entry], svc.s.instance_id, "replay")
+            one = Outgoing(self.pod, self.client_id, self.epoch, last, token, prev, first.result)
+            messages = pod_messages(svc.reply_to, [one], svc.s.instance_id, "replay")
         else:
             results = [it.result for it in items]
             assert all(isinstance(r, KafkaEventResponse) for r in results)
@@ -499,7 +496,7 @@ class ReplayService:
         self.state = state
         self.counters = counters or Counters()
         self.owner = f"{settings.instance_id}:{uuid.uuid4().hex[:8]}"
-        self.reply_to = f"nimbus:reports:replay:{self.owner}"
+        self.reply_to = reply_channel("replay", self.owner)
         self.active: dict[str, ReplayPipeline] = {}
         self._tokens = itertools.count(1)
         self._by_token: dict[int, ReplayPipeline] = {}
@@ -783,7 +780,7 @@ class ReplayService:
 
     async def _on_request(self, payload: bytes) -> None:
         try:
-            client_id = payload.decode()
+            client_id = parse_replay_request(payload)
         except UnicodeDecodeError:
             badinput.message("replay requests", badinput.UNDECODABLE, repr(payload[:64]))
             return
@@ -792,7 +789,12 @@ class ReplayService:
     async def _on_dlq_writes(self, payload: bytes) -> None:
         """A result router wrote these clients' results to the DLQ: their replays here read
         now rather than after their wait at the partition's end (most clients in it have none)."""
-        for cid in payload.decode(errors="replace").split("\n"):
+        try:
+            client_ids = parse_dlq_writes(payload)
+        except ValueError:
+            badinput.message("dlq write notices", badinput.UNDECODABLE, repr(payload[:64]))
+            return
+        for cid in client_ids:
             p = self.active.get(cid)
             if p is not None:
                 feed = self._feeds.get(p.partition)

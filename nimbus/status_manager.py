@@ -21,7 +21,7 @@ from loguru import logger
 from nimbus import badinput, logs
 from nimbus.channels import receive_batch
 from nimbus.config import Settings
-from nimbus.pod import FLIPS, STATUS_CHECKS
+from nimbus.pod_channel import STATUS_CHECKS, flip_message, parse_status_check
 from nimbus.ports import EngineError, StateStore
 from nimbus.stats import Counters
 from nimbus.subscriptions import listen
@@ -39,12 +39,8 @@ class StatusManager:
         send, recv = trio.open_memory_channel[tuple[str, int]](10_000)
 
         async def on_check(payload: bytes) -> None:
-            try:  # "client_id<TAB>last_ack_ns"; a client id may itself hold tabs
-                text = payload.decode()
-                cid, tab, ack_ns = text.rpartition("\t")
-                if not tab:
-                    cid, ack_ns = text, "0"
-                last_ack_ns = int(ack_ns)
+            try:
+                cid, last_ack_ns = parse_status_check(payload)
             except ValueError:  # UnicodeDecodeError included
                 badinput.message("status checks", badinput.UNDECODABLE, repr(payload[:64]))
                 return
@@ -91,9 +87,7 @@ class StatusManager:
             self.counters.inc("status.flips", len(done))
             try:
                 # Observers (the chaos harness, the admin view) learn of flips here.
-                await self.state.publish(
-                    [(FLIPS, f"{cid}\t{acks.get(cid, 0)}\t{now}".encode()) for cid in done]
-                )
+                await self.state.publish([flip_message(cid, acks.get(cid, 0), now) for cid in done])
             except EngineError as e:
                 logger.warning("status manager: {}", e)
         return len(done)

@@ -24,7 +24,7 @@ import trio_asyncio
 from loguru import logger
 from prometheus_client.parser import text_string_to_metric_families
 
-from nimbus import event_consumer, httpd, metrics, router
+from nimbus import httpd, metrics
 from nimbus.config import Settings
 from nimbus.engines import open_engine
 from nimbus.engines.murmur2 import partition_for
@@ -177,8 +177,8 @@ class WebView:
         totals: dict[str, float] = {}
         dlq_ends: dict[int, int] = {}
         for topic, group in (
-            (s.kafka_events_topic, event_consumer.group_for(s)),
-            (s.kafka_results_topic, router.group_for(s)),
+            (s.kafka_events_topic, s.events_group),
+            (s.kafka_results_topic, s.results_group),
             (s.kafka_dlq_topic, ""),
         ):
             ends = await self.log.end_offsets(topic)

@@ -707,13 +707,13 @@ async def watch_flips(
     redis: str, namespace: str, flips: dict[str, tuple[int, int]], ready: trio.Event
 ) -> None:
     from nimbus.engines.redis import open_redis_state
-    from nimbus.pod import FLIPS
+    from nimbus.pod_channel import FLIPS, parse_flip
 
     async with open_redis_state(redis, prefix=namespace) as state, state.subscribe(FLIPS) as sub:
         ready.set()
         async for payload in sub:
-            cid, last_ack, flip = payload.decode().split("\t")
-            flips[cid] = (int(last_ack or 0), int(flip))
+            cid, last_ack_ns, flip_ns = parse_flip(payload)
+            flips[cid] = (last_ack_ns, flip_ns)
 
 
 async def make_backlog(fleet: Fleet, redis: str, ids: list[str], per_client: int) -> float:

@@ -831,9 +831,8 @@ def chain_worker(args: argparse.Namespace) -> None:
                                 delivery_id=r.delivery_id,
                                 token=r.delivery_id,
                             )
-                            resp = (
-                                d.response
-                            )  # the fields nimbus/router.py pod_messages copies; no checks/trace
+                            # the fields nimbus/pod_channel.py pod_messages copies; no checks/trace
+                            resp = d.response
                             resp.event_name = r.event_name
                             resp.number = r.number
                             resp.result = r.result

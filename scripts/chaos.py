@@ -123,7 +123,7 @@ from nimbus.client import (  # noqa: E402
 )
 from nimbus.engines.redis import open_redis_state  # noqa: E402
 from nimbus.entry import ArgumentParser  # noqa: E402
-from nimbus.pod import FLIPS  # noqa: E402
+from nimbus.pod_channel import FLIPS, parse_flip  # noqa: E402
 from nimbus.ports import EngineError  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -757,9 +757,9 @@ async def watch_flips(run: Run, redis_address: str, prefix: str, flips: list[Fli
                 state.subscribe(FLIPS) as sub,
             ):
                 async for payload in sub:
-                    cid, last_ack, flip = payload.decode().split("\t")
+                    cid, last_ack_ns, flip_ns = parse_flip(payload)
                     if cid.startswith(prefix):
-                        flips.append(Flip(cid, int(last_ack or 0), int(flip)))
+                        flips.append(Flip(cid, last_ack_ns, flip_ns))
         except (EngineError, OSError, ValueError) as e:
             run.counts["flip_watch_resubscribes"] += 1
             logger.debug("flip watcher: {}", e)

@@ -40,6 +40,18 @@ def test_environment_overrides() -> None:
     assert (s.port, s.pod_channel, s.engine) == (6000, "pod-7", "memory")
 
 
+def test_consumer_groups_are_per_topic() -> None:
+    """Kafka keeps committed offsets under these names: a change would orphan them."""
+    s = config.load(env={}, dotenv=False)
+    assert s.events_group == "nimbus-event-consumer.events-v1-topic"
+    assert s.results_group == "nimbus-result-router.results-v1-topic"
+    s = config.load(
+        env={"NIMBUS_KAFKA_EVENTS_TOPIC": "ev", "NIMBUS_KAFKA_RESULTS_TOPIC": "res"}, dotenv=False
+    )
+    assert s.events_group == "nimbus-event-consumer.ev"
+    assert s.results_group == "nimbus-result-router.res"
+
+
 @pytest.mark.parametrize(
     ("var", "value", "fragment"),
     [

@@ -8,7 +8,7 @@ import trio
 
 from nimbus import config, packs
 from nimbus.engines.memory import MemoryLog
-from nimbus.event_consumer import EventConsumer, group_for
+from nimbus.event_consumer import EventConsumer
 from nimbus.messages import KafkaEventRequest, KafkaEventResponse
 
 
@@ -36,7 +36,7 @@ async def test_offsets_are_committed_only_after_their_results_are_written() -> N
     s, log = await with_events(kafka_partitions=2, results_pack=1)
     ends = await log.end_offsets(s.kafka_events_topic)
     log.producer.fail_next = 3  # the first three result produces fail (a Kafka timeout)
-    group = group_for(s)
+    group = s.events_group
     seen_ahead: list[tuple[dict[int, int], int]] = []
 
     async def results_written() -> int:
@@ -79,7 +79,7 @@ async def test_a_clients_results_of_a_batch_share_a_record() -> None:
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(EventConsumer(s, log).run)
-            while await log.committed(group_for(s), s.kafka_events_topic) != ends:  # noqa: ASYNC110 (a store to poll)
+            while await log.committed(s.events_group, s.kafka_events_topic) != ends:  # noqa: ASYNC110 (a store to poll)
                 await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
     records = log.topic(s.kafka_results_topic).partitions[0]

@@ -36,7 +36,6 @@ from loguru import logger
 
 from nimbus import badinput, metrics
 from nimbus.engines.murmur2 import partition_for
-from nimbus.event_consumer import group_for as events_group
 from nimbus.lifecycle import Status
 from nimbus.messages import (
     DeliveryReport,
@@ -48,7 +47,6 @@ from nimbus.messages import (
 )
 from nimbus.ports import Record
 from nimbus.proto_gen.nimbus import ResponseKind
-from nimbus.router import group_for as results_group
 from tests import rawgrpc
 from tests.harness import Cluster, open_cluster, real_engine
 from tests.wire import open_stream
@@ -355,8 +353,8 @@ async def settled(c: Cluster, timeout: float = 60) -> None:
         while True:
             ok = True
             for topic, group in (
-                (c.settings.kafka_events_topic, events_group(c.settings)),
-                (c.settings.kafka_results_topic, results_group(c.settings)),
+                (c.settings.kafka_events_topic, c.settings.events_group),
+                (c.settings.kafka_results_topic, c.settings.results_group),
             ):
                 ends = await log.end_offsets(topic)
                 committed = await log.committed(group, topic)
@@ -767,7 +765,7 @@ async def test_bad_channel_messages_are_counted_and_the_workers_keep_going() -> 
     """Found: a non-UTF-8 replay request (payload.decode()) and a status check that is not
     "client_id<TAB>ns" (or whose client id holds a tab) raised out of the channel listeners and
     ended the workers process. Also: the replay's undecodable delivery reports went uncounted."""
-    from nimbus.pod import REPLAY_REQUESTS, STATUS_CHECKS
+    from nimbus.pod_channel import REPLAY_REQUESTS, STATUS_CHECKS
 
     with trio.fail_after(60):
         async with cluster({"engine": "memory"}) as c:

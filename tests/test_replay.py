@@ -225,7 +225,7 @@ async def test_a_dlq_write_notice_ends_a_replays_wait_at_the_partitions_end() ->
 async def test_the_router_sends_a_notice_after_each_dlq_write() -> None:
     """Results of a client that left go to the DLQ; each write is followed by a notice naming
     the clients written for (the replays' wake-up)."""
-    from nimbus.pod import DLQ_WRITES
+    from nimbus.pod_channel import DLQ_WRITES
     from nimbus.subscriptions import listen
     from tests.test_holes import send_and_leave
     from tests.test_pipeline import cluster

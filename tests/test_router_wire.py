@@ -1,5 +1,5 @@
-"""nimbus.router.pod_messages composes PodMessages on the wire; a parser must read exactly the
-message the plain protobuf construction gives (trace timestamps aside). The replay's runs
+"""nimbus.pod_channel.pod_messages composes PodMessages on the wire; a parser must read exactly
+the message the plain protobuf construction gives (trace timestamps aside). The replay's runs
 (run_message): what the pod makes of them."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from nimbus.messages import (
     response_with_log,
 )
 from nimbus.pod import Outbox, Pod, Session
+from nimbus.pod_channel import pod_messages, run_message
 from nimbus.ports import TopicPartition
-from nimbus.router import pod_messages, run_message
 from nimbus.router_window import Entry
 
 TP = TopicPartition("results", 3)
@@ -110,7 +110,7 @@ def test_long_fields_take_multi_byte_lengths() -> None:
     ]
 
 
-# -- runs (nimbus.router.run_message, the replay's deliveries; nimbus.pod._deliver_run) ---------
+# -- runs (nimbus.pod_channel.run_message, the replay's deliveries; nimbus.pod._deliver_run) ----
 
 
 def _pod(protocol: int = 2, acked: int = 0) -> tuple[Pod, Session]:
