@@ -484,6 +484,11 @@ def redis_pubsub(args: argparse.Namespace) -> None:
         value = b"x" * args.size
         got = 0
         last = 0.0
+        # At most this many bytes published and not yet received: past redis-server's pub/sub
+        # output buffer limit (32 MB hard by default) it drops the subscriber, and the count
+        # would never be reached (large messages at full speed did).
+        window = max(args.batch, (8 << 20) // max(1, args.size))
+        room = asyncio.Event()
 
         async def listen() -> None:
             nonlocal got, last
@@ -492,11 +497,15 @@ def redis_pubsub(args: argparse.Namespace) -> None:
                 if m is not None:
                     got += 1
                     last = time.perf_counter()
+                    room.set()
 
         cpu0 = cpu_now()
         t0 = time.perf_counter()
         task = asyncio.ensure_future(listen())
         for start in range(0, args.count, args.batch):
+            while start - got > window:
+                room.clear()
+                await room.wait()
             pipe = pub_conn.pipeline(transaction=False)
             for _ in range(min(args.batch, args.count - start)):
                 pipe.publish(channel, value)
