@@ -47,6 +47,19 @@ def _linger(raw: str) -> int:
     return -1 if not raw.strip() else _int(0, 10_000)(raw.strip())
 
 
+def _float(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            v = float(raw)
+        except ValueError:
+            raise ValueError(f"expected a number, got {raw!r}") from None
+        if not lo <= v <= hi:  # also refuses nan
+            raise ValueError(f"must be between {lo:g} and {hi:g}, got {raw.strip()}")
+        return v
+
+    return parse
+
+
 def _choice(*options: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         v = raw.strip().lower()
@@ -379,6 +392,31 @@ VARIABLES: dict[str, Var] = {
             _int(0, 1 << 31),
             "a client's state record expires this long after it went OFFLINE with nothing pending (0: never)",
         ),
+        # The retry policy of the workers' and pods' loops (nimbus/retry.py).
+        Var(
+            "NIMBUS_RETRY_FIRST_MS",
+            "100",
+            _int(1, 60_000),
+            "a loop retrying after a Kafka/Redis error waits this after its first failure in a row",
+        ),
+        Var(
+            "NIMBUS_RETRY_MAX_MS",
+            "2000",
+            _int(1, 600_000),
+            "longest wait between retries (the delay grows to it)",
+        ),
+        Var(
+            "NIMBUS_RETRY_MULTIPLIER",
+            "2",
+            _float(1, 10),
+            "each further failure in a row multiplies the wait by this (1: a fixed wait)",
+        ),
+        Var(
+            "NIMBUS_RETRY_JITTER",
+            "0.2",
+            _float(0, 1),
+            "fraction of each wait taken off at random, so processes do not retry in step (0: none)",
+        ),
     ]
 }
 
@@ -444,6 +482,10 @@ class Settings:
     pod_queue_bytes: int
     ingest_queue_bytes: int
     record_ttl_sec: int
+    retry_first_ms: int
+    retry_max_ms: int
+    retry_multiplier: float
+    retry_jitter: float
 
     @property
     def pod_channel(self) -> str:

@@ -15,6 +15,7 @@ from nimbus.channels import receive_batch
 from nimbus.config import Settings
 from nimbus.messages import KafkaEventRequest, KafkaEventResponse
 from nimbus.ports import EngineError, Log, LogConsumer, Record, TopicPartition
+from nimbus.retry import Backoff, Policy
 from nimbus.stats import Counters
 
 
@@ -61,6 +62,7 @@ class EventConsumer:
         self.s = settings
         self.log = log
         self.counters = counters or Counters()
+        self.retry_policy = Policy.from_settings(settings)  # NIMBUS_RETRY_*
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         send, recv = trio.open_memory_channel[_Batch](PIPELINE_BATCHES)
@@ -71,14 +73,16 @@ class EventConsumer:
             nursery.start_soon(self._produce, consumer, recv)
             task_status.started()
             logger.info("event consumer up: group {}", self.s.events_group)
+            backoff = Backoff(self.retry_policy)
             async with send:
                 while True:
                     try:
                         batch = await consumer.poll(500, 0.5)
                     except EngineError as e:
                         logger.warning("event consumer: poll failed: {}", e)
-                        await trio.sleep(0.5)
+                        await backoff.wait()
                         continue
+                    backoff.failures = 0
                     if batch.records:
                         await send.send(self._compute(batch.records))
 
@@ -105,6 +109,7 @@ class EventConsumer:
     async def _produce(
         self, consumer: LogConsumer, recv: trio.MemoryReceiveChannel[_Batch]
     ) -> None:
+        backoff = Backoff(self.retry_policy)
         async with recv:
             while True:
                 batches = await receive_batch(recv)
@@ -123,7 +128,8 @@ class EventConsumer:
                         logger.warning(
                             "event consumer: producing {} results failed: {}; retrying", len(out), e
                         )
-                        await trio.sleep(0.5)
+                        await backoff.wait()
+                backoff.failures = 0
                 self.counters.inc("events.processed", n)
                 consumer.commit_later(offsets)
 

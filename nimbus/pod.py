@@ -53,6 +53,7 @@ from nimbus.pod_channel import (
     status_check,
 )
 from nimbus.ports import AckItem, EngineError, Log, StateStore
+from nimbus.retry import Backoff, Policy, retrying
 from nimbus.stats import Counters
 from nimbus.subscriptions import listen
 
@@ -202,6 +203,7 @@ class Pod:
         self.state = state
         self.channel = settings.pod_channel
         self.counters = counters or Counters()
+        self.retry_policy = Policy.from_settings(settings)  # NIMBUS_RETRY_*
         self.sessions: dict[str, Session] = {}
         self._connecting: dict[str, list[tuple[str, Delivery]]] = {}
         self._ids = itertools.count(1)
@@ -226,7 +228,9 @@ class Pod:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(listen, self.state, self.channel, self._on_message)
+            await nursery.start(
+                listen, self.state, self.channel, self._on_message, self.retry_policy
+            )
             nursery.start_soon(self._ingest)
             nursery.start_soon(self._reporter)
             nursery.start_soon(self._half_closed_deadlines)
@@ -274,22 +278,22 @@ class Pod:
             self._fail_unconfirmed(s)
             with trio.move_on_after(5) as cs:
                 cs.shield = True
-                for attempt in range(3):
-                    try:
-                        if await self.state.disconnect(s.client_id, s.epoch):
-                            logger.info("client {} disconnected (epoch {})", s.client_id, s.epoch)
-                        break
-                    except EngineError as e:
-                        # A Redis blip: a new connection usually works. If all fail, the record
-                        # stays LIVE on this pod and the router's delivery timeout diverts its
-                        # results: slower, nothing lost.
-                        logger.warning(
-                            "client {}: marking OFFLINE failed ({}): {}",
-                            s.client_id,
-                            attempt + 1,
-                            e,
-                        )
-                        await trio.sleep(0.05 * (attempt + 1))
+                try:
+                    if await retrying(
+                        lambda: self.state.disconnect(s.client_id, s.epoch),
+                        EngineError,
+                        self.retry_policy,
+                        attempts=3,
+                        on_error=lambda attempt, e: logger.warning(
+                            "client {}: marking OFFLINE failed ({}): {}", s.client_id, attempt, e
+                        ),
+                    ):
+                        logger.info("client {} disconnected (epoch {})", s.client_id, s.epoch)
+                except EngineError:
+                    # A Redis blip: a new connection usually works. If all 3 tries fail, the
+                    # record stays LIVE on this pod and the router's delivery timeout diverts its
+                    # results: slower, nothing lost.
+                    pass
             self._flush.set()
         finally:
             self._closing -= 1
@@ -686,6 +690,7 @@ class Pod:
     async def _reporter(self) -> None:
         """Acks to the state store first, then delivery reports: a report must never reach the
         replay (which then asks for the flip to LIVE) before the ack it stands for is stored."""
+        backoff = Backoff(self.retry_policy)
         while True:
             await self._flush.wait()
             self._flush = trio.Event()
@@ -709,6 +714,7 @@ class Pod:
                 ]
                 if messages:
                     await self.state.publish(messages)
+                backoff.failures = 0
             except EngineError as e:
                 logger.warning("pod {}: writing acks/reports failed: {}; retrying", self.channel, e)
                 for c, a in acks.items():
@@ -717,5 +723,5 @@ class Pod:
                 for ch, items in reports.items():
                     self._reports[ch][:0] = items
                 self._flush.set()
-                await trio.sleep(0.2)
+                await backoff.wait()
             await trio.sleep(0.002)  # gather a few ms of acks into one round trip

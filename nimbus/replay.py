@@ -52,6 +52,7 @@ from nimbus.pod_channel import (
 )
 from nimbus.ports import EngineError, Log, LogReader, Record, StateStore
 from nimbus.replay_cache import FetchCache
+from nimbus.retry import Backoff, Policy
 from nimbus.stats import Counters
 from nimbus.subscriptions import listen
 
@@ -513,6 +514,7 @@ class ReplayService:
         self._cursors: dict[str, int] = {}  # client -> cursor to store (see advance_cursor)
         self._cursors_due = trio.Event()
         self._retry: dict[str, _Retry] = {}  # clients whose last replay ended by a fault
+        self.retry_policy = Policy.from_settings(settings)  # NIMBUS_RETRY_*
 
     def __repr__(self) -> str:
         return f"<ReplayService {self.owner} active={len(self.active)}>"
@@ -591,6 +593,7 @@ class ReplayService:
         self._cursors_due.set()
 
     async def _cursor_writer(self) -> None:
+        backoff = Backoff(self.retry_policy)
         while True:
             await self._cursors_due.wait()
             self._cursors_due = trio.Event()
@@ -603,8 +606,10 @@ class ReplayService:
                 logger.warning("replay: storing cursors failed: {}", e)
                 for cid, c in items.items():
                     self._cursors[cid] = max(c, self._cursors.get(cid, 0))
-                await trio.sleep(0.2)
+                await backoff.wait()
                 self._cursors_due.set()
+            else:
+                backoff.failures = 0
 
     @contextlib.asynccontextmanager
     async def _feed(self, partition: int) -> AsyncIterator[None]:
@@ -648,9 +653,15 @@ class ReplayService:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(listen, self.state, REPLAY_REQUESTS, self._on_request)
-            await nursery.start(listen, self.state, DLQ_WRITES, self._on_dlq_writes)
-            await nursery.start(listen, self.state, self.reply_to, self._on_report)
+            await nursery.start(
+                listen, self.state, REPLAY_REQUESTS, self._on_request, self.retry_policy
+            )
+            await nursery.start(
+                listen, self.state, DLQ_WRITES, self._on_dlq_writes, self.retry_policy
+            )
+            await nursery.start(
+                listen, self.state, self.reply_to, self._on_report, self.retry_policy
+            )
             nursery.start_soon(self._scan)
             nursery.start_soon(self._cursor_writer)
             nursery.start_soon(self._watch)

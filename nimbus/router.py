@@ -31,6 +31,7 @@ from nimbus.ports import (
     StateStore,
     TopicPartition,
 )
+from nimbus.retry import Backoff, Policy
 from nimbus.router_window import Entry, RouterWindow
 from nimbus.stats import Counters
 from nimbus.subscriptions import listen
@@ -51,6 +52,8 @@ class ResultRouter:
         self.window = RouterWindow(settings.delivery_timeout_ms / 1000)
         self.reply_to = reply_channel("router", f"{settings.instance_id}:{uuid.uuid4().hex[:8]}")
         self.counters = counters or Counters()
+        self.retry_policy = Policy.from_settings(settings)  # NIMBUS_RETRY_*
+        self._act_backoff = Backoff(self.retry_policy)
         self._space = trio.Event()
         self._last_commit = -math.inf
         self._pending_commit: dict[TopicPartition, int] = {}
@@ -75,7 +78,7 @@ class ResultRouter:
                     return
                 await reports.send(report)
 
-            await nursery.start(listen, self.state, self.reply_to, on_report)
+            await nursery.start(listen, self.state, self.reply_to, on_report, self.retry_policy)
             nursery.start_soon(self._poller, consumer, send.clone())
             nursery.start_soon(self._ticker, send.clone())
             send.close()
@@ -93,6 +96,7 @@ class ResultRouter:
         consumer: LogConsumer,
         send: trio.MemorySendChannel[PollResult | DeliveryReport | _Tick],
     ) -> None:
+        backoff = Backoff(self.retry_policy)
         async with send:
             while True:
                 while self.window.pending >= self.s.router_window:
@@ -102,8 +106,9 @@ class ResultRouter:
                     result = await consumer.poll(500, 0.2)
                 except EngineError as e:
                     logger.warning("result router: poll failed: {}", e)
-                    await trio.sleep(0.5)
+                    await backoff.wait()
                     continue
+                backoff.failures = 0
                 if result.records or result.revoked or result.assigned:
                     await send.send(result)
 
@@ -217,9 +222,10 @@ class ResultRouter:
             if writes:
                 await self._write_dlq(writes)
             w.settle()
+            self._act_backoff.failures = 0
         except EngineError as e:
             logger.warning("result router: {}; retrying", e)
-            await trio.sleep(0.2)
+            await self._act_backoff.wait()
         await self._commit(consumer)
 
     async def _write_dlq(self, writes: list[Entry]) -> None:

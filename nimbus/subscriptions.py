@@ -11,34 +11,37 @@ import trio
 from loguru import logger
 
 from nimbus.ports import StateStore, StateUnavailable
+from nimbus.retry import DEFAULT, Backoff, Policy
 
 
 async def listen(
     state: StateStore,
     channel: str,
     handle: Callable[[bytes], Awaitable[None]],
+    policy: Policy = DEFAULT,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Call `handle` for each message on `channel`, forever, resubscribing after a failure.
-    Reports started once the first subscription is active."""
+    """Call `handle` for each message on `channel`, forever, resubscribing after a failure
+    (waits per `policy`, NIMBUS_RETRY_*). Reports started once the first subscription is
+    active."""
     started = False
-    backoff = 0.1
+    backoff = Backoff(policy)
     while True:
         try:
             async with state.subscribe(channel) as messages:
                 if not started:
                     task_status.started()
                     started = True
-                elif backoff > 0.1:
+                elif backoff.failures:
                     logger.info("resubscribed to {}", channel)
-                backoff = 0.1
+                backoff.reset()
                 async for payload in messages:
                     await handle(payload)
             return
         except StateUnavailable as e:
+            delay = backoff.next_delay()
             logger.warning(
-                "subscription to {} lost ({}); resubscribing in {:.1f}s", channel, e, backoff
+                "subscription to {} lost ({}); resubscribing in {:.1f}s", channel, e, delay
             )
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+            await trio.sleep(delay)
