@@ -23,6 +23,7 @@ from nimbus.channels import receive_batch
 from nimbus.config import Settings
 from nimbus.pod_channel import STATUS_CHECKS, flip_message, parse_status_check
 from nimbus.ports import EngineError, StateStore
+from nimbus.retry import Policy
 from nimbus.stats import Counters
 from nimbus.subscriptions import listen
 
@@ -51,7 +52,9 @@ class StatusManager:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._checks, recv)
-            await nursery.start(listen, self.state, STATUS_CHECKS, on_check)
+            await nursery.start(
+                listen, self.state, STATUS_CHECKS, on_check, Policy.from_settings(self.s)
+            )
             nursery.start_soon(self._periodic)
             task_status.started()
             logger.info("status manager up")
