@@ -160,6 +160,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="connect with TLS, verifying the server with CA_FILE (alone: the system's CAs)",
     )
     args = parser.parse_args(argv)
+    _check_args(parser, args)
+    return args
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (usage error, exit 2) what argparse lets through; fill in the defaults that
+    depend on other arguments (--target, --timeout)."""
     args.target = args.target or [_default_target()]
     for t in args.target:
         try:
@@ -188,7 +195,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--timeout must be > 0")
     if args.tls and not os.path.isfile(args.tls):
         parser.error(f"--tls {args.tls}: no such file (a PEM CA bundle)")
-    return args
 
 
 def _client_ssl(ca_file: str | None) -> _ssl.SSLContext | None:

@@ -247,17 +247,9 @@ async def check_target(
             ctx = ssl if isinstance(ssl, _ssl.SSLContext) else _ssl.create_default_context()
             ctx.set_alpn_protocols(["h2"])
             tls = trio.SSLStream(tcp, ctx, server_hostname=host)
-            try:
-                with trio.fail_after(timeout):
-                    await tls.do_handshake()
-            except trio.TooSlowError:
-                return f"{target}: no TLS handshake within {timeout:g}s; is it a TLS server?"
-            except trio.BrokenResourceError as e:
-                reason = getattr(e.__cause__, "reason", None) or e.__cause__ or e
-                return (
-                    f"TLS handshake with {target} failed ({reason}): is it a TLS server, and does "
-                    "the --tls CA file sign its certificate?"
-                )
+            failed = await _tls_handshake(tls, target, timeout)
+            if failed is not None:
+                return failed
             stream = tls
             if tls.selected_alpn_protocol() != "h2":
                 return (
@@ -281,27 +273,50 @@ async def check_target(
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(_H2_GOAWAY)
             return None
-        first_line = data.split(b"\n", 1)[0].strip().decode("latin-1")[:60]
-        if data.startswith(b"HTTP/") or data.lstrip().startswith(b"<"):
-            return (
-                f"{target} does not speak gRPC/HTTP2: it answered in HTTP/1 ({first_line!r}), "
-                "a web server? check --target"
-            )
-        if data[:1] in (b"\x15", b"\x16") and not ssl:  # a TLS alert or handshake record
-            return f"{target} does not speak gRPC/HTTP2 in the clear: it answered in TLS; use --tls"
-        if data and first_line.isprintable():
-            return f"{target} does not speak gRPC/HTTP2: it answered {first_line!r}; check --target"
-        if data:
-            return f"{target} does not speak gRPC/HTTP2: it answered {data[:16]!r}; check --target"
-        if closed:
-            return (
-                f"{target} does not speak gRPC/HTTP2: it closed the connection without an "
-                f"HTTP/2 answer; check --target{'' if ssl else ' (and --tls for a TLS server)'}"
-            )
-        return (
-            f"{target} does not speak gRPC/HTTP2: no HTTP/2 answer within {timeout:g}s; "
-            "check --target"
-        )
+        return _not_http2(target, data, closed, tls=bool(ssl), timeout=timeout)
     finally:
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(stream)
+
+
+async def _tls_handshake(
+    tls: trio.SSLStream[trio.SocketStream], target: str, timeout: float
+) -> str | None:
+    """None once the handshake is done, else why it failed, in words for a person."""
+    try:
+        with trio.fail_after(timeout):
+            await tls.do_handshake()
+    except trio.TooSlowError:
+        return f"{target}: no TLS handshake within {timeout:g}s; is it a TLS server?"
+    except trio.BrokenResourceError as e:
+        reason = getattr(e.__cause__, "reason", None) or e.__cause__ or e
+        return (
+            f"TLS handshake with {target} failed ({reason}): is it a TLS server, and does "
+            "the --tls CA file sign its certificate?"
+        )
+    return None
+
+
+def _not_http2(target: str, data: bytes, closed: bool, *, tls: bool, timeout: float) -> str:
+    """Why `target`, which answered the HTTP/2 preface with `data` (then closed the connection,
+    or not), is no gRPC server: in words for a person."""
+    first_line = data.split(b"\n", 1)[0].strip().decode("latin-1")[:60]
+    if data.startswith(b"HTTP/") or data.lstrip().startswith(b"<"):
+        return (
+            f"{target} does not speak gRPC/HTTP2: it answered in HTTP/1 ({first_line!r}), "
+            "a web server? check --target"
+        )
+    if data[:1] in (b"\x15", b"\x16") and not tls:  # a TLS alert or handshake record
+        return f"{target} does not speak gRPC/HTTP2 in the clear: it answered in TLS; use --tls"
+    if data and first_line.isprintable():
+        return f"{target} does not speak gRPC/HTTP2: it answered {first_line!r}; check --target"
+    if data:
+        return f"{target} does not speak gRPC/HTTP2: it answered {data[:16]!r}; check --target"
+    if closed:
+        return (
+            f"{target} does not speak gRPC/HTTP2: it closed the connection without an "
+            f"HTTP/2 answer; check --target{'' if tls else ' (and --tls for a TLS server)'}"
+        )
+    return (
+        f"{target} does not speak gRPC/HTTP2: no HTTP/2 answer within {timeout:g}s; check --target"
+    )
