@@ -240,25 +240,30 @@ class _Tally:
         return f"interrupted after {elapsed:.2f}s: {sent}, {arrived}"
 
 
-async def _cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    standby = args.start == 0 and args.end == 0
-    numbers = [] if standby else list(range(args.start, args.end + 1))
-    outstanding = set(numbers)  # numbers whose result (or final refusal) has not arrived
-    unanswered = 0  # results carrying an error, and final refusals
-    seq_number: dict[int, int] = {}
-    lost: list[int] = []
-    all_sent = False
-    finished = trio.Event()
-    interrupted = False
-    tally = _Tally(args.event, len(numbers), args.protocol)
+class _Run:
+    """One CLI run: sends the numbers, prints what arrives, and keeps count of what is missing."""
 
-    def settle(number: int) -> None:
-        outstanding.discard(number)
-        if all_sent and not outstanding:
-            finished.set()
+    def __init__(self, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
+        self.args = args
+        self.out = out
+        self.err = err
+        self.standby = args.start == 0 and args.end == 0
+        self.numbers = [] if self.standby else list(range(args.start, args.end + 1))
+        self.outstanding = set(self.numbers)  # numbers whose result (or refusal) has not arrived
+        self.unanswered = 0  # results carrying an error, and final refusals
+        self.seq_number: dict[int, int] = {}
+        self.lost: list[int] = []
+        self.all_sent = False
+        self.finished = trio.Event()
+        self.tally = _Tally(args.event, len(self.numbers), args.protocol)
 
-    def on_event(notice: Notice) -> None:
-        nonlocal unanswered
+    def settle(self, number: int) -> None:
+        self.outstanding.discard(number)
+        if self.all_sent and not self.outstanding:
+            self.finished.set()
+
+    def on_event(self, notice: Notice) -> None:
+        args, out, err = self.args, self.out, self.err
         if isinstance(notice, Refused):
             if notice.will_retry:
                 if args.verbose:
@@ -272,9 +277,9 @@ async def _cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 file=out,
                 flush=True,
             )
-            if notice.number in outstanding:
-                unanswered += 1
-            settle(notice.number)
+            if notice.number in self.outstanding:
+                self.unanswered += 1
+            self.settle(notice.number)
         elif isinstance(notice, Gap):
             print(
                 f"results {notice.first}..{notice.last} aged out on the server and are lost",
@@ -282,28 +287,28 @@ async def _cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 flush=True,
             )
             for seq in notice.lost_seqs:
-                if seq in seq_number:
-                    lost.append(seq_number[seq])
-                    settle(seq_number[seq])
+                if seq in self.seq_number:
+                    self.lost.append(self.seq_number[seq])
+                    self.settle(self.seq_number[seq])
         elif args.verbose and isinstance(notice, Connected | Disconnected):
             print(f"[{notice}]", file=err, flush=True)
 
-    async def sender(client: NimbusClient) -> None:
-        nonlocal all_sent
+    async def sender(self, client: NimbusClient) -> None:
+        args, tally = self.args, self.tally
         begun = trio.current_time()
-        for i, n in enumerate(numbers):
+        for i, n in enumerate(self.numbers):
             if args.rate:
                 await trio.sleep_until(begun + i / args.rate)
-            seq_number[await client.send(args.event, n)] = n
+            self.seq_number[await client.send(args.event, n)] = n
             tally.sent += 1
             tally.last_sent = n
-        all_sent = True
+        self.all_sent = True
         # Everything may have settled before the last send() returned.
-        if numbers and not outstanding:
-            finished.set()
+        if self.numbers and not self.outstanding:
+            self.finished.set()
 
-    async def printer(client: NimbusClient) -> None:
-        nonlocal unanswered
+    async def printer(self, client: NimbusClient) -> None:
+        args, out, tally = self.args, self.out, self.tally
         async for r in client.results():
             tally.arrived += 1
             tally.last = r
@@ -314,22 +319,71 @@ async def _cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 for line in format_trace(r.log):
                     print(line, file=out, flush=True)
             if mine:
-                if r.error is not None and r.number in outstanding:
-                    unanswered += 1
-                settle(r.number)
+                if r.error is not None and r.number in self.outstanding:
+                    self.unanswered += 1
+                self.settle(r.number)
 
-    async def session(client: NimbusClient) -> None:
+    async def session(self, client: NimbusClient) -> None:
         # Done is decided by `finished`, not by the results loop: the last event to settle may
         # be a refusal (a notice), after which no result will ever come.
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(sender, client)
-            nursery.start_soon(printer, client)
-            await finished.wait()  # standby: never set; Ctrl-C or a failure ends it
+            nursery.start_soon(self.sender, client)
+            nursery.start_soon(self.printer, client)
+            await self.finished.wait()  # standby: never set; Ctrl-C or a failure ends it
             nursery.cancel_scope.cancel()
 
+    def outcome(self, timed_out: bool, started: float) -> int:
+        """The last line (on err) and the exit code of a run that was not interrupted."""
+        args, numbers = self.args, self.numbers
+        if timed_out or self.outstanding or self.lost:
+            missing = sorted(self.outstanding | set(self.lost))
+            shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+            why = f"timed out after {args.timeout:g}s" if timed_out else "results were lost"
+            print(
+                f"{why}: {len(missing)} of {len(numbers)} results missing ({args.event} {shown})",
+                file=self.err,
+            )
+            return EXIT_MISSING
+        if numbers:
+            errors = f" ({self.unanswered} with an error)" if self.unanswered else ""
+            elapsed = trio.current_time() - started
+            print(f"all {len(numbers)} answered{errors} in {elapsed:.2f}s", file=self.err)
+        return EXIT_OK
+
+
+async def _not_grpc(targets: Sequence[str], ssl: _ssl.SSLContext | None) -> str | None:
+    """Why a target that answers is not a gRPC server (each checked at once, concurrently);
+    one that cannot be reached is left to the client, which tries the others."""
+    verdicts: dict[str, str | None] = {}
+
+    async def check(target: str) -> None:
+        with contextlib.suppress(ConnectionFailed):
+            verdicts[target] = await check_target(target, ssl=ssl)
+
+    async with trio.open_nursery() as nursery:
+        for target in targets:
+            nursery.start_soon(check, target)
+    return next((v for v in verdicts.values() if v), None)
+
+
+def _failed(exc: BaseException, err: TextIO) -> int:
+    """The exit code of a run the client library ended with an error; re-raises any other."""
+    leaf = _leaf(exc)
+    if isinstance(leaf, ConnectionFailed | StreamRefused):
+        print(str(leaf), file=err)
+        return EXIT_UNREACHABLE if isinstance(leaf, ConnectionFailed) else EXIT_REFUSED
+    if isinstance(leaf, NimbusError):
+        print(str(leaf), file=err)
+        return EXIT_MISSING
+    raise exc
+
+
+async def _cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    run = _Run(args, out, err)
+    interrupted = False
     started = trio.current_time()
     main_scope = trio.CancelScope()
-    timeout_scope = trio.CancelScope(deadline=math.inf if standby else started + args.timeout)
+    timeout_scope = trio.CancelScope(deadline=math.inf if run.standby else started + args.timeout)
     ssl = _client_ssl(args.tls)
 
     async def watch_sigint() -> None:
@@ -337,30 +391,17 @@ async def _cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         with trio.open_signal_receiver(signal.SIGINT) as signals:
             async for _ in signals:
                 if interrupted:  # a second Ctrl-C: do not wait for the final ack
-                    print(tally.interrupted(trio.current_time() - started), file=err, flush=True)
+                    elapsed = trio.current_time() - started
+                    print(run.tally.interrupted(elapsed), file=err, flush=True)
                     os._exit(EXIT_INTERRUPTED)
                 interrupted = True
                 main_scope.cancel()
-
-    async def not_grpc() -> str | None:
-        """Why a target that answers is not a gRPC server (each checked at once, concurrently);
-        one that cannot be reached is left to the client, which tries the others."""
-        verdicts: dict[str, str | None] = {}
-
-        async def check(target: str) -> None:
-            with contextlib.suppress(ConnectionFailed):
-                verdicts[target] = await check_target(target, ssl=ssl)
-
-        async with trio.open_nursery() as nursery:
-            for target in args.target:
-                nursery.start_soon(check, target)
-        return next((v for v in verdicts.values() if v), None)
 
     async with trio.open_nursery() as top:
         top.start_soon(watch_sigint)
         try:
             with main_scope, timeout_scope:
-                why = await not_grpc()
+                why = await _not_grpc(args.target, ssl)
                 if why is not None:
                     print(why, file=err)
                     return EXIT_UNREACHABLE
@@ -370,45 +411,20 @@ async def _cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                         args.client_id,
                         protocol=args.protocol,
                         connect_timeout=0,
-                        on_event=on_event,
+                        on_event=run.on_event,
                         token=args.token,
                         ssl=ssl,
                     ) as client:
-                        await session(client)
+                        await run.session(client)
         except BaseException as exc:
-            leaf = _leaf(exc)
-            if isinstance(leaf, ConnectionFailed | StreamRefused):
-                print(str(leaf), file=err)
-                return EXIT_UNREACHABLE if isinstance(leaf, ConnectionFailed) else EXIT_REFUSED
-            if isinstance(leaf, NimbusError):
-                print(str(leaf), file=err)
-                return EXIT_MISSING
-            raise
+            return _failed(exc, err)
         finally:
             top.cancel_scope.cancel()
 
     if interrupted:
-        print(tally.interrupted(trio.current_time() - started), file=err, flush=True)
+        print(run.tally.interrupted(trio.current_time() - started), file=err, flush=True)
         return EXIT_INTERRUPTED
-    if timeout_scope.cancelled_caught or outstanding or lost:
-        missing = sorted(outstanding | set(lost))
-        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
-        why = (
-            f"timed out after {args.timeout:g}s"
-            if timeout_scope.cancelled_caught
-            else "results were lost"
-        )
-        print(
-            f"{why}: {len(missing)} of {len(numbers)} results missing ({args.event} {shown})",
-            file=err,
-        )
-        return EXIT_MISSING
-    if numbers:
-        errors = f" ({unanswered} with an error)" if unanswered else ""
-        print(
-            f"all {len(numbers)} answered{errors} in {trio.current_time() - started:.2f}s", file=err
-        )
-    return EXIT_OK
+    return run.outcome(timeout_scope.cancelled_caught, started)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
