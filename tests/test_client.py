@@ -1,4 +1,4 @@
-"""Tests of the Nimbus client (nimbus/client.py).
+"""Tests of the Nimbus client (the package nimbus/client/).
 
 Three layers, after h11 and trio-websocket:
 - `ClientLedger` driven directly (no I/O, no clock): seqs, receipts, resends after a reconnect,
@@ -1230,7 +1230,8 @@ async def test_cli_refused_and_timeout_exit_codes() -> None:
 async def test_receive_takes_queued_results_fairly_and_a_cancel_loses_none() -> None:
     """receive() takes a queued result without a scheduling round each time, yet other tasks run
     every _YIELD_EVERY results, and a cancelled receive() takes nothing from the queue."""
-    from nimbus.client import _YIELD_EVERY, NimbusClient, Result
+    from nimbus.client import NimbusClient, Result
+    from nimbus.client.connection import _YIELD_EVERY
 
     c = NimbusClient(["127.0.0.1:1"], "fair", result_buffer=1000)
     for i in range(300):
