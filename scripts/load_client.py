@@ -19,7 +19,7 @@ receipted, then cuts its stream and reconnects to the next pod. Nothing is in do
 this tests replay and dedupe: results not yet acked must come back on the new pod, exactly once
 for the application. With `--abrupt` it cuts at once, as a dropped phone would: an event whose
 RECEIPT dies with the stream is resent, and if the server had accepted it, the server sends its
-result twice; the library drops the second by seq (see nimbus/client.py). A result the
+result twice; the library drops the second by seq (see nimbus/client/). A result the
 application sees twice fails the run.
 
     python scripts/load_client.py --clients 100 --events 1000 --targets 127.0.0.1:50051,127.0.0.1:50052 \\
