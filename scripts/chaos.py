@@ -727,15 +727,6 @@ def _error_text(res: Result) -> str | None:
 # Flips (time to LIVE)
 
 
-def _supports_redis_prefix() -> bool:
-    from nimbus import config
-
-    return "NIMBUS_REDIS_PREFIX" in config.VARIABLES
-
-
-# ---------------------------------------------------------------------------------------------
-
-
 @dataclass
 class Flip:
     client_id: str
@@ -749,7 +740,7 @@ def redis_prefix(args: argparse.Namespace) -> str:
 
 async def watch_flips(run: Run, redis_address: str, prefix: str, flips: list[Flip]) -> None:
     """Subscribe to the status manager's flips; resubscribe whenever Redis goes away."""
-    namespace = redis_prefix(run.args) if _supports_redis_prefix() else "nimbus:"
+    namespace = redis_prefix(run.args)
     while True:
         try:
             async with (
@@ -1402,8 +1393,7 @@ def build_fleet(run: Run, args: argparse.Namespace, kafka: str, redis: str) -> F
         "NIMBUS_KAFKA_RESULTS_TOPIC": f"{rid}-results",
         "NIMBUS_KAFKA_DLQ_TOPIC": f"{rid}-dlq",
         "NIMBUS_KAFKA_PARTITIONS": str(args.partitions),
-        # Own Redis namespace per run (keys and channels), so runs and tests never mix; older
-        # Nimbus versions ignore the variable and use "nimbus:" (the harness follows suit).
+        # Own Redis namespace per run (keys and channels), so runs and tests never mix.
         "NIMBUS_REDIS_PREFIX": redis_prefix(args),
         "NIMBUS_HOST": HOST,
         "NIMBUS_SHUTDOWN_TIMEOUT_SEC": str(args.shutdown_timeout),
@@ -1505,8 +1495,7 @@ async def main_async(args: argparse.Namespace) -> tuple[dict[str, Any] | None, i
             nursery.start_soon(progress, run, fleet, clients, brokers)
             nursery.start_soon(watch_flips, run, redis, args.prefix, flips)
             nursery.start_soon(probe_lag, run)
-            namespace = redis_prefix(args) if _supports_redis_prefix() else "nimbus:"
-            nursery.start_soon(clients.check_records, redis, namespace)
+            nursery.start_soon(clients.check_records, redis, redis_prefix(args))
             if not await fleet.wait_ready(args.start_timeout):
                 not_up = [p.name for p in fleet.procs if not p.ready]
                 run.event("processes not ready in time", procs=",".join(not_up))
