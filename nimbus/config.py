@@ -269,12 +269,6 @@ VARIABLES: dict[str, Var] = {
             "metrics endpoint and web view: Host names (comma-separated) answered besides the bind address and localhost/127.0.0.1/[::1], against DNS rebinding; others get 403; *: any",
         ),
         Var(
-            "NIMBUS_ALLINONE_DEMO",
-            "false",
-            _bool,
-            "all-in-one: print a hint for the sample client at start",
-        ),
-        Var(
             "NIMBUS_AUTH",
             "off",
             _choice("off", "jwt"),
@@ -458,7 +452,6 @@ class Settings:
     web_refresh_ms: int
     web_scrape: str
     http_allowed_hosts: str
-    allinone_demo: bool
     auth: str
     auth_algorithms: str
     auth_secret: str

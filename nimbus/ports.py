@@ -206,8 +206,3 @@ class StateStore(Protocol):
     def subscribe(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         """Messages published to `channel` after the subscription is active."""
         ...
-
-
-class Engine(Protocol):
-    log: Log
-    state: StateStore

@@ -378,8 +378,3 @@ class RouterWindow:
                         out.append(e)
                     break
         return out
-
-    def state_of(self, client_id: str) -> list[tuple[int, S]]:
-        """(delivery_id, state) of a client's unresolved entries, for tests and the admin view."""
-        cl = self._clients.get(client_id)
-        return [(e.delivery_id, e.state) for e in cl.queue if e.state is not S.DONE] if cl else []

@@ -37,7 +37,6 @@ import resource
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -52,8 +51,11 @@ import trio_asyncio
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "scripts") not in sys.path:  # shared.py, also when loaded by path (tests)
+    sys.path.append(str(ROOT / "scripts"))
 
 from loguru import logger  # noqa: E402
+from shared import free_port, watch_flips  # noqa: E402
 
 from nimbus.client import open_client  # noqa: E402
 from nimbus.entry import (  # noqa: E402
@@ -82,12 +84,6 @@ TARGETS = {
 def say(msg: str) -> None:
     sys.stderr.write(f"[bench {time.strftime('%H:%M:%S')}] {msg}\n")
     sys.stderr.flush()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def loadavg() -> list[float]:
@@ -703,19 +699,6 @@ async def live(args: argparse.Namespace, fleet: Fleet, run_dir: Path) -> dict[st
 # --- replay ------------------------------------------------------------------------------------
 
 
-async def watch_flips(
-    redis: str, namespace: str, flips: dict[str, tuple[int, int]], ready: trio.Event
-) -> None:
-    from nimbus.engines.redis import open_redis_state
-    from nimbus.pod_channel import FLIPS, parse_flip
-
-    async with open_redis_state(redis, prefix=namespace) as state, state.subscribe(FLIPS) as sub:
-        ready.set()
-        async for payload in sub:
-            cid, last_ack_ns, flip_ns = parse_flip(payload)
-            flips[cid] = (last_ack_ns, flip_ns)
-
-
 async def make_backlog(fleet: Fleet, redis: str, ids: list[str], per_client: int) -> float:
     """Workers stopped; each client sends `per_client` events, is receipted, leaves; workers start:
     every result goes to the DLQ. Returns seconds until the DLQ holds them all: until each
@@ -902,7 +885,11 @@ async def replay(
     flips: dict[str, tuple[int, int]] = {}
     async with trio.open_nursery() as nursery:
         ready = trio.Event()
-        nursery.start_soon(watch_flips, redis, f"{fleet.rid}:", flips, ready)
+
+        def on_flip(cid: str, last_ack_ns: int, flip_ns: int) -> None:
+            flips[cid] = (last_ack_ns, flip_ns)
+
+        nursery.start_soon(watch_flips, redis, f"{fleet.rid}:", on_flip, ready)
         await ready.wait()
         window = int(os.environ.get("NIMBUS_REPLAY_WINDOW", "2000"))
         for label, nclients in (("one", 1), ("many", 100), ("one_window_x5", 1)):

@@ -108,6 +108,11 @@ from loguru import logger
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/chaos.py` from anywhere
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "scripts") not in sys.path:  # shared.py, also when loaded by path (tests)
+    sys.path.append(str(ROOT / "scripts"))
+
+from shared import free_port, percentile  # noqa: E402
+from shared import watch_flips as watch_flip_payloads  # noqa: E402
 
 from nimbus.client import (  # noqa: E402
     Connected,
@@ -123,7 +128,6 @@ from nimbus.client import (  # noqa: E402
 )
 from nimbus.engines.redis import open_redis_state  # noqa: E402
 from nimbus.entry import ArgumentParser  # noqa: E402
-from nimbus.pod_channel import FLIPS, parse_flip  # noqa: E402
 from nimbus.ports import EngineError  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -150,14 +154,6 @@ def wall() -> str:
     return datetime.now().strftime("%H:%M:%S.%f")[:-3]
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted list (0.0 when empty)."""
-    if not sorted_values:
-        return 0.0
-    rank = max(1, math.ceil(q * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
 def dist(values: list[float]) -> dict[str, float | int]:
     v = sorted(values)
     return {
@@ -166,12 +162,6 @@ def dist(values: list[float]) -> dict[str, float | int]:
         "p99": round(percentile(v, 0.99), 3),
         "max": round(v[-1], 3) if v else 0.0,
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_until(predicate: Callable[[], bool], period: float = 0.2) -> None:
@@ -727,15 +717,6 @@ def _error_text(res: Result) -> str | None:
 # Flips (time to LIVE)
 
 
-def _supports_redis_prefix() -> bool:
-    from nimbus import config
-
-    return "NIMBUS_REDIS_PREFIX" in config.VARIABLES
-
-
-# ---------------------------------------------------------------------------------------------
-
-
 @dataclass
 class Flip:
     client_id: str
@@ -749,17 +730,15 @@ def redis_prefix(args: argparse.Namespace) -> str:
 
 async def watch_flips(run: Run, redis_address: str, prefix: str, flips: list[Flip]) -> None:
     """Subscribe to the status manager's flips; resubscribe whenever Redis goes away."""
-    namespace = redis_prefix(run.args) if _supports_redis_prefix() else "nimbus:"
+    namespace = redis_prefix(run.args)
+
+    def on_flip(cid: str, last_ack_ns: int, flip_ns: int) -> None:
+        if cid.startswith(prefix):
+            flips.append(Flip(cid, last_ack_ns, flip_ns))
+
     while True:
         try:
-            async with (
-                open_redis_state(redis_address, prefix=namespace) as state,
-                state.subscribe(FLIPS) as sub,
-            ):
-                async for payload in sub:
-                    cid, last_ack_ns, flip_ns = parse_flip(payload)
-                    if cid.startswith(prefix):
-                        flips.append(Flip(cid, last_ack_ns, flip_ns))
+            await watch_flip_payloads(redis_address, namespace, on_flip)
         except (EngineError, OSError, ValueError) as e:
             run.counts["flip_watch_resubscribes"] += 1
             logger.debug("flip watcher: {}", e)
@@ -1402,8 +1381,7 @@ def build_fleet(run: Run, args: argparse.Namespace, kafka: str, redis: str) -> F
         "NIMBUS_KAFKA_RESULTS_TOPIC": f"{rid}-results",
         "NIMBUS_KAFKA_DLQ_TOPIC": f"{rid}-dlq",
         "NIMBUS_KAFKA_PARTITIONS": str(args.partitions),
-        # Own Redis namespace per run (keys and channels), so runs and tests never mix; older
-        # Nimbus versions ignore the variable and use "nimbus:" (the harness follows suit).
+        # Own Redis namespace per run (keys and channels), so runs and tests never mix.
         "NIMBUS_REDIS_PREFIX": redis_prefix(args),
         "NIMBUS_HOST": HOST,
         "NIMBUS_SHUTDOWN_TIMEOUT_SEC": str(args.shutdown_timeout),
@@ -1505,8 +1483,7 @@ async def main_async(args: argparse.Namespace) -> tuple[dict[str, Any] | None, i
             nursery.start_soon(progress, run, fleet, clients, brokers)
             nursery.start_soon(watch_flips, run, redis, args.prefix, flips)
             nursery.start_soon(probe_lag, run)
-            namespace = redis_prefix(args) if _supports_redis_prefix() else "nimbus:"
-            nursery.start_soon(clients.check_records, redis, namespace)
+            nursery.start_soon(clients.check_records, redis, redis_prefix(args))
             if not await fleet.wait_ready(args.start_timeout):
                 not_up = [p.name for p in fleet.procs if not p.ready]
                 run.event("processes not ready in time", procs=",".join(not_up))

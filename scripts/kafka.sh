@@ -85,8 +85,10 @@ else
   PYTHON="${NIMBUS_KAFKA_PYTHON:-python3}"
 fi
 
-log() { echo "[kafka] $*" >&2; }
-die() { echo "[kafka] ERROR: $*" >&2; exit 1; }
+LOG_TAG=kafka
+LOCK_DIR="$KDIR"
+# shellcheck source=scripts/lib.sh
+source "$SCRIPT_DIR/lib.sh"
 
 kafka_version() {
   if [[ -n "${NIMBUS_KAFKA_VERSION:-}" ]]; then
@@ -123,8 +125,6 @@ broker_pid() {
 }
 
 is_running() { [[ -n "$(broker_pid)" ]]; }
-
-port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
 
 have_kafka_python() { "$PYTHON" -c 'import kafka' >/dev/null 2>&1; }
 
@@ -513,20 +513,6 @@ cmd_topics() {
     run_tool org.apache.kafka.tools.TopicCommand "$@"
   else
     run_tool org.apache.kafka.tools.TopicCommand "$@" --bootstrap-server "$BOOTSTRAP"
-  fi
-}
-
-usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-}
-
-# Serialise state-changing commands (e.g. parallel test workers all calling `start`).
-# fd 9 is closed for the server process so it does not inherit the lock.
-take_lock() {
-  mkdir -p "$KDIR"
-  exec 9>"$KDIR/.lock"
-  if command -v flock >/dev/null 2>&1; then
-    flock -w 300 9 || die "timed out waiting for $KDIR/.lock (another $0 still running?)"
   fi
 }
 

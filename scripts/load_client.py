@@ -46,6 +46,10 @@ from loguru import logger
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/load_client.py` from anywhere
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "scripts") not in sys.path:  # shared.py, also when loaded by path (tests)
+    sys.path.append(str(ROOT / "scripts"))
+
+from shared import percentile  # noqa: E402
 
 from nimbus.client import (  # noqa: E402
     ClientStats,
@@ -142,14 +146,6 @@ def record_stages(
 
 
 INSIDE = "(inside Nimbus) server/ProcessEvent -> server/deliver"
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted list (0.0 when empty)."""
-    if not sorted_values:
-        return 0.0
-    rank = max(1, math.ceil(q * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 async def run_client(

@@ -42,8 +42,10 @@ PORT="${NIMBUS_REDIS_PORT:-16379}"
 START_TIMEOUT="${NIMBUS_REDIS_START_TIMEOUT:-30}"
 STOP_TIMEOUT="${NIMBUS_REDIS_STOP_TIMEOUT:-15}"
 
-log() { echo "[redis] $*" >&2; }
-die() { echo "[redis] ERROR: $*" >&2; exit 1; }
+LOG_TAG=redis
+LOCK_DIR="$RDIR"
+# shellcheck source=scripts/lib.sh
+source "$SCRIPT_DIR/lib.sh"
 
 cmd_install() {
   if command -v redis-server >/dev/null 2>&1; then
@@ -75,8 +77,6 @@ redis_pid() {
 }
 
 is_running() { [[ -n "$(redis_pid)" ]]; }
-
-port_open() { (exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null; }
 
 # true when PING answers PONG (not e.g. "-LOADING" while the AOF is replayed)
 ping_ok() {
@@ -157,7 +157,7 @@ cmd_start() {
     return 0
   fi
   cmd_install
-  if port_open; then
+  if port_open "$PORT"; then
     die "port $PORT is already in use by another process (set NIMBUS_REDIS_PORT)"
   fi
   rm -f "$PID_FILE"
@@ -217,20 +217,6 @@ cmd_status() {
   fi
   echo "redis: stopped"
   return 3
-}
-
-usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-}
-
-# Serialise state-changing commands (e.g. parallel test workers all calling `start`).
-# fd 9 is closed for the server process so it does not inherit the lock.
-take_lock() {
-  mkdir -p "$RDIR"
-  exec 9>"$RDIR/.lock"
-  if command -v flock >/dev/null 2>&1; then
-    flock -w 300 9 || die "timed out waiting for $RDIR/.lock (another $0 still running?)"
-  fi
 }
 
 # While redis runs, its recorded port wins over the environment.

@@ -7,6 +7,7 @@ The same scenarios run on the in-memory engine (always) and on the real Kafka + 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -135,3 +136,10 @@ async def open_cluster(
             yield c
         finally:
             nursery.cancel_scope.cancel()
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

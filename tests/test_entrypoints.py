@@ -28,6 +28,8 @@ from typing import Any
 import pytest
 import trio
 
+from tests import harness
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 PY_FROM_ROOT = os.path.relpath(PY, ROOT)  # how the hint names this interpreter (run from ROOT)
@@ -91,9 +93,7 @@ def busy_port() -> Iterator[int]:
 
 @pytest.fixture
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return harness.free_port()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ and reads each one's metrics port over HTTP, as `curl` would.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -24,7 +23,7 @@ from loguru import logger
 from nimbus import metrics
 from nimbus.lifecycle import Status
 from nimbus.stats import Counters
-from tests.harness import Cluster, open_cluster, real_env
+from tests.harness import Cluster, free_port, open_cluster, real_env
 from tests.wire import open_stream
 
 P2 = {"nimbus-protocol": "2"}
@@ -263,12 +262,6 @@ async def test_stream_log_lines_carry_client_epoch_and_trace(unique: str) -> Non
 
 
 # -- real processes, real brokers ------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,18 +17,12 @@ import trio_asyncio
 from nimbus.engines.redis import open_redis_state
 from nimbus.lifecycle import Status
 from nimbus.proto_gen.nimbus import EventResponse
-from tests.harness import real_env
+from tests.harness import free_port, real_env
 from tests.wire import open_stream
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
 P2 = {"nimbus-protocol": "2"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
