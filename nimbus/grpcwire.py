@@ -43,29 +43,29 @@ def framed_size(payload_len: int) -> int:
 
 
 def _count(stream: Any, n: int) -> None:
-    stream._send_message_done = True  # noqa: SLF001 - grpclib's own bookkeeping
-    stream._messages_sent += n  # noqa: SLF001
-    conn = stream._stream.connection  # noqa: SLF001
+    stream._send_message_done = True
+    stream._messages_sent += n
+    conn = stream._stream.connection
     conn.messages_sent += n
     conn.last_message_sent = time.monotonic()
 
 
 async def server_send(stream: Any, data: bytes, n: int) -> None:
     """Write `n` framed messages (`frame(...)`) on a grpclib server stream."""
-    if not stream._send_initial_metadata_done:  # noqa: SLF001
+    if not stream._send_initial_metadata_done:
         await stream.send_initial_metadata()
-    await stream._stream.send_data(data)  # noqa: SLF001
+    await stream._stream.send_data(data)
     _count(stream, n)
 
 
 async def client_send(call: Any, data: bytes, n: int) -> None:
     """Write `n` framed messages on a grpclib client stream (a bidi call)."""
-    if not call._send_request_done:  # noqa: SLF001
+    if not call._send_request_done:
         await call.send_request()
-    if call._end_done:  # noqa: SLF001
+    if call._end_done:
         raise ProtocolError("Stream is ended")
-    with call._wrapper:  # noqa: SLF001 - turns h2 errors into grpclib's
-        await call._stream.send_data(data)  # noqa: SLF001
+    with call._wrapper:
+        await call._stream.send_data(data)
     _count(call, n)
 
 
@@ -73,25 +73,25 @@ def _take_received(buffer: Any) -> bytes:
     """Every byte a stream's receive buffer (grpclib.protocol.Buffer) holds, taken at once, with
     the flow-control credit given back as its `read` gives it. Stops at the end of the stream
     (its marker taken as `read` takes it: the buffer then reads as ended once empty)."""
-    unacked = buffer._unacked  # noqa: SLF001 - grpclib's Buffer, as its read() uses them
+    unacked = buffer._unacked
     while not unacked.empty():
         data, data_size, ack_size = unacked.get_nowait()
         if not ack_size:
             break  # the end-of-stream marker
-        buffer._acked.append(AckedData(memoryview(data), data_size))  # noqa: SLF001
-        buffer._acked_size += data_size  # noqa: SLF001
-        buffer._ack_callback(ack_size)  # noqa: SLF001
-    chunks = buffer._acked  # noqa: SLF001
+        buffer._acked.append(AckedData(memoryview(data), data_size))
+        buffer._acked_size += data_size
+        buffer._ack_callback(ack_size)
+    chunks = buffer._acked
     data = b"".join(c.data for c in chunks)
     chunks.clear()
-    buffer._acked_size = 0  # noqa: SLF001
+    buffer._acked_size = 0
     return data
 
 
 def _give_back(buffer: Any, rest: bytes) -> None:
     """Put bytes taken by _take_received and not used back at the front of the buffer."""
-    buffer._acked.appendleft(AckedData(memoryview(rest), len(rest)))  # noqa: SLF001
-    buffer._acked_size += len(rest)  # noqa: SLF001
+    buffer._acked.appendleft(AckedData(memoryview(rest), len(rest)))
+    buffer._acked_size += len(rest)
 
 
 async def client_recv_many(call: Any, limit: int) -> list[Any]:
@@ -106,11 +106,11 @@ async def client_recv_many(call: Any, limit: int) -> list[Any]:
     if first is None:
         return []
     out = [first]
-    stream = call._stream  # noqa: SLF001
+    stream = call._stream
     buffer = stream.buffer
-    if limit > 1 and (buffer._acked_size or buffer._unacked.qsize()):  # noqa: SLF001
-        decode = call._recv_type.FromString  # noqa: SLF001 - the upb class grpclib's codec would call
-        with call._wrapper:  # noqa: SLF001 - turns h2 errors into grpclib's, as recv_message does
+    if limit > 1 and (buffer._acked_size or buffer._unacked.qsize()):
+        decode = call._recv_type.FromString
+        with call._wrapper:
             data = _take_received(buffer)
             pos, n = 0, len(data)
             unpack = _HEADER.unpack_from
@@ -127,7 +127,7 @@ async def client_recv_many(call: Any, limit: int) -> list[Any]:
                 _give_back(buffer, data[pos:])
     n_more = len(out) - 1
     if n_more:
-        call._messages_received += n_more  # noqa: SLF001
+        call._messages_received += n_more
         stream.connection.messages_received += n_more
         stream.connection.last_message_received = time.monotonic()
     return out

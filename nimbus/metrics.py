@@ -222,7 +222,7 @@ def error(kind: str) -> None:
 
 def value(counter: Counter, **labels: str) -> float:
     """The current value of one labelled counter (for tests and summaries)."""
-    return float(counter.labels(**labels)._value.get())  # noqa: SLF001
+    return float(counter.labels(**labels)._value.get())
 
 
 def sample(name: str, **labels: str) -> float:
@@ -286,7 +286,7 @@ class _LiveCollector(Collector):
             v = by_pod.setdefault(pod.channel, [0, 0, 0])
             v[0] += len(pod.sessions)
             v[1] += sum(s.outbox.qsize() for s in list(pod.sessions.values()))
-            v[2] += pod._ingest_send.statistics().current_buffer_used  # noqa: SLF001
+            v[2] += pod._ingest_send.statistics().current_buffer_used
         for channel, (n_streams, n_queued, n_ingest) in by_pod.items():
             streams.add_metric([channel], n_streams)
             queued.add_metric([channel], n_queued)
@@ -536,7 +536,7 @@ class Sampler:
             if services:
                 ends = await log.end_offsets(self.dlq_topic)
                 for svc in services:
-                    svc._nimbus_dlq_ends = ends  # noqa: SLF001
+                    svc._nimbus_dlq_ends = ends
         if self.clients:
             counts = {"OFFLINE": 0, "REPLAYING": 0, "LIVE": 0}
             for rec in await self.state.all_clients():

@@ -533,7 +533,7 @@ class ReplayService:
 
     async def fetch(
         self, p: ReplayPipeline, offset: int, max_records: int, timeout: float
-    ) -> list[Record]:  # noqa: ASYNC109
+    ) -> list[Record]:
         """DLQ records of p's partition from `offset` on: from the shared cache when some replay
         fetched them already, else through the partition's one reader (and then cached for the
         others). At the end of the partition the reader is not held for the wait: a short poll,

@@ -161,7 +161,7 @@ def _writable(h2: Any, size: int) -> bool:
         return bool(
             h2.connection.write_ready.is_set()
             and h2._h2_connection.local_flow_control_window(h2.id) >= size
-        )  # noqa: SLF001
+        )
     except Exception:
         return True  # a closed stream: let send_message report it
 
@@ -291,7 +291,7 @@ class NimbusService:
                     raise
                 writer.result()
                 return
-            except Exception:  # noqa: BLE001 - as a failed reader task: the stream just ends
+            except Exception:
                 broke = True
             reading = False
             if not broke or writer.done():
@@ -306,7 +306,7 @@ class NimbusService:
         was cut (the writer then sends the Close's status)."""
         pod = self.pod
         limiter = self.limiter
-        h2 = stream._stream  # noqa: SLF001 - grpclib.protocol.Stream; grpclib has no size limit
+        h2 = stream._stream
         max_bytes = self.max_message_bytes
         first = self.first_message_s
         try:
@@ -376,7 +376,7 @@ class NimbusService:
             return False
         except (StreamTerminatedError, GRPCError, ConnectionError):
             return True
-        except Exception as e:  # noqa: BLE001 - a message that could not be framed or decoded
+        except Exception as e:
             badinput.message(
                 "grpc",
                 badinput.MALFORMED_MESSAGE,
@@ -391,7 +391,7 @@ class NimbusService:
         HTTP/2 write (up to WRITE_BATCH_BYTES), then the results among them are confirmed in
         order (`on_written`)."""
         pod = self.pod
-        h2 = stream._stream  # noqa: SLF001 - for its flow-control window, see _writable
+        h2 = stream._stream
         outbox = s.outbox
         try:
             while True:

@@ -299,7 +299,7 @@ class Fleet:
                 )
             )
 
-    idle_util: dict[str, float] = {}  # noqa: RUF012 - set per instance by live()
+    idle_util: dict[str, float] = {}
 
     @property
     def procs(self) -> list[Proc]:

@@ -31,8 +31,8 @@ import trio_asyncio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nimbus.engines import redis as redis_engine  # noqa: E402
-from nimbus.entry import batch_asyncio_callbacks  # noqa: E402
+from nimbus.engines import redis as redis_engine
+from nimbus.entry import batch_asyncio_callbacks
 
 
 def cpu() -> float:

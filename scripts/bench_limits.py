@@ -81,7 +81,7 @@ def kafka_rtt(args: argparse.Namespace) -> None:
     admin = KafkaAdminClient(bootstrap_servers=args.brokers)
     try:
         admin.create_topics([NewTopic(args.topic, args.partitions, 1)])
-    except Exception as e:  # noqa: BLE001 - exists already is fine
+    except Exception as e:
         if "TopicAlreadyExists" not in type(e).__name__ + str(e):
             raise
     admin.close()
@@ -373,7 +373,7 @@ def kafka_path(args: argparse.Namespace) -> None:
     admin = KafkaAdminClient(bootstrap_servers=args.brokers)
     try:
         admin.create_topics([NewTopic(t, args.partitions, 1) for t in (src, dst)])
-    except Exception as e:  # noqa: BLE001 - exists already is fine
+    except Exception as e:
         if "TopicAlreadyExists" not in type(e).__name__ + str(e):
             raise
     admin.close()
@@ -1026,7 +1026,7 @@ def replay_chain(args: argparse.Namespace) -> None:
     try:
         admin.create_topics([NewTopic(args.topic, 1, 1)])
         created = True
-    except Exception as e:  # noqa: BLE001 - exists already is fine
+    except Exception as e:
         if "TopicAlreadyExists" not in type(e).__name__ + str(e):
             raise
     admin.close()
@@ -1038,7 +1038,7 @@ def replay_chain(args: argparse.Namespace) -> None:
                 admin = KafkaAdminClient(bootstrap_servers=args.brokers)
                 admin.delete_topics([args.topic])
                 admin.close()
-            except Exception as e:  # noqa: BLE001 - best effort
+            except Exception as e:
                 print(f"replay-chain: could not delete topic {args.topic}: {e!r}", file=sys.stderr)
 
 

@@ -687,7 +687,7 @@ class Clients:
                     await send(c)
                     await self.close.wait()
                     nursery.cancel_scope.cancel()
-        except Exception as exc:  # noqa: BLE001 - a client that dies is a finding, not the end of the run
+        except Exception as exc:
             leaf: BaseException = exc
             while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
                 leaf = leaf.exceptions[0]

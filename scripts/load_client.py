@@ -229,7 +229,7 @@ async def run_client(
                             await client.switch(targets[(here + 1) % len(targets)])
                     await run.done.wait()
                     nursery.cancel_scope.cancel()
-        except BaseException as exc:  # noqa: BLE001 - sorted below: ours are reported, the rest re-raised
+        except BaseException as exc:
             leaf = exc
             while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
                 leaf = leaf.exceptions[0]

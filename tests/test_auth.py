@@ -302,7 +302,7 @@ def bearer(tok: str) -> tuple[str, str]:
 
 async def test_one_client_cannot_receive_anothers_results(
     engine: dict[str, Any], unique: str, stubs: tuple[ModuleType, ModuleType]
-) -> None:  # noqa: F811
+) -> None:
     alice, bob = f"alice-{unique}", f"bob-{unique}"
     tok_alice = issue(alice, ttl_sec=600, key=SECRET)
     tok_bob = issue(bob, ttl_sec=600, key=SECRET)
@@ -398,7 +398,7 @@ async def test_one_client_cannot_receive_anothers_results(
 
 async def test_auth_off_the_original_client_still_works_and_tokens_are_ignored(
     unique: str, stubs: tuple[ModuleType, ModuleType]
-) -> None:  # noqa: F811
+) -> None:
     with trio.fail_after(60):
         async with cluster({"engine": "memory"}) as c:
             code, _, got = await trio.to_thread.run_sync(
@@ -430,7 +430,7 @@ async def test_library_client_sends_its_token(unique: str) -> None:
                     await client.send("sq", n)
                 got = [await client.receive() for _ in range(2)]
                 assert [r.result for r in got] == [9, 16]
-            with pytest.raises(BaseException) as e:  # noqa: B017,PT011 - refused inside the client's nursery
+            with pytest.raises(BaseException) as e:
                 async with open_client(
                     [target], cid, token=issue(cid, ttl_sec=60, key=OTHER_SECRET), connect_timeout=5
                 ) as client:

@@ -1235,7 +1235,7 @@ async def test_receive_takes_queued_results_fairly_and_a_cancel_loses_none() -> 
 
     c = NimbusClient(["127.0.0.1:1"], "fair", result_buffer=1000)
     for i in range(300):
-        c._results_send.send_nowait(Result(0, "sq", i, i * i))  # noqa: SLF001
+        c._results_send.send_nowait(Result(0, "sq", i, i * i))
     ticks = 0
 
     async def other() -> None:

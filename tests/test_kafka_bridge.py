@@ -60,7 +60,7 @@ async def test_small_batches_need_no_thread_once_the_topic_is_known(
         more = await log.producer.send_batch(topic, [(b"a", b"2"), (b"b", b"3")])
         assert calls == []
         # A large batch is encoded in a thread: the event loop is not held for all of it.
-        big = [(b"k%d" % i, b"v") for i in range(kafka_engine._INLINE_SEND + 1)]  # noqa: SLF001
+        big = [(b"k%d" % i, b"v") for i in range(kafka_engine._INLINE_SEND + 1)]
         assert len(await log.producer.send_batch(topic, big)) == len(big)
         assert calls == ["_send_all"]
     assert [w.offset for w in more if w.partition == first[0].partition][0] == first[0].offset + 1

@@ -111,7 +111,7 @@ async def test_event_rate_limit_protocol2_per_event_errors_then_retries_lose_not
 
 async def test_event_rate_limit_protocol1_ends_the_stream_with_resource_exhausted(
     unique: str, stubs: tuple[ModuleType, ModuleType]
-) -> None:  # noqa: F811
+) -> None:
     cid = f"rate1-{unique}"
     with trio.fail_after(60):
         async with cluster({"engine": "memory"}, client_event_rate=5, client_event_burst=5) as c:
@@ -123,7 +123,7 @@ async def test_event_rate_limit_protocol1_ends_the_stream_with_resource_exhauste
 
 async def test_oversized_message_is_refused_and_nothing_receipted_is_lost(
     unique: str, stubs: tuple[ModuleType, ModuleType]
-) -> None:  # noqa: F811
+) -> None:
     import grpc
 
     pb2, grpc_mod = stubs
@@ -168,7 +168,7 @@ async def test_oversized_message_is_refused_and_nothing_receipted_is_lost(
                 assert (r.number, r.result) == (7, 49)
 
 
-async def test_max_streams_per_pod(unique: str, stubs: tuple[ModuleType, ModuleType]) -> None:  # noqa: F811
+async def test_max_streams_per_pod(unique: str, stubs: tuple[ModuleType, ModuleType]) -> None:
     a, b, x = (f"{n}-{unique}" for n in "abx")
     with trio.fail_after(60):
         async with cluster({"engine": "memory"}, max_streams=2) as c:
@@ -237,7 +237,7 @@ def non_reading_client(
 
 async def test_a_client_that_stops_reading_is_cut_and_later_gets_everything(
     engine: dict[str, Any], unique: str, stubs: tuple[ModuleType, ModuleType]
-) -> None:  # noqa: F811
+) -> None:
     cid = f"slow-{unique}"
     n = 5000
     with trio.fail_after(180):
@@ -295,7 +295,7 @@ async def test_a_client_that_stops_reading_is_cut_and_later_gets_everything(
 
 async def test_a_non_reading_stream_that_is_superseded_ends_and_the_new_one_gets_everything(
     unique: str, stubs: tuple[ModuleType, ModuleType]
-) -> None:  # noqa: F811
+) -> None:
     """The queue is big enough that the first stream is not cut; its writer waits on a full
     window when a second stream for the same client arrives. The first ends with ABORTED (grpcio
     reports it once the client reads what came before it) and the second gets every result,

@@ -95,7 +95,7 @@ def test_counters_are_bridged_to_prometheus() -> None:
 def test_plain_histogram_buckets_are_cumulative_and_inclusive() -> None:
     """The lock-free histogram renders as prometheus-client's would: `le` buckets cumulative, a
     value equal to a bound counted in that bucket, +Inf = count, and the sum."""
-    h = metrics._PlainHistogram("test_plain_seconds", "test", "path", (0.01, 0.1, 1))  # noqa: SLF001
+    h = metrics._PlainHistogram("test_plain_seconds", "test", "path", (0.01, 0.1, 1))
     registry = metrics.CollectorRegistry()
     registry.register(h)
     a = h.child("a")

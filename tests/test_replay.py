@@ -33,7 +33,7 @@ class CountingLog(MemoryLog):
         class Counting(MemoryReader):
             async def fetch(
                 self, topic: str, partition: int, offset: int, max_records: int, timeout: float
-            ) -> Any:  # noqa: ASYNC109
+            ) -> Any:
                 log.fetches.append(offset)
                 return await super().fetch(topic, partition, offset, max_records, timeout)
 

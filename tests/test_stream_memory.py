@@ -13,13 +13,13 @@ from nimbus.pod import Close, Outbox
 from nimbus.server import _ListEvent, _SlimQueue, slim_grpclib_streams
 
 
-def run(coro):  # noqa: ANN001, ANN201 - a plain asyncio run for these asyncio-side objects
+def run(coro):
     return asyncio.run(coro)
 
 
 def test_outbox_fifo_bounded_and_holds_no_deque_when_empty() -> None:
     box = Outbox(2)
-    assert box.empty() and box.qsize() == 0 and box._items is None  # noqa: SLF001
+    assert box.empty() and box.qsize() == 0 and box._items is None
     box.put_nowait((1, None))
     box.put_nowait((2, None))
     assert box.full() and box.qsize() == 2
@@ -27,7 +27,7 @@ def test_outbox_fifo_bounded_and_holds_no_deque_when_empty() -> None:
         box.put_nowait((3, None))
     assert box.get_nowait() == (1, None)
     assert box.get_nowait() == (2, None)
-    assert box.empty() and box._items is None  # noqa: SLF001 - dropped once drained
+    assert box.empty() and box._items is None
     with pytest.raises(asyncio.QueueEmpty):
         box.get_nowait()
     unbounded = Outbox(0)
@@ -47,14 +47,14 @@ def test_outbox_get_waits_for_a_put() -> None:
 
         task = asyncio.ensure_future(writer())
         await asyncio.sleep(0)
-        assert not got and box._waiter is not None  # noqa: SLF001 - the writer waits
+        assert not got and box._waiter is not None
         box.put_nowait((1, None))
         await asyncio.sleep(0)
         close = Close("ABORTED", "x")
         box.put_nowait((2, None))
         box.put_nowait(close)
         await asyncio.wait_for(task, 5)
-        assert box._waiter is None  # noqa: SLF001
+        assert box._waiter is None
         return got
 
     got = run(main())
@@ -79,7 +79,7 @@ def test_outbox_cancelled_get_loses_nothing() -> None:
 def test_list_event_behaves_as_asyncio_event() -> None:
     async def main() -> None:
         ev = _ListEvent()
-        assert isinstance(ev, asyncio.Event) and isinstance(ev._waiters, list)  # noqa: SLF001
+        assert isinstance(ev, asyncio.Event) and isinstance(ev._waiters, list)
         assert not ev.is_set()
         woken: list[int] = []
 
@@ -90,13 +90,13 @@ def test_list_event_behaves_as_asyncio_event() -> None:
         tasks = [asyncio.ensure_future(waiter(i)) for i in range(3)]
         cancelled = asyncio.ensure_future(ev.wait())
         await asyncio.sleep(0)
-        assert len(ev._waiters) == 4  # noqa: SLF001
+        assert len(ev._waiters) == 4
         cancelled.cancel()
         await asyncio.sleep(0)
-        assert len(ev._waiters) == 3  # noqa: SLF001 - a cancelled waiter removes itself
+        assert len(ev._waiters) == 3
         ev.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 5)
-        assert woken == [0, 1, 2] and not ev._waiters  # noqa: SLF001
+        assert woken == [0, 1, 2] and not ev._waiters
         assert await ev.wait() is True  # set: no wait
         ev.clear()
         assert not ev.is_set()
@@ -112,7 +112,7 @@ def test_list_event_behaves_as_asyncio_event() -> None:
 def test_slim_queue_behaves_as_asyncio_queue() -> None:
     async def main() -> None:
         q: asyncio.Queue[int] = _SlimQueue()
-        assert isinstance(q, asyncio.Queue) and isinstance(q._getters, list)  # noqa: SLF001
+        assert isinstance(q, asyncio.Queue) and isinstance(q._getters, list)
         got: list[int] = []
 
         async def reader() -> None:
@@ -123,10 +123,10 @@ def test_slim_queue_behaves_as_asyncio_queue() -> None:
         cancelled = asyncio.ensure_future(q.get())
         task = asyncio.ensure_future(reader())
         await asyncio.sleep(0)
-        assert len(q._getters) == 2  # noqa: SLF001
+        assert len(q._getters) == 2
         cancelled.cancel()
         await asyncio.sleep(0)
-        assert len(q._getters) == 1  # noqa: SLF001
+        assert len(q._getters) == 1
         for i in range(3):
             q.put_nowait(i)
         await asyncio.wait_for(task, 5)
@@ -143,7 +143,7 @@ def test_slim_queue_behaves_as_asyncio_queue() -> None:
         bounded.put_nowait(1)
         putter = asyncio.ensure_future(bounded.put(2))
         await asyncio.sleep(0)
-        assert not putter.done() and len(bounded._putters) == 1  # noqa: SLF001
+        assert not putter.done() and len(bounded._putters) == 1
         assert bounded.get_nowait() == 1
         await asyncio.wait_for(putter, 5)
         assert bounded.get_nowait() == 2
@@ -158,6 +158,6 @@ def test_grpclib_streams_get_slim_events_and_queues() -> None:
         slim_grpclib_streams()  # idempotent
         assert grpclib.protocol.Event is _ListEvent and grpclib.protocol.Queue is _SlimQueue
         buffer = grpclib.protocol.Buffer(lambda n: None)
-        assert isinstance(buffer._unacked, _SlimQueue)  # noqa: SLF001
+        assert isinstance(buffer._unacked, _SlimQueue)
     finally:
         grpclib.protocol.Event, grpclib.protocol.Queue = original  # type: ignore[misc]

@@ -47,7 +47,7 @@ def creds(ca: trustme.CA, client_cert: Any = None) -> Any:
 
 async def test_grpcio_over_tls(
     ca: trustme.CA, server_files: dict[str, str], unique: str, stubs: tuple[ModuleType, ModuleType]
-) -> None:  # noqa: F811
+) -> None:
     files = {k: v for k, v in server_files.items() if k != "ca"}
     with trio.fail_after(60):
         async with cluster({"engine": "memory"}, **files) as c:
@@ -87,7 +87,7 @@ async def test_grpcio_over_tls(
 
 async def test_mutual_tls_requires_a_client_certificate(
     ca: trustme.CA, server_files: dict[str, str], unique: str, stubs: tuple[ModuleType, ModuleType]
-) -> None:  # noqa: F811
+) -> None:
     files = {
         "tls_cert_file": server_files["tls_cert_file"],
         "tls_key_file": server_files["tls_key_file"],

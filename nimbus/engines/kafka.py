@@ -374,7 +374,7 @@ class KafkaLogProducer:
             if (
                 len(items) <= _INLINE_SEND
                 and self._producer._metadata.partitions_for_topic(topic) is not None
-            ):  # noqa: SLF001
+            ):
                 # send() blocks only while it waits for a topic's metadata (kafka-python 3's
                 # accumulator never waits for memory): with the metadata known, a small batch
                 # is appended from this thread (a thread hop costs ~130-190 µs of CPU here, more
@@ -445,7 +445,7 @@ class KafkaGroupConsumer(kc.GroupConsumerBase):
         except kerr.KafkaError:
             self._refuse(mine)
 
-    async def poll(self, max_records: int, timeout: float) -> PollResult:  # noqa: ASYNC109 (port)
+    async def poll(self, max_records: int, timeout: float) -> PollResult:
         budget, deadline = self._poll_window(max_records, timeout)
         async with self._lock:
             while True:
@@ -557,7 +557,7 @@ class KafkaReader:
         partition: int,
         offset: int,
         max_records: int,
-        timeout: float,  # noqa: ASYNC109 (the port's signature)
+        timeout: float,
     ) -> list[Record]:
         if self.closed:
             raise LogUnavailable("reader is closed")

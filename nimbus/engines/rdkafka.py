@@ -224,7 +224,7 @@ def _common(brokers: str, client_id: str) -> dict[str, Any]:
     }
 
 
-async def _wait_future(fut: concurrent.futures.Future[T], timeout: float, what: str) -> T:  # noqa: ASYNC109
+async def _wait_future(fut: concurrent.futures.Future[T], timeout: float, what: str) -> T:
     """The future's result, awaited in trio: librdkafka's background thread completes it and
     wakes this task through the trio token. LogUnavailable if it takes longer than `timeout`;
     the future's own exception (a KafkaException) otherwise."""
@@ -427,7 +427,7 @@ class _QueueFd:
         except BlockingIOError:
             pass
 
-    async def wait(self, timeout: float) -> None:  # noqa: ASYNC109 (a slice, not a deadline)
+    async def wait(self, timeout: float) -> None:
         with trio.move_on_after(timeout):
             await trio.lowlevel.wait_readable(self.r)
 
@@ -1061,7 +1061,7 @@ class RdkafkaGroupConsumer(kc.GroupConsumerBase):
         except _Busy:
             return []
 
-    async def poll(self, max_records: int, timeout: float) -> PollResult:  # noqa: ASYNC109 (port)
+    async def poll(self, max_records: int, timeout: float) -> PollResult:
         budget, deadline = self._poll_window(max_records, timeout)
         async with self._lock:
             if self.closed:  # closed while this poll waited for the lock
@@ -1278,7 +1278,7 @@ class RdkafkaReader:
         partition: int,
         offset: int,
         max_records: int,
-        timeout: float,  # noqa: ASYNC109 (the port's signature)
+        timeout: float,
     ) -> list[Record]:
         if self.closed:
             raise LogUnavailable("reader is closed")
