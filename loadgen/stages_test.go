@@ -6,7 +6,7 @@ import (
 	"google.golang.org/protobuf/encoding/protowire"
 )
 
-// encStep is a LogEntry holding one TraceStep, as nimbus/trace.py's encoded_step writes it (so
+// encStep is a LogEntry holding one TraceStep, as nimbus/wire/trace.py's encoded_step writes it (so
 // that logs concatenate), with metadata and an instance id the parser must skip.
 func encStep(service, method string, ns int64) []byte {
 	var ts []byte

@@ -13,12 +13,12 @@ import trio_asyncio
 from loguru import logger
 
 from nimbus.config import Settings
+from nimbus.doorman.server import run_server
 from nimbus.engines import open_engine
 from nimbus.entry import ArgumentParser, leaves, run_process, run_with_signals
-from nimbus.server import run_server
+from nimbus.ops.web import run_web
 from nimbus.topics import ensure_topics
-from nimbus.web import run_web
-from nimbus.workers import run_workers
+from nimbus.workers.run import run_workers
 
 
 async def run_all(

@@ -87,7 +87,7 @@ def _hostport(raw: str) -> str:
 
 
 def _algorithms(raw: str) -> str:
-    from nimbus.auth import parse_algorithms
+    from nimbus.doorman.auth import parse_algorithms
 
     return ",".join(parse_algorithms(raw))
 
@@ -210,13 +210,13 @@ VARIABLES: dict[str, Var] = {
             "NIMBUS_RESULTS_PACK",
             "256",
             _int(1, 10_000),
-            "results of one client per results-topic record (a pack; 1: one result per record, the original's layout); see nimbus/packs.py",
+            "results of one client per results-topic record (a pack; 1: one result per record, the original's layout); see nimbus/wire/packs.py",
         ),
         Var(
             "NIMBUS_DLQ_PACK",
             "256",
             _int(1, 10_000),
-            "results of one client per DLQ record (a pack; 1: one result per record, the original's layout); see nimbus/packs.py",
+            "results of one client per DLQ record (a pack; 1: one result per record, the original's layout); see nimbus/wire/packs.py",
         ),
         Var("NIMBUS_MAX_REPLAYS", "1000", _int(1, 1_000_000), "concurrent replays per worker"),
         Var(
@@ -386,7 +386,7 @@ VARIABLES: dict[str, Var] = {
             _int(0, 1 << 31),
             "a client's state record expires this long after it went OFFLINE with nothing pending (0: never)",
         ),
-        # The retry policy of the workers' and pods' loops (nimbus/retry.py).
+        # The retry policy of the workers' and pods' loops (nimbus/core/retry.py).
         Var(
             "NIMBUS_RETRY_FIRST_MS",
             "100",
@@ -538,7 +538,7 @@ def load(
 
 def _check_security(s: Settings) -> None:
     """Auth keys and TLS files must load now, not at the first stream (exit 2 at start)."""
-    from nimbus import auth, tls
+    from nimbus.doorman import auth, tls
 
     if s.stream_queue < s.replay_window + INGEST_BATCH:
         # A replay sends up to a window of results at once and the pod receipts up to a batch of

@@ -28,8 +28,9 @@ from typing import Any, NoReturn
 import trio
 from loguru import logger
 
-from nimbus import config, logs, metrics
+from nimbus import config, logs
 from nimbus.config import ConfigError
+from nimbus.ops import metrics
 from nimbus.ports import EngineError, LogUnavailable, StateUnavailable, TopicMismatch
 
 EXIT_OK = 0

@@ -6,7 +6,7 @@ errors into the exceptions below, so callers handle one family of errors whateve
 The log is Kafka's model: topics split into partitions, records keyed, the partition chosen by
 Kafka's murmur2 partitioner, per-partition order, consumer groups with committed offsets,
 watermarks. The state store holds one `ClientRecord` per client and applies the transitions of
-`nimbus.lifecycle` atomically (a Lua script on Redis, a plain function call in memory), plus
+`nimbus.core.lifecycle` atomically (a Lua script on Redis, a plain function call in memory), plus
 pub/sub channels.
 """
 
@@ -17,7 +17,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from nimbus.lifecycle import ClientRecord, ConnectResult, RouteDecision
+from nimbus.core.lifecycle import ClientRecord, ConnectResult, RouteDecision
 
 
 class EngineError(Exception):
@@ -154,7 +154,7 @@ class DlqWrite:
 
 
 class StateStore(Protocol):
-    """Per-client records with atomic transitions (see nimbus.lifecycle), leases, pub/sub."""
+    """Per-client records with atomic transitions (see nimbus.core.lifecycle), leases, pub/sub."""
 
     async def connect(self, client_id: str, pod: str) -> ConnectResult: ...
 

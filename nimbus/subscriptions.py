@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable
 import trio
 from loguru import logger
 
+from nimbus.core.retry import DEFAULT, Backoff, Policy
 from nimbus.ports import StateStore, StateUnavailable
-from nimbus.retry import DEFAULT, Backoff, Policy
 
 
 async def listen(

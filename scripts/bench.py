@@ -1210,7 +1210,7 @@ def chain_comparison(
             text += (
                 f"; Nimbus uses {c_procs - n_procs:.0f} µs per result less than the chain: the chain"
                 " reads one DLQ record and sends one delivery per result, Nimbus packs a client's"
-                " results in DLQ records and sends them in runs (NIMBUS_DLQ_PACK, nimbus/packs.py),"
+                " results in DLQ records and sends them in runs (NIMBUS_DLQ_PACK, nimbus/wire/packs.py),"
                 " so the chain is not its bound."
             )
     ceiling = ncpu / c_procs * 1e6 if c_procs else 0.0

@@ -26,7 +26,7 @@ from grpclib.client import Channel  # noqa: E402
 from grpclib.const import Cardinality  # noqa: E402
 
 from nimbus.client import METHOD, PROTOCOL_KEY, parse_target  # noqa: E402
-from nimbus.messages import RECEIPT, RESULT, EventRequest, EventResponse  # noqa: E402
+from nimbus.wire.messages import RECEIPT, RESULT, EventRequest, EventResponse  # noqa: E402
 
 PER_CONNECTION = int(os.environ.get("BENCH_STREAMS_PER_CONNECTION", "100"))
 

@@ -23,7 +23,7 @@ Each prints one JSON line: {"probe": ..., "count": n, "seconds": s, "rate": n/s,
   group-less consumer polled in a thread under trio, upb decode, one PodMessage per batch
   PUBLISHed with redis.asyncio, at most `window` results unacked), a pod (grpclib server under
   trio-asyncio: Redis subscription -> trio -> each PodMessage's responses in one HTTP/2 write
-  (nimbus.grpcwire); each ack read is PUBLISHed back to the worker) and this process as the
+  (nimbus.wire.grpc); each ack read is PUBLISHed back to the worker) and this process as the
   client (grpclib, cumulative ack every `ack-every`). Rate = results / time from the start
   signal to the last result; CPU per result of each process (and of the brokers, from their
   pid files: their whole CPU meanwhile), and where the worker waited.
@@ -531,7 +531,7 @@ def grpc_server(args: argparse.Namespace) -> None:
     from grpclib.const import Cardinality, Handler
     from grpclib.server import Server
 
-    from nimbus.messages import EventRequest, EventResponse
+    from nimbus.wire.messages import EventRequest, EventResponse
 
     class Echo:
         def __mapping__(self) -> dict[str, Handler]:
@@ -570,8 +570,8 @@ def grpc_pod(args: argparse.Namespace) -> None:
     from grpclib.const import Cardinality, Handler
     from grpclib.server import Server
 
-    from nimbus import messages as m
-    from nimbus.messages import EventRequest, EventResponse
+    from nimbus.wire import messages as m
+    from nimbus.wire.messages import EventRequest, EventResponse
 
     class Pod:
         def __mapping__(self) -> dict[str, Handler]:
@@ -617,7 +617,7 @@ def grpc_echo(args: argparse.Namespace) -> None:
     from grpclib.client import Channel
     from grpclib.const import Cardinality
 
-    from nimbus.messages import EventRequest, EventResponse
+    from nimbus.wire.messages import EventRequest, EventResponse
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -692,8 +692,8 @@ def _chain_record(i: int, client_id: str, channel: str) -> bytes:
     """A DLQ record value as Nimbus writes one: a result whose trace has the 3 steps a diverted
     result carries (server/ProcessEvent, event-consumer/compute, result-router/divert-to-dlq;
     ~270-280 B like the bench's own DLQ records; a results-topic record, 2 steps, is ~210 B)."""
-    from nimbus.messages import KafkaEventResponse
-    from nimbus.trace import step
+    from nimbus.wire.messages import KafkaEventResponse
+    from nimbus.wire.trace import step
 
     n = 1 + i % 46340  # n*n stays within int32
     r = KafkaEventResponse(
@@ -740,7 +740,7 @@ def chain_worker(args: argparse.Namespace) -> None:
     import trio_asyncio
     from kafka import KafkaConsumer, TopicPartition
 
-    from nimbus.messages import RESULT, KafkaEventResponse, PodMessage
+    from nimbus.wire.messages import RESULT, KafkaEventResponse, PodMessage
 
     host, _, port = args.redis.rpartition(":")
     tp = TopicPartition(args.topic, 0)
@@ -840,7 +840,7 @@ def chain_worker(args: argparse.Namespace) -> None:
                                 delivery_id=r.delivery_id,
                                 token=r.delivery_id,
                             )
-                            # the fields nimbus/pod_channel.py pod_messages copies; no checks/trace
+                            # the fields nimbus/wire/pod_channel.py pod_messages copies; no checks/trace
                             resp = d.response
                             resp.event_name = r.event_name
                             resp.number = r.number
@@ -883,7 +883,7 @@ def chain_pod(args: argparse.Namespace) -> None:
     """The pod's path: the Redis subscription read by an asyncio task and handed to trio (as
     nimbus/engines/redis.py does), each PodMessage decoded in trio and queued for the stream, the
     stream's writer (asyncio, grpclib) writes its responses in one HTTP/2 write
-    (nimbus.grpcwire); each ack read on the stream is PUBLISHed to the worker's ack channel."""
+    (nimbus.wire.grpc); each ack read on the stream is PUBLISHed to the worker's ack channel."""
     import asyncio
     import math
 
@@ -893,8 +893,8 @@ def chain_pod(args: argparse.Namespace) -> None:
     from grpclib.const import Cardinality, Handler
     from grpclib.server import Server
 
-    from nimbus import grpcwire
-    from nimbus.messages import EventRequest, EventResponse, PodMessage
+    from nimbus.wire import grpc as grpcwire
+    from nimbus.wire.messages import EventRequest, EventResponse, PodMessage
 
     host, _, port = args.redis.rpartition(":")
     outboxes: list[asyncio.Queue[PodMessage]] = []
@@ -1054,7 +1054,7 @@ def _replay_chain_run(args: argparse.Namespace, client_id: str) -> None:
     from grpclib.const import Cardinality
     from kafka import KafkaProducer
 
-    from nimbus.messages import EventRequest, EventResponse
+    from nimbus.wire.messages import EventRequest, EventResponse
 
     pod_channel, ack_channel = f"{args.topic}-{os.getpid()}-pod", f"{args.topic}-{os.getpid()}-acks"
     # The backlog, as the DLQ holds it (not timed): `count` results of one client, producer

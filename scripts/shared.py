@@ -36,9 +36,9 @@ async def watch_flips(
 ) -> None:
     """Subscribe to the status manager's flips (Redis namespace `namespace`, e.g. "run:"); set
     `ready` once subscribed; call on_flip(client_id, last_ack_ns, flip_ns) for each (payloads
-    parsed by nimbus.pod_channel.parse_flip). Returns or raises when the subscription ends."""
+    parsed by nimbus.wire.pod_channel.parse_flip). Returns or raises when the subscription ends."""
     from nimbus.engines.redis import open_redis_state
-    from nimbus.pod_channel import FLIPS, parse_flip
+    from nimbus.wire.pod_channel import FLIPS, parse_flip
 
     async with open_redis_state(redis, prefix=namespace) as state, state.subscribe(FLIPS) as sub:
         if ready is not None:

@@ -19,11 +19,11 @@ import trio
 
 from nimbus import config
 from nimbus.config import Settings
+from nimbus.doorman.server import run_server
 from nimbus.engines import OpenEngine, open_engine
-from nimbus.server import run_server
-from nimbus.stats import Counters
+from nimbus.ops.stats import Counters
 from nimbus.topics import ensure_topics
-from nimbus.workers import ROLES, run_workers
+from nimbus.workers.run import ROLES, run_workers
 
 
 @dataclass

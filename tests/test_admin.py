@@ -11,8 +11,8 @@ import pytest
 import trio
 import trio_asyncio
 
-from nimbus import admin
-from nimbus.lifecycle import ClientRecord, Status
+from nimbus.core.lifecycle import ClientRecord, Status
+from nimbus.ops import admin
 from tests.harness import Cluster, open_cluster, real_engine, real_env
 from tests.test_metrics import P2
 from tests.wire import open_stream
@@ -98,7 +98,7 @@ async def test_queries_on_the_memory_engine(unique: str) -> None:
             d = await admin.client(c.settings, c.engine.log, c.engine.state, cid)
             assert d is not None and d["status"] == "OFFLINE" and d["backlog"]
             # Delivery ids 1..30 (the client's partition was empty), 2 acked: 28 wait in the DLQ.
-            # The DLQ packs a client's results several to a record (nimbus.packs): fewer records.
+            # The DLQ packs a client's results several to a record (nimbus.wire.packs): fewer records.
             assert d["acked"] == 2 and d["waiting"] == 28 and 1 <= d["dlq_end"] <= 30
             assert (
                 await admin.client(c.settings, c.engine.log, c.engine.state, f"nobody-{unique}")

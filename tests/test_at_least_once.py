@@ -19,13 +19,13 @@ import pytest
 import trio
 from loguru import logger
 
-from nimbus import packs
+from nimbus.core.lifecycle import Status
+from nimbus.doorman.pod import Pod
 from nimbus.engines.murmur2 import partition_for
-from nimbus.lifecycle import Status
-from nimbus.messages import KafkaEventResponse
-from nimbus.pod import Pod
 from nimbus.ports import DlqWrite
 from nimbus.proto_gen.nimbus import EventResponse, ResponseKind
+from nimbus.wire import packs
+from nimbus.wire.messages import KafkaEventResponse
 from tests.test_pipeline import P2, cluster, engine, wait_status  # noqa: F401 (fixture)
 from tests.test_retention import reconnect_and_ack, send_and_leave, wait_in_dlq
 from tests.wire import WireStream, open_stream
@@ -44,7 +44,7 @@ def result(cid: str, n: int, did: int) -> KafkaEventResponse:
 
 
 def record(rs: list[KafkaEventResponse]) -> bytes:
-    """One result as itself, several as a pack (nimbus.packs), repeats and all."""
+    """One result as itself, several as a pack (nimbus.wire.packs), repeats and all."""
     if len(rs) == 1:
         return bytes(rs[0].SerializeToString())
     return packs.encode_pack([r.SerializeToString() for r in rs])

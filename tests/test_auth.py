@@ -1,4 +1,4 @@
-"""Token-bound identity (nimbus.auth): the verifier's rules as unit tests, then the doorman with
+"""Token-bound identity (nimbus.doorman.auth): the verifier's rules as unit tests, then the doorman with
 NIMBUS_AUTH=jwt end to end, statuses asserted with grpcio (an independent gRPC client).
 
 The end-to-end test is the issue's "done when": with auth on, a stream using another client's
@@ -20,10 +20,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nimbus import auth, config
-from nimbus.auth import AuthError, Verifier, issue
+from nimbus import config
 from nimbus.config import ConfigError
-from nimbus.lifecycle import Status
+from nimbus.core.lifecycle import Status
+from nimbus.doorman import auth
+from nimbus.doorman.auth import AuthError, Verifier, issue
 from nimbus.proto_gen.nimbus import ResponseKind
 from tests.test_interop_grpcio import stubs  # noqa: F401 (fixture)
 from tests.test_pipeline import P2, cluster, engine, wait_status  # noqa: F401 (fixture)
@@ -209,7 +210,7 @@ def test_config_refuses_auth_without_keys_and_loads_key_files(tmp_path: Path) ->
 def test_token_command_issues_tokens_the_server_accepts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from nimbus import token
+    from nimbus.doorman import token
 
     monkeypatch.chdir(tmp_path)  # no stray .env
     monkeypatch.setenv("NIMBUS_AUTH_SECRET", SECRET)
@@ -444,7 +445,7 @@ async def test_library_client_sends_its_token(unique: str) -> None:
 
 
 def test_exposure_warnings_at_start() -> None:
-    from nimbus.server import exposure_warnings, is_loopback
+    from nimbus.doorman.server import exposure_warnings, is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("10.1.2.3")
@@ -469,7 +470,7 @@ async def test_the_server_logs_the_warning_when_it_starts_exposed(unique: str) -
     import trio_asyncio
     from loguru import logger
 
-    from nimbus import server
+    from nimbus.doorman import server
 
     lines: list[str] = []
     sink = logger.add(lambda m: lines.append(str(m)), level="WARNING")
@@ -527,7 +528,7 @@ def test_an_hmac_secret_shorter_than_its_hash_refuses_to_start() -> None:
 def test_the_token_command_refuses_a_short_secret(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from nimbus import token
+    from nimbus.doorman import token
 
     monkeypatch.chdir(tmp_path)  # no stray .env
     monkeypatch.setenv("NIMBUS_AUTH_SECRET", "short")

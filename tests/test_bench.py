@@ -10,9 +10,9 @@ from types import ModuleType
 
 import pytest
 
-from nimbus import messages as wire
 from nimbus.client import Result
 from nimbus.proto_gen.nimbus import ErrorCode, EventError, LogEntry
+from nimbus.wire import messages as wire
 
 ROOT = Path(__file__).resolve().parents[1]
 

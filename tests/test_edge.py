@@ -27,9 +27,9 @@ from grpclib.const import Status as GStatus
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from nimbus import config
+from nimbus.core.lifecycle import Status
+from nimbus.doorman.pod import ITEM_OVERHEAD, Budget, Close, Outbox, Pod, Session, item_bytes
 from nimbus.engines.memory import MemoryLog, MemoryState
-from nimbus.lifecycle import Status
-from nimbus.pod import ITEM_OVERHEAD, Budget, Close, Outbox, Pod, Session, item_bytes
 from nimbus.proto_gen.nimbus import EventRequest, EventResponse, ResponseKind
 from nimbus.topics import ensure_topics
 from tests.harness import real_env

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import trio
 
-from nimbus import config, packs
+from nimbus import config
 from nimbus.engines.memory import MemoryLog
-from nimbus.event_consumer import EventConsumer
-from nimbus.messages import KafkaEventRequest, KafkaEventResponse
+from nimbus.wire import packs
+from nimbus.wire.messages import KafkaEventRequest, KafkaEventResponse
+from nimbus.workers.event_consumer import EventConsumer
 
 
 async def with_events(**settings: object) -> tuple[config.Settings, MemoryLog]:
@@ -73,7 +74,7 @@ async def test_offsets_are_committed_only_after_their_results_are_written() -> N
 
 async def test_a_clients_results_of_a_batch_share_a_record() -> None:
     """NIMBUS_RESULTS_PACK: the results of one poll batch are written as packs per client
-    (nimbus.packs), in each client's order; every result once."""
+    (nimbus.wire.packs), in each client's order; every result once."""
     s, log = await with_events(kafka_partitions=1, results_pack=8)
     ends = await log.end_offsets(s.kafka_events_topic)
     with trio.fail_after(30):

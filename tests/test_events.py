@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nimbus import events
+from nimbus.core import events
 from nimbus.proto_gen.nimbus import ErrorCode
 
 

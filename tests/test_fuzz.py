@@ -34,10 +34,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from loguru import logger
 
-from nimbus import badinput, metrics
+from nimbus.core.lifecycle import Status
 from nimbus.engines.murmur2 import partition_for
-from nimbus.lifecycle import Status
-from nimbus.messages import (
+from nimbus.ops import metrics
+from nimbus.ports import Record
+from nimbus.proto_gen.nimbus import ResponseKind
+from nimbus.wire import badinput
+from nimbus.wire.messages import (
     DeliveryReport,
     EventRequest,
     KafkaEventRequest,
@@ -45,8 +48,6 @@ from nimbus.messages import (
     PodMessage,
     ResultPack,
 )
-from nimbus.ports import Record
-from nimbus.proto_gen.nimbus import ResponseKind
 from tests import rawgrpc
 from tests.harness import Cluster, open_cluster, real_engine
 from tests.wire import open_stream
@@ -82,7 +83,7 @@ def result_is_bad(key: bytes | None, value: bytes) -> bool:
 
 def results_in(key: bytes | None, value: bytes) -> int:
     """Good results in a DLQ record of the client it is keyed by: one result, or a pack the
-    router wrote (nimbus.packs: its encoding starts with FA 7F)."""
+    router wrote (nimbus.wire.packs: its encoding starts with FA 7F)."""
     if value[:2] == b"\xfa\x7f":
         try:
             return len(ResultPack.FromString(value).results)
@@ -765,7 +766,7 @@ async def test_bad_channel_messages_are_counted_and_the_workers_keep_going() -> 
     """Found: a non-UTF-8 replay request (payload.decode()) and a status check that is not
     "client_id<TAB>ns" (or whose client id holds a tab) raised out of the channel listeners and
     ended the workers process. Also: the replay's undecodable delivery reports went uncounted."""
-    from nimbus.pod_channel import REPLAY_REQUESTS, STATUS_CHECKS
+    from nimbus.wire.pod_channel import REPLAY_REQUESTS, STATUS_CHECKS
 
     with trio.fail_after(60):
         async with cluster({"engine": "memory"}) as c:
@@ -876,7 +877,7 @@ async def test_near_limit_event_does_not_stall_the_event_consumer(
 def test_event_record_refusals(key: bytes | None, value: bytes, reason: str) -> None:
     """A keyless event (or one keyed by another client) sits on a partition its client's other
     events are not on; it used to be processed when the key was missing."""
-    from nimbus.event_consumer import process
+    from nimbus.workers.event_consumer import process
 
     with pytest.raises(badinput.BadRecord) as e:
         process(_rec("events", key, value), "test")
@@ -929,7 +930,7 @@ def test_result_record_refusals(key: bytes | None, value: bytes, reason: str) ->
     """Results and DLQ records: a result keyed by another client, or whose delivery id is not its
     event's offset + 1, used to be routed (a huge id would make the client library drop every
     later real result as already seen)."""
-    from nimbus.packs import parse_result
+    from nimbus.wire.packs import parse_result
 
     with pytest.raises(badinput.BadRecord) as e:
         parse_result(_rec("results", key, value))

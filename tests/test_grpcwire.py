@@ -1,4 +1,4 @@
-"""nimbus.grpcwire.client_recv_many against grpclib's receive buffer: every message once, in
+"""nimbus.wire.grpc.client_recv_many against grpclib's receive buffer: every message once, in
 order, whatever the DATA frames' boundaries; at most `limit` per call; a message not all there
 is left for the next call; the flow-control credit given back is what arrived."""
 
@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 from grpclib.protocol import Buffer
 
-from nimbus import grpcwire, trace
-from nimbus.messages import EventResponse
+from nimbus.wire import grpc as grpcwire
+from nimbus.wire import trace
+from nimbus.wire.messages import EventResponse
 
 
 def _messages(n: int) -> list[EventResponse]:

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import trio
 
+from nimbus.core.lifecycle import Status
 from nimbus.engines.murmur2 import partition_for
-from nimbus.lifecycle import Status
 from nimbus.proto_gen.nimbus import ResponseKind
 from tests.harness import real_engine
 from tests.test_pipeline import P2, cluster, wait_status
@@ -115,8 +115,8 @@ async def test_hole3_result_for_an_old_pod_reaches_the_client_on_its_new_pod(
             await send_and_leave(c.ports[0], cid, range(1, 21))  # processed later, naming pod0
             async with open_stream(c.ports[1], {"client_id": cid, **P2}) as st:
                 await wait_status(c, cid, Status.LIVE)
-                from nimbus.event_consumer import EventConsumer
-                from nimbus.router import ResultRouter
+                from nimbus.workers.event_consumer import EventConsumer
+                from nimbus.workers.router import ResultRouter
 
                 c.nursery.start_soon(EventConsumer(c.settings, c.engine.log, c.counters).run)
                 c.nursery.start_soon(
@@ -328,8 +328,8 @@ async def test_original_client_gets_results_in_order_across_a_reconnect(
                     await st.event("sq", n)
                 await trio.sleep(0.3)  # the events reach Kafka; the stream then drops
             await wait_status(c, cid, Status.OFFLINE)
-            from nimbus.event_consumer import EventConsumer
-            from nimbus.router import ResultRouter
+            from nimbus.workers.event_consumer import EventConsumer
+            from nimbus.workers.router import ResultRouter
 
             c.nursery.start_soon(EventConsumer(c.settings, c.engine.log, c.counters).run)
             c.nursery.start_soon(

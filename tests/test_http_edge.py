@@ -1,4 +1,4 @@
-"""The HTTP edge of a Nimbus process (`nimbus.httpd`: hypercorn's trio worker): the metrics
+"""The HTTP edge of a Nimbus process (`nimbus.ops.httpd`: hypercorn's trio worker): the metrics
 endpoint and the live web view. Slow, idle or non-reading clients hold only their own
 connection, never the others' requests nor the server's shutdown for long, and the Host header
 is checked against DNS rebinding.
@@ -22,8 +22,9 @@ import pytest
 import trio
 from loguru import logger
 
-from nimbus import config, httpd, metrics, web
+from nimbus import config
 from nimbus.engines import open_engine
+from nimbus.ops import httpd, metrics, web
 
 SLOW_CONNECTIONS = 100
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from nimbus import lifecycle as L
-from nimbus.lifecycle import Route, Status
+from nimbus.core import lifecycle as L
+from nimbus.core.lifecycle import Route, Status
 
 
 def test_first_connect_is_live_with_epoch_1() -> None:

@@ -17,8 +17,8 @@ from typing import Any
 
 import trio
 
-from nimbus.lifecycle import Status
-from nimbus.limits import RateLimiter, TokenBucket
+from nimbus.core.lifecycle import Status
+from nimbus.core.limits import RateLimiter, TokenBucket
 from nimbus.proto_gen.nimbus import ErrorCode, ResponseKind
 from tests.test_auth import grpcio_stream
 from tests.test_interop_grpcio import stubs  # noqa: F401 (fixture)

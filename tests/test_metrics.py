@@ -1,4 +1,4 @@
-"""Metrics (nimbus.metrics) and the stream fields on log lines.
+"""Metrics (nimbus.ops.metrics) and the stream fields on log lines.
 
 One registry per process, shared by every in-process cluster: tests compare values before and
 after (deltas), never absolute values. The last test runs the real processes on the real brokers
@@ -20,9 +20,9 @@ import trio
 import trio_asyncio
 from loguru import logger
 
-from nimbus import metrics
-from nimbus.lifecycle import Status
-from nimbus.stats import Counters
+from nimbus.core.lifecycle import Status
+from nimbus.ops import metrics
+from nimbus.ops.stats import Counters
 from tests.harness import Cluster, free_port, open_cluster, real_env
 from tests.wire import open_stream
 
@@ -378,7 +378,7 @@ async def test_each_process_serves_its_metrics_on_real_brokers(
         assert status == 200
         assert w["nimbus_ops_total{op=events.processed}"] == 20
         assert w["nimbus_ops_total{op=router.live}"] == 20
-        # 20 results in at most 20 records (a client's results of a batch share one: nimbus.packs)
+        # 20 results in at most 20 records (a client's results of a batch share one: nimbus.wire.packs)
         assert 1 <= w[f"nimbus_io_records_total{{op=produce,topic=results-{unique}}}"] <= 20
         assert w["nimbus_io_seconds_count{op=state.route,topic=}"] >= 1
         assert (

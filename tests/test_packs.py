@@ -1,12 +1,12 @@
-"""The DLQ's record layouts (nimbus.packs): packs of one client's results, and single results."""
+"""The DLQ's record layouts (nimbus.wire.packs): packs of one client's results, and single results."""
 
 from __future__ import annotations
 
 import pytest
 
-from nimbus import badinput, packs, trace
-from nimbus.messages import EventError, KafkaEventResponse, ResultPack
 from nimbus.ports import Record
+from nimbus.wire import badinput, packs, trace
+from nimbus.wire.messages import EventError, KafkaEventResponse, ResultPack
 
 
 def result(cid: str, did: int, **kw: object) -> KafkaEventResponse:

@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio_asyncio
 
-from nimbus.lifecycle import Status
+from nimbus.core.lifecycle import Status
 from nimbus.proto_gen.nimbus import ErrorCode, EventResponse, ResponseKind
 from tests.harness import Cluster, open_cluster, real_engine
 from tests.wire import open_stream

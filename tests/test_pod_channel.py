@@ -1,4 +1,4 @@
-"""nimbus.pod_channel: each channel message's parser reads what its encoder writes, the payloads
+"""nimbus.wire.pod_channel: each channel message's parser reads what its encoder writes, the payloads
 are byte for byte what the roles sent before the module existed, and a payload a parser cannot
 read raises ValueError (the status manager counts it as bad input, drops it, and goes on)."""
 
@@ -10,10 +10,14 @@ from collections.abc import Sequence
 import pytest
 import trio
 
-from nimbus import config, metrics, trace
+from nimbus import config
+from nimbus.core.router_window import Entry
 from nimbus.engines.memory import MemoryState
-from nimbus.messages import GAP, EventResponse, KafkaEventResponse, PodMessage
-from nimbus.pod_channel import (
+from nimbus.ops import metrics
+from nimbus.ports import TopicPartition
+from nimbus.wire import trace
+from nimbus.wire.messages import GAP, EventResponse, KafkaEventResponse, PodMessage
+from nimbus.wire.pod_channel import (
     DLQ_WRITES,
     FLIPS,
     REPLAY_REQUESTS,
@@ -34,9 +38,7 @@ from nimbus.pod_channel import (
     run_problem,
     status_check,
 )
-from nimbus.ports import TopicPartition
-from nimbus.router_window import Entry
-from nimbus.status_manager import StatusManager
+from nimbus.workers.status import StatusManager
 
 IDS = ["c1", "", "ü-ß/\u2028", "tab\tin\tid", "colon:x\t"]
 

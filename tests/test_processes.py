@@ -14,8 +14,8 @@ import pytest
 import trio
 import trio_asyncio
 
+from nimbus.core.lifecycle import Status
 from nimbus.engines.redis import open_redis_state
-from nimbus.lifecycle import Status
 from nimbus.proto_gen.nimbus import EventResponse
 from tests.harness import free_port, real_env
 from tests.wire import open_stream

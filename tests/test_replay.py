@@ -13,8 +13,8 @@ import trio.testing
 
 from nimbus import config
 from nimbus.engines.memory import MemoryLog, MemoryReader, MemoryState
-from nimbus.messages import ReportItem
-from nimbus.replay import ReplayPipeline, ReplayService, _Run
+from nimbus.wire.messages import ReportItem
+from nimbus.workers.replay import ReplayPipeline, ReplayService, _Run
 from tests.test_holes import same_partition_ids
 
 
@@ -225,8 +225,8 @@ async def test_a_dlq_write_notice_ends_a_replays_wait_at_the_partitions_end() ->
 async def test_the_router_sends_a_notice_after_each_dlq_write() -> None:
     """Results of a client that left go to the DLQ; each write is followed by a notice naming
     the clients written for (the replays' wake-up)."""
-    from nimbus.pod_channel import DLQ_WRITES
     from nimbus.subscriptions import listen
+    from nimbus.wire.pod_channel import DLQ_WRITES
     from tests.test_holes import send_and_leave
     from tests.test_pipeline import cluster
 

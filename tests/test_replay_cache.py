@@ -1,11 +1,11 @@
-"""The replays' shared fetch cache (nimbus/replay_cache.py): pure, so tested directly."""
+"""The replays' shared fetch cache (nimbus/workers/replay_cache.py): pure, so tested directly."""
 
 from __future__ import annotations
 
 import pytest
 
 from nimbus.ports import Record
-from nimbus.replay_cache import FetchCache
+from nimbus.workers.replay_cache import FetchCache
 
 
 def recs(partition: int, offsets: list[int]) -> list[Record]:

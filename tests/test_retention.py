@@ -4,7 +4,7 @@ gets the rest of its backlog in order and goes LIVE; the original's client gets 
 Retention is simulated by deleting the oldest DLQ records: the memory engine's `delete_records`
 hook, and Kafka's own DeleteRecords request (what retention does to a log) on the real broker.
 Most tests write one result per DLQ record (NIMBUS_DLQ_PACK=1), so they can delete results one
-by one; the last one deletes a pack of results (the default layout, nimbus.packs).
+by one; the last one deletes a pack of results (the default layout, nimbus.wire.packs).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any
 
 import trio
 
-from nimbus import packs
+from nimbus.core.lifecycle import Status
 from nimbus.engines.murmur2 import partition_for
-from nimbus.lifecycle import Status
 from nimbus.proto_gen.nimbus import EventResponse, ResponseKind
+from nimbus.wire import packs
 from tests.harness import Cluster
 from tests.test_pipeline import P2, cluster, engine, wait_status  # noqa: F401 (fixture)
 from tests.wire import open_stream

@@ -1,4 +1,4 @@
-"""The one retry helper (nimbus/retry.py, issue 16): its delays follow NIMBUS_RETRY_*, it retries
+"""The one retry helper (nimbus/core/retry.py, issue 16): its delays follow NIMBUS_RETRY_*, it retries
 only the errors it is given, gives up after `attempts` when asked, and never holds up a
 cancellation."""
 
@@ -10,8 +10,8 @@ import trio.lowlevel
 import trio.testing
 
 from nimbus import config
+from nimbus.core.retry import DEFAULT, Backoff, Policy, retrying
 from nimbus.ports import EngineError
-from nimbus.retry import DEFAULT, Backoff, Policy, retrying
 
 EXACT = Policy(first=0.1, max=2.0, multiplier=2.0, jitter=0.0)
 
@@ -205,9 +205,9 @@ async def test_a_lost_subscription_is_resubscribed_after_the_policys_waits(
 async def test_the_event_consumer_retries_a_failed_produce_per_the_policy(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Another site (nimbus/event_consumer.py): three failed produces in a row wait 1, 2 and 4 s
+    """Another site (nimbus/workers/event_consumer.py): three failed produces in a row wait 1, 2 and 4 s
     (NIMBUS_RETRY_* here), then the results are written, nothing dropped."""
-    from nimbus.event_consumer import EventConsumer
+    from nimbus.workers.event_consumer import EventConsumer
     from tests.test_event_consumer import with_events
 
     s, log = await with_events(

@@ -18,11 +18,11 @@ from types import SimpleNamespace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nimbus import lifecycle as L
-from nimbus import packs
-from nimbus.lifecycle import ClientRecord, Route, RouteDecision, Status
+from nimbus.core import lifecycle as L
+from nimbus.core.lifecycle import ClientRecord, Route, RouteDecision, Status
+from nimbus.core.router_window import RouterWindow, S
 from nimbus.ports import TopicPartition
-from nimbus.router_window import RouterWindow, S
+from nimbus.wire import packs
 
 TP = TopicPartition("results", 0)
 
@@ -48,7 +48,7 @@ def test_commit_stops_at_the_first_unresolved_result() -> None:
 
 
 def test_results_of_one_record_are_committed_past_only_together() -> None:
-    """A packed record (nimbus.packs) gives several entries one offset: its offset is passed
+    """A packed record (nimbus.wire.packs) gives several entries one offset: its offset is passed
     only when all of them are resolved."""
     w = RouterWindow(5.0)
     w.add(TP, 0, "a", 1, None)
@@ -182,7 +182,7 @@ class Model:
             self.conns[c] = None
 
     def result(self, c: str, n: int = 1) -> None:
-        """n results of client c in one record (n > 1: a pack, nimbus.packs): one offset."""
+        """n results of client c in one record (n > 1: a pack, nimbus.wire.packs): one offset."""
         for _ in range(n):
             self.next_id += 1
             self.w.add(TP, self.next_offset, c, self.next_id, None)

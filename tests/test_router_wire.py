@@ -1,12 +1,16 @@
-"""nimbus.pod_channel.pod_messages composes PodMessages on the wire; a parser must read exactly
+"""nimbus.wire.pod_channel.pod_messages composes PodMessages on the wire; a parser must read exactly
 the message the plain protobuf construction gives (trace timestamps aside). The replay's runs
 (run_message): what the pod makes of them."""
 
 from __future__ import annotations
 
-from nimbus import config, trace
+from nimbus import config
+from nimbus.core.router_window import Entry
+from nimbus.doorman.pod import Outbox, Pod, Session
 from nimbus.engines.memory import MemoryLog, MemoryState
-from nimbus.messages import (
+from nimbus.ports import TopicPartition
+from nimbus.wire import trace
+from nimbus.wire.messages import (
     GAP,
     RESULT,
     EventError,
@@ -15,10 +19,7 @@ from nimbus.messages import (
     PodMessage,
     response_with_log,
 )
-from nimbus.pod import Outbox, Pod, Session
-from nimbus.pod_channel import pod_messages, run_message
-from nimbus.ports import TopicPartition
-from nimbus.router_window import Entry
+from nimbus.wire.pod_channel import pod_messages, run_message
 
 TP = TopicPartition("results", 3)
 
@@ -110,7 +111,7 @@ def test_long_fields_take_multi_byte_lengths() -> None:
     ]
 
 
-# -- runs (nimbus.pod_channel.run_message, the replay's deliveries; nimbus.pod._deliver_run) ----
+# -- runs (nimbus.wire.pod_channel.run_message, the replay's deliveries; nimbus.doorman.pod._deliver_run) ----
 
 
 def _pod(protocol: int = 2, acked: int = 0) -> tuple[Pod, Session]:

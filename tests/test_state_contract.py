@@ -1,10 +1,10 @@
 """The StateStore contract, run against every engine: MemoryState always, RedisState with the
 real Redis (marker `integration`, NIMBUS_TEST_REDIS_ADDRESS).
 
-Concrete cases first (one per rule of `nimbus.lifecycle`), then leases and pub/sub, then a
+Concrete cases first (one per rule of `nimbus.core.lifecycle`), then leases and pub/sub, then a
 Hypothesis property: random operation sequences applied to the store give exactly the records
 (and results) of folding the lifecycle functions in Python. For Redis that is what proves the Lua
-in `nimbus/engines/redis_scripts.py` matches `nimbus/lifecycle.py`.
+in `nimbus/engines/redis_scripts.py` matches `nimbus/core/lifecycle.py`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import trio_asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nimbus import lifecycle
+from nimbus.core import lifecycle
+from nimbus.core.lifecycle import ClientRecord, ConnectResult, Route, RouteDecision, Status
 from nimbus.engines.memory import MemoryState
 from nimbus.engines.redis import RedisState, _client_name, open_redis_state
-from nimbus.lifecycle import ClientRecord, ConnectResult, Route, RouteDecision, Status
 from nimbus.ports import AckItem, DlqWrite, StateStore, StateUnavailable
 
 T = TypeVar("T")

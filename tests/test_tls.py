@@ -97,7 +97,7 @@ async def test_mutual_tls_requires_a_client_certificate(
         async with cluster({"engine": "memory"}, auth="jwt", auth_secret=SECRET, **files) as c:
             port = c.ports[0]
             cid = f"mtls-{unique}"
-            from nimbus.auth import issue
+            from nimbus.doorman.auth import issue
 
             tok = issue(cid, ttl_sec=60, key=SECRET)
             client_cert = ca.issue_cert(f"{cid}@clients.example")

@@ -15,8 +15,8 @@ import pytest
 import trio
 import trio_asyncio
 
-from nimbus import metrics, web
-from nimbus.lifecycle import Status
+from nimbus.core.lifecycle import Status
+from nimbus.ops import metrics, web
 from nimbus.proto_gen.nimbus import ResponseKind
 from tests.harness import Cluster, open_cluster
 from tests.test_metrics import P2, http_get, wait_for

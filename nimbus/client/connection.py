@@ -3,7 +3,7 @@
 One gRPC stream at a time, reconnected with jittered exponential backoff (optionally rotating
 through several pods), results handed to the application exactly once and in delivery-id order.
 
-Wire messages: the stream is encoded and decoded with protobuf's upb classes (nimbus/messages.py),
+Wire messages: the stream is encoded and decoded with protobuf's upb classes (nimbus/wire/messages.py),
 ~200x cheaper per message than betterproto's here (which dominated a load generator's CPU). The
 public types stay betterproto's: `Result.error` is converted when a result carries one, and
 `Result.log` (the trace) is decoded only when the application reads it.
@@ -36,12 +36,12 @@ from grpclib.config import Configuration
 from grpclib.exceptions import GRPCError
 from loguru import logger
 
-from nimbus import messages as wire
-from nimbus.channels import receive_batch
+from nimbus.core.channels import receive_batch
 from nimbus.proto_gen.nimbus import (
     ErrorCode,
     EventError,
 )
+from nimbus.wire import messages as wire
 
 if TYPE_CHECKING:
     pass

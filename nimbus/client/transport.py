@@ -22,7 +22,6 @@ from grpclib.config import Configuration
 from grpclib.const import Cardinality
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
-from nimbus import grpcwire
 from nimbus.client.ledger import OutgoingEvent
 from nimbus.client.types import (
     METHOD,
@@ -33,6 +32,7 @@ from nimbus.client.types import (
     describe_error,
     parse_target,
 )
+from nimbus.wire import grpc as grpcwire
 
 if TYPE_CHECKING:
     from grpclib.client import Stream as GrpcStream
@@ -163,7 +163,7 @@ class _Dialer:
         call: GrpcStream[EventRequest, EventResponse], responses: trio.MemorySendChannel[_Inbound]
     ) -> None:
         while True:
-            # Every response already received, handed over at once (see nimbus.grpcwire).
+            # Every response already received, handed over at once (see nimbus.wire.grpc).
             messages = await grpcwire.client_recv_many(call, _READ_BATCH)
             if not messages:
                 return
@@ -175,7 +175,7 @@ class _Dialer:
         try:
             while True:
                 while outbox:
-                    # Everything queued goes out in one HTTP/2 write (nimbus.grpcwire).
+                    # Everything queued goes out in one HTTP/2 write (nimbus.wire.grpc).
                     payloads: list[bytes] = []
                     events: list[OutgoingEvent] = []
                     size = 0

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Final, TypeAlias
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
-from nimbus import messages as wire
 from nimbus.proto_gen.nimbus import (
     ErrorCode,
     EventError,
     LogEntry,
 )
+from nimbus.wire import messages as wire
 
 # On the wire: upb classes (see "Wire messages" in nimbus/client/connection.py).
 EventRequest: TypeAlias = wire.EventRequest

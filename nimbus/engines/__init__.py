@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
-from nimbus import metrics
 from nimbus.config import Settings
+from nimbus.ops import metrics
 from nimbus.ports import Log, StateStore
 
 
@@ -20,7 +20,7 @@ class OpenEngine:
 
 @asynccontextmanager
 async def open_engine(settings: Settings) -> AsyncIterator[OpenEngine]:
-    """The engine the settings name, its calls timed and counted (nimbus.metrics). The real one
+    """The engine the settings name, its calls timed and counted (nimbus.ops.metrics). The real one
     needs a running trio_asyncio loop."""
     if settings.engine == "memory":
         from nimbus.engines.memory import MemoryEngine, MemoryState

@@ -3,7 +3,7 @@
 Faithful to the semantics the rest of Nimbus relies on: Kafka's murmur2 partitioner, per-partition
 order, consumer groups that split partitions among members and report rebalances, committed
 offsets, watermarks, random-access reads; a state store whose transitions are the functions of
-`nimbus.lifecycle` applied atomically (no await inside a transition), leases, and at-most-once
+`nimbus.core.lifecycle` applied atomically (no await inside a transition), leases, and at-most-once
 pub/sub with bounded subscriber buffers (a slow subscriber loses messages, as on Redis).
 
 Everything lives in one trio run; nothing here is thread-safe, nothing needs to be.
@@ -20,9 +20,9 @@ from typing import TypeVar, TypeVarTuple
 import trio
 from loguru import logger
 
-from nimbus import lifecycle
+from nimbus.core import lifecycle
+from nimbus.core.lifecycle import ClientRecord, ConnectResult, RouteDecision, Status
 from nimbus.engines.murmur2 import partition_for
-from nimbus.lifecycle import ClientRecord, ConnectResult, RouteDecision, Status
 from nimbus.ports import (
     AckItem,
     CommitFailed,

@@ -12,7 +12,7 @@ calls of every trio task, which wait for their replies on a trio.Event, with no 
 asyncio per call. The reads (`get`, `get_many`, `replaying`, `all_clients`: SMEMBERS, then
 pipelined HMGETs) and subscriptions make one crossing each (`trio_asyncio.aio_as_trio`) on the
 connection pool. The transitions are the Lua scripts
-of `nimbus.engines.redis_scripts`, which mirror `nimbus.lifecycle`; a batch travels as one JSON
+of `nimbus.engines.redis_scripts`, which mirror `nimbus.core.lifecycle`; a batch travels as one JSON
 argument and comes back as one compact reply, because redis-py packs every argument and parses
 every reply element in pure Python, which cost more than the script itself. Scripts run by
 EVALSHA, and a NOSCRIPT answer (Redis restarted and lost its script cache) reloads the script and
@@ -51,8 +51,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from nimbus.core.lifecycle import ClientRecord, ConnectResult, Route, RouteDecision, Status
 from nimbus.engines import redis_scripts
-from nimbus.lifecycle import ClientRecord, ConnectResult, Route, RouteDecision, Status
 from nimbus.ports import AckItem, DlqWrite, StateUnavailable
 
 __all__ = ["RedisState", "open_redis_state"]
@@ -383,7 +383,7 @@ class RedisState:
     def _channel(self, channel: str) -> str:
         return f"{self.prefix}ch:{channel}"
 
-    # -- transitions (nimbus.lifecycle, via redis_scripts) ----------------------------------
+    # -- transitions (nimbus.core.lifecycle, via redis_scripts) ----------------------------------
 
     async def connect(self, client_id: str, pod: str) -> ConnectResult:
         epoch, status, previous_pod, previous_epoch = await self._script(

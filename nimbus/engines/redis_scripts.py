@@ -1,6 +1,6 @@
-"""Lua sources of the Redis state store: one script per transition of `nimbus.lifecycle`.
+"""Lua sources of the Redis state store: one script per transition of `nimbus.core.lifecycle`.
 
-Each transition script mirrors the function of the same name in `nimbus/lifecycle.py` exactly:
+Each transition script mirrors the function of the same name in `nimbus/core/lifecycle.py` exactly:
 same fields, same comparisons, same results, a missing record read as `lifecycle.new_record`'s
 defaults. `tests/test_state_contract.py` checks it: the same concrete cases run against the
 in-memory store and Redis, and a Hypothesis property test compares random operation sequences

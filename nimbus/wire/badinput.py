@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from loguru import logger
 
-from nimbus import metrics
+from nimbus.ops import metrics
 from nimbus.ports import Record
 
 # A record larger than any Nimbus writes: a pod's event is a known event name, a client id within

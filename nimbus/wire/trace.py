@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from nimbus.messages import LogEntry
+from nimbus.wire.messages import LogEntry
 
 
 def step(

@@ -2,7 +2,7 @@
 
 The flip is one atomic transition (`lifecycle.try_flip`) that succeeds only when everything ever
 routed towards the DLQ for that client is acknowledged by it — the per-client Triple Lag Check
-(see nimbus/lifecycle.py). It runs the moment the check can pass — a pod whose stored ack
+(see nimbus/core/lifecycle.py). It runs the moment the check can pass — a pod whose stored ack
 completed a client's backlog asks for it (a message on STATUS_CHECKS, carrying when the ack
 arrived), and so does a replay that has drained — batching the requests that arrive together into
 one atomic round trip; and periodically for every REPLAYING client as a safety net. Because the check is
@@ -18,14 +18,15 @@ import time
 import trio
 from loguru import logger
 
-from nimbus import badinput, logs
-from nimbus.channels import receive_batch
+from nimbus import logs
 from nimbus.config import Settings
-from nimbus.pod_channel import STATUS_CHECKS, flip_message, parse_status_check
+from nimbus.core.channels import receive_batch
+from nimbus.core.retry import Policy
+from nimbus.ops.stats import Counters
 from nimbus.ports import EngineError, StateStore
-from nimbus.retry import Policy
-from nimbus.stats import Counters
 from nimbus.subscriptions import listen
+from nimbus.wire import badinput
+from nimbus.wire.pod_channel import STATUS_CHECKS, flip_message, parse_status_check
 
 
 class StatusManager:

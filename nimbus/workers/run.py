@@ -12,17 +12,17 @@ import trio
 import trio_asyncio
 from loguru import logger
 
-from nimbus import metrics
 from nimbus.config import Settings
 from nimbus.engines import open_engine
 from nimbus.entry import ArgumentParser, run_process, run_with_signals
-from nimbus.event_consumer import EventConsumer
+from nimbus.ops import metrics
+from nimbus.ops.stats import Counters
 from nimbus.ports import Log, StateStore
-from nimbus.replay import ReplayService
-from nimbus.router import ResultRouter
-from nimbus.stats import Counters
-from nimbus.status_manager import StatusManager
 from nimbus.topics import ensure_topics
+from nimbus.workers.event_consumer import EventConsumer
+from nimbus.workers.replay import ReplayService
+from nimbus.workers.router import ResultRouter
+from nimbus.workers.status import StatusManager
 
 ROLES = ("events", "results", "replay", "status")
 
@@ -93,7 +93,3 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     run_process("nimbus.workers", "workers", main_async, args.roles)
-
-
-if __name__ == "__main__":
-    main()

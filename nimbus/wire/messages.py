@@ -35,7 +35,7 @@ UNKNOWN_EVENT, OUT_OF_RANGE, UNAVAILABLE, INVALID_ARGUMENT, INTERNAL = (
 )
 
 
-# -- composing messages on the wire (nimbus.pod_channel.pod_messages, nimbus.pod) -----------------
+# -- composing messages on the wire (nimbus.wire.pod_channel.pod_messages, nimbus.doorman.pod) -----------------
 # A hot path may write a message as the concatenation of its parts' encodings: a parser reads
 # fields in any order, concatenates repeated fields, and (unused here) merges a singular message
 # field met twice. Tag bytes (field number << 3 | 2: length-delimited) of the fields composed so:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import trio
 from loguru import logger
 
-from nimbus import badinput, packs, trace
-from nimbus.channels import receive_batch
 from nimbus.config import RESULTS_GROUP, Settings
-from nimbus.messages import DeliveryReport, KafkaEventResponse
-from nimbus.pod_channel import dlq_writes, pod_messages, replay_request, reply_channel
+from nimbus.core.channels import receive_batch
+from nimbus.core.retry import Backoff, Policy
+from nimbus.core.router_window import Entry, RouterWindow
+from nimbus.ops.stats import Counters
 from nimbus.ports import (
     CommitFailed,
     DlqWrite,
@@ -31,10 +31,10 @@ from nimbus.ports import (
     StateStore,
     TopicPartition,
 )
-from nimbus.retry import Backoff, Policy
-from nimbus.router_window import Entry, RouterWindow
-from nimbus.stats import Counters
 from nimbus.subscriptions import listen
+from nimbus.wire import badinput, packs, trace
+from nimbus.wire.messages import DeliveryReport, KafkaEventResponse
+from nimbus.wire.pod_channel import dlq_writes, pod_messages, replay_request, reply_channel
 
 
 @dataclass
@@ -235,7 +235,7 @@ class ResultRouter:
             assert isinstance(r, KafkaEventResponse)
             trace.step(r.log, "result-router", self.s.instance_id, "divert-to-dlq")
             items.append((e.client_id, r.SerializeToString(), e.delivery_id))
-        # Each client's results of this batch in records of up to NIMBUS_DLQ_PACK (nimbus.packs):
+        # Each client's results of this batch in records of up to NIMBUS_DLQ_PACK (nimbus.wire.packs):
         # one record write and one DLQ write noted per pack, its last delivery id.
         records = packs.packs(items, self.s.dlq_pack)
         try:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import trio
 from loguru import logger
 
-from nimbus import badinput, events, packs, trace
-from nimbus.channels import receive_batch
 from nimbus.config import Settings
-from nimbus.messages import KafkaEventRequest, KafkaEventResponse
+from nimbus.core import events
+from nimbus.core.channels import receive_batch
+from nimbus.core.retry import Backoff, Policy
+from nimbus.ops.stats import Counters
 from nimbus.ports import EngineError, Log, LogConsumer, Record, TopicPartition
-from nimbus.retry import Backoff, Policy
-from nimbus.stats import Counters
+from nimbus.wire import badinput, packs, trace
+from nimbus.wire.messages import KafkaEventRequest, KafkaEventResponse
 
 
 def process(rec: Record, instance: str) -> KafkaEventResponse:
@@ -99,7 +100,7 @@ class EventConsumer:
                 self.counters.inc("events.failed")
             results.append((resp.client_id, resp.SerializeToString(), None))
         # Each client's results of this batch in records of up to NIMBUS_RESULTS_PACK
-        # (nimbus.packs): a client's events share a partition, so its results keep their order.
+        # (nimbus.wire.packs): a client's events share a partition, so its results keep their order.
         out = [(cid.encode(), value) for cid, value, _ in packs.packs(results, self.s.results_pack)]
         offsets: dict[TopicPartition, int] = {}
         for rec in records:

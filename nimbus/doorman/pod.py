@@ -27,11 +27,18 @@ from dataclasses import dataclass, field
 import trio
 from loguru import logger
 
-from nimbus import badinput, events, logs, metrics, trace
-from nimbus.channels import receive_batch
+from nimbus import logs
 from nimbus.config import INGEST_BATCH, Settings
-from nimbus.lifecycle import Status
-from nimbus.messages import (
+from nimbus.core import events
+from nimbus.core.channels import receive_batch
+from nimbus.core.lifecycle import Status
+from nimbus.core.retry import Backoff, Policy, retrying
+from nimbus.ops import metrics
+from nimbus.ops.stats import Counters
+from nimbus.ports import AckItem, EngineError, Log, StateStore
+from nimbus.subscriptions import listen
+from nimbus.wire import badinput, trace
+from nimbus.wire.messages import (
     ERROR,
     GAP,
     RECEIPT,
@@ -45,17 +52,13 @@ from nimbus.messages import (
     ReportItem,
     response_with_log,
 )
-from nimbus.pod_channel import (
+from nimbus.wire.pod_channel import (
     kick_message,
     parse_pod_message,
     replay_request,
     run_problem,
     status_check,
 )
-from nimbus.ports import AckItem, EngineError, Log, StateStore
-from nimbus.retry import Backoff, Policy, retrying
-from nimbus.stats import Counters
-from nimbus.subscriptions import listen
 
 
 class Close:
@@ -588,7 +591,7 @@ class Pod:
             out = self._original(s, resp, resp.log)
         else:
             # Encoded here, with this hop's trace step appended to the log on the wire (see
-            # nimbus.pod_channel.pod_messages): no step built per result, nothing re-encoded later.
+            # nimbus.wire.pod_channel.pod_messages): no step built per result, nothing re-encoded later.
             step = self._step(s, steps)
             log = resp.log.SerializeToString() + step
             resp.ClearField("log")

@@ -204,7 +204,7 @@ def config_for(host: str, port: int, name: str) -> Config:
     config.h11_max_incomplete_size = MAX_REQUEST
     config.include_server_header = False
     config.accesslog = None
-    error_log = logging.Logger(f"nimbus.httpd.{name}")  # not in logging's registry: ours alone
+    error_log = logging.Logger(f"nimbus.ops.httpd.{name}")  # not in logging's registry: ours alone
     error_log.addHandler(_ToLoguru(name))
     config.errorlog = error_log
     return config

@@ -28,7 +28,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from nimbus.lifecycle import Route, RouteDecision
+from nimbus.core.lifecycle import Route, RouteDecision
 from nimbus.ports import TopicPartition
 
 TAKEN_MAX = 100_000  # clients whose highest taken delivery id a window remembers
@@ -355,7 +355,7 @@ class RouterWindow:
 
     def commits(self) -> dict[TopicPartition, int]:
         """The next offset to commit for each partition whose resolved prefix grew. Entries may
-        share an offset (the results of one packed record, nimbus.packs): an offset is passed
+        share an offset (the results of one packed record, nimbus.wire.packs): an offset is passed
         only when every entry at it is resolved."""
         out: dict[TopicPartition, int] = {}
         for tp, q in self._partitions.items():

@@ -27,9 +27,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeVar
 
-from nimbus import badinput
-from nimbus.messages import KafkaEventResponse, ResultPack, varint
 from nimbus.ports import Record
+from nimbus.wire import badinput
+from nimbus.wire.messages import KafkaEventResponse, ResultPack, varint
 
 PACK_PREFIX = b"\xfa\x7f"  # the tag of ResultPack.results (2047, length-delimited) as a varint
 _PACK_TAG_LEN = len(PACK_PREFIX)

@@ -10,7 +10,7 @@ engine's): every channel name, and each payload's encoder and parser, in one pla
     a pod's channel         PodMessage: kicks                         pod -> pod
                             PodMessage: deliveries, reply_to          router, replay -> pod
     a reply channel         DeliveryReport (protocols/nimbus.proto;   pod -> router, replay
-                            built in nimbus.pod's reporter)
+                            built in nimbus.doorman.pod's reporter)
 
 A pod's channel is its NIMBUS_REDIS_EVENTS_CHANNEL (`Settings.pod_channel`, stored in the record
 of each client connected there); a reply channel is the sender's own (`reply_channel`), named in
@@ -20,7 +20,7 @@ The text payloads' parsers raise ValueError (UnicodeDecodeError is one) on a pay
 read; the caller decides what that costs (the status manager counts and drops a bad check).
 Deliveries are composed on the wire (`pod_messages`, `run_message`), not built as a message
 tree; the pod reads them with `parse_pod_message` and checks a run with `run_problem`; what it
-does with them stays in nimbus.pod.
+does with them stays in nimbus.doorman.pod.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import NamedTuple, Protocol
 
-from nimbus import trace
-from nimbus.messages import (
+from nimbus.wire import trace
+from nimbus.wire.messages import (
     DELIVERY_RESPONSE,
     POD_DELIVERY,
     POD_REPLY_TO,
@@ -138,7 +138,7 @@ def parse_pod_message(payload: bytes) -> PodMessage:
 
 class OutgoingLike(Protocol):
     """What `pod_messages` reads of one result to deliver: an `Outgoing`, or the router's
-    window `Entry` (nimbus.router_window), which has these among its own fields and is passed as
+    window `Entry` (nimbus.core.router_window), which has these among its own fields and is passed as
     it is (no copy per result on the router's path)."""
 
     @property

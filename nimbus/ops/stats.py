@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from nimbus import metrics
+from nimbus.ops import metrics
 
 
 class Counters:

@@ -4,7 +4,7 @@ One registry per process (`REGISTRY`); in-process test clusters share it, so tes
 counter values before and after rather than absolute values. Helpers here are the only way the
 rest of the code touches metrics, so adapters stay one line. Nothing here does I/O per message:
 
-- `nimbus_ops_total{op}`: every `nimbus.stats.Counters` increment of every role (bridged in
+- `nimbus_ops_total{op}`: every `nimbus.ops.stats.Counters` increment of every role (bridged in
   `stats.py`): events ingested by pods, computed, results routed live / to the DLQ, diverted,
   delivered, replayed, flips... The per-stage rates are `rate()` of these.
 - `nimbus_io_seconds{op,topic}` / `nimbus_io_records_total{op,topic}`: every engine call (one
@@ -44,7 +44,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from nimbus import httpd
+from nimbus.ops import httpd
 
 T = TypeVar("T")
 
@@ -93,7 +93,7 @@ class _PlainCounters(Collector):
 
 OPS = _PlainCounters(
     "nimbus_ops",
-    "What the roles did, by operation (the names of nimbus.stats.Counters, e.g. pod.events, "
+    "What the roles did, by operation (the names of nimbus.ops.stats.Counters, e.g. pod.events, "
     "events.processed, router.live, router.dlq, router.diverted, replay.delivered, status.flips)",
     "op",
 )
@@ -202,7 +202,7 @@ _ERROR_OPS = {
 
 
 def op(name: str, n: int = 1) -> None:
-    """Count `n` of operation `name` (called by nimbus.stats.Counters.inc)."""
+    """Count `n` of operation `name` (called by nimbus.ops.stats.Counters.inc)."""
     OPS.inc(name, n)
     kind = _ERROR_OPS.get(name)
     if kind is None and name.startswith("server.refused."):

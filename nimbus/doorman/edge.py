@@ -31,7 +31,8 @@ from h2.events import RemoteSettingsChanged
 from h2.exceptions import ProtocolError
 from loguru import logger
 
-from nimbus import badinput, metrics
+from nimbus.ops import metrics
+from nimbus.wire import badinput
 
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _ACCEPT_LOG_EVERY_S = 5.0

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from nimbus import messages as m
+from nimbus.wire import messages as m
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 

@@ -11,7 +11,7 @@ pipeline of three stages joined by bounded trio memory channels:
       -> ack (a delivery report per run; advance the cursor; at the end, ask for the flip to LIVE)
 
 The replays of a worker share one reader per DLQ partition and what it fetched
-(`nimbus.replay_cache`): clients replaying from the same partition at once read its records
+(`nimbus.workers.replay_cache`): clients replaying from the same partition at once read its records
 from Kafka about once, not once each, and a hundred replays do not mean a hundred Kafka
 consumers (each with its own network thread).
 
@@ -34,12 +34,17 @@ from dataclasses import dataclass, field
 import trio
 from loguru import logger
 
-from nimbus import badinput, logs, packs
-from nimbus.channels import receive_batch
+from nimbus import logs
 from nimbus.config import Settings
-from nimbus.lifecycle import ClientRecord, Status
-from nimbus.messages import GAP, DeliveryReport, EventResponse, KafkaEventResponse, ReportItem
-from nimbus.pod_channel import (
+from nimbus.core.channels import receive_batch
+from nimbus.core.lifecycle import ClientRecord, Status
+from nimbus.core.retry import Backoff, Policy
+from nimbus.ops.stats import Counters
+from nimbus.ports import EngineError, Log, LogReader, Record, StateStore
+from nimbus.subscriptions import listen
+from nimbus.wire import badinput, packs
+from nimbus.wire.messages import GAP, DeliveryReport, EventResponse, KafkaEventResponse, ReportItem
+from nimbus.wire.pod_channel import (
     DLQ_WRITES,
     REPLAY_REQUESTS,
     Outgoing,
@@ -50,11 +55,7 @@ from nimbus.pod_channel import (
     run_message,
     status_check,
 )
-from nimbus.ports import EngineError, Log, LogReader, Record, StateStore
-from nimbus.replay_cache import FetchCache
-from nimbus.retry import Backoff, Policy
-from nimbus.stats import Counters
-from nimbus.subscriptions import listen
+from nimbus.workers.replay_cache import FetchCache
 
 LEASE_MS = 4_000  # renewed every third of it; a killed worker's replays restart after this
 _END_POLL_S = 0.02  # a fetch at a partition's end holds the shared reader this long at most
