@@ -1,13 +1,23 @@
-"""The two ports everything above the engines talks to: the log and the state store.
+"""The ports everything above the engines talks to: the log, and the state store's three ports.
 
 Nothing outside `nimbus/engines/` imports kafka-python or redis. Each engine maps its library's
 errors into the exceptions below, so callers handle one family of errors whatever the engine.
 
 The log is Kafka's model: topics split into partitions, records keyed, the partition chosen by
 Kafka's murmur2 partitioner, per-partition order, consumer groups with committed offsets,
-watermarks. The state store holds one `ClientRecord` per client and applies the transitions of
-`nimbus.core.lifecycle` atomically (a Lua script on Redis, a plain function call in memory), plus
-pub/sub channels.
+watermarks.
+
+The state store is three ports, split by what their data is keyed on (a client, a lease name,
+a channel), which is also what a store split over several nodes would shard them by:
+
+- `ClientRecords`: one `ClientRecord` per client, changed only by the transitions of
+  `nimbus.core.lifecycle`, applied atomically (a Lua script on Redis, a plain function call in
+  memory). Every call but the two scans names the clients it touches;
+- `Leases`: named, expiring locks with one owner each;
+- `PubSub`: at-most-once messages on named channels.
+
+`StateStore` is the three together, as the engines provide them; a caller is typed with the
+narrowest port it uses.
 """
 
 from __future__ import annotations
@@ -153,8 +163,15 @@ class DlqWrite:
     offset: int
 
 
-class StateStore(Protocol):
-    """Per-client records with atomic transitions (see nimbus.core.lifecycle), leases, pub/sub."""
+class ClientRecords(Protocol):
+    """One `ClientRecord` per client, changed only by the transitions of `nimbus.core.lifecycle`.
+
+    Every call but the two scans (`replaying`, `all_clients`) names the clients it touches, and
+    no item reads another client's record: a batch cut into groups of clients (e.g. per Redis
+    Cluster slot), each group in order, gives the same results.
+    """
+
+    # Transitions (a missing record reads as `lifecycle.new_record`, and is created).
 
     async def connect(self, client_id: str, pod: str) -> ConnectResult: ...
 
@@ -183,15 +200,27 @@ class StateStore(Protocol):
         """REPLAYING -> LIVE for each client whose backlog is acknowledged."""
         ...
 
+    # Reads by client.
+
     async def get(self, client_id: str) -> ClientRecord | None: ...
 
     async def get_many(self, client_ids: Sequence[str]) -> list[ClientRecord | None]:
         """`get` for several clients in one round trip (each record consistent on its own)."""
         ...
 
-    async def replaying(self) -> list[str]: ...
+    # Scans of every client.
 
-    async def all_clients(self) -> list[ClientRecord]: ...
+    async def replaying(self) -> list[str]:
+        """The ids of the clients whose status is REPLAYING."""
+        ...
+
+    async def all_clients(self) -> list[ClientRecord]:
+        """Every record (each consistent on its own, not one snapshot of them all)."""
+        ...
+
+
+class Leases(Protocol):
+    """Named locks held by one owner until released or until their time to live runs out."""
 
     async def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
         """Take or renew a lease; true if `owner` holds it now."""
@@ -199,10 +228,20 @@ class StateStore(Protocol):
 
     async def release_lease(self, name: str, owner: str) -> None: ...
 
+
+class PubSub(Protocol):
+    """At-most-once messages on named channels: a message reaches the subscriptions active when
+    it is published; one that is cut (or falls too far behind) loses messages."""
+
     async def publish(self, messages: Sequence[tuple[str, bytes]]) -> None:
         """Publish (channel, payload) pairs, pipelined; order kept per channel."""
         ...
 
     def subscribe(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
-        """Messages published to `channel` after the subscription is active."""
+        """Messages published to `channel` after the subscription is active. The iterator
+        raises StateUnavailable when the subscription is lost."""
         ...
+
+
+class StateStore(ClientRecords, Leases, PubSub, Protocol):
+    """The state engine: the three state ports on one object (`MemoryState`, `RedisState`)."""

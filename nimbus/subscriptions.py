@@ -11,11 +11,11 @@ import trio
 from loguru import logger
 
 from nimbus.core.retry import DEFAULT, Backoff, Policy
-from nimbus.ports import StateStore, StateUnavailable
+from nimbus.ports import PubSub, StateUnavailable
 
 
 async def listen(
-    state: StateStore,
+    state: PubSub,
     channel: str,
     handle: Callable[[bytes], Awaitable[None]],
     policy: Policy = DEFAULT,

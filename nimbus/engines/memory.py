@@ -25,11 +25,14 @@ from nimbus.core.lifecycle import ClientRecord, ConnectResult, RouteDecision, St
 from nimbus.engines.murmur2 import partition_for
 from nimbus.ports import (
     AckItem,
+    ClientRecords,
     CommitFailed,
     DlqWrite,
+    Leases,
     LogUnavailable,
     PollResult,
     ProduceFailed,
+    PubSub,
     Record,
     StateUnavailable,
     TopicPartition,
@@ -265,10 +268,13 @@ class MemoryLog:
         yield MemoryReader(self)
 
 
-class MemoryState:
-    """`record_ttl` (seconds, 0: never): a record left OFFLINE with nothing pending by a
+class MemoryState(ClientRecords, Leases, PubSub):
+    """The state store's three ports (`nimbus.ports.StateStore`) in plain dicts.
+
+    `record_ttl` (seconds, 0: never): a record left OFFLINE with nothing pending by a
     disconnect expires this long after it, unless a connect or a backlog comes first (the Redis
-    store does the same with PEXPIRE/PERSIST)."""
+    store does the same with PEXPIRE/PERSIST). `subscriber_buffer`: messages a subscription
+    holds before the next ones to it are dropped (counted in `dropped`)."""
 
     def __init__(self, subscriber_buffer: int = 10_000, record_ttl: float = 0.0) -> None:
         self.record_ttl = record_ttl
@@ -281,6 +287,8 @@ class MemoryState:
         self._broken: set[trio.MemorySendChannel[bytes]] = set()
         # Test hook: while set, every call raises StateUnavailable-like errors from the caller's view.
         self.down = False
+
+    # -- plumbing ------------------------------------------------------------------------------
 
     def _check(self) -> None:
         if self.down:
@@ -314,6 +322,8 @@ class MemoryState:
         new = fn(rec, *args)
         self._store(client_id, rec, new)
         return new
+
+    # -- ClientRecords: transitions ------------------------------------------------------------
 
     async def connect(self, client_id: str, pod: str) -> ConnectResult:
         await trio.lowlevel.checkpoint()
@@ -364,6 +374,8 @@ class MemoryState:
         self._check()
         return [self._apply(cid, lifecycle.try_flip) for cid in client_ids]
 
+    # -- ClientRecords: reads and scans --------------------------------------------------------
+
     async def get(self, client_id: str) -> ClientRecord | None:
         await trio.lowlevel.checkpoint()
         self._check()
@@ -386,6 +398,8 @@ class MemoryState:
         self._check()
         return [r for c in list(self.records) if (r := self._rec(c)) is not None]
 
+    # -- Leases --------------------------------------------------------------------------------
+
     async def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
         await trio.lowlevel.checkpoint()
         self._check()
@@ -401,6 +415,8 @@ class MemoryState:
         holder = self.leases.get(name)
         if holder is not None and holder[0] == owner:
             del self.leases[name]
+
+    # -- PubSub --------------------------------------------------------------------------------
 
     async def publish(self, messages: Sequence[tuple[str, bytes]]) -> None:
         await trio.lowlevel.checkpoint()

@@ -6,13 +6,16 @@ Use it inside `trio_asyncio.open_loop()`::
         async with open_redis_state("127.0.0.1:6379") as state:
             await state.connect("client-1", "pod-a")
 
-Every transition and `publish` is one script call whatever the batch size (publish: one per
-1000 messages), made on the lane (`_Lane`): one connection whose asyncio task pipelines the
-calls of every trio task, which wait for their replies on a trio.Event, with no crossing into
-asyncio per call. The reads (`get`, `get_many`, `replaying`, `all_clients`: SMEMBERS, then
-pipelined HMGETs) and subscriptions make one crossing each (`trio_asyncio.aio_as_trio`) on the
-connection pool. The transitions are the Lua scripts
-of `nimbus.engines.redis_scripts`, which mirror `nimbus.core.lifecycle`; a batch travels as one JSON
+`RedisState` provides the three state ports: `ClientRecords` and `Leases` here, `PubSub` in
+`nimbus.engines.redis_pubsub` (the store hands `publish` and `subscribe` to it).
+
+Every transition, lease call and `publish` is one script call whatever the batch size (publish:
+one per 1000 messages), made on the lane (`nimbus.engines.redis_link.Lane`): one connection
+whose asyncio task pipelines the calls of every trio task, which wait for their replies on a
+trio.Event, with no crossing into asyncio per call. The reads (`get`, `get_many`, `replaying`,
+`all_clients`: SMEMBERS, then pipelined HMGETs) and subscriptions make one crossing each
+(`trio_asyncio.aio_as_trio`) on the connection pool. The transitions are the Lua scripts of
+`nimbus.engines.redis_scripts`, which mirror `nimbus.core.lifecycle`; a batch travels as one JSON
 argument and comes back as one compact reply, because redis-py packs every argument and parses
 every reply element in pure Python, which cost more than the script itself. Scripts run by
 EVALSHA, and a NOSCRIPT answer (Redis restarted and lost its script cache) reloads the script and
@@ -20,15 +23,7 @@ runs it again: the only retry here. redis-py's own retries are switched off; eve
 socket error surfaces as `StateUnavailable`, naming the address.
 
 Keys live under `prefix` (see `redis_scripts` for the layout); pub/sub channels are namespaced
-too: the port's channel `x` is the Redis channel `{prefix}ch:x`.
-
-Pub/sub: each `subscribe()` opens its own connection. A reader task on the asyncio side pulls
-messages off it and hands them to trio with `MemorySendChannel.send_nowait` (legal: the asyncio
-loop runs inside the trio run, on the same thread), so a busy subscription costs no crossing per
-message. When the trio side falls behind and the buffer is full, the reader waits for room with
-one awaited crossing, which backpressures the socket; Redis may then cut the slow subscriber
-(client-output-buffer-limit pubsub), which the iterator reports as `StateUnavailable` after
-delivering what it had. Pub/sub is at-most-once: the caller re-subscribes and tolerates the gap.
+too (see `redis_pubsub`).
 """
 
 from __future__ import annotations
@@ -38,33 +33,28 @@ import contextlib
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 import trio
 import trio_asyncio
 from loguru import logger
-from redis.asyncio.client import PubSub
-from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from nimbus.core.lifecycle import ClientRecord, ConnectResult, Route, RouteDecision, Status
 from nimbus.engines import redis_scripts
-from nimbus.ports import AckItem, DlqWrite, StateUnavailable
+from nimbus.engines.redis_link import COMMAND_TIMEOUT, CONNECT_TIMEOUT, Lane, describe
+from nimbus.engines.redis_pubsub import SUBSCRIBER_BUFFER, RedisPubSub
+from nimbus.ports import AckItem, ClientRecords, DlqWrite, Leases, PubSub, StateUnavailable
 
 __all__ = ["RedisState", "open_redis_state"]
 
 T = TypeVar("T")
 
-CONNECT_TIMEOUT = 5.0  # seconds to reach Redis (TCP connect, and the PING at open)
-COMMAND_TIMEOUT = 10.0  # socket timeout of a command (a script over a big batch included)
-SUBSCRIBE_TIMEOUT = 5.0  # seconds for Redis to confirm a SUBSCRIBE
-SUBSCRIBER_BUFFER = 10_000  # messages buffered per subscription on the trio side
 _HMGET_CHUNK = 1000  # HMGETs per pipeline (get_many, all_clients)
-_PUBLISH_CHUNK = 1000  # messages per publish script call
 REDIS_MAX_CONNECTIONS = 100  # per process (subscriptions hold one each); callers wait beyond it
 
 _FIELDS = ("status", "pod", "epoch", "acked", "routed_dlq", "dlq_written", "cursor")
@@ -108,10 +98,6 @@ def _make_client(address: str, prefix: str) -> aioredis.Redis:
     return aioredis.Redis.from_pool(pool)
 
 
-def _describe(exc: BaseException | None) -> str:
-    return f"{type(exc).__name__}: {exc}" if exc is not None else "connection closed"
-
-
 def _str(value: bytes | None, default: str = "") -> str:
     return default if value is None else value.decode()
 
@@ -142,153 +128,9 @@ def _record(client_id: str, values: Sequence[bytes | None]) -> ClientRecord | No
     )
 
 
-class _Subscription:
-    """The async iterator `subscribe()` yields: payloads, then StateUnavailable if the link drops."""
-
-    def __init__(self, recv: trio.MemoryReceiveChannel[bytes], address: str, channel: str) -> None:
-        self._recv = recv
-        self._address = address
-        self._channel = channel
-        self.error: BaseException | None = None  # set by the reader before it closes the channel
-
-    def __aiter__(self) -> _Subscription:
-        return self
-
-    async def __anext__(self) -> bytes:
-        try:
-            return await self._recv.receive()
-        except trio.EndOfChannel:
-            # The reader only stops on its own when the connection failed.
-            raise StateUnavailable(
-                f"redis at {self._address}: subscription to {self._channel!r} lost: "
-                f"{_describe(self.error)}"
-            ) from self.error
-        except trio.ClosedResourceError:
-            raise StopAsyncIteration from None
-
-
-class _Call:
-    """One command on the lane: its arguments, and its reply or error once read."""
-
-    __slots__ = ("args", "done", "error", "reply")
-
-    def __init__(self, args: tuple[Any, ...]) -> None:
-        self.args = args
-        self.done = trio.Event()
-        self.reply: Any = None
-        self.error: BaseException | None = None
-
-
-class _Lane:
-    """One Redis connection that carries the script calls (EVALSHA) of every trio task,
-    pipelined: the calls made while a batch is out go together in the next one, with one write.
-
-    A call costs its trio task one queue append and one trio.Event wait. The asyncio side is
-    one task that owns the connection: it writes a batch, reads its replies in order and sets
-    each caller's event (legal from asyncio code: the loop runs inside the trio run, on the same
-    thread). The other way, a crossing (`aio_as_trio`) per call also took a pooled connection
-    and ran the command under redis-py's per-command timeout task: ~300 µs of CPU per call here
-    against ~50 on the lane (measured, 2026-12-06), and no pipelining across tasks.
-
-    A failed connection fails the batch it carried (StateUnavailable, as before: the outcome of
-    a script whose reply was lost is unknown to its caller, who retries as it did); the next
-    batch connects again. A caller that stops waiting (cancelled, or no reply within
-    COMMAND_TIMEOUT) leaves its command to run; its reply is read and dropped.
-    """
-
-    def __init__(self, state: RedisState) -> None:
-        self._state = state
-        self._queue: list[_Call] = []
-        self._wake = asyncio.Event()  # (asyncio side) a call was queued
-        self._conn: AbstractConnection | None = None
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def call(self, *args: Any) -> Any:
-        """(trio side) The reply of `args`; a ResponseError is raised as itself, a lost
-        connection as StateUnavailable."""
-        if self._task.done():
-            raise StateUnavailable(f"redis at {self._state.address}: the state store is closed")
-        c = _Call(args)
-        self._queue.append(c)
-        if len(self._queue) == 1:
-            self._wake.set()
-        with trio.move_on_after(COMMAND_TIMEOUT + CONNECT_TIMEOUT):
-            await c.done.wait()
-        if not c.done.is_set():
-            raise StateUnavailable(
-                f"redis at {self._state.address}: no reply within"
-                f" {COMMAND_TIMEOUT + CONNECT_TIMEOUT:.0f} s"
-            )
-        if c.error is not None:
-            if isinstance(c.error, ResponseError):
-                raise c.error
-            raise StateUnavailable(
-                f"redis at {self._state.address}: {_describe(c.error)}"
-            ) from c.error
-        return c.reply
-
-    async def _connection(self) -> AbstractConnection:
-        conn = self._conn
-        if conn is None:
-            pool = self._state._r.connection_pool
-            # No per-command timeout of redis-py's (a task per write, a timer per read): the
-            # whole batch has one deadline (_carry).
-            kwargs = {**pool.connection_kwargs, "socket_timeout": None}
-            conn = self._conn = pool.connection_class(**kwargs)
-        if not conn.is_connected:
-            await conn.connect()  # type: ignore[no-untyped-call]
-        return conn
-
-    async def _run(self) -> None:
-        """(asyncio task) Batches out, replies in, until cancelled by close."""
-        try:
-            while True:
-                if not self._queue:
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                batch, self._queue = self._queue, []
-                await self._carry(batch)
-        finally:
-            for c in self._queue:
-                c.error = c.error or ConnectionError("the state store is closed")
-                c.done.set()
-            self._queue = []
-            if self._conn is not None:
-                await self._conn.disconnect(nowait=True)
-
-    async def _carry(self, batch: list[_Call]) -> None:
-        conn = None
-        try:
-            async with asyncio.timeout(CONNECT_TIMEOUT + COMMAND_TIMEOUT):
-                conn = await self._connection()
-                await conn.send_packed_command(
-                    conn.pack_commands([c.args for c in batch]), check_health=False
-                )
-                for c in batch:
-                    try:
-                        c.reply = await conn.read_response()
-                    except ResponseError as exc:  # this command's error; the connection is fine
-                        c.error = exc
-                    c.done.set()
-        except BaseException as exc:
-            for c in batch:
-                if not c.done.is_set():
-                    c.error = exc
-                    c.done.set()
-            if conn is not None:
-                await conn.disconnect(nowait=True)
-            if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
-                raise
-
-    async def close(self) -> None:
-        """(asyncio side)"""
-        self._task.cancel()
-        await asyncio.wait([self._task])
-
-
-class RedisState:
-    """`StateStore` on Redis. Build it with `open_redis_state`."""
+class RedisState(ClientRecords, Leases, PubSub):
+    """`StateStore` on Redis: `ClientRecords` and `Leases` here, `PubSub` handed to a
+    `RedisPubSub` on the same connections. Build it with `open_redis_state`."""
 
     def __init__(self, address: str, prefix: str, loop: Any, record_ttl_ms: int = 0) -> None:
         self.address = address
@@ -297,7 +139,8 @@ class RedisState:
         self.subscriber_buffer = SUBSCRIBER_BUFFER
         self._loop = loop  # the trio_asyncio loop; any trio task of this run may use the store
         self._redis: aioredis.Redis | None = None
-        self._lane: _Lane | None = None  # the script calls' connection (made by _open)
+        self._lane: Lane | None = None  # the script calls' connection (made by _open)
+        self._pubsub = RedisPubSub(self)
         self._shas = {name: redis_scripts.sha1(src) for name, src in redis_scripts.SCRIPTS.items()}
         self._clients_key = f"{prefix}clients"
         self._replaying_key = f"{prefix}replaying"
@@ -315,7 +158,7 @@ class RedisState:
         try:
             return cast(T, await trio_asyncio.aio_as_trio(fn, loop=self._loop)(*args))
         except (RedisError, OSError) as exc:
-            raise StateUnavailable(f"redis at {self.address}: {_describe(exc)}") from exc
+            raise StateUnavailable(f"redis at {self.address}: {describe(exc)}") from exc
 
     async def _script(
         self, name: str, args: Sequence[str | int | bytes], keys: Sequence[str] = ()
@@ -338,9 +181,9 @@ class RedisState:
             try:
                 return await lane.call(*call)
             except ResponseError as exc:
-                raise StateUnavailable(f"redis at {self.address}: {_describe(exc)}") from exc
+                raise StateUnavailable(f"redis at {self.address}: {describe(exc)}") from exc
         except ResponseError as exc:
-            raise StateUnavailable(f"redis at {self.address}: {_describe(exc)}") from exc
+            raise StateUnavailable(f"redis at {self.address}: {describe(exc)}") from exc
 
     async def _batch(self, name: str, flat: list[str | int]) -> Any:
         """A batch script: ARGV = prefix, the flattened batch as one JSON array."""
@@ -367,7 +210,7 @@ class RedisState:
         }
         if loaded != self._shas:  # pragma: no cover - would mean Redis hashes scripts differently
             raise RuntimeError(f"unexpected script SHAs from redis at {self.address}: {loaded}")
-        self._lane = _Lane(self)
+        self._lane = Lane(self.address, r.connection_pool)
 
     async def _close(self) -> None:
         lane, self._lane = self._lane, None
@@ -380,10 +223,7 @@ class RedisState:
     def _key(self, client_id: str) -> str:
         return f"{self.prefix}c:{client_id}"
 
-    def _channel(self, channel: str) -> str:
-        return f"{self.prefix}ch:{channel}"
-
-    # -- transitions (nimbus.core.lifecycle, via redis_scripts) ----------------------------------
+    # -- ClientRecords: transitions (nimbus.core.lifecycle, via redis_scripts) -------------------
 
     async def connect(self, client_id: str, pod: str) -> ConnectResult:
         epoch, status, previous_pod, previous_epoch = await self._script(
@@ -451,7 +291,7 @@ class RedisState:
             return []
         return _flags(await self._batch("try_flip", list(client_ids)))
 
-    # -- reads -------------------------------------------------------------------------------
+    # -- ClientRecords: reads and scans -------------------------------------------------------
 
     async def get(self, client_id: str) -> ClientRecord | None:
         async def read() -> list[bytes | None]:
@@ -497,7 +337,7 @@ class RedisState:
 
         return await self._cross(read)
 
-    # -- leases ------------------------------------------------------------------------------
+    # -- Leases ------------------------------------------------------------------------------
 
     async def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
         if ttl_ms < 1:
@@ -508,92 +348,13 @@ class RedisState:
     async def release_lease(self, name: str, owner: str) -> None:
         await self._script("release_lease", (owner,), (f"{self.prefix}lease:{name}",))
 
-    # -- pub/sub -----------------------------------------------------------------------------
+    # -- PubSub (nimbus.engines.redis_pubsub) ------------------------------------------------
 
     async def publish(self, messages: Sequence[tuple[str, bytes]]) -> None:
-        # Not a pipeline of PUBLISH: one script call per 1000 messages, which costs redis-py one
-        # reply to parse instead of 1000 (measured ~15x cheaper). Order is kept (one connection,
-        # calls in sequence), per channel and overall.
-        if not messages:
-            await trio.lowlevel.checkpoint()
-            return
+        await self._pubsub.publish(messages)
 
-        for start in range(0, len(messages), _PUBLISH_CHUNK):
-            args: list[str | bytes] = []
-            for channel, payload in messages[start : start + _PUBLISH_CHUNK]:
-                args += (self._channel(channel), payload)
-            await self._script("publish", args)
-
-    @asynccontextmanager
-    async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
-        send, recv = trio.open_memory_channel[bytes](self.subscriber_buffer)
-        sub = _Subscription(recv, self.address, channel)
-        try:
-            pubsub, reader = await self._cross(
-                self._start_subscription, self._channel(channel), send, sub
-            )
-        except BaseException:
-            send.close()
-            recv.close()
-            raise
-        try:
-            yield sub
-        finally:
-            recv.close()
-            with trio.move_on_after(CONNECT_TIMEOUT, shield=True):
-                try:
-                    await self._cross(self._stop_subscription, pubsub, reader)
-                except StateUnavailable as exc:
-                    logger.debug("closing subscription to {}: {}", channel, exc)
-
-    async def _start_subscription(
-        self, channel: str, send: trio.MemorySendChannel[bytes], sub: _Subscription
-    ) -> tuple[PubSub, asyncio.Task[None]]:
-        """(asyncio side) SUBSCRIBE on a fresh connection, wait for the confirmation, start the
-        reader task."""
-        pubsub = self._r.pubsub()
-        try:
-            await pubsub.subscribe(channel)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + SUBSCRIBE_TIMEOUT
-            while True:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise TimeoutError(f"SUBSCRIBE {channel} not confirmed")
-                msg = await pubsub.get_message(timeout=remaining)
-                if msg is not None and msg["type"] == "subscribe":
-                    break
-            reader = loop.create_task(self._read_subscription(pubsub, send, sub))
-        except BaseException:
-            await pubsub.aclose()
-            raise
-        return pubsub, reader
-
-    async def _read_subscription(
-        self, pubsub: PubSub, send: trio.MemorySendChannel[bytes], sub: _Subscription
-    ) -> None:
-        """(asyncio task) Connection -> trio memory channel, without a crossing per message."""
-        wait_for_room = trio_asyncio.trio_as_aio(send.send, loop=self._loop)
-        try:
-            while True:
-                msg = await pubsub.get_message(timeout=None)
-                if msg is None or msg["type"] != "message":
-                    continue
-                try:
-                    send.send_nowait(msg["data"])
-                except trio.WouldBlock:
-                    await wait_for_room(msg["data"])
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the subscriber left
-        except Exception as exc:  # the connection failed: the iterator raises StateUnavailable
-            sub.error = exc
-        finally:
-            send.close()
-
-    async def _stop_subscription(self, pubsub: PubSub, reader: asyncio.Task[None]) -> None:
-        reader.cancel()
-        await asyncio.wait([reader])
-        await pubsub.aclose()
+    def subscribe(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        return self._pubsub.subscribe(channel)
 
 
 @asynccontextmanager
@@ -613,7 +374,7 @@ async def open_redis_state(
         await state._cross(state._open)
     except StateUnavailable as exc:
         raise StateUnavailable(
-            f"cannot reach redis at {address}: {_describe(exc.__cause__)}"
+            f"cannot reach redis at {address}: {describe(exc.__cause__)}"
         ) from exc
     try:
         yield state

@@ -9,7 +9,8 @@ rest of the code touches metrics, so adapters stay one line. Nothing here does I
   delivered, replayed, flips... The per-stage rates are `rate()` of these.
 - `nimbus_io_seconds{op,topic}` / `nimbus_io_records_total{op,topic}`: every engine call (one
   batch: a produce, a route script, a publish...), timed, and the records it carried; errors by
-  kind in `nimbus_errors_total{kind}`. Made by wrapping the engine's two ports (`instrument`).
+  kind in `nimbus_errors_total{kind}`. Made by wrapping the engine's log and state store
+  (`instrument`).
 - `nimbus_delivery_latency_seconds{path}`: from an event's arrival at a pod to its result being
   queued on the client's stream (path `live` or `replay`), from the trace's timestamps.
 - `nimbus_kafka_lag{group,topic,partition}`, `nimbus_kafka_end_offset`, `nimbus_clients{state}`,
@@ -45,6 +46,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from nimbus.ops import httpd
+from nimbus.ports import ClientRecords
 
 T = TypeVar("T")
 
@@ -447,7 +449,10 @@ class InstrumentedLog(_Proxy):
             yield _Reader(r)
 
 
-_STATE_OPS = (
+# The state store's calls that are timed, by port: the transitions of ClientRecords and the
+# publishes of PubSub, the calls on the hot paths (op "state.<name>"). Reads, scans, leases and
+# subscriptions go through the proxy untimed.
+_TIMED_CLIENT_RECORDS_OPS = (
     "connect",
     "disconnect",
     "route",
@@ -456,8 +461,9 @@ _STATE_OPS = (
     "ack",
     "advance_cursor",
     "try_flip",
-    "publish",
 )
+_TIMED_PUBSUB_OPS = ("publish",)
+_TIMED_STATE_OPS = frozenset(_TIMED_CLIENT_RECORDS_OPS + _TIMED_PUBSUB_OPS)
 
 
 def _timed_state(target: Any, name: str) -> Callable[..., Any]:
@@ -479,14 +485,17 @@ def _timed_state(target: Any, name: str) -> Callable[..., Any]:
 
 
 class InstrumentedState(_Proxy):
+    """A state store (all three ports of `nimbus.ports.StateStore`) with its hot calls timed."""
+
     def __getattr__(self, name: str) -> Any:
-        if name in _STATE_OPS:
+        if name in _TIMED_STATE_OPS:
             return _timed_state(self._target, name)
         return getattr(self._target, name)
 
 
 def instrument(log: Any, state: Any) -> tuple[Any, Any]:
-    """The engine's two ports, wrapped so that every call is timed and counted."""
+    """The engine's log and state store, wrapped so that their calls are timed and counted (the
+    wrappers forward every other attribute, test hooks included)."""
     return InstrumentedLog(log), InstrumentedState(state)
 
 
@@ -499,7 +508,13 @@ class Sampler:
     period, whatever the traffic."""
 
     def __init__(
-        self, log: Any, state: Any, interval: float, *, clients: bool = False, dlq_topic: str = ""
+        self,
+        log: Any,
+        state: ClientRecords,
+        interval: float,
+        *,
+        clients: bool = False,
+        dlq_topic: str = "",
     ) -> None:
         self.log = log
         self.state = state
