@@ -245,3 +245,8 @@ class PubSub(Protocol):
 
 class StateStore(ClientRecords, Leases, PubSub, Protocol):
     """The state engine: the three state ports on one object (`MemoryState`, `RedisState`)."""
+
+
+class RecordsAndPubSub(ClientRecords, PubSub, Protocol):
+    """What a role that moves client records and talks over channels, but holds no lease, needs
+    (the pod, the result router, the status manager)."""

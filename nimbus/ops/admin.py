@@ -23,6 +23,7 @@ from nimbus.core.lifecycle import ClientRecord, Status
 from nimbus.engines import open_engine
 from nimbus.engines.murmur2 import partition_for
 from nimbus.entry import ArgumentParser, run_process
+from nimbus.ports import ClientRecords, Log
 from nimbus.wire import packs
 
 SCAN_LIMIT = 100_000  # DLQ records read at most to count one client's backlog
@@ -108,12 +109,14 @@ def format_lags(rows: list[dict[str, Any]]) -> str:
     )
 
 
-async def clients(state: Any, only: str | None = None) -> list[ClientRecord]:
+async def clients(state: ClientRecords, only: str | None = None) -> list[ClientRecord]:
     records: list[ClientRecord] = await state.all_clients()
     return [r for r in records if only is None or r.status.value == only]
 
 
-async def client(settings: Settings, log: Any, state: Any, client_id: str) -> dict[str, Any] | None:
+async def client(
+    settings: Settings, log: Log, state: ClientRecords, client_id: str
+) -> dict[str, Any] | None:
     rec = await state.get(client_id)
     if rec is None:
         return None
@@ -150,7 +153,7 @@ async def client(settings: Settings, log: Any, state: Any, client_id: str) -> di
     return d
 
 
-async def lags(settings: Settings, log: Any) -> list[dict[str, Any]]:
+async def lags(settings: Settings, log: Log) -> list[dict[str, Any]]:
     rows = []
     for topic, group in (
         (settings.kafka_events_topic, settings.events_group),

@@ -28,7 +28,7 @@ from nimbus.ports import (
     Log,
     LogConsumer,
     PollResult,
-    StateStore,
+    RecordsAndPubSub,
     TopicPartition,
 )
 from nimbus.subscriptions import listen
@@ -44,7 +44,11 @@ class _Tick:
 
 class ResultRouter:
     def __init__(
-        self, settings: Settings, log: Log, state: StateStore, counters: Counters | None = None
+        self,
+        settings: Settings,
+        log: Log,
+        state: RecordsAndPubSub,
+        counters: Counters | None = None,
     ) -> None:
         self.s = settings
         self.log = log

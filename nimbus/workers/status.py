@@ -23,7 +23,7 @@ from nimbus.config import Settings
 from nimbus.core.channels import receive_batch
 from nimbus.core.retry import Policy
 from nimbus.ops.stats import Counters
-from nimbus.ports import EngineError, StateStore
+from nimbus.ports import EngineError, RecordsAndPubSub
 from nimbus.subscriptions import listen
 from nimbus.wire import badinput
 from nimbus.wire.pod_channel import STATUS_CHECKS, flip_message, parse_status_check
@@ -31,7 +31,7 @@ from nimbus.wire.pod_channel import STATUS_CHECKS, flip_message, parse_status_ch
 
 class StatusManager:
     def __init__(
-        self, settings: Settings, state: StateStore, counters: Counters | None = None
+        self, settings: Settings, state: RecordsAndPubSub, counters: Counters | None = None
     ) -> None:
         self.s = settings
         self.state = state
