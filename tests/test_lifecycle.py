@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from nimbus.core import lifecycle as L
 from nimbus.core.lifecycle import Route, Status
 
@@ -83,3 +85,47 @@ def test_ack_and_cursor_are_monotonic() -> None:
     assert L.ack(rec, 3).acked == 5
     rec = L.advance_cursor(rec, 10)
     assert L.advance_cursor(rec, 4).cursor == 10
+
+
+# -- the table itself ---------------------------------------------------------------------------
+
+
+def test_the_table_has_every_status_and_event() -> None:
+    assert set(L.TRANSITIONS) == {(s, e) for s in Status for e in L.Event}
+    assert set(L.ROUTES) == set(Status) and L.ROUTES[Status.LIVE] is Route.LIVE
+
+
+def test_the_table_is_well_formed() -> None:
+    fields = {"epoch", "acked", "routed_dlq", "dlq_written", "cursor"}
+    for (status, event), rows in L.TRANSITIONS.items():
+        guards = [t.guard for t in rows]
+        # An unguarded transition is always taken: nothing may follow it.
+        assert None not in guards[:-1], (status, event)
+        for g in guards:
+            if g is None:
+                continue
+            assert g.op in L._OPS and {g.left, g.right} <= fields | {L.ARG}, g
+            if event in (L.Event.CONNECT, L.Event.FLIP):  # events without an argument
+                assert L.ARG not in (g.left, g.right), (event, g)
+        if event is L.Event.CONNECT:  # a connect always succeeds: newest stream wins
+            assert guards and guards[-1] is None, status
+        if event is L.Event.ROUTE:  # routing never changes the status
+            assert all(t.to is status for t in rows), status
+
+
+def test_the_functions_follow_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    rec, _ = L.connect(L.new_record("c"), "p")
+    assert L.divert(rec, 3).status is Status.REPLAYING
+    rows = (L.Transition(L.UNSEEN, Status.LIVE),)
+    monkeypatch.setitem(L.TRANSITIONS, (Status.LIVE, L.Event.DIVERT), rows)
+    assert L.divert(rec, 3).status is Status.LIVE  # the row, not an if-branch, decided
+    assert L.divert(rec, 3).routed_dlq == 3
+
+
+def test_guards_compare_fields_with_the_events_argument() -> None:
+    rec = L.ClientRecord("c", Status.REPLAYING, "p", epoch=2, acked=5, routed_dlq=5)
+    assert L.CAUGHT_UP.holds(rec, 0) and not L.BACKLOG.holds(rec, 0)
+    assert L.CURRENT.holds(rec, 2) and not L.CURRENT.holds(rec, 1)
+    assert L.UNSEEN.holds(rec, 6) and not L.UNSEEN.holds(rec, 5)
+    assert L.transition(rec, L.Event.FLIP) == L.Transition(L.CAUGHT_UP, Status.LIVE)
+    assert L.transition(rec, L.Event.DISCONNECT, 1) is None

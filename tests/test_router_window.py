@@ -15,12 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nimbus.core import lifecycle as L
 from nimbus.core.lifecycle import ClientRecord, Route, RouteDecision, Status
-from nimbus.core.router_window import RouterWindow, S
+from nimbus.core.router_window import MOVES, Entry, IllegalMove, RouterWindow, S
 from nimbus.ports import TopicPartition
 from nimbus.wire import packs
 
@@ -127,6 +128,65 @@ def test_revoked_partitions_are_forgotten() -> None:
     assert w.pending == 0 and w.commits() == {}
     w.report(e.token, True)  # late report after revocation: ignored
     assert w.pending == 0
+
+
+def test_a_move_outside_the_table_raises_and_changes_nothing() -> None:
+    w = RouterWindow(5.0)
+    e = w.add(TP, 0, "a", 1, None)
+    assert e is not None
+    with pytest.raises(IllegalMove, match="undecided> cannot move to done"):
+        w._move(e, S.DONE)  # a result resolved without being routed: lost
+    assert e.state is S.UNDECIDED and w._clients["a"].counts[S.UNDECIDED] == 1
+    [d] = w.decidable()
+    w.apply([d], [live()], now=0)
+    with pytest.raises(IllegalMove):
+        w._move(e, S.DLQ_WRITING)  # to the DLQ without being diverted (hole 3)
+    w.report(w.take_publish()[0].token, True)
+    assert e.state is S.DONE
+    for state in S:
+        with pytest.raises(IllegalMove):
+            w._move(e, state)  # nothing leaves DONE
+
+
+def test_the_window_makes_every_move_of_the_table_and_no_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    w = RouterWindow(5.0)
+    made: set[tuple[S, S]] = set()
+    move = w._move
+
+    def spy(e: Entry, state: S) -> None:
+        made.add((e.state, state))
+        move(e, state)
+
+    monkeypatch.setattr(w, "_move", spy)
+    # One result through a failed delivery and a failed DLQ write, one dropped, one delivered,
+    # one routed to the DLQ.
+    w.add(TP, 0, "a", 1, None)
+    w.undecide(w.decidable())
+    w.apply(w.decidable(), [live()], now=0)
+    w.report(w.take_publish()[0].token, False)
+    w.diverted(w.pending_diverts())
+    w.dlq_failed(w.take_dlq_writes())
+    w.dlq_done(w.take_dlq_writes())
+    w.add(TP, 1, "b", 2, None)
+    w.add(TP, 2, "c", 3, None)
+    w.add(TP, 3, "d", 4, None)
+    w.apply(w.decidable(), [RouteDecision(Route.DROP), live(), DLQ], now=0)
+    w.report(w.take_publish()[0].token, True)
+    # A partition revoked with a result in every unresolved state.
+    tp2 = TopicPartition("results", 1)
+    for i, c in enumerate(["live", "diverting", "wait", "writing"]):
+        w.add(tp2, i, c, 1, None)
+    w.apply(w.decidable(), [live(), live(), DLQ, DLQ], now=0)
+    w.report(w.take_publish()[1].token, False)
+    w.dlq_failed([e for e in w.take_dlq_writes() if e.client_id == "wait"])
+    w.add(tp2, 4, "deciding", 1, None)
+    assert len(w.decidable()) == 1
+    w.add(tp2, 5, "undecided", 1, None)
+    w.revoke([tp2])
+    assert made == {(a, b) for a, tos in MOVES.items() for b in tos}
+    assert w.pending == 1 and w.commits() == {TP: 3}  # d waits for its DLQ write
 
 
 # ---------------------------------------------------------------------------------------------

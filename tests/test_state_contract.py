@@ -1,7 +1,8 @@
 """The StateStore contract, run against every engine: MemoryState always, RedisState with the
 real Redis (marker `integration`, NIMBUS_TEST_REDIS_ADDRESS).
 
-Concrete cases first (one per rule of `nimbus.core.lifecycle`), then leases and pub/sub, then a
+Concrete cases first (one per rule of `nimbus.core.lifecycle`), then every transition of
+`lifecycle.TRANSITIONS` taken from stored records of every status, then leases and pub/sub, then a
 Hypothesis property: random operation sequences applied to the store give exactly the records
 (and results) of folding the lifecycle functions in Python. For Redis that is what proves the Lua
 in `nimbus/engines/redis_scripts.py` matches `nimbus/core/lifecycle.py`.
@@ -13,6 +14,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -24,6 +26,7 @@ from hypothesis import strategies as st
 
 from nimbus.core import lifecycle
 from nimbus.core.lifecycle import ClientRecord, ConnectResult, Route, RouteDecision, Status
+from nimbus.engines import redis_scripts
 from nimbus.engines.memory import MemoryState
 from nimbus.engines.redis import RedisState, _client_name, open_redis_state
 from nimbus.ports import AckItem, DlqWrite, StateStore, StateUnavailable
@@ -329,6 +332,119 @@ async def test_any_client_id_and_pod_string(store: StateStore) -> None:
         assert await store.try_flip([cid]) == [True]
         assert await store.get(cid) == ClientRecord(cid, Status.LIVE, pod, 1, acked=2, routed_dlq=2)
         assert [r.client_id for r in await store.all_clients()] == [cid]
+
+
+# -- the transition table, every row on every engine -----------------------------------------
+
+
+async def _put(store: StateStore, rec: ClientRecord) -> None:
+    """Store `rec` as it is, whether or not the transitions could reach it."""
+    if isinstance(store, MemoryState):
+        store.records[rec.client_id] = rec
+        return
+    assert isinstance(store, RedisState)
+    p = store.prefix
+    fields = {
+        "status": str(rec.status),
+        "pod": rec.pod,
+        **{
+            f: str(getattr(rec, f))
+            for f in ("epoch", "acked", "routed_dlq", "dlq_written", "cursor")
+        },
+    }
+
+    async def put(r: Any) -> None:
+        await r.hset(f"{p}c:{rec.client_id}", mapping=fields)
+        await r.sadd(f"{p}clients", rec.client_id)
+        if rec.status is Status.REPLAYING:
+            await r.sadd(f"{p}replaying", rec.client_id)
+
+    await _raw(store, put)
+
+
+def _table_records() -> list[ClientRecord]:
+    """Every status, with a backlog, caught up exactly (the flip's boundary), and nothing sent
+    towards the DLQ; dlq_written and cursor are left alone by every transition of the table."""
+    out = []
+    for status in Status:
+        pod = "" if status is Status.OFFLINE else "pod-old"
+        for routed_dlq in (0, 5, 7):
+            out.append(ClientRecord("", status, pod, epoch=2, acked=5, routed_dlq=routed_dlq))
+    return out
+
+
+# Each event with arguments on both sides of its guards' boundaries (relative to the record).
+_TABLE_EVENTS: list[tuple[str, Callable[[ClientRecord], int]]] = [
+    ("connect", lambda r: 0),
+    *[("disconnect", lambda r, k=k: r.epoch + k) for k in (-1, 0, 1)],
+    *[("route", lambda r, k=k: r.acked + k) for k in (-1, 0, 1, 3)],
+    *[("divert", lambda r, k=k: r.acked + k) for k in (-1, 0, 1, 3)],
+    ("try_flip", lambda r: 0),
+    *[("ack", lambda r, k=k: r.routed_dlq + k) for k in (-1, 0, 1)],  # replies with flip_ready
+]
+
+
+async def _table_case(store: StateStore, rec: ClientRecord, kind: str, arg: int) -> tuple[Any, Any]:
+    """(what the store replied, what the lifecycle function returns) for one event."""
+    cid = rec.client_id
+    if kind == "connect":
+        return await store.connect(cid, "pod-new"), lifecycle.connect(rec, "pod-new")
+    if kind == "disconnect":
+        return await store.disconnect(cid, arg), lifecycle.disconnect(rec, arg)
+    if kind == "route":
+        return (await store.route([(cid, arg)]))[0], lifecycle.route(rec, arg)
+    if kind == "divert":
+        await store.divert([(cid, arg)])
+        return None, (lifecycle.divert(rec, arg), None)
+    if kind == "try_flip":
+        return (await store.try_flip([cid]))[0], lifecycle.try_flip(rec)
+    assert kind == "ack"
+    new = lifecycle.ack(rec, arg)
+    return (await store.ack([AckItem(cid, arg)]))[0], (new, lifecycle.flip_ready(new))
+
+
+async def test_every_transition_of_the_table(store: StateStore) -> None:
+    """Each event from each status, with its guards on both sides: the store (for Redis, the Lua
+    the table is rendered into) gives the reply and the record the lifecycle function gives, and
+    together the cases take every transition of lifecycle.TRANSITIONS and every "none"."""
+    taken: set[tuple[Status, lifecycle.Event, lifecycle.Transition | None]] = set()
+    replaying = set()
+    with trio.fail_after(TIMEOUT):
+        n = 0
+        for template in _table_records():
+            for kind, arg_of in _TABLE_EVENTS:
+                n += 1
+                rec = replace(template, client_id=f"t{n}")
+                arg = arg_of(rec)
+                await _put(store, rec)
+                got, (expected_rec, expected) = await _table_case(store, rec, kind, arg)
+                where = (rec, kind, arg)
+                assert got == expected, where
+                assert await store.get(rec.client_id) == expected_rec, where
+                if expected_rec.status is Status.REPLAYING:
+                    replaying.add(rec.client_id)
+                if kind != "ack":
+                    event = lifecycle.Event(kind)
+                    taken.add((rec.status, event, lifecycle.transition(rec, event, arg)))
+        assert sorted(await store.replaying()) == sorted(replaying)
+    wanted = set()
+    for (status, event), rows in lifecycle.TRANSITIONS.items():
+        wanted |= {(status, event, t) for t in rows}
+        if not rows or rows[-1].guard is not None:
+            wanted.add((status, event, None))
+    assert wanted - taken == set()
+
+
+def test_the_scripts_are_rendered_from_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Lua has no status move of its own: a row changed in the table changes the script."""
+    key = (Status.LIVE, lifecycle.Event.DIVERT)
+    assert "if r.acked < x then return 'REPLAYING' end" in redis_scripts.DIVERT
+    patched = {**lifecycle.TRANSITIONS, key: (lifecycle.Transition(None, Status.OFFLINE),)}
+    monkeypatch.setattr(lifecycle, "TRANSITIONS", patched)
+    lua = redis_scripts.lua_transitions(lifecycle.Event.DIVERT)
+    assert "elseif r.status == 'LIVE' then\n    return 'OFFLINE'\n" in lua
+    for source in redis_scripts.SCRIPTS.values():
+        assert "status = '" not in source  # no status set by hand
 
 
 # -- leases ------------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ Invariants it keeps, per client (all of a client's results sit on one partition,
 Per partition, only the prefix of resolved results is committed: nothing unresolved is ever
 marked consumed (hole 1), and a restart re-reads and re-routes whatever was in flight.
 
+An entry's state changes only in `RouterWindow._move`, which refuses a move that `MOVES` does not
+list: a result can reach DONE only by being dropped, delivered or written to the DLQ.
+
 The results topic is an at-least-once log (an event consumer killed between its write and its
 commit writes the same results again): `add` skips a result whose delivery id is not above the
 highest one taken for its client, so a repeat is never routed twice by one window. The highest
@@ -42,6 +45,31 @@ class S(enum.Enum):
     DLQ_WAIT = "dlq-wait"
     DLQ_WRITING = "dlq-writing"
     DONE = "done"
+    REVOKED = "revoked"  # its partition was taken away: forgotten, the new owner re-reads it
+
+    # Every move hashes states (MOVES, the clients' counts): Enum's own hash is Python code.
+    __hash__ = object.__hash__
+
+
+# Every move an entry may make. Made by: decidable (-> DECIDING); apply (-> DLQ_WAIT, LIVE, or
+# DONE for a drop, or back to UNDECIDED behind an entry asked again), undecide (-> UNDECIDED);
+# report (LIVE -> DONE or DIVERTING), expire (-> DIVERTING); diverted (-> DLQ_WAIT);
+# take_dlq_writes (-> DLQ_WRITING), dlq_failed (-> DLQ_WAIT), dlq_done (-> DONE); revoke (any
+# unresolved state -> REVOKED).
+MOVES: dict[S, frozenset[S]] = {
+    S.UNDECIDED: frozenset({S.DECIDING, S.REVOKED}),
+    S.DECIDING: frozenset({S.DLQ_WAIT, S.LIVE, S.DONE, S.UNDECIDED, S.REVOKED}),
+    S.LIVE: frozenset({S.DONE, S.DIVERTING, S.REVOKED}),
+    S.DIVERTING: frozenset({S.DLQ_WAIT, S.REVOKED}),
+    S.DLQ_WAIT: frozenset({S.DLQ_WRITING, S.REVOKED}),
+    S.DLQ_WRITING: frozenset({S.DONE, S.DLQ_WAIT, S.REVOKED}),
+    S.DONE: frozenset(),
+    S.REVOKED: frozenset(),
+}
+
+
+class IllegalMove(Exception):
+    """A window entry was asked to make a move `MOVES` does not allow: a bug in the window."""
 
 
 @dataclass(eq=False)
@@ -114,9 +142,12 @@ class RouterWindow:
             f"inflight={len(self._by_token)}>"
         )
 
-    def _set(self, e: Entry, state: S) -> None:
+    def _move(self, e: Entry, state: S) -> None:
+        """The one place an entry's state changes (see MOVES); keeps its client's counts."""
+        if state not in MOVES[e.state]:
+            raise IllegalMove(f"{e!r} cannot move to {state.value}")
         cl = self._clients.get(e.client_id)
-        if cl is not None and e.state is not S.DONE:
+        if cl is not None:
             cl.counts[e.state] -= 1
             cl.counts[state] += 1
         e.state = state
@@ -167,7 +198,7 @@ class RouterWindow:
             for e in self._partitions.pop(tp, ()):
                 if e.state is not S.DONE:
                     self.pending -= 1
-                    e.state = S.DONE
+                    self._move(e, S.REVOKED)
                 self._by_token.pop(e.token, None)
         for cid in [c for c, cl in self._clients.items() if cl.queue and cl.queue[0].tp in gone]:
             del self._clients[cid]
@@ -187,7 +218,7 @@ class RouterWindow:
             while cl.undecided:
                 e = cl.undecided.popleft()
                 if e.state is S.UNDECIDED:
-                    self._set(e, S.DECIDING)
+                    self._move(e, S.DECIDING)
                     out.append(e)
         return out
 
@@ -202,7 +233,7 @@ class RouterWindow:
         for cid, es in by_client.items():
             cl = self._clients[cid]
             for e in es:
-                self._set(e, S.UNDECIDED)
+                self._move(e, S.UNDECIDED)
             cl.undecided.extendleft(reversed(es))
             self._ready.setdefault(cid, None)
 
@@ -218,7 +249,7 @@ class RouterWindow:
             elif d.route is Route.DROP:
                 self._resolve(e)
             elif d.route is Route.DLQ:
-                self._set(e, S.DLQ_WAIT)
+                self._move(e, S.DLQ_WAIT)
             elif cl.counts[S.LIVE] and cl.live_key != (d.pod, d.epoch):
                 # Live to a new stream while results are in flight to the old one: wait for
                 # those to resolve (a failure diverts them and the client replays first).
@@ -227,7 +258,7 @@ class RouterWindow:
                 reverted.append(e)
             else:
                 e.prev = cl.last_live_id if cl.counts[S.LIVE] else 0
-                self._set(e, S.LIVE)
+                self._move(e, S.LIVE)
                 cl.live_key = (d.pod, d.epoch)
                 cl.last_live_id = e.delivery_id
                 e.pod, e.epoch = d.pod, d.epoch
@@ -274,7 +305,7 @@ class RouterWindow:
         for x in cl.queue:
             if x.state is S.LIVE and x.offset >= e.offset:
                 self._by_token.pop(x.token, None)
-                self._set(x, S.DIVERTING)
+                self._move(x, S.DIVERTING)
                 self._diverting.append(x)
         if not cl.counts[S.LIVE]:
             cl.wait_inflight = False
@@ -286,7 +317,7 @@ class RouterWindow:
     def diverted(self, entries: Iterable[Entry]) -> None:
         for e in entries:
             if e.state is S.DIVERTING:
-                self._set(e, S.DLQ_WAIT)
+                self._move(e, S.DLQ_WAIT)
                 self._ready.setdefault(e.client_id, None)
         self._diverting = [e for e in self._diverting if e.state is S.DIVERTING]
 
@@ -307,7 +338,7 @@ class RouterWindow:
                 continue
             for e in cl.queue:
                 if e.state is S.DLQ_WAIT:
-                    self._set(e, S.DLQ_WRITING)
+                    self._move(e, S.DLQ_WRITING)
                     out.append(e)
                 elif e.state in (S.DECIDING, S.UNDECIDED):
                     break
@@ -316,7 +347,7 @@ class RouterWindow:
     def dlq_failed(self, entries: Iterable[Entry]) -> None:
         for e in entries:
             if e.state is S.DLQ_WRITING:
-                self._set(e, S.DLQ_WAIT)
+                self._move(e, S.DLQ_WAIT)
                 self._ready.setdefault(e.client_id, None)
 
     def dlq_done(self, entries: Iterable[Entry]) -> None:
@@ -327,7 +358,7 @@ class RouterWindow:
     # -- resolution and commits ------------------------------------------------------------------
 
     def _resolve(self, e: Entry) -> None:
-        self._set(e, S.DONE)
+        self._move(e, S.DONE)
         self.pending -= 1
         cl = self._clients.get(e.client_id)
         if cl is None:

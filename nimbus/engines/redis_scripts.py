@@ -2,9 +2,13 @@
 
 Each transition script mirrors the function of the same name in `nimbus/core/lifecycle.py` exactly:
 same fields, same comparisons, same results, a missing record read as `lifecycle.new_record`'s
-defaults. `tests/test_state_contract.py` checks it: the same concrete cases run against the
-in-memory store and Redis, and a Hypothesis property test compares random operation sequences
-on Redis with a fold of the lifecycle functions in Python. Change both files together.
+defaults. The status moves are not written here: each script that takes one gets a Lua function
+`<event>_to(r, x)` rendered from `lifecycle.TRANSITIONS` (and the route script the table
+`lifecycle.ROUTES`), so a change of the table changes the scripts. What the scripts do besides
+(the counters, the replies) is written twice, here and in lifecycle.py:
+`tests/test_state_contract.py` checks it: the same concrete cases run against the in-memory store
+and Redis, every transition of the table is taken on both, and a Hypothesis property test compares
+random operation sequences on Redis with a fold of the lifecycle functions in Python.
 
 Storage, under a key prefix (e.g. "nimbus:"). A client's hash expires NIMBUS_RECORD_TTL_SEC
 after a disconnect left it OFFLINE with nothing pending (see DISCONNECT):
@@ -47,6 +51,51 @@ Besides the transitions: the two lease scripts, and PUBLISH of a batch of messag
 from __future__ import annotations
 
 import hashlib
+
+from nimbus.core import lifecycle
+from nimbus.core.lifecycle import ARG, Event, Guard, Status
+
+_LUA_OPS = {"==": "==", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
+
+
+def _lua_side(name: str) -> str:
+    return "x" if name == ARG else f"r.{name}"
+
+
+def _lua_guard(g: Guard) -> str:
+    return f"{_lua_side(g.left)} {_LUA_OPS[g.op]} {_lua_side(g.right)}"
+
+
+def lua_transitions(event: Event) -> str:
+    """`local function <event>_to(r, x)`: the status `event` (argument x) moves record `r` to,
+    nil if it takes no transition; rendered from `lifecycle.TRANSITIONS`, like
+    `lifecycle.transition`."""
+    lines = [f"local function {event.value}_to(r, x)"]
+    branch = "if"
+    for status in Status:
+        rows = lifecycle.TRANSITIONS[status, event]
+        if not rows:
+            continue
+        lines.append(f"  {branch} r.status == '{status}' then")
+        branch = "elseif"
+        for t in rows:
+            if t.guard is None:
+                lines.append(f"    return '{t.to}'")
+                break  # the rows after an unguarded one are never reached
+            lines.append(
+                f"    if {_lua_guard(t.guard)} then return '{t.to}' end  -- {t.guard.name}"
+            )
+    if branch == "elseif":
+        lines.append("  end")
+    lines += ["  return nil", "end", ""]
+    return "\n".join(lines)
+
+
+def _lua_routes() -> str:
+    """`ROUTES`: lifecycle.ROUTES as a Lua table, status -> 'LIVE' or 'DLQ'."""
+    pairs = ", ".join(f"{s} = '{r}'" for s, r in lifecycle.ROUTES.items())
+    return f"local ROUTES = {{{pairs}}}\n"
+
 
 # Shared by every transition script: read a record (cached for the batch), write back the ones
 # that changed, keeping the `clients` and `replaying` sets in sync.
@@ -121,6 +170,7 @@ end
 # Returns {epoch, status, previous_pod, previous_epoch}.
 CONNECT = (
     _PRELUDE
+    + lua_transitions(Event.CONNECT)
     + r"""
 local r = load(ARGV[2])
 local previous_pod = ''
@@ -128,11 +178,7 @@ if r.status ~= 'OFFLINE' then
   previous_pod = r.pod
 end
 local previous_epoch = r.epoch
-if r.routed_dlq > r.acked then
-  r.status = 'REPLAYING'
-else
-  r.status = 'LIVE'
-end
+r.status = connect_to(r)
 r.pod = ARGV[3]
 r.epoch = r.epoch + 1
 flush()
@@ -146,13 +192,15 @@ return {r.epoch, r.status, previous_pod, previous_epoch}
 # the ttl, unless a connect (CONNECT) or a backlog (flush) PERSISTs it first.
 DISCONNECT = (
     _PRELUDE
+    + lua_transitions(Event.DISCONNECT)
     + r"""
 local r = load(ARGV[2])
 local epoch = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[4]) or 0
 local ok = 0
-if r.epoch == epoch and r.status ~= 'OFFLINE' then
-  r.status = 'OFFLINE'
+local to = disconnect_to(r, epoch)
+if to then
+  r.status = to
   r.pod = ''
   ok = 1
 end
@@ -169,15 +217,17 @@ return ok
 # "L{epoch}:{pod}" (LIVE).
 ROUTE = (
     _PRELUDE
+    + lua_transitions(Event.ROUTE)
+    + _lua_routes()
     + r"""
 local items = cjson.decode(ARGV[2])
 local out = {}
 for i = 1, #items, 2 do
   local r = load(items[i])
   local d = items[i + 1]
-  if d <= r.acked then
+  if not route_to(r, d) then
     out[#out + 1] = 'D'
-  elseif r.status == 'LIVE' then
+  elseif ROUTES[r.status] == 'LIVE' then
     out[#out + 1] = 'L' .. n2s(r.epoch) .. ':' .. r.pod
   else
     if d > r.routed_dlq then
@@ -194,15 +244,15 @@ return cjson.encode(out)
 # lifecycle.divert. ARGV: prefix, JSON [client_id, delivery_id, ...].
 DIVERT = (
     _PRELUDE
+    + lua_transitions(Event.DIVERT)
     + r"""
 local items = cjson.decode(ARGV[2])
 for i = 1, #items, 2 do
   local r = load(items[i])
   local d = items[i + 1]
-  if d > r.acked then
-    if r.status == 'LIVE' then
-      r.status = 'REPLAYING'
-    end
+  local to = divert_to(r, d)
+  if to then
+    r.status = to
     if d > r.routed_dlq then
       r.routed_dlq = d
     end
@@ -244,6 +294,7 @@ return 0
 # (lifecycle.flip_ready), else "0".
 ACK = (
     _PRELUDE
+    + lua_transitions(Event.FLIP)
     + r"""
 local items = cjson.decode(ARGV[2])
 local out = {}
@@ -253,7 +304,7 @@ for i = 1, #items, 2 do
   if a > r.acked then
     r.acked = a
   end
-  if r.status == 'REPLAYING' and not (r.routed_dlq > r.acked) then
+  if try_flip_to(r) then
     out[#out + 1] = '1'
   else
     out[#out + 1] = '0'
@@ -285,13 +336,15 @@ return 0
 # Returns one string, a "1" (flipped) or "0" per id, in order.
 TRY_FLIP = (
     _PRELUDE
+    + lua_transitions(Event.FLIP)
     + r"""
 local items = cjson.decode(ARGV[2])
 local out = {}
 for i = 1, #items do
   local r = load(items[i])
-  if r.status == 'REPLAYING' and not (r.routed_dlq > r.acked) then
-    r.status = 'LIVE'
+  local to = try_flip_to(r)
+  if to then
+    r.status = to
     out[i] = '1'
   else
     out[i] = '0'
