@@ -14,6 +14,8 @@ installed version outside them: see `check_versions`.
   with a status instead of half a message.
 - Lighter idle streams (`slim_grpclib_streams`): grpclib creates list-backed Events and Queues.
 - The bound port of a started server (`bound_port`).
+- Connection hooks for the port's edge (`HookedH2Protocol`, `HookedServer`): protocol errors,
+  the client's SETTINGS, open streams, closing with a GOAWAY; nimbus.doorman.edge sets the policy.
 - trio-asyncio runs several ready asyncio callbacks per trio round (`batch_asyncio_callbacks`).
 
 Only grpclib's per-message bookkeeping (and its receive buffer's) is repeated here; the framing
@@ -34,10 +36,13 @@ from typing import Any
 
 import grpclib
 import grpclib.protocol
+import h2.exceptions
 import trio
 import trio_asyncio
 from grpclib.exceptions import ProtocolError
-from grpclib.protocol import AckedData
+from grpclib.protocol import AckedData, H2Protocol
+from grpclib.server import Server
+from h2.events import RemoteSettingsChanged
 
 # The versions every part of this module was read against: [lowest, first not checked). The same
 # ranges as the pins in pyproject.toml (tests/test_grpcwire.py holds them equal).
@@ -305,6 +310,74 @@ def bound_port(server: Any, default: int) -> int:
     """The port a started grpclib Server listens on (`default` when it has no socket)."""
     sockets = getattr(server._server, "sockets", None) or []
     return int(sockets[0].getsockname()[1]) if sockets else default
+
+
+# Connection hooks for the gRPC port's edge (nimbus.doorman.edge). Checked: grpclib 0.4.7-0.4.9.
+# Relies on grpclib.protocol.H2Protocol: `__init__(handler, config, h2_config)` kept as the
+# attributes of those names; `connection` (a grpclib Connection: `feed(data)` returns h2's
+# events, `flush()` writes what h2 has to send, `_connection` is h2's H2Connection);
+# `processor` (`process(event)`, `close(reason)`, `streams`); and its `data_received` being feed,
+# flush, process each event, flush. On grpclib.server.Server making every connection's
+# H2Protocol in `_protocol_factory()`.
+
+
+class HookedH2Protocol(H2Protocol):
+    """grpclib's connection protocol, with what the edge needs: bytes h2 cannot parse go to
+    `on_protocol_error` (grpclib would end the streams and keep the socket), `settled` once the
+    client's SETTINGS arrived, `has_streams()` and `close_connection()`."""
+
+    def __init__(self, handler: Any, config: Any, h2_config: Any) -> None:
+        super().__init__(handler, config, h2_config)
+        self.settled = False  # the client's preface and SETTINGS arrived
+
+    def on_protocol_error(self, error: h2.exceptions.ProtocolError) -> None:
+        self.processor.close("Protocol error")  # grpclib's own answer
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.connection.feed(data)
+        except h2.exceptions.ProtocolError as e:
+            self.on_protocol_error(e)
+            return
+        if not self.settled and any(isinstance(ev, RemoteSettingsChanged) for ev in events):
+            self.settled = True
+        self.connection.flush()
+        for event in events:
+            self.processor.process(event)
+        self.connection.flush()
+
+    def has_streams(self) -> bool:
+        return bool(getattr(self.processor, "streams", None))
+
+    def close_connection(self, transport: Any, *, goaway: bool) -> None:
+        """Send what h2 has to send (a GOAWAY: ours when `goaway`, or the one a protocol error
+        prepared), then end the connection's streams and close `transport`."""
+        h2_conn = getattr(self.connection, "_connection", None)
+        try:
+            if goaway and h2_conn is not None:
+                h2_conn.close_connection()
+            if h2_conn is not None and transport is not None and not transport.is_closing():
+                data = h2_conn.data_to_send()
+                if data:
+                    transport.write(data)
+        except Exception:
+            pass
+        self.processor.close("Connection closed by the server")
+        if transport is not None:
+            transport.close()
+
+
+class HookedServer(Server):
+    """grpclib's Server whose connections are made by `make_protocol(handler, config,
+    h2_config)` (an H2Protocol, a HookedH2Protocol for the edge)."""
+
+    def __init__(self, handlers: Any, make_protocol: Callable[..., H2Protocol]) -> None:
+        super().__init__(handlers)
+        self._make_protocol = make_protocol
+
+    def _protocol_factory(self) -> H2Protocol:
+        plain = super()._protocol_factory()
+        return self._make_protocol(plain.handler, plain.config, plain.h2_config)
 
 
 # Batched asyncio callbacks. Checked: trio-asyncio 0.15.0-0.16.0. Relies on
