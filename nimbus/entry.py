@@ -33,45 +33,17 @@ from nimbus.config import ConfigError
 from nimbus.ops import metrics
 from nimbus.ports import EngineError, LogUnavailable, StateUnavailable, TopicMismatch
 
+# Every process runs trio-asyncio with batched callbacks (`run_process`); the patch lives with the
+# other patches of grpclib and trio-asyncio internals, in nimbus.wire.grpc.
+from nimbus.wire.grpc import ASYNCIO_BATCH as ASYNCIO_BATCH
+from nimbus.wire.grpc import batch_asyncio_callbacks as batch_asyncio_callbacks
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_CANNOT_LISTEN = 4
 EXIT_INTERRUPTED = 130
-
-ASYNCIO_BATCH = 64  # ready asyncio callbacks run per trio scheduling round, at most
-
-
-def batch_asyncio_callbacks(limit: int = ASYNCIO_BATCH) -> None:
-    """Let trio-asyncio run up to `limit` ready asyncio callbacks per trio scheduling round.
-
-    trio-asyncio runs asyncio's callbacks (grpclib's and redis.asyncio's protocol events, future
-    and task steps) from one trio task, one callback per `await` of its queue: every callback
-    costs a whole trio scheduling round, ~8 µs of CPU on this machine (a channel item taken with
-    a round: ~9.5 µs, without: ~1.2). After the first callback (taken as trio-asyncio does:
-    waiting, timers first), the ones already queued run at once; a timer that falls due, an
-    asyncio-to-trio task start (which awaits) and the limit end the batch, so trio's own tasks
-    still run at least every `limit` callbacks. Idempotent; the process's loops only."""
-    from trio_asyncio._base import BaseTrioEventLoop
-
-    one = BaseTrioEventLoop._main_loop_one
-    if getattr(one, "_nimbus_batched", False):
-        return
-
-    async def main_loop_batch(self: Any, no_wait: bool = False) -> None:
-        await one(self, no_wait)
-        for _ in range(limit - 1):
-            if self._stopped.is_set():
-                return
-            try:
-                # no_wait: the next ready callback or due timer, else WouldBlock
-                await one(self, True)
-            except trio.WouldBlock:
-                return
-
-    main_loop_batch._nimbus_batched = True  # type: ignore[attr-defined]
-    BaseTrioEventLoop._main_loop_one = main_loop_batch
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -1,11 +1,16 @@
-"""nimbus.wire.grpc.client_recv_many against grpclib's receive buffer: every message once, in
-order, whatever the DATA frames' boundaries; at most `limit` per call; a message not all there
-is left for the next call; the flow-control credit given back is what arrived."""
+"""nimbus.wire.grpc: the versions of grpclib and trio-asyncio it accepts (those its parts were
+checked against, the same as pyproject.toml's pins), and client_recv_many against grpclib's
+receive buffer: every message once, in order, whatever the DATA frames' boundaries; at most
+`limit` per call; a message not all there is left for the next call; the flow-control credit
+given back is what arrived."""
 
 from __future__ import annotations
 
 import contextlib
 import random
+import re
+import tomllib
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,6 +20,54 @@ from grpclib.protocol import Buffer
 from nimbus.wire import grpc as grpcwire
 from nimbus.wire import trace
 from nimbus.wire.messages import EventResponse
+
+
+@pytest.mark.parametrize(
+    "installed",
+    [
+        {"grpclib": "0.4.7", "trio-asyncio": "0.15.0"},
+        {"grpclib": "0.4.9", "trio-asyncio": "0.16.0"},
+        {"grpclib": "0.4.9.post1", "trio-asyncio": "0.16.0+dev"},
+    ],
+)
+def test_versions_checked_are_accepted(installed: dict[str, str]) -> None:
+    grpcwire.check_versions(installed)
+
+
+@pytest.mark.parametrize(
+    ("installed", "named"),
+    [
+        ({"grpclib": "0.4.6"}, "grpclib 0.4.6 (checked: >=0.4.7,<0.4.10)"),
+        ({"grpclib": "0.4.10"}, "grpclib 0.4.10 (checked: >=0.4.7,<0.4.10)"),
+        ({"grpclib": "0.5.0"}, "grpclib 0.5.0"),
+        ({"trio-asyncio": "0.17.0"}, "trio-asyncio 0.17.0 (checked: >=0.15,<0.17)"),
+        ({"trio-asyncio": "0.14.1"}, "trio-asyncio 0.14.1"),
+        ({"grpclib": "1.0"}, "grpclib 1.0"),
+    ],
+)
+def test_versions_not_checked_are_refused(installed: dict[str, str], named: str) -> None:
+    with pytest.raises(grpcwire.UnsupportedDependency, match=re.escape(named)):
+        grpcwire.check_versions({"grpclib": "0.4.9", "trio-asyncio": "0.16.0", **installed})
+
+
+def test_the_installed_versions_are_the_ones_imported_and_checked() -> None:
+    import grpclib
+    import trio_asyncio
+
+    installed = grpcwire.installed_versions()
+    assert installed == {"grpclib": grpclib.__version__, "trio-asyncio": trio_asyncio.__version__}
+    grpcwire.check_versions(installed)  # what importing nimbus.wire.grpc did
+
+
+def test_pyproject_pins_the_versions_checked() -> None:
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    pins = {}
+    for dep in project["project"]["dependencies"]:
+        name = re.match(r"[A-Za-z0-9_.-]+", dep)
+        assert name is not None
+        pins[name.group()] = dep[name.end() :].split(";")[0].strip()
+    for name, (low, high) in grpcwire.CHECKED.items():
+        assert pins[name] == f">={low},<{high}", name
 
 
 def _messages(n: int) -> list[EventResponse]:

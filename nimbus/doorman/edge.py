@@ -14,7 +14,8 @@ does when connections run out of something.
   nursery and the whole process exits.
 
 grpclib creates one `H2Protocol` per connection; `GuardedServer` makes it a `GuardedH2Protocol`,
-which keeps one asyncio timer per connection.
+which keeps one asyncio timer per connection. What they use of grpclib's internals is in
+`nimbus.wire.grpc` (`HookedH2Protocol`, `HookedServer`): this module holds the policy.
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from grpclib.protocol import H2Protocol
-from grpclib.server import Server
-from h2.events import RemoteSettingsChanged
 from h2.exceptions import ProtocolError
 from loguru import logger
 
 from nimbus.ops import metrics
 from nimbus.wire import badinput
+from nimbus.wire import grpc as grpcwire
 
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _ACCEPT_LOG_EVERY_S = 5.0
@@ -44,7 +44,7 @@ class EdgeLimits:
     idle_s: float
 
 
-class GuardedH2Protocol(H2Protocol):
+class GuardedH2Protocol(grpcwire.HookedH2Protocol):
     """grpclib's connection protocol, with the time limits above."""
 
     limits: EdgeLimits
@@ -52,7 +52,6 @@ class GuardedH2Protocol(H2Protocol):
     def __init__(self, handler: Any, config: Any, h2_config: Any, limits: EdgeLimits) -> None:
         super().__init__(handler, config, h2_config)
         self.limits = limits
-        self._settled = False  # the client's preface and SETTINGS arrived
         self._idle_since: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._transport: Any = None
@@ -66,19 +65,9 @@ class GuardedH2Protocol(H2Protocol):
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(max(delay, 0.05), self._check)
 
-    def data_received(self, data: bytes) -> None:
-        try:
-            events = self.connection.feed(data)
-        except ProtocolError as e:
-            badinput.message("grpc", badinput.PROTOCOL_ERROR, f"connection closed: {e}"[:300])
-            self._close(goaway=False)  # h2 already prepared its GOAWAY with the error code
-            return
-        if not self._settled and any(isinstance(ev, RemoteSettingsChanged) for ev in events):
-            self._settled = True
-        self.connection.flush()
-        for event in events:
-            self.processor.process(event)
-        self.connection.flush()
+    def on_protocol_error(self, error: ProtocolError) -> None:
+        badinput.message("grpc", badinput.PROTOCOL_ERROR, f"connection closed: {error}"[:300])
+        self._close(goaway=False)  # h2 already prepared its GOAWAY with the error code
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._timer is not None:
@@ -90,7 +79,7 @@ class GuardedH2Protocol(H2Protocol):
         self._timer = None
         if self._transport is None or self._transport.is_closing():
             return
-        if not self._settled:
+        if not self.settled:
             metrics.error("handshake_timeout")
             logger.info(
                 "closing a connection from {}: no HTTP/2 preface within {:g}s",
@@ -99,11 +88,10 @@ class GuardedH2Protocol(H2Protocol):
             )
             self._close(goaway=False)
             return
-        streams = getattr(self.processor, "streams", None)
         now = time.monotonic()
         # Polled: a connection is found idle within `period` of its last stream ending.
         period = min(self.limits.idle_s / 2, 30.0)
-        if streams:
+        if self.has_streams():
             self._idle_since = None
             self._arm(period)
             return
@@ -122,34 +110,16 @@ class GuardedH2Protocol(H2Protocol):
         self._arm(min(period, self.limits.idle_s - idle))
 
     def _close(self, *, goaway: bool) -> None:
-        """Send what h2 has to send (a GOAWAY: ours, or the one a protocol error prepared), then
-        close the socket and end the connection's streams."""
-        h2_conn = getattr(self.connection, "_connection", None)
-        transport = self._transport
-        try:
-            if goaway and h2_conn is not None:
-                h2_conn.close_connection()
-            if h2_conn is not None and transport is not None and not transport.is_closing():
-                data = h2_conn.data_to_send()
-                if data:
-                    transport.write(data)
-        except Exception:
-            pass
-        self.processor.close("Connection closed by the server")
-        if transport is not None:
-            transport.close()
+        self.close_connection(self._transport, goaway=goaway)
 
 
-class GuardedServer(Server):
+class GuardedServer(grpcwire.HookedServer):
     """grpclib's Server whose connections are `GuardedH2Protocol`s."""
 
     def __init__(self, handlers: Any, *, limits: EdgeLimits) -> None:
-        super().__init__(handlers)
-        self._limits = limits
-
-    def _protocol_factory(self) -> H2Protocol:
-        plain = super()._protocol_factory()
-        return GuardedH2Protocol(plain.handler, plain.config, plain.h2_config, self._limits)
+        super().__init__(
+            handlers, lambda handler, config, h2: GuardedH2Protocol(handler, config, h2, limits)
+        )
 
 
 def contain_connection_errors(loop: asyncio.AbstractEventLoop) -> None:

@@ -3,8 +3,9 @@
 grpclib serves `nimbus.NimbusService/ProcessEvent` inside trio-asyncio. The handler (asyncio
 side) identifies the client from the `client_id` metadata, opens a session on the `Pod` (trio
 side), then reads the stream itself while a writer task writes it (an idle stream is mostly its
-tasks and grpclib's state: see `slim_grpclib_streams`). The handler is registered by hand (not
-through betterproto's generated base) because the generated one hides `stream.metadata`.
+tasks and grpclib's state: see `nimbus.wire.grpc.slim_grpclib_streams`). The handler is
+registered by hand (not through betterproto's generated base) because the generated one hides
+`stream.metadata`. What it uses of grpclib's internals goes through `nimbus.wire.grpc`.
 
 Before anything changes state, a stream is checked: its identity (`nimbus.doorman.auth`: with auth on,
 a bearer token whose subject is the client id), then the pod's stream limit. While it runs, each
@@ -26,7 +27,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpclib.const
-import grpclib.protocol
 import trio
 import trio_asyncio
 from grpclib.exceptions import GRPCError, StreamTerminatedError
@@ -48,6 +48,11 @@ from nimbus.ports import EngineError, Log, StateStore
 from nimbus.topics import ensure_topics
 from nimbus.wire import badinput
 from nimbus.wire import grpc as grpcwire
+
+# Re-exported: tests/test_stream_memory.py imports these from here.
+from nimbus.wire.grpc import _ListEvent as _ListEvent
+from nimbus.wire.grpc import _SlimQueue as _SlimQueue
+from nimbus.wire.grpc import slim_grpclib_streams as slim_grpclib_streams
 from nimbus.wire.messages import (  # also registers descriptors for reflection
     UNAVAILABLE,
     EventRequest,
@@ -97,47 +102,6 @@ async def _next_request(h2: Any, max_bytes: int) -> tuple[EventRequest | None, i
     return EventRequest.FromString(data), size
 
 
-class _Waiters(list):  # type: ignore[type-arg]
-    """A list with a deque's `popleft`, for asyncio's waiting futures: a stream has at most one
-    or two, and an empty list is 56 bytes where a deque is 760 (with its block)."""
-
-    __slots__ = ()
-
-    def popleft(self) -> Any:
-        return self.pop(0)
-
-
-class _ListEvent(asyncio.Event):
-    """asyncio.Event with its waiters in a `_Waiters` list instead of a deque. Same methods and
-    behaviour (waiters are appended, removed and woken in order either way)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._waiters = _Waiters()  # type: ignore[assignment]
-
-
-class _SlimQueue(asyncio.Queue):  # type: ignore[type-arg]
-    """asyncio.Queue with its getters, putters and `join` event in lists instead of deques (the
-    items stay in a deque). Same methods and behaviour."""
-
-    def __init__(self, maxsize: int = 0) -> None:
-        super().__init__(maxsize)
-        self._getters = _Waiters()
-        self._putters = _Waiters()
-        finished = _ListEvent()
-        finished.set()  # as asyncio.Queue: no unfinished tasks
-        self._finished = finished
-
-
-def slim_grpclib_streams() -> None:
-    """grpclib gives every HTTP/2 stream three asyncio.Events (window_updated, headers_received,
-    trailers_received) and an asyncio.Queue (its receive buffer): seven deques, ~5 KB, most of
-    an idle stream's own memory (issue #4: 10,000 idle streams on one pod). Make grpclib create
-    `_ListEvent` and `_SlimQueue` instead (~2 KB less per stream; idempotent)."""
-    grpclib.protocol.Event = _ListEvent  # type: ignore[attr-defined]
-    grpclib.protocol.Queue = _SlimQueue  # type: ignore[attr-defined]
-
-
 def _take_batch(outbox: Outbox, first: OutboxItem) -> tuple[bytes, int, list[int], Close | None]:
     """`first` and what else is queued (up to WRITE_BATCH_BYTES, or up to a Close), framed for one
     write: (data, number of messages, delivery ids in order (0: not a result), the Close met)."""
@@ -157,17 +121,6 @@ def _take_batch(outbox: Outbox, first: OutboxItem) -> tuple[bytes, int, list[int
         if size >= WRITE_BATCH_BYTES or outbox.empty():
             return grpcwire.frame(payloads), len(payloads), ids, None
         item = outbox.get_nowait()
-
-
-def _writable(h2: Any, size: int) -> bool:
-    """Could `size` bytes of DATA go out now, without waiting for the client's flow control?"""
-    try:
-        return bool(
-            h2.connection.write_ready.is_set()
-            and h2._h2_connection.local_flow_control_window(h2.id) >= size
-        )
-    except Exception:
-        return True  # a closed stream: let send_message report it
 
 
 def _pending_close(s: Session) -> Close:
@@ -310,7 +263,7 @@ class NimbusService:
         was cut (the writer then sends the Close's status)."""
         pod = self.pod
         limiter = self.limiter
-        h2 = stream._stream
+        h2 = grpcwire.h2_stream(stream)
         max_bytes = self.max_message_bytes
         first = self.first_message_s
         try:
@@ -352,31 +305,16 @@ class NimbusService:
                     if limiter.enabled and not limiter.allow(s.client_id, time.monotonic()):
                         pod.counters.inc("server.rate_limited")
                         why = f"over the event rate limit ({limiter.rate:g}/s per client); retry later"
-                        if s.protocol >= 2:
-                            pod.refuse(
-                                s, req, UNAVAILABLE, why
-                            )  # per event: the client library retries it
+                        if s.protocol >= 2:  # per event: the client library retries it
+                            pod.refuse(s, req, UNAVAILABLE, why)
                             continue
-                        pod.cut(
-                            s, "RESOURCE_EXHAUSTED", why
-                        )  # the original's client has no per-event errors
+                        # the original's client has no per-event errors
+                        pod.cut(s, "RESOURCE_EXHAUSTED", why)
                         return False
                     if not pod.submit(s, req, size):
                         await trio_asyncio.trio_as_aio(pod.submit_wait)(s, req, size)
         except Refusal as e:
-            pod.counters.inc(
-                "server.message_too_large"
-                if isinstance(e, MessageTooLarge)
-                else "server.refused_request"
-            )
-            badinput.message(
-                "grpc",
-                badinput.TOO_LARGE
-                if isinstance(e, MessageTooLarge)
-                else badinput.MALFORMED_MESSAGE,
-                f"client {s.client_id}: {e.message}"[:300],
-            )
-            pod.cut(s, e.status, e.message)
+            self._refused(s, e)
             return False
         except (StreamTerminatedError, GRPCError, ConnectionError):
             return True
@@ -390,12 +328,23 @@ class NimbusService:
             return False
         return False
 
+    def _refused(self, s: Session, e: Refusal) -> None:
+        """End `s` with the status of a request it cannot go on after (counted and logged)."""
+        too_large = isinstance(e, MessageTooLarge)
+        self.pod.counters.inc("server.message_too_large" if too_large else "server.refused_request")
+        badinput.message(
+            "grpc",
+            badinput.TOO_LARGE if too_large else badinput.MALFORMED_MESSAGE,
+            f"client {s.client_id}: {e.message}"[:300],
+        )
+        self.pod.cut(s, e.status, e.message)
+
     async def _writer(self, stream: Stream[EventRequest, EventResponse], s: Session) -> None:
         """Write what the pod queues for `s`: every message waiting at a wake-up goes out in one
         HTTP/2 write (up to WRITE_BATCH_BYTES), then the results among them are confirmed in
         order (`on_written`)."""
         pod = self.pod
-        h2 = stream._stream
+        h2 = grpcwire.h2_stream(stream)
         outbox = s.outbox
         try:
             while True:
@@ -404,7 +353,7 @@ class NimbusService:
                     need = min(
                         len(data), WRITE_BATCH_BYTES
                     )  # always reachable: the window is >= 64 KiB
-                    if not _writable(h2, need):
+                    if not grpcwire.writable(h2, need):
                         # The client is not reading (fast enough). Wait for room without starting
                         # the write, so that a cut can still end the stream with a status
                         # (trailers are not flow-controlled; half a message would need a reset).
@@ -429,17 +378,9 @@ class NimbusService:
     @staticmethod
     async def _wait_writable(h2: Any, size: int, s: Session) -> Close | None:
         """None once `size` bytes can be written; the pod's Close if it ends `s` meanwhile."""
-        while not _writable(h2, size):
-            if s.closed:
-                return _pending_close(s)
-            if not h2.connection.write_ready.is_set():
-                waiting = h2.connection.write_ready.wait()
-            else:
-                h2.window_updated.clear()
-                waiting = h2.window_updated.wait()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(waiting, 0.1)  # and look at s.closed again
-        return None
+        if await grpcwire.wait_writable(h2, size, lambda: s.closed):
+            return None
+        return _pending_close(s)
 
 
 def exposure_warnings(s: Settings) -> list[str]:
@@ -475,7 +416,7 @@ async def serve_grpc(
     pod: Pod, host: str, port: int, ssl_context: ssl.SSLContext | None = None
 ) -> AsyncIterator[tuple[Server, int]]:
     """Serve the Nimbus service, health and reflection; yields (server, bound port)."""
-    slim_grpclib_streams()
+    grpcwire.slim_grpclib_streams()
     service = NimbusService(pod)
     health = Health()
     services: list[Any] = ServerReflection.extend([service, health])
@@ -483,8 +424,7 @@ async def serve_grpc(
     server = edge.GuardedServer(services, limits=limits)
     edge.contain_connection_errors(trio_asyncio.current_loop.get())
     await trio_asyncio.aio_as_trio(server.start)(host, port, ssl=ssl_context)
-    sockets = getattr(server._server, "sockets", None) or []  # an asyncio.Server
-    bound = sockets[0].getsockname()[1] if sockets else port
+    bound = grpcwire.bound_port(server, port)
     try:
         yield server, bound
     finally:
