@@ -12,9 +12,9 @@ It brings up the 3 KRaft brokers and the Redis Cluster (3 masters + 3 replicas),
 - restarts both killed nodes (`kafka-start`, `redis-start`), sees the ISR back at 3 and the old
   master rejoin as a replica, and takes the clusters `down`.
 
-It prints how long each failover took (run with `-s` to see them). It runs only when
-NIMBUS_TEST_CLUSTER=1: it starts 3 JVMs and 6 redis-servers for about a minute. CI wiring is
-later work (issue 17), as is running Nimbus itself on these clusters.
+It prints how long each failover took (run with `-s` to see them). It runs when
+NIMBUS_TEST_CLUSTER=1, which scripts/test.sh sets under CI: it starts 3 JVMs and 6 redis-servers
+for about a minute. Running Nimbus itself on these clusters is later work (issue 17).
 """
 
 from __future__ import annotations
