@@ -9,8 +9,8 @@ import asyncio
 import grpclib.protocol
 import pytest
 
-from nimbus.doorman.pod import Close, Outbox
 from nimbus.doorman.server import _ListEvent, _SlimQueue, slim_grpclib_streams
+from nimbus.doorman.session import Close, Outbox
 
 
 def run(coro):

@@ -12,9 +12,10 @@ This package owns the client side of the wire protocol (protocols/nimbus.proto, 
 - `main`: the CLI, flag-compatible with the original Go client (`--client_id --start --end`).
 
 Layout: `types` (results, notices, errors, small pure helpers), `ledger` (`ClientLedger`),
-`connection` (`NimbusClient`, `ClientOptions`, `open_client`), `transport` (the asyncio side of a
-stream, and `check_target`), `cli` (`main`; `__main__` runs it). Everything public is
-re-exported here: `from nimbus.client import X` is the way in.
+`connection` (`NimbusClient`, `ClientOptions`, `open_client`), `runtime` (the state and tasks
+`NimbusClient` runs on), `transport` (the asyncio side of a stream, and `check_target`), `cli`
+(`main`; `__main__` runs it). Everything public is re-exported here: `from nimbus.client import X`
+is the way in.
 
 Protocol 2 (the default) is what makes the delivery contract visible to the application: the
 server sends RECEIPT/ERROR per event and a delivery id per result, the client acks cumulatively

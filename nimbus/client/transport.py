@@ -1,6 +1,6 @@
 """The asyncio side of the client's streams (`_Stream`, `_Dialer`), and `check_target`.
 
-grpclib runs on asyncio; the trio side (nimbus/client/connection.py) hands requests over through
+grpclib runs on asyncio; the trio side (nimbus/client/runtime.py) hands requests over through
 `_Stream.outbox` and gets responses back on a trio memory channel (see "Threading model" there).
 """
 

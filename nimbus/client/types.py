@@ -18,7 +18,7 @@ from nimbus.proto_gen.nimbus import (
 )
 from nimbus.wire import messages as wire
 
-# On the wire: upb classes (see "Wire messages" in nimbus/client/connection.py).
+# On the wire: upb classes (see "Wire messages" in nimbus/client/runtime.py).
 EventRequest: TypeAlias = wire.EventRequest
 EventResponse: TypeAlias = wire.EventResponse
 

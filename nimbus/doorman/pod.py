@@ -1,6 +1,7 @@
 """The pod: the trio side of the doorman. Owns this pod's sessions (one per connected stream),
-the ingest of their events into the events topic, the delivery of results arriving on this pod's
-channel, and the delivery reports and acks going back.
+the delivery of results arriving on this pod's channel, and the delivery reports and acks going
+back; the ingest of the streams' events into the events topic is its part `Ingest`
+(nimbus.doorman.ingest), the per-stream state (`Session`, `Outbox`) is in nimbus.doorman.session.
 
 The gRPC handler (asyncio side, `nimbus.server`) talks to it without crossing loops per message:
 it calls the synchronous `submit`, `on_ack` and `on_written`, and reads each session's
@@ -21,33 +22,35 @@ import asyncio
 import bisect
 import itertools
 import time
-from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from collections import defaultdict
 
 import trio
 from loguru import logger
 
 from nimbus import logs
-from nimbus.config import INGEST_BATCH, Settings
-from nimbus.core import events
-from nimbus.core.channels import receive_batch
+from nimbus.config import Settings
 from nimbus.core.lifecycle import Status
 from nimbus.core.retry import Backoff, Policy, retrying
+from nimbus.doorman.ingest import Ingest
+from nimbus.doorman.session import (
+    ITEM_OVERHEAD,
+    Budget,
+    Close,
+    Outbox,
+    OutboxItem,
+    Session,
+    item_bytes,
+)
 from nimbus.ops import metrics
 from nimbus.ops.stats import Counters
 from nimbus.ports import AckItem, EngineError, Log, StateStore
 from nimbus.subscriptions import listen
 from nimbus.wire import badinput, trace
 from nimbus.wire.messages import (
-    ERROR,
     GAP,
-    RECEIPT,
-    UNKNOWN_EVENT,
     Delivery,
     DeliveryReport,
-    EventRequest,
     EventResponse,
-    KafkaEventRequest,
     LogEntry,
     ReportItem,
     response_with_log,
@@ -60,147 +63,24 @@ from nimbus.wire.pod_channel import (
     status_check,
 )
 
-
-class Close:
-    """Outbox sentinel: end the stream with this gRPC status (None: end it cleanly)."""
-
-    def __init__(self, status: str | None, message: str = "") -> None:
-        self.status = status
-        self.message = message
-
-
-OutboxItem = tuple[int, EventResponse | bytes | None] | Close  # bytes: encoded; None: confirm only
-
-
-# What a queued response is counted for beyond its encoded bytes: the deque slot, the
-# (id, payload) tuple, the bytes object's header (an estimate; tests/test_edge.py checks the RSS
-# of a doorman with slow readers against the bound it gives).
-ITEM_OVERHEAD = 160
+# The per-stream types are imported from here by the handler and the tests.
+__all__ = [
+    "ITEM_OVERHEAD",
+    "Budget",
+    "Close",
+    "Outbox",
+    "OutboxItem",
+    "Pod",
+    "Session",
+    "item_bytes",
+]
 
 
-def item_bytes(item: OutboxItem) -> int:
-    """The memory an outbox item is counted for (its encoding plus ITEM_OVERHEAD)."""
-    if isinstance(item, Close):
-        return 0
-    payload = item[1]
-    if payload is None:
-        return ITEM_OVERHEAD
-    if isinstance(payload, bytes):
-        return len(payload) + ITEM_OVERHEAD
-    return int(payload.ByteSize()) + ITEM_OVERHEAD
-
-
-class Budget:
-    """Bytes queued in all the outboxes of one pod (NIMBUS_POD_QUEUE_BYTES)."""
-
-    __slots__ = ("limit", "used")
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-
-
-class Outbox:
-    """A session's outgoing queue: the pod puts (`put_nowait`, never blocking), the stream's
-    one writer gets. asyncio.Queue's interface for that use, at a fraction of its memory, since
-    most streams are idle (issue #4: 10,000 of them on one pod): an asyncio.Queue holds four
-    deques (~2.5 KB) from birth; this holds a deque only while something is queued, and one
-    future only while the writer waits. Bounded by a count (`maxsize`) and by bytes
-    (`maxbytes`, see `item_bytes`); the bytes also count towards the pod's `budget`."""
-
-    __slots__ = ("_items", "_waiter", "maxsize", "maxbytes", "nbytes", "budget")
-
-    def __init__(self, maxsize: int = 0, maxbytes: int = 0, budget: Budget | None = None) -> None:
-        self.maxsize = maxsize  # <= 0: unbounded, as asyncio.Queue
-        self.maxbytes = maxbytes  # <= 0: no byte bound
-        self.nbytes = 0
-        self.budget = budget
-        self._items: deque[OutboxItem] | None = None
-        self._waiter: asyncio.Future[None] | None = None
-
-    def qsize(self) -> int:
-        return len(self._items) if self._items else 0
-
-    def empty(self) -> bool:
-        return not self._items
-
-    def full(self) -> bool:
-        return 0 < self.maxsize <= self.qsize()
-
-    def put_nowait(self, item: OutboxItem) -> None:
-        size = item_bytes(item)
-        items = self._items
-        if items is None:
-            items = self._items = deque()
-        elif not isinstance(item, Close) and (
-            0 < self.maxsize <= len(items) or 0 < self.maxbytes < self.nbytes + size
-        ):
-            raise asyncio.QueueFull
-        items.append(item)
-        self.nbytes += size
-        if self.budget is not None:
-            self.budget.used += size
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def get_nowait(self) -> OutboxItem:
-        items = self._items
-        if not items:
-            raise asyncio.QueueEmpty
-        item = items.popleft()
-        if not items:
-            self._items = None  # an idle stream keeps no deque
-        size = item_bytes(item)
-        self.nbytes -= size
-        if self.budget is not None:
-            self.budget.used -= size
-        return item
-
-    def clear(self) -> None:
-        """Drop everything queued (a stream that is ending)."""
-        while self._items:
-            self.get_nowait()
-
-    async def get(self) -> OutboxItem:
-        """The next item, waiting for one (one getter at a time: the stream's writer)."""
-        while not self._items:
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await waiter
-            finally:
-                if self._waiter is waiter:
-                    self._waiter = None
-        return self.get_nowait()
-
-
-@dataclass(eq=False, slots=True)
-class Session:
-    client_id: str
-    protocol: int
-    outbox: Outbox
-    id: int
-    epoch: int = 0
-    closed: bool = False
-    # Deliveries written (or queued) and not yet confirmed: (delivery_id, reply_to, token).
-    unconfirmed: list[tuple[int, str, int]] = field(default_factory=list)
-    acked: int = 0
-    last_queued: int = 0  # highest delivery id put in the outbox
-    last_receipted: int = 0  # highest delivery id of an event this stream sent
-    written: int = 0  # highest delivery id written to the stream
-    in_ingest: int = 0  # events of this stream waiting to be produced
-    half_closed_at: float | None = None  # trio clock; set when the client ended its side
-
-    def __repr__(self) -> str:
-        return f"<Session {self.client_id} epoch={self.epoch} p{self.protocol} unconfirmed={len(self.unconfirmed)}>"
-
-
-class Pod:
+class Pod(Ingest):
     def __init__(
         self, settings: Settings, log: Log, state: StateStore, counters: Counters | None = None
     ) -> None:
+        super().__init__()
         self.s = settings
         self.log = log
         self.state = state
@@ -210,10 +90,6 @@ class Pod:
         self.sessions: dict[str, Session] = {}
         self._connecting: dict[str, list[tuple[str, Delivery]]] = {}
         self._ids = itertools.count(1)
-        send, recv = trio.open_memory_channel[tuple[Session, EventRequest, int]](10_000)
-        self._ingest_send, self._ingest_recv = send, recv
-        self._ingest_bytes = 0  # of the events in the ingest channel (NIMBUS_INGEST_QUEUE_BYTES)
-        self._ingest_room = trio.Event()
         self.budget = Budget(settings.pod_queue_bytes)
         self._half_closed: set[Session] = set()
         self._reports: dict[str, list[ReportItem]] = defaultdict(list)
@@ -326,25 +202,6 @@ class Pod:
 
     # -- from the handler (synchronous, asyncio side) -----------------------------------------
 
-    def submit(self, s: Session, req: EventRequest, size: int = 0) -> bool:
-        """Queue an event (`size`: its encoded bytes) for the events topic; False if the ingest
-        queue is full, by count or by NIMBUS_INGEST_QUEUE_BYTES (then await `submit_wait`)."""
-        if self._ingest_bytes and self._ingest_bytes + size > self.s.ingest_queue_bytes:
-            return False
-        try:
-            self._ingest_send.send_nowait((s, req, size))
-        except trio.WouldBlock:
-            return False
-        self._ingest_bytes += size
-        s.in_ingest += 1
-        return True
-
-    async def submit_wait(self, s: Session, req: EventRequest, size: int = 0) -> None:
-        """Queue the event once there is room (the stream's reader waits: HTTP/2 flow control
-        then holds the client back)."""
-        while not self.submit(s, req, size):
-            await self._ingest_room.wait()
-
     def half_close(self, s: Session) -> None:
         """The client ended its side: the stream ends with OK once every result of the events it
         sent is written to it, or at NIMBUS_HALF_CLOSED_SEC. A half-closed stream can send no
@@ -387,10 +244,6 @@ class Pod:
                         ),
                     )
 
-    def refuse(self, s: Session, req: EventRequest, code: int, message: str) -> None:
-        """Refuse one event before it is queued (a limit): a per-event error."""
-        self._send(s, self._error(s, req, code, message))
-
     def cut(self, s: Session, status: str, message: str) -> None:
         """End a stream with a gRPC status from the handler's side (a limit); its unconfirmed
         deliveries are reported failed, so they go to its backlog."""
@@ -428,82 +281,6 @@ class Pod:
             self._maybe_finish(s)
 
     # -- tasks -------------------------------------------------------------------------------
-
-    async def _ingest(self) -> None:
-        """Events -> events topic, in batches; receipts or errors back to the streams."""
-        while True:
-            batch = await receive_batch(self._ingest_recv, INGEST_BATCH)
-            for _, _, size in batch:
-                self._ingest_bytes -= size
-            self._ingest_room.set()
-            self._ingest_room = trio.Event()
-            try:
-                await self._produce(batch)
-            finally:
-                # Only now are these events receipted (or refused): until then a half-closed
-                # stream must not end, or it would end before the receipt of its last event.
-                for s, _, _ in batch:
-                    s.in_ingest -= 1
-                    if s.half_closed_at is not None:
-                        self._maybe_finish(s)
-
-    async def _produce(self, batch: list[tuple[Session, EventRequest, int]]) -> None:
-        accepted: list[tuple[Session, EventRequest]] = []
-        records: list[tuple[bytes, bytes]] = []
-        for s, req, _ in batch:
-            if s.closed:
-                # Never receipted, so the client resends it on its next stream; producing it
-                # now would put it behind (and beside) the resent copy.
-                self.counters.inc("pod.dropped_unreceipted")
-                continue
-            if not events.is_known(req.event_name):
-                self.counters.inc("pod.unknown_event")
-                self._send(
-                    s, self._error(s, req, UNKNOWN_EVENT, f"unknown event {req.event_name!r}")
-                )
-                continue
-            kreq = KafkaEventRequest(
-                event_name=req.event_name,
-                number=req.number,
-                client_id=s.client_id,
-                redis_channel=self.channel,
-                epoch=s.epoch,
-                seq=req.seq,
-            )
-            trace.step(kreq.log, "server", self.s.instance_id, "ProcessEvent", epoch=s.epoch)
-            accepted.append((s, req))
-            records.append((s.client_id.encode(), kreq.SerializeToString()))
-        if not records:
-            return
-        try:
-            written = await self.log.producer.send_batch(self.s.kafka_events_topic, records)
-        except EngineError as e:
-            logger.error("producing {} events failed: {}", len(records), e)
-            self.counters.inc("pod.produce_failed", len(records))
-            for s, _ in accepted:
-                if not s.closed:
-                    # Fail the stream rather than refuse this one event: events queued behind
-                    # it are dropped with the stream (see above), and the client resends
-                    # everything unreceipted, in order, on its next stream. A per-event
-                    # refusal would let later events overtake it. Never silent (hole 9).
-                    self._end(s, Close("UNAVAILABLE", f"event not accepted: {e}"))
-            return
-        self.counters.inc("pod.events", len(records))
-        for (s, req), w in zip(accepted, written, strict=True):
-            s.last_receipted = max(s.last_receipted, w.offset + 1)
-            if s.protocol >= 2:
-                self._send(s, EventResponse(kind=RECEIPT, seq=req.seq, delivery_id=w.offset + 1))
-
-    @staticmethod
-    def _error(s: Session, req: EventRequest, code: int, message: str) -> EventResponse:
-        resp = EventResponse(event_name=req.event_name, number=req.number)
-        resp.error.code = code
-        resp.error.message = message
-        if s.protocol >= 2:
-            resp.kind = ERROR
-            resp.seq = req.seq
-        # The original's client sees what the original sent: event_name and number, result 0.
-        return resp
 
     def _send(self, s: Session, resp: EventResponse | None, delivery_id: int = 0) -> bool:
         """Queue for the stream's writer; `delivery_id` > 0 marks a result (see on_written)."""

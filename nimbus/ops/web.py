@@ -25,7 +25,7 @@ from loguru import logger
 from prometheus_client.parser import text_string_to_metric_families
 
 from nimbus.config import Settings
-from nimbus.core.lifecycle import Status
+from nimbus.core.lifecycle import ClientRecord, Status
 from nimbus.engines import open_engine
 from nimbus.engines.murmur2 import partition_for
 from nimbus.entry import ArgumentParser, run_process, run_with_signals
@@ -142,6 +142,39 @@ async def scrape(target: str, timeout: float = 2.0) -> str:
     return body.decode()
 
 
+def replays_shown(replaying: list[ClientRecord], dlq_ends: dict[int, int]) -> list[dict[str, Any]]:
+    """The first MAX_REPLAYS_SHOWN replaying clients (by client_id), each with its DLQ partition
+    and an upper bound of the backlog left behind its cursor."""
+    replays = []
+    for r in sorted(replaying, key=lambda r: r.client_id)[:MAX_REPLAYS_SHOWN]:
+        part = partition_for(r.client_id.encode(), len(dlq_ends)) if dlq_ends else 0
+        end = dlq_ends.get(part, 0)
+        replays.append(
+            {
+                "client_id": r.client_id,
+                "pod": r.pod,
+                "epoch": r.epoch,
+                "acked": r.acked,
+                "routed_dlq": r.routed_dlq,
+                "cursor": r.cursor,
+                "dlq_partition": part,
+                "backlog_upper": max(0, end - r.cursor) if r.cursor >= 0 else 0,
+            }
+        )
+    return replays
+
+
+def topic_rates(s: Settings, r: dict[str, float]) -> dict[str, float]:
+    """The topics' rates, by what they count."""
+    return {
+        "ingested into events topic": r.get(f"end:{s.kafka_events_topic}", 0.0),
+        "consumed by event consumer": r.get(f"committed:{s.kafka_events_topic}", 0.0),
+        "results records written (packs of results)": r.get(f"end:{s.kafka_results_topic}", 0.0),
+        "routed (router commits)": r.get(f"committed:{s.kafka_results_topic}", 0.0),
+        "DLQ records written (packs of results)": r.get(f"end:{s.kafka_dlq_topic}", 0.0),
+    }
+
+
 @dataclass
 class WebView:
     settings: Settings
@@ -172,7 +205,42 @@ class WebView:
         by_state = {st.value: 0 for st in Status}
         for rec in records:
             by_state[rec.status.value] += 1
-        # Topics: end offsets; the two consumer groups' committed offsets and lag.
+        topics, totals, dlq_ends = await self._topics()
+        replaying = [r for r in records if r.status is Status.REPLAYING]
+        # Per-stage counters: this process, plus the scraped ones.
+        merged = await self._scraped(problems)
+        stage = stage_totals(merged)
+        lat_live = latency_buckets(merged, "live")
+        counters = {**{f"stage:{k}": v for k, v in stage.items()}, **totals, **lat_live}
+        r = self._rates(now, counters)
+        recent = {k: r.get(k, 0.0) for k in lat_live}  # observations per second per bucket, lately
+        self.samples += 1
+        lat_n = merged.get("nimbus_delivery_latency_seconds_count{path=live}", 0.0)
+        lat_sum = merged.get("nimbus_delivery_latency_seconds_sum{path=live}", 0.0)
+        return {
+            "time": now,
+            "sample": self.samples,
+            "engine": s.engine,
+            "clients": {"total": len(records), **by_state},
+            "stages": [{"stage": k, "total": stage[k], "rate": r[f"stage:{k}"]} for k, _ in STAGES],
+            "topic_rates": topic_rates(s, r),
+            "topics": topics,
+            "replays": replays_shown(replaying, dlq_ends),
+            "replays_total": len(replaying),
+            "replays_active_here": merged.get("nimbus_replays_active{}", 0.0),
+            "delivery_latency_live_mean_ms": (lat_sum / lat_n * 1000) if lat_n else None,
+            "delivery_latency_live_recent_ms": {
+                q: (None if (v := quantile(recent, float(q))) is None else v * 1000)
+                for q in ("0.5", "0.99")
+            },
+            "errors": errors(merged),
+            "problems": problems,
+        }
+
+    async def _topics(self) -> tuple[list[dict[str, Any]], dict[str, float], dict[int, int]]:
+        """Topics: end offsets; the two consumer groups' committed offsets and lag. Also the
+        counters they give ('end:<topic>', 'committed:<topic>') and the DLQ's end offsets."""
+        s = self.settings
         topics: list[dict[str, Any]] = []
         totals: dict[str, float] = {}
         dlq_ends: dict[int, int] = {}
@@ -208,70 +276,26 @@ class WebView:
                 totals[f"committed:{topic}"] = float(sum(committed.values()))
             if topic == s.kafka_dlq_topic:
                 dlq_ends = ends
-        replaying = [r for r in records if r.status is Status.REPLAYING]
-        replays = []
-        for r in sorted(replaying, key=lambda r: r.client_id)[:MAX_REPLAYS_SHOWN]:
-            part = partition_for(r.client_id.encode(), len(dlq_ends)) if dlq_ends else 0
-            end = dlq_ends.get(part, 0)
-            replays.append(
-                {
-                    "client_id": r.client_id,
-                    "pod": r.pod,
-                    "epoch": r.epoch,
-                    "acked": r.acked,
-                    "routed_dlq": r.routed_dlq,
-                    "cursor": r.cursor,
-                    "dlq_partition": part,
-                    "backlog_upper": max(0, end - r.cursor) if r.cursor >= 0 else 0,
-                }
-            )
-        # Per-stage counters: this process, plus the scraped ones.
+        return topics, totals, dlq_ends
+
+    async def _scraped(self, problems: list[str]) -> dict[str, float]:
+        """This process's samples merged with the scrape targets' (a failed scrape: a problem)."""
         texts = [metrics.exposition().decode()]
         for target in self.scrape_targets:
             try:
                 texts.append(await scrape(target))
             except (OSError, trio.TooSlowError, ValueError) as e:
                 problems.append(f"scrape {target}: {e or type(e).__name__}")
-        merged = merge_exposition(texts)
-        stage = stage_totals(merged)
-        lat_live = latency_buckets(merged, "live")
-        counters = {**{f"stage:{k}": v for k, v in stage.items()}, **totals, **lat_live}
+        return merge_exposition(texts)
+
+    def _rates(self, now: float, counters: dict[str, float]) -> dict[str, float]:
+        """The counters' rates over the last RATE_WINDOW_S; `counters` joins the history."""
         hist = self._history
         while len(hist) > 1 and now - hist[1][0] >= RATE_WINDOW_S:
             hist.popleft()
         r = rates(hist[0][1], counters, now - hist[0][0]) if hist else {k: 0.0 for k in counters}
-        recent = {k: r.get(k, 0.0) for k in lat_live}  # observations per second per bucket, lately
         hist.append((now, counters))
-        self.samples += 1
-        lat_n = merged.get("nimbus_delivery_latency_seconds_count{path=live}", 0.0)
-        lat_sum = merged.get("nimbus_delivery_latency_seconds_sum{path=live}", 0.0)
-        return {
-            "time": now,
-            "sample": self.samples,
-            "engine": s.engine,
-            "clients": {"total": len(records), **by_state},
-            "stages": [{"stage": k, "total": stage[k], "rate": r[f"stage:{k}"]} for k, _ in STAGES],
-            "topic_rates": {
-                "ingested into events topic": r.get(f"end:{s.kafka_events_topic}", 0.0),
-                "consumed by event consumer": r.get(f"committed:{s.kafka_events_topic}", 0.0),
-                "results records written (packs of results)": r.get(
-                    f"end:{s.kafka_results_topic}", 0.0
-                ),
-                "routed (router commits)": r.get(f"committed:{s.kafka_results_topic}", 0.0),
-                "DLQ records written (packs of results)": r.get(f"end:{s.kafka_dlq_topic}", 0.0),
-            },
-            "topics": topics,
-            "replays": replays,
-            "replays_total": len(replaying),
-            "replays_active_here": merged.get("nimbus_replays_active{}", 0.0),
-            "delivery_latency_live_mean_ms": (lat_sum / lat_n * 1000) if lat_n else None,
-            "delivery_latency_live_recent_ms": {
-                q: (None if (v := quantile(recent, float(q))) is None else v * 1000)
-                for q in ("0.5", "0.99")
-            },
-            "errors": errors(merged),
-            "problems": problems,
-        }
+        return r
 
     async def handle(self, req: httpd.Request) -> httpd.Response:
         if req.path == "/":
