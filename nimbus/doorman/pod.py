@@ -43,7 +43,7 @@ from nimbus.doorman.session import (
 )
 from nimbus.ops import metrics
 from nimbus.ops.stats import Counters
-from nimbus.ports import AckItem, EngineError, Log, StateStore
+from nimbus.ports import AckItem, EngineError, Log, RecordsAndPubSub
 from nimbus.subscriptions import listen
 from nimbus.wire import badinput, trace
 from nimbus.wire.messages import (
@@ -78,7 +78,7 @@ __all__ = [
 
 class Pod(Ingest):
     def __init__(
-        self, settings: Settings, log: Log, state: StateStore, counters: Counters | None = None
+        self, settings: Settings, log: Log, state: RecordsAndPubSub, counters: Counters | None = None
     ) -> None:
         super().__init__()
         self.s = settings

@@ -44,7 +44,7 @@ from nimbus.doorman.pod import Close, Outbox, OutboxItem, Pod, Session
 from nimbus.engines import open_engine
 from nimbus.entry import ArgumentParser, run_process, run_with_signals
 from nimbus.ops import metrics
-from nimbus.ports import EngineError, Log, StateStore
+from nimbus.ports import EngineError, Log, RecordsAndPubSub
 from nimbus.topics import ensure_topics
 from nimbus.wire import badinput
 from nimbus.wire import grpc as grpcwire
@@ -437,7 +437,7 @@ async def serve_grpc(
 async def run_server(
     settings: Settings,
     log: Log,
-    state: StateStore,
+    state: RecordsAndPubSub,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
