@@ -14,10 +14,20 @@ from confluent_kafka import TopicPartition as RdTP
 
 from nimbus import config
 from nimbus.engines import rdkafka as rdkafka_engine
-from nimbus.ports import TopicPartition
+from nimbus.engines import rdkafka_admin, rdkafka_consumer, rdkafka_producer, rdkafka_wakeup
+from nimbus.ports import CommitFailed, LogUnavailable, TopicPartition
 from tests.harness import record_thread_calls
 
 IO_TIMEOUT = 90
+
+
+def record_adapter_thread_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """record_thread_calls over every module of the adapter that runs calls in a worker thread
+    (`in_thread`): one list, in order."""
+    calls = record_thread_calls(monkeypatch, rdkafka_consumer)
+    for module in (rdkafka_engine, rdkafka_producer):
+        monkeypatch.setattr(module, "in_thread", rdkafka_consumer.in_thread)
+    return calls
 
 
 def test_the_client_library_is_chosen_by_configuration() -> None:
@@ -66,7 +76,7 @@ async def test_produce_and_prefetched_polls_need_no_thread(
     with trio.fail_after(IO_TIMEOUT):
         async with rdkafka_engine.open_rdkafka_log(kafka_brokers, client_id="t") as log:
             await log.ensure_topics([topic], 1)
-            calls = record_thread_calls(monkeypatch, rdkafka_engine)
+            calls = record_adapter_thread_calls(monkeypatch)
             assert len(await log.producer.send_batch(topic, [(b"k", b"1")])) == 1
             big = await log.producer.send_batch(topic, [(b"k", b"%d" % i) for i in range(5000)])
             assert [w.offset for w in big] == list(range(1, 5001))
@@ -144,12 +154,12 @@ async def test_a_commit_without_answer_fails_and_close_waits_for_it(
         def close(self) -> None:
             events.append("close")
 
-    monkeypatch.setattr(rdkafka_engine, "_COMMIT_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(rdkafka_consumer, "_COMMIT_TIMEOUT_S", 0.2)
     c = _consumer()
     c._c = Stuck()  # type: ignore[assignment]
     with trio.fail_after(10):
         t0 = trio.current_time()
-        with pytest.raises(rdkafka_engine.CommitFailed, match="no answer"):
+        with pytest.raises(CommitFailed, match="no answer"):
             await c.commit({TopicPartition("t", 0): 1})
         assert trio.current_time() - t0 < 2
         assert c._handle.busy()  # the abandoned commit still holds the consumer
@@ -235,13 +245,13 @@ async def test_no_call_overlaps_an_abandoned_commit_and_none_follows_the_close(
     whose caller gave up keeps running in its thread: polls meanwhile neither enter the consumer
     nor hang (they wait in a worker thread, slice by slice), the close waits for the commit to
     return, and nothing touches the consumer after its close."""
-    monkeypatch.setattr(rdkafka_engine, "_COMMIT_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(rdkafka_consumer, "_COMMIT_TIMEOUT_S", 0.2)
     fake = _OneThreadAtATime()
     c = _consumer()
     c._c = fake  # type: ignore[assignment]
     tp = TopicPartition("t", 0)
     with trio.fail_after(10):
-        with pytest.raises(rdkafka_engine.CommitFailed, match="no answer"):
+        with pytest.raises(CommitFailed, match="no answer"):
             await c.commit({tp: 1})
         assert c._handle.busy()
         c.commit_later({tp: 2})  # waits: the commit in flight holds the consumer
@@ -260,7 +270,7 @@ async def test_no_call_overlaps_an_abandoned_commit_and_none_follows_the_close(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(answer)
             await c.aclose()
-        with pytest.raises(rdkafka_engine.LogUnavailable, match="closed"):
+        with pytest.raises(LogUnavailable, match="closed"):
             await c.poll(10, 0.1)
     assert fake.errors == []
     assert fake.calls[-1] == "close" and fake.calls.count("close") == 1
@@ -279,7 +289,7 @@ async def test_a_waiting_poll_wakes_when_a_record_lands(
     set up, by a worker thread waiting in poll(). The wait slice is made longer than the poll's
     deadline, so a wake-up that never came would return nothing."""
     if wakeup == "thread":
-        monkeypatch.setattr(rdkafka_engine, "_LIB", None)  # as if librdkafka were not found
+        monkeypatch.setattr(rdkafka_wakeup, "_LIB", None)  # as if librdkafka were not found
     monkeypatch.setattr(rdkafka_engine.kc, "SLICE_S", 120.0)
     topic = f"wake-{unique}"
     with trio.fail_after(IO_TIMEOUT):
@@ -290,7 +300,7 @@ async def test_a_waiting_poll_wakes_when_a_record_lands(
                 assert (c._fd is not None) == (wakeup == "fd")
                 while not c._owned:  # joined, partition assigned
                     await c.poll(10, 0.2)
-                calls = record_thread_calls(monkeypatch, rdkafka_engine)
+                calls = record_adapter_thread_calls(monkeypatch)
                 for i in range(3):
                     async with trio.open_nursery() as n:
 
@@ -346,11 +356,11 @@ def test_the_pipe_wake_up_is_only_used_with_a_tested_confluent_kafka(
     was not tested on, the adapter takes the thread path instead of guessing the layout."""
     import confluent_kafka
 
-    assert rdkafka_engine._load_librdkafka() is not None  # the installed, tested release
+    assert rdkafka_wakeup._load_librdkafka() is not None  # the installed, tested release
     monkeypatch.setattr(confluent_kafka, "version", lambda: "2.99.0")
-    assert rdkafka_engine._load_librdkafka() is None
+    assert rdkafka_wakeup._load_librdkafka() is None
     monkeypatch.setattr(confluent_kafka, "version", lambda: ("2.16.9", 0x021009FF))
-    assert rdkafka_engine._load_librdkafka() is not None
+    assert rdkafka_wakeup._load_librdkafka() is not None
 
 
 async def test_a_stale_leader_epoch_refreshes_the_metadata_before_the_retry() -> None:
@@ -371,7 +381,7 @@ async def test_a_stale_leader_epoch_refreshes_the_metadata_before_the_retry() ->
         calls.append("refresh")
 
     with trio.fail_after(5):
-        assert await rdkafka_engine._retrying(ask, refresh) == "offsets"
+        assert await rdkafka_admin._retrying(ask, refresh) == "offsets"
     assert calls == ["ask", "refresh", "ask"]
 
     async def refused() -> str:  # not about the leader: no refresh, no retry
@@ -379,5 +389,5 @@ async def test_a_stale_leader_epoch_refreshes_the_metadata_before_the_retry() ->
 
     calls.clear()
     with pytest.raises(KafkaException):
-        await rdkafka_engine._retrying(refused, refresh)
+        await rdkafka_admin._retrying(refused, refresh)
     assert calls == []

@@ -14,7 +14,8 @@ import trio.testing
 from nimbus import config
 from nimbus.engines.memory import MemoryLog, MemoryReader, MemoryState
 from nimbus.wire.messages import ReportItem
-from nimbus.workers.replay import ReplayPipeline, ReplayService, _Run
+from nimbus.workers.replay import ReplayService
+from nimbus.workers.replay_pipeline import ReplayPipeline, _Run
 from tests.test_holes import same_partition_ids
 
 
