@@ -41,7 +41,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +53,10 @@ if str(ROOT) not in sys.path:
 if str(ROOT / "scripts") not in sys.path:  # shared.py, also when loaded by path (tests)
     sys.path.append(str(ROOT / "scripts"))
 
+from fleet import BenchFleet  # noqa: E402
 from loguru import logger  # noqa: E402
-from shared import free_port, watch_flips  # noqa: E402
+from procs import PY, proc_cpu  # noqa: E402
+from shared import HOST, percentile, watch_flips  # noqa: E402
 
 from nimbus.client import open_client  # noqa: E402
 from nimbus.entry import (  # noqa: E402
@@ -65,10 +66,7 @@ from nimbus.entry import (  # noqa: E402
     ArgumentParser,
 )
 
-HOST = "127.0.0.1"
 INSIDE_STAGE = "(inside Nimbus) server/ProcessEvent -> server/deliver"  # load_client.INSIDE
-PY = sys.executable
-CLK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TARGETS = {
     "live_events_per_s": 5000,
@@ -116,16 +114,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-def proc_cpu(pid: int) -> float:
-    """user+sys CPU seconds of a live process (all its threads)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK
-    except (OSError, IndexError):
-        return 0.0
-
-
 def broker_cpu() -> dict[str, float]:
     """CPU seconds so far of the scripts' Kafka and Redis (from their pid files; empty for
     brokers this script did not start)."""
@@ -155,177 +143,6 @@ def proc_rss_kb(pid: int) -> int:
 def children_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
-
-
-def pct(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return 0.0
-    i = min(len(sorted_values) - 1, max(0, int(q * len(sorted_values) + 0.999999) - 1))
-    return sorted_values[i]
-
-
-# --- the Nimbus fleet -------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class Proc:
-    name: str
-    module: str
-    env: dict[str, str]
-    log: Path
-    marker: str
-    args: list[str] = field(default_factory=list)
-    port: int = 0
-    popen: subprocess.Popen[bytes] | None = None
-    log_start: int = 0  # readiness is read from the log written since the last start
-
-    def start(self) -> None:
-        self.log_start = self.log.stat().st_size if self.log.exists() else 0
-        out = self.log.open("ab")
-        self.popen = subprocess.Popen(
-            [PY, "-m", self.module, *self.args],
-            env=self.env,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        out.close()
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    def ready(self) -> bool:
-        try:
-            with self.log.open("rb") as f:
-                f.seek(self.log_start)
-                return self.marker.encode() in f.read()
-        except OSError:
-            return False
-
-    def stop(self, grace: float = 20) -> None:
-        if self.popen is None or self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(grace)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(5)
-
-
-class Fleet:
-    def __init__(self, args: argparse.Namespace, run_dir: Path, kafka: str, redis: str) -> None:
-        self.rid = args.prefix
-        self.base = {
-            **os.environ,
-            "NIMBUS_ENGINE": "real",
-            "NIMBUS_KAFKA_BROKERS": kafka,
-            "NIMBUS_REDIS_ADDRESS": redis,
-            "NIMBUS_KAFKA_EVENTS_TOPIC": f"{self.rid}-events",
-            "NIMBUS_KAFKA_RESULTS_TOPIC": f"{self.rid}-results",
-            "NIMBUS_KAFKA_DLQ_TOPIC": f"{self.rid}-dlq",
-            "NIMBUS_KAFKA_PARTITIONS": str(args.partitions),
-            "NIMBUS_REDIS_PREFIX": f"{self.rid}:",
-            "NIMBUS_HOST": HOST,
-            "NIMBUS_LOG_LEVEL": "INFO",
-            "PYTHONUNBUFFERED": "1",
-        }
-        # Room for the replay phase's 5x window (the queue must exceed the window + an ingest
-        # batch) and for the idle streams beside the phase's others.
-        window = int(self.base.get("NIMBUS_REPLAY_WINDOW", "2000"))
-        queue = int(self.base.get("NIMBUS_STREAM_QUEUE", "10000"))
-        self.base["NIMBUS_STREAM_QUEUE"] = str(max(queue, 5 * window + 1000))
-        self.base["NIMBUS_MAX_STREAMS"] = str(
-            max(int(self.base.get("NIMBUS_MAX_STREAMS", "10000")), args.streams + 1000)
-        )
-        self.pods: list[Proc] = []
-        for i in range(2):
-            port = free_port()
-            env = {
-                **self.base,
-                "NIMBUS_PORT": str(port),
-                "NIMBUS_REDIS_EVENTS_CHANNEL": f"{self.rid}-pod{i}",
-                "NIMBUS_INSTANCE_ID": f"pod{i}",
-            }
-            self.pods.append(
-                Proc(
-                    f"pod{i}",
-                    "nimbus.server",
-                    env,
-                    run_dir / f"pod{i}.log",
-                    "doorman listening",
-                    port=port,
-                )
-            )
-        split = getattr(args, "status_process", False)
-        by_role = getattr(args, "split_roles", False)
-        roles = ["results", "replay"] if by_role else ["events", "results", "replay"]
-        self.workers = [
-            Proc(
-                f"worker{i}",
-                "nimbus.workers",
-                {**self.base, "NIMBUS_INSTANCE_ID": f"worker{i}"},
-                run_dir / f"worker{i}.log",
-                "replay consumer up" if split else "status manager up",
-                args=["--roles", ",".join(roles if split else [*roles, "status"])],
-            )
-            for i in range(args.workers)
-        ]
-        if by_role:
-            self.workers += [
-                Proc(
-                    f"events{i}",
-                    "nimbus.workers",
-                    {**self.base, "NIMBUS_INSTANCE_ID": f"events{i}"},
-                    run_dir / f"events{i}.log",
-                    "event consumer up",
-                    args=["--roles", "events"],
-                )
-                for i in range(args.workers)
-            ]
-        if split:
-            self.workers.append(
-                Proc(
-                    "status",
-                    "nimbus.workers",
-                    {**self.base, "NIMBUS_INSTANCE_ID": "status"},
-                    run_dir / "status.log",
-                    "status manager up",
-                    args=["--roles", "status"],
-                )
-            )
-
-    idle_util: dict[str, float] = {}
-
-    @property
-    def procs(self) -> list[Proc]:
-        return self.pods + self.workers
-
-    @property
-    def targets(self) -> list[str]:
-        return [f"{HOST}:{p.port}" for p in self.pods]
-
-    async def start(self, procs: list[Proc] | None = None, timeout: float = 120) -> None:
-        procs = self.procs if procs is None else procs
-        for p in procs:
-            p.start()
-        with trio.fail_after(timeout):
-            while not all(p.ready() for p in procs):
-                for p in procs:
-                    if p.popen is not None and p.popen.poll() is not None:
-                        raise RuntimeError(f"{p.name} exited at start: see {p.log}")
-                await trio.sleep(0.2)
-
-    def stop(self, procs: list[Proc] | None = None) -> None:
-        for p in self.procs if procs is None else procs:
-            p.stop()
-
-    def cpu(self) -> dict[str, float]:
-        return {p.name: proc_cpu(p.pid) for p in self.procs if p.popen is not None}
 
 
 def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -575,7 +392,7 @@ def message_sizes(kafka: str, rid: str) -> dict[str, int]:
 
 async def load_run(
     args: argparse.Namespace,
-    fleet: Fleet,
+    fleet: BenchFleet,
     run_dir: Path,
     label: str,
     clients: int,
@@ -640,7 +457,7 @@ async def load_run(
     return summary
 
 
-async def live(args: argparse.Namespace, fleet: Fleet, run_dir: Path) -> dict[str, Any]:
+async def live(args: argparse.Namespace, fleet: BenchFleet, run_dir: Path) -> dict[str, Any]:
     res: dict[str, Any] = {}
     c, e = args.clients, args.events
     say(f"live: warm-up ({c} clients x 20 events)")
@@ -699,7 +516,7 @@ async def live(args: argparse.Namespace, fleet: Fleet, run_dir: Path) -> dict[st
 # --- replay ------------------------------------------------------------------------------------
 
 
-async def make_backlog(fleet: Fleet, redis: str, ids: list[str], per_client: int) -> float:
+async def make_backlog(fleet: BenchFleet, redis: str, ids: list[str], per_client: int) -> float:
     """Workers stopped; each client sends `per_client` events, is receipted, leaves; workers start:
     every result goes to the DLQ. Returns seconds until the DLQ holds them all: until each
     client's record says the DLQ holds its last receipted result (the DLQ packs several results
@@ -797,7 +614,7 @@ class Spies:
 
 
 async def drain(
-    fleet: Fleet,
+    fleet: BenchFleet,
     ids: list[str],
     per_client: int,
     flips: dict[str, tuple[int, int]],
@@ -858,11 +675,11 @@ async def drain(
         else None,
         "flipped_live": sum(1 for c in ids if c in flips),
         "live_after_last_ack_ms": {
-            "p50": round(pct(after_ack, 0.5), 1),
+            "p50": round(percentile(after_ack, 0.5), 1),
             "max": round(after_ack[-1], 1) if after_ack else None,
         },
         "live_after_last_result_ms": {
-            "p50": round(pct(after_last, 0.5), 1),
+            "p50": round(percentile(after_last, 0.5), 1),
             "max": round(after_last[-1], 1) if after_last else None,
         },
         "nimbus_cpu_s": nimbus,
@@ -879,7 +696,7 @@ async def drain(
 
 
 async def replay(
-    args: argparse.Namespace, fleet: Fleet, kafka: str, redis: str, run_dir: Path
+    args: argparse.Namespace, fleet: BenchFleet, kafka: str, redis: str, run_dir: Path
 ) -> dict[str, Any]:
     res: dict[str, Any] = {}
     flips: dict[str, tuple[int, int]] = {}
@@ -925,7 +742,7 @@ async def replay(
 # --- connections -------------------------------------------------------------------------------
 
 
-async def conns(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
+async def conns(args: argparse.Namespace, fleet: BenchFleet) -> dict[str, Any]:
     pod = fleet.pods[0]
     n = args.streams
     rss0 = proc_rss_kb(pod.pid)
@@ -1009,7 +826,7 @@ def summarize_profile(raw: Path, top: int = 15) -> dict[str, Any]:
 
 
 async def profile(
-    args: argparse.Namespace, fleet: Fleet, run_dir: Path, rate_hint: float
+    args: argparse.Namespace, fleet: BenchFleet, run_dir: Path, rate_hint: float
 ) -> dict[str, Any]:
     spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
     if not Path(spy).exists():
@@ -1932,7 +1749,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         import bench_realtime
 
         res["realtime"] = await bench_realtime.realtime(args, kafka, redis, run_dir)
-    fleet = Fleet(args, run_dir, kafka, redis)
+    fleet = BenchFleet(args, run_dir, kafka, redis)
     try:
         async with trio_asyncio.open_loop():
             say(
