@@ -80,7 +80,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
-import ctypes
 import json
 import logging
 import math
@@ -95,7 +94,6 @@ import sys
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -108,10 +106,12 @@ from loguru import logger
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/chaos.py` from anywhere
     sys.path.insert(0, str(ROOT))
-if str(ROOT / "scripts") not in sys.path:  # shared.py, also when loaded by path (tests)
+if str(ROOT / "scripts") not in sys.path:  # procs.py, shared.py, also when loaded by path
     sys.path.append(str(ROOT / "scripts"))
 
-from shared import free_port, percentile  # noqa: E402
+import procs  # noqa: E402
+from procs import Proc, nimbus_env, pod, wall, worker  # noqa: E402
+from shared import HOST, percentile, wait_until  # noqa: E402
 from shared import watch_flips as watch_flip_payloads  # noqa: E402
 
 from nimbus.client import (  # noqa: E402
@@ -130,28 +130,10 @@ from nimbus.engines.redis import open_redis_state  # noqa: E402
 from nimbus.entry import ArgumentParser  # noqa: E402
 from nimbus.ports import EngineError  # noqa: E402
 
-HOST = "127.0.0.1"
 SCRIPTS = ROOT / "scripts"
 CLIENT_ACTIONS = ("switch", "cut")
 PROC_ACTIONS = ("pod_kill", "worker_kill")
-POD_READY = "doorman listening"
 WORKER_READY = "status manager up"  # the last role run_workers starts
-
-try:  # children die with the harness even if it is SIGKILLed (Linux: PR_SET_PDEATHSIG)
-    _LIBC: Any = ctypes.CDLL(None, use_errno=True)
-    _LIBC.prctl  # noqa: B018 - probe
-except (OSError, AttributeError):
-    _LIBC = None
-
-
-def _die_with_parent() -> None:
-    if _LIBC is not None:
-        _LIBC.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-
-
-def wall() -> str:
-    """Local wall-clock time as the Nimbus logs print it (HH:MM:SS.mmm)."""
-    return datetime.now().strftime("%H:%M:%S.%f")[:-3]
 
 
 def dist(values: list[float]) -> dict[str, float | int]:
@@ -162,12 +144,6 @@ def dist(values: list[float]) -> dict[str, float | int]:
         "p99": round(percentile(v, 0.99), 3),
         "max": round(v[-1], 3) if v else 0.0,
     }
-
-
-async def wait_until(predicate: Callable[[], bool], period: float = 0.2) -> None:
-    """Poll `predicate` (state that many tasks change, several processes included)."""
-    while not predicate():  # noqa: ASYNC110 - no single event to wait on
-        await trio.sleep(period)
 
 
 def port_open(port: int) -> bool:
@@ -220,180 +196,42 @@ class Run:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(eq=False)
-class Proc:
-    name: str
-    kind: str  # "pod" | "worker"
-    module: str
-    env: dict[str, str]
-    log: Path
-    port: int = 0
-    popen: subprocess.Popen[bytes] | None = None
-    started_at: float = 0.0
-    restart_at: float = 0.0  # trio time: not (re)started before this
-    killed: bool = False  # the current/last exit was ours
-    ready: bool = False
-    starts: int = 0
-    kills: int = 0
-    crashes: list[dict[str, Any]] = field(default_factory=list)
-    streak: int = 0  # consecutive early exits (backoff)
-    _log_pos: int = 0
-    _tail: str = ""
+class Fleet(procs.Fleet):
+    """The pods and workers, kept up by `supervise` (killed by us: restarted after a delay;
+    crashed: with a backoff), every start, crash and readiness on the run's timeline."""
 
-    @property
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def start(self, run: Run) -> None:
-        self.starts += 1
-        with self.log.open("ab") as out:
-            out.write(f"\n===== chaos: start #{self.starts} at {wall()} =====\n".encode())
-            out.flush()
-            self._log_pos = out.tell()
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", self.module],
-                env=self.env,
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C in the terminal reaches the harness only
-                preexec_fn=_die_with_parent,
-            )
-        self.started_at = trio.current_time()
-        self.killed = False
-        self.ready = False
-        self._tail = ""
-        run.event("start", show=self.starts > 1, proc=self.name, pid=self.popen.pid, n=self.starts)
-
-    def check_ready(self) -> bool:
-        """Read the log written since the start: has the process announced it is up?"""
-        if self.ready or self.popen is None:
-            return self.ready
-        try:
-            with self.log.open("rb") as f:
-                f.seek(self._log_pos)
-                chunk = f.read()
-        except OSError:
-            return False
-        self._log_pos += len(chunk)
-        text = self._tail + chunk.decode(errors="replace")
-        marker = POD_READY if self.kind == "pod" else WORKER_READY
-        if marker in text:
-            self.ready = True
-        self._tail = text[-200:]
-        return self.ready
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.killed = True
-            self.popen.send_signal(sig)
-
-    def log_tail(self, lines: int = 8) -> list[str]:
-        try:
-            data = self.log.read_bytes()[-8000:].decode(errors="replace")
-        except OSError:
-            return []
-        return data.splitlines()[-lines:]
-
-
-class Fleet:
-    """The pods and workers: starts them, restarts what died (killed by us after a delay,
-    crashed with a backoff), stops them all at the end."""
-
-    def __init__(self, run: Run, procs: list[Proc]) -> None:
+    def __init__(self, run: Run, members: list[Proc]) -> None:
+        super().__init__(members)
         self.run = run
-        self.procs = procs
-        self.stopping = False
 
-    @property
-    def pods(self) -> list[Proc]:
-        return [p for p in self.procs if p.kind == "pod"]
+    def on_start(self, p: Proc) -> None:
+        self.run.event("start", show=p.starts > 1, proc=p.name, pid=p.pid, n=p.starts)
 
-    @property
-    def workers(self) -> list[Proc]:
-        return [p for p in self.procs if p.kind == "worker"]
+    def on_exit(self, p: Proc, rc: int, uptime: float, was_ready: bool) -> None:
+        # Exiting before it was up (e.g. Kafka down at start) is a start failure; exiting
+        # after is a crash.
+        crash: dict[str, Any] = {
+            "t": round(self.run.elapsed(), 3),
+            "wall": wall(),
+            "what": "crash" if was_ready else "start_failure",
+            "rc": rc,
+            "uptime_s": round(uptime, 1),
+            "log_tail": p.log_tail(6),
+        }
+        p.crashes.append(crash)
+        self.run.counts["crashes" if was_ready else "start_failures"] += 1
+        last = crash["log_tail"][-1] if crash["log_tail"] else ""
+        self.run.event(
+            "CRASHED" if was_ready else "failed to start",
+            proc=p.name,
+            rc=rc,
+            uptime=f"{uptime:.1f}s",
+            last=repr(last[:200]),
+        )
 
-    def up(self, kind: str) -> list[Proc]:
-        return [p for p in self.procs if p.kind == kind and p.alive and p.ready]
-
-    def all_ready(self) -> bool:
-        return all(p.alive and p.ready for p in self.procs)
-
-    async def supervise(self) -> None:
-        """Every 0.2 s: reap exits, start what is due, notice readiness. Runs until cancelled."""
-        while not self.stopping:
-            now = trio.current_time()
-            for p in self.procs:
-                if p.popen is not None and p.popen.poll() is not None:
-                    rc = p.popen.returncode
-                    uptime = now - p.started_at
-                    was_ready = p.ready or p.check_ready()
-                    p.ready = False
-                    p.popen = None
-                    if p.killed:
-                        p.streak = 0
-                    else:
-                        p.streak = p.streak + 1 if uptime < 20 else 1
-                        p.restart_at = now + min(5.0, 0.5 * 2 ** (p.streak - 1))
-                        # Exiting before it was up (e.g. Kafka down at start) is a start
-                        # failure; exiting after is a crash.
-                        what = "crash" if was_ready else "start_failure"
-                        crash: dict[str, Any] = {
-                            "t": round(self.run.elapsed(), 3),
-                            "wall": wall(),
-                            "what": what,
-                            "rc": rc,
-                            "uptime_s": round(uptime, 1),
-                            "log_tail": p.log_tail(6),
-                        }
-                        p.crashes.append(crash)
-                        self.run.counts["crashes" if was_ready else "start_failures"] += 1
-                        last = crash["log_tail"][-1] if crash["log_tail"] else ""
-                        self.run.event(
-                            "CRASHED" if was_ready else "failed to start",
-                            proc=p.name,
-                            rc=rc,
-                            uptime=f"{uptime:.1f}s",
-                            last=repr(last[:200]),
-                        )
-                if p.popen is None and now >= p.restart_at:
-                    p.start(self.run)
-                elif p.popen is not None and not p.ready and p.check_ready() and p.starts > 1:
-                    self.run.event("ready", show=False, proc=p.name)
-            await trio.sleep(0.2)
-
-    def kill(self, p: Proc, restart_after: float) -> None:
-        p.kill()
-        p.kills += 1
-        p.restart_at = trio.current_time() + restart_after
-
-    async def wait_ready(self, timeout: float) -> bool:
-        with trio.move_on_after(timeout):
-            while not self.all_ready():
-                for p in self.procs:
-                    p.check_ready()
-                await trio.sleep(0.2)
-            return True
-        return False
-
-    async def stop(self, grace: float) -> None:
-        """SIGTERM everything, SIGKILL what is left after `grace` seconds."""
-        self.stopping = True
-        for p in self.procs:
-            p.kill(signal.SIGTERM)
-        with trio.move_on_after(grace):
-            await wait_until(lambda: not any(p.alive for p in self.procs), 0.1)
-        self.kill_now()
-
-    def kill_now(self) -> None:
-        for p in self.procs:
-            if p.popen is not None:
-                p.kill()
-                try:
-                    p.popen.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    pass
+    def on_ready(self, p: Proc) -> None:
+        if p.starts > 1:
+            self.run.event("ready", show=False, proc=p.name)
 
 
 class Brokers:
@@ -1371,45 +1209,27 @@ async def progress(run: Run, fleet: Fleet, clients: Clients, brokers: Brokers) -
 
 
 def build_fleet(run: Run, args: argparse.Namespace, kafka: str, redis: str) -> Fleet:
-    rid = args.prefix
     base = {
-        **os.environ,
-        "NIMBUS_ENGINE": "real",
-        "NIMBUS_KAFKA_BROKERS": kafka,
-        "NIMBUS_REDIS_ADDRESS": redis,
-        "NIMBUS_KAFKA_EVENTS_TOPIC": f"{rid}-events",
-        "NIMBUS_KAFKA_RESULTS_TOPIC": f"{rid}-results",
-        "NIMBUS_KAFKA_DLQ_TOPIC": f"{rid}-dlq",
-        "NIMBUS_KAFKA_PARTITIONS": str(args.partitions),
-        # Own Redis namespace per run (keys and channels), so runs and tests never mix.
-        "NIMBUS_REDIS_PREFIX": redis_prefix(args),
-        "NIMBUS_HOST": HOST,
+        **nimbus_env(args.prefix, kafka, redis, args.partitions),
         "NIMBUS_SHUTDOWN_TIMEOUT_SEC": str(args.shutdown_timeout),
         "NIMBUS_DELIVERY_TIMEOUT_MS": str(args.delivery_timeout_ms),
         "NIMBUS_STATUS_INTERVAL_MS": str(args.status_interval_ms),
         "NIMBUS_LOG_LEVEL": args.log_level,
         "NIMBUS_LOG_FORMAT": "human",
-        "PYTHONUNBUFFERED": "1",
         # A process that crashes (e.g. SIGSEGV in a C library) prints every thread's stack
         # into its log, so the crash can be traced afterwards.
         "PYTHONFAULTHANDLER": "1",
     }
-    procs = []
-    for i in range(args.pods):
-        port = free_port()
-        env = {
-            **base,
-            "NIMBUS_PORT": str(port),
-            "NIMBUS_REDIS_EVENTS_CHANNEL": f"{rid}-pod{i}",
-            "NIMBUS_INSTANCE_ID": f"pod{i}",
-        }
-        procs.append(Proc(f"pod{i}", "pod", "nimbus.server", env, run.dir / f"pod{i}.log", port))
-    for i in range(args.workers):
-        env = {**base, "NIMBUS_INSTANCE_ID": f"worker{i}"}
-        procs.append(
-            Proc(f"worker{i}", "worker", "nimbus.workers", env, run.dir / f"worker{i}.log")
-        )
-    return Fleet(run, procs)
+    # Killed with the harness, however it dies; each start marked in the log.
+    options: dict[str, Any] = {"die_with_parent": True, "log_banner": "chaos"}
+    return Fleet(
+        run,
+        [pod(base, args.prefix, i, run.dir, **options) for i in range(args.pods)]
+        + [
+            worker(f"worker{i}", base, run.dir, WORKER_READY, **options)
+            for i in range(args.workers)
+        ],
+    )
 
 
 async def main_async(args: argparse.Namespace) -> tuple[dict[str, Any] | None, int]:
@@ -1537,7 +1357,7 @@ async def main_async(args: argparse.Namespace) -> tuple[dict[str, Any] | None, i
     finally:
         with trio.CancelScope(shield=True):
             run.phase = "stop"
-            await fleet.stop(grace=args.shutdown_timeout + 3)
+            await fleet.stop_all(grace=args.shutdown_timeout + 3)
             # Leave Kafka and Redis running, whatever the chaos did to them.
             with trio.move_on_after(300):
                 await brokers.ensure_up()
