@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,10 @@ if str(ROOT) not in sys.path:
 if str(ROOT / "scripts") not in sys.path:  # shared.py, also when loaded by path (tests)
     sys.path.append(str(ROOT / "scripts"))
 
+from fleet import BenchFleet  # noqa: E402
 from loguru import logger  # noqa: E402
-from shared import free_port, watch_flips  # noqa: E402
+from procs import PY, proc_cpu  # noqa: E402
+from shared import HOST, percentile, watch_flips  # noqa: E402
 
 from nimbus.client import open_client  # noqa: E402
 from nimbus.entry import (  # noqa: E402
@@ -65,10 +67,7 @@ from nimbus.entry import (  # noqa: E402
     ArgumentParser,
 )
 
-HOST = "127.0.0.1"
 INSIDE_STAGE = "(inside Nimbus) server/ProcessEvent -> server/deliver"  # load_client.INSIDE
-PY = sys.executable
-CLK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TARGETS = {
     "live_events_per_s": 5000,
@@ -116,16 +115,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-def proc_cpu(pid: int) -> float:
-    """user+sys CPU seconds of a live process (all its threads)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK
-    except (OSError, IndexError):
-        return 0.0
-
-
 def broker_cpu() -> dict[str, float]:
     """CPU seconds so far of the scripts' Kafka and Redis (from their pid files; empty for
     brokers this script did not start)."""
@@ -155,177 +144,6 @@ def proc_rss_kb(pid: int) -> int:
 def children_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
-
-
-def pct(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return 0.0
-    i = min(len(sorted_values) - 1, max(0, int(q * len(sorted_values) + 0.999999) - 1))
-    return sorted_values[i]
-
-
-# --- the Nimbus fleet -------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class Proc:
-    name: str
-    module: str
-    env: dict[str, str]
-    log: Path
-    marker: str
-    args: list[str] = field(default_factory=list)
-    port: int = 0
-    popen: subprocess.Popen[bytes] | None = None
-    log_start: int = 0  # readiness is read from the log written since the last start
-
-    def start(self) -> None:
-        self.log_start = self.log.stat().st_size if self.log.exists() else 0
-        out = self.log.open("ab")
-        self.popen = subprocess.Popen(
-            [PY, "-m", self.module, *self.args],
-            env=self.env,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        out.close()
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    def ready(self) -> bool:
-        try:
-            with self.log.open("rb") as f:
-                f.seek(self.log_start)
-                return self.marker.encode() in f.read()
-        except OSError:
-            return False
-
-    def stop(self, grace: float = 20) -> None:
-        if self.popen is None or self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(grace)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(5)
-
-
-class Fleet:
-    def __init__(self, args: argparse.Namespace, run_dir: Path, kafka: str, redis: str) -> None:
-        self.rid = args.prefix
-        self.base = {
-            **os.environ,
-            "NIMBUS_ENGINE": "real",
-            "NIMBUS_KAFKA_BROKERS": kafka,
-            "NIMBUS_REDIS_ADDRESS": redis,
-            "NIMBUS_KAFKA_EVENTS_TOPIC": f"{self.rid}-events",
-            "NIMBUS_KAFKA_RESULTS_TOPIC": f"{self.rid}-results",
-            "NIMBUS_KAFKA_DLQ_TOPIC": f"{self.rid}-dlq",
-            "NIMBUS_KAFKA_PARTITIONS": str(args.partitions),
-            "NIMBUS_REDIS_PREFIX": f"{self.rid}:",
-            "NIMBUS_HOST": HOST,
-            "NIMBUS_LOG_LEVEL": "INFO",
-            "PYTHONUNBUFFERED": "1",
-        }
-        # Room for the replay phase's 5x window (the queue must exceed the window + an ingest
-        # batch) and for the idle streams beside the phase's others.
-        window = int(self.base.get("NIMBUS_REPLAY_WINDOW", "2000"))
-        queue = int(self.base.get("NIMBUS_STREAM_QUEUE", "10000"))
-        self.base["NIMBUS_STREAM_QUEUE"] = str(max(queue, 5 * window + 1000))
-        self.base["NIMBUS_MAX_STREAMS"] = str(
-            max(int(self.base.get("NIMBUS_MAX_STREAMS", "10000")), args.streams + 1000)
-        )
-        self.pods: list[Proc] = []
-        for i in range(2):
-            port = free_port()
-            env = {
-                **self.base,
-                "NIMBUS_PORT": str(port),
-                "NIMBUS_REDIS_EVENTS_CHANNEL": f"{self.rid}-pod{i}",
-                "NIMBUS_INSTANCE_ID": f"pod{i}",
-            }
-            self.pods.append(
-                Proc(
-                    f"pod{i}",
-                    "nimbus.server",
-                    env,
-                    run_dir / f"pod{i}.log",
-                    "doorman listening",
-                    port=port,
-                )
-            )
-        split = getattr(args, "status_process", False)
-        by_role = getattr(args, "split_roles", False)
-        roles = ["results", "replay"] if by_role else ["events", "results", "replay"]
-        self.workers = [
-            Proc(
-                f"worker{i}",
-                "nimbus.workers",
-                {**self.base, "NIMBUS_INSTANCE_ID": f"worker{i}"},
-                run_dir / f"worker{i}.log",
-                "replay consumer up" if split else "status manager up",
-                args=["--roles", ",".join(roles if split else [*roles, "status"])],
-            )
-            for i in range(args.workers)
-        ]
-        if by_role:
-            self.workers += [
-                Proc(
-                    f"events{i}",
-                    "nimbus.workers",
-                    {**self.base, "NIMBUS_INSTANCE_ID": f"events{i}"},
-                    run_dir / f"events{i}.log",
-                    "event consumer up",
-                    args=["--roles", "events"],
-                )
-                for i in range(args.workers)
-            ]
-        if split:
-            self.workers.append(
-                Proc(
-                    "status",
-                    "nimbus.workers",
-                    {**self.base, "NIMBUS_INSTANCE_ID": "status"},
-                    run_dir / "status.log",
-                    "status manager up",
-                    args=["--roles", "status"],
-                )
-            )
-
-    idle_util: dict[str, float] = {}
-
-    @property
-    def procs(self) -> list[Proc]:
-        return self.pods + self.workers
-
-    @property
-    def targets(self) -> list[str]:
-        return [f"{HOST}:{p.port}" for p in self.pods]
-
-    async def start(self, procs: list[Proc] | None = None, timeout: float = 120) -> None:
-        procs = self.procs if procs is None else procs
-        for p in procs:
-            p.start()
-        with trio.fail_after(timeout):
-            while not all(p.ready() for p in procs):
-                for p in procs:
-                    if p.popen is not None and p.popen.poll() is not None:
-                        raise RuntimeError(f"{p.name} exited at start: see {p.log}")
-                await trio.sleep(0.2)
-
-    def stop(self, procs: list[Proc] | None = None) -> None:
-        for p in self.procs if procs is None else procs:
-            p.stop()
-
-    def cpu(self) -> dict[str, float]:
-        return {p.name: proc_cpu(p.pid) for p in self.procs if p.popen is not None}
 
 
 def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -575,7 +393,7 @@ def message_sizes(kafka: str, rid: str) -> dict[str, int]:
 
 async def load_run(
     args: argparse.Namespace,
-    fleet: Fleet,
+    fleet: BenchFleet,
     run_dir: Path,
     label: str,
     clients: int,
@@ -640,7 +458,7 @@ async def load_run(
     return summary
 
 
-async def live(args: argparse.Namespace, fleet: Fleet, run_dir: Path) -> dict[str, Any]:
+async def live(args: argparse.Namespace, fleet: BenchFleet, run_dir: Path) -> dict[str, Any]:
     res: dict[str, Any] = {}
     c, e = args.clients, args.events
     say(f"live: warm-up ({c} clients x 20 events)")
@@ -699,7 +517,7 @@ async def live(args: argparse.Namespace, fleet: Fleet, run_dir: Path) -> dict[st
 # --- replay ------------------------------------------------------------------------------------
 
 
-async def make_backlog(fleet: Fleet, redis: str, ids: list[str], per_client: int) -> float:
+async def make_backlog(fleet: BenchFleet, redis: str, ids: list[str], per_client: int) -> float:
     """Workers stopped; each client sends `per_client` events, is receipted, leaves; workers start:
     every result goes to the DLQ. Returns seconds until the DLQ holds them all: until each
     client's record says the DLQ holds its last receipted result (the DLQ packs several results
@@ -797,7 +615,7 @@ class Spies:
 
 
 async def drain(
-    fleet: Fleet,
+    fleet: BenchFleet,
     ids: list[str],
     per_client: int,
     flips: dict[str, tuple[int, int]],
@@ -858,11 +676,11 @@ async def drain(
         else None,
         "flipped_live": sum(1 for c in ids if c in flips),
         "live_after_last_ack_ms": {
-            "p50": round(pct(after_ack, 0.5), 1),
+            "p50": round(percentile(after_ack, 0.5), 1),
             "max": round(after_ack[-1], 1) if after_ack else None,
         },
         "live_after_last_result_ms": {
-            "p50": round(pct(after_last, 0.5), 1),
+            "p50": round(percentile(after_last, 0.5), 1),
             "max": round(after_last[-1], 1) if after_last else None,
         },
         "nimbus_cpu_s": nimbus,
@@ -879,7 +697,7 @@ async def drain(
 
 
 async def replay(
-    args: argparse.Namespace, fleet: Fleet, kafka: str, redis: str, run_dir: Path
+    args: argparse.Namespace, fleet: BenchFleet, kafka: str, redis: str, run_dir: Path
 ) -> dict[str, Any]:
     res: dict[str, Any] = {}
     flips: dict[str, tuple[int, int]] = {}
@@ -925,7 +743,7 @@ async def replay(
 # --- connections -------------------------------------------------------------------------------
 
 
-async def conns(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
+async def conns(args: argparse.Namespace, fleet: BenchFleet) -> dict[str, Any]:
     pod = fleet.pods[0]
     n = args.streams
     rss0 = proc_rss_kb(pod.pid)
@@ -1009,7 +827,7 @@ def summarize_profile(raw: Path, top: int = 15) -> dict[str, Any]:
 
 
 async def profile(
-    args: argparse.Namespace, fleet: Fleet, run_dir: Path, rate_hint: float
+    args: argparse.Namespace, fleet: BenchFleet, run_dir: Path, rate_hint: float
 ) -> dict[str, Any]:
     spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
     if not Path(spy).exists():
@@ -1289,94 +1107,95 @@ def _realtime_lines(res: dict[str, Any]) -> list[str]:
     return [*bench_realtime.render(res["realtime"]), ""]
 
 
-def render(res: dict[str, Any]) -> str:
-    m = res["machine"]
-    lim = res.get("limits", {})
-    lv = res.get("live", {})
-    rp = res.get("replay", {})
-    cn = res.get("conns", {})
-    an = res.get("analysis", {})
-    rows: list[tuple[str, str, str, str, str]] = []  # figure, nimbus, limit, ratio, target
+Row = tuple[str, str, str, str, str]  # a Summary row: figure, Nimbus, limit, ratio, target
 
-    def row(name: str, value: str, limit: str, r: str, target: str) -> None:
-        rows.append((name, value, limit, r, target))
 
-    mx = lv.get("max", {})
-    if mx:
-        rate = mx.get("throughput_results_per_s", 0)
-        bl = an.get("bounding_limit")
-        row(
-            "live events/s end to end (max)",
-            f"{rate:,.0f}",
-            f"{bl:,.0f} ({an.get('bounding_stage_by_limit')})" if bl else "-",
-            ratio(rate, bl),
-            f"≥ 5,000 and ≥ 50% of limit: {verdict(rate >= 5000 and bool(bl) and rate / bl >= 0.5)}",
-        )
-        cpu = mx.get("cpu_us_per_event")
-        kcpu = lim.get("kafka_python_rtt", {}).get("cpu_us_per_msg")
-        # The libraries' own CPU for what one event needs, no Nimbus logic: 2 Kafka hops
-        # (produce+consume each), 2 server-side gRPC echoes (event in + receipt out, result out +
-        # ack in) and 2 Redis pub/sub messages (result to the pod, delivery report back).
-        g = lim.get("grpc_echo", {})
-        g_us = g.get("server_cpu_s", 0) / max(g.get("count", 1), 1) * 1e6
-        r_us = lim.get("redis_pubsub", {}).get("cpu_us_per_msg") or 0
-        floor = 2 * (kcpu or 0) + 2 * g_us + 2 * r_us
-        row(
-            "Nimbus CPU µs per event (all processes, max run; net of idle)",
-            f"{cpu} ({mx.get('cpu_us_per_event_net_of_idle')})",
-            f"{floor:.0f} = 2 x ({kcpu or 0:.0f} Kafka hop + {g_us:.0f} gRPC echo server + {r_us:.0f} Redis pub/sub)"
-            if kcpu
-            else "-",
-            ratio(cpu, floor) if kcpu else "-",
-            f"≤ 300: {verdict(cpu is not None and cpu <= 300)}",
-        )
-        for frac in ("p25", "p50", "p90", "p50_few"):
-            r = lv.get(frac)
-            if not r:
-                continue
-            if frac == "p50_few":
-                lat = r.get("latency_ms", {})
-                row(
-                    f"latency at 50% of max from {r.get('clients')} clients instead of"
-                    f" {res['config']['clients']}: p50 / p99 / p99.9 ms",
-                    f"{lat.get('p50', 0):.1f} / {lat.get('p99', 0):.1f} / {lat.get('p999', 0):.1f}",
-                    "-",
-                    "-",
-                    f"p99 ≤ 20 ms: {verdict(lat.get('p99', 1e9) <= 20)}",
-                )
-                continue
+def _max_rows(mx: dict[str, Any], lim: dict[str, Any], an: dict[str, Any]) -> Iterator[Row]:
+    """Summary rows of the max-rate run: events/s against the bounding stage, CPU per event
+    against the libraries' own floor."""
+    rate = mx.get("throughput_results_per_s", 0)
+    bl = an.get("bounding_limit")
+    yield (
+        "live events/s end to end (max)",
+        f"{rate:,.0f}",
+        f"{bl:,.0f} ({an.get('bounding_stage_by_limit')})" if bl else "-",
+        ratio(rate, bl),
+        f"≥ 5,000 and ≥ 50% of limit: {verdict(rate >= 5000 and bool(bl) and rate / bl >= 0.5)}",
+    )
+    cpu = mx.get("cpu_us_per_event")
+    kcpu = lim.get("kafka_python_rtt", {}).get("cpu_us_per_msg")
+    # The libraries' own CPU for what one event needs, no Nimbus logic: 2 Kafka hops
+    # (produce+consume each), 2 server-side gRPC echoes (event in + receipt out, result out +
+    # ack in) and 2 Redis pub/sub messages (result to the pod, delivery report back).
+    g = lim.get("grpc_echo", {})
+    g_us = g.get("server_cpu_s", 0) / max(g.get("count", 1), 1) * 1e6
+    r_us = lim.get("redis_pubsub", {}).get("cpu_us_per_msg") or 0
+    floor = 2 * (kcpu or 0) + 2 * g_us + 2 * r_us
+    yield (
+        "Nimbus CPU µs per event (all processes, max run; net of idle)",
+        f"{cpu} ({mx.get('cpu_us_per_event_net_of_idle')})",
+        f"{floor:.0f} = 2 x ({kcpu or 0:.0f} Kafka hop + {g_us:.0f} gRPC echo server + {r_us:.0f} Redis pub/sub)"
+        if kcpu
+        else "-",
+        ratio(cpu, floor) if kcpu else "-",
+        f"≤ 300: {verdict(cpu is not None and cpu <= 300)}",
+    )
+
+
+def _paced_rows(res: dict[str, Any]) -> Iterator[Row]:
+    """Summary rows of the paced runs: latency (and inside Nimbus), CPU per event."""
+    lim, lv = res.get("limits", {}), res.get("live", {})
+    for frac in ("p25", "p50", "p90", "p50_few"):
+        r = lv.get(frac)
+        if not r:
+            continue
+        if frac == "p50_few":
             lat = r.get("latency_ms", {})
-            target = f"p99 ≤ 20 ms: {verdict(lat.get('p99', 1e9) <= 20)}" if frac == "p50" else "-"
-            path = lim.get("kafka_path_paced", {}).get("latency_ms")
-            floor = (
-                f"p99 {path['p99']:.1f} ms for Nimbus's two Kafka hops alone (kafka-python, a"
-                f" process per role, paced, no Nimbus logic; p50 {path['p50']:.1f})"
-                if frac == "p50" and path
-                else "-"
-            )
-            row(
-                f"latency at {frac[1:]}% of max ({r.get('target_rate', 0):,.0f}/s): p50 / p99 / p99.9 ms",
+            yield (
+                f"latency at 50% of max from {r.get('clients')} clients instead of"
+                f" {res['config']['clients']}: p50 / p99 / p99.9 ms",
                 f"{lat.get('p50', 0):.1f} / {lat.get('p99', 0):.1f} / {lat.get('p999', 0):.1f}",
-                floor,
                 "-",
-                target,
+                "-",
+                f"p99 ≤ 20 ms: {verdict(lat.get('p99', 1e9) <= 20)}",
             )
-            inside = r.get("stages_ms", {}).get(INSIDE_STAGE)
-            if inside:
-                row(
-                    "  of which inside Nimbus (pod ingest -> pod deliver, sampled): p50 / p99 ms",
-                    f"{inside['p50']:.1f} / {inside['p99']:.1f}",
-                    "-",
-                    "-",
-                    "-",
-                )
-            row(
-                f"  CPU µs per event at {frac[1:]}% (net of idle)",
-                f"{r.get('cpu_us_per_event')} ({r.get('cpu_us_per_event_net_of_idle')})",
+            continue
+        lat = r.get("latency_ms", {})
+        target = f"p99 ≤ 20 ms: {verdict(lat.get('p99', 1e9) <= 20)}" if frac == "p50" else "-"
+        path = lim.get("kafka_path_paced", {}).get("latency_ms")
+        floor = (
+            f"p99 {path['p99']:.1f} ms for Nimbus's two Kafka hops alone (kafka-python, a"
+            f" process per role, paced, no Nimbus logic; p50 {path['p50']:.1f})"
+            if frac == "p50" and path
+            else "-"
+        )
+        yield (
+            f"latency at {frac[1:]}% of max ({r.get('target_rate', 0):,.0f}/s): p50 / p99 / p99.9 ms",
+            f"{lat.get('p50', 0):.1f} / {lat.get('p99', 0):.1f} / {lat.get('p999', 0):.1f}",
+            floor,
+            "-",
+            target,
+        )
+        inside = r.get("stages_ms", {}).get(INSIDE_STAGE)
+        if inside:
+            yield (
+                "  of which inside Nimbus (pod ingest -> pod deliver, sampled): p50 / p99 ms",
+                f"{inside['p50']:.1f} / {inside['p99']:.1f}",
                 "-",
                 "-",
                 "-",
             )
+        yield (
+            f"  CPU µs per event at {frac[1:]}% (net of idle)",
+            f"{r.get('cpu_us_per_event')} ({r.get('cpu_us_per_event_net_of_idle')})",
+            "-",
+            "-",
+            "-",
+        )
+
+
+def _replay_rows(rp: dict[str, Any], lim: dict[str, Any]) -> Iterator[Row]:
+    """Summary rows of the replay phase and of the worker pipeline while the backlog was built."""
     for label, title in (
         ("one", "replay, 1 client"),
         ("many", "replay, 100 clients at once"),
@@ -1386,7 +1205,7 @@ def render(res: dict[str, Any]) -> str:
         if not r:
             continue
         limit_text, limit_rate = replay_limit(label, lim)
-        row(
+        yield (
             f"{title}: results/s delivered and acked",
             f"{r['results_per_s']:,.0f} ({r['received']:,} in {r['seconds']:.1f} s)",
             limit_text,
@@ -1396,7 +1215,7 @@ def render(res: dict[str, Any]) -> str:
         la, basis = r["live_after_last_ack_ms"], "ack"
         if la["max"] is None:  # flipped by the periodic check, which carries no ack time
             la, basis = r["live_after_last_result_ms"], "result received"
-        row(
+        yield (
             f"{title}: LIVE after the last {basis}, ms (p50 / max)",
             f"{la['p50']} / {la['max']} ({r['flipped_live']}/{r['clients']} flipped)",
             "-",
@@ -1407,37 +1226,56 @@ def render(res: dict[str, Any]) -> str:
     if one and one.get("backlog_routed_s"):
         n = one["received"]
         kr = lim.get("kafka_python_rtt", {}).get("rate")
-        row(
+        yield (
             "worker pipeline, no clients: events -> results -> DLQ, events/s (1 worker process)",
             f"{n / one['backlog_routed_s']:,.0f} ({n:,} in {one['backlog_routed_s']} s, from the workers' start)",
             f"{kr:,.0f} (kafka-python, one hop)" if kr else "-",
             ratio(n / one["backlog_routed_s"], kr),
             "-",
         )
-    if cn:
-        row(
-            "idle streams on one pod",
-            f"{cn['streams']:,} accepted ({cn.get('failed', 0)} failed to open within 120 s) in {cn['accept_s']} s",
-            "-",
-            "-",
-            "10,000",
-        )
-        kb = cn.get("rss_kb_per_stream")
-        row(
-            "  RSS per idle stream, KB",
-            f"{kb}",
-            "-",
-            "-",
-            f"≤ 20: {verdict(kb is not None and kb <= 20)}",
-        )
-        pr = cn.get("probe", {})
-        row(
-            "  live result on one idle stream",
-            f"{'ok' if pr.get('ok') else 'FAILED'} in {pr.get('ms', '?')} ms",
-            "-",
-            "-",
-            "works",
-        )
+
+
+def _conns_rows(cn: dict[str, Any]) -> Iterator[Row]:
+    """Summary rows of the idle-connections phase."""
+    yield (
+        "idle streams on one pod",
+        f"{cn['streams']:,} accepted ({cn.get('failed', 0)} failed to open within 120 s) in {cn['accept_s']} s",
+        "-",
+        "-",
+        "10,000",
+    )
+    kb = cn.get("rss_kb_per_stream")
+    yield (
+        "  RSS per idle stream, KB",
+        f"{kb}",
+        "-",
+        "-",
+        f"≤ 20: {verdict(kb is not None and kb <= 20)}",
+    )
+    pr = cn.get("probe", {})
+    yield (
+        "  live result on one idle stream",
+        f"{'ok' if pr.get('ok') else 'FAILED'} in {pr.get('ms', '?')} ms",
+        "-",
+        "-",
+        "works",
+    )
+
+
+def _summary_rows(res: dict[str, Any]) -> list[Row]:
+    lim, lv = res.get("limits", {}), res.get("live", {})
+    rows: list[Row] = []
+    if lv.get("max"):
+        rows += [*_max_rows(lv["max"], lim, res.get("analysis", {})), *_paced_rows(res)]
+    rows += _replay_rows(res.get("replay", {}), lim)
+    if res.get("conns"):
+        rows += _conns_rows(res["conns"])
+    return rows
+
+
+def _head_lines(res: dict[str, Any], rows: list[Row]) -> list[str]:
+    """Title, machine, the realtime phase's section and the Summary table."""
+    m = res["machine"]
     lines = [
         "# Nimbus benchmarks",
         "",
@@ -1467,7 +1305,12 @@ def render(res: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows]
-    lines += [
+    return lines
+
+
+def _limits_lines(lim: dict[str, Any]) -> list[str]:
+    """The Limits table: each stage with no Nimbus logic."""
+    lines = [
         "",
         "## Limits (no Nimbus logic, same sizes, same libraries)",
         "",
@@ -1493,360 +1336,438 @@ def render(res: dict[str, Any]) -> str:
                 f"| {k} | {v.get('rate', 0):,.0f} | {f'{cpu:.0f}' if cpu else '-'} | {note} |"
             )
     lines.append(chain_limits_row(lim.get("replay_chain")))
-    if an:
-        lines += [
-            "",
-            "## Where the bound is",
-            "",
-            f"- The lowest stage limit is **{an.get('bounding_stage_by_limit')}** at {an.get('bounding_limit') or 0:,.0f}/s;"
-            f" Nimbus reached {ratio(mx.get('throughput_results_per_s'), an.get('bounding_limit'))} of it.",
-            f"- During the max-rate run the Nimbus processes used {an.get('nimbus_cpu_utilisation_total')} CPUs in all"
-            f" (per process: {mx.get('process_utilisation')}), the load client {an.get('load_client_utilisation')} CPU,"
-            f" on a {an.get('cpus')}-CPU machine: "
-            + (
-                "the machine's CPUs are the bound (every process is CPU-bound Python; a faster stage would only move the time)."
-                if (an.get("nimbus_cpu_utilisation_total") or 0)
-                + (an.get("load_client_utilisation") or 0)
-                >= 0.85 * (an.get("cpus") or 2)
-                else "the Nimbus processes and the client together use less than the machine's CPUs, so"
-                " either other work on the shared machine takes the rest (load average during the run:"
-                f" {mx.get('loadavg')}) or the bound is latency/batching inside a stage (see below)."
-            ),
-            f"- At {mx.get('cpu_us_per_event')} µs of Nimbus CPU per event, {an.get('cpus')} CPUs can carry at most"
-            f" {(an.get('cpus') or 2) / (mx.get('cpu_us_per_event') or 1) * 1e6:,.0f} events/s with nothing else running"
-            " (and the clients need CPU too).",
-        ]
-    if lv:
-        lines += [
-            "",
-            "## Live runs: who used the CPUs",
-            "",
-            "| run | target /s | achieved /s | Nimbus CPU per process (CPUs) | load client (CPUs) | load average | µs CPU/event |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for k in ("max", "p25", "p50", "p90", "p50_few"):
-            r = lv.get(k)
-            if r:
-                lines.append(
-                    f"| {k} | {format(r['target_rate'], ',.0f') if r.get('target_rate') else 'unlimited'} | {r.get('throughput_results_per_s', 0):,.0f}"
-                    f" | {r.get('process_utilisation')} | {r.get('load_client_utilisation')} | {r.get('loadavg')}"
-                    f" | {r.get('cpu_us_per_event')} |"
-                )
-        lines += [
-            "",
-            "CPU per event is several times higher in the paced runs than at the maximum. The reason"
-            " (the profile at 25% below points there: its samples sit in socket sends, epoll"
-            " wake-ups, thread hand-offs and the trio/trio-asyncio schedulers, not in Nimbus code):"
-            " paced clients send one event per wake-up, so each stage handles small batches and pays"
-            " its per-batch costs (a thread hop and GIL hand-over per Kafka poll/produce, a Redis"
-            " script per batch, an HTTP/2 write per gRPC message, a trio scheduling round per"
-            " asyncio callback in trio-asyncio) for very few events; unpaced, the same costs are"
-            " shared by large batches. So at 50% of the maximum rate the machine's two CPUs are"
-            " close to saturated, and latency is queueing for a CPU (see the stage table below)."
-            " Where the achieved rate falls short of the target while no Nimbus process is near 1.0"
-            " CPU, the CPUs went to the brokers, the load client and other work on the machine"
-            " (load average column).",
-            "",
-            "The per-batch costs, measured on this machine outside the bench (2026-11-27, sixth"
-            " session): one `poll()` of a kafka-python 3 consumer costs ~2.3 ms of CPU whether it"
-            " returns records or not (three cross-thread round trips to kafka-python's IO thread per"
-            " poll: coordinator check, fetch send, wait; an idle consumer polling every 10 ms used"
-            " 0.22 CPU then, 0.05 in the seventh session; a consumer fed 2,000 records/s, ~2.1 ms"
-            " per poll, ~1.9 ms of it fixed), and a one-record produce batch ~1.8-2.3 ms; a wake-up"
-            " of another thread"
-            " costs ~40 µs, a loopback TCP message that wakes a sleeping process ~35 µs on each"
-            " side. A paced consumer polls once per arriving record or two, so the worker spends"
-            " ~0.5-0.7 CPU at 100 events/s (5-7 ms per event) and about as much at the maximum rate"
-            " (~0.12 ms per event): its CPU follows the number of polls and produce batches, not of"
-            " events. Tried and not kept: waiting after a poll that returned few records (one run"
-            " each: 10 ms at 100 events/s, worker 0.71 -> 0.57 CPU and latency p50 27 -> 35 ms; 5 ms"
-            " at 1,500 events/s, no change in CPU, p50 332 -> 385 ms; seventh session, 10 ms after"
-            " a poll of fewer than a quarter of its budget, one quick run each: the worker's CPU"
-            " stayed at 0.55, max 8,103 -> 6,028 events/s, latency mixed); kafka-python's metrics"
-            " off (no change in a poll's or a produce's cost); the event consumer in a process of"
-            " its own beside the router and replay (`--split-roles`, two alternating pairs of quick"
-            " runs: max 7,918 / 7,803 -> 9,054 / 7,549 events/s, p50 latency at 50% 719 / 545 ->"
-            " 557 / 579 ms, within the noise). A standalone consumer does gain from polling less"
-            " (fed 2,000 records/s: 0.34 -> 0.19 -> 0.13 CPU with 0 / 10 / 20 ms between polls),"
-            " but inside the loaded worker the CPU did not fall.",
-        ]
-    p50 = lv.get("p50", {})
-    few = lv.get("p50_few", {})
-    if p50.get("stages_ms") and few.get("stages_ms"):
-        lines += [
-            "",
-            f"## Latency by stage at 50% of max: {res['config']['clients']} clients vs {few.get('clients')}",
-            "",
-            "(from sampled result traces; same event rate, different number of streams)",
-            "",
-            f"| stage | p50 ms ({res['config']['clients']} clients) | p99 ms | p50 ms ({few.get('clients')} clients) | p99 ms |",
-            "|---|---|---|---|---|",
-        ]
-        for stage, v in p50["stages_ms"].items():
-            w = few["stages_ms"].get(stage, {"p50": 0.0, "p99": 0.0})
+    return lines
+
+
+def _bound_lines(an: dict[str, Any], mx: dict[str, Any]) -> list[str]:
+    """Where the bound is: the lowest stage limit, the CPUs the max-rate run used."""
+    if not an:
+        return []
+    return [
+        "",
+        "## Where the bound is",
+        "",
+        f"- The lowest stage limit is **{an.get('bounding_stage_by_limit')}** at {an.get('bounding_limit') or 0:,.0f}/s;"
+        f" Nimbus reached {ratio(mx.get('throughput_results_per_s'), an.get('bounding_limit'))} of it.",
+        f"- During the max-rate run the Nimbus processes used {an.get('nimbus_cpu_utilisation_total')} CPUs in all"
+        f" (per process: {mx.get('process_utilisation')}), the load client {an.get('load_client_utilisation')} CPU,"
+        f" on a {an.get('cpus')}-CPU machine: "
+        + (
+            "the machine's CPUs are the bound (every process is CPU-bound Python; a faster stage would only move the time)."
+            if (an.get("nimbus_cpu_utilisation_total") or 0)
+            + (an.get("load_client_utilisation") or 0)
+            >= 0.85 * (an.get("cpus") or 2)
+            else "the Nimbus processes and the client together use less than the machine's CPUs, so"
+            " either other work on the shared machine takes the rest (load average during the run:"
+            f" {mx.get('loadavg')}) or the bound is latency/batching inside a stage (see below)."
+        ),
+        f"- At {mx.get('cpu_us_per_event')} µs of Nimbus CPU per event, {an.get('cpus')} CPUs can carry at most"
+        f" {(an.get('cpus') or 2) / (mx.get('cpu_us_per_event') or 1) * 1e6:,.0f} events/s with nothing else running"
+        " (and the clients need CPU too).",
+    ]
+
+
+def _live_cpu_lines(lv: dict[str, Any]) -> list[str]:
+    """Live runs: who used the CPUs (a table of the runs), and why paced runs cost more."""
+    if not lv:
+        return []
+    lines = [
+        "",
+        "## Live runs: who used the CPUs",
+        "",
+        "| run | target /s | achieved /s | Nimbus CPU per process (CPUs) | load client (CPUs) | load average | µs CPU/event |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for k in ("max", "p25", "p50", "p90", "p50_few"):
+        r = lv.get(k)
+        if r:
             lines.append(
-                f"| {stage} | {v['p50']:.1f} | {v['p99']:.1f} | {w['p50']:.1f} | {w['p99']:.1f} |"
+                f"| {k} | {format(r['target_rate'], ',.0f') if r.get('target_rate') else 'unlimited'} | {r.get('throughput_results_per_s', 0):,.0f}"
+                f" | {r.get('process_utilisation')} | {r.get('load_client_utilisation')} | {r.get('loadavg')}"
+                f" | {r.get('cpu_us_per_event')} |"
             )
-        lines += [
-            "",
-            "The Kafka hops (the two middle steps) depend little on the number of clients; the two"
-            " gRPC legs (client send -> pod, pod deliver -> client) do. Instrumented once (not part"
-            " of this run): the pod writes a result within ~1 ms (p50) of the deliver step, and the"
-            " time is spent in the client process before grpclib hands the message over, i.e. in"
-            " trio-asyncio, which runs one asyncio callback per trio scheduling round: with 50"
-            " streams in one process a 10 ms asyncio timer woke 94 ms late at p50 (1.5 s at worst)"
-            " while a trio timer in the same process was 3 ms late. Running all ready asyncio"
-            " callbacks per round halved these legs but made the clients write their messages one"
-            " by one instead of coalesced, and raised Nimbus's CPU per event by 40-90% (alternating"
-            " A/B runs): not kept.",
-        ]
-        path = lim.get("kafka_path_paced", {})
-        if path.get("latency_ms"):
-            secs = path.get("seconds") or 1
-            by = {k: v / secs for k, v in (path.get("cpu_s_by_process") or {}).items()}
-            lat, h1, h2 = path["latency_ms"], path.get("hop1_ms", {}), path.get("hop2_ms", {})
-            lines += [
-                "",
-                "The floor under the latency target: Nimbus's two Kafka hops alone -- a kafka-python"
-                " producer (a pod's place; it wakes every"
-                f" {path.get('tick_ms', 1):g} ms and sends what is due) -> a relay that consumes and"
-                " re-produces each record (the event consumer's place) -> a sink that consumes them"
-                " (the result router's place), each in a process of its own, no Nimbus logic, paced"
-                f" at {path.get('paced_rate', 0):,.0f} records/s -- measured p50 {lat['p50']:.1f} /"
-                f" p99 {lat['p99']:.1f} / p99.9 {lat.get('p999', 0):.1f} ms end to end (first hop"
-                f" p99 {h1.get('p99', 0):.1f}, second {h2.get('p99', 0):.1f}) in this run. Its three"
-                f" processes used {sum(by.values()):.2f} CPUs ("
-                + ", ".join(f"{k} {v:.2f}" for k, v in by.items())
-                + f"), {path.get('cpu_us_per_msg', 0):,.0f} µs per record (at full speed one hop"
-                f" costs {lim.get('kafka_python_rtt', {}).get('cpu_us_per_msg', 0):,.0f} µs): at"
-                " this rate the Kafka client alone takes most of the machine's two CPUs, so"
-                " p99 <= 20 ms end to end is below what this stack gives here before any pod, Redis"
-                " or gRPC work. Paced traffic costs several times the CPU per record of batched"
-                " traffic in the client library (a poll or a produce request costs ~2 ms of CPU"
-                " however few records it carries), which is why the paced runs saturate the two"
-                " CPUs.",
-            ]
-    elif p50.get("stages_ms"):
-        lines += [
-            "",
-            "## Latency by stage (50% of max, from sampled result traces)",
-            "",
-            "| stage | p50 ms | p99 ms |",
-            "|---|---|---|",
-        ]
-        for stage, v in p50["stages_ms"].items():
-            lines.append(f"| {stage} | {v['p50']:.1f} | {v['p99']:.1f} |")
-        lines += [
-            "",
-            "The client send -> server step and the server deliver -> client step include the"
-            " client library's and the pod's gRPC work (and time waiting for a CPU); Kafka hops are"
-            " the two middle steps.",
-        ]
-    one, x5 = rp.get("one"), rp.get("one_window_x5")
-    chain_lines = chain_comparison(one, lim.get("replay_chain"), m["cpus"] or 2)
-    if chain_lines and not (one and x5 and one.get("results_per_s") and x5.get("results_per_s")):
-        lines += ["", "## What bounds one client's replay", "", *chain_lines]
-    if one and x5 and one.get("results_per_s") and x5.get("results_per_s"):
-        rtt1 = one["replay_window"] / one["results_per_s"]
-        rtt5 = x5["replay_window"] / x5["results_per_s"]
-        lines += [
-            "",
-            "## What bounds one client's replay",
-            "",
-            f"- window {one['replay_window']:,}: {one['results_per_s']:,.0f} results/s; window"
-            f" {x5['replay_window']:,}: {x5['results_per_s']:,.0f} results/s"
-            f" ({x5['results_per_s'] / one['results_per_s']:.1f}x for a 5x window).",
-            (
-                "- So this run's replay was window-bound: rate = window / round trip"
-                " (publish -> pod -> client -> ack -> pod report -> replay worker), the round trip"
-                f" {rtt1:.2f} s at the default window and {rtt5:.2f} s at 5x."
-                if x5["results_per_s"] >= 3 * one["results_per_s"]
-                else "- So the window bounds it"
-                + (
-                    " only in part"
-                    if x5["results_per_s"] >= 1.2 * one["results_per_s"]
-                    else " no more"
-                )
-                + f" (a 5x window gave {x5['results_per_s'] / one['results_per_s']:.1f}x), and the stream itself does not:"
-                " a grpclib echo on one stream under trio, no Nimbus logic, moved"
-                f" {lim.get('grpc_echo_1stream', {}).get('rate', 0):,.0f} messages/s each way; the replay"
-                f" reached {ratio(one['results_per_s'], lim.get('grpc_echo_1stream', {}).get('rate'))} of it."
-                " The rest is per-result work on the replay path: the drain client (one trio"
-                " process: decode, dedupe, ack; profiled below as `client`), the pod's delivery"
-                " checks, acks and reports, the replay's fetch -> publish -> report loop, and the"
-                " CPU they could get on the machine."
-            ),
-            f"- Kafka's own consume rate in this run: {lim.get('kafka_perf_consume', {}).get('rate', 0):,.0f}"
-            f" records/s. Process utilisation during the 1-client drain: {one.get('process_utilisation')}"
-            " (the drain client runs inside the bench process).",
-        ]
-        if one.get("all_cpu_us_per_result"):
-            ncpu = m["cpus"] or 2
-            used = (
-                sum(one["process_utilisation"].values())
-                + one["client_utilisation"]
-                + sum(one["broker_utilisation"].values())
-            )
-            ceiling = ncpu / one["all_cpu_us_per_result"] * 1e6
-            lines += [
-                f"- The whole machine during the 1-client drain: Nimbus {sum(one['process_utilisation'].values()):.2f}"
-                f" + the draining client {one['client_utilisation']:.2f} + brokers"
-                f" {one['broker_utilisation']} = {used:.2f} of {ncpu} CPUs; all of it together"
-                f" {one['all_cpu_us_per_result']:.0f} µs of CPU per result (Nimbus alone"
-                f" {one['cpu_us_per_result']:.0f}). At that cost {ncpu} CPUs carry at most"
-                f" {ceiling:,.0f} results/s with nothing else running: 20,000/s needs the whole"
-                f" path below {ncpu / 20_000 * 1e6:.0f} µs per result.",
-            ]
-        lines += chain_lines
-        many = rp.get("many") or {}
-        if many.get("all_cpu_us_per_result"):
-            nim = sum(many["process_utilisation"].values())
-            used = nim + many["client_utilisation"] + sum(many["broker_utilisation"].values())
-            lines += [
-                f"- 100 clients at once: Nimbus {nim:.2f} CPUs (per process {many['process_utilisation']})"
-                f" + the 100 draining clients {many['client_utilisation']:.2f} + brokers"
-                f" {many['broker_utilisation']} = {used:.2f} of {ncpu} CPUs, {many['all_cpu_us_per_result']:.0f}"
-                f" µs of CPU per result in all. LIVE after the last ack: p50"
-                f" {many['live_after_last_ack_ms']['p50']} ms / max {many['live_after_last_ack_ms']['max']} ms"
-                f" (one client: {one['live_after_last_ack_ms']['p50']} ms)."
-                + (
-                    " The status manager ran in a process of its own. Inside the worker, beside 100"
-                    " replays (`--status-in-worker`; quick runs, 100 x 1,000), the flips waited"
-                    " behind the replays' work: p50 0.2-0.7 s, max 2.6-8.5 s, and a third to a half of"
-                    " the clients were flipped by the 1 s periodic check because the worker read the"
-                    " flip requests late (a flip's Redis call, instrumented once: p50 16 ms, p90"
-                    " 105 ms, max 1 s in the loaded worker)."
-                    if res["config"].get("status_process")
-                    else " The status manager ran inside the worker, beside the replays: its flip"
-                    " requests and Redis round trips wait behind their work (a flip's Redis call,"
-                    " instrumented once: p50 16 ms, p90 105 ms, max 1 s in the loaded worker); in a"
-                    " process of its own (the default) quick runs gave p50 14 ms / max 357 ms."
-                ),
-            ]
-    p25 = lv.get("p25", {})
-    if p25.get("profiles"):
-        busiest = max(p25.get("process_utilisation", {"-": 0}).items(), key=lambda kv: kv[1])[0]
-        p = p25["profiles"].get(busiest)
-        if p:
-            lines += [
-                "",
-                f"## Profile at 25% of max ({busiest}, the busiest process then; {p['samples']} samples)",
-                "",
-                "| % self | function | | % total | function |",
-                "|---|---|---|---|---|",
-            ]
-            tot = [
-                t for t in p["total"] if "nimbus/" in t[0] or "kafka/" in t[0] or "redis/" in t[0]
-            ]
-            for i in range(12):
-                a = p["self"][i] if i < len(p["self"]) else ("", "")
-                b = tot[i] if i < len(tot) else ("", "")
-                lines.append(f"| {a[1]} | `{a[0]}` | | {b[1]} | `{b[0]}` |")
-    prof = res.get("profile", {})
-    if prof.get("profiles"):
-        lines += [
-            "",
-            "## Profile (py-spy, saturation run)",
-            "",
-            f"CPU utilisation per process during the profile: {prof.get('utilisation')}.",
-            "",
-        ]
-        for name in [prof.get("hottest"), "load_client"]:
-            p = prof["profiles"].get(name)
-            if not p:
-                continue
-            lines += [
-                f"### {name} ({p['samples']} samples): top functions by self time",
-                "",
-                "| % | function |",
-                "|---|---|",
-            ]
-            lines += [f"| {c} | `{f}` |" for f, c in p["self"][:12]]
-            lines += [""]
     lines += [
         "",
-        "## Changes measured with this benchmark (before -> after, same machine)",
+        "CPU per event is several times higher in the paced runs than at the maximum. The reason"
+        " (the profile at 25% below points there: its samples sit in socket sends, epoll"
+        " wake-ups, thread hand-offs and the trio/trio-asyncio schedulers, not in Nimbus code):"
+        " paced clients send one event per wake-up, so each stage handles small batches and pays"
+        " its per-batch costs (a thread hop and GIL hand-over per Kafka poll/produce, a Redis"
+        " script per batch, an HTTP/2 write per gRPC message, a trio scheduling round per"
+        " asyncio callback in trio-asyncio) for very few events; unpaced, the same costs are"
+        " shared by large batches. So at 50% of the maximum rate the machine's two CPUs are"
+        " close to saturated, and latency is queueing for a CPU (see the stage table below)."
+        " Where the achieved rate falls short of the target while no Nimbus process is near 1.0"
+        " CPU, the CPUs went to the brokers, the load client and other work on the machine"
+        " (load average column).",
         "",
-        "- Client library on upb instead of betterproto for the stream (nimbus/client.py): the"
-        " load generator spent ~70% of its CPU in betterproto; max live rate with 50 clients"
-        " (quick run) 115 -> 1,551 events/s, Nimbus CPU per event 6,326 -> 450 µs (the pipeline"
-        " had been starved by its client, so its per-batch costs were paid per event).",
-        "- crc32c installed (kafka-python's record-batch CRC): 16 KB batch 5.6 ms in the"
-        " pure-Python fallback -> 1.1 µs.",
-        "- Redis engine on a blocking connection pool: 1,000 streams connecting at once went from"
-        " 637 accepted in 122 s (the rest failing with MaxConnectionsError) to 1,000 in 3.7-6 s.",
-        "- Tried and not kept: group consumers with fetch_min_bytes 16 KB / fetch_max_wait 10 ms"
-        " (to batch fetches at trickle rates): the idle worker went from 0.03 to 0.21 CPU and the"
-        " paced runs' CPU per event did not fall.",
-        "- 2026-11-27 (quick runs and scripts/load_client.py against 2 pods + 1 worker process,"
-        " 50 clients, max rate; machine shared with another agent's benchmark): event consumer"
-        " pipelined (a poll no longer waits for its produce and a synchronous commit; offsets are"
-        " committed with a later poll) -- it had been the stage bounding the live rate, 2.2 s p50"
-        " of queueing before the compute step; several gRPC messages per HTTP/2 write on both"
-        " sides; the Kafka partition passed to send() (37 -> 19 µs per record); trace timestamps"
-        " set directly. Together: 2,000-2,700 -> 5,000-5,400 events/s, Nimbus CPU 460 -> 221 µs"
-        " per event, load client 229 -> 116 µs per event.",
-        "- 2026-11-27: the client library applies every response its stream reader handed over in"
-        " one go instead of one trio scheduling round each: one client's replay drain 4,665 ->"
-        " 11,909 results/s (quick run, 30,000 results); the bench process (the drain client) had"
-        " been ~90% busy.",
-        "- 2026-11-27 (quick replay phase, 60,000 results; 100 clients x 600): the replays of a"
-        " worker share one Kafka reader per DLQ partition and a cache of what it fetched, share"
-        " their waits at a partition's end, batch their cursor writes and read their clients'"
-        " records in one round trip every 200 ms. Before, 100 replays meant 100 KafkaConsumers"
-        " (each with a network thread), each reading its whole partition (about 12x the records"
-        " for 100 clients on 8 partitions), a begin-offsets request every 100 ms each while"
-        " waiting at their ends, and ~1,000 Redis calls/s. 100 clients at once: 2,054 ->"
-        " 3,800-6,700 results/s, Nimbus CPU 500 -> 180-280 µs per result, LIVE after the last ack"
-        " p50 311 -> 50-280 ms (noisy). Tried and not kept (alternating A/B runs, no clear"
-        " effect on the flip): running up to 64 ready asyncio callbacks per trio round in the"
-        " worker process, and a 0.5 ms GIL switch interval there.",
-        "- 2026-11-27 (fifth session; microbenchmarks and alternating quick runs, the machine"
-        " noisy): small produce batches appended on the trio thread once the topic's metadata is"
-        " known, other blocking calls through trio.lowlevel.start_thread_soon (a thread wake-up"
-        " costs ~100 µs of CPU on this VM; one-record batches 1,324-1,659 -> 935-1,328 µs of"
-        " process CPU each); deliveries composed on the wire with one trace step per batch"
-        " (router/replay ~11 -> ~6 µs per delivery, pod ~10 -> ~7); lock-free metrics on the hot"
-        " paths (~4 -> ~2 µs per delivered result); the client library takes every response"
-        " already received at once (drain client 33-40 -> 26-38 µs per result); the client's"
-        " receive() takes a queued result without a trio scheduling round (~8 µs each here:"
-        " drain client 29-36 -> 19-23 µs per result); Nimbus processes run up to 64 ready asyncio"
-        " callbacks per trio round (100 clients' replay 5,775-7,189 -> 8,681-9,008 results/s)."
-        " Full runs: one-client replay 10,883-11,560 -> 14,811-15,948 results/s, the whole"
-        " machine 142 -> 104-112 µs per result; 100 clients 4,126 -> 8,888 results/s; the"
-        " replay_chain limit shows the stack itself moves 25,000-34,000/s.",
-        "- 2026-11-27 (sixth session; an in-process replay microbenchmark and alternating quick"
-        " runs, 60,000 results): the DLQ packs a client's results, up to NIMBUS_DLQ_PACK (256)"
-        " per record, and the replay sends runs of up to 500 results as one delivery, one token"
-        " and one report (the worker's replay work in process 34.5 -> 24.3 -> 8.8 µs per result);"
-        " one client 18,273 -> 19,706-19,756 results/s, the whole machine 88 -> 68 µs per result."
-        " The client library cuts every response already received from its stream's buffer at"
-        " once instead of two grpclib Buffer.read calls each (~7-8 -> ~3.7-3.9 µs per message):"
-        " one client 19,706-19,756 -> 23,690-27,055 results/s, 68 -> 53-58 µs per result; 100"
-        " clients 11,106-12,731 -> 12,587-17,504. The event consumer packs a client's results of a"
-        " poll batch into one results-topic record too (NIMBUS_RESULTS_PACK; the router commits"
-        " past a packed record once all its results are resolved): live max 4,715 / 6,627 ->"
-        " 6,981 / 7,894 events/s, Nimbus CPU 260 / 204 -> 192 / 174 µs per event (two"
-        " alternating pairs of quick runs).",
-        "- 2026-11-27 (seventh session): the latency floor is measured as Nimbus runs its Kafka"
-        " hops -- producer, relay and sink each in a process of its own (`kafka-path`). The"
-        " earlier floor ran producer and consumer of one hop in one process and gave p99 74-219"
-        " ms; one hop with producer and consumer in two processes gave p99 15-30 ms at 4,000"
-        " records/s (three runs), so that figure was not the hop's own bound. The two-hop path at"
-        " 4,000 records/s, standalone: p99 183 ms with a send per wake-up, 96 ms waking every"
-        " 1 ms, 78 ms every 5 ms, its three processes using ~1.4-1.5 CPUs.",
-        "- 2026-12-06 (issue 15; one run each unless said, scripts/fleet.py + the Go load"
-        " generator or scripts/load_client.py): the librdkafka adapter with Nagle off and no"
-        " linger: 1 client at 200/s p50 14.2 -> 6.5 ms, p99 39 -> 27 ms (Python client). Its"
-        " waits on a pipe librdkafka writes instead of a thread per waiting poll: context"
-        " switches per event at 1,000/s 12.2 -> 4.1 in the worker, 2.6 -> 1.3 per pod; CPU about"
-        " the same (worker 0.48 -> 0.43). Redis script calls pipelined on one connection (the"
-        " lane): per call 213 -> 157 µs of CPU alone, 118 -> 27 µs with 20 callers at once"
-        " (scripts/bench_calls.py). Tried and not kept: `NIMBUS_KAFKA_FETCH_WAIT_MS=2` (fewer,"
-        " larger fetches): the two Kafka hops alone fell from 416 to 227 µs of CPU per record at"
-        " 1,000/s, but Nimbus's CPU per event did not fall and one client's p50 rose 5.1 -> 9.8 ms"
-        " (two runs); `gc.freeze()` at start: GC pauses were small (gen0 p50 0.1-0.3 ms, a rare"
-        " gen1 of 25 ms), latency unchanged.",
+        "The per-batch costs, measured on this machine outside the bench (2026-11-27, sixth"
+        " session): one `poll()` of a kafka-python 3 consumer costs ~2.3 ms of CPU whether it"
+        " returns records or not (three cross-thread round trips to kafka-python's IO thread per"
+        " poll: coordinator check, fetch send, wait; an idle consumer polling every 10 ms used"
+        " 0.22 CPU then, 0.05 in the seventh session; a consumer fed 2,000 records/s, ~2.1 ms"
+        " per poll, ~1.9 ms of it fixed), and a one-record produce batch ~1.8-2.3 ms; a wake-up"
+        " of another thread"
+        " costs ~40 µs, a loopback TCP message that wakes a sleeping process ~35 µs on each"
+        " side. A paced consumer polls once per arriving record or two, so the worker spends"
+        " ~0.5-0.7 CPU at 100 events/s (5-7 ms per event) and about as much at the maximum rate"
+        " (~0.12 ms per event): its CPU follows the number of polls and produce batches, not of"
+        " events. Tried and not kept: waiting after a poll that returned few records (one run"
+        " each: 10 ms at 100 events/s, worker 0.71 -> 0.57 CPU and latency p50 27 -> 35 ms; 5 ms"
+        " at 1,500 events/s, no change in CPU, p50 332 -> 385 ms; seventh session, 10 ms after"
+        " a poll of fewer than a quarter of its budget, one quick run each: the worker's CPU"
+        " stayed at 0.55, max 8,103 -> 6,028 events/s, latency mixed); kafka-python's metrics"
+        " off (no change in a poll's or a produce's cost); the event consumer in a process of"
+        " its own beside the router and replay (`--split-roles`, two alternating pairs of quick"
+        " runs: max 7,918 / 7,803 -> 9,054 / 7,549 events/s, p50 latency at 50% 719 / 545 ->"
+        " 557 / 579 ms, within the noise). A standalone consumer does gain from polling less"
+        " (fed 2,000 records/s: 0.34 -> 0.19 -> 0.13 CPU with 0 / 10 / 20 ms between polls),"
+        " but inside the loaded worker the CPU did not fall.",
+    ]
+    return lines
+
+
+def _stage_lines(res: dict[str, Any]) -> list[str]:
+    """Latency by stage at 50% of max: for both client counts when the run has them."""
+    lv = res.get("live", {})
+    p50, few = lv.get("p50", {}), lv.get("p50_few", {})
+    if p50.get("stages_ms") and few.get("stages_ms"):
+        return _stage_comparison_lines(res, p50["stages_ms"], few)
+    if not p50.get("stages_ms"):
+        return []
+    return [
+        "",
+        "## Latency by stage (50% of max, from sampled result traces)",
+        "",
+        "| stage | p50 ms | p99 ms |",
+        "|---|---|---|",
+        *(
+            f"| {stage} | {v['p50']:.1f} | {v['p99']:.1f} |"
+            for stage, v in p50["stages_ms"].items()
+        ),
+        "",
+        "The client send -> server step and the server deliver -> client step include the"
+        " client library's and the pod's gRPC work (and time waiting for a CPU); Kafka hops are"
+        " the two middle steps.",
+    ]
+
+
+def _stage_comparison_lines(
+    res: dict[str, Any], stages: dict[str, Any], few: dict[str, Any]
+) -> list[str]:
+    """The stages at 50% of max from all clients (`stages`) and from a fifth of them (`few`)."""
+    clients = res["config"]["clients"]
+    rows = []
+    for stage, v in stages.items():
+        w = few["stages_ms"].get(stage, {"p50": 0.0, "p99": 0.0})
+        rows.append(
+            f"| {stage} | {v['p50']:.1f} | {v['p99']:.1f} | {w['p50']:.1f} | {w['p99']:.1f} |"
+        )
+    return [
+        "",
+        f"## Latency by stage at 50% of max: {clients} clients vs {few.get('clients')}",
+        "",
+        "(from sampled result traces; same event rate, different number of streams)",
+        "",
+        f"| stage | p50 ms ({clients} clients) | p99 ms | p50 ms ({few.get('clients')} clients) | p99 ms |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        "The Kafka hops (the two middle steps) depend little on the number of clients; the two"
+        " gRPC legs (client send -> pod, pod deliver -> client) do. Instrumented once (not part"
+        " of this run): the pod writes a result within ~1 ms (p50) of the deliver step, and the"
+        " time is spent in the client process before grpclib hands the message over, i.e. in"
+        " trio-asyncio, which runs one asyncio callback per trio scheduling round: with 50"
+        " streams in one process a 10 ms asyncio timer woke 94 ms late at p50 (1.5 s at worst)"
+        " while a trio timer in the same process was 3 ms late. Running all ready asyncio"
+        " callbacks per round halved these legs but made the clients write their messages one"
+        " by one instead of coalesced, and raised Nimbus's CPU per event by 40-90% (alternating"
+        " A/B runs): not kept.",
+        *_kafka_floor_lines(res.get("limits", {})),
+    ]
+
+
+def _kafka_floor_lines(lim: dict[str, Any]) -> list[str]:
+    """The floor under the latency target: Nimbus's two Kafka hops alone, paced."""
+    path = lim.get("kafka_path_paced", {})
+    if not path.get("latency_ms"):
+        return []
+    secs = path.get("seconds") or 1
+    by = {k: v / secs for k, v in (path.get("cpu_s_by_process") or {}).items()}
+    lat, h1, h2 = path["latency_ms"], path.get("hop1_ms", {}), path.get("hop2_ms", {})
+    return [
+        "",
+        "The floor under the latency target: Nimbus's two Kafka hops alone -- a kafka-python"
+        " producer (a pod's place; it wakes every"
+        f" {path.get('tick_ms', 1):g} ms and sends what is due) -> a relay that consumes and"
+        " re-produces each record (the event consumer's place) -> a sink that consumes them"
+        " (the result router's place), each in a process of its own, no Nimbus logic, paced"
+        f" at {path.get('paced_rate', 0):,.0f} records/s -- measured p50 {lat['p50']:.1f} /"
+        f" p99 {lat['p99']:.1f} / p99.9 {lat.get('p999', 0):.1f} ms end to end (first hop"
+        f" p99 {h1.get('p99', 0):.1f}, second {h2.get('p99', 0):.1f}) in this run. Its three"
+        f" processes used {sum(by.values()):.2f} CPUs ("
+        + ", ".join(f"{k} {v:.2f}" for k, v in by.items())
+        + f"), {path.get('cpu_us_per_msg', 0):,.0f} µs per record (at full speed one hop"
+        f" costs {lim.get('kafka_python_rtt', {}).get('cpu_us_per_msg', 0):,.0f} µs): at"
+        " this rate the Kafka client alone takes most of the machine's two CPUs, so"
+        " p99 <= 20 ms end to end is below what this stack gives here before any pod, Redis"
+        " or gRPC work. Paced traffic costs several times the CPU per record of batched"
+        " traffic in the client library (a poll or a produce request costs ~2 ms of CPU"
+        " however few records it carries), which is why the paced runs saturate the two"
+        " CPUs.",
+    ]
+
+
+def _replay_bound_lines(res: dict[str, Any]) -> list[str]:
+    """What bounds one client's replay: the window (with a 5x window run), the machine's CPUs,
+    the replay chain with no Nimbus logic; 100 clients at once."""
+    lim, rp = res.get("limits", {}), res.get("replay", {})
+    ncpu = res["machine"]["cpus"] or 2
+    one, x5 = rp.get("one"), rp.get("one_window_x5")
+    chain_lines = chain_comparison(one, lim.get("replay_chain"), ncpu)
+    if not (one and x5 and one.get("results_per_s") and x5.get("results_per_s")):
+        return ["", "## What bounds one client's replay", "", *chain_lines] if chain_lines else []
+    lines = _window_lines(one, x5, lim)
+    if one.get("all_cpu_us_per_result"):
+        lines += _drain_cpu_lines(one, ncpu)
+    lines += chain_lines
+    many = rp.get("many") or {}
+    if many.get("all_cpu_us_per_result"):
+        lines += _many_lines(many, one, ncpu, bool(res["config"].get("status_process")))
+    return lines
+
+
+def _window_lines(one: dict[str, Any], x5: dict[str, Any], lim: dict[str, Any]) -> list[str]:
+    """One client's replay at the default window and at 5x: is the window the bound?"""
+    rtt1 = one["replay_window"] / one["results_per_s"]
+    rtt5 = x5["replay_window"] / x5["results_per_s"]
+    return [
+        "",
+        "## What bounds one client's replay",
+        "",
+        f"- window {one['replay_window']:,}: {one['results_per_s']:,.0f} results/s; window"
+        f" {x5['replay_window']:,}: {x5['results_per_s']:,.0f} results/s"
+        f" ({x5['results_per_s'] / one['results_per_s']:.1f}x for a 5x window).",
+        (
+            "- So this run's replay was window-bound: rate = window / round trip"
+            " (publish -> pod -> client -> ack -> pod report -> replay worker), the round trip"
+            f" {rtt1:.2f} s at the default window and {rtt5:.2f} s at 5x."
+            if x5["results_per_s"] >= 3 * one["results_per_s"]
+            else "- So the window bounds it"
+            + (" only in part" if x5["results_per_s"] >= 1.2 * one["results_per_s"] else " no more")
+            + f" (a 5x window gave {x5['results_per_s'] / one['results_per_s']:.1f}x), and the stream itself does not:"
+            " a grpclib echo on one stream under trio, no Nimbus logic, moved"
+            f" {lim.get('grpc_echo_1stream', {}).get('rate', 0):,.0f} messages/s each way; the replay"
+            f" reached {ratio(one['results_per_s'], lim.get('grpc_echo_1stream', {}).get('rate'))} of it."
+            " The rest is per-result work on the replay path: the drain client (one trio"
+            " process: decode, dedupe, ack; profiled below as `client`), the pod's delivery"
+            " checks, acks and reports, the replay's fetch -> publish -> report loop, and the"
+            " CPU they could get on the machine."
+        ),
+        f"- Kafka's own consume rate in this run: {lim.get('kafka_perf_consume', {}).get('rate', 0):,.0f}"
+        f" records/s. Process utilisation during the 1-client drain: {one.get('process_utilisation')}"
+        " (the drain client runs inside the bench process).",
+    ]
+
+
+def _drain_cpu_lines(one: dict[str, Any], ncpu: int) -> list[str]:
+    """The whole machine's CPUs during the 1-client drain, and the ceiling they set."""
+    used = (
+        sum(one["process_utilisation"].values())
+        + one["client_utilisation"]
+        + sum(one["broker_utilisation"].values())
+    )
+    ceiling = ncpu / one["all_cpu_us_per_result"] * 1e6
+    return [
+        f"- The whole machine during the 1-client drain: Nimbus {sum(one['process_utilisation'].values()):.2f}"
+        f" + the draining client {one['client_utilisation']:.2f} + brokers"
+        f" {one['broker_utilisation']} = {used:.2f} of {ncpu} CPUs; all of it together"
+        f" {one['all_cpu_us_per_result']:.0f} µs of CPU per result (Nimbus alone"
+        f" {one['cpu_us_per_result']:.0f}). At that cost {ncpu} CPUs carry at most"
+        f" {ceiling:,.0f} results/s with nothing else running: 20,000/s needs the whole"
+        f" path below {ncpu / 20_000 * 1e6:.0f} µs per result.",
+    ]
+
+
+def _many_lines(
+    many: dict[str, Any], one: dict[str, Any], ncpu: int, status_process: bool
+) -> list[str]:
+    """100 clients at once: CPUs used, LIVE after the last ack."""
+    nim = sum(many["process_utilisation"].values())
+    used = nim + many["client_utilisation"] + sum(many["broker_utilisation"].values())
+    return [
+        f"- 100 clients at once: Nimbus {nim:.2f} CPUs (per process {many['process_utilisation']})"
+        f" + the 100 draining clients {many['client_utilisation']:.2f} + brokers"
+        f" {many['broker_utilisation']} = {used:.2f} of {ncpu} CPUs, {many['all_cpu_us_per_result']:.0f}"
+        f" µs of CPU per result in all. LIVE after the last ack: p50"
+        f" {many['live_after_last_ack_ms']['p50']} ms / max {many['live_after_last_ack_ms']['max']} ms"
+        f" (one client: {one['live_after_last_ack_ms']['p50']} ms)."
+        + (
+            " The status manager ran in a process of its own. Inside the worker, beside 100"
+            " replays (`--status-in-worker`; quick runs, 100 x 1,000), the flips waited"
+            " behind the replays' work: p50 0.2-0.7 s, max 2.6-8.5 s, and a third to a half of"
+            " the clients were flipped by the 1 s periodic check because the worker read the"
+            " flip requests late (a flip's Redis call, instrumented once: p50 16 ms, p90"
+            " 105 ms, max 1 s in the loaded worker)."
+            if status_process
+            else " The status manager ran inside the worker, beside the replays: its flip"
+            " requests and Redis round trips wait behind their work (a flip's Redis call,"
+            " instrumented once: p50 16 ms, p90 105 ms, max 1 s in the loaded worker); in a"
+            " process of its own (the default) quick runs gave p50 14 ms / max 357 ms."
+        ),
+    ]
+
+
+def _p25_profile_lines(lv: dict[str, Any]) -> list[str]:
+    """The busiest process's profile at 25% of max (self and total time)."""
+    p25 = lv.get("p25", {})
+    if not p25.get("profiles"):
+        return []
+    busiest = max(p25.get("process_utilisation", {"-": 0}).items(), key=lambda kv: kv[1])[0]
+    p = p25["profiles"].get(busiest)
+    if not p:
+        return []
+    lines = [
+        "",
+        f"## Profile at 25% of max ({busiest}, the busiest process then; {p['samples']} samples)",
+        "",
+        "| % self | function | | % total | function |",
+        "|---|---|---|---|---|",
+    ]
+    tot = [t for t in p["total"] if "nimbus/" in t[0] or "kafka/" in t[0] or "redis/" in t[0]]
+    for i in range(12):
+        a = p["self"][i] if i < len(p["self"]) else ("", "")
+        b = tot[i] if i < len(tot) else ("", "")
+        lines.append(f"| {a[1]} | `{a[0]}` | | {b[1]} | `{b[0]}` |")
+    return lines
+
+
+def _profile_lines(prof: dict[str, Any]) -> list[str]:
+    """The saturation run's profiles: the hottest process and the load client."""
+    if not prof.get("profiles"):
+        return []
+    lines = [
+        "",
+        "## Profile (py-spy, saturation run)",
+        "",
+        f"CPU utilisation per process during the profile: {prof.get('utilisation')}.",
+        "",
+    ]
+    for name in [prof.get("hottest"), "load_client"]:
+        p = prof["profiles"].get(name)
+        if not p:
+            continue
+        lines += [
+            f"### {name} ({p['samples']} samples): top functions by self time",
+            "",
+            "| % | function |",
+            "|---|---|",
+        ]
+        lines += [f"| {c} | `{f}` |" for f, c in p["self"][:12]]
+        lines += [""]
+    return lines
+
+
+CHANGES = [  # the bench's own record of what changed its figures
+    "",
+    "## Changes measured with this benchmark (before -> after, same machine)",
+    "",
+    "- Client library on upb instead of betterproto for the stream (nimbus/client.py): the"
+    " load generator spent ~70% of its CPU in betterproto; max live rate with 50 clients"
+    " (quick run) 115 -> 1,551 events/s, Nimbus CPU per event 6,326 -> 450 µs (the pipeline"
+    " had been starved by its client, so its per-batch costs were paid per event).",
+    "- crc32c installed (kafka-python's record-batch CRC): 16 KB batch 5.6 ms in the"
+    " pure-Python fallback -> 1.1 µs.",
+    "- Redis engine on a blocking connection pool: 1,000 streams connecting at once went from"
+    " 637 accepted in 122 s (the rest failing with MaxConnectionsError) to 1,000 in 3.7-6 s.",
+    "- Tried and not kept: group consumers with fetch_min_bytes 16 KB / fetch_max_wait 10 ms"
+    " (to batch fetches at trickle rates): the idle worker went from 0.03 to 0.21 CPU and the"
+    " paced runs' CPU per event did not fall.",
+    "- 2026-11-27 (quick runs and scripts/load_client.py against 2 pods + 1 worker process,"
+    " 50 clients, max rate; machine shared with another agent's benchmark): event consumer"
+    " pipelined (a poll no longer waits for its produce and a synchronous commit; offsets are"
+    " committed with a later poll) -- it had been the stage bounding the live rate, 2.2 s p50"
+    " of queueing before the compute step; several gRPC messages per HTTP/2 write on both"
+    " sides; the Kafka partition passed to send() (37 -> 19 µs per record); trace timestamps"
+    " set directly. Together: 2,000-2,700 -> 5,000-5,400 events/s, Nimbus CPU 460 -> 221 µs"
+    " per event, load client 229 -> 116 µs per event.",
+    "- 2026-11-27: the client library applies every response its stream reader handed over in"
+    " one go instead of one trio scheduling round each: one client's replay drain 4,665 ->"
+    " 11,909 results/s (quick run, 30,000 results); the bench process (the drain client) had"
+    " been ~90% busy.",
+    "- 2026-11-27 (quick replay phase, 60,000 results; 100 clients x 600): the replays of a"
+    " worker share one Kafka reader per DLQ partition and a cache of what it fetched, share"
+    " their waits at a partition's end, batch their cursor writes and read their clients'"
+    " records in one round trip every 200 ms. Before, 100 replays meant 100 KafkaConsumers"
+    " (each with a network thread), each reading its whole partition (about 12x the records"
+    " for 100 clients on 8 partitions), a begin-offsets request every 100 ms each while"
+    " waiting at their ends, and ~1,000 Redis calls/s. 100 clients at once: 2,054 ->"
+    " 3,800-6,700 results/s, Nimbus CPU 500 -> 180-280 µs per result, LIVE after the last ack"
+    " p50 311 -> 50-280 ms (noisy). Tried and not kept (alternating A/B runs, no clear"
+    " effect on the flip): running up to 64 ready asyncio callbacks per trio round in the"
+    " worker process, and a 0.5 ms GIL switch interval there.",
+    "- 2026-11-27 (fifth session; microbenchmarks and alternating quick runs, the machine"
+    " noisy): small produce batches appended on the trio thread once the topic's metadata is"
+    " known, other blocking calls through trio.lowlevel.start_thread_soon (a thread wake-up"
+    " costs ~100 µs of CPU on this VM; one-record batches 1,324-1,659 -> 935-1,328 µs of"
+    " process CPU each); deliveries composed on the wire with one trace step per batch"
+    " (router/replay ~11 -> ~6 µs per delivery, pod ~10 -> ~7); lock-free metrics on the hot"
+    " paths (~4 -> ~2 µs per delivered result); the client library takes every response"
+    " already received at once (drain client 33-40 -> 26-38 µs per result); the client's"
+    " receive() takes a queued result without a trio scheduling round (~8 µs each here:"
+    " drain client 29-36 -> 19-23 µs per result); Nimbus processes run up to 64 ready asyncio"
+    " callbacks per trio round (100 clients' replay 5,775-7,189 -> 8,681-9,008 results/s)."
+    " Full runs: one-client replay 10,883-11,560 -> 14,811-15,948 results/s, the whole"
+    " machine 142 -> 104-112 µs per result; 100 clients 4,126 -> 8,888 results/s; the"
+    " replay_chain limit shows the stack itself moves 25,000-34,000/s.",
+    "- 2026-11-27 (sixth session; an in-process replay microbenchmark and alternating quick"
+    " runs, 60,000 results): the DLQ packs a client's results, up to NIMBUS_DLQ_PACK (256)"
+    " per record, and the replay sends runs of up to 500 results as one delivery, one token"
+    " and one report (the worker's replay work in process 34.5 -> 24.3 -> 8.8 µs per result);"
+    " one client 18,273 -> 19,706-19,756 results/s, the whole machine 88 -> 68 µs per result."
+    " The client library cuts every response already received from its stream's buffer at"
+    " once instead of two grpclib Buffer.read calls each (~7-8 -> ~3.7-3.9 µs per message):"
+    " one client 19,706-19,756 -> 23,690-27,055 results/s, 68 -> 53-58 µs per result; 100"
+    " clients 11,106-12,731 -> 12,587-17,504. The event consumer packs a client's results of a"
+    " poll batch into one results-topic record too (NIMBUS_RESULTS_PACK; the router commits"
+    " past a packed record once all its results are resolved): live max 4,715 / 6,627 ->"
+    " 6,981 / 7,894 events/s, Nimbus CPU 260 / 204 -> 192 / 174 µs per event (two"
+    " alternating pairs of quick runs).",
+    "- 2026-11-27 (seventh session): the latency floor is measured as Nimbus runs its Kafka"
+    " hops -- producer, relay and sink each in a process of its own (`kafka-path`). The"
+    " earlier floor ran producer and consumer of one hop in one process and gave p99 74-219"
+    " ms; one hop with producer and consumer in two processes gave p99 15-30 ms at 4,000"
+    " records/s (three runs), so that figure was not the hop's own bound. The two-hop path at"
+    " 4,000 records/s, standalone: p99 183 ms with a send per wake-up, 96 ms waking every"
+    " 1 ms, 78 ms every 5 ms, its three processes using ~1.4-1.5 CPUs.",
+    "- 2026-12-06 (issue 15; one run each unless said, scripts/fleet.py + the Go load"
+    " generator or scripts/load_client.py): the librdkafka adapter with Nagle off and no"
+    " linger: 1 client at 200/s p50 14.2 -> 6.5 ms, p99 39 -> 27 ms (Python client). Its"
+    " waits on a pipe librdkafka writes instead of a thread per waiting poll: context"
+    " switches per event at 1,000/s 12.2 -> 4.1 in the worker, 2.6 -> 1.3 per pod; CPU about"
+    " the same (worker 0.48 -> 0.43). Redis script calls pipelined on one connection (the"
+    " lane): per call 213 -> 157 µs of CPU alone, 118 -> 27 µs with 20 callers at once"
+    " (scripts/bench_calls.py). Tried and not kept: `NIMBUS_KAFKA_FETCH_WAIT_MS=2` (fewer,"
+    " larger fetches): the two Kafka hops alone fell from 416 to 227 µs of CPU per record at"
+    " 1,000/s, but Nimbus's CPU per event did not fall and one client's p50 rose 5.1 -> 9.8 ms"
+    " (two runs); `gc.freeze()` at start: GC pauses were small (gen0 p50 0.1-0.3 ms, a rare"
+    " gen1 of 25 ms), latency unchanged.",
+]
+
+
+def render(res: dict[str, Any]) -> str:
+    """docs/BENCHMARKS.md from a run's results (as its JSON holds them)."""
+    lv = res.get("live", {})
+    lines = _head_lines(res, _summary_rows(res))
+    lines += _limits_lines(res.get("limits", {}))
+    lines += _bound_lines(res.get("analysis", {}), lv.get("max", {}))
+    lines += _live_cpu_lines(lv)
+    lines += _stage_lines(res)
+    lines += _replay_bound_lines(res)
+    lines += _p25_profile_lines(lv)
+    lines += _profile_lines(res.get("profile", {}))
+    lines += [
+        *CHANGES,
         "",
         "## Raw",
         "",
@@ -1932,7 +1853,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         import bench_realtime
 
         res["realtime"] = await bench_realtime.realtime(args, kafka, redis, run_dir)
-    fleet = Fleet(args, run_dir, kafka, redis)
+    fleet = BenchFleet(args, run_dir, kafka, redis)
     try:
         async with trio_asyncio.open_loop():
             say(

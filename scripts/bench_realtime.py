@@ -35,7 +35,8 @@ from typing import Any
 
 import bench
 import trio
-from fleet import fleet_args, make_fleet
+from fleet import BenchFleet, fleet_args, make_fleet
+from shared import free_port
 
 ROOT = bench.ROOT
 ADAPTERS = ("kafka-python", "librdkafka")
@@ -114,7 +115,7 @@ def met(label: str, r: dict[str, Any]) -> bool | None:
 
 async def run_scenario(
     binary: Path,
-    fleet: bench.Fleet,
+    fleet: BenchFleet,
     run_dir: Path,
     label: str,
     clients: int,
@@ -199,9 +200,9 @@ async def grpc_floor(binary: Path, run_dir: Path, seconds: float) -> dict[str, A
     """The gRPC side of a pod alone (bench_limits.py grpc-pod: grpclib under trio-asyncio, a
     RECEIPT and a RESULT sent at once for each event, no Kafka, no Redis) under the same
     load-generator runs but the reconnect: the server's CPU per event and the latency."""
-    port = bench.free_port()
+    port = free_port()
     log = (run_dir / "grpc-pod.log").open("wb")
-    proc = subprocess.Popen(  # noqa: ASYNC220 (starts it and returns, as bench.Proc does)
+    proc = subprocess.Popen(  # noqa: ASYNC220 (starts it and returns, as procs.Proc does)
         [bench.PY, "scripts/bench_limits.py", "grpc-pod", "--port", str(port)],
         cwd=ROOT,
         stdin=subprocess.PIPE,

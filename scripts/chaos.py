@@ -80,7 +80,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
-import ctypes
 import json
 import logging
 import math
@@ -95,7 +94,6 @@ import sys
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -108,10 +106,12 @@ from loguru import logger
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/chaos.py` from anywhere
     sys.path.insert(0, str(ROOT))
-if str(ROOT / "scripts") not in sys.path:  # shared.py, also when loaded by path (tests)
+if str(ROOT / "scripts") not in sys.path:  # procs.py, shared.py, also when loaded by path
     sys.path.append(str(ROOT / "scripts"))
 
-from shared import free_port, percentile  # noqa: E402
+import procs  # noqa: E402
+from procs import Proc, nimbus_env, pod, wall, worker  # noqa: E402
+from shared import HOST, percentile, wait_until  # noqa: E402
 from shared import watch_flips as watch_flip_payloads  # noqa: E402
 
 from nimbus.client import (  # noqa: E402
@@ -130,28 +130,10 @@ from nimbus.engines.redis import open_redis_state  # noqa: E402
 from nimbus.entry import ArgumentParser  # noqa: E402
 from nimbus.ports import EngineError  # noqa: E402
 
-HOST = "127.0.0.1"
 SCRIPTS = ROOT / "scripts"
 CLIENT_ACTIONS = ("switch", "cut")
 PROC_ACTIONS = ("pod_kill", "worker_kill")
-POD_READY = "doorman listening"
 WORKER_READY = "status manager up"  # the last role run_workers starts
-
-try:  # children die with the harness even if it is SIGKILLed (Linux: PR_SET_PDEATHSIG)
-    _LIBC: Any = ctypes.CDLL(None, use_errno=True)
-    _LIBC.prctl  # noqa: B018 - probe
-except (OSError, AttributeError):
-    _LIBC = None
-
-
-def _die_with_parent() -> None:
-    if _LIBC is not None:
-        _LIBC.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-
-
-def wall() -> str:
-    """Local wall-clock time as the Nimbus logs print it (HH:MM:SS.mmm)."""
-    return datetime.now().strftime("%H:%M:%S.%f")[:-3]
 
 
 def dist(values: list[float]) -> dict[str, float | int]:
@@ -162,12 +144,6 @@ def dist(values: list[float]) -> dict[str, float | int]:
         "p99": round(percentile(v, 0.99), 3),
         "max": round(v[-1], 3) if v else 0.0,
     }
-
-
-async def wait_until(predicate: Callable[[], bool], period: float = 0.2) -> None:
-    """Poll `predicate` (state that many tasks change, several processes included)."""
-    while not predicate():  # noqa: ASYNC110 - no single event to wait on
-        await trio.sleep(period)
 
 
 def port_open(port: int) -> bool:
@@ -220,180 +196,42 @@ class Run:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(eq=False)
-class Proc:
-    name: str
-    kind: str  # "pod" | "worker"
-    module: str
-    env: dict[str, str]
-    log: Path
-    port: int = 0
-    popen: subprocess.Popen[bytes] | None = None
-    started_at: float = 0.0
-    restart_at: float = 0.0  # trio time: not (re)started before this
-    killed: bool = False  # the current/last exit was ours
-    ready: bool = False
-    starts: int = 0
-    kills: int = 0
-    crashes: list[dict[str, Any]] = field(default_factory=list)
-    streak: int = 0  # consecutive early exits (backoff)
-    _log_pos: int = 0
-    _tail: str = ""
+class Fleet(procs.Fleet):
+    """The pods and workers, kept up by `supervise` (killed by us: restarted after a delay;
+    crashed: with a backoff), every start, crash and readiness on the run's timeline."""
 
-    @property
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def start(self, run: Run) -> None:
-        self.starts += 1
-        with self.log.open("ab") as out:
-            out.write(f"\n===== chaos: start #{self.starts} at {wall()} =====\n".encode())
-            out.flush()
-            self._log_pos = out.tell()
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", self.module],
-                env=self.env,
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C in the terminal reaches the harness only
-                preexec_fn=_die_with_parent,
-            )
-        self.started_at = trio.current_time()
-        self.killed = False
-        self.ready = False
-        self._tail = ""
-        run.event("start", show=self.starts > 1, proc=self.name, pid=self.popen.pid, n=self.starts)
-
-    def check_ready(self) -> bool:
-        """Read the log written since the start: has the process announced it is up?"""
-        if self.ready or self.popen is None:
-            return self.ready
-        try:
-            with self.log.open("rb") as f:
-                f.seek(self._log_pos)
-                chunk = f.read()
-        except OSError:
-            return False
-        self._log_pos += len(chunk)
-        text = self._tail + chunk.decode(errors="replace")
-        marker = POD_READY if self.kind == "pod" else WORKER_READY
-        if marker in text:
-            self.ready = True
-        self._tail = text[-200:]
-        return self.ready
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.killed = True
-            self.popen.send_signal(sig)
-
-    def log_tail(self, lines: int = 8) -> list[str]:
-        try:
-            data = self.log.read_bytes()[-8000:].decode(errors="replace")
-        except OSError:
-            return []
-        return data.splitlines()[-lines:]
-
-
-class Fleet:
-    """The pods and workers: starts them, restarts what died (killed by us after a delay,
-    crashed with a backoff), stops them all at the end."""
-
-    def __init__(self, run: Run, procs: list[Proc]) -> None:
+    def __init__(self, run: Run, members: list[Proc]) -> None:
+        super().__init__(members)
         self.run = run
-        self.procs = procs
-        self.stopping = False
 
-    @property
-    def pods(self) -> list[Proc]:
-        return [p for p in self.procs if p.kind == "pod"]
+    def on_start(self, p: Proc) -> None:
+        self.run.event("start", show=p.starts > 1, proc=p.name, pid=p.pid, n=p.starts)
 
-    @property
-    def workers(self) -> list[Proc]:
-        return [p for p in self.procs if p.kind == "worker"]
+    def on_exit(self, p: Proc, rc: int, uptime: float, was_ready: bool) -> None:
+        # Exiting before it was up (e.g. Kafka down at start) is a start failure; exiting
+        # after is a crash.
+        crash: dict[str, Any] = {
+            "t": round(self.run.elapsed(), 3),
+            "wall": wall(),
+            "what": "crash" if was_ready else "start_failure",
+            "rc": rc,
+            "uptime_s": round(uptime, 1),
+            "log_tail": p.log_tail(6),
+        }
+        p.crashes.append(crash)
+        self.run.counts["crashes" if was_ready else "start_failures"] += 1
+        last = crash["log_tail"][-1] if crash["log_tail"] else ""
+        self.run.event(
+            "CRASHED" if was_ready else "failed to start",
+            proc=p.name,
+            rc=rc,
+            uptime=f"{uptime:.1f}s",
+            last=repr(last[:200]),
+        )
 
-    def up(self, kind: str) -> list[Proc]:
-        return [p for p in self.procs if p.kind == kind and p.alive and p.ready]
-
-    def all_ready(self) -> bool:
-        return all(p.alive and p.ready for p in self.procs)
-
-    async def supervise(self) -> None:
-        """Every 0.2 s: reap exits, start what is due, notice readiness. Runs until cancelled."""
-        while not self.stopping:
-            now = trio.current_time()
-            for p in self.procs:
-                if p.popen is not None and p.popen.poll() is not None:
-                    rc = p.popen.returncode
-                    uptime = now - p.started_at
-                    was_ready = p.ready or p.check_ready()
-                    p.ready = False
-                    p.popen = None
-                    if p.killed:
-                        p.streak = 0
-                    else:
-                        p.streak = p.streak + 1 if uptime < 20 else 1
-                        p.restart_at = now + min(5.0, 0.5 * 2 ** (p.streak - 1))
-                        # Exiting before it was up (e.g. Kafka down at start) is a start
-                        # failure; exiting after is a crash.
-                        what = "crash" if was_ready else "start_failure"
-                        crash: dict[str, Any] = {
-                            "t": round(self.run.elapsed(), 3),
-                            "wall": wall(),
-                            "what": what,
-                            "rc": rc,
-                            "uptime_s": round(uptime, 1),
-                            "log_tail": p.log_tail(6),
-                        }
-                        p.crashes.append(crash)
-                        self.run.counts["crashes" if was_ready else "start_failures"] += 1
-                        last = crash["log_tail"][-1] if crash["log_tail"] else ""
-                        self.run.event(
-                            "CRASHED" if was_ready else "failed to start",
-                            proc=p.name,
-                            rc=rc,
-                            uptime=f"{uptime:.1f}s",
-                            last=repr(last[:200]),
-                        )
-                if p.popen is None and now >= p.restart_at:
-                    p.start(self.run)
-                elif p.popen is not None and not p.ready and p.check_ready() and p.starts > 1:
-                    self.run.event("ready", show=False, proc=p.name)
-            await trio.sleep(0.2)
-
-    def kill(self, p: Proc, restart_after: float) -> None:
-        p.kill()
-        p.kills += 1
-        p.restart_at = trio.current_time() + restart_after
-
-    async def wait_ready(self, timeout: float) -> bool:
-        with trio.move_on_after(timeout):
-            while not self.all_ready():
-                for p in self.procs:
-                    p.check_ready()
-                await trio.sleep(0.2)
-            return True
-        return False
-
-    async def stop(self, grace: float) -> None:
-        """SIGTERM everything, SIGKILL what is left after `grace` seconds."""
-        self.stopping = True
-        for p in self.procs:
-            p.kill(signal.SIGTERM)
-        with trio.move_on_after(grace):
-            await wait_until(lambda: not any(p.alive for p in self.procs), 0.1)
-        self.kill_now()
-
-    def kill_now(self) -> None:
-        for p in self.procs:
-            if p.popen is not None:
-                p.kill()
-                try:
-                    p.popen.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    pass
+    def on_ready(self, p: Proc) -> None:
+        if p.starts > 1:
+            self.run.event("ready", show=False, proc=p.name)
 
 
 class Brokers:
@@ -871,60 +709,76 @@ async def play(
 # ---------------------------------------------------------------------------------------------
 
 
-def check_client(r: ClientRun) -> dict[str, Any]:
-    sent = r.next_number - 1
-    out_of_order: list[dict[str, Any]] = []
-    id_order: list[tuple[int, int]] = []
-    app_dups: list[dict[str, Any]] = []
-    unexpected: list[dict[str, Any]] = []
-    reordered_by_resend = 0
-    first: dict[int, Got] = {}  # number -> first result
+@dataclass
+class Walk:
+    """The results a client's application was handed, in order: the first result of each number
+    and whatever broke the contract on the way."""
+
+    first: dict[int, Got] = field(default_factory=dict)  # number -> first result
+    out_of_order: list[dict[str, Any]] = field(default_factory=list)  # by number
+    id_order: list[tuple[int, int]] = field(default_factory=list)  # (id before, id after)
+    app_dups: list[dict[str, Any]] = field(default_factory=list)
+    unexpected: list[dict[str, Any]] = field(default_factory=list)
+    reordered_by_resend: int = 0
+
+
+def _why_unexpected(r: ClientRun, g: Got, sent: int) -> str | None:
+    if not 1 <= g.number <= sent:
+        return "number never sent"
+    if g.error is not None:
+        return f"error {g.error}"
+    if g.result != g.number * g.number:
+        return f"wrong result {g.result}"
+    if g.delivery_id in r.receipts and r.receipts[g.delivery_id] != g.number:
+        return f"receipt for this delivery id named {r.receipts[g.delivery_id]}"
+    return None
+
+
+def walk_results(r: ClientRun, sent: int) -> Walk:
+    w = Walk()
     seen_ids: set[int] = set()
     top_number = 0
     prev_id = 0
     for g in r.results:
         if g.delivery_id <= prev_id:
-            id_order.append((prev_id, g.delivery_id))
+            w.id_order.append((prev_id, g.delivery_id))
         prev_id = max(prev_id, g.delivery_id)
         if g.delivery_id in seen_ids:
-            app_dups.append(
+            w.app_dups.append(
                 {"delivery_id": g.delivery_id, "number": g.number, "why": "same delivery id twice"}
             )
             continue
         seen_ids.add(g.delivery_id)
-        why = None
-        if not 1 <= g.number <= sent:
-            why = "number never sent"
-        elif g.error is not None:
-            why = f"error {g.error}"
-        elif g.result != g.number * g.number:
-            why = f"wrong result {g.result}"
-        elif g.delivery_id in r.receipts and r.receipts[g.delivery_id] != g.number:
-            why = f"receipt for this delivery id named {r.receipts[g.delivery_id]}"
+        why = _why_unexpected(r, g, sent)
         if why:
-            unexpected.append({"delivery_id": g.delivery_id, "number": g.number, "why": why})
-        if g.number in first:
-            app_dups.append(
+            w.unexpected.append({"delivery_id": g.delivery_id, "number": g.number, "why": why})
+        if g.number in w.first:
+            w.app_dups.append(
                 {
                     "delivery_id": g.delivery_id,
                     "number": g.number,
-                    "first_delivery_id": first[g.number].delivery_id,
+                    "first_delivery_id": w.first[g.number].delivery_id,
                     "why": "same number twice",
                 }
             )
             continue
-        first[g.number] = g
+        w.first[g.number] = g
         if g.number < top_number and (g.number in r.retried or g.number in r.resent):
-            reordered_by_resend += 1  # refused or resent, so receipted after later events
+            w.reordered_by_resend += 1  # refused or resent, so receipted after later events
         elif g.number < top_number:
-            out_of_order.append(
+            w.out_of_order.append(
                 {"delivery_id": g.delivery_id, "number": g.number, "after_number": top_number}
             )
         top_number = max(top_number, g.number)
+    return w
+
+
+def check_client(r: ClientRun) -> dict[str, Any]:
+    sent = r.next_number - 1
+    w = walk_results(r, sent)
     # A receipted id the application never got is lost, unless it was the second acceptance of
     # a resent event whose first result it got (the library drops that one: see resend dups).
-    lost = sorted(d for d in set(r.receipts) - r.delivered if r.receipts[d] not in first)
-    resend_dups = r.stats.get("resend_duplicates_dropped", 0)
+    lost = sorted(d for d in set(r.receipts) - r.delivered if r.receipts[d] not in w.first)
     highest = max(r.delivered, default=0)
     middle = [d for d in lost if d < highest]
     tail = [d for d in lost if d > highest]
@@ -937,7 +791,7 @@ def check_client(r: ClientRun) -> dict[str, Any]:
     unanswered = [
         n
         for n in range(1, sent + 1)
-        if n not in first and n not in receipted and n not in r.refused
+        if n not in w.first and n not in receipted and n not in r.refused
     ]
     st = r.stats
     return {
@@ -957,20 +811,20 @@ def check_client(r: ClientRun) -> dict[str, Any]:
             }
             for d in lost[:20]
         ],
-        "out_of_order": len(out_of_order) + len(id_order),
-        "out_of_order_examples": out_of_order[:10]
-        + [{"delivery_id_after": a, "delivery_id": b} for a, b in id_order[:5]],
-        "app_duplicates": len(app_dups),
-        "app_duplicate_examples": app_dups[:10],
-        "resend_duplicates": resend_dups,
+        "out_of_order": len(w.out_of_order) + len(w.id_order),
+        "out_of_order_examples": w.out_of_order[:10]
+        + [{"delivery_id_after": a, "delivery_id": b} for a, b in w.id_order[:5]],
+        "app_duplicates": len(w.app_dups),
+        "app_duplicate_examples": w.app_dups[:10],
+        "resend_duplicates": st.get("resend_duplicates_dropped", 0),
         "wire_duplicates": st.get("duplicates_dropped", 0),
-        "unexpected": len(unexpected),
-        "unexpected_examples": unexpected[:10],
+        "unexpected": len(w.unexpected),
+        "unexpected_examples": w.unexpected[:10],
         "unanswered": len(unanswered),
         "unanswered_numbers": unanswered[:20],
         "pending_at_end": r.pending_at_end,
         "retried": len(r.retried),
-        "reordered_by_resend": reordered_by_resend,
+        "reordered_by_resend": w.reordered_by_resend,
         "refused": len(r.refused),
         "reconnects": st.get("reconnects", 0),
         "resent": st.get("resent", 0),
@@ -980,15 +834,13 @@ def check_client(r: ClientRun) -> dict[str, Any]:
     }
 
 
-def live_stats(runs: list[ClientRun], flips: list[Flip]) -> dict[str, Any]:
-    after_ack = [(f.flip_ns - f.last_ack_ns) / 1e6 for f in flips if f.last_ack_ns > 0]
-    by_client: dict[str, list[int]] = {}
-    for f in flips:
-        by_client.setdefault(f.client_id, []).append(f.flip_ns)
-    # LIVE after reconnect: only for reconnects that needed a replay (the record read right
-    # after the reconnect said REPLAYING, or a flip came before that read), the first flip
-    # after the reconnect and before the next one. A flip after a later divert on the same
-    # stream is not a reconnect's doing.
+def _after_reconnect(
+    runs: list[ClientRun], by_client: dict[str, list[int]]
+) -> tuple[list[float], int, int]:
+    """LIVE after reconnect (ms), reconnects LIVE at once, reconnects left before LIVE. Only
+    for reconnects that needed a replay (the record read right after the reconnect said
+    REPLAYING, or a flip came before that read), the first flip after the reconnect and before
+    the next one. A flip after a later divert on the same stream is not a reconnect's doing."""
     after_reconnect: list[float] = []
     direct_live = unflipped = 0
     for r in runs:
@@ -1006,12 +858,18 @@ def live_stats(runs: list[ClientRun], flips: list[Flip]) -> dict[str, Any]:
                     after_reconnect.append((flip - connect_ns) / 1e6)
             elif status == "LIVE":
                 direct_live += 1
-    # LIVE after the application took the last result of its backlog (the client side of "within
-    # 100 ms of acking its backlog"; the library acks at most ack_interval later): per flip, the
-    # last result this client took before it, if that came after the client's previous flip and
-    # reconnect (else the flip needed no backlog delivery and is not counted here).
-    after_take: list[float] = []
-    slow_take: list[tuple[float, str, int]] = []
+    return after_reconnect, direct_live, unflipped
+
+
+def _after_last_result(
+    runs: list[ClientRun], by_client: dict[str, list[int]]
+) -> list[tuple[float, str, int]]:
+    """(ms, client id, flip ns): LIVE after the application took the last result of its backlog
+    (the client side of "within 100 ms of acking its backlog"; the library acks at most
+    ack_interval later). Per flip, the last result this client took before it, if that came
+    after the client's previous flip and reconnect (else the flip needed no backlog delivery
+    and is not counted here)."""
+    out: list[tuple[float, str, int]] = []
     runs_by_id = {r.client_id: r for r in runs}
     for cid, fl in by_client.items():
         r = runs_by_id.get(cid)
@@ -1027,8 +885,18 @@ def live_stats(runs: list[ClientRun], flips: list[Flip]) -> dict[str, Any]:
             j = bisect.bisect_right(r.reconnect_ns, flip)
             since = max(fl[k - 1] if k else 0, r.reconnect_ns[j - 1] if j else 0)
             if last > since:
-                after_take.append((flip - last) / 1e6)
-                slow_take.append(((flip - last) / 1e6, cid, flip))
+                out.append(((flip - last) / 1e6, cid, flip))
+    return out
+
+
+def live_stats(runs: list[ClientRun], flips: list[Flip]) -> dict[str, Any]:
+    after_ack = [(f.flip_ns - f.last_ack_ns) / 1e6 for f in flips if f.last_ack_ns > 0]
+    by_client: dict[str, list[int]] = {}
+    for f in flips:
+        by_client.setdefault(f.client_id, []).append(f.flip_ns)
+    after_reconnect, direct_live, unflipped = _after_reconnect(runs, by_client)
+    slow_take = _after_last_result(runs, by_client)
+    after_take = [ms for ms, _, _ in slow_take]
     slow_take.sort(reverse=True)
     slowest = sorted((f for f in flips if f.last_ack_ns), key=lambda f: f.last_ack_ns - f.flip_ns)
     return {
@@ -1099,48 +967,33 @@ def evidence(run: Run, r: ClientRun, c: dict[str, Any], logs: list[Path]) -> dic
     }
 
 
-def summarize(
-    run: Run,
-    fleet: Fleet,
-    clients: Clients,
-    flips: list[Flip],
-    settled: bool,
-    settle_s: float,
-    schedule: list[Action],
-) -> dict[str, Any]:
-    args = run.args
-    per_client = [check_client(r) for r in clients.runs]
+# Per-client counts summed into the totals (check_client's keys)
+TOTALS = (
+    "sent",
+    "receipted",
+    "results",
+    "lost",
+    "lost_middle",
+    "lost_tail",
+    "out_of_order",
+    "app_duplicates",
+    "resend_duplicates",
+    "reordered_by_resend",
+    "wire_duplicates",
+    "unexpected",
+    "unanswered",
+    "pending_at_end",
+    "retried",
+    "refused",
+    "reconnects",
+    "resent",
+    "skipped_by_library",
+    "gaps",
+)
 
-    def total(key: str) -> int:
-        return sum(int(c[key]) for c in per_client)
 
-    counts = run.counts
-    totals = {
-        k: total(k)
-        for k in (
-            "sent",
-            "receipted",
-            "results",
-            "lost",
-            "lost_middle",
-            "lost_tail",
-            "out_of_order",
-            "app_duplicates",
-            "resend_duplicates",
-            "reordered_by_resend",
-            "wire_duplicates",
-            "unexpected",
-            "unanswered",
-            "pending_at_end",
-            "retried",
-            "refused",
-            "reconnects",
-            "resent",
-            "skipped_by_library",
-            "gaps",
-        )
-    }
-    totals["failed_clients"] = sum(1 for c in per_client if c["failure"])
+def chaos_played(counts: Counter[str], schedule: list[Action]) -> dict[str, Any]:
+    """The faults planned, and those played (from the run's counters)."""
     chaos: dict[str, Any] = {
         "planned": dict(Counter(a.kind for a in schedule)),
         "switches": counts["switches"],
@@ -1159,6 +1012,49 @@ def summarize(
     chaos["kills"] = (
         chaos["pod_kills"] + chaos["worker_kills"] + chaos["kafka_kills"] + chaos["redis_kills"]
     )
+    return chaos
+
+
+def run_config(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    return {
+        "clients": args.clients,
+        "rate_per_client": args.rate,
+        "duration_s": args.duration,
+        "settle_timeout_s": args.settle_timeout,
+        "pods": args.pods,
+        "workers": args.workers,
+        "partitions": args.partitions,
+        "delivery_timeout_ms": args.delivery_timeout_ms,
+        "status_interval_ms": args.status_interval_ms,
+        "rates_per_min": {
+            "switch": args.switch_rate,
+            "cut": args.cut_rate,
+            "pod_kill": args.pod_kill_rate,
+            "worker_kill": args.worker_kill_rate,
+            "redis_cut": args.redis_cut_rate,
+        },
+        "kafka_kills": args.kafka_kills,
+        "redis_kills": args.redis_kills,
+        "restart_delay_s": list(args.restart_delay),
+        "kafka_port": args.kafka_port,
+        "redis_port": args.redis_port,
+        "run_dir": str(run_dir),
+        "client_prefix": args.prefix,
+    }
+
+
+def summarize(
+    run: Run,
+    fleet: Fleet,
+    clients: Clients,
+    flips: list[Flip],
+    settled: bool,
+    settle_s: float,
+    schedule: list[Action],
+) -> dict[str, Any]:
+    per_client = [check_client(r) for r in clients.runs]
+    totals = {k: sum(int(c[k]) for c in per_client) for k in TOTALS}
+    totals["failed_clients"] = sum(1 for c in per_client if c["failure"])
     procs = [
         {
             "name": p.name,
@@ -1187,34 +1083,10 @@ def summarize(
     ]
     return {
         "ok": ok,
-        "seed": args.seed,
-        "config": {
-            "clients": args.clients,
-            "rate_per_client": args.rate,
-            "duration_s": args.duration,
-            "settle_timeout_s": args.settle_timeout,
-            "pods": args.pods,
-            "workers": args.workers,
-            "partitions": args.partitions,
-            "delivery_timeout_ms": args.delivery_timeout_ms,
-            "status_interval_ms": args.status_interval_ms,
-            "rates_per_min": {
-                "switch": args.switch_rate,
-                "cut": args.cut_rate,
-                "pod_kill": args.pod_kill_rate,
-                "worker_kill": args.worker_kill_rate,
-                "redis_cut": args.redis_cut_rate,
-            },
-            "kafka_kills": args.kafka_kills,
-            "redis_kills": args.redis_kills,
-            "restart_delay_s": list(args.restart_delay),
-            "kafka_port": args.kafka_port,
-            "redis_port": args.redis_port,
-            "run_dir": str(run.dir),
-            "client_prefix": args.prefix,
-        },
+        "seed": run.args.seed,
+        "config": run_config(run.args, run.dir),
         "totals": totals,
-        "chaos": chaos,
+        "chaos": chaos_played(run.counts, schedule),
         "live": live_stats(clients.runs, flips),
         "harness_lag_s": {k: dist(v) for k, v in run.lag.items()},
         "settled": settled,
@@ -1226,12 +1098,9 @@ def summarize(
     }
 
 
-def render(s: dict[str, Any]) -> str:
-    t, ch, lv, cfg = s["totals"], s["chaos"], s["live"], s["config"]
-    ack, rec, gap = lv["after_last_ack_ms"], lv["after_reconnect_ms"], lv["reconnect_gap_s"]
-    took = lv["after_last_result_ms"]
-    hl = s["harness_lag_s"]["asyncio"]
-    rows = [
+def _outcome_rows(t: dict[str, Any]) -> list[tuple[str, Any]]:
+    """What the clients sent and got: the contract's counts first, then what is allowed."""
+    return [
         ("events sent", t["sent"]),
         ("events receipted", t["receipted"]),
         ("results delivered (app)", t["results"]),
@@ -1254,6 +1123,12 @@ def render(s: dict[str, Any]) -> str:
             "events retried (UNAVAILABLE)",
             f"{t['retried']}  (resent after a lost receipt: {t['resent']})",
         ),
+    ]
+
+
+def _fault_rows(t: dict[str, Any], ch: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The faults played, and the processes' own exits."""
+    return [
         (
             "client reconnects",
             f"{t['reconnects']}  (switches {ch['switches']}, cuts mid-write {ch['cuts']})",
@@ -1271,6 +1146,16 @@ def render(s: dict[str, Any]) -> str:
             "process exits (restarted)",
             f"crashed {ch['process_crashes']}, failed to start {ch['process_start_failures']}",
         ),
+    ]
+
+
+def _timing_rows(s: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Time to LIVE, the reconnect gap, the harness's own lag, the settle phase."""
+    lv = s["live"]
+    ack, rec, gap = lv["after_last_ack_ms"], lv["after_reconnect_ms"], lv["reconnect_gap_s"]
+    took = lv["after_last_result_ms"]
+    hl = s["harness_lag_s"]["asyncio"]
+    return [
         (
             "flips to LIVE seen",
             f"{lv['flips']}  ({lv['flips_without_ack_time']} without an ack time)",
@@ -1304,26 +1189,28 @@ def render(s: dict[str, Any]) -> str:
         ("settled", f"{s['settled']} in {s['settle_s']} s"),
         ("elapsed", f"{s['elapsed_s']} s"),
     ]
-    head = (
-        f"Nimbus chaos: {cfg['clients']} clients x {cfg['rate_per_client']:g} ev/s, {cfg['pods']} pods,"
-        f" {cfg['workers']} workers, {cfg['duration_s']:g} s chaos, seed {s['seed']}"
-    )
-    width = max(len(k) for k, _ in rows)
-    lines = [head, "-" * len(head)]
-    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
-    lines.append("")
-    lines.append(
+
+
+def _client_lines(per_client: list[dict[str, Any]]) -> list[str]:
+    """One line per client: its counts, and its failure if it failed."""
+    lines = [
         f"  {'client':<28} {'sent':>6} {'rcpt':>6} {'res':>6} {'lost':>5} {'mid':>4} {'ooo':>4}"
         f" {'dupA':>4} {'dupR':>4} {'dupW':>5} {'unex':>4} {'rcon':>5}"
-    )
-    for c in s["per_client"]:
+    ]
+    for c in per_client:
         lines.append(
             f"  {c['client_id']:<28} {c['sent']:>6} {c['receipted']:>6} {c['results']:>6} {c['lost']:>5}"
             f" {c['lost_middle']:>4} {c['out_of_order']:>4} {c['app_duplicates']:>4}"
             f" {c['resend_duplicates']:>4} {c['wire_duplicates']:>5} {c['unexpected']:>4} {c['reconnects']:>5}"
             + (f"  FAILED: {c['failure']}" if c["failure"] else "")
         )
-    for v in s["violations"][:5]:
+    return lines
+
+
+def _violation_lines(violations: list[dict[str, Any]]) -> list[str]:
+    """The evidence of the first 5 clients that broke the contract."""
+    lines: list[str] = []
+    for v in violations[:5]:
         lines.append("")
         lines.append(f"  violation at {v['client_id']}:")
         for key in (
@@ -1336,6 +1223,22 @@ def render(s: dict[str, Any]) -> str:
         ):
             if v[key]:
                 lines.append(f"    {key}: {json.dumps(v[key])[:600]}")
+    return lines
+
+
+def render(s: dict[str, Any]) -> str:
+    t, cfg = s["totals"], s["config"]
+    rows = [*_outcome_rows(t), *_fault_rows(t, s["chaos"]), *_timing_rows(s)]
+    head = (
+        f"Nimbus chaos: {cfg['clients']} clients x {cfg['rate_per_client']:g} ev/s, {cfg['pods']} pods,"
+        f" {cfg['workers']} workers, {cfg['duration_s']:g} s chaos, seed {s['seed']}"
+    )
+    width = max(len(k) for k, _ in rows)
+    lines = [head, "-" * len(head)]
+    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    lines.append("")
+    lines += _client_lines(s["per_client"])
+    lines += _violation_lines(s["violations"])
     lines.append("")
     lines.append(f"  run folder: {cfg['run_dir']}")
     lines.append("RESULT: " + ("OK" if s["ok"] else "FAILED"))
@@ -1371,48 +1274,49 @@ async def progress(run: Run, fleet: Fleet, clients: Clients, brokers: Brokers) -
 
 
 def build_fleet(run: Run, args: argparse.Namespace, kafka: str, redis: str) -> Fleet:
-    rid = args.prefix
     base = {
-        **os.environ,
-        "NIMBUS_ENGINE": "real",
-        "NIMBUS_KAFKA_BROKERS": kafka,
-        "NIMBUS_REDIS_ADDRESS": redis,
-        "NIMBUS_KAFKA_EVENTS_TOPIC": f"{rid}-events",
-        "NIMBUS_KAFKA_RESULTS_TOPIC": f"{rid}-results",
-        "NIMBUS_KAFKA_DLQ_TOPIC": f"{rid}-dlq",
-        "NIMBUS_KAFKA_PARTITIONS": str(args.partitions),
-        # Own Redis namespace per run (keys and channels), so runs and tests never mix.
-        "NIMBUS_REDIS_PREFIX": redis_prefix(args),
-        "NIMBUS_HOST": HOST,
+        **nimbus_env(args.prefix, kafka, redis, args.partitions),
         "NIMBUS_SHUTDOWN_TIMEOUT_SEC": str(args.shutdown_timeout),
         "NIMBUS_DELIVERY_TIMEOUT_MS": str(args.delivery_timeout_ms),
         "NIMBUS_STATUS_INTERVAL_MS": str(args.status_interval_ms),
         "NIMBUS_LOG_LEVEL": args.log_level,
         "NIMBUS_LOG_FORMAT": "human",
-        "PYTHONUNBUFFERED": "1",
         # A process that crashes (e.g. SIGSEGV in a C library) prints every thread's stack
         # into its log, so the crash can be traced afterwards.
         "PYTHONFAULTHANDLER": "1",
     }
-    procs = []
-    for i in range(args.pods):
-        port = free_port()
-        env = {
-            **base,
-            "NIMBUS_PORT": str(port),
-            "NIMBUS_REDIS_EVENTS_CHANNEL": f"{rid}-pod{i}",
-            "NIMBUS_INSTANCE_ID": f"pod{i}",
-        }
-        procs.append(Proc(f"pod{i}", "pod", "nimbus.server", env, run.dir / f"pod{i}.log", port))
-    for i in range(args.workers):
-        env = {**base, "NIMBUS_INSTANCE_ID": f"worker{i}"}
-        procs.append(
-            Proc(f"worker{i}", "worker", "nimbus.workers", env, run.dir / f"worker{i}.log")
-        )
-    return Fleet(run, procs)
+    # Killed with the harness, however it dies; each start marked in the log.
+    options: dict[str, Any] = {"die_with_parent": True, "log_banner": "chaos"}
+    return Fleet(
+        run,
+        [pod(base, args.prefix, i, run.dir, **options) for i in range(args.pods)]
+        + [
+            worker(f"worker{i}", base, run.dir, WORKER_READY, **options)
+            for i in range(args.workers)
+        ],
+    )
 
 
-async def main_async(args: argparse.Namespace) -> tuple[dict[str, Any] | None, int]:
+@dataclass(eq=False)
+class Harness:
+    """One chaos run's parts, and how far it got."""
+
+    run: Run
+    brokers: Brokers
+    fleet: Fleet
+    clients: Clients
+    schedule: list[Action]
+    redis: str
+    flips: list[Flip] = field(default_factory=list)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # the whole run's
+    interrupted: bool = False
+    clients_started: bool = False
+    settled: bool = False
+    settle_s: float = 0.0
+
+
+def set_up(args: argparse.Namespace) -> Harness:
+    """The run, its brokers, processes, clients and fault schedule (schedule.json); none started."""
     run = Run(args)
     env = {
         **os.environ,
@@ -1427,17 +1331,8 @@ async def main_async(args: argparse.Namespace) -> tuple[dict[str, Any] | None, i
         ClientRun(i, f"{args.prefix}-c{i:03d}", pods[i % len(pods) :] + pods[: i % len(pods)])
         for i in range(args.clients)
     ]
-    clients = Clients(run, runs)
-    flips: list[Flip] = []
     schedule = make_schedule(args)
     (run.dir / "schedule.json").write_text(json.dumps([a.__dict__ for a in schedule], indent=1))
-    rng = random.Random(f"{args.seed}:clients")
-    state: dict[str, Any] = {
-        "interrupted": False,
-        "clients_started": False,
-        "settled": False,
-        "settle_s": 0.0,
-    }
     run.event(
         "run",
         seed=args.seed,
@@ -1448,106 +1343,124 @@ async def main_async(args: argparse.Namespace) -> tuple[dict[str, Any] | None, i
         dir=str(run.dir),
         planned=dict(Counter(a.kind for a in schedule)),
     )
+    return Harness(run, brokers, fleet, Clients(run, runs), schedule, redis)
+
+
+async def on_signals(h: Harness) -> None:
+    """The first SIGINT/SIGTERM stops the run (cleanly); a second one exits at once."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+        async for sig in sigs:
+            if not h.interrupted:
+                h.interrupted = True
+                h.run.event(f"{signal.Signals(sig).name}: stopping (again to exit at once)")
+                h.scope.cancel()
+            else:
+                h.fleet.kill_now()
+                os._exit(130)
+
+
+async def settle(h: Harness, faults: trio.Nursery) -> None:
+    """Brokers and processes up, then every client settled (within --settle-timeout)."""
+    args, runs = h.run.args, h.clients.runs
+    t = trio.current_time()
+    with trio.move_on_after(args.settle_timeout):
+        await wait_until(lambda: not h.brokers.busy)  # a broker restart in progress
+        await h.brokers.ensure_up()
+        await h.fleet.wait_ready(args.settle_timeout)
+        await wait_until(lambda: all(r.settled() for r in runs), 0.25)
+        h.settled = True
+    faults.cancel_scope.cancel()
+    h.settle_s = trio.current_time() - t
+
+
+async def run_clients(h: Harness) -> None:
+    """The clients through the chaos, the settle phase and their close."""
+    run, args, clients, runs = h.run, h.run.args, h.clients, h.clients.runs
+    rng = random.Random(f"{args.seed}:clients")
+    async with trio.open_nursery() as client_nursery:
+        h.clients_started = True
+        for r in runs:
+            client_nursery.start_soon(clients.run_client, r, random.Random(rng.random()))
+        with trio.move_on_after(60):
+            await wait_until(lambda: all(r.client or r.failure for r in runs), 0.1)
+        run.phase = "chaos"
+        run.event("chaos starts", duration=args.duration)
+        chaos_end = trio.current_time() + args.duration
+        async with trio.open_nursery() as faults:
+            with trio.move_on_at(chaos_end):
+                await play(run, h.schedule, h.fleet, h.brokers, clients, faults)
+                await trio.sleep_until(chaos_end)
+            clients.stop_sending.set()
+            run.phase = "settle"
+            run.event(
+                "chaos over: stop sending, bring everything up, settle",
+                timeout=args.settle_timeout,
+            )
+            await settle(h, faults)
+        run.event(
+            "settled" if h.settled else "settle TIMED OUT",
+            after=f"{h.settle_s:.1f}s",
+        )
+        run.phase = "close"
+        clients.close.set()
+        with trio.move_on_after(15):
+            for r in runs:
+                await r.done.wait()
+        client_nursery.cancel_scope.cancel()
+
+
+async def run_phases(h: Harness) -> int:
+    """Brokers up, processes started and kept up, then the clients' run (run_clients)."""
+    run, args, fleet = h.run, h.run.args, h.fleet
+    if not await h.brokers.ensure_up():
+        run.event("cannot start Kafka/Redis with scripts/services.sh; see services.log")
+        return 2
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        nursery.start_soon(fleet.supervise)
+        nursery.start_soon(progress, run, fleet, h.clients, h.brokers)
+        nursery.start_soon(watch_flips, run, h.redis, args.prefix, h.flips)
+        nursery.start_soon(probe_lag, run)
+        nursery.start_soon(h.clients.check_records, h.redis, redis_prefix(args))
+        if not await fleet.wait_ready(args.start_timeout):
+            not_up = [p.name for p in fleet.procs if not p.ready]
+            run.event("processes not ready in time", procs=",".join(not_up))
+            nursery.cancel_scope.cancel()
+            return 2
+        run.event("all processes ready")
+        await run_clients(h)
+        nursery.cancel_scope.cancel()
+    return 0
+
+
+async def main_async(args: argparse.Namespace) -> tuple[dict[str, Any] | None, int]:
+    h = set_up(args)
+    run = h.run
     # Everything is bounded by one deadline, on top of the per-phase limits.
     limit = args.start_timeout + args.duration + args.settle_timeout + 600
-    main_scope = trio.CancelScope(deadline=trio.current_time() + limit)
-
-    async def on_signals() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
-            async for sig in sigs:
-                if not state["interrupted"]:
-                    state["interrupted"] = True
-                    run.event(f"{signal.Signals(sig).name}: stopping (again to exit at once)")
-                    main_scope.cancel()
-                else:
-                    fleet.kill_now()
-                    os._exit(130)
-
-    async def settle(faults: trio.Nursery) -> None:
-        t = trio.current_time()
-        with trio.move_on_after(args.settle_timeout):
-            await wait_until(lambda: not brokers.busy)  # a broker restart in progress
-            await brokers.ensure_up()
-            await fleet.wait_ready(args.settle_timeout)
-            await wait_until(lambda: all(r.settled() for r in runs), 0.25)
-            state["settled"] = True
-        faults.cancel_scope.cancel()
-        state["settle_s"] = trio.current_time() - t
-
-    async def body() -> int:
-        if not await brokers.ensure_up():
-            run.event("cannot start Kafka/Redis with scripts/services.sh; see services.log")
-            return 2
-        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-            nursery.start_soon(fleet.supervise)
-            nursery.start_soon(progress, run, fleet, clients, brokers)
-            nursery.start_soon(watch_flips, run, redis, args.prefix, flips)
-            nursery.start_soon(probe_lag, run)
-            nursery.start_soon(clients.check_records, redis, redis_prefix(args))
-            if not await fleet.wait_ready(args.start_timeout):
-                not_up = [p.name for p in fleet.procs if not p.ready]
-                run.event("processes not ready in time", procs=",".join(not_up))
-                nursery.cancel_scope.cancel()
-                return 2
-            run.event("all processes ready")
-            async with trio.open_nursery() as client_nursery:
-                state["clients_started"] = True
-                for r in runs:
-                    client_nursery.start_soon(clients.run_client, r, random.Random(rng.random()))
-                with trio.move_on_after(60):
-                    await wait_until(lambda: all(r.client or r.failure for r in runs), 0.1)
-                run.phase = "chaos"
-                run.event("chaos starts", duration=args.duration)
-                chaos_end = trio.current_time() + args.duration
-                async with trio.open_nursery() as faults:
-                    with trio.move_on_at(chaos_end):
-                        await play(run, schedule, fleet, brokers, clients, faults)
-                        await trio.sleep_until(chaos_end)
-                    clients.stop_sending.set()
-                    run.phase = "settle"
-                    run.event(
-                        "chaos over: stop sending, bring everything up, settle",
-                        timeout=args.settle_timeout,
-                    )
-                    await settle(faults)
-                run.event(
-                    "settled" if state["settled"] else "settle TIMED OUT",
-                    after=f"{state['settle_s']:.1f}s",
-                )
-                run.phase = "close"
-                clients.close.set()
-                with trio.move_on_after(15):
-                    for r in runs:
-                        await r.done.wait()
-                client_nursery.cancel_scope.cancel()
-            nursery.cancel_scope.cancel()
-        return 0
-
+    h.scope.deadline = trio.current_time() + limit
     code = 1
     try:
         async with trio.open_nursery() as top:
-            top.start_soon(on_signals)
+            top.start_soon(on_signals, h)
             try:
-                with main_scope:
-                    code = await body()
-                if main_scope.cancelled_caught and not state["interrupted"]:
+                with h.scope:
+                    code = await run_phases(h)
+                if h.scope.cancelled_caught and not h.interrupted:
                     run.event(f"run limit of {limit:.0f}s reached")
             finally:
                 top.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             run.phase = "stop"
-            await fleet.stop(grace=args.shutdown_timeout + 3)
+            await h.fleet.stop_all(grace=args.shutdown_timeout + 3)
             # Leave Kafka and Redis running, whatever the chaos did to them.
             with trio.move_on_after(300):
-                await brokers.ensure_up()
+                await h.brokers.ensure_up()
             run.close()
     summary = None
-    if state["clients_started"]:
-        summary = summarize(
-            run, fleet, clients, flips, state["settled"], state["settle_s"], schedule
-        )
-    if state["interrupted"]:
+    if h.clients_started:
+        summary = summarize(run, h.fleet, h.clients, h.flips, h.settled, h.settle_s, h.schedule)
+    if h.interrupted:
         return summary, 130
     if code:
         return summary, code

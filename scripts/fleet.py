@@ -25,20 +25,65 @@ from pathlib import Path
 import trio
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+if str(ROOT / "scripts") not in sys.path:  # procs.py, shared.py, also when imported (bench.py)
+    sys.path.insert(0, str(ROOT / "scripts"))
 
-import bench  # noqa: E402
+from procs import Fleet, nimbus_env, pod, worker  # noqa: E402
+from shared import HOST  # noqa: E402
 
 from nimbus.entry import EXIT_UNAVAILABLE, ArgumentParser  # noqa: E402
 
 KAFKA_CLIENTS = ("kafka-python", "librdkafka")
 
 
+class BenchFleet(Fleet):
+    """The bench's topology on its own topics and Redis namespace (`args.prefix`): 2 pods and
+    `args.workers` worker processes; with `args.status_process` the status manager in a process
+    of its own, with `args.split_roles` each worker's event consumer too (eventsN)."""
+
+    def __init__(self, args: argparse.Namespace, run_dir: Path, kafka: str, redis: str) -> None:
+        self.rid = args.prefix
+        self.idle_util: dict[str, float] = {}  # CPUs each process uses with nothing to do
+        base = {**nimbus_env(self.rid, kafka, redis, args.partitions), "NIMBUS_LOG_LEVEL": "INFO"}
+        # Room for the replay phase's 5x window (the queue must exceed the window + an ingest
+        # batch) and for the idle streams beside the phase's others.
+        window = int(base.get("NIMBUS_REPLAY_WINDOW", "2000"))
+        queue = int(base.get("NIMBUS_STREAM_QUEUE", "10000"))
+        base["NIMBUS_STREAM_QUEUE"] = str(max(queue, 5 * window + 1000))
+        base["NIMBUS_MAX_STREAMS"] = str(
+            max(int(base.get("NIMBUS_MAX_STREAMS", "10000")), args.streams + 1000)
+        )
+        split = getattr(args, "status_process", False)
+        by_role = getattr(args, "split_roles", False)
+        roles = ["results", "replay"] if by_role else ["events", "results", "replay"]
+        procs = [pod(base, self.rid, i, run_dir) for i in range(2)]
+        procs += [
+            worker(
+                f"worker{i}",
+                base,
+                run_dir,
+                "replay consumer up" if split else "status manager up",
+                "--roles",
+                ",".join(roles if split else [*roles, "status"]),
+            )
+            for i in range(args.workers)
+        ]
+        if by_role:
+            procs += [
+                worker(f"events{i}", base, run_dir, "event consumer up", "--roles", "events")
+                for i in range(args.workers)
+            ]
+        if split:
+            procs.append(worker("status", base, run_dir, "status manager up", "--roles", "status"))
+        super().__init__(procs)
+
+
 def fleet_args(
     *, workers: int = 1, partitions: int = 8, prefix: str | None = None
 ) -> argparse.Namespace:
-    """The namespace bench.Fleet reads (the bench's defaults)."""
+    """The namespace BenchFleet reads (the bench's defaults)."""
     return argparse.Namespace(
         prefix=prefix or f"fleet-{secrets.token_hex(3)}",
         partitions=partitions,
@@ -51,19 +96,19 @@ def fleet_args(
 
 def make_fleet(
     ns: argparse.Namespace, run_dir: Path, kafka: str, redis: str, kafka_client: str
-) -> bench.Fleet:
-    fleet = bench.Fleet(ns, run_dir, kafka, redis)
+) -> BenchFleet:
+    fleet = BenchFleet(ns, run_dir, kafka, redis)
     for p in fleet.procs:
         p.env["NIMBUS_KAFKA_CLIENT"] = kafka_client
     return fleet
 
 
 async def main_async(a: argparse.Namespace) -> int:
-    kafka, redis = f"{bench.HOST}:{a.kafka_port}", f"{bench.HOST}:{a.redis_port}"
+    kafka, redis = f"{HOST}:{a.kafka_port}", f"{HOST}:{a.redis_port}"
     for what, port in (("Kafka", a.kafka_port), ("Redis", a.redis_port)):
         try:
             with trio.fail_after(5):
-                s = await trio.open_tcp_stream(bench.HOST, port)
+                s = await trio.open_tcp_stream(HOST, port)
             await s.aclose()
         except (OSError, trio.TooSlowError):
             print(f"fleet.py: {what} is not reachable on port {port}: bash scripts/services.sh up")

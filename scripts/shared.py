@@ -1,6 +1,7 @@
-"""Helpers the scripts share (bench.py, chaos.py, load_client.py; fleet.py and bench_realtime.py
-through bench): the nearest-rank percentile, a free port, and the watcher of the status manager's
-flips. Imported as a sibling (`import shared`): the scripts put scripts/ on sys.path."""
+"""Helpers the scripts share (bench.py, chaos.py, load_client.py, procs.py; fleet.py and
+bench_realtime.py through them): the nearest-rank percentile, a free port, polling for a
+condition, and the watcher of the status manager's flips. Imported as a sibling (`import shared`):
+the scripts put scripts/ on sys.path."""
 
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
+
+
+async def wait_until(predicate: Callable[[], bool], period: float = 0.2) -> None:
+    """Poll `predicate` (state that many tasks change, several processes included)."""
+    while not predicate():  # noqa: ASYNC110 - no single event to wait on
+        await trio.sleep(period)
 
 
 async def watch_flips(

@@ -1,14 +1,22 @@
 """The benchmark's pure parts (scripts/bench.py, scripts/load_client.py): parsing Kafka's perf
-tools, summarising py-spy stacks, per-stage latency from traces; and the client's lazy trace."""
+tools, summarising py-spy stacks, per-stage latency from traces; and the client's lazy trace.
+Also the Nimbus processes the scripts start (scripts/procs.py), with a stand-in module in their
+place: start and readiness, stop, kill and restart, supervision, death with the script."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
+import trio
 
 from nimbus.client import Result
 from nimbus.proto_gen.nimbus import ErrorCode, EventError, LogEntry
@@ -427,3 +435,172 @@ def test_realtime_render_tables_the_stages_per_adapter() -> None:
     assert "| result-router/route -> server/deliver | 0.10 / 1.00 |" in "\n".join(
         rt.stage_tables(runs)
     )
+
+
+# --- the scripts' Nimbus processes (scripts/procs.py: bench.py, fleet.py, chaos.py) --------------
+
+procs = _load("procs")
+
+# Stands in for `python -m nimbus.server`: says it is up after FAKE_DELAY s, then lives (or, with
+# FAKE_EXIT, exits with that code at once, or FAKE_AFTER s after it is up).
+FAKE = """\
+import os, sys, time
+if os.environ.get("FAKE_EXIT") and not os.environ.get("FAKE_AFTER"):
+    sys.exit(int(os.environ["FAKE_EXIT"]))
+time.sleep(float(os.environ.get("FAKE_DELAY", "0")))
+print("fake is up", flush=True)
+if os.environ.get("FAKE_AFTER"):
+    time.sleep(float(os.environ["FAKE_AFTER"]))
+    sys.exit(int(os.environ["FAKE_EXIT"]))
+time.sleep(600)
+"""
+
+
+def _fake_env(tmp_path: Path, **env: str) -> dict[str, str]:
+    (tmp_path / "fakeproc.py").write_text(FAKE)
+    return {**os.environ, "PYTHONPATH": str(tmp_path), **env}
+
+
+def _fake(tmp_path: Path, name: str, kind: str = "pod", **env: str) -> Any:
+    full = _fake_env(tmp_path, **env)
+    return procs.Proc(name, kind, "fakeproc", full, tmp_path / f"{name}.log", "fake is up")
+
+
+class Heard(procs.Fleet):  # type: ignore[misc,name-defined]
+    """A Fleet that notes what `supervise` tells it: (what, process, starts, trio time, detail)."""
+
+    def __init__(self, members: list[Any]) -> None:
+        super().__init__(members)
+        self.events: list[tuple[str, str, int, float, Any]] = []
+
+    def _note(self, what: str, p: Any, detail: Any = None) -> None:
+        self.events.append((what, p.name, p.starts, trio.current_time(), detail))
+
+    def on_start(self, p: Any) -> None:
+        self._note("start", p)
+
+    def on_exit(self, p: Any, rc: int, uptime: float, was_ready: bool) -> None:
+        self._note("exit", p, (rc, was_ready))
+
+    def on_ready(self, p: Any) -> None:
+        self._note("ready", p)
+
+    def of(self, name: str, what: str) -> list[tuple[str, str, int, float, Any]]:
+        return [e for e in self.events if e[1] == name and e[0] == what]
+
+
+async def test_fleet_start_waits_for_the_marker_then_stop_terminates(tmp_path: Path) -> None:
+    slow = _fake(tmp_path, "pod0", FAKE_DELAY="0.5")
+    fleet = procs.Fleet([slow, _fake(tmp_path, "worker0", kind="worker")])
+    with trio.fail_after(20):
+        t0 = trio.current_time()
+        await fleet.start()
+        assert trio.current_time() - t0 >= 0.5
+    assert all(p.ready and p.alive for p in fleet.procs)
+    assert [p.name for p in fleet.pods] == ["pod0"]
+    assert [p.name for p in fleet.workers] == ["worker0"]
+    assert set(fleet.cpu()) == {"pod0", "worker0"}
+    fleet.stop()
+    assert [p.popen.returncode for p in fleet.procs] == [-signal.SIGTERM] * 2
+    assert "=====" not in slow.log.read_text()  # no banner unless asked
+
+
+async def test_fleet_start_fails_when_a_process_exits(tmp_path: Path) -> None:
+    fleet = procs.Fleet([_fake(tmp_path, "pod0", FAKE_EXIT="3")])
+    with trio.fail_after(20), pytest.raises(RuntimeError, match="pod0 exited at start"):
+        await fleet.start()
+
+
+async def test_supervise_restarts_a_kill_after_its_delay_and_a_crash_with_backoff(
+    tmp_path: Path,
+) -> None:
+    victim = _fake(tmp_path, "pod0", FAKE_DELAY="0.5")
+    victim.log_banner = "test"
+    crasher = _fake(tmp_path, "worker0", kind="worker", FAKE_EXIT="4", FAKE_AFTER="0.2")
+    fleet = Heard([victim, crasher])
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fleet.supervise)
+            await procs.wait_until(lambda: victim.ready, 0.05)
+            t_kill = trio.current_time()
+            fleet.kill(victim, restart_after=1.0)
+            await procs.wait_until(
+                lambda: victim.starts == 2 and victim.ready and crasher.starts >= 3, 0.05
+            )
+            nursery.cancel_scope.cancel()
+        await fleet.stop_all(grace=5)
+    assert not any(p.alive for p in fleet.procs)
+    # The kill was ours: no exit reported, started again after its delay, then up again.
+    assert victim.kills == 1 and not fleet.of("pod0", "exit")
+    assert [e[2] for e in fleet.of("pod0", "start")] == [1, 2]
+    assert fleet.of("pod0", "start")[1][3] - t_kill >= 1.0
+    # Up again only once the new process says so: the first one's line does not count.
+    ready = fleet.of("pod0", "ready")[-1]
+    assert ready[2] == 2 and ready[3] - fleet.of("pod0", "start")[1][3] >= 0.5
+    log = victim.log.read_text()
+    assert "===== test: start #1 at " in log and "===== test: start #2 at " in log
+    assert log.count("fake is up") == 2
+    # Up for 0.2 s, then exit 4: a crash each time, started again 0.5 s, then 1 s after it.
+    exits, starts = fleet.of("worker0", "exit"), fleet.of("worker0", "start")
+    assert [e[4] for e in exits[:2]] == [(4, True), (4, True)]
+    assert starts[1][3] - exits[0][3] >= 0.5 and starts[2][3] - exits[1][3] >= 1.0
+
+
+async def test_a_process_that_exits_before_it_is_up_did_not_start(tmp_path: Path) -> None:
+    fleet = Heard([_fake(tmp_path, "pod0", FAKE_EXIT="3")])
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fleet.supervise)
+            await procs.wait_until(lambda: len(fleet.of("pod0", "exit")) >= 2, 0.05)
+            nursery.cancel_scope.cancel()
+        await fleet.stop_all(grace=5)
+    assert [e[4] for e in fleet.of("pod0", "exit")][:2] == [(3, False), (3, False)]
+    assert fleet.procs[0].streak >= 2
+
+
+PARENT = """\
+import sys
+from pathlib import Path
+import trio
+sys.path.insert(0, {scripts!r})
+import procs
+async def main():
+    p = procs.Proc("pod0", "pod", "fakeproc", {env!r}, Path({log!r}), "fake is up",
+                   die_with_parent={die})
+    await procs.Fleet([p]).start()
+    print(p.pid, flush=True)
+    await trio.sleep(600)
+trio.run(main)
+"""
+
+
+@pytest.mark.parametrize("die", [True, False])
+def test_die_with_parent_takes_the_process_down_with_a_killed_script(
+    tmp_path: Path, die: bool
+) -> None:
+    env = _fake_env(tmp_path)
+    code = PARENT.format(
+        scripts=str(ROOT / "scripts"), env=env, log=str(tmp_path / "pod0.log"), die=die
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True
+    ) as parent:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        parent.kill()  # SIGKILL: no cleanup of its own runs
+    deadline = time.monotonic() + 5
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert _running(child) is not die
+    finally:
+        if _running(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a killed orphan may stay one where nothing reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
