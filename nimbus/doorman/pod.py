@@ -78,7 +78,11 @@ __all__ = [
 
 class Pod(Ingest):
     def __init__(
-        self, settings: Settings, log: Log, state: RecordsAndPubSub, counters: Counters | None = None
+        self,
+        settings: Settings,
+        log: Log,
+        state: RecordsAndPubSub,
+        counters: Counters | None = None,
     ) -> None:
         super().__init__()
         self.s = settings
