@@ -35,8 +35,7 @@ from nimbus.ports import EngineError, LogUnavailable, StateUnavailable, TopicMis
 
 # Every process runs trio-asyncio with batched callbacks (`run_process`); the patch lives with the
 # other patches of grpclib and trio-asyncio internals, in nimbus.wire.grpc.
-from nimbus.wire.grpc import ASYNCIO_BATCH as ASYNCIO_BATCH
-from nimbus.wire.grpc import batch_asyncio_callbacks as batch_asyncio_callbacks
+from nimbus.wire.grpc import batch_asyncio_callbacks
 
 EXIT_OK = 0
 EXIT_FAILED = 1

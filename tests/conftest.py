@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from nimbus.entry import batch_asyncio_callbacks
+from nimbus.wire.grpc import batch_asyncio_callbacks
 
 # Nimbus's processes run trio-asyncio with batched callbacks (nimbus.entry.run_process); the
 # in-process clusters here do too.

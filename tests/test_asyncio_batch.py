@@ -8,7 +8,7 @@ import asyncio
 import trio
 import trio_asyncio
 
-from nimbus.entry import ASYNCIO_BATCH, batch_asyncio_callbacks
+from nimbus.wire.grpc import ASYNCIO_BATCH, batch_asyncio_callbacks
 
 
 async def _rounds_to_run(n: int) -> int:

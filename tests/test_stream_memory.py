@@ -9,8 +9,8 @@ import asyncio
 import grpclib.protocol
 import pytest
 
-from nimbus.doorman.server import _ListEvent, _SlimQueue, slim_grpclib_streams
 from nimbus.doorman.session import Close, Outbox
+from nimbus.wire.grpc import _ListEvent, _SlimQueue, slim_grpclib_streams
 
 
 def run(coro):

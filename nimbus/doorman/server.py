@@ -50,9 +50,6 @@ from nimbus.wire import badinput
 from nimbus.wire import grpc as grpcwire
 
 # Re-exported: tests/test_stream_memory.py imports these from here.
-from nimbus.wire.grpc import _ListEvent as _ListEvent
-from nimbus.wire.grpc import _SlimQueue as _SlimQueue
-from nimbus.wire.grpc import slim_grpclib_streams as slim_grpclib_streams
 from nimbus.wire.messages import (  # also registers descriptors for reflection
     UNAVAILABLE,
     EventRequest,
