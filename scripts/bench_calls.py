@@ -32,7 +32,7 @@ import trio_asyncio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nimbus.engines import redis as redis_engine
-from nimbus.entry import batch_asyncio_callbacks
+from nimbus.wire.grpc import batch_asyncio_callbacks
 
 
 def cpu() -> float:
