@@ -1,4 +1,4 @@
-"""nimbus.entry.batch_asyncio_callbacks: ready asyncio callbacks run together, timers and trio
+"""nimbus.wire.grpc.batch_asyncio_callbacks: ready asyncio callbacks run together, timers and trio
 tasks still get their turn, and the loop still stops cleanly."""
 
 from __future__ import annotations
