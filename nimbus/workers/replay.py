@@ -52,8 +52,10 @@ from nimbus.workers.replay_pipeline import LEASE_MS, ReplayPipeline
 _END_POLL_S = 0.02  # a fetch at a partition's end holds the shared reader this long at most
 _SHARED_FETCH = 2_000  # records per fetch through a partition's shared reader
 _WATCH_S = 0.2  # how often the service reads its replaying clients' records
-_RETRY_FIRST_S = 0.25  # a client's next replay after one ended by a fault waits this, doubling
-_RETRY_MAX_S = 10.0  # to at most this
+# A client's next replay after one ended by a fault waits 0.25 s, doubling to at most 10 s (no
+# jitter: one client's retries are spread by its own faults). Per client, not per I/O loop, so it
+# is its own policy rather than NIMBUS_RETRY_*'s.
+_CLIENT_RETRY = Policy(first=0.25, max=10.0, multiplier=2.0, jitter=0.0)
 _RETRY_FORGET_S = 600.0
 
 
@@ -306,7 +308,7 @@ class ReplayService:
         if p.delivered:
             r.failures, r.since, r.reported = 0, now, False
         r.failures += 1
-        r.not_before = now + min(_RETRY_FIRST_S * 2 ** (r.failures - 1), _RETRY_MAX_S)
+        r.not_before = now + _CLIENT_RETRY.delay(r.failures)
         stall = self.s.stall_ms / 1000
         if not r.reported and now - r.since >= stall:
             r.reported = True
@@ -319,7 +321,7 @@ class ReplayService:
                 now - r.since,
                 r.failures,
                 p.fault,
-                _RETRY_MAX_S,
+                _CLIENT_RETRY.max,
             )
         self._retry[p.client_id] = r
 
