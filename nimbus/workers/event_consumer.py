@@ -7,13 +7,15 @@ delivery id (the event's offset + 1), which the router and the client library dr
 
 from __future__ import annotations
 
+import functools
+
 import trio
 from loguru import logger
 
 from nimbus.config import Settings
 from nimbus.core import events
 from nimbus.core.channels import receive_batch
-from nimbus.core.retry import Backoff, Policy
+from nimbus.core.retry import Policy, retrying
 from nimbus.ops.stats import Counters
 from nimbus.ports import EngineError, Log, LogConsumer, Record, TopicPartition
 from nimbus.wire import badinput, packs, trace
@@ -74,16 +76,14 @@ class EventConsumer:
             nursery.start_soon(self._produce, consumer, recv)
             task_status.started()
             logger.info("event consumer up: group {}", self.s.events_group)
-            backoff = Backoff(self.retry_policy)
             async with send:
                 while True:
-                    try:
-                        batch = await consumer.poll(500, 0.5)
-                    except EngineError as e:
-                        logger.warning("event consumer: poll failed: {}", e)
-                        await backoff.wait()
-                        continue
-                    backoff.failures = 0
+                    batch = await retrying(
+                        lambda: consumer.poll(500, 0.5),
+                        EngineError,
+                        self.retry_policy,
+                        on_error=lambda _n, e: logger.warning("event consumer: poll failed: {}", e),
+                    )
                     if batch.records:
                         await send.send(self._compute(batch.records))
 
@@ -110,7 +110,6 @@ class EventConsumer:
     async def _produce(
         self, consumer: LogConsumer, recv: trio.MemoryReceiveChannel[_Batch]
     ) -> None:
-        backoff = Backoff(self.retry_policy)
         async with recv:
             while True:
                 batches = await receive_batch(recv)
@@ -119,21 +118,23 @@ class EventConsumer:
                 offsets: dict[TopicPartition, int] = {}
                 for _, o in batches:
                     offsets.update(o)  # later batches read further
-                while True:
-                    try:
-                        if out:
-                            await self.log.producer.send_batch(self.s.kafka_results_topic, out)
-                        break
-                    except EngineError as e:
-                        # Nothing is committed until the results are written: retrying is safe.
-                        logger.warning(
-                            "event consumer: producing {} results failed: {}; retrying", len(out), e
-                        )
-                        await backoff.wait()
-                backoff.failures = 0
+                if out:
+                    # Nothing is committed until the results are written: retrying is safe.
+                    await retrying(
+                        functools.partial(
+                            self.log.producer.send_batch, self.s.kafka_results_topic, out
+                        ),
+                        EngineError,
+                        self.retry_policy,
+                        on_error=functools.partial(_produce_failed, len(out)),
+                    )
                 self.counters.inc("events.processed", n)
                 consumer.commit_later(offsets)
 
 
 # ((records to write, results in them), the events topic offsets they answer)
 _Batch = tuple[tuple[list[tuple[bytes, bytes]], int], dict[TopicPartition, int]]
+
+
+def _produce_failed(n: int, _failures: int, e: Exception) -> None:
+    logger.warning("event consumer: producing {} results failed: {}; retrying", n, e)

@@ -18,7 +18,7 @@ from loguru import logger
 
 from nimbus.config import RESULTS_GROUP, Settings
 from nimbus.core.channels import receive_batch
-from nimbus.core.retry import Backoff, Policy
+from nimbus.core.retry import Backoff, Policy, retrying
 from nimbus.core.router_window import Entry, RouterWindow
 from nimbus.ops.stats import Counters
 from nimbus.ports import (
@@ -100,19 +100,17 @@ class ResultRouter:
         consumer: LogConsumer,
         send: trio.MemorySendChannel[PollResult | DeliveryReport | _Tick],
     ) -> None:
-        backoff = Backoff(self.retry_policy)
         async with send:
             while True:
                 while self.window.pending >= self.s.router_window:
                     self._space = trio.Event()
                     await self._space.wait()
-                try:
-                    result = await consumer.poll(500, 0.2)
-                except EngineError as e:
-                    logger.warning("result router: poll failed: {}", e)
-                    await backoff.wait()
-                    continue
-                backoff.failures = 0
+                result = await retrying(
+                    lambda: consumer.poll(500, 0.2),
+                    EngineError,
+                    self.retry_policy,
+                    on_error=lambda _n, e: logger.warning("result router: poll failed: {}", e),
+                )
                 if result.records or result.revoked or result.assigned:
                     await send.send(result)
 
