@@ -256,31 +256,12 @@ kafka_wait() {
 # next start recovers its log segments.
 LAST_NODE_GRACE=5
 kafka_stop_all() {
-  local n pid pids alive last_since=""
+  local n pids
   mapfile -t pids < <(for n in "${KAFKA_NODES[@]}"; do kafka_pid "$n"; done)
   ((${#pids[@]} > 0)) || return 0
   log "stopping Kafka nodes (pids ${pids[*]}, SIGTERM)"
-  kill -TERM "${pids[@]}" 2>/dev/null || true
-  local deadline=$((SECONDS + STOP_TIMEOUT))
-  while :; do
-    alive=()
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive+=("$pid"); done
-    ((${#alive[@]} == 0)) && break
-    if ((${#alive[@]} == 1 && ${#pids[@]} > 1)) && [[ -z "$last_since" ]]; then
-      last_since=$SECONDS
-    fi
-    if [[ -n "$last_since" ]] && ((SECONDS - last_since >= LAST_NODE_GRACE)); then
-      log "last node (pid ${alive[0]}) has no controller quorum for its controlled shutdown; SIGKILL"
-      stop_pids KILL "${alive[@]}"
-      break
-    fi
-    if ((SECONDS >= deadline)); then
-      log "still alive after ${STOP_TIMEOUT}s: ${alive[*]}; SIGKILL"
-      stop_pids KILL "${alive[@]}"
-      break
-    fi
-    sleep 0.2
-  done
+  LAST_GRACE=$LAST_NODE_GRACE LAST_WHY="has no controller quorum for its controlled shutdown" \
+    stop_pids TERM "${pids[@]}"
   for n in "${KAFKA_NODES[@]}"; do rm -f "$(kpidfile "$n")"; done
 }
 

@@ -99,24 +99,34 @@ wait_for_file() {
 }
 
 # stop_pids TERM|KILL PID...: send the signal and wait until all of them are gone; a TERM
-# not obeyed within STOP_TIMEOUT seconds becomes a SIGKILL.
+# not obeyed within STOP_TIMEOUT seconds becomes a SIGKILL. With LAST_GRACE set (e.g.
+# `LAST_GRACE=5 LAST_WHY="..." stop_pids TERM ...`), the last one left of several gets
+# LAST_GRACE seconds, then SIGKILL, logged with LAST_WHY.
 stop_pids() {
   local sig="$1"; shift
   (($# > 0)) || return 0
   kill "-$sig" "$@" 2>/dev/null || true
-  local deadline=$((SECONDS + STOP_TIMEOUT)) pid alive
+  local deadline=$((SECONDS + STOP_TIMEOUT)) grace="${LAST_GRACE:-}" last_since="" pid alive
   while :; do
     alive=()
     for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive+=("$pid"); done
     ((${#alive[@]} == 0)) && return 0
-    if ((SECONDS >= deadline)) && [[ "$sig" != KILL ]]; then
-      if (($# == 1)); then
-        log "still alive after ${STOP_TIMEOUT}s, sending SIGKILL"
-      else
-        log "still alive after ${STOP_TIMEOUT}s: ${alive[*]}; sending SIGKILL"
+    if [[ "$sig" != KILL ]]; then
+      if [[ -n "$grace" && -z "$last_since" ]] && ((${#alive[@]} == 1 && $# > 1)); then
+        last_since=$SECONDS
       fi
-      kill -KILL "${alive[@]}" 2>/dev/null || true
-      sig=KILL
+      if [[ -n "$last_since" ]] && ((SECONDS - last_since >= grace)); then
+        log "last node (pid ${alive[0]}) ${LAST_WHY:-outlived the others by ${grace}s}; SIGKILL"
+        sig=KILL
+      elif ((SECONDS >= deadline)); then
+        if (($# == 1)); then
+          log "still alive after ${STOP_TIMEOUT}s, sending SIGKILL"
+        else
+          log "still alive after ${STOP_TIMEOUT}s: ${alive[*]}; sending SIGKILL"
+        fi
+        sig=KILL
+      fi
+      if [[ "$sig" == KILL ]]; then kill -KILL "${alive[@]}" 2>/dev/null || true; fi
     fi
     sleep 0.1
   done
