@@ -6,25 +6,11 @@
 # Usage: scripts/chromium.sh install
 set -euo pipefail
 
-log() { echo "[chromium] $*" >&2; }
-die() { echo "[chromium] ERROR: $*" >&2; exit 1; }
-
-cmd_install() {
-  if [[ -x /usr/bin/chromium ]]; then
-    return 0
-  fi
-  log "/usr/bin/chromium not found; installing Debian's chromium package with apt-get"
-  local sudo=()
-  if [[ $(id -u) -ne 0 ]]; then
-    command -v sudo >/dev/null 2>&1 || die "chromium missing and not root (no sudo); install the chromium package"
-    sudo=(sudo)
-  fi
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
-  [[ -x /usr/bin/chromium ]] || die "/usr/bin/chromium still missing after apt-get install"
-}
+LOG_TAG=chromium
+# shellcheck source=scripts/lib.sh
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
 
 case "${1:-}" in
-  install) cmd_install ;;
-  *) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  install) apt_install chromium /usr/bin/chromium ;;
+  *) usage >&2; exit 2 ;;
 esac

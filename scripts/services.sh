@@ -15,6 +15,9 @@ set -euo pipefail
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 KAFKA="$SCRIPT_DIR/kafka.sh"
 REDIS="$SCRIPT_DIR/redis.sh"
+LOG_TAG=services
+# shellcheck source=scripts/lib.sh
+source "$SCRIPT_DIR/lib.sh"
 
 print_env() {
   echo "export $("$KAFKA" env)"
@@ -43,11 +46,6 @@ case "${1:-}" in
   env)
     print_env
     ;;
-  -h|--help|help)
-    sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-    ;;
-  *)
-    sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2
-    exit 2
-    ;;
+  -h|--help|help) usage ;;
+  *) usage >&2; exit 2 ;;
 esac
