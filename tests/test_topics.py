@@ -183,3 +183,34 @@ async def test_replication_the_cluster_cannot_meet_is_a_config_error(
                 await log.ensure_topics([topic, fresh], 1, replication=3)
     found = await trio.to_thread.run_sync(replication_of, kafka_brokers, [topic])
     assert found == {topic: (1, "1")}
+
+
+@pytest.mark.integration
+def test_a_process_asked_for_more_replicas_than_brokers_exits_2(
+    kafka_brokers: str, redis_address: str, unique: str
+) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {
+        **os.environ,
+        "NIMBUS_KAFKA_BROKERS": kafka_brokers,
+        "NIMBUS_REDIS_ADDRESS": redis_address,
+        "NIMBUS_REDIS_PREFIX": f"t-{unique}:",
+        "NIMBUS_KAFKA_EVENTS_TOPIC": f"rf-ev-{unique}",
+        "NIMBUS_KAFKA_RESULTS_TOPIC": f"rf-res-{unique}",
+        "NIMBUS_KAFKA_DLQ_TOPIC": f"rf-dlq-{unique}",
+        "NIMBUS_KAFKA_REPLICATION_FACTOR": "2",
+    }
+    p = subprocess.run(
+        [sys.executable, "-m", "nimbus.workers"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert p.returncode == 2, p.stderr
+    assert "NIMBUS_KAFKA_REPLICATION_FACTOR" in p.stderr.splitlines()[-1]
