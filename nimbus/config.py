@@ -47,6 +47,24 @@ def _linger(raw: str) -> int:
     return -1 if not raw.strip() else _int(0, 10_000)(raw.strip())
 
 
+def _auto_or_int(lo: int, hi: int) -> Callable[[str], int | None]:
+    """None for `auto` (the rule is applied against the cluster, nimbus.topics), else lo..hi."""
+
+    def parse(raw: str) -> int | None:
+        v = raw.strip().lower()
+        if v == "auto":
+            return None
+        try:
+            n = int(v)
+        except ValueError:
+            raise ValueError(f"expected auto or an integer, got {raw!r}") from None
+        if not lo <= n <= hi:
+            raise ValueError(f"must be auto or between {lo} and {hi}, got {n}")
+        return n
+
+    return parse
+
+
 def _float(lo: float, hi: float) -> Callable[[str], float]:
     def parse(raw: str) -> float:
         try:
@@ -148,6 +166,20 @@ VARIABLES: dict[str, Var] = {
             "real (Kafka+Redis) or memory (embedded)",
         ),
         Var("NIMBUS_KAFKA_PARTITIONS", "8", _int(1, 10_000), "partitions of topics Nimbus creates"),
+        Var(
+            "NIMBUS_KAFKA_REPLICATION_FACTOR",
+            "auto",
+            _auto_or_int(1, 32_767),
+            "replication factor of topics Nimbus creates (auto: 3, or the number of brokers the"
+            " cluster reports if fewer); existing topics are not changed",
+        ),
+        Var(
+            "NIMBUS_KAFKA_MIN_INSYNC_REPLICAS",
+            "auto",
+            _auto_or_int(1, 32_767),
+            "min.insync.replicas of topics Nimbus creates, at most the replication factor (auto: 2"
+            " when the replication factor is 3 or more, else 1)",
+        ),
         Var(
             "NIMBUS_LOG_LEVEL",
             "INFO",
@@ -429,6 +461,8 @@ class Settings:
     shutdown_timeout_sec: int
     engine: str
     kafka_partitions: int
+    kafka_replication_factor: int | None  # None: auto (nimbus.topics.replication_factor)
+    kafka_min_insync_replicas: int | None  # None: auto (nimbus.topics.min_insync_replicas)
     log_level: str
     log_format: str
     instance_id: str
@@ -537,7 +571,8 @@ def load(
 
 
 def _check_security(s: Settings) -> None:
-    """Auth keys and TLS files must load now, not at the first stream (exit 2 at start)."""
+    """Checks across variables; auth keys and TLS files must load now, not at the first stream
+    (exit 2 at start)."""
     from nimbus.doorman import auth, tls
 
     if s.stream_queue < s.replay_window + INGEST_BATCH:
@@ -546,6 +581,13 @@ def _check_security(s: Settings) -> None:
         raise ConfigError(
             f"invalid NIMBUS_STREAM_QUEUE: {s.stream_queue} is below NIMBUS_REPLAY_WINDOW + "
             f"{INGEST_BATCH} ({s.replay_window + INGEST_BATCH}); a replay would cut its own stream"
+        )
+    rf, isr = s.kafka_replication_factor, s.kafka_min_insync_replicas
+    if rf is not None and isr is not None and isr > rf:
+        # A topic whose min.insync.replicas exceeds its replicas refuses every acks=all write.
+        raise ConfigError(
+            f"invalid NIMBUS_KAFKA_MIN_INSYNC_REPLICAS: {isr} is above"
+            f" NIMBUS_KAFKA_REPLICATION_FACTOR ({rf}); no write could ever be acknowledged"
         )
     if bool(s.tls_cert_file) != bool(s.tls_key_file):
         raise ConfigError("invalid NIMBUS_TLS_CERT_FILE/NIMBUS_TLS_KEY_FILE: set both or neither")

@@ -132,8 +132,21 @@ class LogReader(Protocol):
 class Log(Protocol):
     producer: LogProducer
 
-    async def ensure_topics(self, names: Sequence[str], partitions: int) -> dict[str, int]:
-        """Create missing topics; return each topic's partition count."""
+    async def ensure_topics(
+        self,
+        names: Sequence[str],
+        partitions: int,
+        *,
+        replication: int | None = None,
+        min_insync: int | None = None,
+    ) -> dict[str, int]:
+        """Create missing topics; return each topic's partition count.
+
+        Created topics get `replication` replicas and the topic config min.insync.replicas =
+        `min_insync`; None is auto, from the brokers the cluster reports (nimbus.topics:
+        replication_factor, min_insync_replicas); ConfigError if the cluster cannot meet them.
+        Existing topics are not changed: one with fewer replicas than asked is logged as a
+        warning. A log without replicas (the memory engine) ignores both."""
         ...
 
     async def end_offsets(self, topic: str) -> dict[int, int]: ...

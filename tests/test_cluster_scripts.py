@@ -10,7 +10,10 @@ It brings up the 3 KRaft brokers and the Redis Cluster (3 masters + 3 replicas),
   (`redis-kill9`), waits until its replica is a master, and reads the key through
   `redis.cluster.RedisCluster`;
 - restarts both killed nodes (`kafka-start`, `redis-start`), sees the ISR back at 3 and the old
-  master rejoin as a replica, and takes the clusters `down`.
+  master rejoin as a replica, and takes the clusters `down`;
+- Nimbus's topic set-up: each Kafka adapter's `ensure_topics` creates its topics with
+  replication factor 3 and min.insync.replicas=2 (NIMBUS_KAFKA_REPLICATION_FACTOR and
+  NIMBUS_KAFKA_MIN_INSYNC_REPLICAS at `auto`).
 
 It prints how long each failover took (run with `-s` to see them). It runs when
 NIMBUS_TEST_CLUSTER=1, which scripts/test.sh sets under CI: it starts 3 JVMs and 6 redis-servers
@@ -181,6 +184,44 @@ def test_kafka_leader_failover(cluster: str) -> None:
             f"{time.monotonic() - started:.1f}s"
         )
         admin.delete_topics([topic])
+    finally:
+        admin.close()
+
+
+def test_nimbus_creates_topics_with_rf_3_and_min_insync_2(cluster: str) -> None:
+    """`auto` on 3 brokers (nimbus.topics): each adapter's ensure_topics creates topics with
+    3 replicas and the topic's own min.insync.replicas=2 (the brokers' defaults are the same
+    here, so the config is checked on the topic itself)."""
+    import trio
+    from kafka import KafkaAdminClient
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    from nimbus.engines.kafka import open_kafka_log
+    from nimbus.engines.rdkafka import open_rdkafka_log
+
+    brokers = env_value(cluster, "NIMBUS_KAFKA_BROKERS")
+    kp_topic = f"cluster-rf-kp-{uuid.uuid4().hex[:8]}"
+    rd_topic = f"cluster-rf-rd-{uuid.uuid4().hex[:8]}"
+    names = {"kafka-python": kp_topic, "librdkafka": rd_topic}
+
+    async def create() -> None:
+        with trio.fail_after(120):
+            async with open_kafka_log(brokers, client_id="cluster-rf") as kp:
+                assert await kp.ensure_topics([kp_topic], 3) == {kp_topic: 3}
+            async with open_rdkafka_log(brokers, client_id="cluster-rf") as rd:
+                assert await rd.ensure_topics([rd_topic], 3) == {rd_topic: 3}
+
+    trio.run(create)
+    admin = KafkaAdminClient(bootstrap_servers=brokers.split(","), request_timeout_ms=10000)
+    try:
+        for client, topic in names.items():
+            (t,) = admin.describe_topics([topic])
+            assert [len(p["replica_nodes"]) for p in t["partitions"]] == [3, 3, 3], (client, t)
+            own = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+            isr = own["topic"][topic].get("min.insync.replicas")
+            assert isr is not None and isr["value"] == "2", (client, own)
+            print(f"kafka: {client} created {topic} with RF 3, min.insync.replicas=2")
+        admin.delete_topics(list(names.values()))
     finally:
         admin.close()
 

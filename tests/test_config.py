@@ -60,12 +60,33 @@ def test_consumer_groups_are_per_topic() -> None:
         ("NIMBUS_KAFKA_BROKERS", "nohostport", "host:port"),
         ("NIMBUS_ENGINE", "docker", "one of real, memory"),
         ("NIMBUS_SHUTDOWN_TIMEOUT_SEC", "-1", "between"),
+        ("NIMBUS_KAFKA_REPLICATION_FACTOR", "0", "auto or between 1 and"),
+        ("NIMBUS_KAFKA_REPLICATION_FACTOR", "three", "expected auto or an integer"),
+        ("NIMBUS_KAFKA_MIN_INSYNC_REPLICAS", "-2", "auto or between 1 and"),
     ],
 )
 def test_invalid_values_name_the_variable(var: str, value: str, fragment: str) -> None:
     with pytest.raises(config.ConfigError) as e:
         config.load(env={var: value}, dotenv=False)
     assert var in str(e.value) and fragment in str(e.value)
+
+
+def test_replication_settings() -> None:
+    """`auto` (None) is resolved against the cluster when topics are created (nimbus.topics)."""
+    s = config.load(env={}, dotenv=False)
+    assert (s.kafka_replication_factor, s.kafka_min_insync_replicas) == (None, None)
+    s = config.load(
+        env={"NIMBUS_KAFKA_REPLICATION_FACTOR": "3", "NIMBUS_KAFKA_MIN_INSYNC_REPLICAS": " 2 "},
+        dotenv=False,
+    )
+    assert (s.kafka_replication_factor, s.kafka_min_insync_replicas) == (3, 2)
+    s = config.load(env={"NIMBUS_KAFKA_MIN_INSYNC_REPLICAS": "AUTO"}, dotenv=False)
+    assert s.kafka_min_insync_replicas is None
+    with pytest.raises(config.ConfigError, match="NIMBUS_KAFKA_MIN_INSYNC_REPLICAS: 3 is above"):
+        config.load(
+            env={"NIMBUS_KAFKA_REPLICATION_FACTOR": "2", "NIMBUS_KAFKA_MIN_INSYNC_REPLICAS": "3"},
+            dotenv=False,
+        )
 
 
 def test_dotenv_file_is_read_and_environment_wins(

@@ -60,6 +60,7 @@ from nimbus.ports import (
     TopicPartition,
     Written,
 )
+from nimbus.topics import creation_plan, replication_factor, warn_under_replicated
 
 _REQUEST_TIMEOUT_MS = 15_000
 _COMMIT_TIMEOUT_MS = 10_000
@@ -148,14 +149,25 @@ class KafkaLog(kc.LogBase):
 
     # -- topics -----------------------------------------------------------------------------
 
-    def _describe(self, names: Sequence[str]) -> dict[str, int]:
-        """Partition counts of the existing, ready topics among `names` (worker thread)."""
-        found: dict[str, int] = {}
+    def _topics(self, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """(partition count, replication factor: its partitions' fewest replicas) of the
+        existing, ready topics among `names` (worker thread)."""
+        found: dict[str, tuple[int, int]] = {}
         for t in self._admin.describe_topics(list(names)):
             parts = t.get("partitions") or []
             if t.get("error_code", 0) == 0 and parts:
-                found[t["name"]] = len(parts)
+                rf = min(len(p.get("replica_nodes") or ()) for p in parts)
+                found[t["name"]] = (len(parts), rf)
         return found
+
+    def _describe(self, names: Sequence[str]) -> dict[str, int]:
+        """Partition counts of the existing, ready topics among `names` (worker thread)."""
+        return {n: count for n, (count, _rf) in self._topics(names).items()}
+
+    def _brokers(self) -> int:
+        """The number of (unfenced) brokers the cluster reports (worker thread)."""
+        brokers = self._admin.describe_cluster().get("brokers") or []
+        return sum(1 for b in brokers if not b.get("is_fenced"))
 
     async def _count_of(self, topic: str) -> int | None:
         try:
@@ -164,28 +176,51 @@ class KafkaLog(kc.LogBase):
             raise kc.unavailable(self.brokers, f"describe {topic!r}", exc) from exc
         return found.get(topic)
 
-    async def ensure_topics(self, names: Sequence[str], partitions: int) -> dict[str, int]:
-        def work() -> dict[str, int]:
-            existing = self._describe(names)
-            missing = kc.missing_topics(names, existing)
-            if missing:
-                spec = {
-                    n: {"num_partitions": partitions, "replication_factor": -1} for n in missing
+    async def ensure_topics(
+        self,
+        names: Sequence[str],
+        partitions: int,
+        *,
+        replication: int | None = None,
+        min_insync: int | None = None,
+    ) -> dict[str, int]:
+        def survey() -> tuple[dict[str, tuple[int, int]], int]:
+            return self._topics(names), self._brokers()
+
+        def create(missing: list[str], rf: int, isr: int) -> None:
+            spec = {
+                n: {
+                    "num_partitions": partitions,
+                    "replication_factor": rf,
+                    "configs": {"min.insync.replicas": str(isr)},
                 }
-                resp = self._admin.create_topics(spec, raise_errors=False)
-                for t in resp.get("topics", []):
-                    code = t.get("error_code", 0)
-                    if code not in (0, kerr.TopicAlreadyExistsError.errno):
-                        err = kerr.for_code(code)
-                        raise LogUnavailable(
-                            f"creating topic {t.get('name')!r}: {err.__name__} "
-                            f"{t.get('error_message') or ''}".rstrip()
-                        )
+                for n in missing
+            }
+            resp = self._admin.create_topics(spec, raise_errors=False)
+            for t in resp.get("topics", []):
+                code = t.get("error_code", 0)
+                if code not in (0, kerr.TopicAlreadyExistsError.errno):
+                    err = kerr.for_code(code)
+                    raise LogUnavailable(
+                        f"creating topic {t.get('name')!r}: {err.__name__} "
+                        f"{t.get('error_message') or ''}".rstrip()
+                    )
+
+        def ready() -> dict[str, int]:
             self._admin.wait_for_topics(list(names), timeout_ms=_TOPIC_READY_TIMEOUT_MS)
             return self._describe(names)
 
         try:
-            counts = await in_thread(work)
+            existing, brokers = await in_thread(survey)
+            warn_under_replicated(
+                {n: rf for n, (_count, rf) in existing.items()},
+                replication_factor(replication, brokers),
+            )
+            missing = kc.missing_topics(names, existing)
+            if missing:
+                rf, isr = creation_plan(replication, min_insync, brokers)
+                await in_thread(create, missing, rf, isr)
+            counts = await in_thread(ready)
         except kerr.KafkaError as exc:
             raise kc.unavailable(self.brokers, f"ensure_topics {names}", exc) from exc
         self._counts.update(counts)

@@ -206,7 +206,14 @@ class MemoryLog:
     def group(self, name: str) -> _Group:
         return self.groups.setdefault(name, _Group())
 
-    async def ensure_topics(self, names: Sequence[str], partitions: int) -> dict[str, int]:
+    async def ensure_topics(
+        self,
+        names: Sequence[str],
+        partitions: int,
+        *,
+        replication: int | None = None,  # one copy in memory: accepted and ignored
+        min_insync: int | None = None,
+    ) -> dict[str, int]:
         await trio.lowlevel.checkpoint()
         for name in names:
             if name not in self.topics:

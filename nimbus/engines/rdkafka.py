@@ -73,6 +73,7 @@ from nimbus.engines.rdkafka_handle import (
 from nimbus.engines.rdkafka_producer import RdkafkaLogProducer
 from nimbus.engines.rdkafka_wakeup import _QueueFd
 from nimbus.ports import LogProducer, LogUnavailable
+from nimbus.topics import creation_plan, replication_factor, warn_under_replicated
 
 __all__ = [
     "RdkafkaGroupConsumer",
@@ -170,15 +171,16 @@ class RdkafkaLog(kc.LogBase):
 
     # -- topics -----------------------------------------------------------------------------
 
-    async def _describe(self, names: Iterable[str]) -> dict[str, tuple[int, bool]]:
-        """(partition count, every partition has a leader) of the existing topics in `names`."""
+    async def _describe(self, names: Iterable[str]) -> dict[str, tuple[int, bool, int]]:
+        """(partition count, every partition has a leader, replication factor: its partitions'
+        fewest replicas) of the existing topics in `names`."""
         unique = list(dict.fromkeys(names))
 
-        async def ask() -> dict[str, tuple[int, bool]]:
+        async def ask() -> dict[str, tuple[int, bool, int]]:
             futures = self._admin.describe_topics(
                 TopicCollection(unique), request_timeout=_REQUEST_TIMEOUT_S
             )
-            found: dict[str, tuple[int, bool]] = {}
+            found: dict[str, tuple[int, bool, int]] = {}
             for name, fut in futures.items():
                 try:
                     desc = await _wait_future(fut, _REQUEST_TIMEOUT_S + 1, f"describe {name!r}")
@@ -188,7 +190,11 @@ class RdkafkaLog(kc.LogBase):
                     raise
                 parts = desc.partitions
                 if parts:
-                    found[name] = (len(parts), all(p.leader is not None for p in parts))
+                    found[name] = (
+                        len(parts),
+                        all(p.leader is not None for p in parts),
+                        min(len(p.replicas) for p in parts),
+                    )
             return found
 
         try:
@@ -196,16 +202,50 @@ class RdkafkaLog(kc.LogBase):
         except KafkaException as exc:
             raise kc.unavailable(self.brokers, f"describe {unique}", exc) from exc
 
+    async def _brokers(self) -> int:
+        """The number of brokers the cluster reports."""
+
+        async def ask() -> int:
+            fut = self._admin.describe_cluster(request_timeout=_REQUEST_TIMEOUT_S)
+            desc = await _wait_future(fut, _REQUEST_TIMEOUT_S + 1, "describe cluster")
+            return len(desc.nodes)
+
+        try:
+            return await _retrying(ask)
+        except KafkaException as exc:
+            raise kc.unavailable(self.brokers, "describe cluster", exc) from exc
+
     async def _count_of(self, topic: str) -> int | None:
         found = await self._describe([topic])
         return found[topic][0] if topic in found else None
 
-    async def ensure_topics(self, names: Sequence[str], partitions: int) -> dict[str, int]:
+    async def ensure_topics(
+        self,
+        names: Sequence[str],
+        partitions: int,
+        *,
+        replication: int | None = None,
+        min_insync: int | None = None,
+    ) -> dict[str, int]:
         existing = await self._describe(names)
+        brokers = await self._brokers()
+        warn_under_replicated(
+            {n: rf for n, (_count, _led, rf) in existing.items()},
+            replication_factor(replication, brokers),
+        )
         missing = kc.missing_topics(names, existing)
         if missing:
+            rf, isr = creation_plan(replication, min_insync, brokers)
             futures = self._admin.create_topics(
-                [NewTopic(n, num_partitions=partitions, replication_factor=-1) for n in missing],
+                [
+                    NewTopic(
+                        n,
+                        num_partitions=partitions,
+                        replication_factor=rf,
+                        config={"min.insync.replicas": str(isr)},
+                    )
+                    for n in missing
+                ],
                 request_timeout=_REQUEST_TIMEOUT_S,
                 operation_timeout=_REQUEST_TIMEOUT_S,
             )
@@ -220,7 +260,7 @@ class RdkafkaLog(kc.LogBase):
         with trio.move_on_after(_TOPIC_READY_TIMEOUT_S):
             while True:
                 existing = await self._describe(names)
-                if all(existing.get(n, (0, False))[1] for n in names):
+                if all(existing.get(n, (0, False, 0))[1] for n in names):
                     break
                 await trio.sleep(0.1)
         absent = [n for n in names if n not in existing]
