@@ -1,4 +1,4 @@
-"""The replication of the topics Nimbus creates (nimbus.topics; issue 17, item 3): the `auto` rules
+"""The replication of the topics Nimbus creates (nimbus.engines.replication; issue 17, item 3): the `auto` rules
 of NIMBUS_KAFKA_REPLICATION_FACTOR and NIMBUS_KAFKA_MIN_INSYNC_REPLICAS, and both Kafka adapters
 creating topics with them on the single-node broker (the 3-broker case runs in
 tests/test_cluster_scripts.py)."""
@@ -14,8 +14,10 @@ import pytest
 import trio
 from loguru import logger
 
-from nimbus import config, topics
+from nimbus import config
+from nimbus import topics as setup
 from nimbus.config import ConfigError
+from nimbus.engines import replication as topics
 from nimbus.engines.memory import MemoryLog
 from nimbus.ports import Log
 
@@ -99,13 +101,13 @@ class _Recording(MemoryLog):
 async def test_settings_reach_the_log_and_the_memory_engine_ignores_them() -> None:
     log = _Recording()
     s = config.load(env={}, dotenv=False, engine="memory")
-    assert await topics.ensure_topics(log, s) == 8
+    assert await setup.ensure_topics(log, s) == 8
     s = config.load(
         env={"NIMBUS_KAFKA_REPLICATION_FACTOR": "3", "NIMBUS_KAFKA_MIN_INSYNC_REPLICAS": "2"},
         dotenv=False,
         engine="memory",
     )
-    assert await topics.ensure_topics(log, s) == 8
+    assert await setup.ensure_topics(log, s) == 8
     assert log.asked == [
         {"replication": None, "min_insync": None},
         {"replication": 3, "min_insync": 2},

@@ -47,6 +47,7 @@ from kafka.structs import OffsetAndMetadata
 from loguru import logger
 
 from nimbus.engines import kafka_common as kc
+from nimbus.engines import replication as repl
 from nimbus.engines.kafka_common import BOOTSTRAP_TIMEOUT_S, in_thread
 from nimbus.engines.murmur2 import partition_for
 from nimbus.ports import (
@@ -60,7 +61,6 @@ from nimbus.ports import (
     TopicPartition,
     Written,
 )
-from nimbus.topics import creation_plan, replication_factor, warn_under_replicated
 
 _REQUEST_TIMEOUT_MS = 15_000
 _COMMIT_TIMEOUT_MS = 10_000
@@ -212,13 +212,14 @@ class KafkaLog(kc.LogBase):
 
         try:
             existing, brokers = await in_thread(survey)
-            warn_under_replicated(
+            missing, rf, isr = repl.plan(
+                names,
                 {n: rf for n, (_count, rf) in existing.items()},
-                replication_factor(replication, brokers),
+                brokers,
+                replication,
+                min_insync,
             )
-            missing = kc.missing_topics(names, existing)
             if missing:
-                rf, isr = creation_plan(replication, min_insync, brokers)
                 await in_thread(create, missing, rf, isr)
             counts = await in_thread(ready)
         except kerr.KafkaError as exc:

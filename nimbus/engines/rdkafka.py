@@ -59,6 +59,7 @@ from confluent_kafka.cimpl import NewTopic
 from loguru import logger
 
 from nimbus.engines import kafka_common as kc
+from nimbus.engines import replication as repl
 from nimbus.engines.kafka_common import BOOTSTRAP_TIMEOUT_S, in_thread
 from nimbus.engines.rdkafka_admin import _code, _retrying, _wait_future
 from nimbus.engines.rdkafka_consumer import RdkafkaGroupConsumer, RdkafkaReader
@@ -73,7 +74,6 @@ from nimbus.engines.rdkafka_handle import (
 from nimbus.engines.rdkafka_producer import RdkafkaLogProducer
 from nimbus.engines.rdkafka_wakeup import _QueueFd
 from nimbus.ports import LogProducer, LogUnavailable
-from nimbus.topics import creation_plan, replication_factor, warn_under_replicated
 
 __all__ = [
     "RdkafkaGroupConsumer",
@@ -229,13 +229,14 @@ class RdkafkaLog(kc.LogBase):
     ) -> dict[str, int]:
         existing = await self._describe(names)
         brokers = await self._brokers()
-        warn_under_replicated(
+        missing, rf, isr = repl.plan(
+            names,
             {n: rf for n, (_count, _led, rf) in existing.items()},
-            replication_factor(replication, brokers),
+            brokers,
+            replication,
+            min_insync,
         )
-        missing = kc.missing_topics(names, existing)
         if missing:
-            rf, isr = creation_plan(replication, min_insync, brokers)
             futures = self._admin.create_topics(
                 [
                     NewTopic(
