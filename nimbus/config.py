@@ -48,7 +48,7 @@ def _linger(raw: str) -> int:
 
 
 def _auto_or_int(lo: int, hi: int) -> Callable[[str], int | None]:
-    """None for `auto` (the rule is applied against the cluster, nimbus.topics), else lo..hi."""
+    """None for `auto` (the rule is applied against the cluster, nimbus.engines.replication), else lo..hi."""
 
     def parse(raw: str) -> int | None:
         v = raw.strip().lower()
@@ -461,8 +461,8 @@ class Settings:
     shutdown_timeout_sec: int
     engine: str
     kafka_partitions: int
-    kafka_replication_factor: int | None  # None: auto (nimbus.topics.replication_factor)
-    kafka_min_insync_replicas: int | None  # None: auto (nimbus.topics.min_insync_replicas)
+    kafka_replication_factor: int | None  # None: auto (nimbus.engines.replication.replication_factor)
+    kafka_min_insync_replicas: int | None  # None: auto (nimbus.engines.replication.min_insync_replicas)
     log_level: str
     log_format: str
     instance_id: str
