@@ -461,8 +461,12 @@ class Settings:
     shutdown_timeout_sec: int
     engine: str
     kafka_partitions: int
-    kafka_replication_factor: int | None  # None: auto (nimbus.engines.replication.replication_factor)
-    kafka_min_insync_replicas: int | None  # None: auto (nimbus.engines.replication.min_insync_replicas)
+    kafka_replication_factor: (
+        int | None
+    )  # None: auto (nimbus.engines.replication.replication_factor)
+    kafka_min_insync_replicas: (
+        int | None
+    )  # None: auto (nimbus.engines.replication.min_insync_replicas)
     log_level: str
     log_format: str
     instance_id: str
