@@ -207,8 +207,15 @@ class KafkaLog(kc.LogBase):
                     )
 
         def ready() -> dict[str, int]:
+            # wait_for_topics asks one broker; on a cluster another broker's metadata may not
+            # list the new topic yet, so describe until every name is there (or time is up).
             self._admin.wait_for_topics(list(names), timeout_ms=_TOPIC_READY_TIMEOUT_MS)
-            return self._describe(names)
+            deadline = time.monotonic() + _TOPIC_READY_TIMEOUT_MS / 1000
+            found = self._describe(names)
+            while any(n not in found for n in names) and time.monotonic() < deadline:
+                time.sleep(0.1)
+                found = self._describe(names)
+            return found
 
         try:
             existing, brokers = await in_thread(survey)
@@ -224,6 +231,9 @@ class KafkaLog(kc.LogBase):
             counts = await in_thread(ready)
         except kerr.KafkaError as exc:
             raise kc.unavailable(self.brokers, f"ensure_topics {names}", exc) from exc
+        absent = [n for n in names if n not in counts]
+        if absent:
+            raise LogUnavailable(f"Kafka at {self.brokers}: topics {absent} not ready")
         self._counts.update(counts)
         return {n: counts[n] for n in names}
 
