@@ -67,6 +67,28 @@ Kafka and Redis are left running. Traffic goes to 127.0.0.1 only.
     python scripts/chaos.py --clients 50 --rate 1 --duration 300 --kafka-kills 2 --redis-kills 2 \\
         --seed 7 --json artifacts/chaos.json
 
+Cluster mode (`--cluster`, issue 17): the deployment runs on the local clusters of
+scripts/cluster.sh (3 KRaft Kafka nodes, RF 3 / min ISR 2; a Redis Cluster of 3 masters + 3
+replicas; started if they are not running, left running), with the environment `cluster.sh env`
+prints (NIMBUS_KAFKA_BROKERS, NIMBUS_REDIS_MODE=cluster, NIMBUS_REDIS_ADDRESS). Which clusters:
+the NIMBUS_LOCAL_DIR / NIMBUS_CLUSTER_*_PORT variables cluster.sh reads. Besides switches, cuts,
+pod and worker kills and Redis connection cuts (on every Redis node), it plays
+
+    broker_kill  the Kafka node leading one of the run's partitions is SIGKILLed; once its
+                 partitions have new leaders and 1-3 s more, it is restarted   (--broker-kills)
+    master_kill  a Redis Cluster master is SIGKILLed; once its replica is promoted and 1-3 s
+                 more, it is restarted and rejoins as a replica                (--master-kills)
+
+in separate slots, like the single-node broker kills (which it does not play). One node of each
+cluster at most is down at a time: a kill waits until the previous one is over and its cluster is
+whole again, or is skipped at the end of the chaos. The report lists every kill (node, time,
+failover, restart and back-in-sync seconds) and their min / median / max: see
+scripts/chaos_cluster.py for what is measured. Defaults there: 3 pods, 2 workers, 2 broker kills,
+1 master kill. `--redis-single HOST:PORT` keeps Redis on one plain node instead (not managed by
+the harness: no master kills), for a Nimbus that cannot use the Redis Cluster:
+
+    python scripts/chaos.py --cluster --redis-single 127.0.0.1:36379 --duration 120 --seed 7
+
 Each run has its own topics, Redis namespace (NIMBUS_REDIS_PREFIX) and client ids (`--prefix`).
 Environment: NIMBUS_KAFKA_PORT / NIMBUS_REDIS_PORT (or --kafka-port / --redis-port) and
 NIMBUS_LOCAL_DIR select which local brokers scripts/services.sh manages, as for those scripts.
@@ -110,6 +132,7 @@ if str(ROOT / "scripts") not in sys.path:  # procs.py, shared.py, also when load
     sys.path.append(str(ROOT / "scripts"))
 
 import procs  # noqa: E402
+from chaos_cluster import ClusterBrokers, parse_env  # noqa: E402
 from procs import Proc, nimbus_env, pod, wall, worker  # noqa: E402
 from shared import HOST, percentile, wait_until  # noqa: E402
 from shared import watch_flips as watch_flip_payloads  # noqa: E402
@@ -133,6 +156,7 @@ from nimbus.ports import EngineError  # noqa: E402
 SCRIPTS = ROOT / "scripts"
 CLIENT_ACTIONS = ("switch", "cut")
 PROC_ACTIONS = ("pod_kill", "worker_kill")
+CLUSTER_KILLS = ("broker_kill", "master_kill")
 WORKER_READY = "status manager up"  # the last role run_workers starts
 
 
@@ -246,6 +270,15 @@ class Brokers:
         self.kafka_down = False
         self.redis_down = False
         self.busy = 0  # kill-and-restart sequences in progress
+
+    def status(self) -> str:
+        return f"kafka {'DOWN' if self.kafka_down else 'up'} redis {'DOWN' if self.redis_down else 'up'}"
+
+    def report(self) -> dict[str, Any]:
+        return {}
+
+    async def close(self) -> None:
+        pass
 
     async def script(self, *argv: str, timeout: float = 240) -> int:
         with self.log.open("ab") as out:
@@ -634,15 +667,23 @@ def make_schedule(args: argparse.Namespace) -> list[Action]:
             # Redis cuts alternate between the two connection types.
             variant = ("normal", "pubsub")[i % 2] if kind == "redis_cut" else ""
             out.append(Action(round(t, 3), kind, target, delay, variant))
-    # Broker kills: one per slot of [0.1 d, 0.66 d], slots shuffled between Kafka and Redis.
-    kinds = ["kafka_kill"] * args.kafka_kills + ["redis_kill"] * args.redis_kills
+    # Broker kills: one per slot of [0.1 d, 0.66 d], slots shuffled between Kafka and Redis
+    # (cluster mode: between broker and master kills, each with a target drawn for it).
+    kinds = (
+        ["kafka_kill"] * args.kafka_kills
+        + ["redis_kill"] * args.redis_kills
+        + ["broker_kill"] * args.broker_kills
+        + ["master_kill"] * args.master_kills
+    )
     if kinds:
         rng = random.Random(f"{args.seed}:brokers")
         rng.shuffle(kinds)
         start, span = 0.1 * d, 0.56 * d / len(kinds)
         for i, kind in enumerate(kinds):
             at = start + i * span + rng.uniform(0, span / 2)
-            out.append(Action(round(at, 3), kind, 0, round(rng.uniform(1.0, 3.0), 3)))
+            delay = round(rng.uniform(1.0, 3.0), 3)
+            target = rng.randrange(1_000_000) if kind in CLUSTER_KILLS else 0
+            out.append(Action(round(at, 3), kind, target, delay))
     out.sort(key=lambda a: a.at)
     return out
 
@@ -651,12 +692,14 @@ async def play(
     run: Run,
     schedule: list[Action],
     fleet: Fleet,
-    brokers: Brokers,
+    brokers: Brokers | ClusterBrokers,
     clients: Clients,
     nursery: trio.Nursery,
+    chaos_end: float,
 ) -> None:
     """Play the schedule. Actions that take time (switches, broker restarts) run in `nursery`,
-    which outlives the chaos window: a broker kill near the end still restarts the broker."""
+    which outlives the chaos window: a broker kill near the end still restarts the broker. A
+    cluster node kill waiting for its turn is skipped if the turn has not come by `chaos_end`."""
     started = trio.current_time()
     for a in schedule:
         await trio.sleep_until(started + a.at)
@@ -698,10 +741,13 @@ async def play(
             out = await brokers.cut_redis_connections(a.variant)
             c[f"redis_cuts_{a.variant}"] += 1
             run.event("redis CLIENT KILL", type=a.variant, killed=out)
-        elif a.kind == "kafka_kill":
-            nursery.start_soon(brokers.kill_and_restart, "kafka", a.arg)
-        elif a.kind == "redis_kill":
-            nursery.start_soon(brokers.kill_and_restart, "redis", a.arg)
+        elif a.kind in ("kafka_kill", "redis_kill"):
+            assert isinstance(brokers, Brokers)
+            nursery.start_soon(brokers.kill_and_restart, a.kind.removesuffix("_kill"), a.arg)
+        elif a.kind in CLUSTER_KILLS:
+            assert isinstance(brokers, ClusterBrokers)
+            kill = brokers.broker_kill if a.kind == "broker_kill" else brokers.master_kill
+            nursery.start_soon(kill, a.target, a.arg, chaos_end)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1004,13 +1050,28 @@ def chaos_played(counts: Counter[str], schedule: list[Action]) -> dict[str, Any]
         "redis_cuts_pubsub": counts["redis_cuts_pubsub"],
         "kafka_kills": counts["kafka_kills"],
         "redis_kills": counts["redis_kills"],
-        "broker_kill_failures": counts["kafka_kill_failed"] + counts["redis_kill_failed"],
+        "broker_kills": counts["broker_kills"],
+        "master_kills": counts["master_kills"],
+        "broker_kill_failures": counts["kafka_kill_failed"]
+        + counts["redis_kill_failed"]
+        + counts["broker_kill_failed"]
+        + counts["master_kill_failed"],
+        "failovers_not_seen": counts["broker_failover_not_seen"]
+        + counts["master_failover_not_seen"],
         "skipped": {k: v for k, v in counts.items() if k.endswith("_skipped")},
         "process_crashes": counts["crashes"],
         "process_start_failures": counts["start_failures"],
     }
-    chaos["kills"] = (
-        chaos["pod_kills"] + chaos["worker_kills"] + chaos["kafka_kills"] + chaos["redis_kills"]
+    chaos["kills"] = sum(
+        chaos[k]
+        for k in (
+            "pod_kills",
+            "worker_kills",
+            "kafka_kills",
+            "redis_kills",
+            "broker_kills",
+            "master_kills",
+        )
     )
     return chaos
 
@@ -1035,6 +1096,11 @@ def run_config(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         },
         "kafka_kills": args.kafka_kills,
         "redis_kills": args.redis_kills,
+        "cluster": args.cluster,
+        "broker_kills": args.broker_kills,
+        "master_kills": args.master_kills,
+        "cluster_env": args.cluster_env,
+        "redis_single": args.redis_single,
         "restart_delay_s": list(args.restart_delay),
         "kafka_port": args.kafka_port,
         "redis_port": args.redis_port,
@@ -1136,7 +1202,11 @@ def _fault_rows(t: dict[str, Any], ch: dict[str, Any]) -> list[tuple[str, Any]]:
         (
             "kills",
             f"{ch['kills']}  (pods {ch['pod_kills']}, workers {ch['worker_kills']},"
-            f" kafka {ch['kafka_kills']}, redis {ch['redis_kills']})",
+            + (
+                f" kafka brokers {ch['broker_kills']}, redis masters {ch['master_kills']})"
+                if "kill_log" in ch
+                else f" kafka {ch['kafka_kills']}, redis {ch['redis_kills']})"
+            ),
         ),
         (
             "redis connection cuts",
@@ -1191,6 +1261,33 @@ def _timing_rows(s: dict[str, Any]) -> list[tuple[str, Any]]:
     ]
 
 
+def _cluster_kill_lines(ch: dict[str, Any]) -> list[str]:
+    """Cluster mode: each node kill (failover, restart, back in sync) and their spread."""
+    if "kill_log" not in ch:
+        return []
+    lines = ["", "  cluster node kills (s after the kill / after the restart began):"]
+    for k in ch["kill_log"]:
+        lines.append(
+            f"    {k['kind']:<11} {k['target']:<12} at {k['t']:7.1f}s ({k['wall']})"
+            f"  failover {k['failover_s'] if k['failover_s'] is not None else 'NOT SEEN'}"
+            f"  restart {k['restart_s']}  in sync {k['in_sync_s']}"
+        )
+    for kind in ("broker_kill", "master_kill"):
+        st = ch[kind]
+        if not st["failover_s"]["count"]:
+            continue
+        lines.append(
+            f"    {kind} failover min/median/max: {st['failover_s']['min']} / "
+            f"{st['failover_s']['median']} / {st['failover_s']['max']} s (n={st['failover_s']['count']})"
+        )
+    if ch["broker_kill_failures"] or ch["failovers_not_seen"] or ch["skipped"]:
+        lines.append(
+            f"    kill failures {ch['broker_kill_failures']}, failovers not seen"
+            f" {ch['failovers_not_seen']}, skipped {ch['skipped']}"
+        )
+    return lines
+
+
 def _client_lines(per_client: list[dict[str, Any]]) -> list[str]:
     """One line per client: its counts, and its failure if it failed."""
     lines = [
@@ -1236,6 +1333,7 @@ def render(s: dict[str, Any]) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [head, "-" * len(head)]
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    lines += _cluster_kill_lines(s["chaos"])
     lines.append("")
     lines += _client_lines(s["per_client"])
     lines += _violation_lines(s["violations"])
@@ -1250,7 +1348,9 @@ def render(s: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-async def progress(run: Run, fleet: Fleet, clients: Clients, brokers: Brokers) -> None:
+async def progress(
+    run: Run, fleet: Fleet, clients: Clients, brokers: Brokers | ClusterBrokers
+) -> None:
     last = 0
     while True:
         await trio.sleep(run.args.progress)
@@ -1262,9 +1362,14 @@ async def progress(run: Run, fleet: Fleet, clients: Clients, brokers: Brokers) -
             f"[{run.elapsed():7.1f}s {run.phase:>6}] sent {sent} rcpt {rcpt} res {res} (+{res - last})"
             f" awaiting {waiting} | clients up {connected}/{len(clients.runs)} reconnects {clients.reconnects()}"
             f" | pods {len(fleet.up('pod'))}/{len(fleet.pods)} workers {len(fleet.up('worker'))}/{len(fleet.workers)}"
-            f" kafka {'DOWN' if brokers.kafka_down else 'up'} redis {'DOWN' if brokers.redis_down else 'up'}"
+            f" {brokers.status()}"
             f" | kills pod {c['pod_kills']} wrk {c['worker_kills']} kafka {c['kafka_kills']} redis {c['redis_kills']}"
-            f" cuts {c['cuts_done']} sw {c['switches']} rcut {c['redis_cuts_normal'] + c['redis_cuts_pubsub']}"
+            + (
+                f" broker {c['broker_kills']} master {c['master_kills']}"
+                if run.args.cluster
+                else ""
+            )
+            + f" cuts {c['cuts_done']} sw {c['switches']} rcut {c['redis_cuts_normal'] + c['redis_cuts_pubsub']}"
             f" crashes {c['crashes']} (start failures {c['start_failures']})"
             f" | harness lag {max(run.lag['asyncio'][-10:], default=0):.2f}s",
             file=sys.stderr,
@@ -1273,7 +1378,9 @@ async def progress(run: Run, fleet: Fleet, clients: Clients, brokers: Brokers) -
         last = res
 
 
-def build_fleet(run: Run, args: argparse.Namespace, kafka: str, redis: str) -> Fleet:
+def build_fleet(
+    run: Run, args: argparse.Namespace, kafka: str, redis: str, redis_mode: str | None = None
+) -> Fleet:
     base = {
         **nimbus_env(args.prefix, kafka, redis, args.partitions),
         "NIMBUS_SHUTDOWN_TIMEOUT_SEC": str(args.shutdown_timeout),
@@ -1285,6 +1392,10 @@ def build_fleet(run: Run, args: argparse.Namespace, kafka: str, redis: str) -> F
         # into its log, so the crash can be traced afterwards.
         "PYTHONFAULTHANDLER": "1",
     }
+    # NIMBUS_REDIS_MODE as cluster.sh env says (cluster), else the default (one Redis node).
+    base.pop("NIMBUS_REDIS_MODE", None)
+    if redis_mode:
+        base["NIMBUS_REDIS_MODE"] = redis_mode
     # Killed with the harness, however it dies; each start marked in the log.
     options: dict[str, Any] = {"die_with_parent": True, "log_banner": "chaos"}
     return Fleet(
@@ -1302,7 +1413,7 @@ class Harness:
     """One chaos run's parts, and how far it got."""
 
     run: Run
-    brokers: Brokers
+    brokers: Brokers | ClusterBrokers
     fleet: Fleet
     clients: Clients
     schedule: list[Action]
@@ -1318,14 +1429,33 @@ class Harness:
 def set_up(args: argparse.Namespace) -> Harness:
     """The run, its brokers, processes, clients and fault schedule (schedule.json); none started."""
     run = Run(args)
-    env = {
-        **os.environ,
-        "NIMBUS_KAFKA_PORT": str(args.kafka_port),
-        "NIMBUS_REDIS_PORT": str(args.redis_port),
-    }
-    brokers = Brokers(run, env, args.kafka_port, args.redis_port)
-    kafka, redis = f"{HOST}:{args.kafka_port}", f"{HOST}:{args.redis_port}"
-    fleet = build_fleet(run, args, kafka, redis)
+    brokers: Brokers | ClusterBrokers
+    if args.cluster:
+        env = dict(os.environ)
+        cl = args.cluster_env
+        kafka, redis_mode = cl["NIMBUS_KAFKA_BROKERS"], cl.get("NIMBUS_REDIS_MODE")
+        redis = args.redis_single or cl["NIMBUS_REDIS_ADDRESS"]
+        if args.redis_single:
+            redis_mode = None
+        topics = [f"{args.prefix}-events", f"{args.prefix}-results"]
+        brokers = ClusterBrokers(
+            run,
+            env,
+            kafka.split(","),
+            cl["NIMBUS_REDIS_ADDRESS"].split(","),
+            args.redis_single,
+            topics,
+        )
+    else:
+        env = {
+            **os.environ,
+            "NIMBUS_KAFKA_PORT": str(args.kafka_port),
+            "NIMBUS_REDIS_PORT": str(args.redis_port),
+        }
+        brokers = Brokers(run, env, args.kafka_port, args.redis_port)
+        kafka, redis = f"{HOST}:{args.kafka_port}", f"{HOST}:{args.redis_port}"
+        redis_mode = None
+    fleet = build_fleet(run, args, kafka, redis, redis_mode)
     pods = [f"{HOST}:{p.port}" for p in fleet.pods]
     runs = [
         ClientRun(i, f"{args.prefix}-c{i:03d}", pods[i % len(pods) :] + pods[: i % len(pods)])
@@ -1339,6 +1469,7 @@ def set_up(args: argparse.Namespace) -> Harness:
         prefix=args.prefix,
         kafka=kafka,
         redis=redis,
+        redis_mode=redis_mode or "single",
         pods=",".join(pods),
         dir=str(run.dir),
         planned=dict(Counter(a.kind for a in schedule)),
@@ -1388,7 +1519,7 @@ async def run_clients(h: Harness) -> None:
         chaos_end = trio.current_time() + args.duration
         async with trio.open_nursery() as faults:
             with trio.move_on_at(chaos_end):
-                await play(run, h.schedule, h.fleet, h.brokers, clients, faults)
+                await play(run, h.schedule, h.fleet, h.brokers, clients, faults, chaos_end)
                 await trio.sleep_until(chaos_end)
             clients.stop_sending.set()
             run.phase = "settle"
@@ -1413,7 +1544,8 @@ async def run_phases(h: Harness) -> int:
     """Brokers up, processes started and kept up, then the clients' run (run_clients)."""
     run, args, fleet = h.run, h.run.args, h.fleet
     if not await h.brokers.ensure_up():
-        run.event("cannot start Kafka/Redis with scripts/services.sh; see services.log")
+        how = "scripts/cluster.sh" if args.cluster else "scripts/services.sh"
+        run.event(f"cannot start Kafka/Redis with {how}; see services.log")
         return 2
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
         nursery.start_soon(fleet.supervise)
@@ -1456,10 +1588,12 @@ async def main_async(args: argparse.Namespace) -> tuple[dict[str, Any] | None, i
             # Leave Kafka and Redis running, whatever the chaos did to them.
             with trio.move_on_after(300):
                 await h.brokers.ensure_up()
+            await h.brokers.close()
             run.close()
     summary = None
     if h.clients_started:
         summary = summarize(run, h.fleet, h.clients, h.flips, h.settled, h.settle_s, h.schedule)
+        summary["chaos"].update(h.brokers.report())
     if h.interrupted:
         return summary, 130
     if code:
@@ -1473,6 +1607,54 @@ def _delays(raw: str) -> tuple[float, float]:
     if not 0 <= a <= b:
         raise argparse.ArgumentTypeError("expected MIN,MAX seconds with 0 <= MIN <= MAX")
     return a, b
+
+
+def resolve_cluster_args(p: ArgumentParser, args: argparse.Namespace) -> None:
+    """The defaults that depend on --cluster, the flags that need it or exclude it, and (with
+    it) the clusters' environment from `scripts/cluster.sh env` (args.cluster_env)."""
+    args.cluster_env = None
+    if not args.cluster:
+        for flag in ("redis_single", "broker_kills", "master_kills"):
+            if getattr(args, flag) is not None:
+                p.error(f"--{flag.replace('_', '-')} needs --cluster")
+        args.pods = 2 if args.pods is None else args.pods
+        args.kafka_kills = 1 if args.kafka_kills is None else args.kafka_kills
+        args.redis_kills = 1 if args.redis_kills is None else args.redis_kills
+        args.broker_kills = args.master_kills = 0
+        return
+    for flag in ("kafka_kills", "redis_kills"):
+        if getattr(args, flag):
+            p.error(
+                f"--{flag.replace('_', '-')} is for the single-node brokers; with --cluster use"
+                " --broker-kills / --master-kills"
+            )
+    args.kafka_kills = args.redis_kills = 0
+    args.pods = 3 if args.pods is None else args.pods
+    args.broker_kills = 2 if args.broker_kills is None else args.broker_kills
+    if args.redis_single is not None:
+        host, _, port = args.redis_single.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            p.error(f"--redis-single must be HOST:PORT, got {args.redis_single!r}")
+        if args.master_kills:
+            p.error("--master-kills needs the Redis Cluster (not with --redis-single)")
+        args.master_kills = 0
+    elif args.master_kills is None:
+        args.master_kills = 1
+    try:
+        done = subprocess.run(
+            ["bash", str(SCRIPTS / "cluster.sh"), "env"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        p.error(f"--cluster: scripts/cluster.sh env failed: {e}")
+    env = parse_env(done.stdout)
+    if done.returncode != 0 or not {"NIMBUS_KAFKA_BROKERS", "NIMBUS_REDIS_ADDRESS"} <= set(env):
+        why = (done.stderr.strip().splitlines() or ["no env lines"])[-1]
+        p.error(f"--cluster: scripts/cluster.sh env failed: {why}")
+    args.cluster_env = env
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1489,7 +1671,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--seed", type=int, default=None, help="seed of the fault schedule (default random)"
     )
-    p.add_argument("--pods", type=int, default=2)
+    p.add_argument("--pods", type=int, default=None, help="default 2 (--cluster: 3)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument(
@@ -1514,10 +1696,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CLIENT KILL TYPE normal|pubsub per minute (2)",
     )
     p.add_argument(
-        "--kafka-kills", type=int, default=1, help="Kafka broker kill9+restart count (default 1)"
+        "--kafka-kills",
+        type=int,
+        default=None,
+        help="Kafka broker kill9+restart count (default 1; not with --cluster)",
     )
     p.add_argument(
-        "--redis-kills", type=int, default=1, help="redis-server kill9+restart count (default 1)"
+        "--redis-kills",
+        type=int,
+        default=None,
+        help="redis-server kill9+restart count (default 1; not with --cluster)",
+    )
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run on scripts/cluster.sh's clusters (see Cluster mode above)",
+    )
+    p.add_argument(
+        "--redis-single",
+        metavar="HOST:PORT",
+        default=None,
+        help="--cluster: Redis on this single node instead of the Redis Cluster",
+    )
+    p.add_argument(
+        "--broker-kills",
+        type=int,
+        default=None,
+        help="--cluster: Kafka partition leader kill9+restart count (default 2)",
+    )
+    p.add_argument(
+        "--master-kills",
+        type=int,
+        default=None,
+        help="--cluster: Redis Cluster master kill9+restart count (default 1; 0 with --redis-single)",
     )
     p.add_argument(
         "--restart-delay",
@@ -1557,6 +1768,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, metavar="PATH", help="write the summary as JSON to PATH")
     p.add_argument("-v", "--verbose", action="store_true", help="client library logs to stderr")
     args = p.parse_args(argv)
+    resolve_cluster_args(p, args)
     if (
         args.clients < 1
         or args.pods < 1
@@ -1576,6 +1788,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "redis_cut_rate",
         "kafka_kills",
         "redis_kills",
+        "broker_kills",
+        "master_kills",
         "shutdown_timeout",
     ):
         if not (getattr(args, name) >= 0 and math.isfinite(getattr(args, name))):

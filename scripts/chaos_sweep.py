@@ -9,11 +9,15 @@ gives them; both may be used. A run's fault mix is drawn from its seed (clients,
 cut rates, broker kills), so the sweep covers mixes as well as schedules; `--fixed-mix` keeps
 chaos.py's own defaults and whatever `--` arguments follow, for every seed. Arguments after `--`
 go to every chaos.py run as they are (e.g. `-- --duration 150 --settle-timeout 240`), after the
-drawn mix, so they win over it.
+drawn mix, so they win over it. With `-- --cluster` (chaos.py's cluster mode, on
+scripts/cluster.sh's clusters) the mix draws Kafka broker and Redis master kills
+(`--broker-kills`, `--master-kills`; no master kills with `--redis-single`) instead of the
+single-node broker kills.
 
     python scripts/chaos_sweep.py --seeds 30 --duration 120 --table artifacts/sweep.md
     python scripts/chaos_sweep.py --seed-list 8878 --fixed-mix -- --clients 30 --rate 2 \\
         --duration 150 --kafka-kills 1 --redis-kills 1 --settle-timeout 240
+    python scripts/chaos_sweep.py --seeds 5 --duration 120 -- --cluster
 
 Exit status: 0 if every run's verdict is PASS, 1 if any failed, 2 on a usage error, 130 if
 interrupted (the table of the runs finished so far is still printed and written).
@@ -36,10 +40,12 @@ ROOT = Path(__file__).resolve().parent.parent
 CHAOS = ROOT / "scripts" / "chaos.py"
 
 
-def mix_for(seed: int) -> dict[str, Any]:
-    """The fault mix of a seed's run: drawn from the seed, so the same seed is the same run."""
+def mix_for(seed: int, cluster: bool = False, redis_single: bool = False) -> dict[str, Any]:
+    """The fault mix of a seed's run: drawn from the seed, so the same seed is the same run.
+    `cluster`: chaos.py --cluster (broker and master kills; none of the latter with
+    `redis_single`) instead of the single-node Kafka and Redis kills."""
     rng = random.Random(f"mix-{seed}")
-    return {
+    mix: dict[str, Any] = {
         "clients": rng.choice([12, 20, 30]),
         "rate": rng.choice([2, 3, 5]),
         "switch-rate": rng.choice([10, 30, 60]),
@@ -47,9 +53,14 @@ def mix_for(seed: int) -> dict[str, Any]:
         "pod-kill-rate": rng.choice([1, 3, 6]),
         "worker-kill-rate": rng.choice([1, 3, 6]),
         "redis-cut-rate": rng.choice([0, 2, 6]),
-        "kafka-kills": rng.choice([0, 1, 1, 2]),
-        "redis-kills": rng.choice([0, 1, 1, 2]),
     }
+    kafka, redis = rng.choice([0, 1, 1, 2]), rng.choice([0, 1, 1, 2])
+    if not cluster:
+        mix["kafka-kills"], mix["redis-kills"] = kafka, redis
+    else:
+        mix["broker-kills"] = kafka
+        mix["master-kills"] = 0 if redis_single else redis
+    return mix
 
 
 def mix_args(mix: dict[str, Any]) -> list[str]:
@@ -92,6 +103,9 @@ def row(
         "worker_kills": ch.get("worker_kills"),
         "kafka_kills": ch.get("kafka_kills"),
         "redis_kills": ch.get("redis_kills"),
+        "broker_kills": ch.get("broker_kills"),
+        "master_kills": ch.get("master_kills"),
+        "failover_s": {k: ch[k]["failover_s"] for k in ("broker_kill", "master_kill") if k in ch},
         "settle_s": s.get("settle_s") if s else None,
         "took_s": round(took),
     }
@@ -103,18 +117,30 @@ def table(rows: list[dict[str, Any]]) -> str:
         "| kills (pod/wrk/kafka/redis) | reconnects | lost | out of order | app dups | settled (s) "
         "| verdict |"
     )
+    if any(r["mix"] and "broker-kills" in r["mix"] for r in rows) or any(
+        r["broker_kills"] or r["master_kills"] for r in rows
+    ):  # cluster mode: Kafka broker and Redis master kills
+        head = head.replace("kafka, redis kills", "broker, master kills").replace(
+            "kafka/redis", "broker/master"
+        )
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         m = r["mix"]
+        cl = (m is not None and "broker-kills" in m) or bool(r["broker_kills"] or r["master_kills"])
         mix = (
             "chaos.py defaults + fixed args"
             if m is None
             else f"{m['clients']}x{m['rate']}; {m['switch-rate']}/{m['cut-rate']}/"
             f"{m['pod-kill-rate']}/{m['worker-kill-rate']}/{m['redis-cut-rate']}; "
-            f"{m['kafka-kills']}, {m['redis-kills']}"
+            + (
+                f"{m['broker-kills']}, {m['master-kills']}"
+                if "broker-kills" in m
+                else f"{m['kafka-kills']}, {m['redis-kills']}"
+            )
         )
+        a, b = ("broker_kills", "master_kills") if cl else ("kafka_kills", "redis_kills")
         kills = (
-            f"{r['kills']} ({r['pod_kills']}/{r['worker_kills']}/{r['kafka_kills']}/{r['redis_kills']})"
+            f"{r['kills']} ({r['pod_kills']}/{r['worker_kills']}/{r[a]}/{r[b]})"
             if r["kills"] is not None
             else "-"
         )
@@ -170,7 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     interrupted = False
     for i, seed in enumerate(seeds, 1):
-        mix = None if args.fixed_mix else mix_for(seed)
+        mix = (
+            None
+            if args.fixed_mix
+            else mix_for(
+                seed, "--cluster" in extra, any(a.startswith("--redis-single") for a in extra)
+            )
+        )
         run_dir = args.out / f"seed-{seed}"
         summary_path = run_dir / "sweep-summary.json"
         cmd = [

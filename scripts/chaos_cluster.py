@@ -1,0 +1,630 @@
+"""Cluster mode of scripts/chaos.py (issue 17): the brokers are the local clusters of
+scripts/cluster.sh (3 KRaft Kafka nodes, RF 3 / min ISR 2; a Redis Cluster of 3 masters + 3
+replicas), and the broker faults are
+
+    broker_kill  SIGKILL the Kafka node leading a partition of the run's events or results topic
+                 (picked from the metadata), wait for its partitions' failover, wait `down_for`
+                 more, restart it (cluster.sh kafka-kill9 N, kafka-start N)
+    master_kill  SIGKILL a Redis Cluster master, wait until its replica is promoted, wait
+                 `down_for` more, restart it: it rejoins as a replica (cluster.sh redis-kill9 PORT,
+                 redis-start PORT)
+
+One node kill at a time, over both clusters: a kill waits until the previous one is over (the
+restarted node back in sync) and its cluster is whole (Kafka: 3 brokers up, every partition of
+the run's topics led, with 3 in-sync replicas; Redis: 6 nodes up, cluster_state ok on each,
+3 masters each with a connected replica). A kill whose turn has not come by the end of the chaos
+is skipped (counted). So never more than one broker or one Redis node is down, and the timings
+are not skewed by cluster.sh, which runs its state-changing commands one at a time (a Kafka
+restart would hold up a Redis kill).
+
+Each kill is recorded (`kills`): what (broker id / Redis port), when, the failover time, the
+restart time and the time until the restarted node is in sync again:
+
+    failover_s   kill -> every partition the broker led has another leader in the metadata
+                 (kafka-python admin, polled every 0.2 s: an upper bound; failover_lower_s is
+                 the last poll that still saw an old leader) / kill -> the master's replica is
+                 a master (not failing) in CLUSTER NODES of every surviving master (detail
+                 replica_took_over_s: its own ROLE said master)
+    restart_s    how long `cluster.sh kafka-start N` / `redis-start PORT` took (the JVM or
+                 redis-server start, until the cluster reports the node again)
+    in_sync_s    from the restart: the broker back in the ISR of every partition of the run's
+                 topics / the old master a replica with its link to its new master up (ROLE)
+
+The kill time is when the node's port stopped accepting connections (polled every 0.05 s while
+`cluster.sh ...-kill9` runs; the command itself returns only once the process is reaped, which
+took seconds for a JVM: kill_cmd_s).
+
+`--redis-single HOST:PORT` runs Nimbus on a single-node Redis instead of the Redis Cluster (for
+when Nimbus cannot use the Redis Cluster, or to run the Kafka faults alone): no master kills then,
+and Redis connection cuts go to that node. It is not started, stopped or killed by the harness.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+from procs import wall
+from shared import HOST
+
+if TYPE_CHECKING:
+    from chaos import Run
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_SH = ROOT / "scripts" / "cluster.sh"
+KILL_KINDS = ("broker_kill", "master_kill")
+POLL = 0.2
+T = TypeVar("T")
+
+
+def parse_env(text: str) -> dict[str, str]:
+    """`cluster.sh env`'s lines (`export A=1 B=2`) as a dict."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        for word in line.strip().removeprefix("export ").split():
+            key, eq, value = word.partition("=")
+            if eq and key.startswith("NIMBUS_"):
+                out[key] = value
+    return out
+
+
+def port_of(address: str) -> int:
+    return int(address.rpartition(":")[2])
+
+
+def port_open(port: int, host: str = HOST) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def spread(values: list[float]) -> dict[str, float | int]:
+    """min / median / max (s) of the measured values; count of them."""
+    v = sorted(values)
+    if not v:
+        return {"count": 0}
+    return {
+        "count": len(v),
+        "min": round(v[0], 2),
+        "median": round(statistics.median(v), 2),
+        "max": round(v[-1], 2),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Kafka metadata (kafka-python's admin client, in a worker thread, one call at a time)
+# ---------------------------------------------------------------------------------------------
+
+# (topic, partition) -> (leader id, in-sync replica ids)
+Partitions = dict[tuple[str, int], tuple[int, tuple[int, ...]]]
+
+
+class KafkaMeta:
+    def __init__(self, brokers: list[str]) -> None:
+        self.brokers = brokers
+        self._admin: Any = None
+        self._lock = trio.Lock()
+
+    def _describe(self, topics: list[str]) -> Partitions:
+        import logging
+
+        from kafka import KafkaAdminClient
+
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)
+        if self._admin is None:
+            self._admin = KafkaAdminClient(
+                bootstrap_servers=self.brokers,
+                client_id="nimbus-chaos-meta",
+                request_timeout_ms=3000,
+                reconnect_backoff_ms=100,
+                reconnect_backoff_max_ms=500,
+            )
+        try:
+            described = self._admin.describe_topics(topics)
+        except Exception:
+            self._close()  # start afresh on the next call
+            raise
+        out: Partitions = {}
+        for t in described:
+            name = t.get("name", t.get("topic"))
+            for p in t.get("partitions") or []:
+                index = p.get("partition_index", p.get("partition"))
+                leader = p.get("leader_id", p.get("leader", -1))
+                out[(name, int(index))] = (int(leader), tuple(sorted(p.get("isr_nodes") or ())))
+        return out
+
+    def _close(self) -> None:
+        if self._admin is not None:
+            try:
+                self._admin.close()
+            except Exception:
+                pass
+            self._admin = None
+
+    async def describe(self, topics: list[str]) -> Partitions | None:
+        """The partitions of `topics`, or None if the metadata request failed."""
+        async with self._lock:
+            try:
+                return await trio.to_thread.run_sync(self._describe, topics)
+            except Exception:
+                return None
+
+    async def close(self) -> None:
+        async with self._lock:
+            await trio.to_thread.run_sync(self._close)
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis Cluster views (redis-cli: raw CLUSTER NODES / INFO / ROLE text)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Node:
+    id: str
+    port: int
+    flags: frozenset[str]
+    master_id: str  # "-" for masters
+    link: str  # connected | disconnected
+    slots: int  # slot ranges listed (masters serving slots: > 0)
+
+    @property
+    def failing(self) -> bool:
+        return bool({"fail", "fail?"} & self.flags)
+
+    @property
+    def master(self) -> bool:
+        return "master" in self.flags and not self.failing
+
+
+def parse_nodes(text: str) -> list[Node]:
+    nodes = []
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) < 8:
+            continue
+        addr = f[1].split("@")[0]
+        try:
+            port = port_of(addr)
+        except ValueError:
+            continue
+        nodes.append(Node(f[0], port, frozenset(f[2].split(",")), f[3], f[7], len(f) - 8))
+    return nodes
+
+
+async def redis_cli(port: int, *cmd: str, timeout: float = 3) -> str | None:
+    """The reply of redis-cli (raw text), or None if the node did not answer."""
+    with trio.move_on_after(timeout):
+        proc = await trio.run_process(
+            ["redis-cli", "-h", HOST, "-p", str(port), *cmd],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        out = proc.stdout.decode(errors="replace")
+        if proc.returncode != 0 or "Could not connect" in out:
+            return None
+        return out.replace("\r", "")
+    return None
+
+
+async def cluster_nodes(port: int) -> list[Node] | None:
+    text = await redis_cli(port, "CLUSTER", "NODES")
+    return parse_nodes(text) if text else None
+
+
+async def cluster_ok(port: int) -> bool:
+    text = await redis_cli(port, "CLUSTER", "INFO")
+    if not text:
+        return False
+    info = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    return (
+        info.get("cluster_state") == "ok"
+        and info.get("cluster_slots_ok") == "16384"
+        and info.get("cluster_known_nodes") == "6"
+    )
+
+
+async def role(port: int) -> list[str]:
+    """ROLE as lines: ["master", ...] or ["slave", host, port, state, offset]."""
+    text = await redis_cli(port, "ROLE")
+    return text.split() if text else []
+
+
+# ---------------------------------------------------------------------------------------------
+# The brokers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Kill:
+    kind: str  # broker_kill | master_kill
+    target: str  # "kafka-2" / "redis-37001"
+    t: float  # run time of the kill (s)
+    wall: str
+    kill_cmd_s: float
+    down_for_s: float
+    failover_s: float | None = None
+    failover_lower_s: float | None = None
+    restart_s: float | None = None
+    in_sync_s: float | None = None
+    restart_attempts: int = 0
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+async def poll_until(
+    probe: Callable[[], Awaitable[T | None]], timeout: float, since: float | None = None
+) -> tuple[T | None, float, float]:
+    """Call `probe` every POLL s until it returns something other than None: (that value, s
+    until the answer that had it, s until the last answer that did not), or (None, timeout, ...).
+    Seconds count from `since` (trio time; default now)."""
+    t0 = trio.current_time() if since is None else since
+    lower = 0.0
+    with trio.move_on_after(timeout):
+        while True:
+            value = await probe()
+            now = trio.current_time() - t0
+            if value is not None:
+                return value, now, lower
+            lower = now
+            await trio.sleep(POLL)
+    return None, timeout, lower
+
+
+class ClusterBrokers:
+    """Kafka and Redis on scripts/cluster.sh's clusters: start them if needed, kill and restart
+    their nodes one at a time, cut Redis client connections. Same interface as chaos.Brokers."""
+
+    def __init__(
+        self,
+        run: Run,
+        env: dict[str, str],
+        kafka: list[str],
+        redis_nodes: list[str],
+        redis_single: str | None,
+        topics: list[str],
+    ) -> None:
+        self.run = run
+        self.env = env
+        self.kafka = kafka  # node N is kafka[N - 1]
+        self.redis_nodes = redis_nodes
+        self.redis_single = redis_single
+        self.topics = topics
+        self.meta = KafkaMeta(kafka)
+        self.log = run.dir / "services.log"
+        self.busy = 0  # kill-and-restart sequences in progress (or waiting for their turn)
+        self.down: set[str] = set()
+        self.kills: list[Kill] = []
+        self._turn = trio.Lock()  # one node kill at a time (see the module docstring)
+
+    # --- plumbing
+
+    async def script(self, *argv: str, timeout: float = 240) -> int:
+        with self.log.open("ab") as out:
+            out.write(f"\n===== chaos: cluster.sh {' '.join(argv)} at {wall()} =====\n".encode())
+            out.flush()
+            with trio.move_on_after(timeout):
+                proc = await trio.run_process(
+                    ["bash", str(CLUSTER_SH), *argv],
+                    env=self.env,
+                    cwd=ROOT,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    check=False,
+                )
+                return proc.returncode
+        return -1
+
+    @property
+    def redis_down(self) -> bool:
+        """Never all of it: connection cuts go to the nodes that are up."""
+        return False
+
+    def status(self) -> str:
+        return f"down: {','.join(sorted(self.down))}" if self.down else "clusters whole"
+
+    @property
+    def redis_ports(self) -> list[int]:
+        if self.redis_single:
+            return [port_of(self.redis_single)]
+        return [port_of(a) for a in self.redis_nodes]
+
+    async def ensure_up(self, timeout: float = 240) -> bool:
+        """Every cluster node running (cluster.sh up starts what is not), and the single Redis
+        (if used) answering."""
+        if await self.script("status", timeout=30) != 0:
+            self.run.event("cluster.sh up")
+            if await self.script("up", timeout=timeout) != 0:
+                return False
+        self.down.clear()
+        if self.redis_single:
+            host, _, port = self.redis_single.rpartition(":")
+            if not port_open(int(port), host or HOST):
+                self.run.event("the single Redis does not answer", address=self.redis_single)
+                return False
+        return True
+
+    async def cut_redis_connections(self, kind: str) -> str:
+        """CLIENT KILL TYPE `kind` on every Redis node that is up."""
+        out = []
+        for port in self.redis_ports:
+            if f"redis-{port}" in self.down:
+                continue
+            reply = await redis_cli(port, "CLIENT", "KILL", "TYPE", kind, timeout=10)
+            out.append(f"{port}:{(reply or 'no answer').strip()}")
+        return " ".join(out)
+
+    # --- Kafka
+
+    async def _kafka_whole(self) -> Partitions | None:
+        """The run's partitions if the Kafka cluster is whole: 3 nodes up, every partition led,
+        3 in-sync replicas each; else None."""
+        if not all(port_open(port_of(b)) for b in self.kafka):
+            return None
+        parts = await self.meta.describe(self.topics)
+        if not parts or {t for t, _ in parts} != set(self.topics):
+            return None
+        if all(leader >= 0 and len(isr) == len(self.kafka) for leader, isr in parts.values()):
+            return parts
+        return None
+
+    async def broker_kill(self, target: int, down_for: float, deadline: float) -> None:
+        """SIGKILL the leader of one of the run's partitions (chosen by `target`), wait for the
+        failover, `down_for` s more, restart it, wait until it is in sync again."""
+        self.busy += 1
+        try:
+            async with self._turn:
+                await self._broker_kill(target, down_for, deadline)
+        finally:
+            self.busy -= 1
+
+    async def _broker_kill(self, target: int, down_for: float, deadline: float) -> None:
+        run = self.run
+        parts: Partitions | None = None
+        with trio.move_on_at(deadline):
+            parts, _, _ = await poll_until(self._kafka_whole, 1e9)
+        if parts is None:
+            run.event("broker_kill skipped: the Kafka cluster was not whole before the end")
+            run.counts["broker_kill_skipped"] += 1
+            return
+        busy = sorted(parts)
+        topic, partition = busy[target % len(busy)]
+        victim = parts[(topic, partition)][0]
+        led = sorted(tp for tp, (leader, _) in parts.items() if leader == victim)
+        name = f"kafka-{victim}"
+        killed_at, killed_wall, kill_cmd_s = await self._kill(
+            "kafka-kill9", str(victim), self.kafka[victim - 1]
+        )
+        if killed_at is None:
+            run.event(f"broker kill9 FAILED: {name} still answers")
+            run.counts["broker_kill_failed"] += 1
+            return
+        self.down.add(name)
+        run.counts["broker_kills"] += 1
+        kill = Kill(
+            "broker_kill",
+            name,
+            round(killed_at - run.t0, 3),
+            killed_wall,
+            kill_cmd_s,
+            down_for,
+            detail={
+                "chosen": f"{topic}-{partition}",
+                "led": [f"{t}-{p}" for t, p in led],
+            },
+        )
+        self.kills.append(kill)
+        run.event(
+            "broker SIGKILL",
+            node=name,
+            at=f"{kill.t}s",
+            leader_of=f"{topic}-{partition}",
+            led=len(led),
+            cmd=f"{kill_cmd_s}s",
+        )
+
+        async def moved() -> dict[str, int] | None:
+            now = await self.meta.describe(self.topics)
+            if now is None:
+                return None
+            new = {f"{t}-{p}": now[(t, p)][0] for t, p in led if (t, p) in now}
+            if len(new) == len(led) and all(v not in (-1, victim) for v in new.values()):
+                return new
+            return None
+
+        new_leaders, took, lower = await poll_until(moved, 90, since=killed_at)
+        if new_leaders is not None:
+            kill.failover_s, kill.failover_lower_s = round(took, 2), round(lower, 2)
+            kill.detail["new_leaders"] = new_leaders
+            run.event("broker failover", node=name, took=f"{took:.2f}s", new_leaders=new_leaders)
+        else:
+            run.event("broker failover NOT SEEN", node=name, within="90s")
+            run.counts["broker_failover_not_seen"] += 1
+        await trio.sleep(down_for)
+        kill.restart_s, kill.restart_attempts = await self._restart("kafka-start", str(victim))
+        self.down.discard(name)
+        t_restart = trio.current_time() - kill.restart_s
+
+        async def in_sync() -> bool | None:
+            now = await self.meta.describe(self.topics)
+            if now and all(victim in isr for _, isr in now.values()):
+                return True
+            return None
+
+        back, _, _ = await poll_until(in_sync, 120)
+        if back:
+            kill.in_sync_s = round(trio.current_time() - t_restart, 2)
+        run.event(
+            f"{name} up",
+            restart=f"{kill.restart_s:.1f}s",
+            in_sync=f"{kill.in_sync_s}s" if back else "NOT within 120s",
+        )
+
+    async def _kill(self, command: str, arg: str, address: str) -> tuple[float | None, str, float]:
+        """Run `cluster.sh command arg` (a kill9) and watch the node's port meanwhile: (trio time
+        the port stopped accepting, or None if it still does 5 s after the command; the wall
+        clock then; s the command took)."""
+        host, _, port = address.rpartition(":")
+        gone_at: float | None = None
+        gone_wall = ""
+        gone = trio.Event()
+        t = trio.current_time()
+
+        async def watch() -> None:
+            nonlocal gone_at, gone_wall
+            while True:
+                if not port_open(int(port), host):
+                    gone_at, gone_wall = trio.current_time(), wall()
+                    gone.set()
+                    return
+                await trio.sleep(0.05)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            await self.script(command, arg, timeout=60)
+            took = round(trio.current_time() - t, 3)
+            with trio.move_on_after(5):
+                await gone.wait()
+            nursery.cancel_scope.cancel()
+        return gone_at, gone_wall, took
+
+    async def _restart(self, command: str, arg: str) -> tuple[float, int]:
+        t = trio.current_time()
+        for attempt in range(1, 6):
+            rc = await self.script(command, arg, timeout=240)
+            if rc == 0:
+                return round(trio.current_time() - t, 2), attempt
+            self.run.event(f"cluster.sh {command} {arg} failed", rc=rc, attempt=attempt)
+            await trio.sleep(2)
+        return round(trio.current_time() - t, 2), 5
+
+    # --- Redis Cluster
+
+    async def _redis_whole(self) -> list[Node] | None:
+        """The cluster's nodes if it is whole: 6 nodes up, cluster_state ok on each, 3 masters
+        serving slots, each with a connected replica that is not failing; else None."""
+        ports = self.redis_ports
+        for port in ports:
+            if not await cluster_ok(port):
+                return None
+        nodes = await cluster_nodes(ports[0])
+        if not nodes or len(nodes) != len(ports) or any(n.failing for n in nodes):
+            return None
+        masters = [n for n in nodes if n.master and n.slots]
+        if len(masters) != 3:
+            return None
+        for m in masters:
+            if not any(n.master_id == m.id and n.link == "connected" for n in nodes):
+                return None
+        return nodes
+
+    async def master_kill(self, target: int, down_for: float, deadline: float) -> None:
+        """SIGKILL a master (chosen by `target` among the current ones), wait until its replica
+        is promoted, `down_for` s more, restart it, wait until it is a connected replica."""
+        self.busy += 1
+        try:
+            async with self._turn:
+                await self._master_kill(target, down_for, deadline)
+        finally:
+            self.busy -= 1
+
+    async def _master_kill(self, target: int, down_for: float, deadline: float) -> None:
+        run = self.run
+        nodes: list[Node] | None = None
+        with trio.move_on_at(deadline):
+            nodes, _, _ = await poll_until(self._redis_whole, 1e9)
+        if nodes is None:
+            run.event("master_kill skipped: the Redis Cluster was not whole before the end")
+            run.counts["master_kill_skipped"] += 1
+            return
+        masters = sorted((n for n in nodes if n.master and n.slots), key=lambda n: n.port)
+        victim = masters[target % len(masters)]
+        replica = next(n for n in nodes if n.master_id == victim.id and n.link == "connected")
+        others = [m.port for m in masters if m is not victim]
+        name = f"redis-{victim.port}"
+        killed_at, killed_wall, kill_cmd_s = await self._kill(
+            "redis-kill9", str(victim.port), f"{HOST}:{victim.port}"
+        )
+        if killed_at is None:
+            run.event(f"master kill9 FAILED: {name} still answers")
+            run.counts["master_kill_failed"] += 1
+            return
+        self.down.add(name)
+        run.counts["master_kills"] += 1
+        kill = Kill(
+            "master_kill",
+            name,
+            round(killed_at - run.t0, 3),
+            killed_wall,
+            kill_cmd_s,
+            down_for,
+            detail={"replica": replica.port, "slot_ranges": victim.slots},
+        )
+        self.kills.append(kill)
+        run.event(
+            "master SIGKILL", node=name, at=f"{kill.t}s", replica=replica.port, cmd=f"{kill_cmd_s}s"
+        )
+
+        async def promoted() -> bool | None:
+            if "replica_took_over_s" not in kill.detail and (await role(replica.port))[:1] == [
+                "master"
+            ]:
+                kill.detail["replica_took_over_s"] = round(trio.current_time() - killed_at, 2)
+            for port in others:
+                view = await cluster_nodes(port)
+                mine = [n for n in view or [] if n.id == replica.id]
+                if not mine or not mine[0].master:
+                    return None
+            return True
+
+        done, took, lower = await poll_until(promoted, 90, since=killed_at)
+        if done:
+            kill.failover_s, kill.failover_lower_s = round(took, 2), round(lower, 2)
+            run.event("master failover", node=name, promoted=replica.port, took=f"{took:.2f}s")
+        else:
+            run.event("master failover NOT SEEN", node=name, within="90s")
+            run.counts["master_failover_not_seen"] += 1
+        await trio.sleep(down_for)
+        kill.restart_s, kill.restart_attempts = await self._restart("redis-start", str(victim.port))
+        self.down.discard(name)
+        t_restart = trio.current_time() - kill.restart_s
+
+        async def rejoined() -> list[str] | None:
+            r = await role(victim.port)
+            return r if len(r) >= 4 and r[0] == "slave" and r[3] == "connected" else None
+
+        r, _, _ = await poll_until(rejoined, 60)
+        if r is not None:
+            kill.in_sync_s = round(trio.current_time() - t_restart, 2)
+            kill.detail["rejoined_as_replica_of"] = int(r[2])
+        run.event(
+            f"{name} up",
+            restart=f"{kill.restart_s:.1f}s",
+            rejoined=f"as a replica of {r[2]} after {kill.in_sync_s}s" if r else "NOT within 60s",
+        )
+
+    async def close(self) -> None:
+        await self.meta.close()
+
+    # --- the report
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kill_log": [k.__dict__ for k in self.kills]}
+        for kind in KILL_KINDS:
+            mine = [k for k in self.kills if k.kind == kind]
+            out[kind] = {
+                "failover_s": spread([k.failover_s for k in mine if k.failover_s is not None]),
+                "restart_s": spread([k.restart_s for k in mine if k.restart_s is not None]),
+                "in_sync_s": spread([k.in_sync_s for k in mine if k.in_sync_s is not None]),
+            }
+        return out
