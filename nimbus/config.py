@@ -136,7 +136,32 @@ VARIABLES: dict[str, Var] = {
     for v in [
         Var("NIMBUS_PORT", "50051", _int(0, 65535), "gRPC port of the server (0: any free port)"),
         Var("NIMBUS_HOST", "0.0.0.0", _nonempty, "address the gRPC server binds"),
-        Var("NIMBUS_REDIS_ADDRESS", "localhost:6379", _hostport, "Redis host:port (engine=real)"),
+        Var(
+            "NIMBUS_REDIS_ADDRESS",
+            "localhost:6379",
+            _hostport,
+            "Redis host:port (engine=real); with NIMBUS_REDIS_MODE=cluster, seed nodes"
+            " host:port,host:port,...",
+        ),
+        Var(
+            "NIMBUS_REDIS_MODE",
+            "single",
+            _choice("single", "cluster"),
+            "single (one Redis node) or cluster (Redis Cluster: hash-tagged keys, sharded pub/sub)",
+        ),
+        Var(
+            "NIMBUS_REDIS_WAIT_REPLICAS",
+            "1",
+            _int(0, 16),
+            "cluster mode: replicas that must confirm each state write (WAIT) before it counts;"
+            " 0: none (a failover may lose the last writes)",
+        ),
+        Var(
+            "NIMBUS_REDIS_WAIT_MS",
+            "1000",
+            _int(1, 60_000),
+            "cluster mode: how long a write waits for NIMBUS_REDIS_WAIT_REPLICAS before it fails",
+        ),
         Var(
             "NIMBUS_KAFKA_BROKERS",
             "localhost:9092",
@@ -452,6 +477,9 @@ class Settings:
     port: int
     host: str
     redis_address: str
+    redis_mode: str
+    redis_wait_replicas: int
+    redis_wait_ms: int
     kafka_brokers: str
     redis_events_channel: str
     redis_prefix: str

@@ -30,9 +30,8 @@
 # `env` prints
 #   export NIMBUS_KAFKA_BROKERS=127.0.0.1:29092,127.0.0.1:29093,127.0.0.1:29094
 #   export NIMBUS_REDIS_MODE=cluster NIMBUS_REDIS_ADDRESS=127.0.0.1:27001,...,127.0.0.1:27006
-# The Redis variables are the ones issue 17 proposes: Nimbus does not read
-# NIMBUS_REDIS_MODE yet and cannot run on Redis Cluster yet (its scripts batch keys of many
-# slots); today these clusters serve the chaos/failover work and the Kafka side alone.
+# Nimbus runs on both: NIMBUS_REDIS_MODE=cluster selects its Redis Cluster state store
+# (nimbus/engines/redis_cluster.py), with the seed nodes in NIMBUS_REDIS_ADDRESS.
 #
 # Kafka settings (what an operator picks for 3 brokers): default.replication.factor=3,
 # min.insync.replicas=2, offsets/transaction/share-state topics RF 3 with min ISR 2,
@@ -442,7 +441,7 @@ cmd_up() {
   local n
   for n in "${KAFKA_NODES[@]}"; do kafka_launch "$n"; done
   kafka_wait "${KAFKA_NODES[@]}"
-  echo "# the clusters are up; use (Nimbus does not read NIMBUS_REDIS_MODE yet):" >&2
+  echo "# the clusters are up; point Nimbus at them with:" >&2
   print_env
 }
 

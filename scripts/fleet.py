@@ -8,7 +8,9 @@ the same servers the bench measures.
     # started
 
 Brokers: the scripts' Kafka and Redis (`bash scripts/services.sh up` first; NIMBUS_KAFKA_PORT and
-NIMBUS_REDIS_PORT as there). Logs: artifacts/fleet-<prefix>/.
+NIMBUS_REDIS_PORT as there); with `--cluster`, the local clusters (`bash scripts/cluster.sh up`
+first: 3 Kafka brokers and a Redis Cluster, NIMBUS_REDIS_MODE=cluster). Logs:
+artifacts/fleet-<prefix>/.
 Exit status: 0 after Ctrl-C; 2 usage error; 3 brokers unreachable or a process failed to start.
 """
 
@@ -18,6 +20,7 @@ import argparse
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -95,28 +98,63 @@ def fleet_args(
 
 
 def make_fleet(
-    ns: argparse.Namespace, run_dir: Path, kafka: str, redis: str, kafka_client: str
+    ns: argparse.Namespace,
+    run_dir: Path,
+    kafka: str,
+    redis: str,
+    kafka_client: str,
+    redis_mode: str = "single",
 ) -> BenchFleet:
     fleet = BenchFleet(ns, run_dir, kafka, redis)
     for p in fleet.procs:
         p.env["NIMBUS_KAFKA_CLIENT"] = kafka_client
+        p.env["NIMBUS_REDIS_MODE"] = redis_mode
     return fleet
+
+
+def cluster_addresses() -> tuple[str, str]:
+    """(Kafka brokers, Redis Cluster seed nodes) of the local clusters (scripts/cluster.sh env);
+    RuntimeError if they are not up."""
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "cluster.sh"), "env"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found: dict[str, str] = {}
+    for word in done.stdout.replace("export ", " ").split():
+        key, _, value = word.partition("=")
+        found[key] = value
+    if done.returncode != 0 or "NIMBUS_REDIS_ADDRESS" not in found:
+        raise RuntimeError(
+            f"the local clusters are not up: bash scripts/cluster.sh up\n{done.stderr}"
+        )
+    return found["NIMBUS_KAFKA_BROKERS"], found["NIMBUS_REDIS_ADDRESS"]
 
 
 async def main_async(a: argparse.Namespace) -> int:
     kafka, redis = f"{HOST}:{a.kafka_port}", f"{HOST}:{a.redis_port}"
-    for what, port in (("Kafka", a.kafka_port), ("Redis", a.redis_port)):
+    if a.cluster:
+        try:
+            kafka, redis = cluster_addresses()
+        except RuntimeError as e:
+            print(f"fleet.py: {e}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+    for what, address in (("Kafka", kafka), ("Redis", redis)):
+        host, _, port = address.split(",")[0].rpartition(":")
         try:
             with trio.fail_after(5):
-                s = await trio.open_tcp_stream(HOST, port)
+                s = await trio.open_tcp_stream(host, int(port))
             await s.aclose()
         except (OSError, trio.TooSlowError):
-            print(f"fleet.py: {what} is not reachable on port {port}: bash scripts/services.sh up")
+            print(f"fleet.py: {what} is not reachable at {address}: bash scripts/services.sh up")
             return EXIT_UNAVAILABLE
     ns = fleet_args(workers=a.workers, partitions=a.partitions, prefix=a.prefix)
     run_dir = ROOT / "artifacts" / f"fleet-{ns.prefix}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    fleet = make_fleet(ns, run_dir, kafka, redis, a.kafka_client)
+    fleet = make_fleet(
+        ns, run_dir, kafka, redis, a.kafka_client, "cluster" if a.cluster else "single"
+    )
     if a.cprofile:  # each process under cProfile: <name>.prof in the run folder, at its exit
         for p in fleet.procs:
             p.args = ["-o", str(run_dir / f"{p.name}.prof"), "-m", p.module, *p.args]
@@ -147,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--partitions", type=int, default=8)
     p.add_argument("--prefix", default=None)
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run on the local clusters (scripts/cluster.sh) instead of the single nodes",
+    )
     p.add_argument(
         "--cprofile", action="store_true", help="run each process under cProfile (<name>.prof)"
     )

@@ -53,6 +53,12 @@ def redis_address() -> str:
 
 
 @pytest.fixture
+def redis_cluster_address() -> str:
+    """Seed nodes of a Redis Cluster (scripts/cluster.sh; scripts/test.sh starts it under CI)."""
+    return _require("NIMBUS_TEST_REDIS_CLUSTER")
+
+
+@pytest.fixture
 def unique() -> str:
     """A fresh suffix for topic, group, channel and client names, so tests never share state."""
     return uuid.uuid4().hex[:10]

@@ -10,7 +10,7 @@ It brings up the 3 KRaft brokers and the Redis Cluster (3 masters + 3 replicas),
   (`redis-kill9`), waits until its replica is a master, and reads the key through
   `redis.cluster.RedisCluster`;
 - restarts both killed nodes (`kafka-start`, `redis-start`), sees the ISR back at 3 and the old
-  master rejoin as a replica, and takes the clusters `down`;
+  master rejoin as a replica, and takes the clusters `down` (if this module started them);
 - Nimbus's topic set-up: each Kafka adapter's `ensure_topics` creates its topics with
   replication factor 3 and min.insync.replicas=2 (NIMBUS_KAFKA_REPLICATION_FACTOR and
   NIMBUS_KAFKA_MIN_INSYNC_REPLICAS at `auto`).
@@ -87,17 +87,26 @@ def env_value(env: str, name: str) -> str:
     raise AssertionError(f"{name} not in cluster.sh env output:\n{env}")
 
 
+def _cluster_is_up() -> bool:
+    done = subprocess.run(["bash", str(CLUSTER_SH), "status"], capture_output=True, check=False)
+    return done.returncode == 0
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
+    """The local clusters: the ones scripts/test.sh started (left up for the other tests), or
+    started here and brought down after this module."""
+    owned = not _cluster_is_up()
     start = time.monotonic()
     try:
         cluster_sh("up", timeout=400)
         print(f"\ncluster.sh up: {time.monotonic() - start:.1f}s")
         yield cluster_sh("env")
     finally:
-        start = time.monotonic()
-        cluster_sh("down", timeout=120)
-        print(f"cluster.sh down: {time.monotonic() - start:.1f}s")
+        if owned:
+            start = time.monotonic()
+            cluster_sh("down", timeout=120)
+            print(f"cluster.sh down: {time.monotonic() - start:.1f}s")
 
 
 def test_kafka_leader_failover(cluster: str) -> None:

@@ -29,6 +29,7 @@ async def open_engine(settings: Settings) -> AsyncIterator[OpenEngine]:
         yield OpenEngine(*metrics.instrument(mem.log, mem.state))
         return
     from nimbus.engines.redis import open_redis_state
+    from nimbus.engines.redis_cluster import open_redis_cluster_state
 
     open_log: Callable[..., AbstractAsyncContextManager[Log]]
     if settings.kafka_client == "librdkafka":
@@ -40,16 +41,27 @@ async def open_engine(settings: Settings) -> AsyncIterator[OpenEngine]:
 
         open_log = open_kafka_log
 
+    open_state: AbstractAsyncContextManager[StateStore]
+    if settings.redis_mode == "cluster":
+        open_state = open_redis_cluster_state(
+            settings.redis_address,
+            prefix=settings.redis_prefix,
+            record_ttl_ms=settings.record_ttl_sec * 1000,
+            wait_replicas=settings.redis_wait_replicas,
+            wait_ms=settings.redis_wait_ms,
+        )
+    else:
+        open_state = open_redis_state(
+            settings.redis_address,
+            prefix=settings.redis_prefix,
+            record_ttl_ms=settings.record_ttl_sec * 1000,
+        )
     async with (
         open_log(
             settings.kafka_brokers,
             linger_ms=settings.producer_linger_ms,
             client_id=settings.instance_id,
         ) as log,
-        open_redis_state(
-            settings.redis_address,
-            prefix=settings.redis_prefix,
-            record_ttl_ms=settings.record_ttl_sec * 1000,
-        ) as state,
+        open_state as state,
     ):
         yield OpenEngine(*metrics.instrument(log, state))

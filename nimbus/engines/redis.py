@@ -223,6 +223,10 @@ class RedisState(ClientRecords, Leases, PubSub):
     def _key(self, client_id: str) -> str:
         return f"{self.prefix}c:{client_id}"
 
+    def _set_key(self, kind: str, client_id: str) -> str:
+        """The key of the `kind` set ("clients", "replaying") that holds `client_id`."""
+        return f"{self.prefix}{kind}"
+
     # -- ClientRecords: transitions (nimbus.core.lifecycle, via redis_scripts) -------------------
 
     async def connect(self, client_id: str, pod: str) -> ConnectResult:
@@ -238,15 +242,27 @@ class RedisState(ClientRecords, Leases, PubSub):
             await self._script("disconnect", (self.prefix, client_id, epoch, self.record_ttl_ms))
         )
 
-    async def route(self, items: Sequence[tuple[str, int]]) -> list[RouteDecision]:
+    @staticmethod
+    def _split(name: str, reply: Any) -> list[Any] | None:
+        """A batch script's reply as one answer per item (None: the script answers nothing)."""
+        if name == "route":  # one JSON array
+            return cast(list[Any], json.loads(reply))
+        if name in ("ack", "try_flip"):  # one string of "1"/"0"
+            return _flags(reply)
+        return None
+
+    async def _run_items(self, name: str, items: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Batch script `name` over `items` (each starts with its client id): one call; the
+        per-item answers in order (empty if the script answers nothing)."""
         if not items:
             await trio.lowlevel.checkpoint()
             return []
-        flat: list[str | int] = []
-        for client_id, delivery_id in items:
-            flat += (client_id, delivery_id)
+        flat: list[str | int] = [x for it in items for x in it]
+        return self._split(name, await self._batch(name, flat)) or []
+
+    async def route(self, items: Sequence[tuple[str, int]]) -> list[RouteDecision]:
         out = []
-        for code in json.loads(await self._batch("route", flat)):
+        for code in await self._run_items("route", items):
             if code == "D":
                 out.append(_DROP)
             elif code == "Q":
@@ -256,40 +272,23 @@ class RedisState(ClientRecords, Leases, PubSub):
                 out.append(RouteDecision(Route.LIVE, pod, int(epoch)))
         return out
 
-    async def _pairs(self, name: str, items: Sequence[tuple[str, int]]) -> Any:
-        """A batch script over (client_id, n) pairs; its reply (None for an empty batch)."""
-        if not items:
-            await trio.lowlevel.checkpoint()
-            return None
-        flat: list[str | int] = []
-        for client_id, n in items:
-            flat += (client_id, n)
-        return await self._batch(name, flat)
-
     async def divert(self, items: Sequence[tuple[str, int]]) -> None:
-        await self._pairs("divert", items)
+        await self._run_items("divert", items)
 
     async def dlq_written(self, items: Sequence[DlqWrite]) -> None:
         # lifecycle.dlq_written ignores the partition: a client's DLQ records share one partition.
-        if not items:
-            await trio.lowlevel.checkpoint()
-            return
-        flat: list[str | int] = []
-        for w in items:
-            flat += (w.client_id, w.delivery_id, w.offset)
-        await self._batch("dlq_written", flat)
+        await self._run_items(
+            "dlq_written", [(w.client_id, w.delivery_id, w.offset) for w in items]
+        )
 
     async def ack(self, items: Sequence[AckItem]) -> list[bool]:
-        return _flags(await self._pairs("ack", [(a.client_id, a.acked) for a in items]))
+        return await self._run_items("ack", [(a.client_id, a.acked) for a in items])
 
     async def advance_cursor(self, items: Sequence[tuple[str, int]]) -> None:
-        await self._pairs("advance_cursor", items)
+        await self._run_items("advance_cursor", items)
 
     async def try_flip(self, client_ids: Sequence[str]) -> list[bool]:
-        if not client_ids:
-            await trio.lowlevel.checkpoint()
-            return []
-        return _flags(await self._batch("try_flip", list(client_ids)))
+        return await self._run_items("try_flip", [(c,) for c in client_ids])
 
     # -- ClientRecords: reads and scans -------------------------------------------------------
 

@@ -25,13 +25,18 @@ def describe(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {exc}" if exc is not None else "connection closed"
 
 
+class NotReplicated(Exception):
+    """WAIT answered fewer replicas than asked for (see `Lane`)."""
+
+
 class _Call:
     """One command on the lane: its arguments, and its reply or error once read."""
 
-    __slots__ = ("args", "done", "error", "reply")
+    __slots__ = ("args", "done", "error", "reply", "write")
 
-    def __init__(self, args: tuple[Any, ...]) -> None:
+    def __init__(self, args: tuple[Any, ...], write: bool) -> None:
         self.args = args
+        self.write = write
         self.done = trio.Event()
         self.reply: Any = None
         self.error: BaseException | None = None
@@ -54,20 +59,28 @@ class Lane:
     COMMAND_TIMEOUT) leaves its command to run; its reply is read and dropped.
     """
 
-    def __init__(self, address: str, pool: ConnectionPool) -> None:
+    def __init__(
+        self, address: str, pool: ConnectionPool, wait: tuple[int, int] | None = None
+    ) -> None:
         self._address = address
         self._pool = pool
+        self._wait = wait  # (replicas, timeout ms): WAIT after every batch that wrote
+        self._replicas = wait[0] if wait else 0  # replicas the master had at the last ROLE
         self._queue: list[_Call] = []
         self._wake = asyncio.Event()  # (asyncio side) a call was queued
         self._conn: AbstractConnection | None = None
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def call(self, *args: Any) -> Any:
+    async def call(self, *args: Any, write: bool = True) -> Any:
         """(trio side) The reply of `args`; a ResponseError is raised as itself, a lost
-        connection as StateUnavailable."""
+        connection as StateUnavailable. With `wait`, a `write` call is answered only once
+        Redis's WAIT confirmed the batch it went in reached that many replicas (at most as many
+        as the master has, see `_carry`); if it did not within the timeout, StateUnavailable
+        (the write happened on the master: its outcome is unknown to the caller, as with a lost
+        reply)."""
         if self._task.done():
             raise StateUnavailable(f"redis at {self._address}: the state store is closed")
-        c = _Call(args)
+        c = _Call(args, write)
         self._queue.append(c)
         if len(self._queue) == 1:
             self._wake.set()
@@ -115,23 +128,46 @@ class Lane:
                 await self._conn.disconnect(nowait=True)
 
     async def _carry(self, batch: list[_Call]) -> None:
+        # With `wait`: WAIT for min(asked, the replicas the master had at the last look), then
+        # ROLE for how many it has now. A master without a replica (its replica died, or it took
+        # over and the old master is not back yet) is not waited for: it has no replica a failover
+        # could promote, and waiting would refuse every write until one came back.
+        wait = self._wait if self._wait and any(c.write for c in batch) else None
+        commands = [c.args for c in batch]
+        if wait is not None:
+            wait = (min(wait[0], self._replicas), wait[1])
+            if wait[0] > 0:
+                commands.append(("WAIT", *wait))
+            commands.append(("ROLE",))
         conn = None
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT + COMMAND_TIMEOUT):
                 conn = await self._connection()
-                await conn.send_packed_command(
-                    conn.pack_commands([c.args for c in batch]), check_health=False
-                )
+                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
                 for c in batch:
                     try:
                         c.reply = await conn.read_response()
                     except ResponseError as exc:  # this command's error; the connection is fine
                         c.error = exc
-                    c.done.set()
+                    if wait is None:
+                        c.done.set()
+                if wait is not None:
+                    acked = int(await conn.read_response()) if wait[0] > 0 else 0
+                    role = await conn.read_response()
+                    self._replicas = len(role[2]) if role and role[0] == b"master" else 0
+                    if acked < wait[0]:
+                        lost = NotReplicated(
+                            f"WAIT: {acked} of {wait[0]} replica(s) confirmed within {wait[1]} ms"
+                        )
+                        for c in batch:
+                            if c.write and c.error is None:
+                                c.error = lost
+                    for c in batch:
+                        c.done.set()
         except BaseException as exc:
             for c in batch:
                 if not c.done.is_set():
-                    c.error = exc
+                    c.error = c.error or exc
                     c.done.set()
             if conn is not None:
                 await conn.disconnect(nowait=True)

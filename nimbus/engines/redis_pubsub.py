@@ -23,6 +23,7 @@ import trio
 import trio_asyncio
 from loguru import logger
 from redis.asyncio.client import PubSub as PubSubConnection
+from redis.asyncio.client import Redis
 
 from nimbus.engines.redis_link import CONNECT_TIMEOUT, describe
 from nimbus.ports import PubSub, StateUnavailable
@@ -62,7 +63,10 @@ class _Subscription:
 
 class RedisPubSub(PubSub):
     """`PubSub` on the connections of a `RedisState` (its lane for publish, its pool's client
-    for the subscriptions). The store's `subscriber_buffer` sizes each new subscription."""
+    for the subscriptions). The store's `subscriber_buffer` sizes each new subscription.
+    `sharded`: SSUBSCRIBE instead of SUBSCRIBE (`nimbus.engines.redis_cluster.ClusterPubSub`)."""
+
+    sharded = False
 
     def __init__(self, store: RedisState) -> None:
         self._store = store
@@ -106,22 +110,27 @@ class RedisPubSub(PubSub):
                 except StateUnavailable as exc:
                     logger.debug("closing subscription to {}: {}", channel, exc)
 
+    async def _subscriber_for(self, channel: str) -> Redis:
+        """(asyncio side) The client whose connection pool a subscription to `channel` uses."""
+        return self._store._r
+
     async def _start_subscription(
         self, channel: str, send: trio.MemorySendChannel[bytes], sub: _Subscription
     ) -> tuple[PubSubConnection, asyncio.Task[None]]:
         """(asyncio side) SUBSCRIBE on a fresh connection, wait for the confirmation, start the
         reader task."""
-        pubsub = self._store._r.pubsub()
+        pubsub = (await self._subscriber_for(channel)).pubsub()
+        kind = "ssubscribe" if self.sharded else "subscribe"
         try:
-            await pubsub.subscribe(channel)
+            await (pubsub.ssubscribe if self.sharded else pubsub.subscribe)(channel)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + SUBSCRIBE_TIMEOUT
             while True:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    raise TimeoutError(f"SUBSCRIBE {channel} not confirmed")
+                    raise TimeoutError(f"{kind.upper()} {channel} not confirmed")
                 msg = await pubsub.get_message(timeout=remaining)
-                if msg is not None and msg["type"] == "subscribe":
+                if msg is not None and msg["type"] == kind:
                     break
             reader = loop.create_task(self._read_subscription(pubsub, send, sub))
         except BaseException:
@@ -134,10 +143,15 @@ class RedisPubSub(PubSub):
     ) -> None:
         """(asyncio task) Connection -> trio memory channel, without a crossing per message."""
         wait_for_room = trio_asyncio.trio_as_aio(send.send, loop=self._store._loop)
+        data_type = "smessage" if self.sharded else "message"
         try:
             while True:
                 msg = await pubsub.get_message(timeout=None)
-                if msg is None or msg["type"] != "message":
+                if msg is None:
+                    continue
+                if msg["type"] == "sunsubscribe":  # Redis Cluster: the channel's slot moved
+                    raise ConnectionError("the shard channel's slot moved (SUNSUBSCRIBE)")
+                if msg["type"] != data_type:
                     continue
                 try:
                     send.send_nowait(msg["data"])

@@ -32,9 +32,14 @@ string instead of one argument per value: redis-py packs every argument and pars
 element in pure Python, which cost more than the script itself (a 500-item route was ~3x slower
 with flattened ARGV and a reply of 1500 elements). Replies are compact for the same reason
 (route: one JSON array of short strings; try_flip: one string of "1"/"0").
-The scripts build key names from the prefix, so they are NOT Redis-Cluster-safe (Redis cannot
-route them by declared keys); Nimbus uses a single Redis node. The lease scripts take their key
-in KEYS[1].
+The scripts build key names from the prefix (no declared KEYS). On a single node that is all.
+On Redis Cluster (`CLUSTER_SCRIPTS`, used by `nimbus.engines.redis_cluster`) the same scripts
+get other key names: a client's record is `<prefix>c:{<client_id>}` (hash tag: the client's
+slot), and the two sets are one per slot, `<prefix>clients{T}` and `<prefix>replaying{T}`, T a
+short tag that hashes to that slot; the caller passes each client's tag (a JSON object as the
+last argument), sends each batch to the master of its clients' slots (split by node), and the
+scripts carry `flags=allow-cross-slot-keys` (keys of many slots, all on that node). The lease
+scripts take their key in KEYS[1] (Redis routes them).
 
 Within a batch, items are applied in order, each seeing the effect of the previous ones, and the
 whole batch is atomic (one script). Records are read once per script and written back once: only
@@ -97,10 +102,38 @@ def _lua_routes() -> str:
     return f"local ROUTES = {{{pairs}}}\n"
 
 
-# Shared by every transition script: read a record (cached for the batch), write back the ones
-# that changed, keeping the `clients` and `replaying` sets in sync.
-_PRELUDE = r"""
+# Key names, single node: the record, and the two sets (one each).
+_KEYS_SINGLE = r"""
 local prefix = ARGV[1]
+local function rkey(cid)
+  return prefix .. 'c:' .. cid
+end
+local function skey(kind, cid)
+  return prefix .. kind
+end
+"""
+
+# Key names, Redis Cluster: the record's key carries the client's hash tag, and each set is one
+# per slot (`{prefix}clients{T}`, `{prefix}replaying{T}`, T a tag of the client's slot, given by
+# the caller in the last argument as a JSON object client id -> tag), so every key a script
+# touches for a client lives in that client's slot. allow-cross-slot-keys: a batch holds clients
+# of many slots of one node (the caller splits batches by node).
+_KEYS_CLUSTER = r"""#!lua flags=allow-cross-slot-keys
+local prefix = ARGV[1]
+local TAGS = cjson.decode(ARGV[#ARGV])
+local function rkey(cid)
+  return prefix .. 'c:{' .. cid .. '}'
+end
+local function skey(kind, cid)
+  return prefix .. kind .. '{' .. TAGS[cid] .. '}'
+end
+"""
+
+# Shared by every transition script: read a record (cached for the batch), write back the ones
+# that changed, keeping the `clients` and `replaying` sets in sync. Every read comes before the
+# first write (load in the loop, flush at the end), so a script that fails on a key (on a
+# cluster: a slot that moved away) fails before it changed anything.
+_PRELUDE = r"""
 local FIELDS = {'status', 'pod', 'epoch', 'acked', 'routed_dlq', 'dlq_written', 'cursor'}
 local TEXT = {status = true, pod = true}
 local cache = {}
@@ -116,7 +149,7 @@ local function load(cid)
   if r then
     return r
   end
-  local key = prefix .. 'c:' .. cid
+  local key = rkey(cid)
   local v = redis.call('HMGET', key, unpack(FIELDS))
   r = {
     status = v[1] or 'OFFLINE',
@@ -151,15 +184,15 @@ local function flush()
       redis.call('HSET', t.key, unpack(args))
     end
     if t.new then
-      redis.call('SADD', prefix .. 'clients', t.id)
+      redis.call('SADD', skey('clients', t.id), t.id)
     elseif r.routed_dlq > r.acked and orig.routed_dlq <= orig.acked then
       redis.call('PERSIST', t.key)  -- something is pending again: the record must stay
     end
     if r.status ~= orig.status then
       if r.status == 'REPLAYING' then
-        redis.call('SADD', prefix .. 'replaying', t.id)
+        redis.call('SADD', skey('replaying', t.id), t.id)
       elseif orig.status == 'REPLAYING' then
-        redis.call('SREM', prefix .. 'replaying', t.id)
+        redis.call('SREM', skey('replaying', t.id), t.id)
       end
     end
   end
@@ -182,7 +215,7 @@ r.status = connect_to(r)
 r.pod = ARGV[3]
 r.epoch = r.epoch + 1
 flush()
-redis.call('PERSIST', prefix .. 'c:' .. ARGV[2])
+redis.call('PERSIST', rkey(ARGV[2]))
 return {r.epoch, r.status, previous_pod, previous_epoch}
 """
 )
@@ -206,7 +239,7 @@ if to then
 end
 flush()
 if ok == 1 and ttl > 0 and r.routed_dlq <= r.acked then
-  redis.call('PEXPIRE', prefix .. 'c:' .. ARGV[2], ttl)
+  redis.call('PEXPIRE', rkey(ARGV[2]), ttl)
 end
 return ok
 """
@@ -383,7 +416,7 @@ end
 return 0
 """
 
-SCRIPTS: dict[str, str] = {
+_TRANSITIONS = {
     "connect": CONNECT,
     "disconnect": DISCONNECT,
     "route": ROUTE,
@@ -392,9 +425,44 @@ SCRIPTS: dict[str, str] = {
     "ack": ACK,
     "advance_cursor": ADVANCE_CURSOR,
     "try_flip": TRY_FLIP,
-    "acquire_lease": ACQUIRE_LEASE,
-    "release_lease": RELEASE_LEASE,
+}
+_LEASES = {"acquire_lease": ACQUIRE_LEASE, "release_lease": RELEASE_LEASE}
+
+# Redis Cluster: PUBLISH of a batch as sharded pub/sub, for channels of one node's slots (the
+# caller splits a batch by node). ARGV: channel, payload, channel, payload...
+SPUBLISH = r"""#!lua flags=allow-cross-slot-keys
+for i = 1, #ARGV, 2 do
+  redis.call('SPUBLISH', ARGV[i], ARGV[i + 1])
+end
+return 0
+"""
+
+# Redis Cluster: the members of one kind of per-slot set (`clients` or `replaying`) over many
+# slots of one node. ARGV: the sets' key base ("{prefix}replaying"), JSON array of slot tags.
+GATHER = r"""#!lua flags=allow-cross-slot-keys,no-writes
+local out = {}
+for _, tag in ipairs(cjson.decode(ARGV[2])) do
+  for _, m in ipairs(redis.call('SMEMBERS', ARGV[1] .. '{' .. tag .. '}')) do
+    out[#out + 1] = m
+  end
+end
+return out
+"""
+
+# The scripts a single-node store loads, by name.
+SCRIPTS: dict[str, str] = {
+    **{name: _KEYS_SINGLE + body for name, body in _TRANSITIONS.items()},
+    **_LEASES,
     "publish": PUBLISH,
+}
+
+# The scripts a Redis Cluster store loads on every master: the same transitions with the
+# cluster's key names (their last argument is the clients' slot tags), sharded publish, gather.
+CLUSTER_SCRIPTS: dict[str, str] = {
+    **{name: _KEYS_CLUSTER + body for name, body in _TRANSITIONS.items()},
+    **_LEASES,
+    "publish": SPUBLISH,
+    "gather": GATHER,
 }
 
 
