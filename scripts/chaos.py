@@ -85,7 +85,7 @@ whole again, or is skipped at the end of the chaos. The report lists every kill 
 failover, restart and back-in-sync seconds) and their min / median / max: see
 scripts/chaos_cluster.py for what is measured. Defaults there: 3 pods, 2 workers, 2 broker kills,
 1 master kill. `--redis-single HOST:PORT` keeps Redis on one plain node instead (not managed by
-the harness: no master kills), for a Nimbus that cannot use the Redis Cluster:
+the harness: no master kills), to play the Kafka faults alone:
 
     python scripts/chaos.py --cluster --redis-single 127.0.0.1:36379 --duration 120 --seed 7
 
@@ -116,6 +116,7 @@ import sys
 import time
 import traceback
 from collections import Counter
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -150,8 +151,10 @@ from nimbus.client import (  # noqa: E402
     open_client,
 )
 from nimbus.engines.redis import open_redis_state  # noqa: E402
+from nimbus.engines.redis_cluster import open_redis_cluster_state  # noqa: E402
 from nimbus.entry import ArgumentParser  # noqa: E402
 from nimbus.ports import EngineError  # noqa: E402
+from nimbus.wire.pod_channel import FLIPS, parse_flip  # noqa: E402
 
 SCRIPTS = ROOT / "scripts"
 CLIENT_ACTIONS = ("switch", "cut")
@@ -441,12 +444,12 @@ class Clients:
             tuple[ClientRun, int]
         ](10_000)
 
-    async def check_records(self, redis_address: str, namespace: str) -> None:
+    async def check_records(self, redis_address: str, redis_mode: str, namespace: str) -> None:
         """Read each reconnected client's record (REPLAYING or LIVE?) as soon as possible."""
         recv = self._record_checks_recv
         while True:
             try:
-                async with open_redis_state(redis_address, prefix=namespace) as state:
+                async with open_state(redis_address, redis_mode, namespace) as state:
                     while True:
                         r, connect_ns = await recv.receive()
                         rec = await state.get(r.client_id)
@@ -599,17 +602,37 @@ def redis_prefix(args: argparse.Namespace) -> str:
     return f"{args.prefix}:"
 
 
-async def watch_flips(run: Run, redis_address: str, prefix: str, flips: list[Flip]) -> None:
-    """Subscribe to the status manager's flips; resubscribe whenever Redis goes away."""
+def open_state(address: str, mode: str, namespace: str) -> AbstractAsyncContextManager[Any]:
+    """The harness's own view of the run's Redis state: one node, or the Redis Cluster (`mode`
+    "cluster": `address` is the seed nodes), as the Nimbus processes see it."""
+    if mode == "cluster":
+        return open_redis_cluster_state(address, prefix=namespace)
+    return open_redis_state(address, prefix=namespace)
+
+
+async def watch_flips(
+    run: Run, redis_address: str, redis_mode: str, prefix: str, flips: list[Flip]
+) -> None:
+    """Subscribe to the status manager's flips; resubscribe whenever Redis goes away (on the
+    Redis Cluster also when the channel's master fails over: sharded pub/sub)."""
     namespace = redis_prefix(run.args)
 
     def on_flip(cid: str, last_ack_ns: int, flip_ns: int) -> None:
         if cid.startswith(prefix):
             flips.append(Flip(cid, last_ack_ns, flip_ns))
 
+    async def on_cluster() -> None:
+        async with open_state(redis_address, "cluster", namespace) as state:
+            async with state.subscribe(FLIPS) as sub:
+                async for payload in sub:
+                    on_flip(*parse_flip(payload))
+
     while True:
         try:
-            await watch_flip_payloads(redis_address, namespace, on_flip)
+            if redis_mode == "cluster":
+                await on_cluster()
+            else:
+                await watch_flip_payloads(redis_address, namespace, on_flip)
         except (EngineError, OSError, ValueError) as e:
             run.counts["flip_watch_resubscribes"] += 1
             logger.debug("flip watcher: {}", e)
@@ -1418,6 +1441,7 @@ class Harness:
     clients: Clients
     schedule: list[Action]
     redis: str
+    redis_mode: str  # "single" | "cluster"
     flips: list[Flip] = field(default_factory=list)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # the whole run's
     interrupted: bool = False
@@ -1474,7 +1498,7 @@ def set_up(args: argparse.Namespace) -> Harness:
         dir=str(run.dir),
         planned=dict(Counter(a.kind for a in schedule)),
     )
-    return Harness(run, brokers, fleet, Clients(run, runs), schedule, redis)
+    return Harness(run, brokers, fleet, Clients(run, runs), schedule, redis, redis_mode or "single")
 
 
 async def on_signals(h: Harness) -> None:
@@ -1550,9 +1574,9 @@ async def run_phases(h: Harness) -> int:
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
         nursery.start_soon(fleet.supervise)
         nursery.start_soon(progress, run, fleet, h.clients, h.brokers)
-        nursery.start_soon(watch_flips, run, h.redis, args.prefix, h.flips)
+        nursery.start_soon(watch_flips, run, h.redis, h.redis_mode, args.prefix, h.flips)
         nursery.start_soon(probe_lag, run)
-        nursery.start_soon(h.clients.check_records, h.redis, redis_prefix(args))
+        nursery.start_soon(h.clients.check_records, h.redis, h.redis_mode, redis_prefix(args))
         if not await fleet.wait_ready(args.start_timeout):
             not_up = [p.name for p in fleet.procs if not p.ready]
             run.event("processes not ready in time", procs=",".join(not_up))

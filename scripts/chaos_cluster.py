@@ -34,9 +34,11 @@ The kill time is when the node's port stopped accepting connections (polled ever
 `cluster.sh ...-kill9` runs; the command itself returns only once the process is reaped, which
 took seconds for a JVM: kill_cmd_s).
 
-`--redis-single HOST:PORT` runs Nimbus on a single-node Redis instead of the Redis Cluster (for
-when Nimbus cannot use the Redis Cluster, or to run the Kafka faults alone): no master kills then,
-and Redis connection cuts go to that node. It is not started, stopped or killed by the harness.
+`--redis-single HOST:PORT` runs Nimbus on a single-node Redis instead of the Redis Cluster (to
+play the Kafka faults alone): no master kills then, and Redis connection cuts go to that node. It
+is not started, stopped or killed by the harness. Otherwise the Nimbus processes and the
+harness's own record checker and flip watcher use the Redis Cluster (NIMBUS_REDIS_MODE=cluster,
+nimbus.engines.redis_cluster).
 """
 
 from __future__ import annotations

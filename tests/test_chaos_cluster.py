@@ -10,9 +10,10 @@ node kills happened and their failovers were seen, and prints the summary (the f
 among it).
 
 Every run draws a fresh seed, printed first; `NIMBUS_CHAOS_SEED=<seed>` replays one. It runs when
-NIMBUS_TEST_CLUSTER=1 (scripts/test.sh sets it under CI), like tests/test_cluster_scripts.py:
-it brings the clusters up (`cluster.sh up`, which NIMBUS_LOCAL_DIR / NIMBUS_CLUSTER_*_PORT
-place) and takes them down at the end; about 2.5 minutes in all.
+NIMBUS_TEST_CLUSTER=1 (scripts/test.sh sets it under CI and starts the clusters), like
+tests/test_cluster_scripts.py: on the clusters that are up, or it brings them up (`cluster.sh up`,
+which NIMBUS_LOCAL_DIR / NIMBUS_CLUSTER_*_PORT place) and down again; the killed nodes are
+restarted (a killed master comes back as a replica). About 2 minutes, 2.5 with the start.
 """
 
 from __future__ import annotations
@@ -75,11 +76,15 @@ def cluster_sh(*args: str, timeout: float = 300) -> None:
 
 @pytest.fixture(scope="module")
 def clusters() -> Iterator[None]:
+    """The local clusters: the ones scripts/test.sh started (left up for the other tests), or
+    started here and brought down after this module."""
+    owned = subprocess.run(["bash", str(CLUSTER_SH), "status"], capture_output=True).returncode != 0
     try:
         cluster_sh("up", timeout=400)
         yield
     finally:
-        cluster_sh("down", timeout=120)
+        if owned:
+            cluster_sh("down", timeout=120)
 
 
 def test_delivery_contract_holds_under_cluster_chaos(
