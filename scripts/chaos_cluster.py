@@ -119,7 +119,7 @@ class KafkaMeta:
     def _describe(self, topics: list[str]) -> Partitions:
         import logging
 
-        from kafka import KafkaAdminClient
+        from kafka.admin import KafkaAdminClient
 
         logging.getLogger("kafka").setLevel(logging.CRITICAL)
         if self._admin is None:
