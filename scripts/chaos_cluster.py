@@ -251,6 +251,7 @@ async def role(port: int) -> list[str]:
 class Kill:
     kind: str  # broker_kill | master_kill
     target: str  # "kafka-2" / "redis-37001"
+    node: int  # the Kafka node (broker) id / the Redis port
     t: float  # run time of the kill (s)
     wall: str
     kill_cmd_s: float
@@ -416,6 +417,7 @@ class ClusterBrokers:
         kill = Kill(
             "broker_kill",
             name,
+            victim,
             round(killed_at - run.t0, 3),
             killed_wall,
             kill_cmd_s,
@@ -566,6 +568,7 @@ class ClusterBrokers:
         kill = Kill(
             "master_kill",
             name,
+            victim.port,
             round(killed_at - run.t0, 3),
             killed_wall,
             kill_cmd_s,
