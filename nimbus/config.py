@@ -598,6 +598,13 @@ def load(
             raise TypeError(f"unknown setting {k}")
     values.update(overrides)
     settings = Settings(**values)
+    if settings.redis_mode == "cluster" and (
+        "{" in settings.redis_prefix or "}" in settings.redis_prefix
+    ):
+        raise ConfigError(
+            "invalid NIMBUS_REDIS_PREFIX: with NIMBUS_REDIS_MODE=cluster it may not contain braces"
+            " (Nimbus puts each client's hash tag in its keys)"
+        )
     _check_security(settings)
     return settings
 

@@ -115,21 +115,26 @@ def machine() -> dict[str, Any]:
     }
 
 
+CLUSTER = False  # --cluster: the brokers are the local clusters' (scripts/cluster.sh)
+
+
 def broker_cpu() -> dict[str, float]:
     """CPU seconds so far of the scripts' Kafka and Redis (from their pid files; empty for
-    brokers this script did not start)."""
+    brokers this script did not start); with --cluster, summed over the clusters' nodes."""
     local = Path(os.environ.get("NIMBUS_LOCAL_DIR", ROOT / ".local"))
+    if CLUSTER:
+        files = [("kafka", f) for f in sorted((local / "cluster").glob("kafka-*/kafka.pid"))]
+        files += [("redis", f) for f in sorted((local / "cluster").glob("redis-*/redis.pid"))]
+    else:
+        files = [("kafka", local / "kafka" / "kafka.pid"), ("redis", local / "redis" / "redis.pid")]
     out: dict[str, float] = {}
-    for name, pid_file in (
-        ("kafka", local / "kafka" / "kafka.pid"),
-        ("redis", local / "redis" / "redis.pid"),
-    ):
+    for name, pid_file in files:
         try:
             pid = int(pid_file.read_text().strip())
         except (OSError, ValueError):
             continue
         if Path(f"/proc/{pid}").exists():
-            out[name] = proc_cpu(pid)
+            out[name] = out.get(name, 0.0) + proc_cpu(pid)
     return out
 
 
@@ -1833,6 +1838,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     run_dir = ROOT / "artifacts" / f"bench-{args.prefix}"
     run_dir.mkdir(parents=True, exist_ok=True)
     kafka, redis = f"{HOST}:{args.kafka_port}", f"{HOST}:{args.redis_port}"
+    if args.cluster:
+        global CLUSTER
+        from fleet import cluster_addresses
+
+        CLUSTER = True
+        kafka, redis = cluster_addresses()
     res: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
         "quick": args.quick,
@@ -1845,9 +1856,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "sizes": {},
     }
     say(f"machine: {res['machine']}")
-    if not args.no_services_up:
-        await services_up(args)
-    await check_brokers(args)
+    if args.cluster:
+        say(f"brokers: the local clusters, Kafka {kafka}, Redis Cluster {redis}")
+    else:
+        if not args.no_services_up:
+            await services_up(args)
+        await check_brokers(args)
     phases = set(args.phases.split(","))
     if "realtime" in phases:  # fleets of its own, one per Kafka adapter, before the others
         import bench_realtime
@@ -1941,6 +1955,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="use running brokers, do not call services.sh up",
     )
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="the realtime phase on the local clusters (bash scripts/cluster.sh up first):"
+        " 3 Kafka brokers (topics RF 3, min ISR 2) and a Redis Cluster (NIMBUS_REDIS_MODE=cluster)",
+    )
     p.add_argument("--workers", type=int, default=1, help="worker processes (all roles each)")
     p.add_argument(
         "--split-roles",
@@ -1985,6 +2005,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=str(ROOT / "docs" / "benchmarks.json"))
     p.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     a = p.parse_args(argv)
+    if a.cluster and a.phases != "realtime":
+        p.error("--cluster runs the realtime phase only: add --phases realtime")
     bad = [ph for ph in a.phases.split(",") if ph not in PHASES]
     if bad or not a.phases:
         p.error(

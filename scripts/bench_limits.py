@@ -372,7 +372,17 @@ def kafka_path(args: argparse.Namespace) -> None:
     src, dst = f"{args.topic}-a", f"{args.topic}-b"
     admin = KafkaAdminClient(bootstrap_servers=args.brokers)
     try:
-        admin.create_topics([NewTopic(t, args.partitions, 1) for t in (src, dst)])
+        admin.create_topics(
+            [
+                NewTopic(
+                    t,
+                    args.partitions,
+                    args.replication,
+                    topic_configs={"min.insync.replicas": str(min(2, args.replication))},
+                )
+                for t in (src, dst)
+            ]
+        )
     except Exception as e:
         if "TopicAlreadyExists" not in type(e).__name__ + str(e):
             raise
@@ -1205,6 +1215,9 @@ def main() -> None:
     kp.add_argument("--brokers", required=True)
     kp.add_argument("--topic", required=True, help="prefix of the two topics (-a, -b)")
     kp.add_argument("--partitions", type=int, default=8)
+    kp.add_argument(
+        "--replication", type=int, default=1, help="replicas per topic (min ISR 2 if > 1)"
+    )
     kp.add_argument("--count", type=int, default=20000)
     kp.add_argument("--size", type=int, default=120)
     kp.add_argument("--linger-ms", type=int, default=2)

@@ -189,6 +189,7 @@ async def kafka_path_limit(
         "--topic", f"{args.prefix}-rtpath-{adapter}", "--count", str(count),
         "--rate", str(rate), "--linger-ms", str(linger_ms), "--client", adapter,
         "--partitions", str(args.partitions),
+        "--replication", "3" if args.cluster else "1",
     ]  # fmt: skip
     try:
         return await bench.run_json(cmd, 300)
@@ -282,7 +283,9 @@ async def realtime(
         a_dir = run_dir / f"realtime-{adapter}"
         a_dir.mkdir(parents=True, exist_ok=True)
         ns = fleet_args(partitions=args.partitions, prefix=f"{args.prefix}-rt-{adapter[:5]}")
-        fleet = make_fleet(ns, a_dir, kafka, redis, adapter)
+        fleet = make_fleet(
+            ns, a_dir, kafka, redis, adapter, "cluster" if args.cluster else "single"
+        )
         out: dict[str, Any] = {"linger_ms": linger_for(adapter), "runs": {}}
         res["adapters"][adapter] = out
         bench.say(f"realtime [{adapter}]: fleet up, logs in {a_dir}")

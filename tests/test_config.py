@@ -89,6 +89,21 @@ def test_replication_settings() -> None:
         )
 
 
+def test_redis_mode_settings() -> None:
+    s = config.load(env={}, dotenv=False)
+    assert (s.redis_mode, s.redis_wait_replicas, s.redis_wait_ms) == ("single", 1, 1000)
+    env = {"NIMBUS_REDIS_MODE": "cluster", "NIMBUS_REDIS_ADDRESS": "a:7000,b:7001"}
+    s = config.load(env={**env, "NIMBUS_REDIS_WAIT_REPLICAS": "0"}, dotenv=False)
+    assert (s.redis_mode, s.redis_address, s.redis_wait_replicas) == ("cluster", "a:7000,b:7001", 0)
+    with pytest.raises(config.ConfigError, match="NIMBUS_REDIS_MODE"):
+        config.load(env={"NIMBUS_REDIS_MODE": "sentinel"}, dotenv=False)
+    with pytest.raises(
+        config.ConfigError, match="NIMBUS_REDIS_PREFIX: with NIMBUS_REDIS_MODE=cluster"
+    ):
+        config.load(env={**env, "NIMBUS_REDIS_PREFIX": "app{1}:"}, dotenv=False)
+    assert config.load(env={"NIMBUS_REDIS_PREFIX": "app{1}:"}, dotenv=False).redis_prefix
+
+
 def test_dotenv_file_is_read_and_environment_wins(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
