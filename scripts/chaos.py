@@ -79,9 +79,10 @@ pod and worker kills and Redis connection cuts (on every Redis node), it plays
     master_kill  a Redis Cluster master is SIGKILLed; once its replica is promoted and 1-3 s
                  more, it is restarted and rejoins as a replica                (--master-kills)
 
-in separate slots, like the single-node broker kills (which it does not play). One node at most
-is down at a time, over both clusters: a kill waits until the previous one is over (the node back
-in sync) and its cluster is whole, or is skipped if that has not happened by the end of the chaos. The report lists every kill (node, time,
+in separate slots, like the single-node broker kills (which it does not play). At most one Kafka
+node and one Redis node are down at a time: a kill waits until the previous one on its cluster is
+over (the node back in sync) and that cluster is whole, or is skipped if that has not happened by
+the end of the chaos. The report lists every kill (node, time,
 failover, restart and back-in-sync seconds) and their min / median / max: see
 scripts/chaos_cluster.py for what is measured. Defaults there: 3 pods, 2 workers, 2 broker kills,
 1 master kill. `--redis-single HOST:PORT` keeps Redis on one plain node instead (not managed by

@@ -4,18 +4,20 @@ replicas), and the broker faults are
 
     broker_kill  SIGKILL the Kafka node leading a partition of the run's events or results topic
                  (picked from the metadata), wait for its partitions' failover, wait `down_for`
-                 more, restart it (cluster.sh kafka-kill9 N, kafka-start N)
+                 more, restart it (cluster.sh kafka-kill9 N, kafka-launch N)
     master_kill  SIGKILL a Redis Cluster master, wait until its replica is promoted, wait
                  `down_for` more, restart it: it rejoins as a replica (cluster.sh redis-kill9 PORT,
                  redis-start PORT)
 
-One node kill at a time, over both clusters: a kill waits until the previous one is over (the
-restarted node back in sync) and its cluster is whole (Kafka: 3 brokers up, every partition of
+One kill per cluster at a time: a kill waits until the previous one on its cluster is over (the
+restarted node back in sync) and that cluster is whole (Kafka: 3 brokers up, every partition of
 the run's topics led, with 3 in-sync replicas; Redis: 6 nodes up, cluster_state ok on each,
 3 masters each with a connected replica). A kill whose turn has not come by the end of the chaos
-is skipped (counted). So never more than one broker or one Redis node is down, and the timings
-are not skewed by cluster.sh, which runs its state-changing commands one at a time (a Kafka
-restart would hold up a Redis kill).
+is skipped (counted). So never more than one broker and one Redis node are down (a broker and a
+master may be down together). cluster.sh runs its state-changing commands one at a time, so the
+broker is restarted with `kafka-launch` (which returns once the JVM is started) and its return
+watched here, not with `kafka-start` (which would hold the lock, and any Redis kill or restart,
+for the JVM's whole start: 10-50 s on a busy 2-CPU machine).
 
 Each kill is recorded (`kills`): what (broker id / Redis port), when, the failover time, the
 restart time and the time until the restarted node is in sync again:
@@ -25,8 +27,9 @@ restart time and the time until the restarted node is in sync again:
                  the last poll that still saw an old leader) / kill -> the master's replica is
                  a master (not failing) in CLUSTER NODES of every surviving master (detail
                  replica_took_over_s: its own ROLE said master)
-    restart_s    how long `cluster.sh kafka-start N` / `redis-start PORT` took (the JVM or
-                 redis-server start, until the cluster reports the node again)
+    restart_s    `cluster.sh kafka-launch N` -> the metadata lists broker N, unfenced, again /
+                 how long `cluster.sh redis-start PORT` took (redis-server up and its own view
+                 of the cluster ok: it may not yet know it was failed over)
     in_sync_s    from the restart: the broker back in the ISR of every partition of the run's
                  topics / the old master a replica with its link to its new master up (ROLE)
 
@@ -116,7 +119,7 @@ class KafkaMeta:
         self._admin: Any = None
         self._lock = trio.Lock()
 
-    def _describe(self, topics: list[str]) -> Partitions:
+    def _open(self) -> Any:
         import logging
 
         from kafka.admin import KafkaAdminClient
@@ -130,8 +133,12 @@ class KafkaMeta:
                 reconnect_backoff_ms=100,
                 reconnect_backoff_max_ms=500,
             )
+        return self._admin
+
+    def _describe(self, topics: list[str]) -> Partitions:
+        admin = self._open()
         try:
-            described = self._admin.describe_topics(topics)
+            described = admin.describe_topics(topics)
         except Exception:
             self._close()  # start afresh on the next call
             raise
@@ -151,6 +158,25 @@ class KafkaMeta:
             except Exception:
                 pass
             self._admin = None
+
+    def _unfenced(self) -> list[int]:
+        admin = self._open()
+        try:
+            cluster = admin.describe_cluster()
+        except Exception:
+            self._close()
+            raise
+        return sorted(
+            int(b["broker_id"]) for b in cluster.get("brokers", []) if not b.get("is_fenced", False)
+        )
+
+    async def unfenced(self) -> list[int] | None:
+        """The ids of the brokers the cluster reports unfenced, or None if the request failed."""
+        async with self._lock:
+            try:
+                return await trio.to_thread.run_sync(self._unfenced)
+            except Exception:
+                return None
 
     async def describe(self, topics: list[str]) -> Partitions | None:
         """The partitions of `topics`, or None if the metadata request failed."""
@@ -307,7 +333,9 @@ class ClusterBrokers:
         self.busy = 0  # kill-and-restart sequences in progress (or waiting for their turn)
         self.down: set[str] = set()
         self.kills: list[Kill] = []
-        self._turn = trio.Lock()  # one node kill at a time (see the module docstring)
+        # one kill per cluster at a time (see the module docstring)
+        self._kafka_turn = trio.Lock()
+        self._redis_turn = trio.Lock()
 
     # --- plumbing
 
@@ -386,7 +414,7 @@ class ClusterBrokers:
         failover, `down_for` s more, restart it, wait until it is in sync again."""
         self.busy += 1
         try:
-            async with self._turn:
+            async with self._kafka_turn:
                 await self._broker_kill(target, down_for, deadline)
         finally:
             self.busy -= 1
@@ -455,7 +483,7 @@ class ClusterBrokers:
             run.event("broker failover NOT SEEN", node=name, within="90s")
             run.counts["broker_failover_not_seen"] += 1
         await trio.sleep(down_for)
-        kill.restart_s, kill.restart_attempts = await self._restart("kafka-start", str(victim))
+        kill.restart_s, kill.restart_attempts = await self._restart_broker(victim)
         self.down.discard(name)
         t_restart = trio.current_time() - kill.restart_s
 
@@ -502,6 +530,27 @@ class ClusterBrokers:
             nursery.cancel_scope.cancel()
         return gone_at, gone_wall, took
 
+    async def _restart_broker(self, node: int) -> tuple[float, int]:
+        """`cluster.sh kafka-launch N`, then wait until the metadata lists broker N, unfenced
+        (launched again if it is not there within 180 s; `kafka-start` after 5 attempts)."""
+        t = trio.current_time()
+
+        async def registered() -> bool | None:
+            return True if node in (await self.meta.unfenced() or ()) else None
+
+        for attempt in range(1, 6):
+            rc = await self.script("kafka-launch", str(node), timeout=120)
+            if rc == 0:
+                back, _, _ = await poll_until(registered, 180)
+                if back:
+                    return round(trio.current_time() - t, 2), attempt
+                self.run.event(f"kafka-{node} not registered within 180 s", attempt=attempt)
+            else:
+                self.run.event(f"cluster.sh kafka-launch {node} failed", rc=rc, attempt=attempt)
+            await trio.sleep(2)
+        took, _ = await self._restart("kafka-start", str(node))
+        return round(trio.current_time() - t, 2), 6
+
     async def _restart(self, command: str, arg: str) -> tuple[float, int]:
         t = trio.current_time()
         for attempt in range(1, 6):
@@ -537,7 +586,7 @@ class ClusterBrokers:
         is promoted, `down_for` s more, restart it, wait until it is a connected replica."""
         self.busy += 1
         try:
-            async with self._turn:
+            async with self._redis_turn:
                 await self._master_kill(target, down_for, deadline)
         finally:
             self.busy -= 1

@@ -16,6 +16,8 @@
 # Chaos helpers (what a harness needs to kill a partition leader and a Redis master):
 #   kafka-kill9 N      SIGKILL Kafka node N (1..3)
 #   kafka-start N      start Kafka node N, wait until the cluster reports it again
+#   kafka-launch N     start Kafka node N and return at once: the caller watches for it (the
+#                      lock that serialises these commands is not held while the JVM starts)
 #   kafka-leader TOPIC PARTITION
 #                      print the node id leading that partition (-1: no leader)
 #   redis-kill9 PORT   SIGKILL the Redis node on PORT
@@ -272,6 +274,13 @@ cmd_kafka_start() {
   kafka_wait "$1"
 }
 
+cmd_kafka_launch() {
+  check_node_id "${1:-}"
+  [[ -s "$PORTS_FILE" ]] || die "no cluster state in $CDIR; run '$0 up' first"
+  ensure_kafka_installed
+  kafka_launch "$1"
+}
+
 cmd_kafka_leader() {
   [[ $# -eq 2 && "$2" =~ ^[0-9]+$ ]] || die "usage: $0 kafka-leader TOPIC PARTITION"
   local n nodes=()
@@ -492,7 +501,7 @@ main() {
   local cmd="${1:-}"
   [[ $# -gt 0 ]] && shift
   case "$cmd" in
-    up|down|reset|kafka-kill9|kafka-start|redis-kill9|redis-start) take_lock ;;
+    up|down|reset|kafka-kill9|kafka-start|kafka-launch|redis-kill9|redis-start) take_lock ;;
   esac
   load_ports
   case "$cmd" in
@@ -508,6 +517,7 @@ main() {
     logs) cmd_logs "$@" ;;
     kafka-kill9) cmd_kill9 kafka "$@" ;;
     kafka-start) cmd_kafka_start "$@" ;;
+    kafka-launch) cmd_kafka_launch "$@" ;;
     kafka-leader) cmd_kafka_leader "$@" ;;
     redis-kill9) cmd_kill9 redis "$@" ;;
     redis-start) cmd_redis_start "$@" ;;
