@@ -6,6 +6,7 @@ place: start and readiness, stop, kill and restart, supervision, death with the 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -631,7 +632,7 @@ def test_cluster_section_sets_the_clustered_run_beside_the_single_node(
     clustered = {"started": "2026-12-06 20:00", "realtime": realtime(run(998, 45.0, 1500), 31.5)}
     monkeypatch.setattr(bench, "CLUSTER_JSON", tmp_path / "none.json")
     assert bench._cluster_lines(single) == []  # no clustered run: no section
-    (tmp_path / "cl.json").write_text(__import__("json").dumps(clustered))
+    (tmp_path / "cl.json").write_text(json.dumps(clustered))
     monkeypatch.setattr(bench, "CLUSTER_JSON", tmp_path / "cl.json")
     text = "\n".join(bench._cluster_lines(single))
     assert (
