@@ -1760,10 +1760,88 @@ CHANGES = [  # the bench's own record of what changed its figures
 ]
 
 
+SINGLE_JSON = ROOT / "docs" / "benchmarks.json"
+CLUSTER_JSON = ROOT / "docs" / "benchmarks-cluster.json"  # bench.py --cluster writes it
+
+SCALE_OUT = """### How each role scales out
+
+- **Pods** (gRPC streams): a pod holds its clients' streams, produces their events and reads its
+  own pod channel. More pods carry more connections and more gRPC work (the gRPC side alone is
+  the `grpc-pod` limit above); they share nothing but Kafka and Redis, so they add up until those
+  do. A client moves between pods freely (its record names its pod and epoch).
+- **Worker processes** (event consumer, result router, replay, status): each role is a Kafka
+  consumer group, so one partition is read by one process at a time; processes add throughput up
+  to one per partition per role, and beyond that sit idle (standby for a rebalance).
+- **Partitions**: the unit of order and of parallelism. A client's events and results stay in
+  one partition each, in order; more partitions let more worker processes work at once, at the
+  cost of more consumer and producer state per process.
+- **Redis masters**: a batch of transitions is split by master and run in parallel, one script
+  per master; more masters spread the scripts' CPU (Redis runs one core per node), but a batch of
+  N clients now costs one call per master it touches instead of one, and each write waits for a
+  replica (WAIT). The scans (the replay and status `replaying` scan, the client lists) read the
+  per-slot sets of all 16,384 slots.
+- **Kafka brokers**: replicated topics (RF 3, acks=all, min ISR 2) cost every produce a
+  follower's fetch before the acknowledgement: the `kafka_path` limit on the cluster shows it.
+- **The next bound** on this 2-CPU machine is the CPU: the 3 JVMs and 6 redis-servers of the
+  clusters compete with the Nimbus processes for the same 2 cores, so the clustered figures here
+  are lower than the single node's; on separate machines each broker gets its own. One Python
+  process per role is single-threaded: past one core per process the way up is more processes
+  (and partitions), not bigger ones."""
+
+
+def _cluster_lines(res: dict[str, Any]) -> list[str]:
+    """The clustered run (bench.py --cluster, CLUSTER_JSON) beside this run's realtime figures."""
+    try:
+        cl = json.loads(CLUSTER_JSON.read_text())
+    except (OSError, ValueError):
+        return []
+    single = (res.get("realtime") or {}).get("adapters") or {}
+    clustered = (cl.get("realtime") or {}).get("adapters") or {}
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if not r:
+            return "-"
+        lat = r.get("latency_ms") or {}
+        return (
+            f"{r.get('rate_achieved', 0):,.0f}/s, {_num(lat.get('p50'))} / {_num(lat.get('p99'))} ms,"
+            f" {_num(r.get('nimbus_cpu_us_per_event'), '{:,.0f}')} µs, lost {r.get('lost', '-')}"
+        )
+
+    lines = [
+        "## On the clusters: 3 Kafka brokers and a Redis Cluster (issue 17)",
+        "",
+        f"`bench.py --cluster --phases realtime`, {cl.get('started', '?')} UTC, this machine: the"
+        " same fleet (2 pods, a worker process, the status manager) and load generator as the"
+        " realtime phase above, on `scripts/cluster.sh`'s clusters: 3 KRaft brokers (topics RF 3,"
+        " min.insync.replicas 2, acks=all) and a Redis Cluster of 3 masters + 3 replicas"
+        " (NIMBUS_REDIS_MODE=cluster, WAIT for 1 replica). All on the same 2 CPUs. Each cell:"
+        " events/s, latency p50 / p99, Nimbus CPU per event, lost. Raw: `docs/benchmarks-cluster.json`.",
+        "",
+        "| adapter | scenario | single node (run above) | clusters |",
+        "|---|---|---|---|",
+    ]
+    for adapter, c in clustered.items():
+        s_runs = (single.get(adapter) or {}).get("runs") or {}
+        for label, r in (c.get("runs") or {}).items():
+            lines.append(f"| {adapter} | {label} | {cell(s_runs.get(label))} | {cell(r)} |")
+        skp = ((single.get(adapter) or {}).get("kafka_path_1000") or {}).get("latency_ms") or {}
+        ckp = (c.get("kafka_path_1000") or {}).get("latency_ms") or {}
+        lines.append(
+            f"| {adapter} | limit: the two Kafka hops alone, 1,000/s | p50 {_num(skp.get('p50'))}"
+            f" / p99 {_num(skp.get('p99'))} ms | p50 {_num(ckp.get('p50'))} / p99 {_num(ckp.get('p99'))} ms |"
+        )
+    return [*lines, "", SCALE_OUT, ""]
+
+
+def _num(v: Any, fmt: str = "{:,.1f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
 def render(res: dict[str, Any]) -> str:
     """docs/BENCHMARKS.md from a run's results (as its JSON holds them)."""
     lv = res.get("live", {})
     lines = _head_lines(res, _summary_rows(res))
+    lines += _cluster_lines(res)
     lines += _limits_lines(res.get("limits", {}))
     lines += _bound_lines(res.get("analysis", {}), lv.get("max", {}))
     lines += _live_cpu_lines(lv)
@@ -2002,9 +2080,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--load-timeout", type=float, default=300)
     p.add_argument("--prefix", default=f"bench-{secrets.token_hex(3)}")
-    p.add_argument("--json", default=str(ROOT / "docs" / "benchmarks.json"))
+    p.add_argument(
+        "--json", default=None, help="default docs/benchmarks.json (--cluster: CLUSTER_JSON)"
+    )
     p.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     a = p.parse_args(argv)
+    a.json = a.json or str(CLUSTER_JSON if a.cluster else SINGLE_JSON)
     if a.cluster and a.phases != "realtime":
         p.error("--cluster runs the realtime phase only: add --phases realtime")
     bad = [ph for ph in a.phases.split(",") if ph not in PHASES]
@@ -2088,6 +2169,13 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_INTERRUPTED
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=1, default=str) + "\n")
+        if args.cluster:  # BENCHMARKS.md stays the single node's run, with this one beside it
+            try:
+                res = json.loads(SINGLE_JSON.read_text())
+            except (OSError, ValueError) as e:
+                print(f"bench.py: no single-node run to compare with ({e})", file=sys.stderr)
+                return 0
+            res["analysis"] = analysis(res)
     md = render(res)
     Path(args.out).write_text(md)
     print(md)

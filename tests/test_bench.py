@@ -6,6 +6,7 @@ place: start and readiness, stop, kill and restart, supervision, death with the 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -604,3 +605,39 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def test_cluster_section_sets_the_clustered_run_beside_the_single_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def run(rate: float, p99: float, cpu: float) -> dict[str, Any]:
+        return {
+            "rate_achieved": rate,
+            "latency_ms": {"p50": 5.0, "p99": p99},
+            "nimbus_cpu_us_per_event": cpu,
+            "lost": 0,
+        }
+
+    def realtime(r: dict[str, Any], p99: float) -> dict[str, Any]:
+        return {
+            "adapters": {
+                "librdkafka": {
+                    "runs": {"c50_1000": r},
+                    "kafka_path_1000": {"latency_ms": {"p50": 1.0, "p99": p99}},
+                }
+            }
+        }
+
+    single = {"realtime": realtime(run(999, 20.0, 1200), 9.7)}
+    clustered = {"started": "2026-12-06 20:00", "realtime": realtime(run(998, 45.0, 1500), 31.5)}
+    monkeypatch.setattr(bench, "CLUSTER_JSON", tmp_path / "none.json")
+    assert bench._cluster_lines(single) == []  # no clustered run: no section
+    (tmp_path / "cl.json").write_text(json.dumps(clustered))
+    monkeypatch.setattr(bench, "CLUSTER_JSON", tmp_path / "cl.json")
+    text = "\n".join(bench._cluster_lines(single))
+    assert (
+        "| librdkafka | c50_1000 | 999/s, 5.0 / 20.0 ms, 1,200 µs, lost 0"
+        " | 998/s, 5.0 / 45.0 ms, 1,500 µs, lost 0 |" in text
+    )
+    assert "p50 1.0 / p99 9.7 ms | p50 1.0 / p99 31.5 ms |" in text
+    assert "2026-12-06 20:00" in text and "How each role scales out" in text

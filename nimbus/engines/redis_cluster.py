@@ -62,7 +62,13 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from nimbus.core.lifecycle import ClientRecord, ConnectResult, Status
 from nimbus.engines import redis_scripts
 from nimbus.engines.redis import _FIELDS, RedisState, _client_name, _record
-from nimbus.engines.redis_link import COMMAND_TIMEOUT, CONNECT_TIMEOUT, Lane, describe
+from nimbus.engines.redis_link import (
+    COMMAND_TIMEOUT,
+    CONNECT_TIMEOUT,
+    Lane,
+    NotReplicated,
+    describe,
+)
 from nimbus.engines.redis_pubsub import RedisPubSub
 from nimbus.ports import StateUnavailable
 
@@ -108,6 +114,11 @@ def _seeds(address: str) -> list[ClusterNode]:
         host, _, port = part.strip().rpartition(":")
         nodes.append(ClusterNode(host or "127.0.0.1", int(port)))
     return nodes
+
+
+class _Moved(StateUnavailable):
+    """A master answered that it does not serve a slot of the call (MOVED, ASK, a script's
+    "non local key", CLUSTERDOWN, TRYAGAIN): nothing was applied, and the slot map is stale."""
 
 
 def _is_stale(exc: ResponseError) -> bool:
@@ -271,20 +282,23 @@ class RedisClusterState(RedisState):
         except ResponseError as exc:
             if _is_stale(exc):
                 self._stale = True
+                raise _Moved(f"redis at {addr}: {describe(exc)}") from exc
             raise StateUnavailable(f"redis at {addr}: {describe(exc)}") from exc
-        except StateUnavailable:
-            self._stale = True
+        except StateUnavailable as exc:
+            if not isinstance(exc.__cause__, NotReplicated):  # a lost connection: a failover?
+                self._stale = True
             raise
 
     async def _on_slot(
         self, slot: int, name: str, args: Sequence[str | int | bytes], keys: Sequence[str] = ()
     ) -> Any:
-        """`_on` on the master of `slot`; once more on a refreshed map if it said it was stale."""
+        """`_on` on the master of `slot`; once more on a refreshed map if that master answered
+        that it does not serve the slot (the script did not run). Any other failure is raised:
+        a write whose reply was lost, or not confirmed by the replicas, may have been applied,
+        and only the caller knows whether to retry it."""
         try:
             return await self._on(await self._master(slot), name, args, keys)
-        except StateUnavailable:
-            if not self._stale:
-                raise
+        except _Moved:
             await trio.sleep(_REFRESH_MIN_S)
             return await self._on(await self._master(slot), name, args, keys)
 
