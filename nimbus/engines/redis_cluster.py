@@ -57,7 +57,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from nimbus.core.lifecycle import ClientRecord, ConnectResult, Status
 from nimbus.engines import redis_scripts
@@ -212,7 +212,9 @@ class RedisClusterState(RedisState):
     async def _cross(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         try:
             return await trio_asyncio.aio_as_trio(fn, loop=self._loop)(*args)
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
+            # RedisClusterException (e.g. RedisClusterUnreachableError from a refresh while a
+            # master is down) is not a RedisError; it once escaped and stopped the process.
             self._stale = True
             raise StateUnavailable(f"redis cluster at {self.address}: {describe(exc)}") from exc
 
