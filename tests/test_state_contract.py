@@ -974,3 +974,15 @@ async def test_cluster_concurrent_first_calls_share_one_lane_per_master(
         gc.collect()
         await trio.sleep(0.1)
         assert [r.client_id for r in await s.get_many(ids) if r is not None] == ids
+
+
+def test_slot_tags_hash_to_their_slots() -> None:
+    """The per-slot sets' tags: one per slot, each hashing (as a hash tag) to its own slot."""
+    from redis.crc import key_slot
+
+    from nimbus.engines.redis_cluster import SLOTS, slot_tags
+
+    tags = slot_tags()
+    assert len(tags) == SLOTS == 16384 and len(set(tags)) == SLOTS
+    assert all(key_slot(f"nimbus:replaying{{{t}}}".encode()) == s for s, t in enumerate(tags))
+    assert all("{" not in t and "}" not in t for t in tags)
