@@ -135,7 +135,7 @@ if str(ROOT / "scripts") not in sys.path:  # procs.py, shared.py, also when load
 
 import procs  # noqa: E402
 from chaos_cluster import ClusterBrokers, parse_env  # noqa: E402
-from procs import Proc, nimbus_env, pod, wall, worker  # noqa: E402
+from procs import Proc, nimbus_env, pod, run_logged, wall, worker  # noqa: E402
 from shared import HOST, percentile, wait_until  # noqa: E402
 from shared import watch_flips as watch_flip_payloads  # noqa: E402
 
@@ -285,21 +285,8 @@ class Brokers:
         pass
 
     async def script(self, *argv: str, timeout: float = 240) -> int:
-        with self.log.open("ab") as out:
-            out.write(f"\n===== chaos: {' '.join(argv)} at {wall()} =====\n".encode())
-            out.flush()
-            with trio.move_on_after(timeout):
-                proc = await trio.run_process(
-                    ["bash", str(SCRIPTS / argv[0]), *argv[1:]],
-                    env=self.env,
-                    cwd=ROOT,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    check=False,
-                )
-                return proc.returncode
-        return -1
+        cmd = ["bash", str(SCRIPTS / argv[0]), *argv[1:]]
+        return await run_logged(self.log, cmd, self.env, " ".join(argv), timeout)
 
     async def ensure_up(self, timeout: float = 240) -> bool:
         if await self.script("services.sh", "status", timeout=30) == 0:

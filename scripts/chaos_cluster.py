@@ -47,14 +47,13 @@ nimbus.engines.redis_cluster).
 from __future__ import annotations
 
 import statistics
-import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
-from procs import wall
+from procs import run_logged, wall
 from shared import HOST
 
 if TYPE_CHECKING:
@@ -340,21 +339,8 @@ class ClusterBrokers:
     # --- plumbing
 
     async def script(self, *argv: str, timeout: float = 240) -> int:
-        with self.log.open("ab") as out:
-            out.write(f"\n===== chaos: cluster.sh {' '.join(argv)} at {wall()} =====\n".encode())
-            out.flush()
-            with trio.move_on_after(timeout):
-                proc = await trio.run_process(
-                    ["bash", str(CLUSTER_SH), *argv],
-                    env=self.env,
-                    cwd=ROOT,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    check=False,
-                )
-                return proc.returncode
-        return -1
+        cmd = ["bash", str(CLUSTER_SH), *argv]
+        return await run_logged(self.log, cmd, self.env, f"cluster.sh {' '.join(argv)}", timeout)
 
     @property
     def redis_down(self) -> bool:

@@ -42,6 +42,30 @@ def wall() -> str:
     return datetime.now().strftime("%H:%M:%S.%f")[:-3]
 
 
+async def run_logged(
+    log: Path, argv: list[str], env: dict[str, str], title: str, timeout: float
+) -> int:
+    """Run `argv` (from the repo's root) with its output appended to `log` under a header
+    naming `title`; its exit status, -1 if it did not end within `timeout` s."""
+    import trio
+
+    with log.open("ab") as out:
+        out.write(f"\n===== chaos: {title} at {wall()} =====\n".encode())
+        out.flush()
+        with trio.move_on_after(timeout):
+            proc = await trio.run_process(
+                argv,
+                env=env,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+            return int(proc.returncode)
+    return -1
+
+
 def proc_cpu(pid: int) -> float:
     """user+sys CPU seconds of a live process (all its threads)."""
     try:
