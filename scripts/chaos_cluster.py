@@ -398,12 +398,7 @@ class ClusterBrokers:
     async def broker_kill(self, target: int, down_for: float, deadline: float) -> None:
         """SIGKILL the leader of one of the run's partitions (chosen by `target`), wait for the
         failover, `down_for` s more, restart it, wait until it is in sync again."""
-        self.busy += 1
-        try:
-            async with self._kafka_turn:
-                await self._broker_kill(target, down_for, deadline)
-        finally:
-            self.busy -= 1
+        await self._in_turn(self._kafka_turn, self._broker_kill, target, down_for, deadline)
 
     async def _broker_kill(self, target: int, down_for: float, deadline: float) -> None:
         run = self.run
@@ -570,10 +565,22 @@ class ClusterBrokers:
     async def master_kill(self, target: int, down_for: float, deadline: float) -> None:
         """SIGKILL a master (chosen by `target` among the current ones), wait until its replica
         is promoted, `down_for` s more, restart it, wait until it is a connected replica."""
+        await self._in_turn(self._redis_turn, self._master_kill, target, down_for, deadline)
+
+    async def _in_turn(
+        self,
+        turn: trio.Lock,
+        kill: Callable[[int, float, float], Awaitable[None]],
+        target: int,
+        down_for: float,
+        deadline: float,
+    ) -> None:
+        """`kill` once its cluster's turn comes (one kill per cluster at a time), counted busy
+        while it waits and runs."""
         self.busy += 1
         try:
-            async with self._redis_turn:
-                await self._master_kill(target, down_for, deadline)
+            async with turn:
+                await kill(target, down_for, deadline)
         finally:
             self.busy -= 1
 

@@ -69,13 +69,12 @@ from nimbus.engines.redis_link import (
     NotReplicated,
     describe,
 )
-from nimbus.engines.redis_pubsub import RedisPubSub
+from nimbus.engines.redis_pubsub import _PUBLISH_CHUNK, RedisPubSub
 from nimbus.ports import StateUnavailable
 
 __all__ = ["RedisClusterState", "open_redis_cluster_state", "slot_tags"]
 
 SLOTS = 16384
-_PUBLISH_CHUNK = 1000
 _REFRESH_MIN_S = 0.25  # at most one slot-map refresh per this many seconds
 _STALE = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")
 
