@@ -449,7 +449,14 @@ cmd_up() {
   redis_up
   local n
   for n in "${KAFKA_NODES[@]}"; do kafka_launch "$n"; done
-  kafka_wait "${KAFKA_NODES[@]}"
+  # Once more if the quorum did not form: a JVM here once stalled 5 minutes in its start, and
+  # the other two brokers gave up registering after 60 s (CI, 2026-12-06).
+  if ! (kafka_wait "${KAFKA_NODES[@]}"); then
+    log "Kafka did not come up; stopping every node and starting them once more"
+    kafka_stop_all TERM
+    for n in "${KAFKA_NODES[@]}"; do kafka_launch "$n"; done
+    kafka_wait "${KAFKA_NODES[@]}"
+  fi
   echo "# the clusters are up; point Nimbus at them with:" >&2
   print_env
 }
