@@ -13,6 +13,7 @@ import trio_asyncio
 from loguru import logger
 
 from nimbus.config import Settings
+from nimbus.doorman import startup
 from nimbus.doorman.server import run_server
 from nimbus.engines import open_engine
 from nimbus.entry import ArgumentParser, leaves, run_process, run_with_signals
@@ -90,7 +91,13 @@ def main(argv: list[str] | None = None) -> None:
         help="default: memory (NIMBUS_ENGINE is ignored unless given here)",
     )
     args = parser.parse_args(argv)
-    run_process("nimbus", "all-in-one", main_async, engine=args.engine or "memory")
+    run_process(
+        "nimbus",
+        "all-in-one",
+        main_async,
+        checks=[startup.check],
+        engine=args.engine or "memory",
+    )
 
 
 if __name__ == "__main__":

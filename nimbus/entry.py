@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 import traceback
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -178,10 +178,20 @@ def fail(prog: str, code: int, message: str, exc: BaseException | None = None) -
 
 
 def run_process(
-    prog: str, role: str, main_async: Callable[..., Awaitable[None]], *args: Any, **overrides: Any
+    prog: str,
+    role: str,
+    main_async: Callable[..., Awaitable[None]],
+    *args: Any,
+    checks: Sequence[Callable[[config.Settings], None]] = (),
+    **overrides: Any,
 ) -> None:
+    """Load the settings (and run the role's own `checks` on them: ConfigError -> exit 2), set up
+    logging, run `main_async(settings, *args)` under trio with metrics, and end with `explain`'s
+    one line if it fails."""
     try:
         settings = config.load(**overrides)
+        for check in checks:
+            check(settings)
     except ConfigError as e:
         fail(prog, EXIT_USAGE, str(e))
     logs.setup(settings, role=role)

@@ -254,7 +254,7 @@ async def grpc_floor(binary: Path, run_dir: Path, seconds: float) -> dict[str, A
 
 
 def linger_for(adapter: str) -> int:
-    from nimbus.config import DEFAULT_LINGER_MS
+    from nimbus.variables import DEFAULT_LINGER_MS
 
     env = os.environ.get("NIMBUS_PRODUCER_LINGER_MS", "").strip()
     return int(env) if env else DEFAULT_LINGER_MS[adapter]

@@ -19,11 +19,19 @@ import trio
 
 from nimbus import config
 from nimbus.config import Settings
+from nimbus.doorman import startup
 from nimbus.doorman.server import run_server
 from nimbus.engines import OpenEngine, open_engine
 from nimbus.ops.stats import Counters
 from nimbus.topics import ensure_topics
 from nimbus.workers.run import ROLES, run_workers
+
+
+def doorman_settings(env: dict[str, str], *, dotenv: bool = False) -> Settings:
+    """Settings as a doorman process takes them: `config.load`, then its start-up checks."""
+    s = config.load(env=env, dotenv=dotenv)
+    startup.check(s)
+    return s
 
 
 @dataclass

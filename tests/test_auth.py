@@ -26,6 +26,7 @@ from nimbus.core.lifecycle import Status
 from nimbus.doorman import auth
 from nimbus.doorman.auth import AuthError, Verifier, issue
 from nimbus.proto_gen.nimbus import ResponseKind
+from tests.harness import doorman_settings
 from tests.test_interop_grpcio import stubs  # noqa: F401 (fixture)
 from tests.test_pipeline import P2, cluster, engine, wait_status  # noqa: F401 (fixture)
 from tests.wire import open_stream
@@ -172,14 +173,16 @@ def test_the_public_key_is_never_used_as_an_hmac_secret() -> None:
 
 def test_config_refuses_auth_without_keys_and_loads_key_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="needs a secret"):
-        config.load(env={"NIMBUS_AUTH": "jwt"}, dotenv=False)
+        doorman_settings(env={"NIMBUS_AUTH": "jwt"}, dotenv=False)
     with pytest.raises(ConfigError, match="needs a public key"):
-        config.load(env={"NIMBUS_AUTH": "jwt", "NIMBUS_AUTH_ALGORITHMS": "ES256"}, dotenv=False)
+        doorman_settings(
+            env={"NIMBUS_AUTH": "jwt", "NIMBUS_AUTH_ALGORITHMS": "ES256"}, dotenv=False
+        )
     with pytest.raises(ConfigError, match="NIMBUS_AUTH_ALGORITHMS"):
-        config.load(env={"NIMBUS_AUTH_ALGORITHMS": "none"}, dotenv=False)
+        doorman_settings(env={"NIMBUS_AUTH_ALGORITHMS": "none"}, dotenv=False)
     missing = tmp_path / "missing.pem"
     with pytest.raises(ConfigError, match="cannot read"):
-        config.load(
+        doorman_settings(
             env={
                 "NIMBUS_AUTH": "jwt",
                 "NIMBUS_AUTH_ALGORITHMS": "RS256",
@@ -194,7 +197,7 @@ def test_config_refuses_auth_without_keys_and_loads_key_files(tmp_path: Path) ->
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
-    s = config.load(
+    s = doorman_settings(
         env={
             "NIMBUS_AUTH": "jwt",
             "NIMBUS_AUTH_ALGORITHMS": "es256",
@@ -517,7 +520,7 @@ def test_an_hmac_secret_shorter_than_its_hash_refuses_to_start() -> None:
     with pytest.raises(ValueError, match="HS512 needs at least 64"):
         Verifier(("HS256", "HS512"), secret="x" * 48)
     with pytest.raises(ConfigError, match="NIMBUS_AUTH_SECRET is 6 bytes.*openssl rand -hex 32"):
-        config.load(
+        doorman_settings(
             env={"NIMBUS_AUTH": "jwt", "NIMBUS_AUTH_SECRET": "secret"},
             dotenv=False,
         )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nimbus import config
+from nimbus import config, variables
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,5 +131,5 @@ def test_processes_exit_2_on_bad_config(module: str) -> None:
 
 def test_readme_lists_every_variable() -> None:
     readme = (ROOT / "README.md").read_text()
-    missing = [v for v in config.VARIABLES if v not in readme]
+    missing = [v for v in variables.VARIABLES if v not in readme]
     assert not missing, f"README does not document {missing}"

@@ -11,8 +11,8 @@ import pytest
 import trio
 import trustme
 
-from nimbus import config
 from nimbus.config import ConfigError
+from tests.harness import doorman_settings
 from tests.test_auth import SECRET, bearer, grpcio_stream
 from tests.test_interop_grpcio import stubs  # noqa: F401 (fixture)
 from tests.test_pipeline import cluster
@@ -146,20 +146,20 @@ async def test_library_client_over_tls(
 
 def test_tls_settings_are_checked_at_start(server_files: dict[str, str], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="set both or neither"):
-        config.load(env={"NIMBUS_TLS_CERT_FILE": server_files["tls_cert_file"]}, dotenv=False)
+        doorman_settings(env={"NIMBUS_TLS_CERT_FILE": server_files["tls_cert_file"]}, dotenv=False)
     with pytest.raises(ConfigError, match="needs NIMBUS_TLS_CERT_FILE"):
-        config.load(env={"NIMBUS_TLS_CLIENT_CA_FILE": server_files["ca"]}, dotenv=False)
+        doorman_settings(env={"NIMBUS_TLS_CLIENT_CA_FILE": server_files["ca"]}, dotenv=False)
     bad = tmp_path / "bad.pem"
     bad.write_text("not a certificate")
     with pytest.raises(ConfigError, match="cannot load certificate"):
-        config.load(
+        doorman_settings(
             env={
                 "NIMBUS_TLS_CERT_FILE": str(bad),
                 "NIMBUS_TLS_KEY_FILE": server_files["tls_key_file"],
             },
             dotenv=False,
         )
-    s = config.load(
+    s = doorman_settings(
         env={
             "NIMBUS_TLS_CERT_FILE": server_files["tls_cert_file"],
             "NIMBUS_TLS_KEY_FILE": server_files["tls_key_file"],

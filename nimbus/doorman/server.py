@@ -38,7 +38,7 @@ from loguru import logger
 from nimbus import logs
 from nimbus.config import Settings
 from nimbus.core.limits import RateLimiter
-from nimbus.doorman import edge, tls
+from nimbus.doorman import edge, startup, tls
 from nimbus.doorman.auth import AuthError, Verifier
 from nimbus.doorman.pod import Close, Outbox, OutboxItem, Pod, Session
 from nimbus.engines import open_engine
@@ -484,4 +484,4 @@ async def main_async(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m nimbus.server", description=__doc__)
     parser.parse_args(argv)
-    run_process("nimbus.server", "server", main_async)
+    run_process("nimbus.server", "server", main_async, checks=[startup.check])
