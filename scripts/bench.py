@@ -57,7 +57,14 @@ if str(ROOT / "scripts") not in sys.path:  # shared.py, also when loaded by path
 from fleet import BenchFleet  # noqa: E402
 from loguru import logger  # noqa: E402
 from procs import PY, proc_cpu  # noqa: E402
-from shared import HOST, percentile, watch_flips  # noqa: E402
+from shared import (  # noqa: E402
+    HOST,
+    add_port_options,
+    check_ports,
+    percentile,
+    ports_env,
+    watch_flips,
+)
 
 from nimbus.client import open_client  # noqa: E402
 from nimbus.entry import (  # noqa: E402
@@ -1872,13 +1879,7 @@ def render(res: dict[str, Any]) -> str:
 
 
 async def services_up(args: argparse.Namespace) -> None:
-    env = {
-        **os.environ,
-        "NIMBUS_KAFKA_PORT": str(args.kafka_port),
-        "NIMBUS_REDIS_PORT": str(args.redis_port),
-    }
-    if args.kafka_controller_port:
-        env["NIMBUS_KAFKA_CONTROLLER_PORT"] = str(args.kafka_controller_port)
+    env = ports_env(args)
     say("brokers: scripts/services.sh up")
     with trio.fail_after(600):
         p = await trio.run_process(
@@ -2017,25 +2018,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="length of each realtime run (default 20; quick 8)",
     )
-    # String defaults go through `type` too: a bad NIMBUS_*_PORT is a usage error, one line.
-    p.add_argument(
-        "--kafka-port",
-        type=int,
-        default=os.environ.get("NIMBUS_KAFKA_PORT") or "19092",
-        help="default $NIMBUS_KAFKA_PORT, else 19092",
-    )
-    p.add_argument(
-        "--kafka-controller-port",
-        type=int,
-        default=os.environ.get("NIMBUS_KAFKA_CONTROLLER_PORT") or "0",
-        help="default $NIMBUS_KAFKA_CONTROLLER_PORT, else services.sh's",
-    )
-    p.add_argument(
-        "--redis-port",
-        type=int,
-        default=os.environ.get("NIMBUS_REDIS_PORT") or "16379",
-        help="default $NIMBUS_REDIS_PORT, else 16379",
-    )
+    add_port_options(p, controller=True)
     p.add_argument(
         "--no-services-up",
         action="store_true",
@@ -2101,11 +2084,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(
             f"--phases: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(PHASES)}"
         )
-    for name in ("kafka_port", "redis_port"):
-        if not 0 < getattr(a, name) < 65536:
-            p.error(f"--{name.replace('_', '-')} must be a port (1-65535)")
-    if not 0 <= a.kafka_controller_port < 65536:
-        p.error("--kafka-controller-port must be a port (1-65535; 0: services.sh's)")
+    check_ports(p, a)
     for name in ("workers", "partitions", "clients", "replay_ack_every"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

@@ -136,7 +136,7 @@ if str(ROOT / "scripts") not in sys.path:  # procs.py, shared.py, also when load
 import procs  # noqa: E402
 from chaos_cluster import ClusterBrokers, parse_env  # noqa: E402
 from procs import Proc, nimbus_env, pod, run_logged, wall, worker  # noqa: E402
-from shared import HOST, percentile, wait_until  # noqa: E402
+from shared import HOST, add_port_options, check_ports, percentile, ports_env, wait_until  # noqa: E402
 from shared import watch_flips as watch_flip_payloads  # noqa: E402
 
 from nimbus.client import (  # noqa: E402
@@ -1459,11 +1459,7 @@ def set_up(args: argparse.Namespace) -> Harness:
             topics,
         )
     else:
-        env = {
-            **os.environ,
-            "NIMBUS_KAFKA_PORT": str(args.kafka_port),
-            "NIMBUS_REDIS_PORT": str(args.redis_port),
-        }
+        env = ports_env(args)
         brokers = Brokers(run, env, args.kafka_port, args.redis_port)
         kafka, redis = f"{HOST}:{args.kafka_port}", f"{HOST}:{args.redis_port}"
         redis_mode = None
@@ -1757,19 +1753,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--log-level", default="INFO", help="NIMBUS_LOG_LEVEL of the processes (default INFO)"
     )
-    # String defaults go through `type` too: a bad NIMBUS_*_PORT is a usage error, one line.
-    p.add_argument(
-        "--kafka-port",
-        type=int,
-        default=os.environ.get("NIMBUS_KAFKA_PORT") or "19092",
-        help="default $NIMBUS_KAFKA_PORT, else 19092",
-    )
-    p.add_argument(
-        "--redis-port",
-        type=int,
-        default=os.environ.get("NIMBUS_REDIS_PORT") or "16379",
-        help="default $NIMBUS_REDIS_PORT, else 16379",
-    )
+    add_port_options(p)
     p.add_argument("--run-dir", type=Path, default=None, help="default artifacts/chaos-<timestamp>")
     p.add_argument(
         "--prefix", default=None, help="client id / topic / channel prefix (default chaos-<random>)"
@@ -1810,9 +1794,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--partitions must be >= 1")
     if args.delivery_timeout_ms < 10 or args.status_interval_ms < 10:
         p.error("--delivery-timeout-ms and --status-interval-ms must be >= 10")
-    for name in ("kafka_port", "redis_port"):
-        if not 0 < getattr(args, name) < 65536:
-            p.error(f"--{name.replace('_', '-')} must be a port (1-65535)")
+    check_ports(p, args)
     levels = ("trace", "debug", "info", "success", "warning", "error")
     if args.log_level.strip().lower() not in levels:
         p.error(f"--log-level must be one of {', '.join(levels)}, got {args.log_level!r}")
