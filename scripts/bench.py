@@ -202,13 +202,9 @@ def parse_perf(text: str, consume: bool) -> dict[str, float]:
     raise RuntimeError(f"no ConsumerPerformance summary in: {text[-400:]}")
 
 
-async def limits(
-    args: argparse.Namespace,
-    kafka: str,
-    redis: str,
-    sizes: dict[str, int],
-    paced_rate: float = 1000,
-) -> dict[str, Any]:
+async def kafka_perf(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, Any]:
+    """Kafka's own ProducerPerformance and ConsumerPerformance (scripts/kafka.sh perf-produce,
+    perf-consume): 5 x --limit-count records of an event's size on a topic of the run's."""
     n = args.limit_count
     out: dict[str, Any] = {}
     topic = f"{args.prefix}-perf"
@@ -282,6 +278,18 @@ async def limits(
     except (RuntimeError, KeyError, ValueError, IndexError) as e:
         out["kafka_perf_consume"] = {"rate": 0.0, "error": str(e)[:300]}
     say(f"  {out['kafka_perf_consume']['rate']:,.0f} records/s")
+    return out
+
+
+async def limits(
+    args: argparse.Namespace,
+    kafka: str,
+    redis: str,
+    sizes: dict[str, int],
+    paced_rate: float = 1000,
+) -> dict[str, Any]:
+    n = args.limit_count
+    out = await kafka_perf(args, sizes)
     say(f"limit: kafka-python produce->consume round trip, {n} records of {sizes['event']} B")
 
     def kafka_rtt(topic: str, count: int, *extra: str) -> list[str]:
@@ -349,13 +357,20 @@ async def limits(
         [PY, "scripts/bench_limits.py", "grpc-echo", "--count", str(n // 2), "--streams", "1"], 300
     )
     say(f"  {out['grpc_echo_1stream']['rate']:,.0f} messages/s")
+    out["replay_chain"] = await replay_chain_limit(args, kafka, redis)
+    return out
+
+
+async def replay_chain_limit(args: argparse.Namespace, kafka: str, redis: str) -> dict[str, Any]:
+    """The replay chain without Nimbus's logic (bench_limits.py replay-chain), --replay-backlog
+    results; on a failure its error, so that the other limits stay usable."""
     window = int(os.environ.get("NIMBUS_REPLAY_WINDOW", "2000"))
     say(
         f"limit: the replay chain, no Nimbus logic (kafka-python -> redis.asyncio PUBLISH -> grpclib"
         f" under trio -> client), {args.replay_backlog:,} results, window {window:,}"
     )
     try:
-        out["replay_chain"] = await run_json(
+        ch = await run_json(
             [
                 PY, "scripts/bench_limits.py", "replay-chain", "--brokers", kafka, "--redis", redis,
                 "--topic", f"{args.prefix}-chain", "--count", str(args.replay_backlog),
@@ -364,15 +379,14 @@ async def limits(
             600,
         )  # fmt: skip
     except (RuntimeError, trio.TooSlowError, ValueError) as e:  # the other limits stay usable
-        out["replay_chain"] = {"rate": 0.0, "error": f"{type(e).__name__}: {e}"[:300]}
-    ch = out["replay_chain"]
+        ch = {"rate": 0.0, "error": f"{type(e).__name__}: {e}"[:300]}
     say(
         f"  {ch['rate']:,.0f} results/s, {ch.get('all_cpu_us_per_msg', 0):.0f} µs CPU per result"
         f" (per process: {ch.get('cpu_us_per_result')})"
         if ch["rate"]
         else f"  failed: {ch.get('error')}"
     )
-    return out
+    return ch
 
 
 def message_sizes(kafka: str, rid: str) -> dict[str, int]:
