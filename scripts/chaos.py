@@ -459,41 +459,55 @@ class Clients:
             for r in self.runs
         )
 
+    def _on_notice(self, r: ClientRun, n: Notice) -> None:
+        """Client `r`'s on_event: its receipts, refusals, (re)connections and gaps."""
+        elapsed = self.run.elapsed
+        if isinstance(n, Receipted):
+            if r.sent_gen.get(n.number, r.generation) != r.generation:
+                r.resent.add(n.number)
+            r.receipts[n.delivery_id] = n.number
+            r.receipt_t[n.delivery_id] = elapsed()
+            if n.delivery_id not in r.delivered:
+                r.outstanding.add(n.delivery_id)
+        elif isinstance(n, Refused):
+            (r.retried if n.will_retry else r.refused).add(n.number)
+        elif isinstance(n, Connected):
+            r.generation += 1
+            if n.reconnect:
+                r.reconnect_ns.append(now_ns := time.time_ns())
+                try:
+                    self.record_checks.send_nowait((r, now_ns))
+                except trio.WouldBlock:
+                    pass  # the checker is far behind: this reconnect goes unclassified
+            if r.down_since is not None:
+                r.reconnect_gaps.append(elapsed() - r.down_since)
+                r.down_since = None
+            r.history.append(f"{elapsed():.2f}s {wall()} connected to {n.target}")
+            logger.debug("{} connected to {}", r.client_id, n.target)
+        elif isinstance(n, Disconnected):
+            r.down_since = elapsed()
+            r.history.append(f"{elapsed():.2f}s {wall()} disconnected from {n.target}: {n.reason}")
+            logger.debug("{} disconnected from {}: {}", r.client_id, n.target, n.reason)
+        elif isinstance(n, Gap):
+            r.gaps += 1
+
+    def _client_failed(self, r: ClientRun, exc: Exception) -> None:
+        """Client `r` ended with `exc`: its failure, with the traceback if it is no NimbusError."""
+        leaf: BaseException = exc
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        if isinstance(leaf, NimbusError):
+            r.failure = f"{type(leaf).__name__}: {leaf}"
+        else:  # a bug (in the library or below it): keep the traceback
+            r.failure = f"client crashed: {type(leaf).__name__}: {leaf}"
+            where = traceback.format_exception(leaf)
+            r.history.append("".join(where[-6:]))
+            logger.opt(exception=exc).error("client {} crashed", r.client_id)
+        self.run.event("client FAILED", client=r.client_id, why=r.failure)
+
     async def run_client(self, r: ClientRun, rng: random.Random) -> None:
         args = self.run.args
         elapsed = self.run.elapsed
-
-        def on_event(n: Notice) -> None:
-            if isinstance(n, Receipted):
-                if r.sent_gen.get(n.number, r.generation) != r.generation:
-                    r.resent.add(n.number)
-                r.receipts[n.delivery_id] = n.number
-                r.receipt_t[n.delivery_id] = elapsed()
-                if n.delivery_id not in r.delivered:
-                    r.outstanding.add(n.delivery_id)
-            elif isinstance(n, Refused):
-                (r.retried if n.will_retry else r.refused).add(n.number)
-            elif isinstance(n, Connected):
-                r.generation += 1
-                if n.reconnect:
-                    r.reconnect_ns.append(now_ns := time.time_ns())
-                    try:
-                        self.record_checks.send_nowait((r, now_ns))
-                    except trio.WouldBlock:
-                        pass  # the checker is far behind: this reconnect goes unclassified
-                if r.down_since is not None:
-                    r.reconnect_gaps.append(elapsed() - r.down_since)
-                    r.down_since = None
-                r.history.append(f"{elapsed():.2f}s {wall()} connected to {n.target}")
-                logger.debug("{} connected to {}", r.client_id, n.target)
-            elif isinstance(n, Disconnected):
-                r.down_since = elapsed()
-                r.history.append(
-                    f"{elapsed():.2f}s {wall()} disconnected from {n.target}: {n.reason}"
-                )
-                logger.debug("{} disconnected from {}: {}", r.client_id, n.target, n.reason)
-            elif isinstance(n, Gap):
-                r.gaps += 1
 
         async def receive(c: NimbusClient) -> None:
             async for res in c.results():
@@ -537,7 +551,7 @@ class Clients:
                 r.targets,
                 r.client_id,
                 protocol=2,
-                on_event=on_event,
+                on_event=lambda n: self._on_notice(r, n),
                 connect_timeout=None,
                 backoff=(0.05, 1.0),
                 max_pending=100_000,
@@ -550,17 +564,7 @@ class Clients:
                     await self.close.wait()
                     nursery.cancel_scope.cancel()
         except Exception as exc:
-            leaf: BaseException = exc
-            while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
-                leaf = leaf.exceptions[0]
-            if isinstance(leaf, NimbusError):
-                r.failure = f"{type(leaf).__name__}: {leaf}"
-            else:  # a bug (in the library or below it): keep the traceback
-                r.failure = f"client crashed: {type(leaf).__name__}: {leaf}"
-                where = traceback.format_exception(leaf)
-                r.history.append("".join(where[-6:]))
-                logger.opt(exception=exc).error("client {} crashed", r.client_id)
-            self.run.event("client FAILED", client=r.client_id, why=r.failure)
+            self._client_failed(r, exc)
         finally:
             r.end_t = self.run.elapsed()
             if r.client is not None:
