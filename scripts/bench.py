@@ -57,7 +57,14 @@ if str(ROOT / "scripts") not in sys.path:  # shared.py, also when loaded by path
 from fleet import BenchFleet  # noqa: E402
 from loguru import logger  # noqa: E402
 from procs import PY, proc_cpu  # noqa: E402
-from shared import HOST, percentile, watch_flips  # noqa: E402
+from shared import (  # noqa: E402
+    HOST,
+    add_port_options,
+    check_ports,
+    percentile,
+    ports_env,
+    watch_flips,
+)
 
 from nimbus.client import open_client  # noqa: E402
 from nimbus.entry import (  # noqa: E402
@@ -195,13 +202,9 @@ def parse_perf(text: str, consume: bool) -> dict[str, float]:
     raise RuntimeError(f"no ConsumerPerformance summary in: {text[-400:]}")
 
 
-async def limits(
-    args: argparse.Namespace,
-    kafka: str,
-    redis: str,
-    sizes: dict[str, int],
-    paced_rate: float = 1000,
-) -> dict[str, Any]:
+async def kafka_perf(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, Any]:
+    """Kafka's own ProducerPerformance and ConsumerPerformance (scripts/kafka.sh perf-produce,
+    perf-consume): 5 x --limit-count records of an event's size on a topic of the run's."""
     n = args.limit_count
     out: dict[str, Any] = {}
     topic = f"{args.prefix}-perf"
@@ -275,6 +278,18 @@ async def limits(
     except (RuntimeError, KeyError, ValueError, IndexError) as e:
         out["kafka_perf_consume"] = {"rate": 0.0, "error": str(e)[:300]}
     say(f"  {out['kafka_perf_consume']['rate']:,.0f} records/s")
+    return out
+
+
+async def limits(
+    args: argparse.Namespace,
+    kafka: str,
+    redis: str,
+    sizes: dict[str, int],
+    paced_rate: float = 1000,
+) -> dict[str, Any]:
+    n = args.limit_count
+    out = await kafka_perf(args, sizes)
     say(f"limit: kafka-python produce->consume round trip, {n} records of {sizes['event']} B")
 
     def kafka_rtt(topic: str, count: int, *extra: str) -> list[str]:
@@ -342,13 +357,20 @@ async def limits(
         [PY, "scripts/bench_limits.py", "grpc-echo", "--count", str(n // 2), "--streams", "1"], 300
     )
     say(f"  {out['grpc_echo_1stream']['rate']:,.0f} messages/s")
+    out["replay_chain"] = await replay_chain_limit(args, kafka, redis)
+    return out
+
+
+async def replay_chain_limit(args: argparse.Namespace, kafka: str, redis: str) -> dict[str, Any]:
+    """The replay chain without Nimbus's logic (bench_limits.py replay-chain), --replay-backlog
+    results; on a failure its error, so that the other limits stay usable."""
     window = int(os.environ.get("NIMBUS_REPLAY_WINDOW", "2000"))
     say(
         f"limit: the replay chain, no Nimbus logic (kafka-python -> redis.asyncio PUBLISH -> grpclib"
         f" under trio -> client), {args.replay_backlog:,} results, window {window:,}"
     )
     try:
-        out["replay_chain"] = await run_json(
+        ch = await run_json(
             [
                 PY, "scripts/bench_limits.py", "replay-chain", "--brokers", kafka, "--redis", redis,
                 "--topic", f"{args.prefix}-chain", "--count", str(args.replay_backlog),
@@ -357,15 +379,14 @@ async def limits(
             600,
         )  # fmt: skip
     except (RuntimeError, trio.TooSlowError, ValueError) as e:  # the other limits stay usable
-        out["replay_chain"] = {"rate": 0.0, "error": f"{type(e).__name__}: {e}"[:300]}
-    ch = out["replay_chain"]
+        ch = {"rate": 0.0, "error": f"{type(e).__name__}: {e}"[:300]}
     say(
         f"  {ch['rate']:,.0f} results/s, {ch.get('all_cpu_us_per_msg', 0):.0f} µs CPU per result"
         f" (per process: {ch.get('cpu_us_per_result')})"
         if ch["rate"]
         else f"  failed: {ch.get('error')}"
     )
-    return out
+    return ch
 
 
 def message_sizes(kafka: str, rid: str) -> dict[str, int]:
@@ -1872,13 +1893,7 @@ def render(res: dict[str, Any]) -> str:
 
 
 async def services_up(args: argparse.Namespace) -> None:
-    env = {
-        **os.environ,
-        "NIMBUS_KAFKA_PORT": str(args.kafka_port),
-        "NIMBUS_REDIS_PORT": str(args.redis_port),
-    }
-    if args.kafka_controller_port:
-        env["NIMBUS_KAFKA_CONTROLLER_PORT"] = str(args.kafka_controller_port)
+    env = ports_env(args)
     say("brokers: scripts/services.sh up")
     with trio.fail_after(600):
         p = await trio.run_process(
@@ -2017,25 +2032,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="length of each realtime run (default 20; quick 8)",
     )
-    # String defaults go through `type` too: a bad NIMBUS_*_PORT is a usage error, one line.
-    p.add_argument(
-        "--kafka-port",
-        type=int,
-        default=os.environ.get("NIMBUS_KAFKA_PORT") or "19092",
-        help="default $NIMBUS_KAFKA_PORT, else 19092",
-    )
-    p.add_argument(
-        "--kafka-controller-port",
-        type=int,
-        default=os.environ.get("NIMBUS_KAFKA_CONTROLLER_PORT") or "0",
-        help="default $NIMBUS_KAFKA_CONTROLLER_PORT, else services.sh's",
-    )
-    p.add_argument(
-        "--redis-port",
-        type=int,
-        default=os.environ.get("NIMBUS_REDIS_PORT") or "16379",
-        help="default $NIMBUS_REDIS_PORT, else 16379",
-    )
+    add_port_options(p, controller=True)
     p.add_argument(
         "--no-services-up",
         action="store_true",
@@ -2101,11 +2098,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(
             f"--phases: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(PHASES)}"
         )
-    for name in ("kafka_port", "redis_port"):
-        if not 0 < getattr(a, name) < 65536:
-            p.error(f"--{name.replace('_', '-')} must be a port (1-65535)")
-    if not 0 <= a.kafka_controller_port < 65536:
-        p.error("--kafka-controller-port must be a port (1-65535; 0: services.sh's)")
+    check_ports(p, a)
     for name in ("workers", "partitions", "clients", "replay_ack_every"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

@@ -1052,21 +1052,12 @@ def replay_chain(args: argparse.Namespace) -> None:
                 print(f"replay-chain: could not delete topic {args.topic}: {e!r}", file=sys.stderr)
 
 
-def _replay_chain_run(args: argparse.Namespace, client_id: str) -> None:
-    import asyncio
-    import queue
-    import socket
+def _chain_backlog(args: argparse.Namespace, client_id: str, pod_channel: str) -> float:
+    """Write the replay chain's backlog to args.topic; the median record's size in bytes."""
     import statistics
 
-    import trio
-    import trio_asyncio
-    from grpclib.client import Channel
-    from grpclib.const import Cardinality
     from kafka import KafkaProducer
 
-    from nimbus.wire.messages import EventRequest, EventResponse
-
-    pod_channel, ack_channel = f"{args.topic}-{os.getpid()}-pod", f"{args.topic}-{os.getpid()}-acks"
     # The backlog, as the DLQ holds it (not timed): `count` results of one client, producer
     # settings as Nimbus's.
     producer = KafkaProducer(
@@ -1082,7 +1073,51 @@ def _replay_chain_run(args: argparse.Namespace, client_id: str) -> None:
         producer.send(args.topic, value=v, key=key)
     producer.flush(120)
     producer.close()
-    record_bytes = statistics.median(sizes)
+    return statistics.median(sizes)
+
+
+def _emit_chain(args: argparse.Namespace, marks: dict[str, Any], record_bytes: float) -> None:
+    """The replay chain run's report (emit), from the marks its client took."""
+    seconds = marks["t1"] - marks["t0"]
+    client_cpu = marks["cpu1"] - marks["cpu0"]
+    worker_cpu = marks["worker1"] - marks["worker0"]
+    pod_cpu = marks["pod1"] - marks["pod0"]
+    b0, b1 = marks["brokers0"], marks["brokers1"]
+    brokers = {k: round(b1[k] - b0.get(k, 0.0), 3) for k in b1}
+    n = args.count
+    every = client_cpu + worker_cpu + pod_cpu
+    load = [round(x, 2) for x in os.getloadavg()]
+    emit(
+        "replay-chain", n, seconds, client_cpu,
+        worker_cpu_s=worker_cpu, pod_cpu_s=pod_cpu, broker_cpu_s=brokers,
+        cpu_us_per_result={
+            "worker": round(worker_cpu / n * 1e6, 1), "pod": round(pod_cpu / n * 1e6, 1),
+            "client": round(client_cpu / n * 1e6, 1),
+            **{k: round(v / n * 1e6, 1) for k, v in brokers.items()},
+        },
+        all_cpu_us_per_msg=every / n * 1e6,
+        all_with_brokers_cpu_us_per_msg=(every + sum(brokers.values())) / n * 1e6,
+        first_result_ms=(marks["first"] - marks["t0"]) * 1e3,
+        window=args.window, ack_every=args.ack_every, max_records=args.max_records,
+        record_bytes=record_bytes, worker=marks["worker_stats"], loadavg_start=marks["load0"],
+        loadavg_end=load,
+    )  # fmt: skip
+
+
+def _replay_chain_run(args: argparse.Namespace, client_id: str) -> None:
+    import asyncio
+    import queue
+    import socket
+
+    import trio
+    import trio_asyncio
+    from grpclib.client import Channel
+    from grpclib.const import Cardinality
+
+    from nimbus.wire.messages import EventRequest, EventResponse
+
+    pod_channel, ack_channel = f"{args.topic}-{os.getpid()}-pod", f"{args.topic}-{os.getpid()}-acks"
+    record_bytes = _chain_backlog(args, client_id, pod_channel)
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -1167,30 +1202,7 @@ def _replay_chain_run(args: argparse.Namespace, client_id: str) -> None:
     finally:
         for c in children:
             c.stop()
-    seconds = marks["t1"] - marks["t0"]
-    client_cpu = marks["cpu1"] - marks["cpu0"]
-    worker_cpu = marks["worker1"] - marks["worker0"]
-    pod_cpu = marks["pod1"] - marks["pod0"]
-    b0, b1 = marks["brokers0"], marks["brokers1"]
-    brokers = {k: round(b1[k] - b0.get(k, 0.0), 3) for k in b1}
-    n = args.count
-    every = client_cpu + worker_cpu + pod_cpu
-    load = [round(x, 2) for x in os.getloadavg()]
-    emit(
-        "replay-chain", n, seconds, client_cpu,
-        worker_cpu_s=worker_cpu, pod_cpu_s=pod_cpu, broker_cpu_s=brokers,
-        cpu_us_per_result={
-            "worker": round(worker_cpu / n * 1e6, 1), "pod": round(pod_cpu / n * 1e6, 1),
-            "client": round(client_cpu / n * 1e6, 1),
-            **{k: round(v / n * 1e6, 1) for k, v in brokers.items()},
-        },
-        all_cpu_us_per_msg=every / n * 1e6,
-        all_with_brokers_cpu_us_per_msg=(every + sum(brokers.values())) / n * 1e6,
-        first_result_ms=(marks["first"] - marks["t0"]) * 1e3,
-        window=args.window, ack_every=args.ack_every, max_records=args.max_records,
-        record_bytes=record_bytes, worker=marks["worker_stats"], loadavg_start=marks["load0"],
-        loadavg_end=load,
-    )  # fmt: skip
+    _emit_chain(args, marks, record_bytes)
 
 
 def main() -> None:

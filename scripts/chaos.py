@@ -136,7 +136,7 @@ if str(ROOT / "scripts") not in sys.path:  # procs.py, shared.py, also when load
 import procs  # noqa: E402
 from chaos_cluster import ClusterBrokers, parse_env  # noqa: E402
 from procs import Proc, nimbus_env, pod, run_logged, wall, worker  # noqa: E402
-from shared import HOST, percentile, wait_until  # noqa: E402
+from shared import HOST, add_port_options, check_ports, percentile, ports_env, wait_until  # noqa: E402
 from shared import watch_flips as watch_flip_payloads  # noqa: E402
 
 from nimbus.client import (  # noqa: E402
@@ -459,41 +459,55 @@ class Clients:
             for r in self.runs
         )
 
+    def _on_notice(self, r: ClientRun, n: Notice) -> None:
+        """Client `r`'s on_event: its receipts, refusals, (re)connections and gaps."""
+        elapsed = self.run.elapsed
+        if isinstance(n, Receipted):
+            if r.sent_gen.get(n.number, r.generation) != r.generation:
+                r.resent.add(n.number)
+            r.receipts[n.delivery_id] = n.number
+            r.receipt_t[n.delivery_id] = elapsed()
+            if n.delivery_id not in r.delivered:
+                r.outstanding.add(n.delivery_id)
+        elif isinstance(n, Refused):
+            (r.retried if n.will_retry else r.refused).add(n.number)
+        elif isinstance(n, Connected):
+            r.generation += 1
+            if n.reconnect:
+                r.reconnect_ns.append(now_ns := time.time_ns())
+                try:
+                    self.record_checks.send_nowait((r, now_ns))
+                except trio.WouldBlock:
+                    pass  # the checker is far behind: this reconnect goes unclassified
+            if r.down_since is not None:
+                r.reconnect_gaps.append(elapsed() - r.down_since)
+                r.down_since = None
+            r.history.append(f"{elapsed():.2f}s {wall()} connected to {n.target}")
+            logger.debug("{} connected to {}", r.client_id, n.target)
+        elif isinstance(n, Disconnected):
+            r.down_since = elapsed()
+            r.history.append(f"{elapsed():.2f}s {wall()} disconnected from {n.target}: {n.reason}")
+            logger.debug("{} disconnected from {}: {}", r.client_id, n.target, n.reason)
+        elif isinstance(n, Gap):
+            r.gaps += 1
+
+    def _client_failed(self, r: ClientRun, exc: Exception) -> None:
+        """Client `r` ended with `exc`: its failure, with the traceback if it is no NimbusError."""
+        leaf: BaseException = exc
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        if isinstance(leaf, NimbusError):
+            r.failure = f"{type(leaf).__name__}: {leaf}"
+        else:  # a bug (in the library or below it): keep the traceback
+            r.failure = f"client crashed: {type(leaf).__name__}: {leaf}"
+            where = traceback.format_exception(leaf)
+            r.history.append("".join(where[-6:]))
+            logger.opt(exception=exc).error("client {} crashed", r.client_id)
+        self.run.event("client FAILED", client=r.client_id, why=r.failure)
+
     async def run_client(self, r: ClientRun, rng: random.Random) -> None:
         args = self.run.args
         elapsed = self.run.elapsed
-
-        def on_event(n: Notice) -> None:
-            if isinstance(n, Receipted):
-                if r.sent_gen.get(n.number, r.generation) != r.generation:
-                    r.resent.add(n.number)
-                r.receipts[n.delivery_id] = n.number
-                r.receipt_t[n.delivery_id] = elapsed()
-                if n.delivery_id not in r.delivered:
-                    r.outstanding.add(n.delivery_id)
-            elif isinstance(n, Refused):
-                (r.retried if n.will_retry else r.refused).add(n.number)
-            elif isinstance(n, Connected):
-                r.generation += 1
-                if n.reconnect:
-                    r.reconnect_ns.append(now_ns := time.time_ns())
-                    try:
-                        self.record_checks.send_nowait((r, now_ns))
-                    except trio.WouldBlock:
-                        pass  # the checker is far behind: this reconnect goes unclassified
-                if r.down_since is not None:
-                    r.reconnect_gaps.append(elapsed() - r.down_since)
-                    r.down_since = None
-                r.history.append(f"{elapsed():.2f}s {wall()} connected to {n.target}")
-                logger.debug("{} connected to {}", r.client_id, n.target)
-            elif isinstance(n, Disconnected):
-                r.down_since = elapsed()
-                r.history.append(
-                    f"{elapsed():.2f}s {wall()} disconnected from {n.target}: {n.reason}"
-                )
-                logger.debug("{} disconnected from {}: {}", r.client_id, n.target, n.reason)
-            elif isinstance(n, Gap):
-                r.gaps += 1
 
         async def receive(c: NimbusClient) -> None:
             async for res in c.results():
@@ -537,7 +551,7 @@ class Clients:
                 r.targets,
                 r.client_id,
                 protocol=2,
-                on_event=on_event,
+                on_event=lambda n: self._on_notice(r, n),
                 connect_timeout=None,
                 backoff=(0.05, 1.0),
                 max_pending=100_000,
@@ -550,17 +564,7 @@ class Clients:
                     await self.close.wait()
                     nursery.cancel_scope.cancel()
         except Exception as exc:
-            leaf: BaseException = exc
-            while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
-                leaf = leaf.exceptions[0]
-            if isinstance(leaf, NimbusError):
-                r.failure = f"{type(leaf).__name__}: {leaf}"
-            else:  # a bug (in the library or below it): keep the traceback
-                r.failure = f"client crashed: {type(leaf).__name__}: {leaf}"
-                where = traceback.format_exception(leaf)
-                r.history.append("".join(where[-6:]))
-                logger.opt(exception=exc).error("client {} crashed", r.client_id)
-            self.run.event("client FAILED", client=r.client_id, why=r.failure)
+            self._client_failed(r, exc)
         finally:
             r.end_t = self.run.elapsed()
             if r.client is not None:
@@ -1459,11 +1463,7 @@ def set_up(args: argparse.Namespace) -> Harness:
             topics,
         )
     else:
-        env = {
-            **os.environ,
-            "NIMBUS_KAFKA_PORT": str(args.kafka_port),
-            "NIMBUS_REDIS_PORT": str(args.redis_port),
-        }
+        env = ports_env(args)
         brokers = Brokers(run, env, args.kafka_port, args.redis_port)
         kafka, redis = f"{HOST}:{args.kafka_port}", f"{HOST}:{args.redis_port}"
         redis_mode = None
@@ -1757,19 +1757,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--log-level", default="INFO", help="NIMBUS_LOG_LEVEL of the processes (default INFO)"
     )
-    # String defaults go through `type` too: a bad NIMBUS_*_PORT is a usage error, one line.
-    p.add_argument(
-        "--kafka-port",
-        type=int,
-        default=os.environ.get("NIMBUS_KAFKA_PORT") or "19092",
-        help="default $NIMBUS_KAFKA_PORT, else 19092",
-    )
-    p.add_argument(
-        "--redis-port",
-        type=int,
-        default=os.environ.get("NIMBUS_REDIS_PORT") or "16379",
-        help="default $NIMBUS_REDIS_PORT, else 16379",
-    )
+    add_port_options(p)
     p.add_argument("--run-dir", type=Path, default=None, help="default artifacts/chaos-<timestamp>")
     p.add_argument(
         "--prefix", default=None, help="client id / topic / channel prefix (default chaos-<random>)"
@@ -1810,9 +1798,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--partitions must be >= 1")
     if args.delivery_timeout_ms < 10 or args.status_interval_ms < 10:
         p.error("--delivery-timeout-ms and --status-interval-ms must be >= 10")
-    for name in ("kafka_port", "redis_port"):
-        if not 0 < getattr(args, name) < 65536:
-            p.error(f"--{name.replace('_', '-')} must be a port (1-65535)")
+    check_ports(p, args)
     levels = ("trace", "debug", "info", "success", "warning", "error")
     if args.log_level.strip().lower() not in levels:
         p.error(f"--log-level must be one of {', '.join(levels)}, got {args.log_level!r}")

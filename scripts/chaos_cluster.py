@@ -414,36 +414,25 @@ class ClusterBrokers:
         victim = parts[(topic, partition)][0]
         led = sorted(tp for tp, (leader, _) in parts.items() if leader == victim)
         name = f"kafka-{victim}"
-        killed_at, killed_wall, kill_cmd_s = await self._kill(
-            "kafka-kill9", str(victim), self.kafka[victim - 1]
-        )
-        if killed_at is None:
-            run.event(f"broker kill9 FAILED: {name} still answers")
-            run.counts["broker_kill_failed"] += 1
-            return
-        self.down.add(name)
-        run.counts["broker_kills"] += 1
-        kill = Kill(
+        killed = await self._kill_node(
             "broker_kill",
             name,
             victim,
-            round(killed_at - run.t0, 3),
-            killed_wall,
-            kill_cmd_s,
+            "kafka-kill9",
+            self.kafka[victim - 1],
             down_for,
-            detail={
-                "chosen": f"{topic}-{partition}",
-                "led": [f"{t}-{p}" for t, p in led],
-            },
+            {"chosen": f"{topic}-{partition}", "led": [f"{t}-{p}" for t, p in led]},
         )
-        self.kills.append(kill)
+        if killed is None:
+            return
+        kill, killed_at = killed
         run.event(
             "broker SIGKILL",
             node=name,
             at=f"{kill.t}s",
             leader_of=f"{topic}-{partition}",
             led=len(led),
-            cmd=f"{kill_cmd_s}s",
+            cmd=f"{kill.kill_cmd_s}s",
         )
 
         async def moved() -> dict[str, int] | None:
@@ -482,6 +471,40 @@ class ClusterBrokers:
             restart=f"{kill.restart_s:.1f}s",
             in_sync=f"{kill.in_sync_s}s" if back else "NOT within 120s",
         )
+
+    async def _kill_node(
+        self,
+        kind: str,
+        name: str,
+        node: int,
+        command: str,
+        address: str,
+        down_for: float,
+        detail: dict[str, Any],
+    ) -> tuple[Kill, float] | None:
+        """kill9 the node `name` (`cluster.sh command node`, its port at `address`) as a `kind`
+        (broker_kill | master_kill): marked down, counted, its Kill logged, and (that Kill, the
+        trio time its port closed); None, counted as failed, if it still answers."""
+        run = self.run
+        killed_at, killed_wall, kill_cmd_s = await self._kill(command, str(node), address)
+        if killed_at is None:
+            run.event(f"{kind.removesuffix('_kill')} kill9 FAILED: {name} still answers")
+            run.counts[f"{kind}_failed"] += 1
+            return None
+        self.down.add(name)
+        run.counts[f"{kind}s"] += 1
+        kill = Kill(
+            kind,
+            name,
+            node,
+            round(killed_at - run.t0, 3),
+            killed_wall,
+            kill_cmd_s,
+            down_for,
+            detail=detail,
+        )
+        self.kills.append(kill)
+        return kill, killed_at
 
     async def _kill(self, command: str, arg: str, address: str) -> tuple[float | None, str, float]:
         """Run `cluster.sh command arg` (a kill9) and watch the node's port meanwhile: (trio time
@@ -598,28 +621,24 @@ class ClusterBrokers:
         replica = next(n for n in nodes if n.master_id == victim.id and n.link == "connected")
         others = [m.port for m in masters if m is not victim]
         name = f"redis-{victim.port}"
-        killed_at, killed_wall, kill_cmd_s = await self._kill(
-            "redis-kill9", str(victim.port), f"{HOST}:{victim.port}"
-        )
-        if killed_at is None:
-            run.event(f"master kill9 FAILED: {name} still answers")
-            run.counts["master_kill_failed"] += 1
-            return
-        self.down.add(name)
-        run.counts["master_kills"] += 1
-        kill = Kill(
+        killed = await self._kill_node(
             "master_kill",
             name,
             victim.port,
-            round(killed_at - run.t0, 3),
-            killed_wall,
-            kill_cmd_s,
+            "redis-kill9",
+            f"{HOST}:{victim.port}",
             down_for,
-            detail={"replica": replica.port, "slot_ranges": victim.slots},
+            {"replica": replica.port, "slot_ranges": victim.slots},
         )
-        self.kills.append(kill)
+        if killed is None:
+            return
+        kill, killed_at = killed
         run.event(
-            "master SIGKILL", node=name, at=f"{kill.t}s", replica=replica.port, cmd=f"{kill_cmd_s}s"
+            "master SIGKILL",
+            node=name,
+            at=f"{kill.t}s",
+            replica=replica.port,
+            cmd=f"{kill.kill_cmd_s}s",
         )
 
         async def promoted() -> bool | None:

@@ -1,11 +1,14 @@
 """Helpers the scripts share (bench.py, chaos.py, load_client.py, procs.py; fleet.py and
 bench_realtime.py through them): the nearest-rank percentile, a free port, polling for a
-condition, and the watcher of the status manager's flips. Imported as a sibling (`import shared`):
+condition, the watcher of the status manager's flips, and the broker port options (bench.py,
+chaos.py). Imported as a sibling (`import shared`):
 the scripts put scripts/ on sys.path."""
 
 from __future__ import annotations
 
+import argparse
 import math
+import os
 import socket
 from collections.abc import Callable
 
@@ -52,3 +55,50 @@ async def watch_flips(
             ready.set()
         async for payload in sub:
             on_flip(*parse_flip(payload))
+
+
+def add_port_options(p: argparse.ArgumentParser, controller: bool = False) -> None:
+    """--kafka-port (then --kafka-controller-port if `controller`) and --redis-port, each
+    defaulting to its NIMBUS_*_PORT variable; check them with check_ports."""
+    # String defaults go through `type` too: a bad NIMBUS_*_PORT is a usage error, one line.
+    p.add_argument(
+        "--kafka-port",
+        type=int,
+        default=os.environ.get("NIMBUS_KAFKA_PORT") or "19092",
+        help="default $NIMBUS_KAFKA_PORT, else 19092",
+    )
+    if controller:
+        p.add_argument(
+            "--kafka-controller-port",
+            type=int,
+            default=os.environ.get("NIMBUS_KAFKA_CONTROLLER_PORT") or "0",
+            help="default $NIMBUS_KAFKA_CONTROLLER_PORT, else services.sh's",
+        )
+    p.add_argument(
+        "--redis-port",
+        type=int,
+        default=os.environ.get("NIMBUS_REDIS_PORT") or "16379",
+        help="default $NIMBUS_REDIS_PORT, else 16379",
+    )
+
+
+def check_ports(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A usage error (p.error) unless the ports of add_port_options are ports."""
+    for name in ("kafka_port", "redis_port"):
+        if not 0 < getattr(args, name) < 65536:
+            p.error(f"--{name.replace('_', '-')} must be a port (1-65535)")
+    if not 0 <= getattr(args, "kafka_controller_port", 0) < 65536:
+        p.error("--kafka-controller-port must be a port (1-65535; 0: services.sh's)")
+
+
+def ports_env(args: argparse.Namespace) -> dict[str, str]:
+    """This environment with the ports of add_port_options (the controller's if set), for
+    scripts/services.sh and the brokers' kill/restart commands."""
+    env = {
+        **os.environ,
+        "NIMBUS_KAFKA_PORT": str(args.kafka_port),
+        "NIMBUS_REDIS_PORT": str(args.redis_port),
+    }
+    if getattr(args, "kafka_controller_port", 0):
+        env["NIMBUS_KAFKA_CONTROLLER_PORT"] = str(args.kafka_controller_port)
+    return env
