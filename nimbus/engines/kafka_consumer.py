@@ -5,31 +5,30 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import kafka.errors as kerr
 import trio
 from kafka import TopicPartition as KafkaTP
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata
-from loguru import logger
 
 from nimbus.engines import kafka_common as kc
 from nimbus.engines.kafka_common import in_thread
 from nimbus.ports import (
-    CommitFailed,
-    EngineError,
     LogUnavailable,
     PollResult,
     Record,
     TopicPartition,
 )
 
-if TYPE_CHECKING:
-    from nimbus.engines.kafka import KafkaLog
-
 _COMMIT_TIMEOUT_MS = 10_000
 _CLOSE_TIMEOUT_MS = 5_000
+
+
+async def _close(c: Any) -> None:
+    """Close a KafkaConsumer (a group member leaves the group: LeaveGroup)."""
+    await in_thread(functools.partial(c.close, autocommit=False, timeout_ms=_CLOSE_TIMEOUT_MS))
 
 
 def _record(r: Any) -> Record:
@@ -58,6 +57,8 @@ class _RebalanceListener(kc.RebalanceEvents, ConsumerRebalanceListener):  # type
 
 class KafkaGroupConsumer(kc.GroupConsumerBase):
     """A LogConsumer: one KafkaConsumer in a group, subscribed to one topic."""
+
+    _CLIENT_ERRORS = (kerr.KafkaError,)
 
     def __init__(
         self, raw: Any, listener: _RebalanceListener, topic: str, group: str, max_poll_records: int
@@ -123,50 +124,19 @@ class KafkaGroupConsumer(kc.GroupConsumerBase):
         if mine:
             self._commit_sync(mine)
 
-    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
-        if not self._commit_wanted(offsets):
-            return
-        async with self._lock:
-            try:
-                await in_thread(self._commit_sync, offsets)
-            except EngineError:
-                raise
-            except kerr.KafkaError as exc:
-                raise CommitFailed(f"commit {self.group}/{self.topic}: {exc!r}") from exc
+    async def _commit_now(self, offsets: dict[TopicPartition, int]) -> None:
+        await in_thread(self._commit_sync, offsets)
 
-    async def aclose(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        async with self._lock:
-            later = self._take_later()
-            if later:  # what commit_later left for a poll that will not come
-                try:
-                    await in_thread(self._commit_owned_sync, later)
-                except Exception as exc:
-                    logger.info("{}/{}: final commit failed: {!r}", self.group, self.topic, exc)
-            try:
-                # Leaves the group (LeaveGroup), so the others rebalance at once.
-                await in_thread(
-                    functools.partial(self._c.close, autocommit=False, timeout_ms=_CLOSE_TIMEOUT_MS)
-                )
-            except Exception as exc:
-                logger.warning("closing consumer {}/{} failed: {}", self.group, self.topic, exc)
+    async def _commit_final(self, offsets: dict[TopicPartition, int]) -> None:
+        await in_thread(self._commit_owned_sync, offsets)
+
+    async def _close_consumer(self) -> None:
+        await _close(self._c)
 
 
-class KafkaReader:
-    """A LogReader: one group-less KafkaConsumer, re-assigned/seeked only when needed."""
-
-    def __init__(self, log: KafkaLog, raw: Any) -> None:
-        self._log = log
-        self._c = raw
-        self._lock = trio.Lock()
-        self._assigned: Any = None  # the kafka TopicPartition assigned now
-        self._next: int | None = None  # the consumer's position, when we know it
-        self.closed = False
-
-    def __repr__(self) -> str:
-        return f"<KafkaReader at {self._assigned} next={self._next}>"
+class KafkaReader(kc.ReaderBase[Any]):
+    """A LogReader: one group-less KafkaConsumer, re-assigned/seeked only when needed. What it
+    assigns (`_assigned`) is a kafka-python TopicPartition."""
 
     def _fetch_sync(self, ktp: Any, offset: int, max_records: int, timeout_ms: int) -> list[Record]:
         c = self._c
@@ -194,19 +164,10 @@ class KafkaReader:
             self._next = records[-1].offset + 1
         return records
 
-    async def fetch(
-        self,
-        topic: str,
-        partition: int,
-        offset: int,
-        max_records: int,
-        timeout: float,
+    async def _fetch(
+        self, topic: str, partition: int, offset: int, max_records: int, deadline: float
     ) -> list[Record]:
-        if self.closed:
-            raise LogUnavailable("reader is closed")
-        await kc.check_partition(self._log, topic, partition)
         ktp = KafkaTP(topic, partition)
-        deadline = trio.current_time() + max(timeout, 0.0)
         async with self._lock:
             while True:
                 left = deadline - trio.current_time()
@@ -221,14 +182,5 @@ class KafkaReader:
                 if records or trio.current_time() >= deadline:
                     return records
 
-    async def aclose(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        async with self._lock:
-            try:
-                await in_thread(
-                    functools.partial(self._c.close, autocommit=False, timeout_ms=_CLOSE_TIMEOUT_MS)
-                )
-            except Exception as exc:
-                logger.warning("closing reader failed: {}", exc)
+    async def _close_consumer(self) -> None:
+        await _close(self._c)
