@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from nimbus.engines import kafka as kafka_engine
+from nimbus.engines import kafka_producer
 from nimbus.engines.kafka_common import in_thread
 from tests.harness import record_thread_calls
 
@@ -56,11 +57,11 @@ async def test_small_batches_need_no_thread_once_the_topic_is_known(
     async with kafka_engine.open_kafka_log(kafka_brokers) as log:
         await log.ensure_topics([topic], 2)
         first = await log.producer.send_batch(topic, [(b"a", b"1")])
-        calls = record_thread_calls(monkeypatch, kafka_engine)
+        calls = record_thread_calls(monkeypatch, kafka_producer)
         more = await log.producer.send_batch(topic, [(b"a", b"2"), (b"b", b"3")])
         assert calls == []
         # A large batch is encoded in a thread: the event loop is not held for all of it.
-        big = [(b"k%d" % i, b"v") for i in range(kafka_engine._INLINE_SEND + 1)]
+        big = [(b"k%d" % i, b"v") for i in range(kafka_producer._INLINE_SEND + 1)]
         assert len(await log.producer.send_batch(topic, big)) == len(big)
         assert calls == ["_send_all"]
     assert [w.offset for w in more if w.partition == first[0].partition][0] == first[0].offset + 1

@@ -649,7 +649,7 @@ def test_kafka_refused_async_commit_is_retried_only_if_nothing_newer_went_out() 
     """commit_later on Kafka: a refused async commit (a rebalance raced it) is sent again with
     the next poll while the partition is owned, unless a newer commit was sent meanwhile
     (retrying then would move the group's offset back)."""
-    from nimbus.engines.kafka import KafkaGroupConsumer, _RebalanceListener
+    from nimbus.engines.kafka_consumer import KafkaGroupConsumer, _RebalanceListener
 
     tp, other = TopicPartition("t", 0), TopicPartition("t", 1)
     c = KafkaGroupConsumer(None, _RebalanceListener(), "t", "g", 500)

@@ -7,6 +7,8 @@ nimbus.engines.rdkafka (librdkafka). No Kafka client library here, only trio and
 - A group consumer's bookkeeping (`GroupConsumerBase`): the rebalance news reported by each
   `PollResult` ("remove `revoked`, then add `assigned`"), fed by `RebalanceEvents`, and the
   `commit_later` offsets that go out with the next poll, retried while owned when refused.
+- A group consumer's commit and close (`GroupConsumerBase.commit`, `.aclose`) and a reader's
+  fetch and close (`ReaderBase`), around the client calls each adapter makes.
 - A produce batch's acknowledgements (`BatchAcks`), counted down on a client thread.
 - The errors both map library failures to, worded alike (`unavailable`, `not_reachable`, ...).
 
@@ -29,6 +31,7 @@ from loguru import logger
 
 from nimbus.ports import (
     CommitFailed,
+    EngineError,
     LogUnavailable,
     PollResult,
     ProduceFailed,
@@ -39,6 +42,7 @@ from nimbus.ports import (
 
 T = TypeVar("T")
 E = TypeVar("E")
+A = TypeVar("A")
 
 BOOTSTRAP_TIMEOUT_S = 15.0
 # Whole-call bound of send_batch. The client's own delivery timeout is a little shorter, so a
@@ -119,6 +123,14 @@ async def closed_after(close: Callable[[], Awaitable[object]]) -> AsyncIterator[
     finally:
         with trio.CancelScope(shield=True):
             await close()
+
+
+async def close_logged(close: Callable[[], Awaitable[object]], what: str) -> None:
+    """`close()`; a failure is logged (`closing {what} failed: ...`), not raised."""
+    try:
+        await close()
+    except Exception as exc:
+        logger.warning("closing {} failed: {}", what, exc)
 
 
 # -- topics -----------------------------------------------------------------------------------
@@ -278,10 +290,36 @@ class RebalanceEvents:
         return events
 
 
-class GroupConsumerBase:
+class _ClientUser:
+    """A group consumer or reader: the client's calls serialised by `_lock`; closed once."""
+
+    _lock: trio.Lock
+    closed: bool
+
+    async def _close_consumer(self) -> None:
+        """Close the client."""
+        raise NotImplementedError
+
+    async def _closing(self) -> None:
+        """What the close does, the lock held."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        async with self._lock:
+            await self._closing()
+
+
+class GroupConsumerBase(_ClientUser):
     """A group consumer's bookkeeping, the same on both clients: what the caller was told it
     owns, what the consumer owns now, and the offsets of `commit_later` on their way out.
-    Subclasses send commits (`_send_commit`) and say what is assigned (`_assigned_only`)."""
+    Subclasses send commits (`_send_commit`, `_commit_now`, `_commit_final`), say what is
+    assigned (`_assigned_only`) and close their client (`_close_consumer`)."""
+
+    # The client's errors that a failed commit() reports as CommitFailed.
+    _CLIENT_ERRORS: tuple[type[BaseException], ...] = ()
 
     def __init__(
         self, listener: RebalanceEvents, topic: str, group: str, max_poll_records: int
@@ -405,3 +443,74 @@ class GroupConsumerBase:
         if self.closed:
             raise CommitFailed("consumer is closed")
         return bool(offsets)
+
+    async def _commit_now(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit `offsets` and wait for the answer (the lock held)."""
+        raise NotImplementedError
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if not self._commit_wanted(offsets):
+            return
+        async with self._lock:
+            try:
+                await self._commit_now(offsets)
+            except EngineError:
+                raise
+            except self._CLIENT_ERRORS as exc:
+                raise CommitFailed(f"commit {self.group}/{self.topic}: {exc!r}") from exc
+
+    # -- closing ----------------------------------------------------------------------------
+
+    async def _commit_final(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit the owned partitions among `offsets`, at the close (the lock held)."""
+        raise NotImplementedError
+
+    def _before_close(self) -> None:
+        """Called after the final commit, before the client is closed (a hook)."""
+
+    async def _closing(self) -> None:
+        later = self._take_later()
+        if later:  # what commit_later left for a poll that will not come
+            try:
+                await self._commit_final(later)
+            except Exception as exc:
+                logger.info("{}/{}: final commit failed: {!r}", self.group, self.topic, exc)
+        self._before_close()
+        # A group member's close leaves the group (LeaveGroup), so the others rebalance at once.
+        await close_logged(self._close_consumer, f"consumer {self.group}/{self.topic}")
+
+
+class ReaderBase(_ClientUser, Generic[A]):
+    """What both adapters' reader keeps: the log (to check partitions against), the client's
+    consumer and the lock that serialises its use, the partition assigned now (`A`, as the
+    adapter names it) and the consumer's position, when known. Subclasses fetch (`_fetch`)
+    and close their client (`_close_consumer`)."""
+
+    def __init__(self, log: _Counted, raw: Any) -> None:
+        self._log = log
+        self._c = raw
+        self._lock = trio.Lock()
+        self._assigned: A | None = None  # the partition assigned now
+        self._next: int | None = None  # the consumer's position, when we know it
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} at {self._assigned} next={self._next}>"
+
+    async def _fetch(
+        self, topic: str, partition: int, offset: int, max_records: int, deadline: float
+    ) -> list[Record]:
+        """`fetch`, once the partition is checked; `deadline` in trio time."""
+        raise NotImplementedError
+
+    async def fetch(
+        self, topic: str, partition: int, offset: int, max_records: int, timeout: float
+    ) -> list[Record]:
+        if self.closed:
+            raise LogUnavailable("reader is closed")
+        await check_partition(self._log, topic, partition)
+        deadline = trio.current_time() + max(timeout, 0.0)
+        return await self._fetch(topic, partition, offset, max_records, deadline)
+
+    async def _closing(self) -> None:
+        await close_logged(self._close_consumer, "reader")

@@ -79,6 +79,7 @@ class RdkafkaGroupConsumer(kc.GroupConsumerBase):
     """A LogConsumer: one librdkafka consumer in a group, subscribed to one topic."""
 
     _listener: _RebalanceListener
+    _CLIENT_ERRORS = (KafkaException, RuntimeError)
 
     def __init__(self, topic: str, group: str, max_poll_records: int) -> None:
         super().__init__(_RebalanceListener(), topic, group, max_poll_records)
@@ -227,70 +228,54 @@ class RdkafkaGroupConsumer(kc.GroupConsumerBase):
         if mine:
             self._commit_sync(mine)
 
-    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
-        if not self._commit_wanted(offsets):
+    async def _commit_now(self, offsets: dict[TopicPartition, int]) -> None:
+        if self.closed:  # closed while this commit waited for the lock
+            raise CommitFailed("consumer is closed")
+        # Abandoned after _COMMIT_TIMEOUT_S (or on cancel): the commit may still land later,
+        # which only commits offsets the caller processed (at least once). It keeps the
+        # handle meanwhile: polls wait for it, the close too.
+        with trio.move_on_after(_COMMIT_TIMEOUT_S):
+            await _in_thread_abandonable(self._held(self._commit_sync, offsets))
             return
-        async with self._lock:
-            if self.closed:  # closed while this commit waited for the lock
-                raise CommitFailed("consumer is closed")
-            # Abandoned after _COMMIT_TIMEOUT_S (or on cancel): the commit may still land later,
-            # which only commits offsets the caller processed (at least once). It keeps the
-            # handle meanwhile: polls wait for it, the close too.
-            with trio.move_on_after(_COMMIT_TIMEOUT_S):
-                try:
-                    await _in_thread_abandonable(self._held(self._commit_sync, offsets))
-                except EngineError:
-                    raise
-                except (KafkaException, RuntimeError) as exc:
-                    raise CommitFailed(f"commit {self.group}/{self.topic}: {exc!r}") from exc
-                return
-            raise CommitFailed(
-                f"commit {self.group}/{self.topic}: no answer within {_COMMIT_TIMEOUT_S:.0f} s"
-            )
+        raise CommitFailed(
+            f"commit {self.group}/{self.topic}: no answer within {_COMMIT_TIMEOUT_S:.0f} s"
+        )
+
+    # -- closing -------------------------------------------------------------------------------
+
+    async def _commit_final(self, offsets: dict[TopicPartition, int]) -> None:
+        with trio.move_on_after(_COMMIT_TIMEOUT_S):
+            await _in_thread_abandonable(self._held(self._commit_owned_sync, offsets))
+
+    def _before_close(self) -> None:
+        if self._fd is not None:  # before the handle goes: no write to a closed pipe
+            self._fd.close()
+            self._fd = None
+
+    async def _close_consumer(self) -> None:
+        # After the call in flight (an abandoned commit), if any: if that outlasts the bound,
+        # the close is left to happen when it returns.
+        await _close_bounded(
+            functools.partial(self._handle.close, self._c.close),
+            f"consumer {self.group}/{self.topic}",
+        )
 
     async def aclose(self) -> None:
-        if self.closed:
+        if self._c is None:  # never opened (RdkafkaLog.consumer failed): nothing to close
+            self.closed = True
             return
-        self.closed = True
-        if self._c is None:
-            return
-        async with self._lock:
-            later = self._take_later()
-            if later:  # what commit_later left for a poll that will not come
-                try:
-                    with trio.move_on_after(_COMMIT_TIMEOUT_S):
-                        await _in_thread_abandonable(self._held(self._commit_owned_sync, later))
-                except Exception as exc:
-                    logger.info("{}/{}: final commit failed: {!r}", self.group, self.topic, exc)
-            if self._fd is not None:  # before the handle goes: no write to a closed pipe
-                self._fd.close()
-                self._fd = None
-            try:
-                # Leaves the group (LeaveGroup), so the others rebalance at once. After the call
-                # in flight (an abandoned commit), if any: if that outlasts the bound, the close
-                # is left to happen when it returns.
-                await _close_bounded(
-                    functools.partial(self._handle.close, self._c.close),
-                    f"consumer {self.group}/{self.topic}",
-                )
-            except Exception as exc:
-                logger.warning("closing consumer {}/{} failed: {}", self.group, self.topic, exc)
+        await super().aclose()
 
 
-class RdkafkaReader:
-    """A LogReader: one group-less librdkafka consumer, re-assigned only when needed."""
+class RdkafkaReader(kc.ReaderBase[tuple[str, int]]):
+    """A LogReader: one group-less librdkafka consumer, re-assigned only when needed. What it
+    assigns (`_assigned`) is a (topic, partition)."""
+
+    _c: Consumer
 
     def __init__(self, log: RdkafkaLog, raw: Consumer) -> None:
-        self._log = log
-        self._c = raw
+        super().__init__(log, raw)
         self._handle = _Handle("reader")  # every call into _c holds it (see _Handle)
-        self._lock = trio.Lock()
-        self._assigned: tuple[str, int] | None = None  # the partition assigned now
-        self._next: int | None = None  # the consumer's position, when we know it
-        self.closed = False
-
-    def __repr__(self) -> str:
-        return f"<RdkafkaReader at {self._assigned} next={self._next}>"
 
     def _take(self, msgs: list[Message], topic: str, partition: int) -> tuple[list[Record], bool]:
         """The records of the assigned partition among `msgs`, and whether its position was out
@@ -357,19 +342,10 @@ class RdkafkaReader:
             return []
         return [m, *self._c.consume(max_records - 1, 0)] if max_records > 1 else [m]
 
-    async def fetch(
-        self,
-        topic: str,
-        partition: int,
-        offset: int,
-        max_records: int,
-        timeout: float,
+    async def _fetch(
+        self, topic: str, partition: int, offset: int, max_records: int, deadline: float
     ) -> list[Record]:
-        if self.closed:
-            raise LogUnavailable("reader is closed")
-        await kc.check_partition(self._log, topic, partition)
         offset, max_records = max(offset, 0), max(1, max_records)
-        deadline = trio.current_time() + max(timeout, 0.0)
         async with self._lock:
             if self.closed:  # closed while this fetch waited for the lock
                 raise LogUnavailable("reader is closed")
@@ -401,12 +377,5 @@ class RdkafkaReader:
                 self._next = None
                 raise LogUnavailable(f"fetch {topic}[{partition}]@{offset}: {exc!r}") from exc
 
-    async def aclose(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        async with self._lock:
-            try:
-                await _close_bounded(functools.partial(self._handle.close, self._c.close), "reader")
-            except Exception as exc:
-                logger.warning("closing reader failed: {}", exc)
+    async def _close_consumer(self) -> None:
+        await _close_bounded(functools.partial(self._handle.close, self._c.close), "reader")
