@@ -395,6 +395,19 @@ class ClusterBrokers:
             return parts
         return None
 
+    async def _when_whole(
+        self, whole: Callable[[], Awaitable[T | None]], deadline: float, kill: str, cluster: str
+    ) -> T | None:
+        """`whole()`'s answer once the cluster is whole; None (the kill skipped, said and
+        counted) if it is not before `deadline`."""
+        found: T | None = None
+        with trio.move_on_at(deadline):
+            found, _, _ = await poll_until(whole, 1e9)
+        if found is None:
+            self.run.event(f"{kill} skipped: the {cluster} was not whole before the end")
+            self.run.counts[f"{kill}_skipped"] += 1
+        return found
+
     async def broker_kill(self, target: int, down_for: float, deadline: float) -> None:
         """SIGKILL the leader of one of the run's partitions (chosen by `target`), wait for the
         failover, `down_for` s more, restart it, wait until it is in sync again."""
@@ -402,12 +415,8 @@ class ClusterBrokers:
 
     async def _broker_kill(self, target: int, down_for: float, deadline: float) -> None:
         run = self.run
-        parts: Partitions | None = None
-        with trio.move_on_at(deadline):
-            parts, _, _ = await poll_until(self._kafka_whole, 1e9)
+        parts = await self._when_whole(self._kafka_whole, deadline, "broker_kill", "Kafka cluster")
         if parts is None:
-            run.event("broker_kill skipped: the Kafka cluster was not whole before the end")
-            run.counts["broker_kill_skipped"] += 1
             return
         busy = sorted(parts)
         topic, partition = busy[target % len(busy)]
@@ -609,12 +618,8 @@ class ClusterBrokers:
 
     async def _master_kill(self, target: int, down_for: float, deadline: float) -> None:
         run = self.run
-        nodes: list[Node] | None = None
-        with trio.move_on_at(deadline):
-            nodes, _, _ = await poll_until(self._redis_whole, 1e9)
+        nodes = await self._when_whole(self._redis_whole, deadline, "master_kill", "Redis Cluster")
         if nodes is None:
-            run.event("master_kill skipped: the Redis Cluster was not whole before the end")
-            run.counts["master_kill_skipped"] += 1
             return
         masters = sorted((n for n in nodes if n.master and n.slots), key=lambda n: n.port)
         victim = masters[target % len(masters)]
