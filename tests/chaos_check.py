@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,24 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def chaos_command(
+    ci_args: list[str], seed: str, run_dir: Path, *extra: str
+) -> tuple[list[str], Path]:
+    """The chaos.py command of a CI run (its arguments, the seed, `extra`, the run folder) and
+    the path of the JSON summary it writes."""
+    summary_path = run_dir / "ci-summary.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "chaos.py"),
+        *ci_args,
+        "--seed", seed,
+        *extra,
+        "--run-dir", str(run_dir),
+        "--json", str(summary_path),
+    ]  # fmt: skip
+    return cmd, summary_path
 
 
 def run_chaos(

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import os
 import secrets
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.chaos_check import run_chaos
+from tests.chaos_check import chaos_command, run_chaos
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,17 +69,13 @@ def test_delivery_contract_holds_under_chaos(
     run_dir = (
         ROOT / "artifacts" / f"chaos-ci-{time.strftime('%Y%m%d-%H%M%S')}-{kafka_client}-{seed}"
     )
-    summary_path = run_dir / "ci-summary.json"
-    cmd = [
-        sys.executable,
-        str(ROOT / "scripts" / "chaos.py"),
-        *CI_ARGS,
-        "--seed", seed,
+    cmd, summary_path = chaos_command(
+        CI_ARGS,
+        seed,
+        run_dir,
         "--kafka-port", _port(kafka_brokers),
         "--redis-port", _port(redis_address),
-        "--run-dir", str(run_dir),
-        "--json", str(summary_path),
-    ]  # fmt: skip
+    )  # fmt: skip
     s, t, chaos, returncode, output = run_chaos(
         cmd,
         env={**os.environ, "NIMBUS_KAFKA_CLIENT": kafka_client},

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos_check import run_chaos
+from tests.chaos_check import chaos_command, run_chaos
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_SH = ROOT / "scripts" / "cluster.sh"
@@ -100,15 +100,7 @@ def test_delivery_contract_holds_under_cluster_chaos(
     with capsys.disabled():
         print(f"\ncluster chaos seed {seed} (replay it with NIMBUS_CHAOS_SEED={seed})", flush=True)
     run_dir = ROOT / "artifacts" / f"chaos-cluster-ci-{time.strftime('%Y%m%d-%H%M%S')}-{seed}"
-    summary_path = run_dir / "ci-summary.json"
-    cmd = [
-        sys.executable,
-        str(ROOT / "scripts" / "chaos.py"),
-        *CI_ARGS,
-        "--seed", seed,
-        "--run-dir", str(run_dir),
-        "--json", str(summary_path),
-    ]  # fmt: skip
+    cmd, summary_path = chaos_command(CI_ARGS, seed, run_dir)
     s, t, chaos, returncode, output = run_chaos(
         cmd, env=None, timeout=420, run_dir=run_dir, summary_path=summary_path, capsys=capsys
     )
